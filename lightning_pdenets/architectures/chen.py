@@ -1,0 +1,109 @@
+"""The MNIST/SVHN classifiers of Chen et al.'s comparison: ResNet, RK-Net and ODE-Net.
+
+Chen, Rubanova, Bettencourt & Duvenaud, "Neural Ordinary Differential Equations", NeurIPS 2018,
+Table 1 (reused as Table 2 of Kim et al., "PDE-regularized neural networks for image
+classification"). All three share a downsampling stem and a norm/ReLU/pool/linear head; they
+differ only in the feature part: six residual blocks, or one ODE block solved with fixed-step
+RK4 (RK-Net) or with adaptive dopri5 and the adjoint method (ODE-Net).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from lightning_pdenets.architectures.registry import register_architecture
+from lightning_pdenets.blocks.ode import ODEBlock
+from lightning_pdenets.blocks.residual import ResBlock
+from lightning_pdenets.dynamics.conv import ConvODEFunc, group_norm
+
+__all__ = ["StemFeatureHeadClassifier", "odenet_chen", "resnet_chen", "downsampling_stem", "classifier_head"]
+
+_TINY = dict(width=8, num_downsamples=1)
+
+
+def downsampling_stem(in_channels: int, width: int, num_downsamples: int = 2) -> nn.Sequential:
+    """Chen et al.'s "conv" stem: 3×3 conv, then ``num_downsamples`` × (norm, ReLU, 4×4 stride-2 conv).
+
+    MNIST 28×28 → 26×26 → 13×13 → 6×6 with the default two downsamplings.
+    """
+    if not isinstance(num_downsamples, int) or num_downsamples < 0:
+        raise ValueError(f"`num_downsamples` must be an integer >= 0, got {num_downsamples!r}.")
+    layers: list[nn.Module] = [nn.Conv2d(in_channels, width, 3, 1)]
+    for _ in range(num_downsamples):
+        layers += [group_norm(width), nn.ReLU(inplace=True), nn.Conv2d(width, width, 4, 2, 1)]
+    return nn.Sequential(*layers)
+
+
+def classifier_head(width: int, num_classes: int) -> nn.Sequential:
+    """norm → ReLU → global average pool → linear."""
+    return nn.Sequential(
+        group_norm(width), nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, num_classes)
+    )
+
+
+class StemFeatureHeadClassifier(nn.Module):
+    """stem → feature part → head, with input validation at the boundary.
+
+    Args:
+        feature: Shape-preserving module on (N, width, H', W') feature maps.
+        in_channels: Channels of the input images (1 for MNIST, 3 for SVHN).
+        num_classes: Number of classes.
+        width: Channels of the feature maps.
+        num_downsamples: Stride-2 convolutions in the stem.
+    """
+
+    def __init__(self, feature: nn.Module, in_channels: int, num_classes: int, width: int, num_downsamples: int) -> None:
+        super().__init__()
+        for name, value in (("in_channels", in_channels), ("num_classes", num_classes), ("width", width)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        self.in_channels = in_channels
+        self.stem = downsampling_stem(in_channels, width, num_downsamples)
+        self.feature = feature
+        self.head = classifier_head(width, num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Feature maps after the feature part, before the head."""
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"expected images of shape (N, {self.in_channels}, H, W), got {tuple(x.shape)}; "
+                f"set `in_channels` to the dataset's number of channels."
+            )
+        return self.feature(self.stem(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+@register_architecture("resnet_chen", input_shape=(1, 28, 28), tiny_kwargs=dict(_TINY, num_blocks=2))
+def resnet_chen(
+    in_channels: int = 1, num_classes: int = 10, width: int = 64, num_downsamples: int = 2, num_blocks: int = 6
+) -> StemFeatureHeadClassifier:
+    """ResNet baseline: stem, ``num_blocks`` residual blocks, head (0.58M parameters on MNIST)."""
+    if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 1:
+        raise ValueError(f"`num_blocks` must be a positive integer, got {num_blocks!r}.")
+    feature = nn.Sequential(*[ResBlock(width) for _ in range(num_blocks)])
+    return StemFeatureHeadClassifier(feature, in_channels, num_classes, width, num_downsamples)
+
+
+@register_architecture("odenet_chen", input_shape=(1, 28, 28), tiny_kwargs=dict(_TINY, method="rk4", step_size=0.5))
+def odenet_chen(
+    in_channels: int = 1,
+    num_classes: int = 10,
+    width: int = 64,
+    num_downsamples: int = 2,
+    method: str = "dopri5",
+    step_size: Optional[float] = None,
+    rtol: float = 1e-3,
+    atol: float = 1e-3,
+    adjoint: bool = True,
+    t0: float = 0.0,
+    t1: float = 1.0,
+    max_num_steps: int = 1000,
+) -> StemFeatureHeadClassifier:
+    """ODE-Net (dopri5 + adjoint by default) or RK-Net (``method='rk4'``): stem, one ODE block, head."""
+    block = ODEBlock(ConvODEFunc(width), method, step_size, rtol, atol, adjoint, t0, t1, max_num_steps)
+    return StemFeatureHeadClassifier(block, in_channels, num_classes, width, num_downsamples)

@@ -1,0 +1,191 @@
+"""ODE block: integrates a vector field with torchdiffeq and counts function evaluations."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch import nn
+from torchdiffeq import odeint, odeint_adjoint
+
+from lightning_pdenets.errors import SolverFailedError
+from lightning_pdenets.solvers import SOLVERS, check_positive, check_solver_name
+
+__all__ = ["ODEBlock", "SolverSettings"]
+
+
+@dataclass(frozen=True)
+class SolverSettings:
+    """How an :class:`ODEBlock` integrates; every field can be changed at run time.
+
+    Attributes:
+        method: torchdiffeq solver name (see :data:`lightning_pdenets.solvers.SOLVERS`).
+        step_size: Step of fixed-step solvers; ignored by adaptive ones.
+        rtol: Relative tolerance of adaptive solvers.
+        atol: Absolute tolerance of adaptive solvers.
+        adjoint: Backpropagate with the adjoint method (O(1) memory) instead of through the solver.
+        t0: Start of the integration interval.
+        t1: End of the integration interval.
+        max_num_steps: Upper bound on solver steps (adaptive solvers stop with an error past it).
+    """
+
+    method: str = "dopri5"
+    step_size: Optional[float] = None
+    rtol: float = 1e-3
+    atol: float = 1e-3
+    adjoint: bool = False
+    t0: float = 0.0
+    t1: float = 1.0
+    max_num_steps: int = 1000
+
+    def validate(self) -> "SolverSettings":
+        """Raise ``ValueError`` naming the bad field; return ``self`` when all fields are valid."""
+        info = check_solver_name(self.method)
+        check_positive(self.rtol, "rtol")
+        check_positive(self.atol, "atol")
+        if not isinstance(self.adjoint, bool):
+            raise ValueError(f"`adjoint` must be True or False, got {self.adjoint!r}.")
+        if not (isinstance(self.t0, (int, float)) and isinstance(self.t1, (int, float)) and self.t1 > self.t0):
+            raise ValueError(f"the integration interval needs t1 > t0, got t0={self.t0!r}, t1={self.t1!r}.")
+        if isinstance(self.max_num_steps, bool) or not isinstance(self.max_num_steps, int) or self.max_num_steps < 1:
+            raise ValueError(f"`max_num_steps` must be an integer >= 1, got {self.max_num_steps!r}.")
+        if info.adaptive:
+            return self
+        if self.step_size is None:
+            raise ValueError(
+                f"fixed-step solver {self.method!r} needs `step_size` (e.g. step_size={(self.t1 - self.t0) / 10}); "
+                f"or choose an adaptive method such as 'dopri5'."
+            )
+        check_positive(self.step_size, "step_size")
+        if self.num_fixed_steps > self.max_num_steps:
+            raise ValueError(
+                f"`step_size`={self.step_size} needs {self.num_fixed_steps} steps over [{self.t0}, {self.t1}], more "
+                f"than `max_num_steps`={self.max_num_steps}; raise max_num_steps or use a larger step_size."
+            )
+        return self
+
+    @property
+    def num_fixed_steps(self) -> int:
+        """Number of steps a fixed-step solver takes over [t0, t1]."""
+        return math.ceil((self.t1 - self.t0) / self.step_size - 1e-9)
+
+    @property
+    def is_adaptive(self) -> bool:
+        return SOLVERS[self.method].adaptive
+
+
+_SETTING_NAMES = tuple(f.name for f in dataclasses.fields(SolverSettings))
+
+
+class ODEBlock(nn.Module):
+    """Solve dy/dt = f(t, y) on [t0, t1] from the input y(t0) and return y(t1).
+
+    Chen et al., "Neural Ordinary Differential Equations", NeurIPS 2018. The solver is
+    torchdiffeq's ``odeint`` (or ``odeint_adjoint`` with ``adjoint=True``). The block follows
+    :class:`lightning_pdenets.protocols.ODESolverBlock`, so solver callbacks can change its
+    settings between steps, and it stores those settings in its ``state_dict`` so that an
+    adapted step size or tolerance survives a checkpoint.
+
+    Args:
+        vector_field: ``nn.Module`` computing f(t, y) with the shape of y.
+        method, step_size, rtol, atol, adjoint, t0, t1, max_num_steps: see :class:`SolverSettings`.
+
+    Raises:
+        ValueError: on an unknown solver name or an invalid setting, listing the allowed values.
+        SolverFailedError: when the solver underflows or exceeds ``max_num_steps`` during forward.
+    """
+
+    def __init__(
+        self,
+        vector_field: nn.Module,
+        method: str = "dopri5",
+        step_size: Optional[float] = None,
+        rtol: float = 1e-3,
+        atol: float = 1e-3,
+        adjoint: bool = False,
+        t0: float = 0.0,
+        t1: float = 1.0,
+        max_num_steps: int = 1000,
+    ) -> None:
+        super().__init__()
+        if not isinstance(vector_field, nn.Module):
+            raise TypeError(f"`vector_field` must be an nn.Module computing f(t, y), got {type(vector_field).__name__}.")
+        self.field = vector_field
+        self.settings = SolverSettings(method, step_size, rtol, atol, adjoint, t0, t1, max_num_steps).validate()
+        self.nfe_forward = 0
+        self.nfe_backward = 0
+        self._solving_forward = False
+
+    # -- protocol ---------------------------------------------------------------------------
+    def vector_field(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Evaluate f(t, y) without counting it."""
+        return self.field(t, y)
+
+    def solver_settings(self) -> dict[str, Any]:
+        return dataclasses.asdict(self.settings)
+
+    def configure_solver(self, **changes: Any) -> None:
+        """Change solver settings; the result is validated as a whole before it is applied."""
+        unknown = sorted(set(changes) - set(_SETTING_NAMES))
+        if unknown:
+            raise ValueError(f"unknown solver setting(s) {unknown}; valid names are {list(_SETTING_NAMES)}.")
+        self.settings = dataclasses.replace(self.settings, **changes).validate()
+
+    def reset_nfe(self) -> None:
+        self.nfe_forward = 0
+        self.nfe_backward = 0
+
+    # -- checkpointing of run-time solver changes -----------------------------------------------
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"solver_settings": self.solver_settings()}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.settings = SolverSettings(**state["solver_settings"]).validate()
+
+    # -- integration --------------------------------------------------------------------------
+    def _counted_field(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        out = self.field(t, y)
+        if not self._solving_forward:
+            self.nfe_backward += 1  # adjoint solve, called from autograd's backward
+            return out
+        self.nfe_forward += 1
+        if not self.settings.adjoint and out.requires_grad:
+            out.register_hook(self._count_backward)
+        return out
+
+    def _count_backward(self, grad: torch.Tensor) -> None:
+        self.nfe_backward += 1
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.solver_settings().items())
+
+    def forward(self, y0: torch.Tensor) -> torch.Tensor:
+        s = self.settings
+        times = torch.tensor([s.t0, s.t1], dtype=y0.dtype, device=y0.device)
+        options = {"max_num_steps": s.max_num_steps} if s.is_adaptive else {"step_size": s.step_size}
+        kwargs: dict[str, Any] = dict(rtol=s.rtol, atol=s.atol, method=s.method, options=options)
+        if s.adjoint:
+            kwargs["adjoint_params"] = tuple(self.field.parameters())
+        solve = odeint_adjoint if s.adjoint else odeint
+        self._solving_forward = True
+        try:
+            return solve(self._counted_field, y0, times, **kwargs)[-1]
+        except (AssertionError, RuntimeError) as error:
+            raise _explain_solver_failure(error, s) from error
+        finally:
+            self._solving_forward = False
+
+
+def _explain_solver_failure(error: Exception, settings: SolverSettings) -> Exception:
+    message = str(error)
+    if "underflow in dt" not in message and "max_num_steps exceeded" not in message:
+        return error
+    return SolverFailedError(
+        f"ODE solver {settings.method!r} failed: {message} (rtol={settings.rtol}, atol={settings.atol}, "
+        f"max_num_steps={settings.max_num_steps}). The dynamics became too stiff for this tolerance. Try: "
+        f"a looser tolerance (rtol/atol), a larger max_num_steps, a fixed-step solver (method='rk4' with a "
+        f"step_size), the ToleranceAdaptation callback, or a lower learning rate."
+    )

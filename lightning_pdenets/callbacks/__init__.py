@@ -1,0 +1,12 @@
+"""Reusable Lightning callbacks.
+
+They depend only on torch, Lightning and the protocols of :mod:`lightning_pdenets.protocols`,
+never on this package's model classes, so any Lightning project can import them.
+
+Every public submodule is imported here and the names in its ``__all__`` are re-exported.
+"""
+
+from lightning_pdenets._discovery import export_submodules
+
+globals().update(_exports := export_submodules(__name__, __path__))
+__all__ = sorted(_exports)
