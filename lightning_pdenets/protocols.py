@@ -44,3 +44,54 @@ class ODESolverBlock(Protocol):
 def find_ode_blocks(module: nn.Module) -> list[nn.Module]:
     """Return every submodule of ``module`` (itself included) that follows :class:`ODESolverBlock`."""
     return [m for m in module.modules() if isinstance(m, ODESolverBlock)]
+
+
+# -- time-dependent weights (PDE-motivated CNNs; appended for issue 5) ---------------------------
+@runtime_checkable
+class TimeDependentWeights(Protocol):
+    """Structural type of a module holding weights θ(t) sampled on a uniform grid in time.
+
+    Used by :class:`lightning_pdenets.callbacks.TimeTVRegularization` and
+    :class:`lightning_pdenets.callbacks.WeightBoxProjection`. A module from another project
+    provides:
+
+    * ``time_dependent_parameters() -> list[Tensor]``: its parameters whose *first axis is time*
+      (entry k is θ at the k-th grid point); each must be an ``nn.Parameter``.
+    * ``weight_time_step() -> float``: the time h between neighbouring grid points, so that
+      (θ_{k+1} − θ_k) / h approximates ∂_t θ.
+
+    Implement it on the module that owns the parameters; the callbacks drop duplicates, so a
+    parent that re-exports its children's parameters is harmless.
+    """
+
+    def time_dependent_parameters(self) -> list[torch.Tensor]: ...
+
+    def weight_time_step(self) -> float: ...
+
+
+@runtime_checkable
+class TimeSteppingBlock(Protocol):
+    """Structural type of a block integrating its features over a fixed number of time steps.
+
+    Used by :class:`lightning_pdenets.callbacks.MultilevelTraining`:
+
+    * ``num_time_steps``: the current number of state steps N.
+    * ``refine_in_time(factor, refine_weights)``: multiply N by ``factor`` at fixed final time
+      (the step size shrinks by ``factor``) and, with ``refine_weights=True``, re-sample its
+      time-dependent weights on a finer grid by interpolation. Parameters must be resized in place
+      (``param.data = ...``) so optimizers keep referring to the same ``nn.Parameter`` objects.
+    """
+
+    num_time_steps: int
+
+    def refine_in_time(self, factor: int = 2, refine_weights: bool = True) -> None: ...
+
+
+def find_time_dependent_weights(module: nn.Module) -> list[nn.Module]:
+    """Return every submodule of ``module`` (itself included) that follows :class:`TimeDependentWeights`."""
+    return [m for m in module.modules() if isinstance(m, TimeDependentWeights)]
+
+
+def find_time_stepping_blocks(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Return ``(qualified name, block)`` for every submodule that follows :class:`TimeSteppingBlock`."""
+    return [(name, m) for name, m in module.named_modules() if isinstance(m, TimeSteppingBlock)]

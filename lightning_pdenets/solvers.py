@@ -7,11 +7,10 @@ callback shares, so that a bad name always produces the same actionable message.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Any
-
 from torchdiffeq._impl.odeint import SOLVERS as _TORCHDIFFEQ_SOLVERS
+
+from lightning_pdenets.validation import check_positive  # noqa: F401  (re-exported for solver settings)
 
 
 @dataclass(frozen=True)
@@ -59,11 +58,3 @@ def check_solver_name(method: str, argument: str = "method") -> SolverInfo:
             f"adaptive: {list(ADAPTIVE_SOLVERS)}), got {method!r}."
         )
     return SOLVERS[method]
-
-
-def check_positive(value: Any, argument: str, allow_none: bool = False) -> None:
-    """Raise a ``ValueError`` naming ``argument`` unless ``value`` is a finite number > 0."""
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"`{argument}` must be a finite number > 0, got {value!r}.")

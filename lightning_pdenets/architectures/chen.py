@@ -18,6 +18,7 @@ from lightning_pdenets.architectures.registry import register_architecture
 from lightning_pdenets.blocks.ode import ODEBlock
 from lightning_pdenets.blocks.residual import ResBlock
 from lightning_pdenets.dynamics.conv import ConvODEFunc, group_norm
+from lightning_pdenets.validation import check_positive_int
 
 __all__ = ["StemFeatureHeadClassifier", "odenet_chen", "resnet_chen", "downsampling_stem", "classifier_head"]
 
@@ -29,8 +30,9 @@ def downsampling_stem(in_channels: int, width: int, num_downsamples: int = 2) ->
 
     MNIST 28×28 → 26×26 → 13×13 → 6×6 with the default two downsamplings.
     """
-    if not isinstance(num_downsamples, int) or num_downsamples < 0:
-        raise ValueError(f"`num_downsamples` must be an integer >= 0, got {num_downsamples!r}.")
+    check_positive_int(in_channels, "in_channels")
+    check_positive_int(width, "width")
+    check_positive_int(num_downsamples, "num_downsamples", minimum=0)
     layers: list[nn.Module] = [nn.Conv2d(in_channels, width, 3, 1)]
     for _ in range(num_downsamples):
         layers += [group_norm(width), nn.ReLU(inplace=True), nn.Conv2d(width, width, 4, 2, 1)]
@@ -57,9 +59,7 @@ class StemFeatureHeadClassifier(nn.Module):
 
     def __init__(self, feature: nn.Module, in_channels: int, num_classes: int, width: int, num_downsamples: int) -> None:
         super().__init__()
-        for name, value in (("in_channels", in_channels), ("num_classes", num_classes), ("width", width)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        check_positive_int(num_classes, "num_classes")
         self.in_channels = in_channels
         self.stem = downsampling_stem(in_channels, width, num_downsamples)
         self.feature = feature
@@ -83,8 +83,8 @@ def resnet_chen(
     in_channels: int = 1, num_classes: int = 10, width: int = 64, num_downsamples: int = 2, num_blocks: int = 6
 ) -> StemFeatureHeadClassifier:
     """ResNet baseline: stem, ``num_blocks`` residual blocks, head (0.58M parameters on MNIST)."""
-    if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 1:
-        raise ValueError(f"`num_blocks` must be a positive integer, got {num_blocks!r}.")
+    check_positive_int(num_blocks, "num_blocks")
+    check_positive_int(width, "width")
     feature = nn.Sequential(*[ResBlock(width) for _ in range(num_blocks)])
     return StemFeatureHeadClassifier(feature, in_channels, num_classes, width, num_downsamples)
 
@@ -105,5 +105,6 @@ def odenet_chen(
     max_num_steps: int = 1000,
 ) -> StemFeatureHeadClassifier:
     """ODE-Net (dopri5 + adjoint by default) or RK-Net (``method='rk4'``): stem, one ODE block, head."""
+    check_positive_int(width, "width")
     block = ODEBlock(ConvODEFunc(width), method, step_size, rtol, atol, adjoint, t0, t1, max_num_steps)
     return StemFeatureHeadClassifier(block, in_channels, num_classes, width, num_downsamples)

@@ -12,7 +12,8 @@ from torch import nn
 from torchdiffeq import odeint, odeint_adjoint
 
 from lightning_pdenets.errors import SolverFailedError
-from lightning_pdenets.solvers import SOLVERS, check_positive, check_solver_name
+from lightning_pdenets.solvers import SOLVERS, check_solver_name
+from lightning_pdenets.validation import check_positive, check_positive_int
 
 __all__ = ["ODEBlock", "SolverSettings"]
 
@@ -50,8 +51,7 @@ class SolverSettings:
             raise ValueError(f"`adjoint` must be True or False, got {self.adjoint!r}.")
         if not (isinstance(self.t0, (int, float)) and isinstance(self.t1, (int, float)) and self.t1 > self.t0):
             raise ValueError(f"the integration interval needs t1 > t0, got t0={self.t0!r}, t1={self.t1!r}.")
-        if isinstance(self.max_num_steps, bool) or not isinstance(self.max_num_steps, int) or self.max_num_steps < 1:
-            raise ValueError(f"`max_num_steps` must be an integer >= 1, got {self.max_num_steps!r}.")
+        check_positive_int(self.max_num_steps, "max_num_steps")
         if info.adaptive:
             return self
         if self.step_size is None:

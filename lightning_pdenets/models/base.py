@@ -58,6 +58,10 @@ class ClassifierModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         check_optimization_settings(optimizer, lr, weight_decay, momentum, lr_scheduler, lr_milestones, lr_gamma)
+        self.optimization = dict(
+            optimizer=optimizer, lr=lr, weight_decay=weight_decay, momentum=momentum,
+            lr_scheduler=lr_scheduler, lr_milestones=list(lr_milestones), lr_gamma=lr_gamma,
+        )
         self.num_classes = num_classes
         self.train_metrics = accuracy_metrics(num_classes, "train/")
         self.val_metrics = accuracy_metrics(num_classes, "val/")
@@ -128,10 +132,10 @@ class ClassifierModule(pl.LightningModule):
 
     # -- optimization -----------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
-        hp = self.hparams
-        optimizer = build_optimizer(self.parameters(), hp.optimizer, hp.lr, hp.weight_decay, hp.momentum)
+        o = self.optimization
+        optimizer = build_optimizer(self.parameters(), o["optimizer"], o["lr"], o["weight_decay"], o["momentum"])
         max_epochs = self.trainer.max_epochs if self._trainer is not None else None
-        scheduler = build_scheduler(optimizer, hp.lr_scheduler, hp.lr_milestones, hp.lr_gamma, max_epochs)
+        scheduler = build_scheduler(optimizer, o["lr_scheduler"], o["lr_milestones"], o["lr_gamma"], max_epochs)
         if scheduler is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}

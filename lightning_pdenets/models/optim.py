@@ -12,7 +12,7 @@ import torch
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
-from lightning_pdenets.solvers import check_positive
+from lightning_pdenets.validation import check_positive
 
 __all__ = ["OPTIMIZERS", "LR_SCHEDULERS", "build_optimizer", "build_scheduler", "check_optimization_settings"]
 

@@ -1,0 +1,118 @@
+"""Training-step time of LM-ResNet-56 against ResNet-56 (CIFAR-10), measured side by side.
+
+One training step = zero_grad, forward, cross-entropy, backward, SGD step (the CIFAR recipe:
+lr 0.1, momentum 0.9, weight decay 1e-4). The two networks are timed in alternating rounds (the
+order flips every round) so that drifts in machine load hit both alike; the overhead is the median
+of the per-round ratios, with its interquartile range.
+
+    flock /tmp/pdenets-cpu.lock python bench/bench_lm_resnet.py --batch-size 32 --rounds 15 \
+        --output bench/results_lm_resnet.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import statistics
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from lightning_pdenets.architectures import lm_resnet_cifar, preact_resnet_cifar
+
+
+def training_step(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> Callable[[], None]:
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    images, labels = batch
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(model(images), labels).backward()
+        optimizer.step()
+
+    return step
+
+
+def time_steps(step: Callable[[], None], repeats: int) -> float:
+    start = time.perf_counter()
+    for _ in range(repeats):
+        step()
+    return (time.perf_counter() - start) / repeats
+
+
+def quartiles(values: list[float]) -> tuple[float, float, float]:
+    q1, median, q3 = statistics.quantiles(values, n=4) if len(values) > 1 else (values[0],) * 3
+    return q1, median, q3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--depth", type=int, default=56)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--steps-per-round", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--k-mode", default="scalar", choices=["scalar", "channel"])
+    parser.add_argument("--output", default=None, help="also write the Markdown report to this file")
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    batch = (torch.randn(args.batch_size, 3, 32, 32), torch.randint(0, 10, (args.batch_size,)))
+    torch.manual_seed(0)
+    plain = preact_resnet_cifar(args.depth).train()
+    torch.manual_seed(0)
+    lm = lm_resnet_cifar(args.depth, k_mode=args.k_mode).train()
+    steps = {"ResNet": training_step(plain, batch), "LM-ResNet": training_step(lm, batch)}
+    for step in steps.values():
+        for _ in range(args.warmup):
+            step()
+
+    seconds: dict[str, list[float]] = {name: [] for name in steps}
+    for round_index in tqdm(range(args.rounds), desc="rounds"):
+        order = list(steps) if round_index % 2 == 0 else list(reversed(steps))
+        for name in order:
+            seconds[name].append(time_steps(steps[name], args.steps_per_round))
+    ratios = [lm_time / plain_time for lm_time, plain_time in zip(seconds["LM-ResNet"], seconds["ResNet"])]
+
+    q1, ratio, q3 = quartiles(ratios)
+    rows = []
+    for name, model in (("ResNet", plain), ("LM-ResNet", lm)):
+        params = sum(p.numel() for p in model.parameters())
+        rows.append(f"| {name}-{args.depth} | {params:,} | {1e3 * statistics.median(seconds[name]):.1f} |")
+    command = (
+        f"flock /tmp/pdenets-cpu.lock python bench/bench_lm_resnet.py --depth {args.depth} --batch-size {args.batch_size} "
+        f"--threads {args.threads} --rounds {args.rounds} --steps-per-round {args.steps_per_round} --k-mode {args.k_mode}"
+    )
+    report = "\n".join(
+        [
+            "# LM-ResNet vs ResNet: training-step time",
+            "",
+            f"Date: {datetime.date.today().isoformat()}. Machine: 2-core CPU container (shared), torch {torch.__version__}, "
+            f"{args.threads} threads. Batch {args.batch_size} of 3×32×32 CIFAR-size inputs, SGD step included; "
+            f"{args.rounds} alternating rounds of {args.steps_per_round} steps after {args.warmup} warm-up steps each; "
+            f"k_mode={args.k_mode}.",
+            "",
+            f"Command: `{command}`",
+            "",
+            "| network | parameters | median step time (ms) |",
+            "|---|---:|---:|",
+            *rows,
+            "",
+            f"LM-ResNet / ResNet step-time ratio (median of per-round ratios): **{ratio:.3f}** "
+            f"(interquartile range {q1:.3f}–{q3:.3f}); overhead {100 * (ratio - 1):+.1f}% (target: at most +5%).",
+            "",
+        ]
+    )
+    print(report)
+    if args.output:
+        with open(args.output, "w") as handle:
+            handle.write(report)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""One-epoch comparison on real MNIST of every model in configs/mnist/ (Table 2 of the PR-Net paper).
+
+For each config the model and datamodule are built by the real CLI, trained for one epoch on
+CPU in this same process, and measured side by side: test accuracy, parameters, training
+throughput, NFE, and the inference time of one batch of 1,000 test images.
+
+    python bench/bench_mnist.py --data-dir ../shared/data --output bench/results_mnist.md
+    python bench/bench_mnist.py --train-fraction 0.05     # quick smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from tqdm import tqdm
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from lightning_pdenets.cli import build_cli  # noqa: E402
+from lightning_pdenets.protocols import find_ode_blocks  # noqa: E402
+
+
+class TrainStepTimer(pl.Callback):
+    """Wall time of each training step (forward, backward and optimizer steps), and NFE per step."""
+
+    def __init__(self) -> None:
+        self.step_seconds: list[float] = []
+        self.samples = 0
+        self.nfe_forward: list[int] = []
+        self.nfe_backward: list[int] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        for block in find_ode_blocks(pl_module):
+            block.reset_nfe()
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.step_seconds.append(time.perf_counter() - self._start)
+        self.samples += len(batch[0])
+        blocks = find_ode_blocks(pl_module)
+        if blocks:
+            self.nfe_forward.append(sum(b.nfe_forward for b in blocks))
+            self.nfe_backward.append(sum(b.nfe_backward for b in blocks))
+
+
+def inference_seconds(model: torch.nn.Module, images: torch.Tensor, repeats: int = 3) -> tuple[float, int]:
+    """Median wall time of classifying ``images`` in one batch (after one warm-up), and its forward NFE."""
+    model.eval()
+    times, nfe = [], 0
+    with torch.no_grad():
+        model(images)
+        for _ in range(repeats):
+            for block in find_ode_blocks(model):
+                block.reset_nfe()
+            start = time.perf_counter()
+            model(images)
+            times.append(time.perf_counter() - start)
+            nfe = sum(b.nfe_forward for b in find_ode_blocks(model))
+    return statistics.median(times), nfe
+
+
+def run(config: Path, args: argparse.Namespace) -> dict:
+    cli = build_cli(
+        ["--config", str(config), f"--data.init_args.data_dir={args.data_dir}", "--data.init_args.download=false",
+         f"--data.init_args.batch_size={args.batch_size}", "--trainer.logger=false"],
+        run=False,
+    )
+    model, datamodule = cli.model, cli.datamodule
+    timer = TrainStepTimer()
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, max_epochs=args.epochs, limit_train_batches=args.train_fraction,
+        limit_val_batches=0, logger=False, enable_checkpointing=False, callbacks=[timer], enable_model_summary=False,
+    )
+    trainer.fit(model, datamodule=datamodule)
+    test = trainer.test(model, datamodule=datamodule, verbose=False)[0]
+    datamodule.setup("test")
+    images = torch.stack([datamodule.test_set[i][0] for i in range(1000)])
+    seconds, inference_nfe = inference_seconds(model, images)
+    mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
+    return {
+        "model": config.stem,
+        "class": type(model).__name__,
+        "params": sum(p.numel() for p in model.parameters()),
+        "test_acc": test["test/acc_top1"],
+        "train_samples_per_s": timer.samples / sum(timer.step_seconds),
+        "step_ms": 1000 * statistics.median(timer.step_seconds),
+        "nfe_forward": mean(timer.nfe_forward),
+        "nfe_backward": mean(timer.nfe_backward),
+        "inference_s": seconds,
+        "inference_nfe": inference_nfe,
+    }
+
+
+def markdown(rows: list[dict], args: argparse.Namespace, wall: float) -> str:
+    reference = next((r for r in rows if r["model"] == "resnet"), rows[0])
+    lines = [
+        f"### MNIST, {args.epochs} epoch(s) of training on CPU ({datetime.date.today().isoformat()})",
+        "",
+        f"Machine: {platform.machine()} CPU, {os.cpu_count()} cores visible, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads); batch size {args.batch_size}; train fraction {args.train_fraction}; "
+        f"total wall time {wall / 60:.1f} min.",
+        "",
+        f"Command: `python bench/bench_mnist.py {' '.join(sys.argv[1:])}`",
+        "",
+        "| model | params | test acc | train samples/s | train step (median) | step vs ResNet | NFE fwd / bwd per step "
+        "| inference, 1,000 images | inference vs ResNet | inference NFE |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        nfe = "—" if r["nfe_forward"] != r["nfe_forward"] else f"{r['nfe_forward']:.1f} / {r['nfe_backward']:.1f}"
+        lines.append(
+            f"| {r['model']} ({r['class']}) | {r['params'] / 1e6:.3f}M | {r['test_acc']:.4f} | "
+            f"{r['train_samples_per_s']:.0f} | {r['step_ms']:.0f} ms | {r['step_ms'] / reference['step_ms']:.2f}× | {nfe} | "
+            f"{r['inference_s'] * 1000:.0f} ms | {r['inference_s'] / reference['inference_s']:.2f}× | "
+            f"{r['inference_nfe'] or '—'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"))
+    parser.add_argument("--configs", nargs="*", type=Path,
+                        default=[REPO / "configs" / "mnist" / f"{m}.yaml" for m in ("resnet", "rknet", "odenet", "prnet")])
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--train-fraction", type=float, default=1.0)
+    parser.add_argument("--output", type=Path, default=None, help="write the Markdown table here")
+    args = parser.parse_args()
+    configs = [c for c in args.configs if c.exists()]
+    pl.seed_everything(0)
+    start = time.perf_counter()
+    rows = [run(config, args) for config in tqdm(configs, desc="models")]
+    table = markdown(rows, args, time.perf_counter() - start)
+    print(table)
+    if args.output:
+        args.output.write_text(table)
+
+
+if __name__ == "__main__":
+    main()

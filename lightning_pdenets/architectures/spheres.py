@@ -1,0 +1,116 @@
+"""Neural-ODE classifiers of Ott et al.'s solver-dependence experiments.
+
+Ott, Katiyar, Hennig & Tiemann, "ResNet After All: Neural ODEs and Their Numerical Solution",
+ICLR 2021. Both classifiers integrate an ODE directly on the input (no downsampling, no
+augmentation) and read the class from the final state with one linear layer, so any accuracy
+the model reaches beyond what a homeomorphism allows (Dupont et al. 2019) comes from the
+discretization: the effect these experiments study.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from lightning_pdenets.architectures.registry import register_architecture
+from lightning_pdenets.blocks.ode import ODEBlock
+from lightning_pdenets.dynamics.mlp import MLPODEFunc, check_activation
+from lightning_pdenets.validation import check_positive_int
+
+__all__ = ["ODEThenLinear", "ConvBottleneckODEFunc", "vector_odenet", "image_odenet"]
+
+
+class ODEThenLinear(nn.Module):
+    """ODE block on the raw input, then flatten and one linear layer.
+
+    Args:
+        block: ODE block mapping inputs to states of the same shape.
+        input_shape: Per-sample input shape, (D,) or (C, H, W).
+        num_classes: Number of classes.
+    """
+
+    def __init__(self, block: nn.Module, input_shape: tuple[int, ...], num_classes: int) -> None:
+        super().__init__()
+        check_positive_int(num_classes, "num_classes")
+        self.input_shape = tuple(input_shape)
+        self.ode = block
+        self.classifier = nn.Linear(int(torch.Size(self.input_shape).numel()), num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if tuple(x.shape[1:]) != self.input_shape:
+            raise ValueError(f"expected inputs of shape (N, {', '.join(map(str, self.input_shape))}), got {tuple(x.shape)}.")
+        return self.classifier(self.ode(x).flatten(1))
+
+
+class ConvBottleneckODEFunc(nn.Module):
+    """f(y) = conv1×1 → act → conv3×3 → act → conv1×1 on images, keeping their shape (Ott et al., CIFAR-10).
+
+    Args:
+        channels: Channels of the state (3 for raw RGB images).
+        hidden_channels: Channels inside the bottleneck.
+        activation: Activation name (see :data:`lightning_pdenets.dynamics.mlp.ACTIVATIONS`).
+    """
+
+    def __init__(self, channels: int = 3, hidden_channels: int = 64, activation: str = "relu") -> None:
+        super().__init__()
+        act = check_activation(activation)
+        self.net = nn.Sequential(
+            nn.Conv2d(channels, hidden_channels, 1),
+            act(),
+            nn.Conv2d(hidden_channels, hidden_channels, 3, padding=1),
+            act(),
+            nn.Conv2d(hidden_channels, channels, 1),
+        )
+
+    def forward(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.net(y)
+
+
+@register_architecture("vector_odenet", input_shape=(2,), tiny_kwargs=dict(hidden_width=8, step_size=0.5, method="euler"))
+def vector_odenet(
+    input_dim: int = 2,
+    num_classes: int = 2,
+    hidden_width: int = 32,
+    num_hidden_layers: int = 2,
+    activation: str = "relu",
+    time_dependent: bool = False,
+    method: str = "euler",
+    step_size: Optional[float] = 0.1,
+    rtol: float = 1e-3,
+    atol: float = 1e-3,
+    adjoint: bool = False,
+    t0: float = 0.0,
+    t1: float = 1.0,
+    max_num_steps: int = 1000,
+) -> ODEThenLinear:
+    """Neural-ODE classifier for vectors: an MLP vector field on R^input_dim, then a linear layer."""
+    field = MLPODEFunc(input_dim, hidden_width, num_hidden_layers, activation, time_dependent)
+    block = ODEBlock(field, method, step_size, rtol, atol, adjoint, t0, t1, max_num_steps)
+    return ODEThenLinear(block, (input_dim,), num_classes)
+
+
+@register_architecture(
+    "image_odenet", input_shape=(3, 32, 32), tiny_kwargs=dict(hidden_channels=4, method="euler", step_size=0.5)
+)
+def image_odenet(
+    in_channels: int = 3,
+    image_size: int = 32,
+    num_classes: int = 10,
+    hidden_channels: int = 64,
+    activation: str = "relu",
+    method: str = "euler",
+    step_size: Optional[float] = 0.1,
+    rtol: float = 1e-3,
+    atol: float = 1e-3,
+    adjoint: bool = False,
+    t0: float = 0.0,
+    t1: float = 1.0,
+    max_num_steps: int = 1000,
+) -> ODEThenLinear:
+    """Neural-ODE classifier for images without downsampling: a 1×1→3×3→1×1 conv field on the raw image, then linear."""
+    check_positive_int(image_size, "image_size")
+    field = ConvBottleneckODEFunc(in_channels, hidden_channels, activation)
+    block = ODEBlock(field, method, step_size, rtol, atol, adjoint, t0, t1, max_num_steps)
+    return ODEThenLinear(block, (in_channels, image_size, image_size), num_classes)

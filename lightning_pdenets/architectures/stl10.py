@@ -1,0 +1,124 @@
+"""The STL-10 network of Ruthotto & Haber's PDE-motivated CNNs (parabolic, Hamiltonian, second order).
+
+Ruthotto & Haber, "Deep Neural Networks Motivated by Partial Differential Equations", J. Math.
+Imaging Vis. 2020, Sec. 4 and supplement. Opening: 3×3 conv 3→16, batch norm, ReLU. Four units,
+each one PDE block (3 time steps, δ_t = 1); after every unit but the last a connector (1×1 conv
+with batch norm and ReLU raising the width 16 → 64 → 128 → 256, then 2×2 average pooling).
+Head: global average pooling and a linear classifier. 96×96 images reach the head at 12×12.
+
+Initialization (what we implement for the supplement's): the opening and connector convolutions
+use He (Kaiming) normal initialization, batch norms start at scale 1 and shift 0, the linear
+classifier uses PyTorch's default. The PDE kernels K(θ_j) are Gaussian with standard deviation
+``kernel_std`` (default √(2 / (9·C)), the He scale of a 3×3 convolution on C channels) clipped
+into the box [−1, 1] of the paper's constraint; the normalization scales start at 1 and the
+shifts at 0, identical at every control point, so θ(t) starts constant in time (zero TV).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from lightning_pdenets.architectures.registry import register_architecture
+from lightning_pdenets.blocks.pde_cnn import HamiltonianBlock, ParabolicBlock, SecondOrderBlock, SymmetricPDEBlock
+
+__all__ = ["PDE_CNN_DYNAMICS", "PDECNN", "stl10_parabolic", "stl10_hamiltonian", "stl10_second_order"]
+
+PDE_CNN_DYNAMICS: dict[str, type[SymmetricPDEBlock]] = {
+    "parabolic": ParabolicBlock,
+    "hamiltonian": HamiltonianBlock,
+    "second_order": SecondOrderBlock,
+}
+
+_TINY = dict(widths=(4, 8), num_steps=2)
+
+
+def _conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int) -> list[nn.Module]:
+    conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False)
+    nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
+    return [conv, nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True)]
+
+
+class PDECNN(nn.Module):
+    """opening → (PDE block → connector)* → PDE block → head, with input validation.
+
+    Args:
+        dynamics: ``'parabolic'``, ``'hamiltonian'`` or ``'second_order'``.
+        in_channels: Image channels.
+        num_classes: Number of classes.
+        widths: Channels of the units (one PDE block per width; connectors between them).
+        num_steps: Time steps of every PDE block.
+        step_size: δ_t of every PDE block.
+        num_control_points: Control points of θ(t) per block (default ``num_steps``).
+        interpolation: ``'constant'`` or ``'linear'`` interpolation of θ(t).
+        norm: ``'instance'`` or ``'none'`` inside the symmetric layers.
+        activation: σ of the symmetric layers.
+        kernel_std: Initial standard deviation of the PDE kernels (default He scale).
+        reversible: Memory-efficient reversible backward (Hamiltonian and second order only).
+    """
+
+    def __init__(
+        self,
+        dynamics: str = "parabolic",
+        in_channels: int = 3,
+        num_classes: int = 10,
+        widths: Sequence[int] = (16, 64, 128, 256),
+        num_steps: int = 3,
+        step_size: float = 1.0,
+        num_control_points: Optional[int] = None,
+        interpolation: str = "constant",
+        norm: str = "instance",
+        activation: str = "relu",
+        kernel_std: Optional[float] = None,
+        reversible: bool = False,
+    ) -> None:
+        super().__init__()
+        if dynamics not in PDE_CNN_DYNAMICS:
+            raise ValueError(f"`dynamics` must be one of {sorted(PDE_CNN_DYNAMICS)}, got {dynamics!r}.")
+        widths = list(widths)
+        if not widths or any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in widths):
+            raise ValueError(f"`widths` must be a non-empty list of positive integers, got {widths!r}.")
+        for name, value in (("in_channels", in_channels), ("num_classes", num_classes)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        block_class = PDE_CNN_DYNAMICS[dynamics]
+        self.in_channels = in_channels
+        self.opening = nn.Sequential(*_conv_bn_relu(in_channels, widths[0], 3))
+        units: list[nn.Module] = []
+        for index, width in enumerate(widths):
+            units.append(
+                block_class(width, num_steps, step_size, num_control_points, interpolation, norm, activation,
+                            kernel_std, reversible)
+            )
+            if index + 1 < len(widths):
+                units.append(nn.Sequential(*_conv_bn_relu(width, widths[index + 1], 1), nn.AvgPool2d(2)))
+        self.units = nn.Sequential(*units)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(widths[-1], num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"expected images of shape (N, {self.in_channels}, H, W), got {tuple(x.shape)}; "
+                f"set `in_channels` to the dataset's number of channels."
+            )
+        return self.head(self.units(self.opening(x)))
+
+
+@register_architecture("stl10_parabolic", input_shape=(3, 32, 32), tiny_kwargs=_TINY)
+def stl10_parabolic(**kwargs) -> PDECNN:
+    """Parabolic (forward Euler) STL-10 network."""
+    return PDECNN("parabolic", **kwargs)
+
+
+@register_architecture("stl10_hamiltonian", input_shape=(3, 32, 32), tiny_kwargs=_TINY)
+def stl10_hamiltonian(**kwargs) -> PDECNN:
+    """Hamiltonian (Verlet) STL-10 network."""
+    return PDECNN("hamiltonian", **kwargs)
+
+
+@register_architecture("stl10_second_order", input_shape=(3, 32, 32), tiny_kwargs=_TINY)
+def stl10_second_order(**kwargs) -> PDECNN:
+    """Second-order (leapfrog) STL-10 network."""
+    return PDECNN("second_order", **kwargs)

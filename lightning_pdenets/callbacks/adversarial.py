@@ -1,0 +1,339 @@
+"""Accuracy under white-box adversarial attacks (FGSM and L∞ PGD from advertorch), in pixel units.
+
+Goodfellow, Shlens & Szegedy, "Explaining and Harnessing Adversarial Examples", ICLR 2015 (FGSM);
+Madry et al., "Towards Deep Learning Models Resistant to Adversarial Attacks", ICLR 2018 (PGD);
+the evaluation protocol of Kim et al.'s PR-Net paper, Table 4 (ε = 0.5/255, 1/255, 3/255).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy
+
+from lightning_pdenets.protocols import find_ode_blocks
+from lightning_pdenets.solvers import check_positive
+
+__all__ = [
+    "AdversarialEvaluation", "PixelSpace", "normalization_of", "parse_epsilon", "preserved_model_state", "preserved_nfe",
+]
+
+ATTACKS = ("fgsm", "pgd")
+
+
+def parse_epsilon(value: Union[float, int, str]) -> float:
+    """An ε in [0, 1] pixel units from a number or a fraction string such as ``"3/255"``."""
+    try:
+        if isinstance(value, str):
+            numerator, _, denominator = value.replace(" ", "").partition("/")
+            epsilon = float(numerator) / float(denominator or 1)
+        else:
+            epsilon = float(value)
+    except (ValueError, ZeroDivisionError, TypeError):
+        raise ValueError(f"`epsilons` entries must be numbers or fractions like '1/255', got {value!r}.") from None
+    if isinstance(value, bool) or not 0.0 <= epsilon <= 1.0:
+        raise ValueError(f"`epsilons` entries must lie in [0, 1] (pixel units, e.g. 1/255), got {value!r}.")
+    return epsilon
+
+
+def _check_channel_stats(mean: Optional[Sequence[float]], std: Optional[Sequence[float]]) -> None:
+    if (mean is None) != (std is None):
+        raise ValueError(f"give both `mean` and `std` or neither, got mean={mean!r}, std={std!r}.")
+    if mean is None:
+        return
+    if len(mean) != len(std) or len(mean) == 0:
+        raise ValueError(f"`mean` and `std` need one value per channel each, got mean={mean!r}, std={std!r}.")
+    if any(not s > 0 for s in std):
+        raise ValueError(f"`std` entries must be > 0, got {std!r}.")
+
+
+def normalization_of(
+    trainer: Optional["pl.Trainer"], mean: Optional[Sequence[float]], std: Optional[Sequence[float]]
+) -> Optional[tuple[tuple[float, ...], tuple[float, ...]]]:
+    """The per-channel (mean, std) the inputs were standardized with, or ``None`` for raw [0, 1] pixels.
+
+    Explicit ``mean``/``std`` win; otherwise ``trainer.datamodule.mean`` / ``.std`` are used when the
+    datamodule has them (every datamodule of :mod:`lightning_pdenets.data` does).
+    """
+    if mean is not None and std is not None:
+        return tuple(map(float, mean)), tuple(map(float, std))
+    datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
+    dm_mean, dm_std = getattr(datamodule, "mean", None), getattr(datamodule, "std", None)
+    if dm_mean is None or dm_std is None:
+        return None
+    return tuple(map(float, dm_mean)), tuple(map(float, dm_std))
+
+
+class PixelSpace(nn.Module):
+    """``model((x - mean) / std)``: a classifier on standardized inputs seen as one on [0, 1] pixels.
+
+    The wrapped model is referenced, not registered as a submodule, so that wrapping never moves,
+    copies or re-registers its parameters.
+    """
+
+    def __init__(
+        self,
+        model: Callable[[torch.Tensor], torch.Tensor],
+        mean: Sequence[float],
+        std: Sequence[float],
+        device: Optional[torch.device] = None,
+    ) -> None:
+        super().__init__()
+        self.__dict__["model"] = model
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1), persistent=False)
+
+    def to_pixels(self, x: torch.Tensor) -> torch.Tensor:
+        return (x * self.std.to(x) + self.mean.to(x)).clamp(0.0, 1.0)
+
+    def from_pixels(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean.to(x)) / self.std.to(x)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model(self.from_pixels(pixels))
+
+
+@contextlib.contextmanager
+def preserved_nfe(module: Any) -> Iterator[None]:
+    """Restore the NFE counters of every ODE block afterwards, so evaluation passes stay out of NFE logs."""
+    blocks = find_ode_blocks(module) if isinstance(module, nn.Module) else []
+    counts = [(block, block.nfe_forward, block.nfe_backward) for block in blocks]
+    try:
+        yield
+    finally:
+        for block, forward, backward in counts:
+            block.nfe_forward, block.nfe_backward = forward, backward
+
+
+@contextlib.contextmanager
+def preserved_model_state(module: nn.Module) -> Iterator[None]:
+    """Eval mode, no parameter gradients, autograd on; restores modes, ``requires_grad`` and ``.grad``.
+
+    Attacks backpropagate to the input only, so a training step in progress (or a user's
+    accumulated gradients) is never disturbed and no weight gradient is computed. ODE blocks'
+    NFE counters are restored as well.
+    """
+    modes = [(m, m.training) for m in module.modules()]
+    params = list(module.parameters())
+    saved = [(p, p.requires_grad, p.grad) for p in params]
+    module.eval()
+    for p in params:
+        p.grad = None
+        p.requires_grad_(False)
+    try:
+        with torch.inference_mode(False), torch.enable_grad(), preserved_nfe(module):
+            yield
+    finally:
+        for p, requires_grad, grad in saved:
+            p.requires_grad_(requires_grad)
+            p.grad = grad
+        for m, training in modes:
+            m.training = training
+
+
+def _accuracy(num_classes: int, device: torch.device) -> MetricCollection:
+    metrics = {"top1": MulticlassAccuracy(num_classes, top_k=1, average="micro")}
+    if num_classes > 5:
+        metrics["top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
+    return MetricCollection(metrics).to(device)
+
+
+def _label(epsilon: float) -> str:
+    return f"eps{round(epsilon * 255, 4):g}"
+
+
+class AdversarialEvaluation(Callback):
+    """Top-1/top-5 accuracy under FGSM and L∞ PGD (advertorch) for several ε, at test time.
+
+    Works on any ``LightningModule`` whose ``forward`` returns logits. ε is in [0, 1] pixel units
+    whatever normalization the inputs carry: the batch is mapped back to pixels with the
+    datamodule's ``mean``/``std`` (or the ``mean``/``std`` given here), attacked there, and the model
+    is called through :class:`PixelSpace`. During attacks the model is in eval mode and its
+    parameters' ``requires_grad`` and ``.grad`` are restored afterwards untouched.
+
+    Logs ``adv/clean/top1``, ``adv/<attack>_eps<ε·255>/top1`` (and ``top5`` with more than 5 classes),
+    e.g. ``adv/fgsm_eps1/top1``, and with a TensorBoard logger a figure of accuracy against ε.
+    With ``every_n_val_epochs`` the same runs on validation batches under ``val_adv/``.
+
+    Args:
+        epsilons: Attack budgets in [0, 1] pixel units; numbers or strings like ``"1/255"``.
+        attacks: Subset of ``("fgsm", "pgd")``.
+        pgd_steps: Iterations of PGD.
+        pgd_step_size: PGD step in pixel units; ``None`` uses 2.5·ε / ``pgd_steps`` (Madry et al.).
+        pgd_random_init: Start PGD from a uniform random point of the ε-ball.
+        num_batches: Batches attacked per test (or validation) run; ``None`` attacks all of them.
+        every_n_val_epochs: Also attack during validation every N epochs; ``None`` only at test time.
+        mean: Per-channel mean the inputs were standardized with (default: ``trainer.datamodule.mean``,
+            else raw [0, 1] inputs).
+        std: Per-channel standard deviation, as ``mean``.
+        seed: Seed of PGD's random start (the global RNG is left untouched).
+        log_figure: Add an accuracy-vs-ε figure to TensorBoard.
+    """
+
+    def __init__(
+        self,
+        epsilons: Sequence[Union[float, str]] = ("0.5/255", "1/255", "3/255"),
+        attacks: Sequence[str] = ATTACKS,
+        pgd_steps: int = 10,
+        pgd_step_size: Optional[float] = None,
+        pgd_random_init: bool = True,
+        num_batches: Optional[int] = 10,
+        every_n_val_epochs: Optional[int] = None,
+        mean: Optional[Sequence[float]] = None,
+        std: Optional[Sequence[float]] = None,
+        seed: int = 0,
+        log_figure: bool = True,
+    ) -> None:
+        super().__init__()
+        if isinstance(epsilons, (str, bytes)) or not isinstance(epsilons, Sequence) or not epsilons:
+            raise ValueError(f"`epsilons` must be a non-empty list such as ['1/255', '3/255'], got {epsilons!r}.")
+        self.epsilons = sorted({parse_epsilon(e) for e in epsilons})
+        if isinstance(attacks, str) or not attacks or any(a not in ATTACKS for a in attacks):
+            raise ValueError(f"`attacks` must be a non-empty subset of {list(ATTACKS)}, got {attacks!r}.")
+        self.attacks = list(dict.fromkeys(attacks))
+        for name, value in (("pgd_steps", pgd_steps), ("num_batches", num_batches), ("every_n_val_epochs", every_n_val_epochs)):
+            if value is None and name != "pgd_steps":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be a positive integer{'' if name == 'pgd_steps' else ' or None'}, got {value!r}.")
+        if pgd_step_size is not None:
+            check_positive(pgd_step_size, "pgd_step_size")
+        _check_channel_stats(mean, std)
+        self.pgd_steps = pgd_steps
+        self.pgd_step_size = pgd_step_size
+        self.pgd_random_init = pgd_random_init
+        self.num_batches = num_batches
+        self.every_n_val_epochs = every_n_val_epochs
+        self.mean, self.std = mean, std
+        self.seed = seed
+        self.log_figure = log_figure
+        self._metrics: dict[str, MetricCollection] = {}
+        self._warned_raw_pixels = False
+
+    # -- attacks --------------------------------------------------------------------------------
+    def build_attack(self, name: str, predict: Callable[[torch.Tensor], torch.Tensor], epsilon: float) -> Any:
+        """The advertorch attack ``name`` on ``predict`` (a pixel-space classifier) with budget ε."""
+        from lightning_pdenets._compat.advertorch import import_advertorch_attacks
+
+        attacks = import_advertorch_attacks()
+        loss = nn.CrossEntropyLoss(reduction="sum")
+        if name == "fgsm":
+            return attacks.GradientSignAttack(predict, loss, eps=epsilon, clip_min=0.0, clip_max=1.0)
+        step = self.pgd_step_size if self.pgd_step_size is not None else 2.5 * epsilon / self.pgd_steps
+        return attacks.LinfPGDAttack(
+            predict, loss, eps=epsilon, nb_iter=self.pgd_steps, eps_iter=step,
+            rand_init=self.pgd_random_init, clip_min=0.0, clip_max=1.0,
+        )
+
+    def attack_batch(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, trainer: Optional["pl.Trainer"] = None, seed: int = 0
+    ) -> dict[str, torch.Tensor]:
+        """Logits on the clean batch and under every attack, keyed ``clean`` / ``<attack>_eps<ε·255>``.
+
+        ``x`` carries the model's input normalization; the model is restored as described above.
+        """
+        stats = normalization_of(trainer, self.mean, self.std)
+        if stats is None and not self._warned_raw_pixels:
+            self._warned_raw_pixels = True
+            rank_zero_info(
+                "AdversarialEvaluation: no `mean`/`std` given and the datamodule exposes none; "
+                "treating the inputs as [0, 1] pixels."
+            )
+        channels = x.shape[1]
+        mean, std = stats if stats is not None else ((0.0,) * channels, (1.0,) * channels)
+        if len(mean) != channels:
+            raise ValueError(f"normalization has {len(mean)} channels but the batch has {channels}; fix `mean`/`std`.")
+        devices = [x.device.index or 0] if x.device.type == "cuda" else []
+        with preserved_model_state(model):
+            pixel_model = PixelSpace(model, mean, std, device=x.device)
+            pixels = pixel_model.to_pixels(x.detach().clone())
+            labels = y.detach().clone()
+            outputs = {"clean": pixel_model(pixels).detach()}
+            for name in self.attacks:
+                for epsilon in self.epsilons:
+                    attack = self.build_attack(name, pixel_model, epsilon)
+                    with torch.random.fork_rng(devices=devices):
+                        torch.manual_seed(seed)
+                        adversarial = attack.perturb(pixels, labels)
+                    with torch.no_grad():
+                        outputs[f"{name}_{_label(epsilon)}"] = pixel_model(adversarial)
+        return outputs
+
+    # -- Lightning hooks ------------------------------------------------------------------------
+    def _update(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int) -> None:
+        if self.num_batches is not None and batch_idx >= self.num_batches:
+            return
+        x, y = batch[0], batch[1]
+        outputs = self.attack_batch(pl_module, x, y, trainer, seed=self.seed + batch_idx)
+        for key, logits in outputs.items():
+            if key not in self._metrics:
+                self._metrics[key] = _accuracy(logits.shape[-1], logits.device)
+            self._metrics[key].update(logits, y)
+
+    def _val_epoch_selected(self, trainer: "pl.Trainer") -> bool:
+        if self.every_n_val_epochs is None or trainer.sanity_checking:
+            return False
+        return (trainer.current_epoch + 1) % self.every_n_val_epochs == 0
+
+    def on_test_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._metrics.clear()
+
+    def on_validation_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._metrics.clear()
+
+    def on_test_batch_end(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        self._update(trainer, pl_module, batch, batch_idx)
+
+    def on_validation_batch_end(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        if self._val_epoch_selected(trainer):
+            self._update(trainer, pl_module, batch, batch_idx)
+
+    def on_test_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._log(trainer, pl_module, "adv")
+
+    def on_validation_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self._val_epoch_selected(trainer):
+            self._log(trainer, pl_module, "val_adv")
+
+    def _log(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", prefix: str) -> None:
+        if not self._metrics:
+            return
+        results = {key: {k: float(v) for k, v in metrics.compute().items()} for key, metrics in self._metrics.items()}
+        for key, accuracies in results.items():
+            for k, value in accuracies.items():
+                pl_module.log(f"{prefix}/{key}/{k}", value)
+        self._metrics.clear()
+        if self.log_figure and trainer.is_global_zero:
+            self._add_figure(trainer, prefix, results)
+
+    def _add_figure(self, trainer: "pl.Trainer", prefix: str, results: dict[str, dict[str, float]]) -> None:
+        experiments = [logger.experiment for logger in trainer.loggers if hasattr(logger.experiment, "add_figure")]
+        if not experiments:
+            return
+        from matplotlib.figure import Figure  # backend-free, safe in headless runs
+
+        figure = Figure(figsize=(5, 3.5))
+        axes = figure.add_subplot()
+        clean = results["clean"]["top1"]
+        for name in self.attacks:
+            epsilons = [0.0] + [e * 255 for e in self.epsilons]
+            accuracy = [clean] + [results[f"{name}_{_label(e)}"]["top1"] for e in self.epsilons]
+            axes.plot(epsilons, accuracy, marker="o", label=name.upper())
+        axes.set_xlabel("ε (× 1/255)")
+        axes.set_ylabel("top-1 accuracy")
+        axes.set_ylim(0, 1)
+        axes.legend()
+        axes.grid(alpha=0.3)
+        for experiment in experiments:
+            experiment.add_figure(f"{prefix}/accuracy_vs_eps", figure, global_step=trainer.global_step)

@@ -1,0 +1,94 @@
+"""Wall-clock time to classify one batch of test images (the PR-Net paper's inference-time metric)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+
+__all__ = ["InferenceTimer"]
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class InferenceTimer(Callback):
+    """Time the forward pass on ``batch_size`` test images (1,000 as in Kim et al., Table 3) at test end.
+
+    Test images are collected from the test batches (cycled if the test set is smaller), the model
+    runs ``num_warmup`` untimed passes (cuDNN autotuning, allocator warm-up), then ``num_repeats``
+    timed passes, each bracketed by a device synchronization. Logs ``inference/seconds_per_batch``
+    (the median of the repeats) and ``inference/images_per_second``.
+
+    Args:
+        batch_size: Images classified in one timed forward pass.
+        num_warmup: Untimed passes before timing.
+        num_repeats: Timed passes; the median is reported.
+    """
+
+    def __init__(self, batch_size: int = 1000, num_warmup: int = 2, num_repeats: int = 5) -> None:
+        super().__init__()
+        for name, value, minimum in (("batch_size", batch_size, 1), ("num_warmup", num_warmup, 0), ("num_repeats", num_repeats, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}.")
+        self.batch_size = batch_size
+        self.num_warmup = num_warmup
+        self.num_repeats = num_repeats
+        self._images: list[torch.Tensor] = []
+        self._collected = 0
+        self.last_times: list[float] = []
+
+    def on_test_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._images, self._collected = [], 0
+
+    def on_test_batch_end(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        if self._collected >= self.batch_size:
+            return
+        images = batch[0] if isinstance(batch, (list, tuple)) else batch
+        images = images[: self.batch_size - self._collected].detach()
+        self._images.append(images)
+        self._collected += images.shape[0]
+
+    def timing_batch(self) -> Optional[torch.Tensor]:
+        """The ``batch_size`` collected test images (cycled when fewer were seen), or ``None``."""
+        if not self._images:
+            return None
+        images = torch.cat(self._images)
+        repeats = -(-self.batch_size // images.shape[0])
+        return images.repeat(repeats, *([1] * (images.dim() - 1)))[: self.batch_size]
+
+    @torch.no_grad()
+    def time_model(self, model: torch.nn.Module, images: torch.Tensor) -> list[float]:
+        """Seconds of each of ``num_repeats`` forward passes on ``images`` after ``num_warmup`` ones."""
+        training = model.training
+        model.eval()
+        try:
+            for _ in range(self.num_warmup):
+                model(images)
+            times = []
+            for _ in range(self.num_repeats):
+                _synchronize(images.device)
+                start = time.perf_counter()
+                model(images)
+                _synchronize(images.device)
+                times.append(time.perf_counter() - start)
+        finally:
+            model.train(training)
+        return times
+
+    def on_test_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        images = self.timing_batch()
+        self._images = []
+        if images is None:
+            return
+        self.last_times = self.time_model(pl_module, images.to(pl_module.device))
+        seconds = sorted(self.last_times)[len(self.last_times) // 2]
+        pl_module.log("inference/seconds_per_batch", seconds)
+        pl_module.log("inference/images_per_second", self.batch_size / seconds)

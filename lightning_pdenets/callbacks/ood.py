@@ -1,0 +1,173 @@
+"""Accuracy on perturbed (out-of-distribution) copies of the test set.
+
+The four perturbations of Kim et al.'s PR-Net paper, Table 4 (Tiny ImageNet, 64×64): additive
+Gaussian noise N(0, 0.1), a 56×56 center crop resized back to 64×64, a random rotation of up
+to 30°, and colour jitter of brightness, contrast, saturation and hue with strength 0.2.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Sequence
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from torchmetrics import MetricCollection
+from torchvision.transforms import v2 as T
+from torchvision.transforms.v2 import functional as TF
+
+from lightning_pdenets.callbacks.adversarial import (
+    PixelSpace,
+    _accuracy,
+    _check_channel_stats,
+    normalization_of,
+    preserved_nfe,
+)
+from lightning_pdenets.solvers import check_positive
+
+__all__ = ["OODEvaluation", "PERTURBATIONS", "perturb_pixels"]
+
+PERTURBATIONS = ("gaussian_noise", "center_crop", "rotation", "color_jitter")
+
+
+def perturb_pixels(
+    pixels: torch.Tensor,
+    name: str,
+    generator: torch.Generator,
+    noise_std: float = 0.1,
+    crop_fraction: float = 56 / 64,
+    rotation_degrees: float = 30.0,
+    jitter_strength: float = 0.2,
+) -> torch.Tensor:
+    """Apply perturbation ``name`` to a batch of [0, 1] images (N, C, H, W), drawing from ``generator``.
+
+    Random perturbations draw independently per image; the result is clamped to [0, 1].
+    """
+    if name == "gaussian_noise":
+        noise = torch.randn(pixels.shape, generator=generator, device=generator.device).to(pixels)
+        return (pixels + noise_std * noise).clamp(0.0, 1.0)
+    height, width = pixels.shape[-2:]
+    if name == "center_crop":
+        crop = [max(1, round(height * crop_fraction)), max(1, round(width * crop_fraction))]
+        resized = TF.resize(TF.center_crop(pixels, crop), [height, width], antialias=True)
+        return resized.clamp(0.0, 1.0)
+    if name not in ("rotation", "color_jitter"):
+        raise ValueError(f"unknown perturbation {name!r}; choose from {list(PERTURBATIONS)}.")
+    # torchvision's random transforms draw one setting per call from the global RNG, so each image
+    # is transformed alone under a seed taken from `generator`, leaving the global RNG untouched.
+    if name == "rotation":
+        transform: Callable = T.RandomRotation(rotation_degrees)
+    else:
+        s = jitter_strength
+        transform = T.ColorJitter(brightness=s, contrast=s, saturation=s, hue=min(s, 0.5))
+    seeds = torch.randint(0, 2**62, (pixels.shape[0],), generator=generator, device=generator.device).tolist()
+    images = []
+    with torch.random.fork_rng(devices=[]):
+        for image, seed in zip(pixels, seeds):
+            torch.manual_seed(seed)
+            images.append(transform(image))
+    return torch.stack(images).clamp(0.0, 1.0)
+
+
+class OODEvaluation(Callback):
+    """Top-1/top-5 test accuracy under the PR-Net paper's four input perturbations.
+
+    Perturbations act on [0, 1] pixels: batches are un-normalized with the datamodule's
+    ``mean``/``std`` (or the ones given), perturbed, and normalized again. Every batch draws from
+    a generator seeded with ``seed + batch_idx``, so repeated runs agree. Logs
+    ``ood/<perturbation>/top1`` and ``ood/<perturbation>/top5`` (more than 5 classes).
+
+    Args:
+        perturbations: Subset of ``gaussian_noise``, ``center_crop``, ``rotation``, ``color_jitter``.
+        noise_std: Standard deviation of the Gaussian noise, in pixel units.
+        crop_size: Side of the center crop at ``reference_size``; scaled proportionally for other sizes.
+        reference_size: Image side that ``crop_size`` refers to (the paper: 56 of 64).
+        rotation_degrees: Rotation angles are uniform in [-degrees, degrees].
+        jitter_strength: Brightness, contrast, saturation and hue jitter strength.
+        num_batches: Test batches evaluated; ``None`` evaluates all.
+        mean: Per-channel mean of the input normalization (default: ``trainer.datamodule.mean``).
+        std: Per-channel standard deviation (default: ``trainer.datamodule.std``).
+        seed: Base seed of the random perturbations.
+    """
+
+    def __init__(
+        self,
+        perturbations: Sequence[str] = PERTURBATIONS,
+        noise_std: float = 0.1,
+        crop_size: int = 56,
+        reference_size: int = 64,
+        rotation_degrees: float = 30.0,
+        jitter_strength: float = 0.2,
+        num_batches: Optional[int] = None,
+        mean: Optional[Sequence[float]] = None,
+        std: Optional[Sequence[float]] = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if isinstance(perturbations, str) or not perturbations or any(p not in PERTURBATIONS for p in perturbations):
+            raise ValueError(f"`perturbations` must be a non-empty subset of {list(PERTURBATIONS)}, got {perturbations!r}.")
+        check_positive(noise_std, "noise_std")
+        check_positive(rotation_degrees, "rotation_degrees")
+        check_positive(jitter_strength, "jitter_strength")
+        for name, value in (("crop_size", crop_size), ("reference_size", reference_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        if crop_size > reference_size:
+            raise ValueError(f"`crop_size` ({crop_size}) must not exceed `reference_size` ({reference_size}).")
+        if num_batches is not None and (isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1):
+            raise ValueError(f"`num_batches` must be a positive integer or None, got {num_batches!r}.")
+        _check_channel_stats(mean, std)
+        self.perturbations = list(dict.fromkeys(perturbations))
+        self.noise_std = noise_std
+        self.crop_fraction = crop_size / reference_size
+        self.rotation_degrees = rotation_degrees
+        self.jitter_strength = jitter_strength
+        self.num_batches = num_batches
+        self.mean, self.std = mean, std
+        self.seed = seed
+        self._metrics: dict[str, MetricCollection] = {}
+
+    @torch.no_grad()
+    def evaluate_batch(
+        self, model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, trainer: Optional["pl.Trainer"] = None, seed: int = 0
+    ) -> dict[str, torch.Tensor]:
+        """Logits of ``model`` on every perturbation of the normalized batch ``x``."""
+        stats = normalization_of(trainer, self.mean, self.std)
+        channels = x.shape[1]
+        mean, std = stats if stats is not None else ((0.0,) * channels, (1.0,) * channels)
+        pixel_model = PixelSpace(model, mean, std, device=x.device)
+        pixels = pixel_model.to_pixels(x)
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        outputs = {}
+        with preserved_nfe(model):
+            outputs = self._evaluate(pixel_model, pixels, generator)
+        return outputs
+
+    def _evaluate(self, pixel_model: PixelSpace, pixels: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        outputs = {}
+        for name in self.perturbations:
+            perturbed = perturb_pixels(
+                pixels.cpu(), name, generator, self.noise_std, self.crop_fraction, self.rotation_degrees, self.jitter_strength
+            ).to(pixels.device)
+            outputs[name] = pixel_model(perturbed)
+        return outputs
+
+    def on_test_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._metrics.clear()
+
+    def on_test_batch_end(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        if self.num_batches is not None and batch_idx >= self.num_batches:
+            return
+        x, y = batch[0], batch[1]
+        for name, logits in self.evaluate_batch(pl_module, x, trainer, seed=self.seed + batch_idx).items():
+            if name not in self._metrics:
+                self._metrics[name] = _accuracy(logits.shape[-1], logits.device)
+            self._metrics[name].update(logits, y)
+
+    def on_test_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        for name, metrics in self._metrics.items():
+            for k, value in metrics.compute().items():
+                pl_module.log(f"ood/{name}/{k}", float(value))
+        self._metrics.clear()

@@ -1,0 +1,678 @@
+"""Adapt the training solver of neural ODEs until a more accurate test solver agrees with it.
+
+Ott, Katiyar, Hennig & Tiemann, "ResNet After All: Neural ODEs and Their Numerical Solution",
+ICLR 2021, Section 4 ("step size adaptation" and "tolerance adaptation"). A neural ODE trained with
+a coarse solver can come to depend on it (trajectory crossing, Lady Windermere's fan): with a more
+accurate solver at test time its accuracy drops. Every ``interval`` training steps these callbacks
+compare, on the current batch and under ``no_grad``, the accuracy of the training solver with that
+of a more accurate test solver, and shrink the training step size (or tolerance) while they
+disagree, and try to grow it while they agree.
+
+ODE blocks are found through :class:`lightning_pdenets.protocols.ODESolverBlock` only, so the
+callbacks work on any LightningModule whose network contains such blocks, provided that its
+batches are ``(inputs, targets, ...)`` and ``pl_module(inputs)`` returns class logits. The
+states y0 that Hairer's initial-step heuristic needs are captured with a forward pre-hook
+(``nn.Module.register_forward_pre_hook``) on each block during one no-grad forward pass.
+
+Under DDP every decision is collective: correct counts and NFE are all-reduced, and each new step
+size or tolerance is broadcast from rank 0, so every rank keeps identical solver settings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from collections.abc import Iterator, Sequence
+from typing import Any, Optional, Union
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import nn
+
+from lightning_pdenets.errors import SolverFailedError
+from lightning_pdenets.protocols import find_ode_blocks
+from lightning_pdenets.solvers import SOLVERS, check_positive, check_solver_name
+from lightning_pdenets.validation import check_positive_int
+
+__all__ = [
+    "StepSizeAdaptation",
+    "ToleranceAdaptation",
+    "DEFAULT_TEST_SOLVERS",
+    "hairer_initial_step",
+    "test_step_size",
+]
+
+DEFAULT_TEST_SOLVERS: dict[str, str] = {"euler": "midpoint", "midpoint": "rk4", "heun2": "rk4", "heun3": "rk4", "rk4": "rk4"}
+"""The test solver paired with each fixed-step training solver (Ott et al.: Euler → midpoint, midpoint → RK4)."""
+
+SolverFailure = (SolverFailedError, AssertionError, RuntimeError)
+
+
+# -- shared machinery (also used by SolverSwapCheck) -------------------------------------------------
+def is_solver_failure(error: BaseException) -> bool:
+    """True for a step-size underflow or step-count overflow of an ODE solver (ours or torchdiffeq's raw error)."""
+    if isinstance(error, SolverFailedError):
+        return True
+    message = str(error)
+    return isinstance(error, (AssertionError, RuntimeError)) and (
+        "underflow in dt" in message or "max_num_steps exceeded" in message
+    )
+
+
+def split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(inputs, targets)`` of a batch given as a tuple/list ``(inputs, targets, ...)`` or a dict with those keys."""
+    if isinstance(batch, dict) and {"inputs", "targets"} <= set(batch):
+        return batch["inputs"], batch["targets"]
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        return batch[0], batch[1]
+    raise TypeError(
+        f"solver callbacks need batches of the form (inputs, targets, ...) or {{'inputs': ..., 'targets': ...}}, "
+        f"got {type(batch).__name__}."
+    )
+
+
+def require_ode_blocks(pl_module: nn.Module, callback: str) -> list[nn.Module]:
+    """The ODE blocks of ``pl_module``, or a ``ValueError`` explaining the protocol when there are none."""
+    blocks = find_ode_blocks(pl_module)
+    if not blocks:
+        raise ValueError(
+            f"{callback} found no ODE block in {type(pl_module).__name__}: a block must provide vector_field(t, y), "
+            f"solver_settings(), configure_solver(**changes), nfe_forward, nfe_backward and reset_nfe() "
+            f"(see lightning_pdenets.protocols.ODESolverBlock)."
+        )
+    return blocks
+
+
+@contextlib.contextmanager
+def evaluation_mode(module: nn.Module) -> Iterator[None]:
+    """Eval mode (no batch-norm statistic updates, no dropout) and ``no_grad``; restores every ``training`` flag."""
+    flags = {m: m.training for m in module.modules()}
+    module.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for m, flag in flags.items():
+            m.training = flag
+
+
+@contextlib.contextmanager
+def preserved_nfe(blocks: Sequence[nn.Module]) -> Iterator[None]:
+    """Restore the NFE counters afterwards, so that extra evaluations do not pollute the NFE logs."""
+    saved = [(b.nfe_forward, b.nfe_backward) for b in blocks]
+    try:
+        yield
+    finally:
+        for block, (forward, backward) in zip(blocks, saved):
+            block.nfe_forward, block.nfe_backward = forward, backward
+
+
+def configure_blocks(blocks: Sequence[nn.Module], method: str, step_size: Optional[float] = None,
+                     tol: Optional[float] = None) -> None:
+    """Set ``method`` and its step size (fixed-step) or rtol = atol = ``tol`` (adaptive) on every block.
+
+    ``max_num_steps`` is raised where a fixed step needs more steps than the block allows.
+    """
+    for block in blocks:
+        settings = block.solver_settings()
+        changes: dict[str, Any] = {"method": method}
+        if step_size is not None:
+            steps = math.ceil((settings["t1"] - settings["t0"]) / step_size - 1e-9)
+            changes.update(step_size=float(step_size), max_num_steps=max(int(settings["max_num_steps"]), steps))
+        if tol is not None:
+            changes.update(rtol=float(tol), atol=float(tol))
+        block.configure_solver(**changes)
+
+
+@contextlib.contextmanager
+def restored_solvers(blocks: Sequence[nn.Module]) -> Iterator[None]:
+    """Restore every block's method, step size, tolerances and step bound afterwards."""
+    keys = ("method", "step_size", "rtol", "atol", "max_num_steps")
+    saved = [{k: b.solver_settings()[k] for k in keys} for b in blocks]
+    try:
+        yield
+    finally:
+        for block, settings in zip(blocks, saved):
+            block.configure_solver(**settings)
+
+
+def evaluate_batches(
+    trainer: "pl.Trainer", pl_module: pl.LightningModule, blocks: Sequence[nn.Module], batches: Iterator[Any]
+) -> tuple[float, float, bool]:
+    """Accuracy and mean forward NFE per batch over ``batches``, all-reduced over ranks.
+
+    A solver failure on any rank makes ``failed`` True on every rank (its accuracy is then NaN).
+    """
+    correct = total = nfe = 0.0
+    num_batches = 0
+    failed = False
+    for batch in batches:
+        inputs, targets = split_batch(batch)
+        before = sum(b.nfe_forward for b in blocks)
+        try:
+            logits = pl_module(inputs)
+        except SolverFailure as error:
+            if not is_solver_failure(error):
+                raise
+            failed = True
+            break
+        nfe += sum(b.nfe_forward for b in blocks) - before
+        correct += float((logits.argmax(dim=-1) == targets).sum())
+        total += targets.numel()
+        num_batches += 1
+    stats = torch.tensor([correct, total, nfe, float(num_batches), float(failed)], dtype=torch.float64,
+                         device=pl_module.device)
+    stats = trainer.strategy.reduce(stats, reduce_op="sum")
+    correct, total, nfe, num_batches, failures = (float(v) for v in stats)
+    if failures > 0 or total == 0:
+        return math.nan, nfe / max(num_batches, 1), True
+    return correct / total, nfe / num_batches, False
+
+
+def _rms(tensor: torch.Tensor) -> float:
+    return float(tensor.pow(2).mean().sqrt())
+
+
+def hairer_initial_step(vector_field: Any, t0: float, y0: torch.Tensor, order: int) -> float:
+    """Initial step size by Hairer's heuristic (Hairer, Nørsett & Wanner, *Solving ODEs I*, 2nd ed., p. 169).
+
+    d0 = ‖y0‖, d1 = ‖f(t0, y0)‖; h0 = 0.01·d0/d1, or 1e-6 if either is below 1e-5;
+    d2 = ‖f(t0 + h0, y0 + h0·f0) − f0‖ / h0; h1 = (0.01 / max(d1, d2))^(1/(p+1)),
+    or max(1e-6, 1e-3·h0) if max(d1, d2) ≤ 1e-15; return min(100·h0, h1).
+
+    ‖·‖ is the root-mean-square norm over all entries (Hairer's norm with unit scale, as fixed-step
+    solvers have no tolerances to scale by).
+
+    Args:
+        vector_field: Callable f(t, y).
+        t0: Start time.
+        y0: Initial state (a whole batch).
+        order: Order p of the solver.
+    """
+    t = torch.as_tensor(t0, dtype=y0.dtype, device=y0.device)
+    f0 = vector_field(t, y0)
+    d0, d1 = _rms(y0), _rms(f0)
+    h0 = 1e-6 if d0 < 1e-5 or d1 < 1e-5 else 0.01 * d0 / d1
+    f1 = vector_field(t + h0, y0 + h0 * f0)
+    d2 = _rms(f1 - f0) / h0
+    if max(d1, d2) <= 1e-15:
+        h1 = max(1e-6, h0 * 1e-3)
+    else:
+        h1 = (0.01 / max(d1, d2)) ** (1.0 / (order + 1))
+    return min(100 * h0, h1)
+
+
+def test_step_size(step_size: float, train_order: int, test_order: int, error_ratio: float = 50.0) -> float:
+    """Step of the test solver whose global error ~h^q is ``error_ratio`` times below the training solver's ~h^p.
+
+    h_test = (h^p / error_ratio)^(1/q), never above h: Euler at h → midpoint at sqrt(h/50).
+    """
+    return min(step_size, (step_size**train_order / error_ratio) ** (1.0 / test_order))
+
+
+test_step_size.__test__ = False  # not a pytest test despite its name
+
+
+def _check_threshold(threshold: Any) -> None:
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold <= 1:
+        raise ValueError(f"`threshold` must be an accuracy difference in (0, 1], got {threshold!r}.")
+
+
+def _check_interval(interval: Any) -> None:
+    check_positive_int(interval, "interval")
+
+
+def _check_factor(value: Any, argument: str, low: float, high: float) -> None:
+    check_positive(value, argument)
+    if not low < value < high:
+        raise ValueError(f"`{argument}` must lie in ({low}, {high}), got {value!r}.")
+
+
+class _SolverAdaptation(Callback):
+    """Shared loop of :class:`StepSizeAdaptation` and :class:`ToleranceAdaptation`.
+
+    Subclasses define the adapted quantity (``value``), how to apply it, its initial value, and one check.
+    """
+
+    quantity = "value"
+    needs_adaptive: bool = False
+
+    def __init__(self, interval: int, threshold: float, train_solver: Optional[str], test_solver: Optional[str]) -> None:
+        super().__init__()
+        _check_interval(interval)
+        _check_threshold(threshold)
+        self.interval = interval
+        self.threshold = float(threshold)
+        self.train_solver = train_solver
+        self.test_solver = test_solver
+        if train_solver is not None:
+            self.test_solver = self._check_solver_pair(train_solver, test_solver)
+        elif test_solver is not None:
+            self._check_test_solver_kind(test_solver)
+        self.value: Optional[float] = None
+        self.history: list[dict[str, Any]] = []
+        self._last_checked_step = -1
+
+    # -- validation -------------------------------------------------------------------------
+    def _default_test_solver(self, train_solver: str) -> str:
+        raise NotImplementedError
+
+    def _check_solver_pair(self, train_solver: str, test_solver: Optional[str]) -> str:
+        name = type(self).__name__
+        train_info = check_solver_name(train_solver, "train_solver")
+        kind = "adaptive" if self.needs_adaptive else "fixed-step"
+        if train_info.adaptive != self.needs_adaptive:
+            allowed = sorted(n for n, i in SOLVERS.items() if i.adaptive == self.needs_adaptive)
+            raise ValueError(f"{name} adapts {kind} solvers: `train_solver` must be one of {allowed}, got {train_solver!r}.")
+        test_solver = test_solver if test_solver is not None else self._default_test_solver(train_solver)
+        test_info = self._check_test_solver_kind(test_solver)
+        if test_info.order < train_info.order:
+            raise ValueError(
+                f"`test_solver` {test_solver!r} (order {test_info.order}) is less accurate than `train_solver` "
+                f"{train_solver!r} (order {train_info.order}); choose a test solver of order >= {train_info.order}."
+            )
+        return test_solver
+
+    def _check_test_solver_kind(self, test_solver: str) -> Any:
+        test_info = check_solver_name(test_solver, "test_solver")
+        if self.needs_adaptive and not test_info.adaptive:
+            raise ValueError(
+                f"{type(self).__name__} needs an adaptive `test_solver` (its tolerance is tightened), got {test_solver!r}."
+            )
+        return test_info
+
+    # -- resolution at fit time ---------------------------------------------------------------
+    def _resolve(self, pl_module: pl.LightningModule) -> list[nn.Module]:
+        blocks = require_ode_blocks(pl_module, type(self).__name__)
+        if self.train_solver is None:
+            self.train_solver = blocks[0].solver_settings()["method"]
+        self.test_solver = self._check_solver_pair(self.train_solver, self.test_solver)
+        return blocks
+
+    def setup(self, trainer: "pl.Trainer", pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._resolve(pl_module)
+
+    def on_train_start(self, trainer: "pl.Trainer", pl_module: pl.LightningModule) -> None:
+        blocks = self._resolve(pl_module)
+        if self.value is not None:  # resumed: the checkpointed value wins over the configured one
+            self.apply(blocks, self.value)
+
+    def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self.value is not None:
+            return
+        blocks = find_ode_blocks(pl_module)
+        value = self.initial_value(trainer, pl_module, blocks, batch)
+        self.value = self._broadcast(trainer, pl_module, value)
+        self.apply(blocks, self.value)
+        self.history.append({"step": trainer.global_step, self.quantity: self.value, "decision": "initial"})
+
+    def on_train_batch_end(
+        self, trainer: "pl.Trainer", pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        if step == self._last_checked_step or step % self.interval != 0 or step == 0:
+            return
+        self._last_checked_step = step
+        blocks = find_ode_blocks(pl_module)
+        with evaluation_mode(pl_module), preserved_nfe(blocks), restored_solvers(blocks):
+            record = self.check(trainer, pl_module, blocks, batch)
+        record[self.quantity] = self._broadcast(trainer, pl_module, record[self.quantity])
+        self.value = record[self.quantity]
+        self.apply(blocks, self.value)
+        record["step"] = step
+        self.history.append(record)
+        metrics = {f"solver/{self.quantity}": self.value}
+        for key in ("acc_train_solver", "acc_test_solver", "nfe_train_solver", "nfe_test_solver"):
+            if key in record and not math.isnan(record[key]):
+                metrics[f"solver/{key}"] = record[key]
+        pl_module.log_dict(metrics, on_step=True, on_epoch=False)
+
+    # -- collective helpers ---------------------------------------------------------------------
+    @staticmethod
+    def _broadcast(trainer: "pl.Trainer", pl_module: pl.LightningModule, value: float) -> float:
+        return float(trainer.strategy.broadcast(torch.tensor(float(value), dtype=torch.float64), src=0))
+
+    def _accuracy(
+        self, trainer: "pl.Trainer", pl_module: pl.LightningModule, blocks: Sequence[nn.Module], batch: Any,
+        method: str, step_size: Optional[float] = None, tol: Optional[float] = None,
+    ) -> tuple[float, float, bool]:
+        configure_blocks(blocks, method, step_size=step_size, tol=tol)
+        return evaluate_batches(trainer, pl_module, blocks, iter([batch]))
+
+    # -- subclass API ---------------------------------------------------------------------------
+    def initial_value(self, trainer: "pl.Trainer", pl_module: pl.LightningModule, blocks: Sequence[nn.Module],
+                      batch: Any) -> float:
+        raise NotImplementedError
+
+    def apply(self, blocks: Sequence[nn.Module], value: float) -> None:
+        raise NotImplementedError
+
+    def check(self, trainer: "pl.Trainer", pl_module: pl.LightningModule, blocks: Sequence[nn.Module],
+              batch: Any) -> dict[str, Any]:
+        raise NotImplementedError
+
+    # -- checkpointing --------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {self.quantity: self.value, "history": list(self.history), "train_solver": self.train_solver}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.value = state_dict[self.quantity]
+        self.history = list(state_dict["history"])
+        if state_dict.get("train_solver") is not None:
+            self.train_solver = state_dict["train_solver"]
+
+
+class StepSizeAdaptation(_SolverAdaptation):
+    """Adapt the step size of a fixed-step training solver (Ott et al. 2021, ICLR, Section 4).
+
+    The initial step comes from Hairer's heuristic (:func:`hairer_initial_step`) on the first batch,
+    unless ``initial_step_size`` is a number. Every ``interval`` training steps, on the current batch:
+    if |acc_test − acc_train| > ``threshold`` the step is halved (never below (t1 − t0)/``max_num_steps``,
+    with a warning when that bound binds); otherwise h' = min(1.1·h, ``max_step_size``) is tried and
+    kept only if the two accuracies still agree at h'. The test solver runs at
+    :func:`test_step_size` (error about ``error_ratio`` times smaller).
+
+    Args:
+        interval: Training steps between checks.
+        threshold: Largest accepted accuracy difference, in (0, 1].
+        train_solver: Fixed-step solver to train with (default: the blocks' current method).
+        test_solver: More accurate solver for the check (default: Euler → midpoint, midpoint → RK4, else RK4).
+        initial_step_size: ``"hairer"`` or a step size.
+        max_num_steps: Upper bound on the number of training steps over [t0, t1].
+        max_step_size: Largest step (default: t1 − t0, a single step).
+        error_ratio: How much smaller the test solver's error should be.
+
+    Logged at every check: ``solver/step_size``, ``solver/acc_train_solver``, ``solver/acc_test_solver``.
+    """
+
+    quantity = "step_size"
+    needs_adaptive = False
+
+    def __init__(
+        self,
+        interval: int = 50,
+        threshold: float = 0.1,
+        train_solver: Optional[str] = None,
+        test_solver: Optional[str] = None,
+        initial_step_size: Union[str, float] = "hairer",
+        max_num_steps: int = 500,
+        max_step_size: Optional[float] = None,
+        error_ratio: float = 50.0,
+    ) -> None:
+        super().__init__(interval, threshold, train_solver, test_solver)
+        if initial_step_size != "hairer":
+            check_positive(initial_step_size, "initial_step_size")
+        check_positive_int(max_num_steps, "max_num_steps")
+        check_positive(max_step_size, "max_step_size", allow_none=True)
+        check_positive(error_ratio, "error_ratio")
+        self.initial_step_size = initial_step_size
+        self.max_num_steps = max_num_steps
+        self.max_step_size = max_step_size
+        self.error_ratio = float(error_ratio)
+
+    def _default_test_solver(self, train_solver: str) -> str:
+        return DEFAULT_TEST_SOLVERS.get(train_solver, "rk4")
+
+    def _bounds(self, blocks: Sequence[nn.Module]) -> tuple[float, float]:
+        span = max(b.solver_settings()["t1"] - b.solver_settings()["t0"] for b in blocks)
+        upper = self.max_step_size if self.max_step_size is not None else span
+        return span / self.max_num_steps, upper
+
+    def _clamp(self, blocks: Sequence[nn.Module], step: float) -> float:
+        lower, upper = self._bounds(blocks)
+        return min(max(step, lower), upper)
+
+    def initial_value(self, trainer: "pl.Trainer", pl_module: pl.LightningModule, blocks: Sequence[nn.Module],
+                      batch: Any) -> float:
+        if self.initial_step_size != "hairer":
+            return self._clamp(blocks, float(self.initial_step_size))
+        inputs, _ = split_batch(batch)
+        initial_states: dict[nn.Module, torch.Tensor] = {}
+
+        def capture(module: nn.Module, args: tuple) -> None:
+            initial_states.setdefault(module, args[0].detach())
+
+        # Forward pre-hooks (standard nn.Module API) see each block's input y0 without knowing the block's class.
+        handles = [b.register_forward_pre_hook(capture) for b in blocks]
+        try:
+            with evaluation_mode(pl_module), preserved_nfe(blocks):
+                pl_module(inputs)
+                order = SOLVERS[self.train_solver].order
+                steps = [
+                    hairer_initial_step(b.vector_field, b.solver_settings()["t0"], initial_states[b], order)
+                    for b in blocks if b in initial_states
+                ]
+        finally:
+            for handle in handles:
+                handle.remove()
+        if not steps:
+            raise RuntimeError("StepSizeAdaptation: no ODE block was called in the forward pass; cannot pick h0.")
+        local = torch.tensor(min(steps), dtype=torch.float64, device=pl_module.device)
+        smallest = float(trainer.strategy.all_gather(local).min())  # the most cautious rank decides
+        return self._clamp(blocks, smallest)
+
+    def apply(self, blocks: Sequence[nn.Module], value: float) -> None:
+        configure_blocks(blocks, self.train_solver, step_size=value)
+
+    def _compare(self, trainer, pl_module, blocks, batch, step: float) -> dict[str, float]:
+        test_order, train_order = SOLVERS[self.test_solver].order, SOLVERS[self.train_solver].order
+        test_step = test_step_size(step, train_order, test_order, self.error_ratio)
+        acc_train, nfe_train, _ = self._accuracy(trainer, pl_module, blocks, batch, self.train_solver, step_size=step)
+        acc_test, nfe_test, _ = self._accuracy(trainer, pl_module, blocks, batch, self.test_solver, step_size=test_step)
+        return dict(acc_train_solver=acc_train, acc_test_solver=acc_test, nfe_train_solver=nfe_train,
+                    nfe_test_solver=nfe_test, test_step_size=test_step)
+
+    def check(self, trainer: "pl.Trainer", pl_module: pl.LightningModule, blocks: Sequence[nn.Module],
+              batch: Any) -> dict[str, Any]:
+        step = float(self.value)
+        record: dict[str, Any] = self._compare(trainer, pl_module, blocks, batch, step)
+        lower, upper = self._bounds(blocks)
+        if abs(record["acc_test_solver"] - record["acc_train_solver"]) > self.threshold:
+            new_step = step * 0.5
+            if new_step < lower * (1 - 1e-9):
+                new_step = lower
+                rank_zero_warn(
+                    f"StepSizeAdaptation: the training and test solvers still disagree, but halving h={step:.4g} "
+                    f"would exceed max_num_steps={self.max_num_steps}; h stays at {lower:.4g}. Raise max_num_steps "
+                    f"or the threshold."
+                )
+            record.update(decision="shrink", **{self.quantity: new_step})
+            return record
+        candidate = min(step * 1.1, upper)
+        if candidate <= step:
+            record.update(decision="keep", **{self.quantity: step})
+            return record
+        trial = self._compare(trainer, pl_module, blocks, batch, candidate)
+        agree = abs(trial["acc_test_solver"] - trial["acc_train_solver"]) <= self.threshold
+        record.update(decision="grow" if agree else "keep", **{self.quantity: candidate if agree else step})
+        return record
+
+
+class ToleranceAdaptation(_SolverAdaptation):
+    """Adapt rtol = atol of an adaptive training solver (Ott et al. 2021, ICLR, Section 4).
+
+    Every ``interval`` training steps, on the current batch, the training solver is compared with
+    ``test_solver`` at a tighter tolerance (``tol·test_tol_factor``, tightened further until its
+    forward NFE exceeds the training solver's). If the accuracies differ by more than ``threshold``,
+    tol ← tol·0.5; otherwise tol·1.1 is tried and reverted if the accuracies disagree at it, or if
+    the training solver's forward NFE has not changed over the last ``nfe_patience`` checks.
+
+    Solver failures ("underflow in dt", "max_num_steps exceeded") during training or a check are
+    caught: the tolerance is loosened by ``backoff_factor`` (at most ``max_backoffs`` times in a row)
+    and the forward pass is retried. The retry wraps each block's ``forward`` for the duration of
+    ``fit``; a failure in the backward pass (adjoint) cannot be retried and stops training. Under DDP
+    a rank that backed off makes all ranks adopt the loosest tolerance after the step.
+
+    Args:
+        interval: Training steps between checks.
+        threshold: Largest accepted accuracy difference, in (0, 1].
+        train_solver: Adaptive solver to train with (default: the blocks' current method).
+        test_solver: Adaptive solver for the check (default ``dopri5``).
+        initial_tol: Starting rtol = atol.
+        test_tol_factor: Factor in (0, 1) applied to tol for the test solver, and per tightening.
+        max_tightenings: Tightenings of the test tolerance per check.
+        max_tol: Largest tolerance.
+        nfe_patience: Checks with unchanged NFE after which a tolerance increase is reverted.
+        backoff_factor: Factor > 1 loosening tol after a solver failure.
+        max_backoffs: Consecutive back-offs before the failure is re-raised.
+
+    Logged at every check: ``solver/tol``, ``solver/acc_train_solver``, ``solver/acc_test_solver``, NFE.
+    """
+
+    quantity = "tol"
+    needs_adaptive = True
+
+    def __init__(
+        self,
+        interval: int = 50,
+        threshold: float = 0.1,
+        train_solver: Optional[str] = None,
+        test_solver: Optional[str] = "dopri5",
+        initial_tol: float = 1e-6,
+        test_tol_factor: float = 0.1,
+        max_tightenings: int = 3,
+        max_tol: float = 1.0,
+        nfe_patience: int = 5,
+        backoff_factor: float = 2.0,
+        max_backoffs: int = 10,
+    ) -> None:
+        super().__init__(interval, threshold, train_solver, test_solver)
+        check_positive(initial_tol, "initial_tol")
+        _check_factor(test_tol_factor, "test_tol_factor", 0.0, 1.0)
+        check_positive(max_tol, "max_tol")
+        _check_factor(backoff_factor, "backoff_factor", 1.0, math.inf)
+        for name, value in (("max_tightenings", max_tightenings), ("nfe_patience", nfe_patience),
+                            ("max_backoffs", max_backoffs)):
+            check_positive_int(value, name)
+        self.initial_tol = float(initial_tol)
+        self.test_tol_factor = float(test_tol_factor)
+        self.max_tightenings = max_tightenings
+        self.max_tol = float(max_tol)
+        self.nfe_patience = nfe_patience
+        self.backoff_factor = float(backoff_factor)
+        self.max_backoffs = max_backoffs
+        self.nfe_history: list[float] = []
+        self._backed_off = False
+        self._retry_enabled = True
+        self._wrapped: list[nn.Module] = []
+
+    def _default_test_solver(self, train_solver: str) -> str:
+        return "dopri5"
+
+    def initial_value(self, trainer, pl_module, blocks, batch) -> float:
+        return min(self.initial_tol, self.max_tol)
+
+    def apply(self, blocks: Sequence[nn.Module], value: float) -> None:
+        configure_blocks(blocks, self.train_solver, tol=value)
+
+    # -- back-off on solver failure -------------------------------------------------------------
+    def _back_off(self, blocks: Sequence[nn.Module], error: BaseException) -> None:
+        old = float(self.value if self.value is not None else blocks[0].solver_settings()["rtol"])
+        self.value = min(old * self.backoff_factor, self.max_tol)
+        self.apply(blocks, self.value)
+        self._backed_off = True
+        self.history.append({"decision": "backoff", self.quantity: self.value, "error": str(error)[:200]})
+        warnings.warn(f"ToleranceAdaptation: the ODE solver failed ({str(error)[:120]}...); loosening tol "
+                      f"{old:.3g} -> {self.value:.3g} and retrying.", RuntimeWarning, stacklevel=2)
+
+    def _install_retry(self, pl_module: pl.LightningModule) -> None:
+        blocks = find_ode_blocks(pl_module)
+        for block in blocks:
+            if "forward" in vars(block):
+                continue
+            original = block.forward
+
+            def forward(*args: Any, _original: Any = original, **kwargs: Any) -> Any:
+                for attempt in range(self.max_backoffs + 1):
+                    try:
+                        return _original(*args, **kwargs)
+                    except SolverFailure as error:
+                        retry = self._retry_enabled and self.value is not None and attempt < self.max_backoffs
+                        if not (retry and is_solver_failure(error)):
+                            raise
+                        if self.value >= self.max_tol:
+                            raise
+                        self._back_off(blocks, error)
+
+            block.forward = forward  # instance attribute: nn.Module.__call__ dispatches to it
+            self._wrapped.append(block)
+
+    def _remove_retry(self) -> None:
+        for block in self._wrapped:
+            vars(block).pop("forward", None)
+        self._wrapped = []
+
+    def on_train_start(self, trainer: "pl.Trainer", pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._install_retry(pl_module)
+
+    def on_train_end(self, trainer: "pl.Trainer", pl_module: pl.LightningModule) -> None:
+        self._remove_retry()
+
+    def on_exception(self, trainer: "pl.Trainer", pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._remove_retry()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        # A back-off on any rank: all ranks adopt the loosest tolerance, so that settings stay identical.
+        if trainer.strategy.reduce_boolean_decision(self._backed_off, all=False):
+            local = torch.tensor(float(self.value), dtype=torch.float64, device=pl_module.device)
+            self.value = float(trainer.strategy.all_gather(local).max())
+            self.apply(find_ode_blocks(pl_module), self.value)
+        self._backed_off = False
+        self._retry_enabled = False  # inside a check a failure is a result, not something to retry
+        try:
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        finally:
+            self._retry_enabled = True
+
+    # -- the check --------------------------------------------------------------------------------
+    def _compare(self, trainer, pl_module, blocks, batch, tol: float) -> Optional[dict[str, float]]:
+        acc_train, nfe_train, failed = self._accuracy(trainer, pl_module, blocks, batch, self.train_solver, tol=tol)
+        if failed:
+            return None
+        test_tol = tol * self.test_tol_factor
+        acc_test = nfe_test = math.nan
+        for _ in range(self.max_tightenings):
+            acc, nfe, failed = self._accuracy(trainer, pl_module, blocks, batch, self.test_solver, tol=test_tol)
+            if failed:  # the test solver cannot go tighter: use the last tolerance that worked
+                break
+            acc_test, nfe_test, used_tol = acc, nfe, test_tol
+            if nfe > nfe_train:
+                break
+            test_tol *= self.test_tol_factor
+        if math.isnan(acc_test):
+            return None
+        return dict(acc_train_solver=acc_train, acc_test_solver=acc_test, nfe_train_solver=nfe_train,
+                    nfe_test_solver=nfe_test, test_tol=used_tol)
+
+    def check(self, trainer, pl_module, blocks, batch) -> dict[str, Any]:
+        tol = float(self.value)
+        record = self._compare(trainer, pl_module, blocks, batch, tol)
+        if record is None:
+            new_tol = min(tol * self.backoff_factor, self.max_tol)
+            rank_zero_warn(f"ToleranceAdaptation: a solver failed during the check; loosening tol {tol:.3g} -> {new_tol:.3g}.")
+            return {"decision": "backoff", self.quantity: new_tol}
+        self.nfe_history = (self.nfe_history + [record["nfe_train_solver"]])[-self.nfe_patience:]
+        if abs(record["acc_test_solver"] - record["acc_train_solver"]) > self.threshold:
+            record.update(decision="shrink", **{self.quantity: tol * 0.5})
+            return record
+        candidate = min(tol * 1.1, self.max_tol)
+        stalled = len(self.nfe_history) >= self.nfe_patience and len(set(self.nfe_history)) == 1
+        if candidate <= tol or stalled:
+            record.update(decision="keep", **{self.quantity: tol})
+            return record
+        trial = self._compare(trainer, pl_module, blocks, batch, candidate)
+        agree = trial is not None and abs(trial["acc_test_solver"] - trial["acc_train_solver"]) <= self.threshold
+        record.update(decision="grow" if agree else "keep", **{self.quantity: candidate if agree else tol})
+        return record
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "nfe_history": list(self.nfe_history)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.nfe_history = list(state_dict.get("nfe_history", []))

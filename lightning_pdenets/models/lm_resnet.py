@@ -1,0 +1,160 @@
+"""LightningModules of Lu et al.'s CIFAR comparison: pre-activation ResNets and LM-ResNets.
+
+Lu, Zhong, Li & Dong, "Beyond Finite Layer Neural Networks: Bridging Deep Architectures and
+Numerical Differential Equations", ICML 2018. Defaults are the standard CIFAR recipe of He et al.:
+SGD with learning rate 0.1, momentum 0.9, weight decay 1e-4, ×0.1 at epochs 80 and 120 (of 160).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Optional, Sequence
+
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from lightning_pdenets.architectures.lm_resnet import PreActResNet, lm_resnet_cifar, preact_resnet_cifar
+from lightning_pdenets.models.base import ClassifierModule
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+__all__ = ["LMResNetModule", "ResNetCIFARModule", "plot_lm_coefficients"]
+
+
+class ResNetCIFARModule(ClassifierModule):
+    """Pre-activation CIFAR ResNet-``depth`` (He et al. 2016), optionally with stochastic depth.
+
+    Args:
+        depth: 20, 32, 44, 56, 110 (basic blocks, 6n + 2) or 164 (bottlenecks, 9n + 2).
+        num_classes: 10 for CIFAR-10, 100 for CIFAR-100.
+        in_channels: Image channels.
+        block: ``'basic'``, ``'bottleneck'`` or ``None`` (bottlenecks from depth 164 on).
+        base_width: Channels of the first stage (16 in the papers).
+        stochastic_depth: Drop residual branches in training (Huang et al. 2016).
+        survival_prob_last: Survival probability ``p_L`` of the last block (linear decay from 1).
+        stochastic_depth_mode: ``'batch'`` (one draw per mini-batch, Huang et al.) or ``'sample'``.
+        optimizer, lr, weight_decay, momentum, lr_scheduler, lr_milestones, lr_gamma: see
+            :class:`ClassifierModule`; the defaults are the CIFAR recipe.
+        **kwargs: Further settings of :class:`ClassifierModule`.
+    """
+
+    network: PreActResNet
+
+    def __init__(
+        self,
+        depth: int = 56,
+        num_classes: int = 10,
+        in_channels: int = 3,
+        block: Optional[str] = None,
+        base_width: int = 16,
+        stochastic_depth: bool = False,
+        survival_prob_last: float = 0.5,
+        stochastic_depth_mode: str = "batch",
+        optimizer: str = "sgd",
+        lr: float = 0.1,
+        weight_decay: float = 1e-4,
+        momentum: float = 0.9,
+        lr_scheduler: str = "multistep",
+        lr_milestones: Sequence[int] = (80, 120),
+        lr_gamma: float = 0.1,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            num_classes=num_classes, optimizer=optimizer, lr=lr, weight_decay=weight_decay, momentum=momentum,
+            lr_scheduler=lr_scheduler, lr_milestones=lr_milestones, lr_gamma=lr_gamma, **kwargs,
+        )
+        self.save_hyperparameters()
+        self.network = self.build_network()
+
+    def architecture_kwargs(self) -> dict[str, Any]:
+        """Arguments of the architecture factory shared by both families, read from ``hparams``."""
+        names = ("depth", "num_classes", "in_channels", "block", "base_width", "stochastic_depth",
+                 "survival_prob_last", "stochastic_depth_mode")
+        return {name: self.hparams[name] for name in names}
+
+    def build_network(self) -> PreActResNet:
+        return preact_resnet_cifar(**self.architecture_kwargs())
+
+
+class LMResNetModule(ResNetCIFARModule):
+    """LM-ResNet-``depth`` of Lu et al. 2018, logging the learned ``k_n`` to TensorBoard.
+
+    At the end of every training epoch each LM block's ``k_n`` (channel mean for ``k_mode='channel'``)
+    is logged as ``lm_k/stage{s}.block{b}``, and a figure of ``k_n`` against depth as
+    ``lm_k/profile`` (also at the start of training, showing the initialization). In Lu et al.'s
+    modified-equation view, ``(1 + k_n) u' + (1 - k_n) (Δt / 2) u'' ≈ f(u)``, so ``k_n`` sets a
+    learned momentum (inertia) term of the underlying dynamics.
+
+    Args:
+        depth, num_classes: See :class:`ResNetCIFARModule`.
+        k_mode: ``'scalar'`` (one ``k_n`` per block, the paper's) or ``'channel'`` (one per channel).
+        k_init_range: ``k_n`` is initialized uniformly in ``[low, high]`` (``[-0.1, 0]`` in the paper).
+        **kwargs: Further settings of :class:`ResNetCIFARModule`.
+    """
+
+    def __init__(
+        self,
+        depth: int = 56,
+        num_classes: int = 10,
+        k_mode: str = "scalar",
+        k_init_range: Sequence[float] = (-0.1, 0.0),
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(depth=depth, num_classes=num_classes, **kwargs)
+
+    def build_network(self) -> PreActResNet:
+        return lm_resnet_cifar(
+            **self.architecture_kwargs(), k_mode=self.hparams.k_mode, k_init_range=tuple(self.hparams.k_init_range)
+        )
+
+    def on_train_start(self) -> None:
+        self.log_lm_profile()
+
+    def on_train_epoch_end(self) -> None:
+        for name, k in self.network.lm_coefficients().items():
+            self.log(f"lm_k/{name}", k.detach().mean(), on_step=False, on_epoch=True)
+        self.log_lm_profile()
+
+    def log_lm_profile(self) -> None:
+        """Add the figure of ``k_n`` against depth to every TensorBoard logger (no-op otherwise)."""
+        loggers = [logger for logger in self.loggers if isinstance(logger, TensorBoardLogger)]
+        if not loggers or self.global_rank != 0:
+            return
+        figure = plot_lm_coefficients(self.network.lm_coefficients(), title=f"LM-ResNet-{self.hparams.depth}, "
+                                      f"epoch {self.current_epoch}")
+        for logger in loggers:
+            logger.experiment.add_figure("lm_k/profile", figure, global_step=self.global_step, close=False)
+
+
+def plot_lm_coefficients(coefficients: dict[str, torch.Tensor], title: str = "") -> "Figure":
+    """``k_n`` against block depth (with the channel range for channel-wise ``k``), stages shaded.
+
+    Args:
+        coefficients: ``{'stage{s}.block{b}': k}`` as returned by ``PreActResNet.lm_coefficients``.
+        title: Figure title.
+    """
+    from matplotlib.figure import Figure  # only needed when a figure is drawn
+
+    names = list(coefficients)
+    values = [coefficients[name].detach().float().cpu().flatten() for name in names]
+    means = [v.mean().item() for v in values]
+    figure = Figure(figsize=(7, 3.2))
+    axes = figure.add_subplot()
+    positions = list(range(1, len(names) + 1))
+    if any(v.numel() > 1 for v in values):  # channel-wise k: shade the range over channels
+        lows, highs = [v.min().item() for v in values], [v.max().item() for v in values]
+        axes.fill_between(positions, lows, highs, alpha=0.3, label="channel range")
+    channelwise = any(v.numel() > 1 for v in values)
+    axes.plot(positions, means, marker="o", markersize=3, label="channel mean of k_n" if channelwise else "k_n")
+    stages = [name.split(".")[0] for name in names]
+    for index in range(1, len(stages)):
+        if stages[index] != stages[index - 1]:
+            axes.axvline(index + 0.5, color="gray", linestyle=":", linewidth=1)
+    axes.axhline(0.0, color="black", linewidth=0.8)
+    axes.set_xlabel("LM block (depth order; dotted lines: stage transitions)")
+    axes.set_ylabel("k_n")
+    axes.set_title(title)
+    if values:
+        axes.legend(loc="best", fontsize="small")
+    figure.tight_layout()
+    return figure

@@ -1,0 +1,267 @@
+"""LightningModules of the isometric MobileNetV3 family (Kim et al., Tables 3 and 5), with fine-tuning.
+
+Each module trains from scratch (Tiny ImageNet) or, given ``pretrained_checkpoint``, starts from a
+checkpoint of the same architecture, drops its classifier for a fresh one with ``num_classes``
+outputs, and fine-tunes either everything (``finetune: full``) or the head first and the rest
+from ``unfreeze_backbone_at_epoch`` on (``finetune: head_first``, Lightning's ``BackboneFinetuning``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from typing import Any, Callable, Optional
+
+import torch
+from lightning.pytorch.callbacks import BackboneFinetuning, Callback
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import nn
+
+from lightning_pdenets.architectures.mobilenet_isometric import (
+    isometric_channels,
+    mobilenetv3_isometric,
+    odenet_mobilenet,
+    prnet_mobilenet,
+)
+from lightning_pdenets.models.base import ClassifierModule
+from lightning_pdenets.models.optim import build_optimizer, build_scheduler
+from lightning_pdenets.models.prnet import PRNetModule
+from lightning_pdenets.validation import check_positive, check_positive_int
+
+__all__ = ["FINETUNE_MODES", "HeadFirstFinetuning", "IsometricMobileNetModule", "ODEMobileNetModule", "PRNetMobileNetModule"]
+
+FINETUNE_MODES = ("full", "head_first")
+
+
+class HeadFirstFinetuning(BackboneFinetuning):
+    """Lightning's ``BackboneFinetuning`` with the backbone's BatchNorm layers frozen too until unfreezing.
+
+    With the default ``train_bn=True`` the backbone's BatchNorm weights would train from epoch 0, so
+    the "frozen" backbone would change; at unfreezing every backbone parameter, BatchNorm included,
+    joins the optimizer as one group.
+    """
+
+    def freeze_before_training(self, pl_module: Any) -> None:
+        self.freeze(pl_module.backbone, train_bn=False)
+
+
+class IsometricMobileNetModule(ClassifierModule):
+    """Isometric MobileNetV3 (Sandler et al. 2019) as in Kim et al. Table 3 ("M.Net V3", 4 mobile blocks).
+
+    Args:
+        in_channels: Image channels.
+        num_classes: Number of classes (200 for Tiny ImageNet; the target's for transfer).
+        width_multiplier: Width multiplier (Table 3: 1 or 2).
+        channels, num_blocks, expanded_channels, kernel_size, patch_size, head_expansion, dropout:
+            Architecture, see :func:`lightning_pdenets.architectures.mobilenetv3_isometric`.
+        pretrained_checkpoint: Lightning checkpoint of the same architecture (e.g. trained on Tiny
+            ImageNet) to start from; its classifier is replaced by one with ``num_classes`` outputs.
+        finetune: ``full`` trains every layer from the start; ``head_first`` freezes the backbone
+            and unfreezes it at ``unfreeze_backbone_at_epoch`` (Lightning's ``BackboneFinetuning``).
+        unfreeze_backbone_at_epoch: Epoch at which ``head_first`` unfreezes the backbone.
+        backbone_lr_ratio: Backbone learning rate at unfreezing, relative to the head's; it then grows
+            ×1.5 per epoch until it matches (``BackboneFinetuning``'s schedule).
+        **kwargs: Optimization settings of :class:`ClassifierModule`.
+    """
+
+    architecture: Callable[..., nn.Module] = staticmethod(mobilenetv3_isometric)
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        num_classes: int = 200,
+        width_multiplier: float = 1.0,
+        channels: int = 128,
+        num_blocks: int = 4,
+        expanded_channels: int = 480,
+        kernel_size: int = 3,
+        patch_size: int = 4,
+        head_expansion: int = 6,
+        dropout: float = 0.2,
+        pretrained_checkpoint: Optional[str] = None,
+        finetune: str = "full",
+        unfreeze_backbone_at_epoch: int = 5,
+        backbone_lr_ratio: float = 0.1,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(num_classes=num_classes, **kwargs)
+        self.save_hyperparameters()
+        check_finetune_settings(finetune, unfreeze_backbone_at_epoch, backbone_lr_ratio)
+        self.network = self.architecture(**self.architecture_kwargs())
+        if pretrained_checkpoint is not None:
+            self.load_pretrained(pretrained_checkpoint)
+        elif finetune == "head_first":
+            rank_zero_warn(
+                "finetune='head_first' without `pretrained_checkpoint`: the frozen backbone is randomly initialized. "
+                "Set `pretrained_checkpoint` to the source model's .ckpt file."
+            )
+
+    # -- architecture ---------------------------------------------------------------------------
+    def architecture_kwargs(self) -> dict[str, Any]:
+        """The hyperparameters that are arguments of :attr:`architecture`."""
+        names = inspect.signature(self.architecture).parameters
+        return {name: value for name, value in self.hparams.items() if name in names}
+
+    @property
+    def backbone(self) -> nn.Module:
+        """Everything but the classifier (what ``BackboneFinetuning`` freezes and unfreezes)."""
+        return self.network.backbone
+
+    # -- fine-tuning ----------------------------------------------------------------------------
+    def load_pretrained(self, path: str) -> None:
+        """Load every weight but the classifier from the Lightning checkpoint at ``path``.
+
+        Raises:
+            FileNotFoundError: when ``path`` does not exist.
+            ValueError: when the checkpoint holds a different architecture (names the differences).
+        """
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"`pretrained_checkpoint` {os.path.abspath(path)!r} does not exist; point it to the .ckpt file of the "
+                f"source model (e.g. logs/pdenets/version_0/checkpoints/best-*.ckpt from the Tiny ImageNet run)."
+            )
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        source = checkpoint.get("hyper_parameters", {})
+        ours = self.architecture_kwargs()
+        differing = {k: (source[k], v) for k, v in ours.items() if k in source and k != "num_classes" and source[k] != v}
+        if differing:
+            details = ", ".join(f"{k}: checkpoint {a!r} vs this model {b!r}" for k, (a, b) in differing.items())
+            raise ValueError(f"checkpoint {path!r} was trained with a different architecture ({details}); "
+                             f"set these arguments as in the source model's config.")
+        state = checkpoint.get("state_dict", checkpoint)
+        weights = {
+            key[len("network."):]: value
+            for key, value in state.items()
+            if key.startswith("network.") and not key.startswith("network.classifier.")
+        }
+        try:
+            missing, unexpected = self.network.load_state_dict(weights, strict=False)
+        except RuntimeError as error:
+            raise ValueError(f"checkpoint {path!r} does not fit this architecture: {error}") from error
+        missing = [key for key in missing if not key.startswith("classifier.")]
+        if missing or unexpected:
+            raise ValueError(
+                f"checkpoint {path!r} does not fit {type(self).__name__}: missing {missing[:5]}, unexpected "
+                f"{unexpected[:5]}; use the model class and architecture arguments of the source run."
+            )
+
+    def configure_callbacks(self) -> list[Callback]:
+        if self.hparams.finetune != "head_first":
+            return []
+        return [
+            HeadFirstFinetuning(
+                unfreeze_backbone_at_epoch=self.hparams.unfreeze_backbone_at_epoch,
+                backbone_initial_ratio_lr=self.hparams.backbone_lr_ratio,
+            )
+        ]
+
+    def configure_optimizers(self) -> Any:
+        # Frozen parameters must stay out of the optimizer so that BackboneFinetuning can add them
+        # later as their own parameter group (with the backbone learning rate).
+        o = self.optimization
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        optimizer = build_optimizer(trainable, o["optimizer"], o["lr"], o["weight_decay"], o["momentum"])
+        max_epochs = self.trainer.max_epochs if self._trainer is not None else None
+        scheduler = build_scheduler(optimizer, o["lr_scheduler"], o["lr_milestones"], o["lr_gamma"], max_epochs)
+        if scheduler is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+
+def check_finetune_settings(finetune: str, unfreeze_backbone_at_epoch: int, backbone_lr_ratio: float) -> None:
+    if finetune not in FINETUNE_MODES:
+        raise ValueError(f"`finetune` must be one of {list(FINETUNE_MODES)}, got {finetune!r}.")
+    check_positive_int(unfreeze_backbone_at_epoch, "unfreeze_backbone_at_epoch", minimum=0)
+    check_positive(backbone_lr_ratio, "backbone_lr_ratio")
+
+
+class ODEMobileNetModule(IsometricMobileNetModule):
+    """ODE-Net on the isometric MobileNetV3 (Kim et al. Table 3: 3 mobile blocks + 1 ODE block).
+
+    Args:
+        method, step_size, rtol, atol, adjoint, t0, t1, max_num_steps: ODE solver settings
+            (see :class:`lightning_pdenets.blocks.SolverSettings`); Chen et al.'s dopri5 with the
+            adjoint method by default.
+        Others: as in :class:`IsometricMobileNetModule`.
+    """
+
+    architecture = staticmethod(odenet_mobilenet)
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        num_classes: int = 200,
+        width_multiplier: float = 1.0,
+        channels: int = 128,
+        num_blocks: int = 4,
+        expanded_channels: int = 480,
+        kernel_size: int = 3,
+        patch_size: int = 4,
+        head_expansion: int = 6,
+        dropout: float = 0.2,
+        method: str = "dopri5",
+        step_size: Optional[float] = None,
+        rtol: float = 1e-3,
+        atol: float = 1e-3,
+        adjoint: bool = True,
+        t0: float = 0.0,
+        t1: float = 1.0,
+        max_num_steps: int = 1000,
+        pretrained_checkpoint: Optional[str] = None,
+        finetune: str = "full",
+        unfreeze_backbone_at_epoch: int = 5,
+        backbone_lr_ratio: float = 0.1,
+        **kwargs: Any,
+    ) -> None:
+        # The solver settings reach the architecture through save_hyperparameters (architecture_kwargs).
+        super().__init__(
+            in_channels, num_classes, width_multiplier, channels, num_blocks, expanded_channels, kernel_size,
+            patch_size, head_expansion, dropout, pretrained_checkpoint, finetune, unfreeze_backbone_at_epoch,
+            backbone_lr_ratio, **kwargs,
+        )
+
+
+class PRNetMobileNetModule(PRNetModule):
+    """PR-Net on the isometric MobileNetV3 (Kim et al. Table 3: 3 mobile blocks + 1 PDE block).
+
+    Trained with PR-Net's Algorithm 1 (:class:`lightning_pdenets.models.PRNetModule`): here the
+    "stem" producing h(0) is the patch stem with the first ``num_blocks - 1`` mobile blocks, and the
+    "head" is MobileNetV3's head with the classifier.
+
+    Args:
+        in_channels, num_classes, width_multiplier, channels, num_blocks, expanded_channels, kernel_size,
+            patch_size, head_expansion, dropout: as in :class:`IsometricMobileNetModule`.
+        image_size: Side of the square input images (64 for Tiny ImageNet); fixes the query set H.
+        activation, t_end: PDE block settings (see :func:`lightning_pdenets.architectures.prnet_mobilenet`).
+        **kwargs: PR-Net's settings (``max_power``, ``theta_lr``, ``alpha_optimizer``, ..., see
+            :class:`PRNetModule`) and the task optimizer's (``optimizer``, ``lr``, ...).
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        num_classes: int = 200,
+        width_multiplier: float = 1.0,
+        channels: int = 128,
+        num_blocks: int = 4,
+        expanded_channels: int = 480,
+        kernel_size: int = 3,
+        patch_size: int = 4,
+        head_expansion: int = 6,
+        dropout: float = 0.2,
+        image_size: int = 64,
+        activation: str = "softplus",
+        t_end: float = 1.0,
+        **kwargs: Any,
+    ) -> None:
+        # PRNetModule builds Chen et al.'s PR-Net; a 1-pixel stand-in keeps that cheap before it is
+        # replaced by the MobileNet variant below.
+        width = isometric_channels(channels, width_multiplier)
+        super().__init__(in_channels, num_classes, width, 0, 3, activation, t_end, **kwargs)
+        for stand_in in ("width", "num_downsamples"):  # not arguments of this class
+            self._hparams.pop(stand_in, None)
+            self._hparams_initial.pop(stand_in, None)
+        self.network = prnet_mobilenet(
+            in_channels, num_classes, width_multiplier, channels, num_blocks, expanded_channels, kernel_size,
+            patch_size, head_expansion, dropout, image_size, activation, t_end,
+        )

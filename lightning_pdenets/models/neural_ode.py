@@ -1,0 +1,94 @@
+"""LightningModules of Ott et al.'s experiments: neural-ODE classifiers for vectors and for images.
+
+Ott, Katiyar, Hennig & Tiemann, "ResNet After All: Neural ODEs and Their Numerical Solution",
+ICLR 2021. Pair them with the solver callbacks (``StepSizeAdaptation``, ``ToleranceAdaptation``,
+``SolverSwapCheck``) to reproduce the paper's train/test solver experiments.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from lightning_pdenets.architectures.spheres import image_odenet, vector_odenet
+from lightning_pdenets.models.base import ClassifierModule
+
+__all__ = ["VectorODEClassifierModule", "ImageODEClassifierModule"]
+
+
+class VectorODEClassifierModule(ClassifierModule):
+    """Neural ODE with an MLP vector field on R^input_dim, then a linear classifier (concentric spheres).
+
+    Args:
+        input_dim: Dimension of the input vectors.
+        num_classes: Number of classes.
+        hidden_width, num_hidden_layers, activation, time_dependent: MLP vector field
+            (see :class:`lightning_pdenets.dynamics.MLPODEFunc`).
+        method, step_size, rtol, atol, adjoint, t0, t1, max_num_steps: ODE solver settings
+            (see :class:`lightning_pdenets.blocks.SolverSettings`).
+        **kwargs: Optimization settings of :class:`ClassifierModule`.
+    """
+
+    def __init__(
+        self,
+        input_dim: int = 2,
+        num_classes: int = 2,
+        hidden_width: int = 32,
+        num_hidden_layers: int = 2,
+        activation: str = "relu",
+        time_dependent: bool = False,
+        method: str = "euler",
+        step_size: Optional[float] = 0.1,
+        rtol: float = 1e-3,
+        atol: float = 1e-3,
+        adjoint: bool = False,
+        t0: float = 0.0,
+        t1: float = 1.0,
+        max_num_steps: int = 1000,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(num_classes=num_classes, **kwargs)
+        self.save_hyperparameters()
+        self.network = vector_odenet(
+            input_dim, num_classes, hidden_width, num_hidden_layers, activation, time_dependent, method, step_size,
+            rtol, atol, adjoint, t0, t1, max_num_steps,
+        )
+
+
+class ImageODEClassifierModule(ClassifierModule):
+    """Neural ODE on the raw image (1×1→3×3→1×1 conv field, no downsampling), then a linear classifier.
+
+    Ott et al.'s CIFAR-10 model.
+
+    Args:
+        in_channels: Image channels.
+        image_size: Height (= width) of the images.
+        num_classes: Number of classes.
+        hidden_channels: Channels inside the conv bottleneck.
+        activation: Activation of the vector field.
+        method, step_size, rtol, atol, adjoint, t0, t1, max_num_steps: ODE solver settings.
+        **kwargs: Optimization settings of :class:`ClassifierModule`.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        image_size: int = 32,
+        num_classes: int = 10,
+        hidden_channels: int = 64,
+        activation: str = "relu",
+        method: str = "euler",
+        step_size: Optional[float] = 0.1,
+        rtol: float = 1e-3,
+        atol: float = 1e-3,
+        adjoint: bool = False,
+        t0: float = 0.0,
+        t1: float = 1.0,
+        max_num_steps: int = 1000,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(num_classes=num_classes, **kwargs)
+        self.save_hyperparameters()
+        self.network = image_odenet(
+            in_channels, image_size, num_classes, hidden_channels, activation, method, step_size, rtol, atol, adjoint,
+            t0, t1, max_num_steps,
+        )

@@ -1,0 +1,301 @@
+"""PR-Net's LightningModule: manual, alternating optimization of theta, the query set H and alpha.
+
+Kim, Choi, Ham, Kim & Park, "PDE-regularized neural networks for image classification",
+Algorithm 1. Every training batch runs the configured sub-steps in order (default: all four):
+
+* ``task``   (line 5): theta, stem and head with the task loss L_T;
+* ``theta``  (line 6): theta with L_T + L_I + L_G (initial-condition and governing losses);
+* ``query``  (line 7): the query set H with L_T;
+* ``alpha``  (line 8): the coefficients alpha with L_G + R_G (proximal L1 step by default).
+
+Validation and best-model selection (line 9) are Lightning's validation loop and the CLI's
+``ModelCheckpoint`` on ``val/acc_top1``. Inference uses ``self.network`` alone: it holds no alpha
+and computes no derivatives.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_warn
+
+from lightning_pdenets.architectures.prnet import prnet
+from lightning_pdenets.blocks.governing import GoverningEquation, ProximalSGD
+from lightning_pdenets.blocks.pde import PDEBlock
+from lightning_pdenets.models.base import ClassifierModule
+from lightning_pdenets.models.optim import build_optimizer, build_scheduler, check_optimization_settings
+from lightning_pdenets.validation import check_positive
+
+__all__ = ["PRNetModule", "PRNET_STEPS"]
+
+PRNET_STEPS = ("task", "theta", "query", "alpha")
+"""Names of the sub-steps of Algorithm 1, in the paper's order (lines 5-8)."""
+
+_NONFINITE_POLICIES = ("raise", "skip")
+
+
+class PRNetModule(ClassifierModule):
+    """PR-Net with Algorithm 1's four optimizers (``automatic_optimization = False``).
+
+    Optimizers, in this order (``self.optimizers()``): task (theta + stem + head; the settings of
+    :class:`ClassifierModule`: ``optimizer``, ``lr``, ``lr_scheduler``, ...), theta (``theta_*``),
+    query set H (``query_*``) and alpha (``alpha_*``; ``alpha_optimizer='proximal'`` is the ISTA
+    step :class:`ProximalSGD`, which produces exact zeros). Every optimizer has its own per-epoch
+    scheduler. Gradients of all four groups are all-reduced under DDP.
+
+    Args:
+        in_channels, num_classes, width, num_downsamples, image_size, activation, t_end:
+            Architecture (see :func:`lightning_pdenets.architectures.prnet`).
+        max_power: Highest power of h in the governing equation (int or one per axis x, y).
+        max_derivative_order: Highest derivative order in d (int or one per axis x, y).
+        l1_weight: Weight w of R_G = w * sum |alpha|.
+        print_threshold: |alpha| below which terms are left out of the printed equation.
+        initial_weight: Weight of L_I in the theta step.
+        governing_weight: Weight of L_G in the theta step.
+        step_order: Sub-steps per batch, a subset of ``task``, ``theta``, ``query``, ``alpha`` in any order.
+        theta_optimizer, theta_lr, theta_weight_decay, theta_momentum, theta_lr_scheduler,
+            theta_lr_milestones, theta_lr_gamma: Optimization of the theta step.
+        query_*: Same for the query set H.
+        alpha_*: Same for alpha; ``alpha_optimizer`` may also be ``'proximal'``.
+        gradient_clip_val: Clip each sub-step's gradient norm to this value (None: no clipping).
+        on_nonfinite: ``'raise'`` stops with an error naming the NaN/Inf loss term; ``'skip'``
+            skips that sub-step (on all ranks) and counts it in ``train/skipped_steps``.
+        **kwargs: Optimization settings of the task optimizer (:class:`ClassifierModule`).
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        num_classes: int = 10,
+        width: int = 64,
+        num_downsamples: int = 2,
+        image_size: int = 28,
+        activation: str = "softplus",
+        t_end: float = 1.0,
+        max_power: Union[int, Sequence[int]] = 3,
+        max_derivative_order: Union[int, Sequence[int]] = 3,
+        l1_weight: float = 1e-4,
+        print_threshold: float = 1e-3,
+        initial_weight: float = 1.0,
+        governing_weight: float = 1.0,
+        step_order: Sequence[str] = PRNET_STEPS,
+        theta_optimizer: str = "adam",
+        theta_lr: float = 1e-3,
+        theta_weight_decay: float = 0.0,
+        theta_momentum: float = 0.9,
+        theta_lr_scheduler: str = "none",
+        theta_lr_milestones: Sequence[int] = (),
+        theta_lr_gamma: float = 0.1,
+        query_optimizer: str = "adam",
+        query_lr: float = 1e-3,
+        query_weight_decay: float = 0.0,
+        query_momentum: float = 0.9,
+        query_lr_scheduler: str = "none",
+        query_lr_milestones: Sequence[int] = (),
+        query_lr_gamma: float = 0.1,
+        alpha_optimizer: str = "proximal",
+        alpha_lr: float = 1e-2,
+        alpha_weight_decay: float = 0.0,
+        alpha_momentum: float = 0.0,
+        alpha_lr_scheduler: str = "none",
+        alpha_lr_milestones: Sequence[int] = (),
+        alpha_lr_gamma: float = 0.1,
+        gradient_clip_val: Optional[float] = None,
+        on_nonfinite: str = "raise",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(num_classes=num_classes, **kwargs)
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        if isinstance(step_order, str) or not step_order or len(set(step_order)) != len(step_order) or any(
+            s not in PRNET_STEPS for s in step_order
+        ):
+            raise ValueError(
+                f"`step_order` must be a non-empty list of distinct names from {list(PRNET_STEPS)}, got {step_order!r}."
+            )
+        arguments = dict(locals())
+        for prefix in ("theta_", "query_", "alpha_"):
+            settings = _optimization_settings(arguments, prefix)
+            if prefix == "alpha_" and settings["optimizer"] == "proximal":
+                settings["optimizer"] = "sgd"  # same checks; 'proximal' only exists for alpha
+            check_optimization_settings(*settings.values(), prefix=prefix)
+        if on_nonfinite not in _NONFINITE_POLICIES:
+            raise ValueError(f"`on_nonfinite` must be one of {list(_NONFINITE_POLICIES)}, got {on_nonfinite!r}.")
+        check_positive(gradient_clip_val, "gradient_clip_val", allow_none=True)
+        for name, value in (("initial_weight", initial_weight), ("governing_weight", governing_weight)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"`{name}` must be a number >= 0, got {value!r}.")
+        self.step_order = tuple(step_order)
+        self.network = prnet(in_channels, num_classes, width, num_downsamples, image_size, activation, t_end)
+        self.governing = GoverningEquation(
+            PDEBlock.axes, max_power, max_derivative_order, l1_weight, print_threshold, variable="h"
+        )
+        self.skipped_steps = 0
+
+    # -- parts ------------------------------------------------------------------------------
+    @property
+    def block(self) -> PDEBlock:
+        return self.network.feature
+
+    def parameter_groups(self) -> dict[str, list[torch.nn.Parameter]]:
+        """Parameters of each optimizer: task (theta + stem + head), theta, query (H), alpha."""
+        theta = list(self.block.field.parameters())
+        return {
+            "task": list(self.network.stem.parameters()) + theta + list(self.network.head.parameters()),
+            "theta": theta,
+            "query": [self.block.query],
+            "alpha": [self.governing.alpha],
+        }
+
+    def _derivative_orders(self) -> dict[str, int]:
+        return dict(self.governing.max_derivative_order)
+
+    # -- optimization -----------------------------------------------------------------------
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        groups = self.parameter_groups()
+        max_epochs = self.trainer.max_epochs if self._trainer is not None else None
+        settings = {"task": dict(self.optimization)}
+        for name in ("theta", "query", "alpha"):
+            settings[name] = _optimization_settings(hp, f"{name}_")
+        optimizers, schedulers = [], []
+        for name in PRNET_STEPS:
+            s = settings[name]
+            if s["optimizer"] == "proximal":
+                optimizer = ProximalSGD(groups[name], s["lr"], self.governing.l1_weight, s["momentum"])
+            else:
+                optimizer = build_optimizer(groups[name], s["optimizer"], s["lr"], s["weight_decay"], s["momentum"])
+            scheduler = build_scheduler(optimizer, s["lr_scheduler"], s["lr_milestones"], s["lr_gamma"], max_epochs)
+            if scheduler is None:  # a constant schedule keeps the four schedulers aligned with the optimizers
+                scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+            optimizers.append(optimizer)
+            schedulers.append({"scheduler": scheduler, "interval": "epoch", "name": f"lr-{name}"})
+        return optimizers, schedulers
+
+    def on_train_epoch_end(self) -> None:
+        for scheduler in self.lr_schedulers():
+            scheduler.step()
+
+    # -- Algorithm 1 ---------------------------------------------------------------------------
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        optimizers = dict(zip(PRNET_STEPS, self.optimizers()))
+        cache: dict[str, Any] = {}
+        for name in self.step_order:
+            getattr(self, f"_{name}_step")(x, y, optimizers[name], cache)
+        logged = dict(cache.get("terms", {}))
+        if logged:
+            logged["total"] = sum(logged.values())
+            self.log_dict({f"train/{k}": v for k, v in logged.items()}, on_step=True, on_epoch=True, prog_bar=False)
+            self.log("train/loss", logged.get("loss_task", logged["total"]), on_step=True, on_epoch=True, prog_bar=True)
+        self.log("train/skipped_steps", float(self.skipped_steps), on_step=True, on_epoch=False)
+
+    def _initial_features(self, x: torch.Tensor, cache: dict[str, Any]) -> torch.Tensor:
+        """h(0) = stem(x) without gradient, shared by the steps after the last task step."""
+        if cache.get("h0") is None:
+            with torch.no_grad():
+                cache["h0"] = self.network.stem(x)
+        return cache["h0"]
+
+    def _record(self, cache: dict[str, Any], **terms: torch.Tensor) -> None:
+        recorded = cache.setdefault("terms", {})
+        for name, value in terms.items():
+            recorded.setdefault(name, value.detach())
+
+    def _task_step(self, x: torch.Tensor, y: torch.Tensor, optimizer: Any, cache: dict[str, Any]) -> None:
+        logits = self.network(x)
+        loss_task = F.cross_entropy(logits, y)
+        self.train_metrics.update(logits.detach(), y)
+        self._record(cache, loss_task=loss_task)
+        self._optimize(optimizer, loss_task, {"loss_task": loss_task})
+        cache["h0"] = None  # the stem changed
+        cache["library"] = None
+
+    def _theta_step(self, x: torch.Tensor, y: torch.Tensor, optimizer: Any, cache: dict[str, Any]) -> None:
+        hp = self.hparams
+        h0 = self._initial_features(x, cache)
+        derivatives = self.block.derivatives(h0, self._derivative_orders())
+        logits = self.network.head(derivatives.u)  # the primal of the derivative pass: f is evaluated once
+        loss_task = F.cross_entropy(logits, y)
+        loss_initial = self.block.initial_condition_loss(h0)
+        library = self.governing.library(derivatives)
+        loss_governing = self.governing.governing_loss(derivatives.u_t, library)
+        if "loss_task" not in cache.get("terms", {}):
+            self.train_metrics.update(logits.detach(), y)
+        self._record(cache, loss_task=loss_task, loss_initial=loss_initial, loss_governing=loss_governing)
+        cache["library"] = (library.detach(), derivatives.u_t.detach())  # reused by the alpha step
+        total = loss_task + hp.initial_weight * loss_initial + hp.governing_weight * loss_governing
+        terms = {"loss_task": loss_task, "loss_initial": loss_initial, "loss_governing": loss_governing}
+        self._optimize(optimizer, total, terms)
+
+    def _query_step(self, x: torch.Tensor, y: torch.Tensor, optimizer: Any, cache: dict[str, Any]) -> None:
+        logits = self.network.head(self.block(self._initial_features(x, cache)))
+        loss_task = F.cross_entropy(logits, y)
+        self._record(cache, loss_task=loss_task)
+        self._optimize(optimizer, loss_task, {"loss_task (query step)": loss_task})
+
+    def _alpha_step(self, x: torch.Tensor, y: torch.Tensor, optimizer: Any, cache: dict[str, Any]) -> None:
+        if cache.get("library") is None:  # no theta step before this one in the current order
+            with torch.no_grad():
+                derivatives = self.block.derivatives(self._initial_features(x, cache), self._derivative_orders())
+                cache["library"] = (self.governing.library(derivatives), derivatives.u_t)
+        library, u_t = cache["library"]
+        loss_governing = self.governing.governing_loss(u_t, library)
+        penalty = self.governing.l1_penalty()
+        self._record(cache, loss_governing=loss_governing, penalty_l1=penalty)
+        proximal = isinstance(optimizer.optimizer, ProximalSGD)
+        loss = loss_governing if proximal else loss_governing + penalty  # the proximal step applies R_G itself
+        self._optimize(optimizer, loss, {"loss_governing": loss_governing, "penalty_l1": penalty})
+
+    def _optimize(self, optimizer: Any, loss: torch.Tensor, terms: dict[str, torch.Tensor]) -> None:
+        """zero_grad, backward, optional clipping, step; all-reduced under DDP; NaN policy applied first."""
+        if not self._all_finite(terms):
+            return
+        self.zero_grad(set_to_none=True)
+        if self._trainer is not None and self.trainer.world_size > 1:
+            # Every parameter takes part in every backward (with zero weight where unused), so that DDP
+            # all-reduces each sub-step's gradients without "unused parameter" errors.
+            loss = loss + 0.0 * sum(p.sum() for p in self.parameters() if p.requires_grad)
+        self.manual_backward(loss)
+        if self.hparams.gradient_clip_val is not None:
+            self.clip_gradients(optimizer, gradient_clip_val=self.hparams.gradient_clip_val, gradient_clip_algorithm="norm")
+        optimizer.step()
+
+    def _all_finite(self, terms: dict[str, torch.Tensor]) -> bool:
+        if self.hparams.on_nonfinite == "raise":
+            self.check_finite(**terms)
+            return True
+        bad = [name for name, value in terms.items() if not torch.isfinite(value.detach()).all()]
+        all_finite = not bad
+        if self._trainer is not None:
+            all_finite = self.trainer.strategy.reduce_boolean_decision(all_finite, all=True)
+        if not all_finite:
+            self.skipped_steps += 1
+            rank_zero_warn(
+                f"skipping a PR-Net sub-step at global step {self.global_step}: non-finite loss term(s) "
+                f"{bad or ['on another rank']} (on_nonfinite='skip')."
+            )
+        return all_finite
+
+    # -- logging ------------------------------------------------------------------------------
+    def on_validation_epoch_end(self) -> None:
+        for name, value in self.governing.coefficients().items():
+            self.log(f"governing/alpha[{name}]", value, on_epoch=True, sync_dist=False)
+        if isinstance(self.logger, TensorBoardLogger) and self.trainer.is_global_zero:
+            self.logger.experiment.add_text("governing/equation", self.governing.equation(), self.global_step)
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["prnet_skipped_steps"] = self.skipped_steps
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.skipped_steps = checkpoint.get("prnet_skipped_steps", 0)
+
+
+def _optimization_settings(source: Any, prefix: str) -> dict[str, Any]:
+    """The seven optimization settings named ``<prefix><setting>`` in a mapping, in checking order."""
+    names = ("optimizer", "lr", "weight_decay", "momentum", "lr_scheduler", "lr_milestones", "lr_gamma")
+    return {name: source[f"{prefix}{name}"] for name in names}

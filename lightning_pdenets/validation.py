@@ -1,0 +1,22 @@
+"""Argument checks shared by every constructor; each error names the argument and what it got."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+__all__ = ["check_positive", "check_positive_int"]
+
+
+def check_positive(value: Any, argument: str, allow_none: bool = False) -> None:
+    """Raise a ``ValueError`` naming ``argument`` unless ``value`` is a finite number > 0."""
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"`{argument}` must be a finite number > 0, got {value!r}.")
+
+
+def check_positive_int(value: Any, argument: str, minimum: int = 1) -> None:
+    """Raise a ``ValueError`` naming ``argument`` unless ``value`` is an integer >= ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"`{argument}` must be an integer >= {minimum}, got {value!r}.")

@@ -1,0 +1,117 @@
+"""LightningModules: metrics namespaces, checkpoint round trip, optimizers, NaN handling."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from lightning_pdenets.data import DigitsDataModule
+from lightning_pdenets.errors import NonFiniteLossError
+from lightning_pdenets.models import ODENetModule, ResNetModule, RKNetModule
+
+TINY = dict(width=8, num_downsamples=1)
+
+
+def tiny_trainer(tmp_path: Path, **kwargs) -> pl.Trainer:
+    defaults = dict(
+        accelerator="cpu", devices=1, max_epochs=1, limit_train_batches=3, limit_val_batches=2, limit_test_batches=2,
+        default_root_dir=tmp_path, enable_progress_bar=False, enable_model_summary=False, logger=False,
+    )
+    return pl.Trainer(**{**defaults, **kwargs})
+
+
+@pytest.mark.parametrize(
+    "module_class, kwargs",
+    [(ResNetModule, dict(num_blocks=2)), (RKNetModule, dict(step_size=0.5)), (ODENetModule, dict(rtol=1e-2, atol=1e-2))],
+)
+def test_fit_logs_namespaced_metrics_and_reloads_from_checkpoint(module_class, kwargs, tmp_path: Path) -> None:
+    pl.seed_everything(0)
+    model = module_class(**TINY, **kwargs, lr=3e-3)
+    trainer = tiny_trainer(tmp_path)
+    trainer.fit(model, datamodule=DigitsDataModule(batch_size=16))
+    logged = set(trainer.logged_metrics)
+    assert {"train/loss_epoch", "val/loss", "val/acc_top1", "val/acc_top5", "train/acc_top1"} <= logged
+    is_ode = module_class is not ResNetModule
+    assert ("train/nfe_forward_epoch" in logged) == is_ode and ("train/nfe_backward_epoch" in logged) == is_ode
+
+    path = tmp_path / "model.ckpt"
+    trainer.save_checkpoint(path)
+    checkpoint = torch.load(path, weights_only=False)
+    assert all(isinstance(v, (int, float, str, bool, type(None), list, tuple)) for v in checkpoint["hyper_parameters"].values())
+    restored = module_class.load_from_checkpoint(path)
+    assert dict(restored.hparams) == dict(model.hparams)
+    x = torch.randn(4, 1, 8, 8)
+    model.eval(), restored.eval()
+    with torch.no_grad():
+        assert torch.allclose(model(x), restored(x))
+
+
+def test_rknet_defaults_are_rk4_with_direct_backprop() -> None:
+    settings = RKNetModule(**TINY).network.feature.solver_settings()
+    assert (settings["method"], settings["step_size"], settings["adjoint"]) == ("rk4", 0.25, False)
+    odenet = ODENetModule(**TINY).network.feature.solver_settings()
+    assert (odenet["method"], odenet["adjoint"]) == ("dopri5", True)
+
+
+def test_adapted_solver_settings_travel_with_the_checkpoint(tmp_path: Path) -> None:
+    model = ODENetModule(**TINY)
+    model.network.feature.configure_solver(rtol=1e-5, atol=1e-5)
+    tiny_trainer(tmp_path, max_epochs=0).fit(model, datamodule=DigitsDataModule())  # attaches a trainer only
+    path = tmp_path / "adapted.ckpt"
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams),
+                "pytorch-lightning_version": pl.__version__}, path)
+    assert ODENetModule.load_from_checkpoint(path).network.feature.solver_settings()["rtol"] == 1e-5
+
+
+@pytest.mark.parametrize(
+    "kwargs, fragment",
+    [
+        (dict(optimizer="adagrad"), "`optimizer` must be one of"),
+        (dict(lr=-1.0), "`lr` must be a finite number > 0"),
+        (dict(lr_scheduler="plateau"), "`lr_scheduler` must be one of"),
+        (dict(lr_scheduler="multistep"), "needs `lr_milestones`"),
+        (dict(momentum=1.0), r"`momentum` must be in \[0, 1\)"),
+    ],
+)
+def test_bad_optimization_settings(kwargs: dict, fragment: str) -> None:
+    with pytest.raises(ValueError, match=fragment):
+        ResNetModule(**TINY, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, optimizer_class, scheduler_class",
+    [
+        (dict(optimizer="sgd", momentum=0.5), torch.optim.SGD, None),
+        (dict(optimizer="adamw", lr_scheduler="cosine"), torch.optim.AdamW, torch.optim.lr_scheduler.CosineAnnealingLR),
+        (dict(lr_scheduler="multistep", lr_milestones=[2, 4]), torch.optim.Adam, torch.optim.lr_scheduler.MultiStepLR),
+    ],
+)
+def test_optimizer_and_scheduler_selection(kwargs, optimizer_class, scheduler_class) -> None:
+    configured = ResNetModule(**TINY, **kwargs).configure_optimizers()
+    optimizer = configured["optimizer"] if isinstance(configured, dict) else configured
+    assert type(optimizer) is optimizer_class
+    if scheduler_class is not None:
+        assert type(configured["lr_scheduler"]["scheduler"]) is scheduler_class
+    if "momentum" in kwargs:
+        assert optimizer.param_groups[0]["momentum"] == 0.5
+
+
+def test_nan_loss_stops_with_a_message_and_keeps_last_good_checkpoint(tmp_path: Path) -> None:
+    class ExplodesInSecondEpoch(ResNetModule):
+        def training_step(self, batch, batch_idx):
+            if self.current_epoch == 1:
+                batch = (batch[0] * float("nan"), batch[1])
+            return super().training_step(batch, batch_idx)
+
+    checkpoint = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    trainer = tiny_trainer(tmp_path, max_epochs=3, callbacks=[checkpoint], enable_checkpointing=True)
+    with pytest.raises(NonFiniteLossError) as info:
+        trainer.fit(ExplodesInSecondEpoch(**TINY, num_blocks=1), datamodule=DigitsDataModule(batch_size=16))
+    message = str(info.value)
+    assert "['loss']" in message and "lower `lr`" in message and "--ckpt_path last" in message
+    last = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    assert last["epoch"] == 0
+    assert all(torch.isfinite(t).all() for t in last["state_dict"].values() if t.is_floating_point())

@@ -1,0 +1,296 @@
+"""AdversarialEvaluation, OODEvaluation and InferenceTimer on plain modules that are not ours."""
+
+from __future__ import annotations
+
+import time
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_pdenets.callbacks import AdversarialEvaluation, InferenceTimer, OODEvaluation
+from lightning_pdenets.callbacks.ood import perturb_pixels
+
+MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+
+
+# -- a user's own Lightning project: plain module + datamodule exposing mean/std ----------------------
+class PlainClassifier(pl.LightningModule):
+    """Someone else's LightningModule: a linear classifier with its own test step, forward -> logits."""
+
+    def __init__(self, num_classes: int = 2, image_shape=(3, 8, 8), dropout: float = 0.0) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.dropout = nn.Dropout(dropout)
+        self.linear = nn.Linear(int(torch.tensor(image_shape).prod()), num_classes)
+        self.modes_seen: list[bool] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.modes_seen.append(self.training)
+        return self.linear(self.dropout(x.flatten(1)))
+
+    def training_step(self, batch, batch_idx):
+        return F.cross_entropy(self(batch[0]), batch[1])
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", F.cross_entropy(self(batch[0]), batch[1]))
+
+    def test_step(self, batch, batch_idx):
+        self.log("test_loss", F.cross_entropy(self(batch[0]), batch[1]))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+class PlainData(pl.LightningDataModule):
+    """Standardized random images; exposes the contract attributes ``mean`` and ``std``."""
+
+    mean, std = MEAN, STD
+
+    def __init__(self, num_classes: int = 2, n: int = 32, size: int = 8) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(1)
+        pixels = 0.25 + 0.5 * torch.rand(n, 3, size, size, generator=generator)
+        self.x = (pixels - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+        self.y = torch.arange(n) % num_classes
+
+    def _loader(self):
+        return DataLoader(TensorDataset(self.x, self.y), batch_size=8)
+
+    train_dataloader = val_dataloader = test_dataloader = _loader
+
+
+def _normalized(pixels):
+    return (pixels - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+
+
+# -- AdversarialEvaluation ---------------------------------------------------------------------------
+@pytest.mark.parametrize("attack", ["fgsm", "pgd"])
+def test_attack_matches_closed_form_worst_case_of_linear_classifier(attack):
+    """For a 2-class linear classifier the worst L∞ perturbation is x + ε·sign(w_other − w_true) (in pixels)."""
+    model = PlainClassifier(num_classes=2).eval()
+    epsilon = 3 / 255
+    callback = AdversarialEvaluation(epsilons=[epsilon], attacks=[attack], pgd_steps=20, mean=MEAN, std=STD)
+    data = PlainData()
+    x, y = data.x[:8], data.y[:8]
+    outputs = callback.attack_batch(model, x, y)
+
+    # closed form in pixel space: logits = W (p - m)/s + b, so the pixel-space weights are W / s
+    pixels = x * torch.tensor(STD).view(1, 3, 1, 1) + torch.tensor(MEAN).view(1, 3, 1, 1)
+    weights = (model.linear.weight.view(2, 3, 8, 8) / torch.tensor(STD).view(1, 3, 1, 1)).detach()
+    direction = torch.stack([weights[1 - label] - weights[label] for label in y]).sign()
+    worst = (pixels + epsilon * direction).clamp(0, 1)  # images lie in [0.25, 0.75]: no clipping
+    expected_logits = model(_normalized(worst)).detach()
+    got = outputs[f"{attack}_eps3"]
+    torch.testing.assert_close(got, expected_logits, rtol=1e-4, atol=1e-4)
+    # the margin of the true class drops by exactly ε·||w_true − w_other||_1
+    clean_margin = (outputs["clean"].gather(1, y[:, None]) - outputs["clean"].gather(1, 1 - y[:, None])).squeeze(1)
+    adv_margin = (got.gather(1, y[:, None]) - got.gather(1, 1 - y[:, None])).squeeze(1)
+    drop = torch.stack([(weights[label] - weights[1 - label]).abs().sum() for label in y]) * epsilon
+    torch.testing.assert_close(clean_margin - adv_margin, drop, rtol=1e-3, atol=1e-4)
+
+
+def test_attack_runs_in_eval_mode_and_leaves_parameters_untouched():
+    model = PlainClassifier(num_classes=2, dropout=0.5).train()
+    model.linear.bias.requires_grad_(False)  # e.g. a frozen part during fine-tuning
+    model.linear.weight.grad = torch.full_like(model.linear.weight, 7.0)  # accumulated by the user
+    grad_before = model.linear.weight.grad
+    weights_before = model.linear.weight.detach().clone()
+    data = PlainData()
+    callback = AdversarialEvaluation(epsilons=["1/255"], mean=MEAN, std=STD, pgd_steps=3)
+    model.modes_seen.clear()
+    callback.attack_batch(model, data.x[:8], data.y[:8])
+    assert model.modes_seen and not any(model.modes_seen)  # every forward of the attacks ran in eval mode
+    assert model.training and model.dropout.training  # modes restored
+    assert model.linear.weight.grad is grad_before and torch.all(grad_before == 7.0)
+    assert model.linear.bias.grad is None and not model.linear.bias.requires_grad
+    assert model.linear.weight.requires_grad
+    assert torch.equal(model.linear.weight, weights_before)
+
+
+def test_attack_works_inside_inference_mode_and_is_seeded():
+    model = PlainClassifier(num_classes=2).eval()
+    data = PlainData()
+    callback = AdversarialEvaluation(epsilons=["3/255"], attacks=["pgd"], mean=MEAN, std=STD, pgd_steps=2)
+    state = torch.get_rng_state()
+    with torch.inference_mode():  # what Lightning's test loop does
+        first = callback.attack_batch(model, data.x[:8], data.y[:8], seed=5)["pgd_eps3"]
+        second = callback.attack_batch(model, data.x[:8], data.y[:8], seed=5)["pgd_eps3"]
+    assert torch.equal(first, second)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_callback_logs_every_attack_and_eps_for_a_plain_module(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    model, data = PlainClassifier(num_classes=10), PlainData(num_classes=10)
+    logger = pl.loggers.TensorBoardLogger(str(tmp_path), name="adv")
+    callback = AdversarialEvaluation(num_batches=2, pgd_steps=2)  # mean/std read from the datamodule
+    trainer = pl.Trainer(callbacks=[callback], logger=logger, accelerator="cpu", devices=1, enable_progress_bar=False)
+    trainer.test(model, datamodule=data)
+    metrics = trainer.callback_metrics
+    for name in ("fgsm", "pgd"):
+        for eps in ("0.5", "1", "3"):
+            for k in ("top1", "top5"):
+                assert 0.0 <= float(metrics[f"adv/{name}_eps{eps}/{k}"]) <= 1.0
+    assert float(metrics["adv/clean/top5"]) >= float(metrics["adv/clean/top1"])
+    events = EventAccumulator(logger.log_dir, size_guidance={"images": 0}).Reload()
+    assert "adv/accuracy_vs_eps" in events.Tags()["images"]
+
+
+def test_binary_linear_model_accuracy_cannot_rise_under_attack():
+    model, data = PlainClassifier(num_classes=2), PlainData(num_classes=2)
+    callback = AdversarialEvaluation(epsilons=["1/255", "3/255", "30/255"], attacks=["pgd"], num_batches=None, pgd_steps=5)
+    trainer = pl.Trainer(callbacks=[callback], logger=False, accelerator="cpu", devices=1, enable_progress_bar=False)
+    trainer.test(model, datamodule=data, verbose=False)
+    m = trainer.callback_metrics
+    accuracies = [float(m[key]) for key in ("adv/clean/top1", "adv/pgd_eps1/top1", "adv/pgd_eps3/top1", "adv/pgd_eps30/top1")]
+    assert accuracies == sorted(accuracies, reverse=True)
+    assert accuracies[-1] < accuracies[0]
+    assert "adv/pgd_eps1/top5" not in m  # top-5 is meaningless with two classes
+
+
+def test_validation_attacks_every_n_epochs(tmp_path):
+    model, data = PlainClassifier(num_classes=2), PlainData(num_classes=2)
+    callback = AdversarialEvaluation(epsilons=["1/255"], attacks=["fgsm"], num_batches=1, every_n_val_epochs=2)
+    seen = []
+
+    class Spy(pl.Callback):
+        def on_validation_epoch_end(self, trainer, pl_module):
+            seen.append("val_adv/fgsm_eps1/top1" in trainer.callback_metrics)
+
+    trainer = pl.Trainer(
+        callbacks=[callback, Spy()], logger=False, accelerator="cpu", devices=1, max_epochs=2,
+        enable_progress_bar=False, enable_checkpointing=False, limit_train_batches=1, num_sanity_val_steps=0,
+    )
+    trainer.fit(model, datamodule=data)
+    assert seen == [False, True]
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(epsilons=[2.0]), "must lie in [0, 1]"),
+        (dict(epsilons=["one/255"]), "fractions like '1/255'"),
+        (dict(epsilons=[]), "non-empty list"),
+        (dict(attacks=["cw"]), "subset of ['fgsm', 'pgd']"),
+        (dict(pgd_steps=0), "`pgd_steps` must be a positive integer"),
+        (dict(pgd_step_size=-1.0), "pgd_step_size"),
+        (dict(num_batches=0), "`num_batches` must be a positive integer or None"),
+        (dict(mean=[0.5]), "both `mean` and `std`"),
+        (dict(mean=[0.5], std=[0.0]), "`std` entries must be > 0"),
+    ],
+)
+def test_adversarial_rejects_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError) as error:
+        AdversarialEvaluation(**kwargs)
+    assert message in str(error.value)
+
+
+def test_epsilon_fractions_are_parsed():
+    callback = AdversarialEvaluation(epsilons=["3/255", 0.5 / 255, "1/255"])
+    assert callback.epsilons == pytest.approx([0.5 / 255, 1 / 255, 3 / 255])
+
+
+# -- OODEvaluation -------------------------------------------------------------------------------------
+def test_gaussian_noise_has_the_requested_std_in_pixel_units():
+    pixels = torch.full((16, 3, 32, 32), 0.5)
+    noisy = perturb_pixels(pixels, "gaussian_noise", torch.Generator().manual_seed(0), noise_std=0.1)
+    assert (noisy - pixels).std().item() == pytest.approx(0.1, rel=0.03)
+    assert (noisy - pixels).mean().abs().item() < 0.005
+
+
+@pytest.mark.parametrize("size, crop", [(64, 56), (32, 28)])
+def test_center_crop_keeps_exactly_the_central_fraction(size, crop):
+    """56/64 of the side is kept (scaled for other sizes): a frame just outside the crop disappears."""
+    pixels = torch.ones(2, 3, size, size)
+    margin = (size - crop) // 2
+    pixels[..., margin: margin + crop, margin: margin + crop] = 0.25
+    out = perturb_pixels(pixels, "center_crop", torch.Generator().manual_seed(0))
+    assert out.shape == pixels.shape
+    torch.testing.assert_close(out, torch.full_like(out, 0.25))
+
+
+@pytest.mark.parametrize("name", ["rotation", "color_jitter"])
+def test_random_perturbations_are_per_image_seeded_and_leave_global_rng_alone(name):
+    torch.manual_seed(3)
+    pixels = torch.rand(1, 3, 16, 16).repeat(4, 1, 1, 1)
+    state = torch.get_rng_state()
+    first = perturb_pixels(pixels, name, torch.Generator().manual_seed(0))
+    again = perturb_pixels(pixels, name, torch.Generator().manual_seed(0))
+    other = perturb_pixels(pixels, name, torch.Generator().manual_seed(1))
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    assert not torch.equal(first[0], first[1])  # independent draws per image
+    assert 0.0 <= first.min() and first.max() <= 1.0
+
+
+def test_rotation_by_a_fixed_angle_matches_torchvision():
+    from torchvision.transforms.v2 import functional as TF
+
+    pixels = torch.rand(1, 3, 16, 16)
+    out = perturb_pixels(pixels, "rotation", torch.Generator().manual_seed(0), rotation_degrees=1e-9)
+    torch.testing.assert_close(out, TF.rotate(pixels, 0.0))
+
+
+def test_ood_callback_logs_each_perturbation_reproducibly():
+    results = []
+    for _ in range(2):
+        model, data = PlainClassifier(num_classes=10, image_shape=(3, 16, 16)), PlainData(num_classes=10, size=16)
+        trainer = pl.Trainer(callbacks=[OODEvaluation()], logger=False, accelerator="cpu", devices=1, enable_progress_bar=False)
+        trainer.test(model, datamodule=data, verbose=False)
+        results.append({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("ood/")})
+    expected = {f"ood/{p}/{k}" for p in ("gaussian_noise", "center_crop", "rotation", "color_jitter") for k in ("top1", "top5")}
+    assert set(results[0]) == expected
+    assert results[0] == results[1]
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(perturbations=["blur"]), "subset of ['gaussian_noise'"),
+        (dict(noise_std=0), "noise_std"),
+        (dict(crop_size=70), "must not exceed `reference_size`"),
+        (dict(num_batches=0), "`num_batches` must be a positive integer or None"),
+    ],
+)
+def test_ood_rejects_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError) as error:
+        OODEvaluation(**kwargs)
+    assert message in str(error.value)
+
+
+# -- InferenceTimer -------------------------------------------------------------------------------------
+class SleepyClassifier(PlainClassifier):
+    """Forward takes 20 ms plus compute, and records the batch sizes it saw."""
+
+    def __init__(self) -> None:
+        super().__init__(num_classes=10)
+        self.batch_sizes: list[int] = []
+
+    def forward(self, x):
+        self.batch_sizes.append(x.shape[0])
+        time.sleep(0.02)
+        return super().forward(x)
+
+
+def test_inference_timer_times_a_1000_image_batch_after_warmup():
+    model, data = SleepyClassifier(), PlainData(num_classes=10)  # 32 test images, cycled to 1,000
+    timer = InferenceTimer(batch_size=1000, num_warmup=2, num_repeats=3)
+    trainer = pl.Trainer(callbacks=[timer], logger=False, accelerator="cpu", devices=1, enable_progress_bar=False)
+    trainer.test(model, datamodule=data, verbose=False)
+    assert model.batch_sizes[-5:] == [1000] * 5  # 2 warm-up + 3 timed passes on 1,000 images
+    assert len(timer.last_times) == 3 and min(timer.last_times) >= 0.02
+    seconds = float(trainer.callback_metrics["inference/seconds_per_batch"])
+    assert 0.02 <= seconds < 1.0
+    assert float(trainer.callback_metrics["inference/images_per_second"]) == pytest.approx(1000 / seconds, rel=1e-5)
+
+
+def test_inference_timer_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="`batch_size` must be an integer >= 1, got 0"):
+        InferenceTimer(batch_size=0)
+    with pytest.raises(ValueError, match="`num_repeats` must be an integer >= 1"):
+        InferenceTimer(num_repeats=0)
