@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import sys
 import warnings
+from pathlib import Path
 from typing import Optional
 
 import lightning.pytorch as pl
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 import lightning_pdenets.callbacks  # noqa: F401  (makes callback class names resolvable in configs)
 import lightning_pdenets.data  # noqa: F401
 import lightning_pdenets.models  # noqa: F401
+from lightning_pdenets.checkpoints import check_checkpoint, find_resume_checkpoint
 
 
 class PDENetsCLI(LightningCLI):
@@ -41,9 +44,39 @@ class PDENetsCLI(LightningCLI):
                                       "filename": "best-{epoch:02d}"},
                     },
                     {"class_path": "lightning.pytorch.callbacks.LearningRateMonitor"},
+                    {"class_path": "lightning_pdenets.callbacks.CheckpointOnInterrupt"},
                 ],
             }
         )
+
+    def _parse_ckpt_path(self) -> None:
+        """Resolve ``--ckpt_path last`` across logger versions and refuse unreadable checkpoints early.
+
+        Overrides LightningCLI's hook that reads the checkpoint's hyperparameters (Lightning 2.4-2.6),
+        which runs before any public hook and would fail on a corrupt file with a bare torch error.
+        """
+        self._resolve_ckpt_path()
+        super()._parse_ckpt_path()
+
+    def _resolve_ckpt_path(self) -> None:
+        subcommand = self.config.get("subcommand")
+        if subcommand is None:
+            return
+        config = self.config[subcommand]
+        ckpt_path = config.get("ckpt_path")
+        if ckpt_path == "last":
+            log_root = _log_root(config)
+            found = find_resume_checkpoint(log_root)
+            if found is None:
+                raise FileNotFoundError(
+                    f"--ckpt_path last: no last.ckpt or interrupted.ckpt under {str(log_root)!r}. Pass a checkpoint "
+                    f"path, or run without --ckpt_path to start afresh."
+                )
+            config["ckpt_path"] = ckpt_path = str(found)
+            _continue_logger_version(config, found)
+            rank_zero_info(f"Resuming from {found}")
+        if ckpt_path not in (None, "best", "hpc", "registry") and not str(ckpt_path).startswith("registry:"):
+            check_checkpoint(ckpt_path)
 
     def after_fit(self) -> None:
         if not self.config.fit.get("test_after_fit", True) or self.trainer.fast_dev_run:
@@ -53,6 +86,21 @@ class PDENetsCLI(LightningCLI):
         checkpoint = self.trainer.checkpoint_callback
         ckpt_path: Optional[str] = "best" if checkpoint is not None and checkpoint.best_model_path else None
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt_path)
+
+
+def _log_root(config) -> Path:
+    logger = config.get("trainer", {}).get("logger")
+    init_args = logger.get("init_args", {}) if hasattr(logger, "get") else {}
+    save_dir = init_args.get("save_dir") or config["trainer"].get("default_root_dir") or "."
+    return Path(save_dir) / (init_args.get("name") or "")
+
+
+def _continue_logger_version(config, checkpoint: Path) -> None:
+    """Log into the resumed run's version folder, so its curves continue and new checkpoints land beside it."""
+    logger = config.get("trainer", {}).get("logger")
+    version = checkpoint.parent.parent.name
+    if hasattr(logger, "get") and version.startswith("version_") and logger.get("init_args") is not None:
+        logger["init_args"]["version"] = int(version.removeprefix("version_"))
 
 
 def build_cli(args: Optional[list[str]] = None, run: bool = True) -> PDENetsCLI:

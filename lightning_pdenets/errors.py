@@ -9,3 +9,7 @@ class SolverFailedError(RuntimeError):
 
 class NonFiniteLossError(FloatingPointError):
     """A loss term became NaN or Inf."""
+
+
+class CorruptCheckpointError(RuntimeError):
+    """A checkpoint file cannot be read (truncated, corrupted, or not a checkpoint)."""

@@ -110,3 +110,17 @@ def test_modules_train_and_reload_from_checkpoint(module_class, extra, tmp_path)
     reloaded = module_class.load_from_checkpoint(path)
     x = torch.randn(2, 3, 64, 64)
     torch.testing.assert_close(reloaded.eval()(x), model.eval()(x))
+
+
+def test_prnet_variant_fine_tunes_from_a_prnet_checkpoint(tmp_path):
+    source = PRNetMobileNetModule(num_classes=5, max_power=2, max_derivative_order=1, **TINY)
+    trainer = _trainer(max_steps=1)
+    trainer.fit(source, _loader())
+    path = tmp_path / "prnet.ckpt"
+    trainer.save_checkpoint(path)
+    target = PRNetMobileNetModule(num_classes=3, pretrained_checkpoint=str(path), max_power=2, max_derivative_order=1, **TINY)
+    torch.testing.assert_close(target.block.query, source.block.query)
+    torch.testing.assert_close(target.network.backbone.stem[0].weight, source.network.backbone.stem[0].weight)
+    assert target.network.classifier.out_features == 3
+    with pytest.raises(ValueError, match="different architecture"):
+        PRNetMobileNetModule(num_classes=3, pretrained_checkpoint=str(path), **dict(TINY, expanded_channels=48))

@@ -294,3 +294,39 @@ def test_inference_timer_rejects_bad_arguments():
         InferenceTimer(batch_size=0)
     with pytest.raises(ValueError, match="`num_repeats` must be an integer >= 1"):
         InferenceTimer(num_repeats=0)
+
+
+# -- ODE networks: adjoint attacks and NFE counters ---------------------------------------------------------
+def test_callbacks_on_an_adjoint_ode_network_leave_nfe_counters_and_gradients_alone():
+    from lightning_pdenets.architectures import odenet_mobilenet
+    from lightning_pdenets.protocols import find_ode_blocks
+
+    net = odenet_mobilenet(channels=16, expanded_channels=32, num_blocks=2, patch_size=8, num_classes=10, adjoint=True)
+    (block,) = find_ode_blocks(net)
+    block.nfe_forward, block.nfe_backward = 11, 7  # counts of the test step the NFE logger has yet to read
+    x, y = torch.randn(4, 3, 64, 64), torch.arange(4)
+    outputs = AdversarialEvaluation(epsilons=["3/255"], pgd_steps=2).attack_batch(net, x, y)
+    OODEvaluation().evaluate_batch(net.eval(), x)
+    InferenceTimer(batch_size=4, num_warmup=1, num_repeats=1).time_model(net, x)
+    assert (block.nfe_forward, block.nfe_backward) == (11, 7)
+    assert all(p.grad is None for p in net.parameters())
+    assert all(torch.isfinite(v).all() for v in outputs.values())
+    assert not torch.equal(outputs["clean"], outputs["fgsm_eps3"])  # the attack moved the logits
+
+
+def test_paper_evaluation_on_a_framework_model_and_datamodule(tmp_path):
+    """The Tiny ImageNet configs' callbacks at test time: normalization comes from the datamodule."""
+    from lightning_pdenets.data import TinyImageNetDataModule
+    from lightning_pdenets.models import IsometricMobileNetModule
+    from tests.fakedata.tinyimagenet import fake_tinyimagenet
+
+    data = TinyImageNetDataModule(**fake_tinyimagenet(tmp_path))
+    model = IsometricMobileNetModule(channels=16, expanded_channels=32, num_blocks=2, patch_size=8)
+    callbacks = [AdversarialEvaluation(num_batches=1, pgd_steps=2), OODEvaluation(num_batches=1),
+                 InferenceTimer(batch_size=8, num_warmup=1, num_repeats=1)]
+    trainer = pl.Trainer(callbacks=callbacks, logger=False, accelerator="cpu", devices=1, enable_progress_bar=False)
+    trainer.test(model, datamodule=data, verbose=False)
+    keys = set(trainer.callback_metrics)
+    assert {"test/acc_top1", "adv/fgsm_eps0.5/top5", "adv/pgd_eps3/top1", "ood/rotation/top5",
+            "inference/seconds_per_batch"} <= keys
+    assert callbacks[0]._warned_raw_pixels is False  # mean/std were found on the datamodule

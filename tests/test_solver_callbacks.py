@@ -372,6 +372,21 @@ def test_tolerance_adaptation_backs_off_on_solver_failure_and_finishes_training(
     assert "forward" not in vars(module.network.ode)  # the retry wrapper is removed after fit
 
 
+def test_tolerance_adaptation_in_training_tightens_the_test_solver_and_logs_tol():
+    module = VectorODEClassifierModule(method="bosh3", step_size=None, hidden_width=8)
+    adaptation = ToleranceAdaptation(interval=2, initial_tol=1e-3)
+    trainer = quiet_trainer(max_epochs=1, callbacks=[adaptation])
+    trainer.fit(module, tiny_spheres())
+    checks = [r for r in adaptation.history if r["decision"] in ("grow", "keep", "shrink")]
+    assert [r["step"] for r in checks] == [2, 4]
+    for record in checks:
+        assert record["nfe_test_solver"] > record["nfe_train_solver"]  # tightened until it costs more
+        assert record["test_tol"] < record["tol"]  # <= 0.1·old tol < 0.5·old tol <= new tol
+    assert module.network.ode.solver_settings()["method"] == "bosh3"
+    assert module.network.ode.solver_settings()["rtol"] == pytest.approx(adaptation.value)
+    assert trainer.callback_metrics["solver/tol"] == pytest.approx(adaptation.value)
+
+
 # -- checkpointing and resume ---------------------------------------------------------------------------------------
 class RecordAtTrainStart(Callback):
     def on_train_start(self, trainer, pl_module):

@@ -192,13 +192,19 @@ def test_head_first_freezes_the_backbone_until_the_unfreeze_epoch(source_checkpo
     assert spy.groups[0] == [0.1] and spy.groups[1] == pytest.approx([0.1, 0.01])  # backbone at 0.1 x head lr
 
 
-def test_full_finetuning_trains_everything_from_the_start(source_checkpoint):
+def test_full_finetuning_trains_everything_from_the_start(source_checkpoint, tmp_path):
     model = IsometricMobileNetModule(num_classes=3, pretrained_checkpoint=str(source_checkpoint), finetune="full",
                                      optimizer="sgd", lr=0.1, **TINY)
     initial = torch.cat([p.detach().flatten().clone() for p in model.network.backbone.stem.parameters()])
     spy = Snapshots()
-    _trainer(max_epochs=1, callbacks=[spy]).fit(model, _loader(3))
+    trainer = _trainer(max_epochs=1, callbacks=[spy])
+    trainer.fit(model, _loader(3))
     assert not torch.equal(spy.backbone[0], initial) and spy.groups[0] == [0.1]
+    path = tmp_path / "finetuned.ckpt"
+    trainer.save_checkpoint(path)
+    reloaded = IsometricMobileNetModule.load_from_checkpoint(path, pretrained_checkpoint=None)  # source not needed
+    x = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(reloaded.eval()(x), model.eval()(x))
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -176,6 +176,28 @@ class GoverningEquation(nn.Module):
         )
         return self.library(derivatives), derivatives.u_t
 
+    @torch.no_grad()
+    def fit_coefficients(
+        self, library: torch.Tensor, time_derivative: torch.Tensor, steps: int = 5000, momentum: float = 0.9
+    ) -> float:
+        """Run ``steps`` proximal α-steps (:class:`ProximalSGD`) on L_G + R_G for a fixed library.
+
+        The stand-alone sparse regression (e.g. to identify a known PDE from samples of its
+        solution). Each step's gradient 2 (G alpha - b) comes from the Gram matrix G of the library,
+        which equals the gradient of :meth:`governing_loss` but costs O(num_terms^2); the step size
+        is 1 / Lipschitz constant. Returns the final L_G + R_G.
+        """
+        flat = library.reshape(library.shape[0], -1).to(self.alpha.dtype)
+        target = time_derivative.reshape(-1).to(self.alpha.dtype)
+        gram, correlation = flat @ flat.T / flat.shape[1], flat @ target / flat.shape[1]
+        lipschitz = 2 * float(torch.linalg.eigvalsh(gram).max())
+        optimizer = ProximalSGD([self.alpha], lr=1.0 / lipschitz, l1_weight=self.l1_weight, momentum=momentum)
+        for _ in range(steps):
+            self.alpha.grad = 2 * (gram @ self.alpha - correlation)
+            optimizer.step()
+        self.alpha.grad = None
+        return float(self.governing_loss(time_derivative, library) + self.l1_penalty())
+
     # -- sparsity ---------------------------------------------------------------------------------
     @torch.no_grad()
     def soft_threshold_(self, threshold: float) -> None:

@@ -47,11 +47,11 @@ def linear_survival_probabilities(num_blocks: int, survival_prob_last: float) ->
     The input (``l = 0``) always survives and the last block survives with ``p_L``.
     """
     check_positive_int(num_blocks, "num_blocks")
-    check_survival_prob(survival_prob_last, "survival_prob_last")
+    _check_survival_prob(survival_prob_last, "survival_prob_last")
     return [1.0 - (layer / num_blocks) * (1.0 - survival_prob_last) for layer in range(1, num_blocks + 1)]
 
 
-def check_survival_prob(value: float, argument: str) -> None:
+def _check_survival_prob(value: float, argument: str) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
         raise ValueError(f"`{argument}` must be a probability in (0, 1], got {value!r}.")
 
@@ -102,7 +102,7 @@ class LMResidualBlock(nn.Module):
         _check_choice(update, "update", UPDATE_RULES)
         _check_choice(k_mode, "k_mode", K_MODES)
         _check_choice(stochastic_depth_mode, "stochastic_depth_mode", STOCHASTIC_DEPTH_MODES)
-        check_survival_prob(survival_prob, "survival_prob")
+        _check_survival_prob(survival_prob, "survival_prob")
         low, high = _check_k_init_range(k_init_range)
         self.update = update
         self.k_mode = k_mode
@@ -172,11 +172,11 @@ def _check_k_init_range(k_init_range: Sequence[float]) -> tuple[float, float]:
     return low, high
 
 
-def conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
+def _conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
 
 
-def conv1x1(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
+def _conv1x1(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_channels, out_channels, 1, stride, bias=False)
 
 
@@ -202,7 +202,7 @@ class _PreActBlock(LMResidualBlock):
         self.out_channels = out_channels
         self.stride = stride
         self.norm1 = nn.BatchNorm2d(in_channels)
-        self.shortcut = conv1x1(in_channels, out_channels, stride) if changes_shape else None
+        self.shortcut = _conv1x1(in_channels, out_channels, stride) if changes_shape else None
 
     def split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = F.relu(self.norm1(x), inplace=True)
@@ -222,9 +222,9 @@ class PreActBasicBlock(_PreActBlock):
 
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1, **update_kwargs) -> None:
         super().__init__(in_channels, out_channels, stride, **update_kwargs)
-        self.conv1 = conv3x3(in_channels, out_channels, stride)
+        self.conv1 = _conv3x3(in_channels, out_channels, stride)
         self.norm2 = nn.BatchNorm2d(out_channels)
-        self.conv2 = conv3x3(out_channels, out_channels)
+        self.conv2 = _conv3x3(out_channels, out_channels)
 
     def branch(self, h: torch.Tensor) -> torch.Tensor:
         return self.conv2(F.relu(self.norm2(self.conv1(h)), inplace=True))
@@ -249,11 +249,11 @@ class PreActBottleneckBlock(_PreActBlock):
             raise ValueError(f"`out_channels` must be a multiple of `expansion`={expansion}, got {out_channels!r}.")
         super().__init__(in_channels, out_channels, stride, **update_kwargs)
         width = out_channels // expansion
-        self.conv1 = conv1x1(in_channels, width)
+        self.conv1 = _conv1x1(in_channels, width)
         self.norm2 = nn.BatchNorm2d(width)
-        self.conv2 = conv3x3(width, width, stride)
+        self.conv2 = _conv3x3(width, width, stride)
         self.norm3 = nn.BatchNorm2d(width)
-        self.conv3 = conv1x1(width, out_channels)
+        self.conv3 = _conv1x1(width, out_channels)
 
     def branch(self, h: torch.Tensor) -> torch.Tensor:
         h = F.relu(self.norm2(self.conv1(h)), inplace=True)

@@ -9,6 +9,8 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from lightning_pdenets.callbacks.adversarial import preserved_nfe
+
 __all__ = ["InferenceTimer"]
 
 
@@ -66,19 +68,23 @@ class InferenceTimer(Callback):
 
     @torch.no_grad()
     def time_model(self, model: torch.nn.Module, images: torch.Tensor) -> list[float]:
-        """Seconds of each of ``num_repeats`` forward passes on ``images`` after ``num_warmup`` ones."""
+        """Seconds of each of ``num_repeats`` forward passes on ``images`` after ``num_warmup`` ones.
+
+        The model runs in eval mode; its mode and its ODE blocks' NFE counters are restored afterwards.
+        """
         training = model.training
         model.eval()
+        times: list[float] = []
         try:
-            for _ in range(self.num_warmup):
-                model(images)
-            times = []
-            for _ in range(self.num_repeats):
-                _synchronize(images.device)
-                start = time.perf_counter()
-                model(images)
-                _synchronize(images.device)
-                times.append(time.perf_counter() - start)
+            with preserved_nfe(model):
+                for _ in range(self.num_warmup):
+                    model(images)
+                for _ in range(self.num_repeats):
+                    _synchronize(images.device)
+                    start = time.perf_counter()
+                    model(images)
+                    _synchronize(images.device)
+                    times.append(time.perf_counter() - start)
         finally:
             model.train(training)
         return times

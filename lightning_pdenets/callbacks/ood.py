@@ -138,10 +138,8 @@ class OODEvaluation(Callback):
         pixel_model = PixelSpace(model, mean, std, device=x.device)
         pixels = pixel_model.to_pixels(x)
         generator = torch.Generator(device="cpu").manual_seed(seed)
-        outputs = {}
         with preserved_nfe(model):
-            outputs = self._evaluate(pixel_model, pixels, generator)
-        return outputs
+            return self._evaluate(pixel_model, pixels, generator)
 
     def _evaluate(self, pixel_model: PixelSpace, pixels: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
         outputs = {}

@@ -28,7 +28,14 @@ from lightning_pdenets.models.optim import build_optimizer, build_scheduler
 from lightning_pdenets.models.prnet import PRNetModule
 from lightning_pdenets.validation import check_positive, check_positive_int
 
-__all__ = ["FINETUNE_MODES", "HeadFirstFinetuning", "IsometricMobileNetModule", "ODEMobileNetModule", "PRNetMobileNetModule"]
+__all__ = [
+    "FINETUNE_MODES",
+    "HeadFirstFinetuning",
+    "IsometricMobileNetModule",
+    "ODEMobileNetModule",
+    "PRNetMobileNetModule",
+    "load_pretrained_backbone",
+]
 
 FINETUNE_MODES = ("full", "head_first")
 
@@ -56,6 +63,8 @@ class IsometricMobileNetModule(ClassifierModule):
             Architecture, see :func:`lightning_pdenets.architectures.mobilenetv3_isometric`.
         pretrained_checkpoint: Lightning checkpoint of the same architecture (e.g. trained on Tiny
             ImageNet) to start from; its classifier is replaced by one with ``num_classes`` outputs.
+            To reload a fine-tuned model without the source file, pass
+            ``load_from_checkpoint(path, pretrained_checkpoint=None)``.
         finetune: ``full`` trains every layer from the start; ``head_first`` freezes the backbone
             and unfreezes it at ``unfreeze_backbone_at_epoch`` (Lightning's ``BackboneFinetuning``).
         unfreeze_backbone_at_epoch: Epoch at which ``head_first`` unfreezes the backbone.
@@ -109,41 +118,8 @@ class IsometricMobileNetModule(ClassifierModule):
 
     # -- fine-tuning ----------------------------------------------------------------------------
     def load_pretrained(self, path: str) -> None:
-        """Load every weight but the classifier from the Lightning checkpoint at ``path``.
-
-        Raises:
-            FileNotFoundError: when ``path`` does not exist.
-            ValueError: when the checkpoint holds a different architecture (names the differences).
-        """
-        if not os.path.isfile(path):
-            raise FileNotFoundError(
-                f"`pretrained_checkpoint` {os.path.abspath(path)!r} does not exist; point it to the .ckpt file of the "
-                f"source model (e.g. logs/pdenets/version_0/checkpoints/best-*.ckpt from the Tiny ImageNet run)."
-            )
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-        source = checkpoint.get("hyper_parameters", {})
-        ours = self.architecture_kwargs()
-        differing = {k: (source[k], v) for k, v in ours.items() if k in source and k != "num_classes" and source[k] != v}
-        if differing:
-            details = ", ".join(f"{k}: checkpoint {a!r} vs this model {b!r}" for k, (a, b) in differing.items())
-            raise ValueError(f"checkpoint {path!r} was trained with a different architecture ({details}); "
-                             f"set these arguments as in the source model's config.")
-        state = checkpoint.get("state_dict", checkpoint)
-        weights = {
-            key[len("network."):]: value
-            for key, value in state.items()
-            if key.startswith("network.") and not key.startswith("network.classifier.")
-        }
-        try:
-            missing, unexpected = self.network.load_state_dict(weights, strict=False)
-        except RuntimeError as error:
-            raise ValueError(f"checkpoint {path!r} does not fit this architecture: {error}") from error
-        missing = [key for key in missing if not key.startswith("classifier.")]
-        if missing or unexpected:
-            raise ValueError(
-                f"checkpoint {path!r} does not fit {type(self).__name__}: missing {missing[:5]}, unexpected "
-                f"{unexpected[:5]}; use the model class and architecture arguments of the source run."
-            )
+        """Load every weight but the classifier from the Lightning checkpoint at ``path``."""
+        load_pretrained_backbone(self.network, path, self.architecture_kwargs(), type(self).__name__)
 
     def configure_callbacks(self) -> list[Callback]:
         if self.hparams.finetune != "head_first":
@@ -166,6 +142,49 @@ class IsometricMobileNetModule(ClassifierModule):
         if scheduler is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+
+def load_pretrained_backbone(network: nn.Module, path: str, architecture: dict[str, Any], model_name: str) -> None:
+    """Copy every weight but ``classifier.*`` from the Lightning checkpoint at ``path`` into ``network``.
+
+    Args:
+        network: The target network (its classifier already sized for the new classes).
+        path: A ``.ckpt`` file of a model with the same architecture.
+        architecture: The target's architecture arguments, compared with the checkpoint's hyperparameters.
+        model_name: Named in error messages.
+
+    Raises:
+        FileNotFoundError: when ``path`` does not exist.
+        ValueError: when the checkpoint holds a different architecture (names the differences).
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"`pretrained_checkpoint` {os.path.abspath(path)!r} does not exist; point it to the .ckpt file of the "
+            f"source model (e.g. logs/pdenets/version_0/checkpoints/best-*.ckpt from the Tiny ImageNet run)."
+        )
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    source = checkpoint.get("hyper_parameters", {})
+    differing = {k: (source[k], v) for k, v in architecture.items() if k in source and k != "num_classes" and source[k] != v}
+    if differing:
+        details = ", ".join(f"{k}: checkpoint {a!r} vs this model {b!r}" for k, (a, b) in differing.items())
+        raise ValueError(f"checkpoint {path!r} was trained with a different architecture ({details}); "
+                         f"set these arguments as in the source model's config.")
+    state = checkpoint.get("state_dict", checkpoint)
+    weights = {
+        key[len("network."):]: value
+        for key, value in state.items()
+        if key.startswith("network.") and not key.startswith("network.classifier.")
+    }
+    try:
+        missing, unexpected = network.load_state_dict(weights, strict=False)
+    except RuntimeError as error:
+        raise ValueError(f"checkpoint {path!r} does not fit this architecture: {error}") from error
+    missing = [key for key in missing if not key.startswith("classifier.")]
+    if missing or unexpected:
+        raise ValueError(
+            f"checkpoint {path!r} does not fit {model_name}: missing {missing[:5]}, unexpected {unexpected[:5]}; "
+            f"use the model class and architecture arguments of the source run."
+        )
 
 
 def check_finetune_settings(finetune: str, unfreeze_backbone_at_epoch: int, backbone_lr_ratio: float) -> None:
@@ -233,6 +252,8 @@ class PRNetMobileNetModule(PRNetModule):
             patch_size, head_expansion, dropout: as in :class:`IsometricMobileNetModule`.
         image_size: Side of the square input images (64 for Tiny ImageNet); fixes the query set H.
         activation, t_end: PDE block settings (see :func:`lightning_pdenets.architectures.prnet_mobilenet`).
+        pretrained_checkpoint: Checkpoint of a PR-Net of the same architecture to fine-tune (all layers,
+            with Algorithm 1); its classifier is replaced by one with ``num_classes`` outputs.
         **kwargs: PR-Net's settings (``max_power``, ``theta_lr``, ``alpha_optimizer``, ..., see
             :class:`PRNetModule`) and the task optimizer's (``optimizer``, ``lr``, ...).
     """
@@ -252,6 +273,7 @@ class PRNetMobileNetModule(PRNetModule):
         image_size: int = 64,
         activation: str = "softplus",
         t_end: float = 1.0,
+        pretrained_checkpoint: Optional[str] = None,
         **kwargs: Any,
     ) -> None:
         # PRNetModule builds Chen et al.'s PR-Net; a 1-pixel stand-in keeps that cheap before it is
@@ -265,3 +287,7 @@ class PRNetMobileNetModule(PRNetModule):
             in_channels, num_classes, width_multiplier, channels, num_blocks, expanded_channels, kernel_size,
             patch_size, head_expansion, dropout, image_size, activation, t_end,
         )
+        if pretrained_checkpoint is not None:
+            names = inspect.signature(prnet_mobilenet).parameters
+            architecture = {name: value for name, value in self.hparams.items() if name in names}
+            load_pretrained_backbone(self.network, pretrained_checkpoint, architecture, type(self).__name__)

@@ -1,0 +1,39 @@
+"""Save a checkpoint when a run is interrupted, so that no work is lost."""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import OnExceptionCheckpoint
+
+from lightning_pdenets.errors import NonFiniteLossError, SolverFailedError
+
+__all__ = ["CheckpointOnInterrupt"]
+
+
+class CheckpointOnInterrupt(OnExceptionCheckpoint):
+    """Lightning's ``OnExceptionCheckpoint``, saving beside the ``ModelCheckpoint`` files by default.
+
+    On SIGTERM (Lightning turns it into an exception between steps), Ctrl-C or an exception it
+    writes ``interrupted.ckpt``, from which ``pdenets fit --ckpt_path last`` resumes. It does not
+    write one when the run stopped because the model itself failed (a NaN/Inf loss, an ODE solver
+    that could not integrate): the last good checkpoint stays the newest one.
+
+    Args:
+        dirpath: Folder of the checkpoint; default: the ``ModelCheckpoint`` folder of the run.
+        filename: File stem of the checkpoint.
+    """
+
+    def __init__(self, dirpath: Optional[str] = None, filename: str = "interrupted") -> None:
+        super().__init__(dirpath=dirpath or ".", filename=filename)
+        self.follow_model_checkpoint = dirpath is None
+
+    def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
+        if isinstance(exception, (NonFiniteLossError, SolverFailedError)):
+            return
+        checkpoint_callback = trainer.checkpoint_callback
+        if self.follow_model_checkpoint and checkpoint_callback is not None and checkpoint_callback.dirpath:
+            self.dirpath = os.fspath(checkpoint_callback.dirpath)
+        super().on_exception(trainer, pl_module, exception)

@@ -1,0 +1,68 @@
+"""Faults through the real CLI: --ckpt_path last across versions, corrupt checkpoints, interrupted writes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import fsspec
+import pytest
+import torch
+
+from lightning_pdenets.checkpoints import find_resume_checkpoint
+from lightning_pdenets.cli import build_cli
+from lightning_pdenets.errors import CorruptCheckpointError
+from tests.conftest import REPO_ROOT
+
+QUICK = [
+    "--config", str(REPO_ROOT / "configs/quickstart.yaml"), "--config", str(REPO_ROOT / "configs/trainer/cpu.yaml"),
+    "--model.init_args.width=8", "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=2",
+    "--trainer.enable_progress_bar=false", "--test_after_fit=false",
+]
+
+
+def test_ckpt_path_last_resumes_the_newest_run_in_its_own_version(tmp_path: Path) -> None:
+    first = build_cli(["fit", *QUICK, "--trainer.max_epochs=1"])
+    assert first.trainer.current_epoch == 1
+    last = find_resume_checkpoint(tmp_path / "logs")
+    assert last is not None and last.name == "last.ckpt" and "version_0" in str(last)
+
+    resumed = build_cli(["fit", *QUICK, "--trainer.max_epochs=2", "--ckpt_path=last"])
+    assert resumed.trainer.current_epoch == 2
+    assert resumed.trainer.global_step == 6  # 3 steps restored + 3 new, not 3 from scratch
+    assert resumed.trainer.logger.version == 0  # continued in version_0, not a fresh version_1
+    assert not (tmp_path / "logs" / "pdenets" / "version_1").exists()
+
+
+def test_ckpt_path_last_without_any_checkpoint_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="no last.ckpt or interrupted.ckpt under"):
+        build_cli(["fit", *QUICK, "--ckpt_path=last"])
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_corrupt_checkpoint_gives_a_clear_error_naming_alternatives(damage: str, tmp_path: Path) -> None:
+    build_cli(["fit", *QUICK, "--trainer.max_epochs=1"])
+    checkpoints = tmp_path / "logs" / "pdenets" / "version_0" / "checkpoints"
+    broken = checkpoints / "last.ckpt"
+    data = broken.read_bytes()
+    broken.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"not a checkpoint at all")
+    with pytest.raises(CorruptCheckpointError) as info:
+        build_cli(["fit", *QUICK, "--trainer.max_epochs=2", f"--ckpt_path={broken}"])
+    message = str(info.value)
+    assert str(broken) in message and "best-epoch=00.ckpt" in message and "--ckpt_path PATH" in message
+
+
+def test_a_failed_checkpoint_write_leaves_the_previous_file_intact(tmp_path: Path, monkeypatch) -> None:
+    """Lightning writes through an fsspec transaction (temporary file, then rename); a crash mid-write keeps the old file."""
+    cli = build_cli(["fit", *QUICK, "--trainer.max_epochs=1"])
+    target = tmp_path / "model.ckpt"
+    cli.trainer.save_checkpoint(target)
+    before = target.read_bytes()
+
+    def crash(self, data):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(fsspec.implementations.local.LocalFileOpener, "write", crash)
+    with pytest.raises(OSError, match="disk full"):
+        cli.trainer.save_checkpoint(target)
+    assert target.read_bytes() == before
+    assert torch.load(target, weights_only=False)["global_step"] == 3

@@ -1,0 +1,289 @@
+"""PR-Net: PDE block, exact derivatives, Algorithm-1 module, resume, DDP and NaN handling."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_pdenets.architectures.chen import odenet_chen
+from lightning_pdenets.architectures.prnet import prnet, stem_output_size
+from lightning_pdenets.blocks.pde import CoordinateConvField, PDEBlock, coordinate_grid
+from lightning_pdenets.errors import NonFiniteLossError
+from lightning_pdenets.models.prnet import PRNET_STEPS, PRNetModule
+
+TINY = dict(width=8, num_downsamples=1, image_size=8)
+
+
+class TinyDigits(pl.LightningDataModule):
+    """24 random 8x8 images in fixed order (no shuffling, so runs are reproducible across resumes)."""
+
+    def __init__(self, batch_size: int = 8) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.data = TensorDataset(torch.randn(24, 1, 8, 8, generator=generator), torch.randint(0, 10, (24,), generator=generator))
+        self.batch_size = batch_size
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.data, self.batch_size, shuffle=False)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.data, self.batch_size, shuffle=False)
+
+
+def make_trainer(tmp_path: Path, **kwargs) -> pl.Trainer:
+    defaults = dict(
+        accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=tmp_path,
+    )
+    return pl.Trainer(**{**defaults, **kwargs})
+
+
+def count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+# -- architecture -------------------------------------------------------------------------------
+def test_parameter_count_matches_table_2_and_shares_stem_and_head_with_odenet():
+    network, odenet = prnet(), odenet_chen()
+    assert count(network) == pytest.approx(0.21e6, rel=0.10)
+    assert count(network.stem) == count(odenet.stem) and count(network.head) == count(odenet.head)
+    assert network(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    svhn = prnet(in_channels=3, image_size=32)
+    assert count(svhn) == pytest.approx(0.21e6, rel=0.10) and svhn(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_stem_output_size_matches_the_stem():
+    for image_size, downsamples in ((28, 2), (32, 2), (8, 1)):
+        h0 = prnet(image_size=image_size, num_downsamples=downsamples, width=8).stem(torch.zeros(1, 1, image_size, image_size))
+        assert tuple(h0.shape[-2:]) == stem_output_size(image_size, downsamples)
+
+
+def test_pde_block_keeps_the_shape_and_starts_the_query_set_on_the_grid_at_t_end():
+    block = PDEBlock(CoordinateConvField(8), (5, 4), t_end=2.0)
+    assert block(torch.randn(3, 8, 5, 4)).shape == (3, 8, 5, 4)
+    torch.testing.assert_close(block.query[2], torch.full((5, 4), 2.0))
+    torch.testing.assert_close(block.query[0, 0], torch.linspace(-1, 1, 4))
+    torch.testing.assert_close(block.query[1, :, 0], torch.linspace(-1, 1, 5))
+    with pytest.raises(ValueError, match=r"spatial size \(5, 4\)"):
+        block(torch.randn(3, 8, 6, 6))
+
+
+@pytest.mark.parametrize("activation", ["softplus", "tanh", "relu"])
+def test_taylor_mode_derivatives_equal_nested_jvp(activation):
+    torch.manual_seed(0)
+    block = PDEBlock(CoordinateConvField(16, activation=activation), (5, 4)).double()
+    with torch.no_grad():  # move away from the symmetric initialization
+        block.query.add_(0.1 * torch.randn_like(block.query))
+        for parameter in block.field.parameters():
+            parameter.add_(0.1 * torch.randn_like(parameter))
+    h0 = torch.randn(3, 16, 5, 4, dtype=torch.float64)
+    orders = {"x": 3, "y": 2}
+    fast, reference = block.derivatives(h0, orders, method="taylor"), block.derivatives(h0, orders, method="jvp")
+    torch.testing.assert_close(fast.u, reference.u)
+    torch.testing.assert_close(fast.u, block(h0))
+    torch.testing.assert_close(fast.u_t, reference.u_t)
+    for axis in orders:
+        assert len(fast.spatial[axis]) == orders[axis]
+        for ours, theirs in zip(fast.spatial[axis], reference.spatial[axis]):
+            torch.testing.assert_close(ours, theirs)
+    assert fast.spatial["x"][2].abs().mean() > 1e-3  # third derivatives are not trivially zero
+
+
+def test_taylor_mode_derivative_matches_a_finite_difference_of_the_query_set():
+    torch.manual_seed(1)
+    block = PDEBlock(CoordinateConvField(8), (4, 4)).double()
+    h0 = torch.randn(2, 8, 4, 4, dtype=torch.float64)
+    derivatives = block.derivatives(h0, {"x": 1})
+    step = 1e-6
+    shifted = block.field(h0, (block.query + step * torch.eye(3, dtype=torch.float64)[0].view(3, 1, 1)).unsqueeze(0))
+    torch.testing.assert_close(derivatives.spatial["x"][0], (shifted - derivatives.u) / step, atol=1e-5, rtol=1e-4)
+
+
+def test_coordinate_grid_and_initial_condition_loss():
+    block = PDEBlock(CoordinateConvField(8), (3, 3))
+    torch.testing.assert_close(block.initial_grid, coordinate_grid(3, 3, 0.0))
+    h0 = torch.randn(2, 8, 3, 3)
+    expected = (block.field(h0, coordinate_grid(3, 3, 0.0).unsqueeze(0)) - h0).pow(2).mean()
+    torch.testing.assert_close(block.initial_condition_loss(h0), expected)
+
+
+# -- module -------------------------------------------------------------------------------------
+def test_module_has_four_optimizers_with_schedulers_and_a_proximal_alpha_step(tmp_path):
+    module = PRNetModule(**TINY, theta_lr_scheduler="multistep", theta_lr_milestones=[1])
+    optimizers, schedulers = module.configure_optimizers()
+    assert [type(o).__name__ for o in optimizers] == ["Adam", "Adam", "Adam", "ProximalSGD"]
+    assert len(schedulers) == 4 and type(schedulers[1]["scheduler"]).__name__ == "MultiStepLR"
+    groups = module.parameter_groups()
+    assert groups["query"][0] is module.block.query and groups["alpha"][0] is module.governing.alpha
+    assert {id(p) for p in groups["task"]} == {id(p) for p in module.network.parameters()} - {id(module.block.query)}
+
+
+@pytest.mark.parametrize(
+    "step, changed",
+    [("task", {"stem", "field", "head"}), ("theta", {"field"}), ("query", {"query"}), ("alpha", {"alpha"})],
+)
+def test_each_sub_step_updates_only_its_own_parameters(tmp_path, step, changed):
+    torch.manual_seed(0)
+    module = PRNetModule(**TINY, step_order=[step], l1_weight=0.0, governing_weight=1.0)
+    parts = {
+        "stem": module.network.stem, "field": module.block.field, "head": module.network.head,
+        "query": module.block.query, "alpha": module.governing.alpha,
+    }
+    before = {name: copy.deepcopy(list(p.parameters()) if isinstance(p, torch.nn.Module) else [p]) for name, p in parts.items()}
+    make_trainer(tmp_path, max_steps=1, limit_val_batches=0).fit(module, TinyDigits())
+    for name, part in parts.items():
+        now = list(part.parameters()) if isinstance(part, torch.nn.Module) else [part]
+        moved = any(not torch.equal(a, b) for a, b in zip(before[name], now))
+        assert moved == (name in changed), f"{step} step: {name} moved={moved}"
+
+
+def test_algorithm_1_logs_every_loss_term_and_the_equation_to_tensorboard(tmp_path):
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    module = PRNetModule(**TINY)
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    make_trainer(tmp_path, max_epochs=1, logger=logger, log_every_n_steps=1).fit(module, TinyDigits())
+    events = EventAccumulator(logger.log_dir, size_guidance={"tensors": 0}).Reload()
+    scalars = set(events.Tags()["scalars"])
+    for term in ("loss_task", "loss_initial", "loss_governing", "penalty_l1", "total"):
+        assert f"train/{term}_step" in scalars, sorted(scalars)
+    text = [t for t in events.Tags()["tensors"] if "governing/equation" in t]
+    assert text, events.Tags()
+    assert module.trainer.global_step == 4 * 3  # four optimizer steps per batch, three batches
+
+
+def test_inference_carries_no_alpha_and_computes_no_derivatives(tmp_path, monkeypatch):
+    module = PRNetModule(**TINY)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("derivatives computed at inference")
+
+    monkeypatch.setattr(module.block, "derivatives", forbidden)
+    monkeypatch.setattr(module.block, "initial_condition_loss", forbidden)
+    predictions = make_trainer(tmp_path).predict(module, DataLoader(TinyDigits().data, batch_size=8))
+    assert torch.cat(predictions).shape == (24, 10)
+    assert not any("alpha" in name for name in module.network.state_dict())
+    assert count(module) - count(module.network) == module.governing.num_terms
+
+
+def test_nonfinite_term_is_named_and_stops_the_run(tmp_path):
+    module = PRNetModule(**TINY)
+    with torch.no_grad():
+        module.governing.alpha[3] = float("nan")
+    with pytest.raises(NonFiniteLossError, match="loss_governing"):
+        make_trainer(tmp_path, max_steps=4, limit_val_batches=0).fit(module, TinyDigits())
+
+
+def test_nonfinite_term_skips_only_the_affected_steps_when_configured(tmp_path):
+    module = PRNetModule(**TINY, on_nonfinite="skip")
+    with torch.no_grad():
+        module.governing.alpha[3] = float("nan")
+    field_before = copy.deepcopy(module.block.field.state_dict())
+    query_before = module.block.query.detach().clone()
+    with pytest.warns(UserWarning, match="loss_governing"):
+        make_trainer(tmp_path, max_epochs=1, limit_val_batches=0).fit(module, TinyDigits())
+    assert module.skipped_steps == 2 * 3  # theta and alpha steps, three batches
+    assert not torch.equal(module.block.query, query_before)  # the query step still ran
+    assert any(not torch.equal(v, module.block.field.state_dict()[k]) for k, v in field_before.items())  # task step ran
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(step_order=["task", "dream"]), "`step_order` must be a non-empty list of distinct names"),
+        (dict(step_order=["task", "task"]), "distinct"),
+        (dict(alpha_optimizer="lbfgs"), "`alpha_optimizer` must be one of"),
+        (dict(theta_lr=-1.0), "`theta_lr` must be a finite number > 0"),
+        (dict(query_lr_scheduler="multistep"), "`query_lr_scheduler='multistep'` needs `query_lr_milestones`"),
+        (dict(on_nonfinite="ignore"), "`on_nonfinite` must be one of ['raise', 'skip']"),
+        (dict(max_derivative_order=(3, 3, 3)), "one integer per axis ['x', 'y']"),
+        (dict(activation="swish"), "`activation` must be one of"),
+        (dict(image_size=3, num_downsamples=2), "too small"),
+    ],
+)
+def test_invalid_settings_fail_at_construction(kwargs, message):
+    with pytest.raises(ValueError) as error:
+        PRNetModule(**{**TINY, **kwargs})
+    assert message in str(error.value)
+
+
+def test_step_order_names_are_the_papers_lines_5_to_8():
+    assert PRNET_STEPS == ("task", "theta", "query", "alpha")
+
+
+# -- resume ---------------------------------------------------------------------------------------
+def _state(module: PRNetModule) -> dict:
+    trainer = module.trainer
+    return {
+        "model": {k: v.clone() for k, v in module.state_dict().items()},
+        "optimizers": [copy.deepcopy(o.state_dict()) for o in trainer.optimizers],
+        "schedulers": [copy.deepcopy(c.scheduler.state_dict()) for c in trainer.lr_scheduler_configs],
+    }
+
+
+def _assert_same(a, b, where="") -> None:
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            _assert_same(a[key], b[key], f"{where}/{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+def test_resumed_run_equals_uninterrupted_run(tmp_path):
+    settings = dict(**TINY, l1_weight=1e-3, theta_lr_scheduler="multistep", theta_lr_milestones=[1], alpha_momentum=0.5)
+
+    def run(max_epochs: int, ckpt_path=None, directory="a") -> PRNetModule:
+        pl.seed_everything(0)
+        module = PRNetModule(**settings)
+        trainer = make_trainer(tmp_path / directory, max_epochs=max_epochs, limit_val_batches=0)
+        trainer.fit(module, TinyDigits(), ckpt_path=ckpt_path)
+        return module, trainer
+
+    uninterrupted, _ = run(2, directory="full")
+    _, first = run(1, directory="half")
+    checkpoint = tmp_path / "half.ckpt"
+    first.save_checkpoint(checkpoint)
+    resumed, _ = run(2, ckpt_path=str(checkpoint), directory="resumed")
+    expected, actual = _state(uninterrupted), _state(resumed)
+    _assert_same(expected, actual)
+    assert resumed.trainer.optimizers[1].param_groups[0]["lr"] == pytest.approx(1e-4)  # the scheduler stepped once
+    assert (resumed.governing.alpha != 0).any()
+    assert not torch.equal(resumed.block.query, coordinate_grid(3, 3, 1.0))
+
+
+# -- DDP --------------------------------------------------------------------------------------------
+class SaveRankState(pl.Callback):
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        torch.save({k: v.detach().cpu() for k, v in pl_module.state_dict().items()}, f"{self.directory}/rank{trainer.global_rank}.pt")
+
+
+@pytest.mark.ddp
+def test_ddp_ranks_hold_identical_theta_query_set_and_alpha(tmp_path):
+    torch.manual_seed(0)
+    module = PRNetModule(**TINY, l1_weight=0.0, alpha_optimizer="adam", alpha_lr=1e-2)
+    initial = {k: v.clone() for k, v in module.state_dict().items()}
+    trainer = make_trainer(
+        tmp_path, devices=2, strategy="ddp_spawn", max_steps=4 * 3, limit_val_batches=0, callbacks=[SaveRankState(str(tmp_path))]
+    )
+    trainer.fit(module, TinyDigits(batch_size=4))
+    rank0, rank1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    for key in ("network.feature.query", "governing.alpha", "network.feature.field.conv2.weight", "network.stem.0.weight"):
+        assert not torch.equal(rank0[key], initial[key]), f"{key} did not train"
+    for key in rank0:
+        assert torch.equal(rank0[key], rank1[key]), f"{key} differs between ranks"
