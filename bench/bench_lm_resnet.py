@@ -7,8 +7,10 @@ of the per-round ratios, with its interquartile range. Both wall-clock time and 
 time are recorded: on a shared, oversubscribed machine the CPU time (with ``--threads 1``, free of
 thread spin-waiting) is the steadier measure of the work a step costs.
 
-    flock /tmp/pdenets-cpu.lock python bench/bench_lm_resnet.py --batch-size 32 --rounds 15 \
-        --output bench/results_lm_resnet.md
+    flock /tmp/pdenets-cpu.lock python bench/bench_lm_resnet.py --batch-size 32 --threads 1 --rounds 15 \
+        --steps-per-round 2
+
+(bench/results_lm_resnet.md holds the measured table plus an analysis of the overhead.)
 """
 
 from __future__ import annotations

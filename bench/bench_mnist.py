@@ -79,7 +79,7 @@ def run(config: Path, args: argparse.Namespace) -> dict:
     timer = TrainStepTimer()
     trainer = pl.Trainer(
         accelerator="cpu", devices=1, max_epochs=args.epochs, limit_train_batches=args.train_fraction,
-        limit_val_batches=0, logger=False, enable_checkpointing=False, callbacks=[timer], enable_model_summary=False,
+        limit_val_batches=0, limit_test_batches=args.test_fraction, logger=False, enable_checkpointing=False, callbacks=[timer], enable_model_summary=False,
     )
     trainer.fit(model, datamodule=datamodule)
     test = trainer.test(model, datamodule=datamodule, verbose=False)[0]
@@ -99,6 +99,35 @@ def run(config: Path, args: argparse.Namespace) -> dict:
         "inference_s": seconds,
         "inference_nfe": inference_nfe,
     }
+
+
+def interleaved_inference(configs: list[Path], args: argparse.Namespace) -> str:
+    """Inference time of 1,000 images per model, measured round-robin so that machine drift hits all alike."""
+    images = torch.randn(1000, 1, 28, 28)
+    models = {}
+    for config in configs:
+        cli = build_cli(["--config", str(config), "--data.init_args.download=false", "--trainer.logger=false"], run=False)
+        models[config.stem] = cli.model.eval()
+    seconds: dict[str, list[float]] = {name: [] for name in models}
+    nfe: dict[str, int] = {}
+    for _ in tqdm(range(args.rounds), desc="rounds"):
+        for name, model in models.items():
+            elapsed, nfe[name] = inference_seconds(model, images, repeats=1)
+            seconds[name].append(elapsed)
+    reference = statistics.median(seconds.get("resnet", next(iter(seconds.values()))))
+    lines = [
+        f"### MNIST inference, 1,000 images, interleaved ({datetime.date.today().isoformat()})", "",
+        f"Machine: {platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads); models at initialization; {args.rounds} rounds, each model once per "
+        f"round after one warm-up; median shown.", "",
+        f"Command: `python bench/bench_mnist.py {' '.join(sys.argv[1:])}`", "",
+        "| model | median | vs ResNet | min–max | NFE |", "|---|---|---|---|---|",
+    ]
+    for name, values in seconds.items():
+        median = statistics.median(values)
+        lines.append(f"| {name} | {median * 1000:.0f} ms | {median / reference:.2f}× | "
+                     f"{min(values) * 1000:.0f}–{max(values) * 1000:.0f} ms | {nfe[name] or '—'} |")
+    return "\n".join(lines) + "\n"
 
 
 def markdown(rows: list[dict], args: argparse.Namespace, wall: float) -> str:
@@ -135,16 +164,32 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--train-fraction", type=float, default=1.0)
+    parser.add_argument("--test-fraction", type=float, default=1.0)
     parser.add_argument("--output", type=Path, default=None, help="write the Markdown table here")
+    parser.add_argument("--inference-only", action="store_true",
+                        help="only time inference of 1,000 images, interleaving the models over --rounds rounds")
+    parser.add_argument("--rounds", type=int, default=7)
     args = parser.parse_args()
     configs = [c for c in args.configs if c.exists()]
     pl.seed_everything(0)
+    if args.inference_only:
+        table = interleaved_inference(configs, args)
+        print(table)
+        if args.output:
+            args.output.write_text(table)
+        return
     start = time.perf_counter()
-    rows = [run(config, args) for config in tqdm(configs, desc="models")]
-    table = markdown(rows, args, time.perf_counter() - start)
-    print(table)
-    if args.output:
-        args.output.write_text(table)
+    rows = []
+    for config in tqdm(configs, desc="models"):
+        try:
+            rows.append(run(config, args))
+        except Exception as error:  # keep the rows measured so far; report the failure
+            print(f"{config}: failed with {type(error).__name__}: {error}", file=sys.stderr)
+            continue
+        table = markdown(rows, args, time.perf_counter() - start)
+        print(table, flush=True)
+        if args.output:
+            args.output.write_text(table)
 
 
 if __name__ == "__main__":

@@ -5,12 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import fsspec
+import lightning.pytorch as pl
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 
+from lightning_pdenets.callbacks import CheckpointOnInterrupt
 from lightning_pdenets.checkpoints import find_resume_checkpoint
 from lightning_pdenets.cli import build_cli
-from lightning_pdenets.errors import CorruptCheckpointError
+from lightning_pdenets.data import DigitsDataModule
+from lightning_pdenets.errors import CorruptCheckpointError, SolverFailedError
+from lightning_pdenets.models import RKNetModule
 from tests.conftest import REPO_ROOT
 
 QUICK = [
@@ -66,3 +71,25 @@ def test_a_failed_checkpoint_write_leaves_the_previous_file_intact(tmp_path: Pat
         cli.trainer.save_checkpoint(target)
     assert target.read_bytes() == before
     assert torch.load(target, weights_only=False)["global_step"] == 3
+
+
+class FailingSolverModule(RKNetModule):
+    """An RK-Net whose ODE block is switched, in epoch 1, to a dopri5 setting that cannot succeed."""
+
+    def on_train_epoch_start(self) -> None:
+        if self.current_epoch == 1:
+            self.network.feature.configure_solver(method="dopri5", rtol=1e-12, atol=1e-12, max_num_steps=2)
+
+
+def test_solver_failure_stops_cleanly_and_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:
+    model = FailingSolverModule(width=8, num_downsamples=1)
+    trainer = pl.Trainer(
+        accelerator="cpu", max_epochs=3, limit_train_batches=2, limit_val_batches=1, default_root_dir=tmp_path,
+        logger=False, enable_progress_bar=False,
+        callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True), CheckpointOnInterrupt()],
+    )
+    with pytest.raises(SolverFailedError, match="max_num_steps"):
+        trainer.fit(model, datamodule=DigitsDataModule(batch_size=16))
+    assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["epoch"] == 0
+    assert not (tmp_path / "ckpt" / "interrupted.ckpt").exists()  # the failing state is not the newest checkpoint
+    assert find_resume_checkpoint(tmp_path) == tmp_path / "ckpt" / "last.ckpt"

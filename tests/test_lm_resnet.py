@@ -78,12 +78,12 @@ def test_lm_costs_one_parameter_per_lm_block(depth: int, block: str | None, per_
     assert count(channelwise) - count(plain) == (per_stage - 1) * sum(stage_channels)
 
 
-@pytest.mark.parametrize("build, paper", [(preact_resnet_imagenet, {50: 25.6e6, 101: 44.5e6}), (lm_resnet_imagenet, {50: 25.6e6, 101: 44.5e6})])
-def test_imagenet_counts_match_he_et_al(build, paper: dict[int, float]) -> None:
-    for depth, published in paper.items():
-        with torch.device("meta"):
-            model = build(depth)
-        assert abs(count(model) - published) / published <= 0.01
+@pytest.mark.parametrize("build", [preact_resnet_imagenet, lm_resnet_imagenet])
+@pytest.mark.parametrize("depth, published", [(50, 25.6e6), (101, 44.5e6)])  # He et al. 2016 (ResNet-50/101)
+def test_imagenet_counts_match_he_et_al(build, depth: int, published: float) -> None:
+    with torch.device("meta"):  # counts only: no memory, no initialization time
+        model = build(depth)
+    assert abs(count(model) - published) / published <= 0.01
 
 
 def test_shapes_cifar_and_imagenet() -> None:

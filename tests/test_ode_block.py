@@ -106,6 +106,7 @@ def test_block_follows_the_callback_protocol() -> None:
         (dict(method="euler", step_size=1e-4, max_num_steps=100), "raise max_num_steps or use a larger step_size"),
         (dict(max_num_steps=0), "`max_num_steps` must be an integer >= 1"),
         (dict(adjoint="yes"), "`adjoint` must be True or False"),
+        (dict(min_step=-1.0), "`min_step` must be a number in"),
     ],
 )
 def test_bad_settings_fail_at_construction(kwargs: dict, fragment: str) -> None:
@@ -139,5 +140,14 @@ def test_solver_failure_explains_remedies() -> None:
     with pytest.raises(SolverFailedError) as info:
         block(torch.zeros(1, dtype=torch.float64))
     message = str(info.value)
-    for remedy in ("max_num_steps", "rtol/atol", "fixed-step solver", "ToleranceAdaptation"):
+    for remedy in ("max_num_steps", "rtol/atol", "min_step > 0", "fixed-step solver", "ToleranceAdaptation"):
         assert remedy in message
+
+
+def test_min_step_accepts_coarse_steps_instead_of_failing() -> None:
+    block = ODEBlock(LinearField(-0.5), method="dopri5", rtol=1e-13, atol=1e-13, max_num_steps=8)
+    with pytest.raises(SolverFailedError):
+        block(torch.ones(1, dtype=torch.float64))
+    block.configure_solver(min_step=0.2)
+    y1 = block(torch.ones(1, dtype=torch.float64))
+    assert torch.allclose(y1, torch.exp(torch.tensor([-0.5], dtype=torch.float64)), rtol=1e-6)

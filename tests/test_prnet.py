@@ -73,10 +73,10 @@ def test_pde_block_keeps_the_shape_and_starts_the_query_set_on_the_grid_at_t_end
         block(torch.randn(3, 8, 6, 6))
 
 
-@pytest.mark.parametrize("activation", ["softplus", "tanh", "relu"])
-def test_taylor_mode_derivatives_equal_nested_jvp(activation):
+@pytest.mark.parametrize("activation, output_norm", [("softplus", False), ("tanh", False), ("relu", False), ("softplus", True)])
+def test_taylor_mode_derivatives_equal_nested_jvp(activation, output_norm):
     torch.manual_seed(0)
-    block = PDEBlock(CoordinateConvField(16, activation=activation), (5, 4)).double()
+    block = PDEBlock(CoordinateConvField(16, activation=activation, output_norm=output_norm), (5, 4)).double()
     with torch.no_grad():  # move away from the symmetric initialization
         block.query.add_(0.1 * torch.randn_like(block.query))
         for parameter in block.field.parameters():
@@ -155,6 +155,7 @@ def test_algorithm_1_logs_every_loss_term_and_the_equation_to_tensorboard(tmp_pa
         assert f"train/{term}_step" in scalars, sorted(scalars)
     text = [t for t in events.Tags()["tensors"] if "governing/equation" in t]
     assert text, events.Tags()
+    assert "governing/coefficients" in events.Tags()["images"]
     assert module.trainer.global_step == 4 * 3  # four optimizer steps per batch, three batches
 
 
@@ -205,12 +206,36 @@ def test_nonfinite_term_skips_only_the_affected_steps_when_configured(tmp_path):
         (dict(max_derivative_order=(3, 3, 3)), "one integer per axis ['x', 'y']"),
         (dict(activation="swish"), "`activation` must be one of"),
         (dict(image_size=3, num_downsamples=2), "too small"),
+        (dict(governing_samples=0), "`governing_samples` must be an integer >= 1"),
     ],
 )
 def test_invalid_settings_fail_at_construction(kwargs, message):
     with pytest.raises(ValueError) as error:
         PRNetModule(**{**TINY, **kwargs})
     assert message in str(error.value)
+
+
+def test_governing_loss_uses_only_governing_samples_but_the_task_loss_the_whole_batch(tmp_path):
+    module = PRNetModule(**TINY, step_order=["theta"], governing_samples=3)
+    sizes, original = [], module.block.derivatives
+
+    def spy(h0, *args, **kwargs):
+        sizes.append(h0.shape[0])
+        return original(h0, *args, **kwargs)
+
+    module.block.derivatives = spy
+    head_inputs = []
+    module.network.head.register_forward_hook(lambda m, inputs, output: head_inputs.append(inputs[0].shape[0]))
+    make_trainer(tmp_path, max_steps=1, limit_val_batches=0).fit(module, TinyDigits())
+    assert sizes == [3] and head_inputs == [8]
+
+
+def test_gradient_clipping_bounds_every_sub_step(tmp_path):
+    module = PRNetModule(**TINY, step_order=["task"], optimizer="sgd", lr=1.0, momentum=0.0, gradient_clip_val=1e-3)
+    before = torch.cat([p.detach().flatten().clone() for p in module.parameter_groups()["task"]])
+    make_trainer(tmp_path, max_steps=1, limit_val_batches=0).fit(module, TinyDigits())
+    after = torch.cat([p.detach().flatten() for p in module.parameter_groups()["task"]])
+    assert 0 < (after - before).norm() <= 1e-3 * (1 + 1e-4)
 
 
 def test_step_order_names_are_the_papers_lines_5_to_8():

@@ -40,6 +40,7 @@ def prnet(
     image_size: int = 28,
     activation: str = "softplus",
     t_end: float = 1.0,
+    output_norm: bool = False,
 ) -> StemFeatureHeadClassifier:
     """PR-Net: stem, one :class:`PDEBlock` (f queried at the learned set H), head.
 
@@ -51,8 +52,10 @@ def prnet(
         image_size: Side of the square input images (28 MNIST, 32 SVHN, 8 digits); fixes the size of H.
         activation: Activation of the regression network f.
         t_end: Initial time T of the query set.
+        output_norm: End f with a GroupNorm (see :class:`CoordinateConvField`).
     """
     check_positive_int(width, "width")
     check_positive_int(num_downsamples, "num_downsamples", minimum=0)
-    block = PDEBlock(CoordinateConvField(width, 3, activation), stem_output_size(image_size, num_downsamples), t_end)
+    field = CoordinateConvField(width, 3, activation, output_norm)
+    block = PDEBlock(field, stem_output_size(image_size, num_downsamples), t_end)
     return StemFeatureHeadClassifier(block, in_channels, num_classes, width, num_downsamples)

@@ -50,7 +50,7 @@ class ConvBottleneckODEFunc(nn.Module):
     Args:
         channels: Channels of the state (3 for raw RGB images).
         hidden_channels: Channels inside the bottleneck.
-        activation: Activation name (see :data:`lightning_pdenets.dynamics.mlp.ACTIVATIONS`).
+        activation: Activation name (see :data:`lightning_pdenets.dynamics.mlp.MLP_ACTIVATIONS`).
     """
 
     def __init__(self, channels: int = 3, hidden_channels: int = 64, activation: str = "relu") -> None:

@@ -15,7 +15,7 @@ soft-threshold (ISTA) step that sets small coefficients exactly to zero.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Mapping, Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import nn

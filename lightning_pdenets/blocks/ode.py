@@ -31,6 +31,8 @@ class SolverSettings:
         t0: Start of the integration interval.
         t1: End of the integration interval.
         max_num_steps: Upper bound on solver steps (adaptive solvers stop with an error past it).
+        min_step: Smallest step an adaptive solver may take (torchdiffeq's ``min_step``); with
+            ``min_step > 0`` it accepts steps at that size instead of failing with "underflow in dt".
     """
 
     method: str = "dopri5"
@@ -41,6 +43,7 @@ class SolverSettings:
     t0: float = 0.0
     t1: float = 1.0
     max_num_steps: int = 1000
+    min_step: float = 0.0
 
     def validate(self) -> "SolverSettings":
         """Raise ``ValueError`` naming the bad field; return ``self`` when all fields are valid."""
@@ -52,6 +55,8 @@ class SolverSettings:
         if not (isinstance(self.t0, (int, float)) and isinstance(self.t1, (int, float)) and self.t1 > self.t0):
             raise ValueError(f"the integration interval needs t1 > t0, got t0={self.t0!r}, t1={self.t1!r}.")
         check_positive_int(self.max_num_steps, "max_num_steps")
+        if isinstance(self.min_step, bool) or not isinstance(self.min_step, (int, float)) or not 0 <= self.min_step < self.t1 - self.t0:
+            raise ValueError(f"`min_step` must be a number in [0, t1 - t0), got {self.min_step!r}.")
         if info.adaptive:
             return self
         if self.step_size is None:
@@ -91,7 +96,7 @@ class ODEBlock(nn.Module):
 
     Args:
         vector_field: ``nn.Module`` computing f(t, y) with the shape of y.
-        method, step_size, rtol, atol, adjoint, t0, t1, max_num_steps: see :class:`SolverSettings`.
+        method, step_size, rtol, atol, adjoint, t0, t1, max_num_steps, min_step: see :class:`SolverSettings`.
 
     Raises:
         ValueError: on an unknown solver name or an invalid setting, listing the allowed values.
@@ -109,12 +114,15 @@ class ODEBlock(nn.Module):
         t0: float = 0.0,
         t1: float = 1.0,
         max_num_steps: int = 1000,
+        min_step: float = 0.0,
     ) -> None:
         super().__init__()
         if not isinstance(vector_field, nn.Module):
             raise TypeError(f"`vector_field` must be an nn.Module computing f(t, y), got {type(vector_field).__name__}.")
         self.field = vector_field
-        self.settings = SolverSettings(method, step_size, rtol, atol, adjoint, t0, t1, max_num_steps).validate()
+        self.settings = SolverSettings(
+            method, step_size, rtol, atol, adjoint, t0, t1, max_num_steps, min_step
+        ).validate()
         self.nfe_forward = 0
         self.nfe_backward = 0
         self._solving_forward = False
@@ -165,7 +173,10 @@ class ODEBlock(nn.Module):
     def forward(self, y0: torch.Tensor) -> torch.Tensor:
         s = self.settings
         times = torch.tensor([s.t0, s.t1], dtype=y0.dtype, device=y0.device)
-        options = {"max_num_steps": s.max_num_steps} if s.is_adaptive else {"step_size": s.step_size}
+        if s.is_adaptive:
+            options: dict[str, Any] = {"max_num_steps": s.max_num_steps, "min_step": s.min_step}
+        else:
+            options = {"step_size": s.step_size}
         kwargs: dict[str, Any] = dict(rtol=s.rtol, atol=s.atol, method=s.method, options=options)
         if s.adjoint:
             kwargs["adjoint_params"] = tuple(self.field.parameters())
@@ -185,7 +196,8 @@ def _explain_solver_failure(error: Exception, settings: SolverSettings) -> Excep
         return error
     return SolverFailedError(
         f"ODE solver {settings.method!r} failed: {message} (rtol={settings.rtol}, atol={settings.atol}, "
-        f"max_num_steps={settings.max_num_steps}). The dynamics became too stiff for this tolerance. Try: "
-        f"a looser tolerance (rtol/atol), a larger max_num_steps, a fixed-step solver (method='rk4' with a "
+        f"max_num_steps={settings.max_num_steps}, min_step={settings.min_step}). The dynamics became too stiff for "
+        f"this tolerance. Try: a looser tolerance (rtol/atol), a min_step > 0 (accept steps of that size instead "
+        f"of failing), a larger max_num_steps, a fixed-step solver (method='rk4' with a "
         f"step_size), the ToleranceAdaptation callback, or a lower learning rate."
     )

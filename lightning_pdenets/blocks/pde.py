@@ -6,9 +6,11 @@ learnable query set H = {(d, t)}: one (x, y, t) per output position, initialized
 at t = T. Inference is a single evaluation, with no solver and no derivatives.
 
 Derivatives (used only by the training losses) are exact forward-mode derivatives of f's output
-with respect to its coordinate inputs, computed with nested :func:`torch.func.jvp`. The coordinate
-field (x, y, t) enters f as three input channels; the derivative along an axis is the directional
-derivative along a uniform shift of that channel, e.g.
+with respect to its coordinate inputs: by default in closed-form Taylor mode through the layers of
+:class:`CoordinateConvField` (one batched pass for every direction and order), otherwise with one
+nested :func:`torch.func.jvp` per axis (:func:`coordinate_derivatives`, any field); both agree to
+rounding. The coordinate field (x, y, t) enters f as three input channels; the derivative along
+an axis is the directional derivative along a uniform shift of that channel, e.g.
 
     h_x(p) = d/de f(h(0), x + e, y, t)(p) at e = 0,    h_xx = d^2/de^2 ..., h_t = d/de f(h(0), x, y, t + e)(p).
 
@@ -101,7 +103,6 @@ def coordinate_derivatives(
         tangent = torch.zeros_like(coordinates)
         tangent.select(coordinate_dim, index).fill_(1.0)
         unit.append(tangent)
-    result: CoordinateDerivatives | None = None
     spatial: dict[str, tuple[torch.Tensor, ...]] = {}
     u = None
     for index, axis in enumerate(axes):
@@ -117,13 +118,13 @@ def coordinate_derivatives(
         u = u_time if u is None else u
     if u is None:
         u = function(coordinates)
-    result = CoordinateDerivatives(u, u_t, spatial)
-    return result
+    return CoordinateDerivatives(u, u_t, spatial)
 
 
 def _take(series: Sequence[torch.Tensor], k: int, count: int) -> torch.Tensor:
     """Order-k entry restricted to the first ``count`` directions (order 0 has no direction axis)."""
-    return series[k] if k == 0 else series[k][:count]
+    entry = series[k]
+    return entry if k == 0 or entry.shape[0] == count else entry[:count]  # a full slice would cost a copy in backward
 
 
 def _leibniz(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], counts: Sequence[int]) -> list[torch.Tensor]:
@@ -146,10 +147,10 @@ def _chain(outer: Sequence[torch.Tensor], z: Sequence[torch.Tensor], counts: Seq
     if len(z) > 1:
         result.append(outer[1] * z[1])
     if len(z) > 2:
-        z1 = z[1][: counts[2]]
+        z1 = _take(z, 1, counts[2])
         result.append((outer[2] * z1 * z1).add(outer[1] * z[2]))
     if len(z) > 3:
-        z1, z2 = z[1][: counts[3]], z[2][: counts[3]]
+        z1, z2 = _take(z, 1, counts[3]), _take(z, 2, counts[3])
         result.append((outer[3] * z1 * z1 * z1).add(outer[2] * z1 * z2, alpha=3).add(outer[1] * z[3]))
     return result
 
@@ -188,17 +189,18 @@ def _group_norm_series(norm: nn.GroupNorm, x: Sequence[torch.Tensor], counts: Se
     rsqrt = [v0**-0.5, -0.5 * v0**-1.5, 0.75 * v0**-2.5, -1.875 * v0**-3.5][: len(x)]
     normalized = _leibniz(centered, _chain(rsqrt, variance, counts), counts)
     weight, bias = norm.weight.view(-1, 1, 1), norm.bias.view(-1, 1, 1)
-    out = [torch.addcmul(bias, normalized[0].reshape(x[0].shape), weight)]
-    out += [yk.reshape(xk.shape) * weight for yk, xk in zip(normalized[1:], x[1:])]
+    out = [torch.addcmul(bias, normalized[0].reshape(x[0].shape), weight)]  # order >= 1: (D_k, N or 1, C, H, W)
+    out += [yk.reshape(*yk.shape[:-2], *x[0].shape[-3:]) * weight for yk in normalized[1:]]
     return out
 
 
 class CoordinateConvField(nn.Module):
     """f(h(0), coordinates): Chen et al.'s conv vector field with the coordinates as extra channels.
 
-    norm -> act -> conv([h, x, y, t]) -> norm -> act -> conv([., x, y, t]) -> norm, added to h(0),
+    norm -> act -> conv([h, x, y, t]) -> norm -> act -> conv([., x, y, t]) (-> norm), added to h(0),
     so f starts near the identity like a residual block (the skip does not make L_I vanish: it
-    asks the learned part to vanish at t = 0).
+    asks the learned part to vanish at t = 0). Chen et al.'s final GroupNorm is off by default: its
+    output has unit variance per group at every t, so L_I could only shrink through its scale.
 
     Besides ``forward``, :meth:`taylor` propagates exact derivatives along coordinate directions
     through the layers in closed form (Taylor-mode differentiation: linear maps act on each
@@ -211,11 +213,14 @@ class CoordinateConvField(nn.Module):
         channels: Channels C of the feature maps.
         num_coordinates: Coordinate channels (spatial axes + time).
         activation: One of :data:`FIELD_ACTIVATIONS`.
+        output_norm: End with a GroupNorm as Chen et al.'s vector field.
     """
 
     max_taylor_order = 3
 
-    def __init__(self, channels: int, num_coordinates: int = 3, activation: str = "softplus") -> None:
+    def __init__(
+        self, channels: int, num_coordinates: int = 3, activation: str = "softplus", output_norm: bool = False
+    ) -> None:
         super().__init__()
         if activation not in FIELD_ACTIVATIONS:
             raise ValueError(f"`activation` must be one of {sorted(FIELD_ACTIVATIONS)}, got {activation!r}.")
@@ -224,14 +229,14 @@ class CoordinateConvField(nn.Module):
         self.conv1 = nn.Conv2d(channels + num_coordinates, channels, 3, padding=1)
         self.norm2 = group_norm(channels)
         self.conv2 = nn.Conv2d(channels + num_coordinates, channels, 3, padding=1)
-        self.norm3 = group_norm(channels)
+        self.norm3 = group_norm(channels) if output_norm else None
         self.act = FIELD_ACTIVATIONS[activation]()
 
     def forward(self, h0: torch.Tensor, coordinates: torch.Tensor) -> torch.Tensor:
         coords = coordinates.expand(h0.shape[0], *coordinates.shape[-3:])
         out = self.conv1(torch.cat([self.act(self.norm1(h0)), coords], dim=1))
         out = self.conv2(torch.cat([self.act(self.norm2(out)), coords], dim=1))
-        return h0 + self.norm3(out)
+        return h0 + (out if self.norm3 is None else self.norm3(out))
 
     def _conv_series(
         self,
@@ -251,14 +256,12 @@ class CoordinateConvField(nn.Module):
             return out
         feature_weight, coordinate_weight = conv.weight[:, : self.channels], conv.weight[:, self.channels :]
         direction_term = F.conv2d(directions, coordinate_weight, None, conv.stride, conv.padding).unsqueeze(1)
-        if a[1] is None:
-            out.append(direction_term.expand(-1, *out[0].shape))
-            out += [out[0].new_zeros((counts[k], *out[0].shape)) for k in range(2, len(a))]
+        if a[1] is None:  # kept at batch size 1: broadcasting expands it where it meets the primal
+            out.append(direction_term)
+            out += [out[0].new_zeros((counts[k], 1, *out[0].shape[1:])) for k in range(2, len(a))]
             return out
-        # one convolution for every order and direction (the bias belongs to order 0 only)
-        flat = F.conv2d(torch.cat([ak.flatten(0, 1) for ak in a[1:]]), feature_weight, None, conv.stride, conv.padding)
-        sizes = [ak.shape[0] * ak.shape[1] for ak in a[1:]]
-        for k, part in enumerate(flat.split(sizes), start=1):
+        for k, ak in enumerate(a[1:], start=1):  # all directions of one order in one call; no bias beyond order 0
+            part = F.conv2d(ak.flatten(0, 1), feature_weight, None, conv.stride, conv.padding)
             part = part.view(counts[k], -1, *part.shape[1:])
             out.append(part + direction_term if k == 1 else part)
         return out
@@ -290,7 +293,8 @@ class CoordinateConvField(nn.Module):
         z = _group_norm_series(self.norm2, z, counts)
         a = _chain(_activation_derivatives(self.act, z[0], order), z, counts)
         z = self._conv_series(self.conv2, a, coordinates, directions[: counts[1]] if order else directions, counts)
-        z = _group_norm_series(self.norm3, z, counts)
+        if self.norm3 is not None:
+            z = _group_norm_series(self.norm3, z, counts)
         return [h0 + z[0], *z[1:]]
 
 

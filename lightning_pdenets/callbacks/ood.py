@@ -165,7 +165,33 @@ class OODEvaluation(Callback):
             self._metrics[name].update(logits, y)
 
     def on_test_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        results: dict[str, dict[str, float]] = {}
         for name, metrics in self._metrics.items():
-            for k, value in metrics.compute().items():
-                pl_module.log(f"ood/{name}/{k}", float(value))
+            results[name] = {k: float(value) for k, value in metrics.compute().items()}
+            for k, value in results[name].items():
+                pl_module.log(f"ood/{name}/{k}", value)
         self._metrics.clear()
+        if trainer.is_global_zero and results:
+            self._add_figure(trainer, results)
+
+    @staticmethod
+    def _add_figure(trainer: "pl.Trainer", results: dict[str, dict[str, float]]) -> None:
+        """Bar chart of top-1/top-5 accuracy per perturbation (``ood/accuracy_per_perturbation``)."""
+        experiments = [logger.experiment for logger in trainer.loggers if hasattr(logger.experiment, "add_figure")]
+        if not experiments:
+            return
+        from matplotlib.figure import Figure  # backend-free, safe in headless runs
+
+        figure = Figure(figsize=(6, 3.5))
+        axes = figure.add_subplot()
+        names = list(results)
+        for offset, key in ((-0.2, "top1"), (0.2, "top5")):
+            values = [results[name].get(key, float("nan")) for name in names]
+            axes.bar([i + offset for i in range(len(names))], values, width=0.4, label=key)
+        axes.set_xticks(range(len(names)), names, rotation=20)
+        axes.set_ylim(0, 1)
+        axes.set_ylabel("accuracy")
+        axes.legend()
+        figure.tight_layout()
+        for experiment in experiments:
+            experiment.add_figure("ood/accuracy_per_perturbation", figure, global_step=trainer.global_step)

@@ -42,7 +42,7 @@ __all__ = [
     "ToleranceAdaptation",
     "DEFAULT_TEST_SOLVERS",
     "hairer_initial_step",
-    "test_step_size",
+    "step_for_test_solver",
 ]
 
 DEFAULT_TEST_SOLVERS: dict[str, str] = {"euler": "midpoint", "midpoint": "rk4", "heun2": "rk4", "heun3": "rk4", "rk4": "rk4"}
@@ -205,15 +205,12 @@ def hairer_initial_step(vector_field: Any, t0: float, y0: torch.Tensor, order: i
     return min(100 * h0, h1)
 
 
-def test_step_size(step_size: float, train_order: int, test_order: int, error_ratio: float = 50.0) -> float:
+def step_for_test_solver(step_size: float, train_order: int, test_order: int, error_ratio: float = 50.0) -> float:
     """Step of the test solver whose global error ~h^q is ``error_ratio`` times below the training solver's ~h^p.
 
     h_test = (h^p / error_ratio)^(1/q), never above h: Euler at h → midpoint at sqrt(h/50).
     """
     return min(step_size, (step_size**train_order / error_ratio) ** (1.0 / test_order))
-
-
-test_step_size.__test__ = False  # not a pytest test despite its name
 
 
 def _check_threshold(threshold: Any) -> None:
@@ -374,7 +371,7 @@ class StepSizeAdaptation(_SolverAdaptation):
     if |acc_test − acc_train| > ``threshold`` the step is halved (never below (t1 − t0)/``max_num_steps``,
     with a warning when that bound binds); otherwise h' = min(1.1·h, ``max_step_size``) is tried and
     kept only if the two accuracies still agree at h'. The test solver runs at
-    :func:`test_step_size` (error about ``error_ratio`` times smaller).
+    :func:`step_for_test_solver` (error about ``error_ratio`` times smaller).
 
     Args:
         interval: Training steps between checks.
@@ -460,7 +457,7 @@ class StepSizeAdaptation(_SolverAdaptation):
 
     def _compare(self, trainer, pl_module, blocks, batch, step: float) -> dict[str, float]:
         test_order, train_order = SOLVERS[self.test_solver].order, SOLVERS[self.train_solver].order
-        test_step = test_step_size(step, train_order, test_order, self.error_ratio)
+        test_step = step_for_test_solver(step, train_order, test_order, self.error_ratio)
         acc_train, nfe_train, _ = self._accuracy(trainer, pl_module, blocks, batch, self.train_solver, step_size=step)
         acc_test, nfe_test, _ = self._accuracy(trainer, pl_module, blocks, batch, self.test_solver, step_size=test_step)
         return dict(acc_train_solver=acc_train, acc_test_solver=acc_test, nfe_train_solver=nfe_train,

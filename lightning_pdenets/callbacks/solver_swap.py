@@ -177,19 +177,14 @@ class SolverSwapCheck(Callback):
         figure = self.figure(result)
         for writer in writers:
             writer.add_figure(f"solver_swap/{stage}", figure, global_step=trainer.global_step)
-        import matplotlib.pyplot as plt
-
-        plt.close(figure)
 
     @staticmethod
     def figure(result: dict[str, Any]):
         """Matplotlib figure: accuracy against test step size (fixed-step) and against tolerance (adaptive)."""
-        import matplotlib
+        from matplotlib.figure import Figure  # no pyplot: leaves the user's backend and open figures alone
 
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
-
-        figure, (fixed_ax, adaptive_ax) = plt.subplots(1, 2, figsize=(9, 3.5))
+        figure = Figure(figsize=(9, 3.5))
+        fixed_ax, adaptive_ax = figure.subplots(1, 2)
         by_solver: dict[str, list[tuple[float, float]]] = {}
         for (solver, _), combo in result["combinations"].items():
             by_solver.setdefault(solver, []).append((combo["value"], combo["accuracy"]))

@@ -11,17 +11,17 @@ from torch import nn
 
 from lightning_pdenets.validation import check_positive_int
 
-__all__ = ["MLPODEFunc", "ACTIVATIONS"]
+__all__ = ["MLPODEFunc", "MLP_ACTIVATIONS"]
 
-ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "tanh": nn.Tanh, "softplus": nn.Softplus, "elu": nn.ELU}
+MLP_ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "tanh": nn.Tanh, "softplus": nn.Softplus, "elu": nn.ELU}
 """Activation names accepted by :class:`MLPODEFunc`."""
 
 
 def check_activation(activation: str) -> type[nn.Module]:
     """Return the activation class for ``activation`` or raise a ``ValueError`` listing the names."""
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"`activation` must be one of {sorted(ACTIVATIONS)}, got {activation!r}.")
-    return ACTIVATIONS[activation]
+    if activation not in MLP_ACTIVATIONS:
+        raise ValueError(f"`activation` must be one of {sorted(MLP_ACTIVATIONS)}, got {activation!r}.")
+    return MLP_ACTIVATIONS[activation]
 
 
 class MLPODEFunc(nn.Module):
@@ -31,7 +31,7 @@ class MLPODEFunc(nn.Module):
         dim: Size of the state y.
         hidden_width: Units of each hidden layer.
         num_hidden_layers: Hidden layers (>= 1).
-        activation: One of :data:`ACTIVATIONS`.
+        activation: One of :data:`MLP_ACTIVATIONS`.
         time_dependent: Append t to the input of the first layer.
     """
 

@@ -133,7 +133,9 @@ class ClassifierModule(pl.LightningModule):
     # -- optimization -----------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
         o = self.optimization
-        optimizer = build_optimizer(self.parameters(), o["optimizer"], o["lr"], o["weight_decay"], o["momentum"])
+        # Frozen parameters stay out, so that BackboneFinetuning can add them later as their own group.
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        optimizer = build_optimizer(trainable, o["optimizer"], o["lr"], o["weight_decay"], o["momentum"])
         max_epochs = self.trainer.max_epochs if self._trainer is not None else None
         scheduler = build_scheduler(optimizer, o["lr_scheduler"], o["lr_milestones"], o["lr_gamma"], max_epochs)
         if scheduler is None:

@@ -24,7 +24,6 @@ from lightning_pdenets.architectures.mobilenet_isometric import (
     prnet_mobilenet,
 )
 from lightning_pdenets.models.base import ClassifierModule
-from lightning_pdenets.models.optim import build_optimizer, build_scheduler
 from lightning_pdenets.models.prnet import PRNetModule
 from lightning_pdenets.validation import check_positive, check_positive_int
 
@@ -130,18 +129,6 @@ class IsometricMobileNetModule(ClassifierModule):
                 backbone_initial_ratio_lr=self.hparams.backbone_lr_ratio,
             )
         ]
-
-    def configure_optimizers(self) -> Any:
-        # Frozen parameters must stay out of the optimizer so that BackboneFinetuning can add them
-        # later as their own parameter group (with the backbone learning rate).
-        o = self.optimization
-        trainable = [p for p in self.parameters() if p.requires_grad]
-        optimizer = build_optimizer(trainable, o["optimizer"], o["lr"], o["weight_decay"], o["momentum"])
-        max_epochs = self.trainer.max_epochs if self._trainer is not None else None
-        scheduler = build_scheduler(optimizer, o["lr_scheduler"], o["lr_milestones"], o["lr_gamma"], max_epochs)
-        if scheduler is None:
-            return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
 
 def load_pretrained_backbone(network: nn.Module, path: str, architecture: dict[str, Any], model_name: str) -> None:

@@ -27,7 +27,7 @@ from lightning_pdenets.blocks.governing import GoverningEquation, ProximalSGD
 from lightning_pdenets.blocks.pde import PDEBlock
 from lightning_pdenets.models.base import ClassifierModule
 from lightning_pdenets.models.optim import build_optimizer, build_scheduler, check_optimization_settings
-from lightning_pdenets.validation import check_positive
+from lightning_pdenets.validation import check_positive, check_positive_int
 
 __all__ = ["PRNetModule", "PRNET_STEPS"]
 
@@ -47,7 +47,7 @@ class PRNetModule(ClassifierModule):
     scheduler. Gradients of all four groups are all-reduced under DDP.
 
     Args:
-        in_channels, num_classes, width, num_downsamples, image_size, activation, t_end:
+        in_channels, num_classes, width, num_downsamples, image_size, activation, t_end, output_norm:
             Architecture (see :func:`lightning_pdenets.architectures.prnet`).
         max_power: Highest power of h in the governing equation (int or one per axis x, y).
         max_derivative_order: Highest derivative order in d (int or one per axis x, y).
@@ -55,6 +55,9 @@ class PRNetModule(ClassifierModule):
         print_threshold: |alpha| below which terms are left out of the printed equation.
         initial_weight: Weight of L_I in the theta step.
         governing_weight: Weight of L_G in the theta step.
+        governing_samples: Evaluate the derivatives and L_G on only this many samples of each batch
+            (an unbiased estimate of the mean over samples, since batches are shuffled); None: all.
+            The cost of the theta step's derivative part scales with it.
         step_order: Sub-steps per batch, a subset of ``task``, ``theta``, ``query``, ``alpha`` in any order.
         theta_optimizer, theta_lr, theta_weight_decay, theta_momentum, theta_lr_scheduler,
             theta_lr_milestones, theta_lr_gamma: Optimization of the theta step.
@@ -75,12 +78,14 @@ class PRNetModule(ClassifierModule):
         image_size: int = 28,
         activation: str = "softplus",
         t_end: float = 1.0,
+        output_norm: bool = False,
         max_power: Union[int, Sequence[int]] = 3,
         max_derivative_order: Union[int, Sequence[int]] = 3,
         l1_weight: float = 1e-4,
         print_threshold: float = 1e-3,
         initial_weight: float = 1.0,
         governing_weight: float = 1.0,
+        governing_samples: Optional[int] = None,
         step_order: Sequence[str] = PRNET_STEPS,
         theta_optimizer: str = "adam",
         theta_lr: float = 1e-3,
@@ -125,11 +130,13 @@ class PRNetModule(ClassifierModule):
         if on_nonfinite not in _NONFINITE_POLICIES:
             raise ValueError(f"`on_nonfinite` must be one of {list(_NONFINITE_POLICIES)}, got {on_nonfinite!r}.")
         check_positive(gradient_clip_val, "gradient_clip_val", allow_none=True)
+        if governing_samples is not None:
+            check_positive_int(governing_samples, "governing_samples")
         for name, value in (("initial_weight", initial_weight), ("governing_weight", governing_weight)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise ValueError(f"`{name}` must be a number >= 0, got {value!r}.")
         self.step_order = tuple(step_order)
-        self.network = prnet(in_channels, num_classes, width, num_downsamples, image_size, activation, t_end)
+        self.network = prnet(in_channels, num_classes, width, num_downsamples, image_size, activation, t_end, output_norm)
         self.governing = GoverningEquation(
             PDEBlock.axes, max_power, max_derivative_order, l1_weight, print_threshold, variable="h"
         )
@@ -176,8 +183,9 @@ class PRNetModule(ClassifierModule):
         return optimizers, schedulers
 
     def on_train_epoch_end(self) -> None:
-        for scheduler in self.lr_schedulers():
-            scheduler.step()
+        for name, scheduler in zip(PRNET_STEPS, self.lr_schedulers()):
+            if name in self.step_order:  # optimizers outside step_order never step
+                scheduler.step()
 
     # -- Algorithm 1 ---------------------------------------------------------------------------
     def training_step(self, batch: Any, batch_idx: int) -> None:
@@ -217,8 +225,12 @@ class PRNetModule(ClassifierModule):
     def _theta_step(self, x: torch.Tensor, y: torch.Tensor, optimizer: Any, cache: dict[str, Any]) -> None:
         hp = self.hparams
         h0 = self._initial_features(x, cache)
-        derivatives = self.block.derivatives(h0, self._derivative_orders())
-        logits = self.network.head(derivatives.u)  # the primal of the derivative pass: f is evaluated once
+        sampled = h0.shape[0] if hp.governing_samples is None else min(hp.governing_samples, h0.shape[0])
+        derivatives = self.block.derivatives(h0[:sampled], self._derivative_orders())
+        u = derivatives.u  # the primal of the derivative pass: f is evaluated once per sample
+        if sampled < h0.shape[0]:
+            u = torch.cat([u, self.block(h0[sampled:])])
+        logits = self.network.head(u)
         loss_task = F.cross_entropy(logits, y)
         loss_initial = self.block.initial_condition_loss(h0)
         library = self.governing.library(derivatives)
@@ -240,7 +252,8 @@ class PRNetModule(ClassifierModule):
     def _alpha_step(self, x: torch.Tensor, y: torch.Tensor, optimizer: Any, cache: dict[str, Any]) -> None:
         if cache.get("library") is None:  # no theta step before this one in the current order
             with torch.no_grad():
-                derivatives = self.block.derivatives(self._initial_features(x, cache), self._derivative_orders())
+                h0 = self._initial_features(x, cache)
+                derivatives = self.block.derivatives(h0[: self.hparams.governing_samples], self._derivative_orders())
                 cache["library"] = (self.governing.library(derivatives), derivatives.u_t)
         library, u_t = cache["library"]
         loss_governing = self.governing.governing_loss(u_t, library)
@@ -286,6 +299,22 @@ class PRNetModule(ClassifierModule):
             self.log(f"governing/alpha[{name}]", value, on_epoch=True, sync_dist=False)
         if isinstance(self.logger, TensorBoardLogger) and self.trainer.is_global_zero:
             self.logger.experiment.add_text("governing/equation", self.governing.equation(), self.global_step)
+            self.logger.experiment.add_figure("governing/coefficients", self._coefficient_figure(), self.global_step)
+
+    def _coefficient_figure(self) -> Any:
+        """Bar chart of alpha per library term: the sparsity pattern at a glance."""
+        from matplotlib.figure import Figure  # no pyplot: leaves the user's backend alone
+
+        coefficients = self.governing.coefficients()
+        figure = Figure(figsize=(max(6, 0.3 * len(coefficients)), 3))
+        axis = figure.add_subplot()
+        axis.bar(range(len(coefficients)), list(coefficients.values()))
+        axis.set_xticks(range(len(coefficients)), list(coefficients), rotation=90, fontsize=7)
+        axis.axhline(0.0, color="black", linewidth=0.5)
+        axis.set_ylabel("alpha")
+        axis.set_title(self.governing.equation(), fontsize=8)
+        figure.tight_layout()
+        return figure
 
     # -- checkpoints --------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

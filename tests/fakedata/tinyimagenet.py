@@ -43,4 +43,4 @@ def fake_tinyimagenet(root: Path, per_class: int = 4, n_val: int = 16) -> dict[s
     (base / "val" / "val_annotations.txt").write_text("".join(annotations))
     (base / "test" / "images").mkdir(parents=True, exist_ok=True)
     write_jpeg(base / "test" / "images" / "test_0.JPEG", rng)
-    return {"data_dir": str(root), "download": False, "batch_size": 4, "val_size": 8}
+    return {"data_dir": str(root), "download": False, "batch_size": 2, "val_size": 8}
