@@ -1,0 +1,109 @@
+"""DataLoaders that shard correctly under DDP and resume exactly, mid-epoch included.
+
+* Training order is a pure function of (seed, epoch): a :class:`DistributedSampler` with
+  ``num_replicas=1`` on a single process, sharded across ranks under DDP. Lightning calls its
+  ``set_epoch`` every epoch, so a resumed run sees the same order as an uninterrupted one.
+* :class:`ResumableDataLoader` is stateful, so Lightning saves its ``state_dict`` in checkpoints
+  and calls ``load_state_dict`` on resume. The first epoch after a resume then skips, without
+  loading them, the samples of the batches that Lightning's restored progress counts as completed
+  (``completed_batches``), so data and optimizer steps line up even when the interrupt struck
+  inside a hook, between fetching a batch and finishing its step.
+* Evaluation under DDP uses Lightning's ``UnrepeatedDistributedSampler``: every sample is
+  evaluated exactly once, so padded duplicates never distort validation or test accuracy.
+
+torch's DataLoader has no resumable state of its own; ``torchdata``'s StatefulDataLoader would
+add a dependency for the ~30 lines below.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator, Optional
+
+import torch.distributed as dist
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+__all__ = ["ResumableDataLoader", "ResumableSampler", "check_global_batch_size", "make_loader"]
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class ResumableSampler(DistributedSampler):
+    """Epoch-seeded, rank-sharded sample order that can start after ``skip`` samples of the epoch."""
+
+    def __init__(self, dataset: Dataset, shuffle: bool, seed: int) -> None:
+        replicas = {} if _distributed() else {"num_replicas": 1, "rank": 0}
+        super().__init__(dataset, shuffle=shuffle, seed=seed, drop_last=False, **replicas)
+        self.skip = 0
+
+    def __iter__(self) -> Iterator[int]:
+        indices = list(super().__iter__())
+        skip, self.skip = self.skip, 0
+        return iter(indices[skip:])
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader over a :class:`ResumableSampler` whose epoch position is checkpointed."""
+
+    def __init__(self, *args: Any, completed_batches: Optional[Callable[[], int]] = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.completed_batches = completed_batches
+        self.batches_consumed = 0
+        self._resuming = False
+
+    def __iter__(self) -> Iterator[Any]:
+        skip = 0
+        if self._resuming and self.completed_batches is not None:
+            skip = self.completed_batches()
+        self._resuming = False
+        if isinstance(self.sampler, ResumableSampler):
+            self.sampler.skip = skip * (self.batch_size or 1)
+        self.batches_consumed = skip
+        for batch in super().__iter__():
+            self.batches_consumed += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        epoch = self.sampler.epoch if isinstance(self.sampler, ResumableSampler) else 0
+        return {"batches_consumed": self.batches_consumed, "epoch": epoch}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._resuming = True
+        if isinstance(self.sampler, ResumableSampler):
+            self.sampler.set_epoch(int(state.get("epoch", 0)))
+
+
+def check_global_batch_size(global_batch_size: Optional[int], world_size: int) -> Optional[int]:
+    """Per-process batch size for ``global_batch_size`` split over ``world_size`` processes."""
+    if global_batch_size is None:
+        return None
+    if global_batch_size % world_size:
+        raise ValueError(
+            f"`global_batch_size`={global_batch_size} is not divisible by the {world_size} processes of this run; "
+            f"use a multiple of {world_size} (e.g. {global_batch_size - global_batch_size % world_size or world_size}) "
+            f"or set `batch_size` per process instead."
+        )
+    return global_batch_size // world_size
+
+
+def make_loader(
+    dataset: Dataset,
+    batch_size: int,
+    train: bool,
+    seed: int,
+    num_workers: int = 0,
+    completed_batches: Optional[Callable[[], int]] = None,
+) -> DataLoader:
+    """Training loader (shuffled, resumable) or evaluation loader (ordered, never duplicating samples).
+
+    ``completed_batches`` returns how many batches of the current epoch the trainer has finished
+    (read only when resuming).
+    """
+    common = dict(batch_size=batch_size, num_workers=num_workers, persistent_workers=num_workers > 0)
+    if train:
+        sampler = ResumableSampler(dataset, shuffle=True, seed=seed)
+        return ResumableDataLoader(dataset, sampler=sampler, completed_batches=completed_batches, **common)
+    sampler = UnrepeatedDistributedSampler(dataset, shuffle=False) if _distributed() else None
+    return DataLoader(dataset, sampler=sampler, shuffle=False, **common)

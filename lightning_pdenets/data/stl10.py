@@ -1,0 +1,121 @@
+"""STL-10 (Coates, Ng & Lee 2011) on torchvision: the labeled 5,000 training and 8,000 test 96×96 images.
+
+The 100,000 unlabeled images are not used. ``train_fraction`` trains on a class-balanced part of
+the training images, as in Figure 2 of Ruthotto & Haber, "Deep Neural Networks Motivated by
+Partial Differential Equations" (accuracy against the amount of training data, 10 % … 100 %).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Optional, Union
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Subset
+from torchvision import datasets
+from torchvision import transforms as T
+
+from lightning_pdenets.data.base import VisionDataModule, split_sizes
+
+__all__ = ["STL10DataModule", "stratified_split"]
+
+_LABELED_FILES = ("train_X.bin", "train_y.bin", "test_X.bin", "test_y.bin")
+
+
+class _LabeledSTL10(datasets.STL10):
+    """torchvision's STL-10 reader, requiring only the labeled files and not checking their MD5.
+
+    torchvision's integrity check also demands the 2.6 GB ``unlabeled_X.bin`` and the official
+    bytes; we read the same binary format but only need the four labeled files.
+    """
+
+    def _check_integrity(self) -> bool:
+        folder = os.path.join(self.root, self.base_folder)
+        return all(os.path.isfile(os.path.join(folder, name)) for name in _LABELED_FILES)
+
+
+def stratified_split(
+    labels: np.ndarray, val_size: Union[int, float], train_fraction: float, seed: int
+) -> tuple[list[int], list[int]]:
+    """Seeded, per-class train/val split, then keep ``train_fraction`` of each class's training part.
+
+    Each class gives round(n_c · n_val / n) samples to validation (at least one overall), and
+    round(train_fraction · m_c) of its remaining m_c samples to training; a balanced dataset thus
+    stays exactly balanced, and the validation set does not depend on ``train_fraction``.
+    """
+    total = len(labels)
+    _, n_val = split_sizes(total, val_size)
+    generator = torch.Generator().manual_seed(seed)
+    train_idx: list[int] = []
+    val_idx: list[int] = []
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        members = members[torch.randperm(len(members), generator=generator).numpy()]
+        n_class_val = int(round(len(members) * n_val / total))
+        rest = members[n_class_val:]
+        val_idx.extend(members[:n_class_val].tolist())
+        train_idx.extend(rest[: max(1, int(round(train_fraction * len(rest))))].tolist())
+    if not val_idx:
+        raise ValueError(f"`val_size`={val_size!r} leaves no validation sample per class; increase it.")
+    return sorted(train_idx), sorted(val_idx)
+
+
+class STL10DataModule(VisionDataModule):
+    """STL-10's labeled splits in torchvision's layout (``<data_dir>/stl10_binary/{train,test}_{X,y}.bin``).
+
+    The validation set is a stratified, seeded part of the 5,000 training images; set
+    ``val_size`` small (e.g. 10 images) to train on nearly all of them as the paper does.
+    Augmentation (``augment: true``) is a random 96×96 crop with 12-pixel padding and a horizontal
+    flip.
+
+    Args:
+        train_fraction: Class-balanced fraction of the training images to train on, in (0, 1].
+        **kwargs: Arguments of :class:`lightning_pdenets.data.base.VisionDataModule`.
+    """
+
+    name = "STL-10"
+    num_classes = 10
+    in_channels = 3
+    image_size = (96, 96)
+    channel_mean = (0.4467, 0.4398, 0.4066)
+    channel_std = (0.2603, 0.2566, 0.2713)
+
+    def __init__(
+        self,
+        data_dir: str = "data",
+        download: bool = False,
+        batch_size: int = 128,
+        num_workers: int = 0,
+        val_size: Union[int, float] = 0.1,
+        seed: int = 42,
+        normalize: bool = True,
+        augment: bool = False,
+        train_fraction: float = 1.0,
+    ) -> None:
+        if isinstance(train_fraction, bool) or not isinstance(train_fraction, (int, float)) or not 0 < train_fraction <= 1:
+            raise ValueError(f"`train_fraction` must be in (0, 1] (e.g. 0.1 for 10 %), got {train_fraction!r}.")
+        super().__init__(data_dir, download, batch_size, num_workers, val_size, seed, normalize, augment)
+        self.train_fraction = float(train_fraction)
+
+    def download(self) -> None:
+        datasets.STL10(self.data_dir, split="train", download=True)
+
+    def augmentations(self) -> list[Callable]:
+        return [T.RandomCrop(96, padding=12), T.RandomHorizontalFlip()]
+
+    def load_dataset(self, train: bool, transform: Callable) -> Dataset:
+        folder = os.path.join(self.data_dir, _LabeledSTL10.base_folder)
+        missing = [name for name in _LABELED_FILES if not os.path.isfile(os.path.join(folder, name))]
+        if missing:
+            raise self.missing_data_error(f" (expected {_LabeledSTL10.base_folder}/ with {', '.join(missing)})")
+        return _LabeledSTL10(self.data_dir, split="train" if train else "test", transform=transform, download=False)
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        if stage in (None, "fit", "validate") and self.train_set is None:
+            train_view = self.load_dataset(train=True, transform=self.transform(train=True))
+            eval_view = self.load_dataset(train=True, transform=self.transform(train=False))
+            labels = np.asarray(train_view.labels)
+            train_idx, val_idx = stratified_split(labels, self.val_size, self.train_fraction, self.seed)
+            self.train_set, self.val_set = Subset(train_view, train_idx), Subset(eval_view, val_idx)
+        super().setup(stage)

@@ -1,0 +1,106 @@
+"""Tiny ImageNet (Stanford CS231n, 2015): 200 classes of 64×64 colour images.
+
+100,000 training images (500 per class) and 10,000 labelled validation images, which serve as
+the test set (the official test images have no labels), as in Kim et al.'s PR-Net paper.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+from torch.utils.data import Dataset
+from torchvision import datasets
+from torchvision import transforms as T
+from torchvision.datasets.folder import default_loader
+from torchvision.datasets.utils import download_and_extract_archive
+
+from lightning_pdenets.data.base import VisionDataModule
+
+__all__ = ["TinyImageNetDataModule", "TinyImageNetVal"]
+
+ARCHIVE_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
+ARCHIVE_MD5 = "90528d7ca1a48142e341f4ef8d21d0de"
+FOLDER = "tiny-imagenet-200"
+
+
+def read_wnids(root: str) -> list[str]:
+    """The WordNet ids of ``wnids.txt`` in sorted order; a class's index is its rank here."""
+    with open(os.path.join(root, "wnids.txt")) as handle:
+        return sorted(line.strip() for line in handle if line.strip())
+
+
+class TinyImageNetTrain(datasets.ImageFolder):
+    """``train/<wnid>/images/*.JPEG`` with the classes of ``wnids.txt`` (torchvision's ImageFolder)."""
+
+    def __init__(self, root: str, transform: Callable) -> None:
+        self.wnids = read_wnids(root)
+        super().__init__(os.path.join(root, "train"), transform=transform)
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        folders = sorted(entry.name for entry in os.scandir(directory) if entry.is_dir())
+        if folders != self.wnids:
+            unlisted = sorted(set(folders) - set(self.wnids))[:3]
+            absent = sorted(set(self.wnids) - set(folders))[:3]
+            raise FileNotFoundError(
+                f"the class folders in {directory!r} do not match wnids.txt (unlisted: {unlisted}, missing: {absent})."
+            )
+        return self.wnids, {wnid: index for index, wnid in enumerate(self.wnids)}
+
+
+class TinyImageNetVal(Dataset):
+    """``val/images/*.JPEG`` labelled by ``val/val_annotations.txt`` (file, wnid, bounding box per line)."""
+
+    def __init__(self, root: str, transform: Callable) -> None:
+        self.classes = read_wnids(root)
+        self.class_to_idx = {wnid: index for index, wnid in enumerate(self.classes)}
+        self.transform = transform
+        images = os.path.join(root, "val", "images")
+        with open(os.path.join(root, "val", "val_annotations.txt")) as handle:
+            rows = [line.split("\t") for line in handle if line.strip()]
+        self.samples = [(os.path.join(images, row[0]), self.class_to_idx[row[1]]) for row in rows]
+        self.targets = [target for _, target in self.samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        path, target = self.samples[index]
+        return self.transform(default_loader(path)), target
+
+
+class TinyImageNetDataModule(VisionDataModule):
+    """Tiny ImageNet in its official layout under ``<data_dir>/tiny-imagenet-200``.
+
+    ``wnids.txt``, ``train/<wnid>/images/*.JPEG`` and ``val/images/*.JPEG`` with
+    ``val/val_annotations.txt``. The 100k training images are split into train/val by
+    ``val_size``; the 10k official validation images are the test set. ``download: true`` fetches
+    the official archive (``http://cs231n.stanford.edu/tiny-imagenet-200.zip``, 237 MB).
+    Augmentation (``augment: true``): random 64×64 crop with 4-pixel padding and horizontal flip.
+    """
+
+    name = "Tiny ImageNet"
+    num_classes = 200
+    in_channels = 3
+    image_size = (64, 64)
+    channel_mean = (0.4802, 0.4481, 0.3975)
+    channel_std = (0.2770, 0.2691, 0.2821)
+
+    @property
+    def root(self) -> str:
+        return os.path.join(self.data_dir, FOLDER)
+
+    def download(self) -> None:
+        if os.path.isfile(os.path.join(self.root, "wnids.txt")):
+            return
+        download_and_extract_archive(ARCHIVE_URL, download_root=self.data_dir, md5=ARCHIVE_MD5)
+
+    def augmentations(self) -> list[Callable]:
+        return [T.RandomCrop(64, padding=4), T.RandomHorizontalFlip()]
+
+    def load_dataset(self, train: bool, transform: Callable) -> Dataset:
+        required = ["wnids.txt", "train" if train else os.path.join("val", "val_annotations.txt")]
+        for name in required:
+            if not os.path.exists(os.path.join(self.root, name)):
+                raise self.missing_data_error(f" (expected {FOLDER}/{name})")
+        return TinyImageNetTrain(self.root, transform) if train else TinyImageNetVal(self.root, transform)

@@ -1,0 +1,192 @@
+"""Transfer-learning targets of Kim et al.'s PR-Net paper (Table 5), resized to the source model's input.
+
+CIFAR-10/100 (Krizhevsky 2009, reusing :mod:`lightning_pdenets.data.cifar`), FGVC Aircraft (Maji et al.
+2013, 100 variants), Food-101 (Bossard et al. 2014), DTD (Cimpoi et al. 2014, 47 textures) and
+Stanford Cars (Krause et al. 2013, 196 models), all read by torchvision in its own layout.
+
+Every module resizes images to ``resize × resize`` (64 for Tiny ImageNet sources: shorter side to
+``resize``, then a center crop) and, by default, standardizes with the *source* dataset's channel
+statistics (Tiny ImageNet), which the pretrained stem was trained on.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Union
+
+from torch.utils.data import ConcatDataset, Dataset
+from torchvision import datasets
+from torchvision import transforms as T
+
+from lightning_pdenets.data.base import VisionDataModule
+from lightning_pdenets.data.cifar import CIFAR10DataModule, CIFAR100DataModule
+from lightning_pdenets.data.tinyimagenet import TinyImageNetDataModule
+from lightning_pdenets.validation import check_positive_int
+
+__all__ = [
+    "DTDDataModule",
+    "FGVCAircraftDataModule",
+    "Food101DataModule",
+    "ResizedCIFAR100DataModule",
+    "ResizedCIFAR10DataModule",
+    "StanfordCarsDataModule",
+]
+
+
+class _ResizedTransfer:
+    """Mixin: resize to the source model's input size, standardize with the source's statistics.
+
+    Args (besides those of :class:`VisionDataModule`):
+        resize: Side of the square images the source model takes (64 for Tiny ImageNet).
+    """
+
+    channel_mean = TinyImageNetDataModule.channel_mean
+    channel_std = TinyImageNetDataModule.channel_std
+
+    def __init__(
+        self,
+        data_dir: str = "data",
+        download: bool = False,
+        batch_size: int = 128,
+        num_workers: int = 0,
+        val_size: Union[int, float] = 0.1,
+        seed: int = 42,
+        normalize: bool = True,
+        augment: bool = False,
+        resize: int = 64,
+    ) -> None:
+        check_positive_int(resize, "resize")
+        super().__init__(data_dir, download, batch_size, num_workers, val_size, seed, normalize, augment)  # type: ignore[call-arg]
+        self.resize = resize
+        self.image_size = (resize, resize)
+
+    def augmentations(self) -> list[Callable]:
+        return [T.RandomCrop(self.resize, padding=self.resize // 16), T.RandomHorizontalFlip()]
+
+    def transform(self, train: bool) -> Callable:
+        resize = [T.Resize(self.resize, antialias=True), T.CenterCrop(self.resize)]
+        return T.Compose(resize + list(super().transform(train).transforms))  # type: ignore[misc]
+
+
+class ResizedCIFAR10DataModule(_ResizedTransfer, CIFAR10DataModule):
+    """CIFAR-10 (torchvision layout, see :class:`CIFAR10DataModule`) resized to ``resize`` for transfer."""
+
+
+class ResizedCIFAR100DataModule(_ResizedTransfer, CIFAR100DataModule):
+    """CIFAR-100 (torchvision layout, see :class:`CIFAR100DataModule`) resized to ``resize`` for transfer."""
+
+
+class _TorchvisionTransfer(_ResizedTransfer, VisionDataModule):
+    """A torchvision dataset found under ``<data_dir>/<folder>``; subclasses name the splits."""
+
+    folder = ""
+
+    def _require_folder(self) -> None:
+        if not os.path.isdir(os.path.join(self.data_dir, self.folder)):
+            raise self.missing_data_error(f" (expected {self.folder}/)")
+
+    def _load(self, make: Callable[[], Dataset]) -> Dataset:
+        self._require_folder()
+        try:
+            return make()
+        except (RuntimeError, OSError, KeyError) as error:
+            raise self.missing_data_error(f" (incomplete {self.folder}/: {error})") from error
+
+
+class FGVCAircraftDataModule(_TorchvisionTransfer):
+    """FGVC Aircraft, 100 variants (``<data_dir>/fgvc-aircraft-2013b``); trains on ``trainval``, tests on ``test``."""
+
+    name = "FGVC Aircraft"
+    num_classes = 100
+    in_channels = 3
+    folder = "fgvc-aircraft-2013b"
+
+    def download(self) -> None:
+        datasets.FGVCAircraft(self.data_dir, split="trainval", download=True)
+
+    def load_dataset(self, train: bool, transform: Callable) -> Dataset:
+        split = "trainval" if train else "test"
+        return self._load(lambda: datasets.FGVCAircraft(self.data_dir, split=split, transform=transform))
+
+
+class Food101DataModule(_TorchvisionTransfer):
+    """Food-101 (``<data_dir>/food-101``): 75,750 training and 25,250 test images of 101 dishes."""
+
+    name = "Food-101"
+    num_classes = 101
+    in_channels = 3
+    folder = "food-101"
+
+    def download(self) -> None:
+        datasets.Food101(self.data_dir, split="train", download=True)
+
+    def load_dataset(self, train: bool, transform: Callable) -> Dataset:
+        split = "train" if train else "test"
+        return self._load(lambda: datasets.Food101(self.data_dir, split=split, transform=transform))
+
+
+class DTDDataModule(_TorchvisionTransfer):
+    """Describable Textures (``<data_dir>/dtd/dtd``), 47 classes; trains on train+val of ``partition``, tests on test.
+
+    Args:
+        partition: Which of DTD's ten official splits (1-10).
+    """
+
+    name = "DTD"
+    num_classes = 47
+    in_channels = 3
+    folder = os.path.join("dtd", "dtd")
+
+    def __init__(
+        self,
+        data_dir: str = "data",
+        download: bool = False,
+        batch_size: int = 128,
+        num_workers: int = 0,
+        val_size: Union[int, float] = 0.1,
+        seed: int = 42,
+        normalize: bool = True,
+        augment: bool = False,
+        resize: int = 64,
+        partition: int = 1,
+    ) -> None:
+        if isinstance(partition, bool) or not isinstance(partition, int) or not 1 <= partition <= 10:
+            raise ValueError(f"`partition` must be an integer in [1, 10] (DTD's ten splits), got {partition!r}.")
+        super().__init__(data_dir, download, batch_size, num_workers, val_size, seed, normalize, augment, resize)
+        self.partition = partition
+
+    def download(self) -> None:
+        datasets.DTD(self.data_dir, split="train", download=True)
+
+    def load_dataset(self, train: bool, transform: Callable) -> Dataset:
+        def make(split: str) -> Dataset:
+            return datasets.DTD(self.data_dir, split=split, partition=self.partition, transform=transform)
+
+        if train:
+            return self._load(lambda: ConcatDataset([make("train"), make("val")]))
+        return self._load(lambda: make("test"))
+
+
+class StanfordCarsDataModule(_TorchvisionTransfer):
+    """Stanford Cars, 196 models (``<data_dir>/stanford_cars``: ``devkit/``, ``cars_train/``, ``cars_test/``,
+    ``cars_test_annos_withlabels.mat``). The original download URL is gone: fetch the files by hand
+    (e.g. from a Kaggle mirror) into that layout.
+    """
+
+    name = "Stanford Cars"
+    num_classes = 196
+    in_channels = 3
+    folder = "stanford_cars"
+
+    def download(self) -> None:
+        if os.path.isdir(os.path.join(self.data_dir, self.folder, "devkit")):
+            return
+        raise FileNotFoundError(
+            f"Stanford Cars cannot be downloaded any more (the official URL is broken) and was not found under "
+            f"{os.path.abspath(os.path.join(self.data_dir, self.folder))!r}. Place devkit/, cars_train/, cars_test/ "
+            f"and cars_test_annos_withlabels.mat there by hand, then set `download: false`."
+        )
+
+    def load_dataset(self, train: bool, transform: Callable) -> Dataset:
+        split = "train" if train else "test"
+        return self._load(lambda: datasets.StanfordCars(self.data_dir, split=split, transform=transform))
