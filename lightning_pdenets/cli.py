@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Optional
 
 import lightning.pytorch as pl
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
@@ -83,8 +84,8 @@ class PDENetsCLI(LightningCLI):
             return
         if getattr(self.trainer, "interrupted", False):
             return
-        checkpoint = self.trainer.checkpoint_callback
-        ckpt_path: Optional[str] = "best" if checkpoint is not None and checkpoint.best_model_path else None
+        best = [c for c in self.trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint) and c.best_model_path]
+        ckpt_path: Optional[str] = best[0].best_model_path if best else None
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt_path)
 
 

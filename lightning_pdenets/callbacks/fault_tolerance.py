@@ -6,7 +6,7 @@ import os
 from typing import Optional
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import OnExceptionCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
 
 from lightning_pdenets.errors import NonFiniteLossError, SolverFailedError
 
@@ -33,7 +33,7 @@ class CheckpointOnInterrupt(OnExceptionCheckpoint):
     def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
         if isinstance(exception, (NonFiniteLossError, SolverFailedError)):
             return
-        checkpoint_callback = trainer.checkpoint_callback
-        if self.follow_model_checkpoint and checkpoint_callback is not None and checkpoint_callback.dirpath:
-            self.dirpath = os.fspath(checkpoint_callback.dirpath)
+        model_checkpoints = [c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint) and c.dirpath]
+        if self.follow_model_checkpoint and model_checkpoints:
+            self.dirpath = os.fspath(model_checkpoints[0].dirpath)
         super().on_exception(trainer, pl_module, exception)
