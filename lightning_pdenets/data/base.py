@@ -20,7 +20,7 @@ from torchvision import transforms as T
 from lightning_pdenets.data.loading import check_global_batch_size, make_loader
 from lightning_pdenets.validation import check_positive_int
 
-__all__ = ["ClassificationDataModule", "VisionDataModule", "check_batch_and_workers", "seeded_split", "split_sizes"]
+__all__ = ["ClassificationDataModule", "VisionDataModule", "seeded_split", "split_sizes"]
 
 
 def check_batch_and_workers(batch_size: int, num_workers: int) -> None:

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 from typing import Optional
 
-import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
-from lightning_pdenets.data.base import check_batch_and_workers
+from lightning_pdenets.data.base import ClassificationDataModule
 from lightning_pdenets.validation import check_positive_int
 
 __all__ = ["ConcentricSpheresDataModule", "SPHERES_VARIANTS", "sample_spheres"]
@@ -64,7 +63,7 @@ def sample_spheres(
     return torch.cat(points)[order], torch.cat(labels)[order]
 
 
-class ConcentricSpheresDataModule(pl.LightningDataModule):
+class ConcentricSpheresDataModule(ClassificationDataModule):
     """Seeded concentric-spheres data: the same points for a given seed on every run and every rank.
 
     Train, validation and test sets are drawn independently (seeds ``seed``, ``seed + 1``,
@@ -95,8 +94,7 @@ class ConcentricSpheresDataModule(pl.LightningDataModule):
         seed: int = 42,
         num_workers: int = 0,
     ) -> None:
-        super().__init__()
-        check_batch_and_workers(batch_size, num_workers)
+        super().__init__(batch_size, num_workers, seed)
         check_positive_int(dim, "dim")
         if variant not in SPHERES_VARIANTS:
             raise ValueError(f"`variant` must be one of {sorted(SPHERES_VARIANTS)}, got {variant!r}.")
@@ -112,9 +110,6 @@ class ConcentricSpheresDataModule(pl.LightningDataModule):
         self.input_dim = dim
         self.variant = variant
         self.sizes = {"train": num_train, "val": num_val, "test": num_test}
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.seed = seed
         self.splits: dict[str, TensorDataset] = {}
 
     def setup(self, stage: Optional[str] = None) -> None:
@@ -122,20 +117,4 @@ class ConcentricSpheresDataModule(pl.LightningDataModule):
             if split not in self.splits:
                 generator = torch.Generator().manual_seed(self.seed + offset)
                 self.splits[split] = TensorDataset(*sample_spheres(self.sizes[split], self.dim, self.variant, generator))
-
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        if split not in self.splits:
-            raise RuntimeError(f"{type(self).__name__}.setup() must run before asking for a dataloader.")
-        return DataLoader(self.splits[split], self.batch_size, shuffle=shuffle, num_workers=self.num_workers)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+        self.train_set, self.val_set, self.test_set = self.splits["train"], self.splits["val"], self.splits["test"]
