@@ -72,7 +72,7 @@ def inference_seconds(model: torch.nn.Module, images: torch.Tensor, repeats: int
 def run(config: Path, args: argparse.Namespace) -> dict:
     cli = build_cli(
         ["--config", str(config), f"--data.init_args.data_dir={args.data_dir}", "--data.init_args.download=false",
-         f"--data.init_args.batch_size={args.batch_size}", "--trainer.logger=false"],
+         f"--data.init_args.batch_size={args.batch_size}", "--trainer.logger=false", *args.override],
         run=False,
     )
     model, datamodule = cli.model, cli.datamodule
@@ -139,6 +139,8 @@ def markdown(rows: list[dict], args: argparse.Namespace, wall: float) -> str:
         f"({torch.get_num_threads()} threads); batch size {args.batch_size}; train fraction {args.train_fraction}; "
         f"total wall time {wall / 60:.1f} min.",
         "",
+        f"Overrides applied to every config: {' '.join(args.override) or 'none'}.",
+        "",
         f"Command: `python bench/bench_mnist.py {' '.join(sys.argv[1:])}`",
         "",
         "| model | params | test acc | train samples/s | train step (median) | step vs ResNet | NFE fwd / bwd per step "
@@ -166,6 +168,9 @@ def main() -> None:
     parser.add_argument("--train-fraction", type=float, default=1.0)
     parser.add_argument("--test-fraction", type=float, default=1.0)
     parser.add_argument("--output", type=Path, default=None, help="write the Markdown table here")
+    parser.add_argument("--override", action="append", default=[],
+                        help="CLI arguments applied to every config alike, e.g. a one-epoch recipe: "
+                             "--override=--model.init_args.optimizer=adam --override=--model.init_args.lr=0.001")
     parser.add_argument("--inference-only", action="store_true",
                         help="only time inference of 1,000 images, interleaving the models over --rounds rounds")
     parser.add_argument("--rounds", type=int, default=7)

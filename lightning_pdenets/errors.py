@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 
-class SolverFailedError(RuntimeError):
+class ModelFailure(Exception):
+    """Base of the errors that mean the model itself failed, not the run: no interrupt checkpoint is
+    written for them, so the last good checkpoint stays the newest one."""
+
+
+class SolverFailedError(ModelFailure, RuntimeError):
     """An ODE solver could not integrate (step size underflow, or too many steps)."""
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(ModelFailure, FloatingPointError):
     """A loss term became NaN or Inf."""
+
+
+class PeerFailedError(ModelFailure, RuntimeError):
+    """Another DDP process hit a model failure in this step; every rank stops together instead of hanging."""
 
 
 class CorruptCheckpointError(RuntimeError):

@@ -1,40 +1,131 @@
-"""DDP on 2 CPU processes (gloo): identical ranks, same result as one process with the same global batch."""
+"""DDP on 2 CPU processes (gloo) for every LightningModule and every callback (tests/ddp_cases.py).
+
+Each case trains on 2 ranks with per-process batch 8 and on one process with batch 16. Both ranks
+must hold bit-identical parameters, buffers, solver settings, callback state and logged metrics,
+and match the single process within the case's tolerance: gradients, BatchNorm statistics
+(frozen on CPU, see tests/ddp_cases.py), metrics and NFE are all reduced over the ranks, and evaluation sees every
+sample exactly once.
+"""
 
 from __future__ import annotations
 
+import inspect
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
+import lightning.pytorch as pl
 import pytest
 import torch
 
+from lightning_pdenets import callbacks as callback_package
+from lightning_pdenets import models as model_package
 from lightning_pdenets.data.loading import check_global_batch_size
 from tests.conftest import REPO_ROOT
+from tests.ddp_cases import CASES
 
 pytestmark = pytest.mark.ddp
 RUNNER = REPO_ROOT / "tests" / "ddp_runner.py"
+PER_PROCESS_BATCH = 8
+BASE_CLASSES = {"ClassifierModule", "PDECNNModule"}
 
 
-def run(out_dir: Path, devices: int, batch_size: int) -> None:
+@pytest.fixture(scope="module")
+def matrix(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Every case on 2 ranks and on 1 process, both launched concurrently (one per core)."""
+    out_dir = tmp_path_factory.mktemp("ddp_matrix")
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, str(RUNNER), str(out_dir), str(devices), str(batch_size)],
-                            capture_output=True, text=True, timeout=300, env=env, cwd=out_dir)
-    assert result.returncode == 0, result.stderr[-3000:]
+    launches = [
+        subprocess.Popen([sys.executable, str(RUNNER), str(out_dir), str(devices), str(batch)], env=env, cwd=out_dir,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for devices, batch in ((2, PER_PROCESS_BATCH), (1, 2 * PER_PROCESS_BATCH))
+    ]
+    for launch in launches:
+        _, stderr = launch.communicate(timeout=1200)
+        assert launch.returncode == 0, stderr[-5000:]
+    return {name: torch.load(out_dir / f"{name}.pt", weights_only=False)
+            for name in ("rank0_of_2", "rank1_of_2", "rank0_of_1")}
 
 
-def test_two_ranks_agree_and_match_one_process_with_the_same_global_batch(tmp_path: Path) -> None:
-    run(tmp_path, devices=2, batch_size=16)
-    run(tmp_path, devices=1, batch_size=32)
-    rank0, rank1 = (torch.load(tmp_path / f"rank{r}_of_2.pt") for r in (0, 1))
-    single = torch.load(tmp_path / "rank0_of_1.pt")
-    assert rank0["steps"] == rank1["steps"] == single["steps"] == 4
-    assert torch.equal(rank0["parameters"], rank1["parameters"])
-    assert torch.allclose(rank0["parameters"], single["parameters"], atol=1e-5, rtol=1e-4)
-    # validation sees every sample exactly once on both layouts, and metrics are synced over ranks
-    assert rank0["metrics"]["val/acc_top1"] == rank1["metrics"]["val/acc_top1"]
-    assert abs(rank0["metrics"]["val/acc_top1"] - single["metrics"]["val/acc_top1"]) < 1e-6
+def _exported_classes(package: Any, base: type) -> set[str]:
+    return {name for name in package.__all__
+            if inspect.isclass(getattr(package, name)) and issubclass(getattr(package, name), base)}
+
+
+def test_every_module_and_callback_has_a_ddp_case() -> None:
+    covered = {name for case in CASES.values() for name in case.covers}
+    modules = _exported_classes(model_package, pl.LightningModule) - BASE_CLASSES
+    callbacks = _exported_classes(callback_package, pl.Callback)
+    assert modules - covered == set(), "add a case to tests/ddp_cases.py for these LightningModules"
+    assert callbacks - covered == set(), "add a case to tests/ddp_cases.py for these callbacks"
+
+
+def _close(a: float, b: float, atol: float) -> bool:
+    return (math.isnan(a) and math.isnan(b)) or abs(a - b) <= atol + 1e-4 * abs(b)
+
+
+@pytest.mark.parametrize("name", [name for name, case in CASES.items() if not case.rank_errors])
+def test_ranks_agree_and_match_one_process(matrix: dict[str, Any], name: str) -> None:
+    case = CASES[name]
+    rank0, rank1, single = (matrix[key][name] for key in ("rank0_of_2", "rank1_of_2", "rank0_of_1"))
+    assert rank0["error"] == rank1["error"] == single["error"] == case.expect_error
+    assert rank0["steps"] == rank1["steps"] == single["steps"] > 0
+    # the ranks are bit-identical ...
+    assert rank0["state"].keys() == rank1["state"].keys()
+    for key, value in rank0["state"].items():
+        assert torch.equal(value, rank1["state"][key]), f"{key} differs between the ranks"
+    assert rank0["solver_settings"] == rank1["solver_settings"]
+    assert rank0["callback_states"] == rank1["callback_states"]
+    assert rank0["metrics"] == rank1["metrics"]
+    assert rank0["checkpoints"].keys() == rank1["checkpoints"].keys()
+    # ... and equal to one process with the same global batch
+    for key, value in rank0["state"].items():
+        reference = single["state"][key]
+        if value.is_floating_point():
+            assert torch.allclose(value, reference, atol=case.atol, rtol=1e-4), (
+                f"{key}: max |2 ranks - 1 process| = {(value - reference).abs().max():.2e}")
+        else:
+            assert torch.equal(value, reference), key
+    assert rank0["metrics"].keys() == single["metrics"].keys()
+    compared = {k for k in rank0["metrics"] if not any(part in k for part in case.rank_only_metrics)}
+    mismatched = {k: (rank0["metrics"][k], single["metrics"][k]) for k in compared
+                  if not _close(rank0["metrics"][k], single["metrics"][k], case.atol)}
+    assert not mismatched, f"metrics differ from the single process: {mismatched}"
+    assert rank0["checkpoints"].keys() == single["checkpoints"].keys()
+    for checkpoint, state in rank0["checkpoints"].items():
+        for key, value in state.items():
+            if value.is_floating_point():
+                assert torch.allclose(value, single["checkpoints"][checkpoint][key], atol=case.atol, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", [name for name, case in CASES.items() if case.rank_errors])
+def test_a_failure_on_one_rank_stops_every_rank(matrix: dict[str, Any], name: str) -> None:
+    case = CASES[name]
+    ranks = [matrix[key][name] for key in ("rank0_of_2", "rank1_of_2")]
+    assert [rank["error_type"] for rank in ranks] == list(case.rank_errors)
+    assert "another DDP process stopped" in ranks[0]["error"]
+    assert "max_num_steps" in ranks[1]["error"] and "Try:" in ranks[1]["error"]
+    assert ranks[0]["steps"] == ranks[1]["steps"]
+    for key, value in ranks[0]["state"].items():
+        assert torch.equal(value, ranks[1]["state"][key]), f"{key} differs between the ranks"
+    assert ranks[0]["checkpoints"] == {}, "a model failure must not write an interrupt checkpoint"
+
+
+def test_interrupted_ddp_run_leaves_one_checkpoint_with_the_trained_weights(matrix: dict[str, Any]) -> None:
+    result = matrix["rank0_of_2"]["checkpoint_on_interrupt"]
+    assert list(result["checkpoints"]) == ["interrupted.ckpt"]
+    saved = result["checkpoints"]["interrupted.ckpt"]
+    assert all(torch.equal(saved[key], value) for key, value in result["state"].items() if key in saved)
+
+
+def test_box_projection_keeps_weights_in_the_box_on_every_rank(matrix: dict[str, Any]) -> None:
+    for key in ("rank0_of_2", "rank1_of_2"):
+        state = matrix[key]["box_projection"]["state"]
+        projected = [value for name, value in state.items() if name.endswith("control_points")]
+        assert projected and all(value.abs().max() <= 0.05 + 1e-7 for value in projected)
 
 
 def test_global_batch_size_must_divide_by_the_number_of_processes() -> None:

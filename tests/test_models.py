@@ -115,3 +115,36 @@ def test_nan_loss_stops_with_a_message_and_keeps_last_good_checkpoint(tmp_path: 
     last = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
     assert last["epoch"] == 0
     assert all(torch.isfinite(t).all() for t in last["state_dict"].values() if t.is_floating_point())
+
+
+class RecordLearningRates(pl.Callback):
+    def __init__(self) -> None:
+        self.rates: list[list[float]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.rates.append([group["lr"] for optimizer in trainer.optimizers for group in optimizer.param_groups])
+
+
+def one_cycle_rates(peak: float, total_steps: int) -> list[float]:
+    """Learning rates torch's OneCycleLR gives step by step (the independent reference)."""
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=peak)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=peak, total_steps=total_steps)
+    rates = []
+    for _ in range(total_steps):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    return rates
+
+
+def test_one_cycle_schedule_steps_every_batch_over_the_whole_run(tmp_path: Path) -> None:
+    recorder = RecordLearningRates()
+    trainer = tiny_trainer(tmp_path, max_epochs=2, limit_train_batches=4, limit_val_batches=0, callbacks=[recorder])
+    trainer.fit(ResNetModule(**TINY, num_blocks=1, lr=0.02, lr_scheduler="onecycle"),
+                datamodule=DigitsDataModule(batch_size=16))
+    assert [rates[0] for rates in recorder.rates] == pytest.approx(one_cycle_rates(0.02, 8))
+
+
+def test_one_cycle_needs_the_length_of_the_run() -> None:
+    with pytest.raises(ValueError, match="`lr_scheduler='onecycle'` needs the run's number of optimizer steps"):
+        ResNetModule(**TINY, lr_scheduler="onecycle").configure_optimizers()

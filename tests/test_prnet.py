@@ -13,8 +13,10 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_pdenets.architectures.chen import odenet_chen
 from lightning_pdenets.architectures.prnet import prnet, stem_output_size
 from lightning_pdenets.blocks.pde import CoordinateConvField, PDEBlock, coordinate_grid
+from lightning_pdenets.data import DigitsDataModule
 from lightning_pdenets.errors import NonFiniteLossError
 from lightning_pdenets.models.prnet import PRNET_STEPS, PRNetModule
+from tests.test_models import RecordLearningRates, one_cycle_rates
 
 TINY = dict(width=8, num_downsamples=1, image_size=8)
 
@@ -121,6 +123,18 @@ def test_module_has_four_optimizers_with_schedulers_and_a_proximal_alpha_step(tm
     groups = module.parameter_groups()
     assert groups["query"][0] is module.block.query and groups["alpha"][0] is module.governing.alpha
     assert {id(p) for p in groups["task"]} == {id(p) for p in module.network.parameters()} - {id(module.block.query)}
+
+
+def test_one_cycle_schedules_step_per_batch_and_per_epoch_ones_per_epoch(tmp_path):
+    recorder = RecordLearningRates()
+    module = PRNetModule(**TINY, lr=0.02, lr_scheduler="onecycle", theta_lr=0.01, theta_lr_scheduler="multistep",
+                         theta_lr_milestones=[1])
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=2, limit_train_batches=3, limit_val_batches=0, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[recorder], default_root_dir=tmp_path)
+    trainer.fit(module, datamodule=DigitsDataModule(batch_size=16))
+    assert [rates[0] for rates in recorder.rates] == pytest.approx(one_cycle_rates(0.02, 6))
+    assert [rates[1] for rates in recorder.rates] == pytest.approx([0.01] * 3 + [0.001] * 3)
 
 
 @pytest.mark.parametrize(

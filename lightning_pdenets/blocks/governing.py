@@ -14,6 +14,8 @@ soft-threshold (ISTA) step that sets small coefficients exactly to zero.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
 
@@ -177,6 +179,14 @@ class GoverningEquation(nn.Module):
         return self.library(derivatives), derivatives.u_t
 
     @torch.no_grad()
+    def lipschitz_constant(self, library: torch.Tensor) -> float:
+        """Lipschitz constant of the gradient of L_G in alpha: 2 * the largest eigenvalue of the library's
+        Gram matrix. A gradient step on alpha is stable only for step sizes up to its inverse."""
+        flat = library.reshape(library.shape[0], -1).to(self.alpha.dtype)
+        gram = flat @ flat.T / flat.shape[1]
+        return 2 * float(torch.linalg.eigvalsh(gram).max())
+
+    @torch.no_grad()
     def fit_coefficients(
         self, library: torch.Tensor, time_derivative: torch.Tensor, steps: int = 5000, momentum: float = 0.9
     ) -> float:
@@ -190,8 +200,8 @@ class GoverningEquation(nn.Module):
         flat = library.reshape(library.shape[0], -1).to(self.alpha.dtype)
         target = time_derivative.reshape(-1).to(self.alpha.dtype)
         gram, correlation = flat @ flat.T / flat.shape[1], flat @ target / flat.shape[1]
-        lipschitz = 2 * float(torch.linalg.eigvalsh(gram).max())
-        optimizer = ProximalSGD([self.alpha], lr=1.0 / lipschitz, l1_weight=self.l1_weight, momentum=momentum)
+        optimizer = ProximalSGD([self.alpha], lr=1.0 / self.lipschitz_constant(library), l1_weight=self.l1_weight,
+                                momentum=momentum)
         for _ in range(steps):
             self.alpha.grad = 2 * (gram @ self.alpha - correlation)
             optimizer.step()
@@ -239,6 +249,10 @@ class ProximalSGD(torch.optim.Optimizer):
     lands exactly on zero for coefficients whose gradient cannot outweigh the penalty. Pass only
     the smooth loss's gradient: the penalty is applied by the step itself.
 
+    ISTA converges only for ``lr <= 1 / L`` (L: Lipschitz constant of the smooth gradient). When L
+    changes between steps, as for PR-Net's library of a network in training, set each group's
+    ``"max_lr"`` to ``1 / L`` before :meth:`step`: the step then uses ``min(lr, max_lr)``.
+
     Args:
         params: Parameters (typically ``GoverningEquation.alpha``).
         lr: Step size; converges for lr <= 1 / Lipschitz constant of the smooth gradient.
@@ -261,7 +275,8 @@ class ProximalSGD(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            lr, weight, momentum = group["lr"], group["l1_weight"], group["momentum"]
+            lr = min(group["lr"], group.get("max_lr", math.inf))
+            weight, momentum = group["l1_weight"], group["momentum"]
             for param in group["params"]:
                 if param.grad is None:
                     continue

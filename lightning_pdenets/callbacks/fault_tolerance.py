@@ -8,7 +8,7 @@ from typing import Optional
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
 
-from lightning_pdenets.errors import NonFiniteLossError, SolverFailedError
+from lightning_pdenets.errors import ModelFailure
 
 __all__ = ["CheckpointOnInterrupt"]
 
@@ -31,7 +31,7 @@ class CheckpointOnInterrupt(OnExceptionCheckpoint):
         self.follow_model_checkpoint = dirpath is None
 
     def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
-        if isinstance(exception, (NonFiniteLossError, SolverFailedError)):
+        if isinstance(exception, ModelFailure):
             return
         model_checkpoints = [c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint) and c.dirpath]
         if self.follow_model_checkpoint and model_checkpoints:

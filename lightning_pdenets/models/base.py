@@ -11,8 +11,13 @@ from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_pdenets.errors import NonFiniteLossError
-from lightning_pdenets.models.optim import build_optimizer, build_scheduler, check_optimization_settings
+from lightning_pdenets.errors import ModelFailure, NonFiniteLossError, PeerFailedError, SolverFailedError
+from lightning_pdenets.models.optim import (
+    SCHEDULER_INTERVALS,
+    build_optimizer,
+    build_scheduler,
+    check_optimization_settings,
+)
 from lightning_pdenets.protocols import find_ode_blocks
 
 __all__ = ["ClassifierModule", "accuracy_metrics"]
@@ -38,7 +43,8 @@ class ClassifierModule(pl.LightningModule):
         lr: Learning rate.
         weight_decay: L2 weight decay.
         momentum: Momentum of SGD / RMSprop.
-        lr_scheduler: ``none``, ``cosine`` (over ``trainer.max_epochs``) or ``multistep``.
+        lr_scheduler: ``none``, ``cosine`` (over ``trainer.max_epochs``), ``multistep`` or ``onecycle``
+            (per optimizer step over the whole run, peaking at ``lr``; good for short runs).
         lr_milestones: Epochs at which ``multistep`` multiplies the learning rate by ``lr_gamma``.
         lr_gamma: Factor of ``multistep``.
     """
@@ -73,18 +79,23 @@ class ClassifierModule(pl.LightningModule):
     # -- steps ------------------------------------------------------------------------------
     def _shared_step(self, batch: Any, stage: str, metrics: MetricCollection) -> torch.Tensor:
         x, y = batch
-        logits = self(x)
+        try:
+            logits = self(x)
+        except SolverFailedError as failure:
+            if stage == "train":
+                self.check_finite(failure=failure)  # the other ranks learn of it in the same collective
+            raise
         loss = F.cross_entropy(logits, y)
+        if stage == "train":
+            # before any logging: sync_dist logging is itself a collective, which a failed rank never reaches
+            self.check_finite(loss=loss)
         metrics.update(logits.detach(), y)
-        on_step = stage == "train"
-        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, sync_dist=not on_step)
+        self.log(f"{stage}/loss", loss, on_step=stage == "train", on_epoch=True, prog_bar=True, sync_dist=True)
         self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage != "train")
         return loss
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        loss = self._shared_step(batch, "train", self.train_metrics)
-        self.check_finite(loss=loss)
-        return loss
+        return self._shared_step(batch, "train", self.train_metrics)
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self._shared_step(batch, "val", self.val_metrics)
@@ -115,16 +126,28 @@ class ClassifierModule(pl.LightningModule):
             block.reset_nfe()
 
     # -- faults -----------------------------------------------------------------------------
-    def check_finite(self, **terms: torch.Tensor) -> None:
-        """Stop training with :class:`NonFiniteLossError` naming the term that is NaN/Inf (on every rank)."""
+    def check_finite(self, failure: Optional[ModelFailure] = None, **terms: torch.Tensor) -> None:
+        """Stop training on every rank when a term is NaN/Inf or ``failure`` happened on any rank.
+
+        One collective decision per step (``reduce_boolean_decision``), so under DDP a failure on
+        one process stops all of them instead of leaving the others waiting in the gradient
+        all-reduce. The failing rank raises its own error; the others raise :class:`PeerFailedError`.
+        """
         bad = [name for name, value in terms.items() if not torch.isfinite(value.detach()).all()]
-        all_finite = not bad
+        all_ok = not bad and failure is None
         if self._trainer is not None:
-            all_finite = self.trainer.strategy.reduce_boolean_decision(all_finite, all=True)
-        if all_finite:
+            all_ok = self.trainer.strategy.reduce_boolean_decision(all_ok, all=True)
+        if all_ok:
             return
+        if failure is not None:
+            raise failure
+        if not bad:
+            raise PeerFailedError(
+                f"another DDP process stopped at global step {self.global_step} (a non-finite loss or an ODE solver "
+                f"failure; its error message names the cause and the remedies). The last good checkpoint is kept."
+            )
         raise NonFiniteLossError(
-            f"non-finite loss term(s) {bad or ['on another rank']} at global step {self.global_step}. The last good "
+            f"non-finite loss term(s) {bad} at global step {self.global_step}. The last good "
             f"checkpoint is kept. Likely causes: a learning rate too high for these dynamics, or an ODE solver whose "
             f"step size is too large; try a lower `lr`, gradient clipping (trainer.gradient_clip_val), a smaller "
             f"step_size or tighter rtol/atol, then resume with --ckpt_path last."
@@ -137,7 +160,12 @@ class ClassifierModule(pl.LightningModule):
         trainable = [p for p in self.parameters() if p.requires_grad]
         optimizer = build_optimizer(trainable, o["optimizer"], o["lr"], o["weight_decay"], o["momentum"])
         max_epochs = self.trainer.max_epochs if self._trainer is not None else None
-        scheduler = build_scheduler(optimizer, o["lr_scheduler"], o["lr_milestones"], o["lr_gamma"], max_epochs)
+        per_step = o["lr_scheduler"] == "onecycle" and self._trainer is not None
+        total_steps = self.trainer.estimated_stepping_batches if per_step else None
+        scheduler = build_scheduler(
+            optimizer, o["lr_scheduler"], o["lr_milestones"], o["lr_gamma"], max_epochs, total_steps
+        )
         if scheduler is None:
             return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+        interval = SCHEDULER_INTERVALS[o["lr_scheduler"]]
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}

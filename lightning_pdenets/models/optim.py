@@ -14,10 +14,14 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from lightning_pdenets.validation import check_positive
 
-__all__ = ["OPTIMIZERS", "LR_SCHEDULERS", "build_optimizer", "build_scheduler", "check_optimization_settings"]
+__all__ = [
+    "OPTIMIZERS", "LR_SCHEDULERS", "SCHEDULER_INTERVALS", "build_optimizer", "build_scheduler", "check_optimization_settings",
+]
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD, "rmsprop": torch.optim.RMSprop}
-LR_SCHEDULERS = ("none", "cosine", "multistep")
+LR_SCHEDULERS = ("none", "cosine", "multistep", "onecycle")
+# When Lightning steps each schedule: per epoch, or per optimizer step (one-cycle spans the whole run).
+SCHEDULER_INTERVALS = {"none": "epoch", "cosine": "epoch", "multistep": "epoch", "onecycle": "step"}
 
 
 def check_optimization_settings(
@@ -60,9 +64,26 @@ def build_optimizer(
 
 
 def build_scheduler(
-    optimizer: Optimizer, lr_scheduler: str, lr_milestones: Sequence[int], lr_gamma: float, max_epochs: Optional[int]
+    optimizer: Optimizer,
+    lr_scheduler: str,
+    lr_milestones: Sequence[int],
+    lr_gamma: float,
+    max_epochs: Optional[int],
+    total_steps: Optional[int] = None,
 ) -> Optional[LRScheduler]:
-    """Per-epoch scheduler named ``lr_scheduler``, or ``None`` for ``'none'``."""
+    """Scheduler named ``lr_scheduler`` (stepped as ``SCHEDULER_INTERVALS`` says), or ``None`` for ``'none'``.
+
+    ``'onecycle'`` is Smith & Topin's one-cycle schedule ("Super-convergence", 2019) peaking at the
+    optimizer's ``lr``; it needs ``total_steps``, the optimizer steps of the whole run.
+    """
+    if lr_scheduler == "onecycle":
+        if not total_steps or total_steps < 2:
+            raise ValueError(
+                f"`lr_scheduler='onecycle'` needs the run's number of optimizer steps (>= 2), got {total_steps!r}; "
+                "set trainer.max_epochs or trainer.max_steps."
+            )
+        peak = [group["lr"] for group in optimizer.param_groups]
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=peak, total_steps=int(total_steps))
     if lr_scheduler == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, max_epochs or 1))
     if lr_scheduler == "multistep":

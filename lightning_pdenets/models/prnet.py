@@ -26,7 +26,12 @@ from lightning_pdenets.architectures.prnet import prnet
 from lightning_pdenets.blocks.governing import GoverningEquation, ProximalSGD
 from lightning_pdenets.blocks.pde import PDEBlock
 from lightning_pdenets.models.base import ClassifierModule
-from lightning_pdenets.models.optim import build_optimizer, build_scheduler, check_optimization_settings
+from lightning_pdenets.models.optim import (
+    SCHEDULER_INTERVALS,
+    build_optimizer,
+    build_scheduler,
+    check_optimization_settings,
+)
 from lightning_pdenets.validation import check_positive, check_positive_int
 
 __all__ = ["PRNetModule", "PRNET_STEPS"]
@@ -175,17 +180,29 @@ class PRNetModule(ClassifierModule):
                 optimizer = ProximalSGD(groups[name], s["lr"], self.governing.l1_weight, s["momentum"])
             else:
                 optimizer = build_optimizer(groups[name], s["optimizer"], s["lr"], s["weight_decay"], s["momentum"])
-            scheduler = build_scheduler(optimizer, s["lr_scheduler"], s["lr_milestones"], s["lr_gamma"], max_epochs)
+            per_step = s["lr_scheduler"] == "onecycle" and self._trainer is not None
+            total_steps = self.trainer.estimated_stepping_batches if per_step else None
+            scheduler = build_scheduler(
+                optimizer, s["lr_scheduler"], s["lr_milestones"], s["lr_gamma"], max_epochs, total_steps
+            )
             if scheduler is None:  # a constant schedule keeps the four schedulers aligned with the optimizers
                 scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
             optimizers.append(optimizer)
-            schedulers.append({"scheduler": scheduler, "interval": "epoch", "name": f"lr-{name}"})
+            schedulers.append({"scheduler": scheduler, "interval": SCHEDULER_INTERVALS[s["lr_scheduler"]],
+                               "name": f"lr-{name}"})
         return optimizers, schedulers
 
+    def _step_schedulers(self, interval: str) -> None:
+        """Manual optimization steps the schedules itself: per batch or per epoch, as each one's ``interval``."""
+        for name, config in zip(PRNET_STEPS, self.trainer.lr_scheduler_configs):
+            if name in self.step_order and config.interval == interval:  # optimizers outside step_order never step
+                config.scheduler.step()
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._step_schedulers("step")
+
     def on_train_epoch_end(self) -> None:
-        for name, scheduler in zip(PRNET_STEPS, self.lr_schedulers()):
-            if name in self.step_order:  # optimizers outside step_order never step
-                scheduler.step()
+        self._step_schedulers("epoch")
 
     # -- Algorithm 1 ---------------------------------------------------------------------------
     def training_step(self, batch: Any, batch_idx: int) -> None:
@@ -197,8 +214,10 @@ class PRNetModule(ClassifierModule):
         logged = dict(cache.get("terms", {}))
         if logged:
             logged["total"] = sum(logged.values())
-            self.log_dict({f"train/{k}": v for k, v in logged.items()}, on_step=True, on_epoch=True, prog_bar=False)
-            self.log("train/loss", logged.get("loss_task", logged["total"]), on_step=True, on_epoch=True, prog_bar=True)
+            self.log_dict({f"train/{k}": v for k, v in logged.items()}, on_step=True, on_epoch=True, prog_bar=False,
+                          sync_dist=True)
+            self.log("train/loss", logged.get("loss_task", logged["total"]), on_step=True, on_epoch=True, prog_bar=True,
+                     sync_dist=True)
         self.log("train/skipped_steps", float(self.skipped_steps), on_step=True, on_epoch=False)
 
     def _initial_features(self, x: torch.Tensor, cache: dict[str, Any]) -> torch.Tensor:
@@ -260,6 +279,12 @@ class PRNetModule(ClassifierModule):
         penalty = self.governing.l1_penalty()
         self._record(cache, loss_governing=loss_governing, penalty_l1=penalty)
         proximal = isinstance(optimizer.optimizer, ProximalSGD)
+        if proximal:
+            # The library changes with the network: cap the ISTA step at 1/L of this batch's library,
+            # or alpha diverges as soon as the derivative terms grow (measured on MNIST at alpha_lr=0.01).
+            max_lr = 1.0 / max(self.governing.lipschitz_constant(library), 1e-12)
+            for group in optimizer.optimizer.param_groups:
+                group["max_lr"] = max_lr
         loss = loss_governing if proximal else loss_governing + penalty  # the proximal step applies R_G itself
         self._optimize(optimizer, loss, {"loss_governing": loss_governing, "penalty_l1": penalty})
 
