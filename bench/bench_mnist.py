@@ -72,7 +72,8 @@ def inference_seconds(model: torch.nn.Module, images: torch.Tensor, repeats: int
 def run(config: Path, args: argparse.Namespace) -> dict:
     cli = build_cli(
         ["--config", str(config), f"--data.init_args.data_dir={args.data_dir}", "--data.init_args.download=false",
-         f"--data.init_args.batch_size={args.batch_size}", "--trainer.logger=false", *args.override],
+         f"--data.init_args.batch_size={args.batch_size}", "--trainer.logger=false", *args.override,
+         *[arg for stem, arg in args.override_for if stem == config.stem]],
         run=False,
     )
     model, datamodule = cli.model, cli.datamodule
@@ -139,7 +140,8 @@ def markdown(rows: list[dict], args: argparse.Namespace, wall: float) -> str:
         f"({torch.get_num_threads()} threads); batch size {args.batch_size}; train fraction {args.train_fraction}; "
         f"total wall time {wall / 60:.1f} min.",
         "",
-        f"Overrides applied to every config: {' '.join(args.override) or 'none'}.",
+        f"Overrides applied to every config: {' '.join(args.override) or 'none'}"
+        + "".join(f"; to {stem} only: {arg}" for stem, arg in args.override_for) + ".",
         "",
         f"Command: `python bench/bench_mnist.py {' '.join(sys.argv[1:])}`",
         "",
@@ -171,6 +173,9 @@ def main() -> None:
     parser.add_argument("--override", action="append", default=[],
                         help="CLI arguments applied to every config alike, e.g. a one-epoch recipe: "
                              "--override=--model.init_args.optimizer=adam --override=--model.init_args.lr=0.001")
+    parser.add_argument("--override-for", action="append", default=[], type=lambda text: tuple(text.split(":", 1)),
+                        metavar="CONFIG:ARG", help="a CLI argument for one config only (by file stem), e.g. "
+                        "--override-for=prnet:--model.init_args.theta_lr=0.003")
     parser.add_argument("--inference-only", action="store_true",
                         help="only time inference of 1,000 images, interleaving the models over --rounds rounds")
     parser.add_argument("--rounds", type=int, default=7)

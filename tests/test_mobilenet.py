@@ -102,7 +102,7 @@ def test_modules_train_and_reload_from_checkpoint(module_class, extra, tmp_path)
     before = {k: v.clone() for k, v in model.state_dict().items() if torch.is_tensor(v) and v.is_floating_point()}
     trainer = _trainer(max_steps=2)
     trainer.fit(model, _loader(), _loader())
-    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+    assert torch.isfinite(trainer.callback_metrics["train/loss_epoch"])
     changed = [k for k, v in model.state_dict().items() if k in before and not torch.equal(v, before[k])]
     assert any("classifier" in k for k in changed) and any("blocks.0" in k for k in changed)
     path = tmp_path / "model.ckpt"

@@ -105,6 +105,9 @@ class MultilevelTraining(Callback):
         if epoch in self.refine_epochs and epoch not in self.applied_epochs:
             self.refine(trainer, pl_module)
             self.applied_epochs.append(epoch)
+
+    def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        # logged here, not at epoch start: Lightning skips on_train_epoch_start when resuming mid-epoch
         steps = [b.num_time_steps for _, b in self.select_blocks(pl_module)]
         pl_module.log("train/num_time_steps", float(max(steps)), on_step=False, on_epoch=True)
 

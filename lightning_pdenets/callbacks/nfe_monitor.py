@@ -133,3 +133,14 @@ class NFEMonitor(Callback):
 
     def on_test_epoch_end(self, trainer, pl_module) -> None:
         self._epoch_end(pl_module, "test", trainer)
+
+    # -- resume -------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The NFE history and the running sums of the current training epoch (resumed mid-epoch alike)."""
+        return {"epoch_history": list(self.epoch_history), "last_step": dict(self.last_step),
+                "train_sums": list(self._sums["train"])}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.epoch_history = list(state_dict["epoch_history"])
+        self.last_step = dict(state_dict["last_step"])
+        self._sums["train"] = list(state_dict["train_sums"])

@@ -62,7 +62,8 @@ class TimeTVRegularization(Callback):
     before gradient clipping) under both automatic and manual optimization (manual: whenever the
     module calls ``optimizer.step()``), which makes the update exactly that of
     ``loss + α₁·R(θ)``. Only parameters of the optimizer being stepped are touched. The value is
-    logged as ``train/tv_time`` (already multiplied by α₁).
+    logged as ``train/tv_time`` every step and ``train/tv_time_epoch`` (epoch mean, resumable), both
+    already multiplied by α₁.
 
     Modules expose their weights through :class:`lightning_pdenets.protocols.TimeDependentWeights`
     (``time_dependent_parameters()`` with time on the first axis, and ``weight_time_step()``).
@@ -84,6 +85,7 @@ class TimeTVRegularization(Callback):
         self.alpha = float(alpha)
         self.epsilon = float(epsilon)
         self.log_name = log_name
+        self._epoch_sum, self._epoch_count = 0.0, 0  # the epoch mean of the logged term, resumable
 
     def penalty(self, module: torch.nn.Module) -> torch.Tensor:
         """α₁ · R(θ) of ``module``, differentiable with respect to its time-dependent parameters."""
@@ -119,4 +121,20 @@ class TimeTVRegularization(Callback):
                     tensor.grad = grad.detach().clone()
                 else:
                     tensor.grad.add_(grad)
-        pl_module.log(self.log_name, value.detach(), on_step=True, on_epoch=True, prog_bar=False)
+        pl_module.log(self.log_name, value.detach(), on_step=True, on_epoch=False, prog_bar=False)
+        self._epoch_sum += float(value.detach())
+        self._epoch_count += 1
+
+    def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        # Kept here rather than by Lightning's on_epoch aggregation, which a mid-epoch resume restarts from zero.
+        if self._epoch_count:
+            pl_module.log(f"{self.log_name}_epoch", self._epoch_sum / self._epoch_count, on_step=False, on_epoch=True,
+                          sync_dist=True)
+        self._epoch_sum, self._epoch_count = 0.0, 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch_sum": self._epoch_sum, "epoch_count": self._epoch_count}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._epoch_sum = float(state_dict.get("epoch_sum", 0.0))
+        self._epoch_count = int(state_dict.get("epoch_count", 0))

@@ -8,7 +8,8 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics import MetricCollection
+from torchmetrics import Metric, MetricCollection
+from torchmetrics.aggregation import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_pdenets.errors import ModelFailure, NonFiniteLossError, PeerFailedError, SolverFailedError
@@ -29,6 +30,9 @@ def accuracy_metrics(num_classes: int, prefix: str) -> MetricCollection:
     if num_classes > 5:
         metrics["acc_top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
     return MetricCollection(metrics, prefix=prefix)
+
+
+TRAIN_EPOCH_STATE_KEY = "train_epoch_metrics"
 
 
 class ClassifierModule(pl.LightningModule):
@@ -70,6 +74,8 @@ class ClassifierModule(pl.LightningModule):
         )
         self.num_classes = num_classes
         self.train_metrics = accuracy_metrics(num_classes, "train/")
+        self.train_means = nn.ModuleDict()  # epoch means of training terms (log_train_term), created on first use
+        self._pending_train_epoch_state: Optional[dict[str, Any]] = None
         self.val_metrics = accuracy_metrics(num_classes, "val/")
         self.test_metrics = accuracy_metrics(num_classes, "test/")
 
@@ -90,9 +96,66 @@ class ClassifierModule(pl.LightningModule):
             # before any logging: sync_dist logging is itself a collective, which a failed rank never reaches
             self.check_finite(loss=loss)
         metrics.update(logits.detach(), y)
-        self.log(f"{stage}/loss", loss, on_step=stage == "train", on_epoch=True, prog_bar=True, sync_dist=True)
+        if stage == "train":
+            self.log_train_term("train/loss", loss, prog_bar=True)
+        else:
+            self.log(f"{stage}/loss", loss, on_epoch=True, prog_bar=True, sync_dist=True)
         self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage != "train")
         return loss
+
+    # -- training metrics that survive a mid-epoch resume ---------------------------------------
+    def log_train_term(self, name: str, value: torch.Tensor, prog_bar: bool = False) -> None:
+        """Log a training term as ``<name>_step`` (synced over ranks) and ``<name>_epoch`` (epoch mean).
+
+        The epoch mean is a torchmetrics ``MeanMetric`` whose state is saved in checkpoints, so that an
+        epoch interrupted and resumed reports the same mean as an uninterrupted one (Lightning's own
+        epoch aggregation restarts from zero on resume).
+        """
+        self.log(f"{name}_step", value, on_step=True, on_epoch=False, prog_bar=prog_bar, sync_dist=True)
+        key = name.replace(".", "_")
+        if key not in self.train_means:
+            self.train_means[key] = MeanMetric().to(value.device)
+        self.train_means[key].update(value.detach())
+        # metric_attribute: Lightning indexes the module's metrics once, before these are created
+        self.log(f"{name}_epoch", self.train_means[key], on_step=False, on_epoch=True,
+                 metric_attribute=f"train_means.{key}")
+
+    def _train_epoch_metrics(self) -> dict[str, Metric]:
+        means = {f"mean:{key}": metric for key, metric in self.train_means.items()}
+        return {**means, **{f"accuracy:{key}": m for key, m in self.train_metrics.items(keep_base=True)}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Store the training-epoch metric states, summed over the ranks (every rank runs this hook)."""
+        if self._trainer is None:
+            return
+        states = {}
+        for name, metric in self._train_epoch_metrics().items():
+            with metric.sync_context(should_sync=self.trainer.world_size > 1):
+                states[name] = {k: v.detach().clone() for k, v in metric.metric_state.items()}
+        checkpoint[TRAIN_EPOCH_STATE_KEY] = {"epoch": self.current_epoch, "states": states}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._pending_train_epoch_state = checkpoint.get(TRAIN_EPOCH_STATE_KEY)
+
+    def on_train_start(self) -> None:
+        # Lightning restores the loops before this hook and skips on_train_epoch_start when it resumes
+        # inside an epoch; a checkpoint written at an epoch's end resumes at the next epoch instead.
+        saved, self._pending_train_epoch_state = self._pending_train_epoch_state, None
+        if not saved or saved["epoch"] != self.current_epoch:
+            return  # not resuming in the middle of this epoch
+        if self.trainer.global_rank != 0:
+            return  # the saved totals cover every rank: one rank takes them, the others start from zero
+        for name, values in saved["states"].items():
+            kind, key = name.split(":", 1)
+            if kind == "mean":
+                if key not in self.train_means:
+                    self.train_means[key] = MeanMetric().to(self.device)
+                metric = self.train_means[key]
+            else:
+                metric = dict(self.train_metrics.items(keep_base=True))[key]
+            for attribute, value in values.items():
+                setattr(metric, attribute, value.to(self.device))
+            metric._update_count = max(metric._update_count, 1)  # noqa: SLF001 (compute() warns on 0)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         return self._shared_step(batch, "train", self.train_metrics)
@@ -118,10 +181,14 @@ class ClassifierModule(pl.LightningModule):
         blocks = find_ode_blocks(self)
         if not blocks:
             return
-        on_step = stage == "train"
-        self.log(f"{stage}/nfe_forward", float(sum(b.nfe_forward for b in blocks)), on_step=on_step, on_epoch=True, sync_dist=True)
+        counts = {"nfe_forward": sum(b.nfe_forward for b in blocks)}
         if backward:
-            self.log(f"{stage}/nfe_backward", float(sum(b.nfe_backward for b in blocks)), on_step=on_step, on_epoch=True, sync_dist=True)
+            counts["nfe_backward"] = sum(b.nfe_backward for b in blocks)
+        for name, count in counts.items():
+            if stage == "train":
+                self.log_train_term(f"train/{name}", torch.tensor(float(count), device=self.device))
+            else:
+                self.log(f"{stage}/{name}", float(count), on_epoch=True, sync_dist=True)
         for block in blocks:
             block.reset_nfe()
 

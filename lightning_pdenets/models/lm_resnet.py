@@ -108,6 +108,7 @@ class LMResNetModule(ResNetCIFARModule):
         )
 
     def on_train_start(self) -> None:
+        super().on_train_start()
         self.log_lm_profile()
 
     def on_train_epoch_end(self) -> None:

@@ -214,10 +214,9 @@ class PRNetModule(ClassifierModule):
         logged = dict(cache.get("terms", {}))
         if logged:
             logged["total"] = sum(logged.values())
-            self.log_dict({f"train/{k}": v for k, v in logged.items()}, on_step=True, on_epoch=True, prog_bar=False,
-                          sync_dist=True)
-            self.log("train/loss", logged.get("loss_task", logged["total"]), on_step=True, on_epoch=True, prog_bar=True,
-                     sync_dist=True)
+            for name, value in logged.items():
+                self.log_train_term(f"train/{name}", value)
+            self.log_train_term("train/loss", logged.get("loss_task", logged["total"]), prog_bar=True)
         self.log("train/skipped_steps", float(self.skipped_steps), on_step=True, on_epoch=False)
 
     def _initial_features(self, x: torch.Tensor, cache: dict[str, Any]) -> torch.Tensor:
@@ -343,9 +342,11 @@ class PRNetModule(ClassifierModule):
 
     # -- checkpoints --------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
         checkpoint["prnet_skipped_steps"] = self.skipped_steps
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
         self.skipped_steps = checkpoint.get("prnet_skipped_steps", 0)
 
 

@@ -1,0 +1,87 @@
+"""Exact resume for every LightningModule and every callback (the cases of tests/ddp_cases.py).
+
+Each case trains for two epochs without interruption, and again with a simulated pre-emption in
+the middle of the second epoch (a checkpoint written on exception, then ``fit(ckpt_path=...)``
+with a fresh model and fresh callbacks). In deterministic mode both runs must end bit-identical:
+parameters, buffers, solver settings, callback state (adapted step sizes and tolerances, NFE
+history, refinement level) and every logged metric, the training-epoch means and accuracies of the
+interrupted epoch included.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import OnExceptionCheckpoint
+
+from lightning_pdenets.protocols import find_ode_blocks
+from tests.ddp_cases import CASES, DDPCase
+
+BATCH_SIZE = 16
+EPOCHS = 2
+RESUMABLE = [name for name, case in CASES.items() if not (case.expect_error or case.rank_errors)]
+
+
+class PreemptAfterBatches(pl.Callback):
+    """Raise once ``batches`` training batches are complete, when the next one starts.
+
+    Between batches, like Lightning's SIGTERM handling (which raises after the batch's hooks have
+    run), and counted in batches, not optimizer steps (PR-Net takes four per batch).
+    """
+
+    def __init__(self, batches: int) -> None:
+        self.batches = batches
+        self.seen = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.seen += 1
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.seen == self.batches:
+            raise RuntimeError("simulated pre-emption")
+
+
+def run(case: DDPCase, root: Path, extra_callbacks: list[pl.Callback], ckpt_path: Optional[str] = None) -> dict[str, Any]:
+    pl.seed_everything(7, workers=True)
+    model, callbacks = case.model(), case.callbacks()
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, max_epochs=max(EPOCHS, case.epochs), limit_train_batches=case.train_batches,
+        limit_val_batches=2, limit_test_batches=2, num_sanity_val_steps=0, deterministic=True, default_root_dir=root,
+        logger=False, enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks + extra_callbacks,
+        enable_checkpointing=bool(extra_callbacks),
+    )
+    datamodule = case.data(BATCH_SIZE)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    if case.test:
+        trainer.test(model, datamodule=datamodule, verbose=False)
+        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
+    return {
+        "state": {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)},
+        "solver_settings": [block.solver_settings() for block in find_ode_blocks(model)],
+        "callback_states": {type(c).__name__: c.state_dict() for c in callbacks},
+        "metrics": {k: v for k, v in metrics.items() if not any(part in k for part in ("inference/",))},
+        "steps": trainer.global_step,
+    }
+
+
+@pytest.mark.parametrize("name", RESUMABLE)
+def test_preempted_and_resumed_run_matches_the_uninterrupted_one(name: str, tmp_path: Path) -> None:
+    case = CASES[name]
+    reference = run(case, tmp_path / "reference", [])
+    checkpoint = tmp_path / "ckpt" / "interrupted.ckpt"
+    with pytest.raises(RuntimeError, match="simulated pre-emption"):
+        run(case, tmp_path / "run", [PreemptAfterBatches(case.train_batches + 1),
+                                      OnExceptionCheckpoint(dirpath=checkpoint.parent, filename="interrupted")])
+    resumed = run(case, tmp_path / "run", [], ckpt_path=str(checkpoint))
+
+    assert resumed["steps"] == reference["steps"]
+    for key, value in reference["state"].items():
+        assert torch.equal(resumed["state"][key], value), f"{key} differs after resume"
+    assert resumed["solver_settings"] == reference["solver_settings"]
+    assert resumed["callback_states"] == reference["callback_states"]
+    assert resumed["metrics"] == reference["metrics"]
