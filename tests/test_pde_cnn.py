@@ -316,6 +316,31 @@ def test_stl10_network_shapes_and_parameter_count(dynamics):
         PDECNN("elliptic")
 
 
+@pytest.mark.parametrize("dynamics", ["parabolic", "hamiltonian"])
+def test_default_initialization_is_the_authors_meganet_rule(dynamics):
+    """Meganet.m (cnnDriver.m, convKernel.initTheta): kernels 0.1·N(0,1) with outliers redrawn and clipped to
+    ±0.2; the classifier 0.1·N(0,1) clipped to ±0.2; one PDE kernel for every control point (zero TV)."""
+    torch.manual_seed(0)
+    network = PDECNN(dynamics, widths=[16, 64], num_steps=3)
+    convs = [m.weight for m in network.modules() if isinstance(m, torch.nn.Conv2d)]
+    kernels = [p for n, p in network.named_parameters() if n.endswith("kernel.control_points")]
+    everything = torch.cat([t.detach().flatten() for t in convs + kernels])
+    assert everything.abs().max() <= 0.2
+    clipped = (everything.abs() == 0.2).float().mean().item()
+    # P(|0.1 z| > 0.2) = 4.55%; of those, a redraw from N(0, 1) lands beyond ±0.2 with probability 84%
+    assert 0.02 < clipped < 0.06
+    assert 0.07 < everything.std().item() < 0.11
+    assert all(torch.equal(k[0], k[j]) for k in kernels for j in range(1, k.shape[0]))
+    classifier = network.head[-1]
+    assert torch.cat([classifier.weight.flatten(), classifier.bias]).abs().max() <= 0.2
+    with pytest.raises(ValueError, match="`kernel_std` applies to init='he' only"):
+        PDECNN(dynamics, kernel_std=0.1)
+    with pytest.raises(ValueError, match="`init` must be one of"):
+        PDECNN(dynamics, init="xavier")
+    he = PDECNN(dynamics, widths=[16, 64], init="he", kernel_std=0.3)
+    assert torch.cat([p.detach().flatten() for n, p in he.named_parameters() if n.endswith("kernel.control_points")]).abs().max() > 0.2
+
+
 def test_modules_train_one_step_and_reload_from_checkpoint(tmp_path):
     import lightning.pytorch as pl
 

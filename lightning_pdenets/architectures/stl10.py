@@ -6,12 +6,14 @@ each one PDE block (3 time steps, δ_t = 1); after every unit but the last a con
 with batch norm and ReLU raising the width 16 → 64 → 128 → 256, then 2×2 average pooling).
 Head: global average pooling and a linear classifier. 96×96 images reach the head at 12×12.
 
-Initialization (what we implement for the supplement's): the opening and connector convolutions
-use He (Kaiming) normal initialization, batch norms start at scale 1 and shift 0, the linear
-classifier uses PyTorch's default. The PDE kernels K(θ_j) are Gaussian with standard deviation
-``kernel_std`` (default √(2 / (9·C)), the He scale of a 3×3 convolution on C channels) clipped
-into the box [−1, 1] of the paper's constraint; the normalization scales start at 1 and the
-shifts at 0, identical at every control point, so θ(t) starts constant in time (zero TV).
+Initialization ``init='meganet'`` (default) is the one of the authors' published code (Meganet.m,
+``examples/2018-jmiv/cnnDriver.m`` with ``KernelTypes/convKernel.m``): every convolution kernel
+(opening, PDE blocks, connectors) is drawn from N(0, 0.1²), entries beyond ±0.2 are redrawn from
+N(0, 1) and the result is clipped into [−0.2, 0.2]; the classifier's weights and bias are
+0.1·N(0, 1) clipped into [−0.2, 0.2]; normalization scales start at 1 and shifts at 0. A PDE block's
+kernel is the same at every control point, so θ(t) starts constant in time (zero TV).
+``init='he'`` instead uses He-normal convolutions, PyTorch's default classifier, and Gaussian PDE
+kernels of standard deviation ``kernel_std`` (default √(2 / (9·C))) clipped into [−1, 1].
 """
 
 from __future__ import annotations
@@ -33,6 +35,16 @@ PDE_CNN_DYNAMICS: dict[str, type[SymmetricPDEBlock]] = {
 }
 
 _TINY = dict(widths=(4, 8), num_steps=2)
+INITIALIZATIONS = ("meganet", "he")
+
+
+@torch.no_grad()
+def meganet_kernel_(tensor: torch.Tensor, sd: float = 0.1) -> torch.Tensor:
+    """Meganet.m's ``convKernel.initTheta``: sd·N(0, 1), entries beyond ±2sd redrawn from N(0, 1), clipped to ±2sd."""
+    values = sd * torch.randn_like(tensor)
+    outside = values.abs() > 2 * sd
+    values[outside] = torch.randn(int(outside.sum()), dtype=values.dtype, device=values.device)
+    return tensor.copy_(values.clamp_(-2 * sd, 2 * sd))
 
 
 def _conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int) -> list[nn.Module]:
@@ -55,8 +67,9 @@ class PDECNN(nn.Module):
         interpolation: ``'constant'`` or ``'linear'`` interpolation of θ(t).
         norm: ``'instance'`` or ``'none'`` inside the symmetric layers.
         activation: σ of the symmetric layers.
-        kernel_std: Initial standard deviation of the PDE kernels (default He scale).
+        kernel_std: Initial standard deviation of the PDE kernels with ``init='he'`` (default He scale).
         reversible: Memory-efficient reversible backward (Hamiltonian and second order only).
+        init: ``'meganet'`` (the authors' code, default) or ``'he'``; see the module docstring.
     """
 
     def __init__(
@@ -73,8 +86,13 @@ class PDECNN(nn.Module):
         activation: str = "relu",
         kernel_std: Optional[float] = None,
         reversible: bool = False,
+        init: str = "meganet",
     ) -> None:
         super().__init__()
+        if init not in INITIALIZATIONS:
+            raise ValueError(f"`init` must be one of {list(INITIALIZATIONS)}, got {init!r}.")
+        if init == "meganet" and kernel_std is not None:
+            raise ValueError("`kernel_std` applies to init='he' only; drop it or set init: he.")
         if dynamics not in PDE_CNN_DYNAMICS:
             raise ValueError(f"`dynamics` must be one of {sorted(PDE_CNN_DYNAMICS)}, got {dynamics!r}.")
         widths = list(widths)
@@ -96,6 +114,21 @@ class PDECNN(nn.Module):
                 units.append(nn.Sequential(*_conv_bn_relu(width, widths[index + 1], 1), nn.AvgPool2d(2)))
         self.units = nn.Sequential(*units)
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(widths[-1], num_classes))
+        if init == "meganet":
+            self._meganet_init()
+
+    @torch.no_grad()
+    def _meganet_init(self) -> None:
+        for name, parameter in self.named_parameters():
+            if name.endswith("kernel.control_points"):  # one kernel, repeated at every control point
+                meganet_kernel_(parameter[0])
+                parameter[1:].copy_(parameter[0].expand_as(parameter[1:]))
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                meganet_kernel_(module.weight)
+        classifier = self.head[-1]
+        for tensor in (classifier.weight, classifier.bias):
+            tensor.copy_((0.1 * torch.randn_like(tensor)).clamp_(-0.2, 0.2))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:

@@ -32,8 +32,9 @@ class PDECNNModule(ClassifierModule):
         interpolation: ``'constant'`` or ``'linear'`` interpolation of θ(t) between control points.
         norm: ``'instance'`` or ``'none'`` normalization inside the symmetric layers.
         activation: σ of the symmetric layers (``relu``, ``tanh``, ``leaky_relu``, ``identity``).
-        kernel_std: Initial standard deviation of the PDE kernels (default He scale).
+        kernel_std: Initial standard deviation of the PDE kernels with ``init='he'`` (default He scale).
         reversible: Memory-efficient reversible backward (Hamiltonian and second order only).
+        init: ``'meganet'`` (the authors' published initialization, default) or ``'he'``.
         **kwargs: Optimization settings of :class:`ClassifierModule`.
     """
 
@@ -52,13 +53,14 @@ class PDECNNModule(ClassifierModule):
         activation: str = "relu",
         kernel_std: Optional[float] = None,
         reversible: bool = False,
+        init: str = "meganet",
         **kwargs: Any,
     ) -> None:
         super().__init__(num_classes=num_classes, **kwargs)
         self.save_hyperparameters()
         self.network = PDECNN(
             self.dynamics, in_channels, num_classes, list(widths), num_steps, step_size, num_control_points,
-            interpolation, norm, activation, kernel_std, reversible,
+            interpolation, norm, activation, kernel_std, reversible, init,
         )
 
 
