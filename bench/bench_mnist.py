@@ -160,6 +160,13 @@ def markdown(rows: list[dict], args: argparse.Namespace, wall: float) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _config_and_argument(text: str) -> tuple[str, str]:
+    stem, separator, argument = text.partition(":")
+    if not (separator and stem and argument):
+        raise argparse.ArgumentTypeError(f"expected CONFIG:ARG, e.g. prnet:--model.init_args.lr=0.003, got {text!r}")
+    return stem, argument
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"))
@@ -173,7 +180,7 @@ def main() -> None:
     parser.add_argument("--override", action="append", default=[],
                         help="CLI arguments applied to every config alike, e.g. a one-epoch recipe: "
                              "--override=--model.init_args.optimizer=adam --override=--model.init_args.lr=0.001")
-    parser.add_argument("--override-for", action="append", default=[], type=lambda text: tuple(text.split(":", 1)),
+    parser.add_argument("--override-for", action="append", default=[], type=_config_and_argument,
                         metavar="CONFIG:ARG", help="a CLI argument for one config only (by file stem), e.g. "
                         "--override-for=prnet:--model.init_args.theta_lr=0.003")
     parser.add_argument("--inference-only", action="store_true",

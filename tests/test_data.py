@@ -126,3 +126,16 @@ def test_digits_split_is_stratified_seeded_and_standardized() -> None:
     assert torch.equal(again.splits["val"].tensors[0], dm.splits["val"].tensors[0])
     with pytest.raises(ValueError, match="`val_fraction` must be a float in"):
         DigitsDataModule(val_fraction=0.7)
+
+
+def test_subclassed_vision_datamodules_take_every_base_argument() -> None:
+    """STL-10 and the transfer datamodules forward the VisionDataModule arguments, global_batch_size included."""
+    from lightning_pdenets.data import DTDDataModule, ResizedCIFAR10DataModule, STL10DataModule
+
+    stl10 = STL10DataModule(data_dir="elsewhere", global_batch_size=64, train_fraction=0.5)
+    assert (stl10.data_dir, stl10.global_batch_size, stl10.train_fraction) == ("elsewhere", 64, 0.5)
+    dtd = DTDDataModule(resize=32, partition=3, global_batch_size=32, augment=True)
+    assert (dtd.resize, dtd.partition, dtd.global_batch_size, dtd.augment) == (32, 3, 32, True)
+    assert ResizedCIFAR10DataModule(resize=48, val_size=100).val_size == 100
+    with pytest.raises(ValueError, match=r"`partition` must be an integer in \[1, 10\]"):
+        DTDDataModule(partition=11)

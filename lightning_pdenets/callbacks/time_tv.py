@@ -85,7 +85,8 @@ class TimeTVRegularization(Callback):
         self.alpha = float(alpha)
         self.epsilon = float(epsilon)
         self.log_name = log_name
-        self._epoch_sum, self._epoch_count = 0.0, 0  # the epoch mean of the logged term, resumable
+        self._epoch_sum: Any = 0.0  # running sum (a tensor once stepped) and count: the resumable epoch mean
+        self._epoch_count = 0
 
     def penalty(self, module: torch.nn.Module) -> torch.Tensor:
         """α₁ · R(θ) of ``module``, differentiable with respect to its time-dependent parameters."""
@@ -122,18 +123,18 @@ class TimeTVRegularization(Callback):
                 else:
                     tensor.grad.add_(grad)
         pl_module.log(self.log_name, value.detach(), on_step=True, on_epoch=False, prog_bar=False)
-        self._epoch_sum += float(value.detach())
+        self._epoch_sum = self._epoch_sum + value.detach()  # a device tensor: no host sync per step
         self._epoch_count += 1
 
     def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         # Kept here rather than by Lightning's on_epoch aggregation, which a mid-epoch resume restarts from zero.
         if self._epoch_count:
-            pl_module.log(f"{self.log_name}_epoch", self._epoch_sum / self._epoch_count, on_step=False, on_epoch=True,
-                          sync_dist=True)
+            mean = torch.as_tensor(self._epoch_sum, device=pl_module.device) / self._epoch_count
+            pl_module.log(f"{self.log_name}_epoch", mean, on_step=False, on_epoch=True, sync_dist=True)
         self._epoch_sum, self._epoch_count = 0.0, 0
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch_sum": self._epoch_sum, "epoch_count": self._epoch_count}
+        return {"epoch_sum": float(self._epoch_sum), "epoch_count": self._epoch_count}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._epoch_sum = float(state_dict.get("epoch_sum", 0.0))

@@ -8,7 +8,7 @@ Partial Differential Equations" (accuracy against the amount of training data, 1
 from __future__ import annotations
 
 import os
-from typing import Callable, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import numpy as np
 import torch
@@ -81,21 +81,10 @@ class STL10DataModule(VisionDataModule):
     channel_mean = (0.4467, 0.4398, 0.4066)
     channel_std = (0.2603, 0.2566, 0.2713)
 
-    def __init__(
-        self,
-        data_dir: str = "data",
-        download: bool = False,
-        batch_size: int = 128,
-        num_workers: int = 0,
-        val_size: Union[int, float] = 0.1,
-        seed: int = 42,
-        normalize: bool = True,
-        augment: bool = False,
-        train_fraction: float = 1.0,
-    ) -> None:
+    def __init__(self, train_fraction: float = 1.0, **kwargs: Any) -> None:
         if isinstance(train_fraction, bool) or not isinstance(train_fraction, (int, float)) or not 0 < train_fraction <= 1:
             raise ValueError(f"`train_fraction` must be in (0, 1] (e.g. 0.1 for 10 %), got {train_fraction!r}.")
-        super().__init__(data_dir, download, batch_size, num_workers, val_size, seed, normalize, augment)
+        super().__init__(**kwargs)
         self.train_fraction = float(train_fraction)
 
     def download(self) -> None:

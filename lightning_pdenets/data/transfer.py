@@ -12,7 +12,7 @@ statistics (Tiny ImageNet), which the pretrained stem was trained on.
 from __future__ import annotations
 
 import os
-from typing import Callable, Union
+from typing import Any, Callable
 
 from torch.utils.data import ConcatDataset, Dataset
 from torchvision import datasets
@@ -43,20 +43,9 @@ class _ResizedTransfer:
     channel_mean = TinyImageNetDataModule.channel_mean
     channel_std = TinyImageNetDataModule.channel_std
 
-    def __init__(
-        self,
-        data_dir: str = "data",
-        download: bool = False,
-        batch_size: int = 128,
-        num_workers: int = 0,
-        val_size: Union[int, float] = 0.1,
-        seed: int = 42,
-        normalize: bool = True,
-        augment: bool = False,
-        resize: int = 64,
-    ) -> None:
+    def __init__(self, resize: int = 64, **kwargs: Any) -> None:
         check_positive_int(resize, "resize")
-        super().__init__(data_dir, download, batch_size, num_workers, val_size, seed, normalize, augment)  # type: ignore[call-arg]
+        super().__init__(**kwargs)  # type: ignore[call-arg]
         self.resize = resize
         self.image_size = (resize, resize)
 
@@ -137,22 +126,10 @@ class DTDDataModule(_TorchvisionTransfer):
     in_channels = 3
     folder = os.path.join("dtd", "dtd")
 
-    def __init__(
-        self,
-        data_dir: str = "data",
-        download: bool = False,
-        batch_size: int = 128,
-        num_workers: int = 0,
-        val_size: Union[int, float] = 0.1,
-        seed: int = 42,
-        normalize: bool = True,
-        augment: bool = False,
-        resize: int = 64,
-        partition: int = 1,
-    ) -> None:
+    def __init__(self, partition: int = 1, **kwargs: Any) -> None:
         if isinstance(partition, bool) or not isinstance(partition, int) or not 1 <= partition <= 10:
             raise ValueError(f"`partition` must be an integer in [1, 10] (DTD's ten splits), got {partition!r}.")
-        super().__init__(data_dir, download, batch_size, num_workers, val_size, seed, normalize, augment, resize)
+        super().__init__(**kwargs)
         self.partition = partition
 
     def download(self) -> None:
