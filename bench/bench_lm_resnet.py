@@ -10,6 +10,9 @@ thread spin-waiting) is the steadier measure of the work a step costs.
     flock /tmp/pdenets-cpu.lock python bench/bench_lm_resnet.py --batch-size 32 --threads 1 --rounds 15 \
         --steps-per-round 2
 
+With ``--compile`` both networks go through ``torch.compile`` (inductor) before timing, which fuses the
+LM update's element-wise work into the neighbouring kernels; compilation happens in the warm-up.
+
 (bench/results_lm_resnet.md holds the measured table plus an analysis of the overhead.)
 """
 
@@ -62,6 +65,7 @@ def main() -> None:
     parser.add_argument("--steps-per-round", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--k-mode", default="scalar", choices=["scalar", "channel"])
+    parser.add_argument("--compile", action="store_true", help="torch.compile both networks (inductor) before timing")
     parser.add_argument("--output", default=None, help="also write the Markdown report to this file")
     args = parser.parse_args()
 
@@ -72,10 +76,13 @@ def main() -> None:
     plain = preact_resnet_cifar(args.depth).train()
     torch.manual_seed(0)
     lm = lm_resnet_cifar(args.depth, k_mode=args.k_mode).train()
-    steps = {"ResNet": training_step(plain, batch), "LM-ResNet": training_step(lm, batch)}
-    for step in steps.values():
+    run_plain, run_lm = (torch.compile(plain), torch.compile(lm)) if args.compile else (plain, lm)
+    steps = {"ResNet": training_step(run_plain, batch), "LM-ResNet": training_step(run_lm, batch)}
+    for name, step in steps.items():
+        start = time.perf_counter()
         for _ in range(args.warmup):
             step()
+        print(f"{name}: {args.warmup} warm-up steps in {time.perf_counter() - start:.1f} s", flush=True)
 
     clocks = ("wall", "cpu")
     seconds: dict[tuple[str, str], list[float]] = {(name, clock): [] for name in steps for clock in clocks}
@@ -100,6 +107,7 @@ def main() -> None:
     command = (
         f"flock /tmp/pdenets-cpu.lock python bench/bench_lm_resnet.py --depth {args.depth} --batch-size {args.batch_size} "
         f"--threads {args.threads} --rounds {args.rounds} --steps-per-round {args.steps_per_round} --k-mode {args.k_mode}"
+        + (" --compile" if args.compile else "")
     )
     report = "\n".join(
         [
@@ -108,7 +116,7 @@ def main() -> None:
             f"Date: {datetime.date.today().isoformat()}. Machine: 2-core CPU container (shared), torch {torch.__version__}, "
             f"{args.threads} threads. Batch {args.batch_size} of 3×32×32 CIFAR-size inputs, SGD step included; "
             f"{args.rounds} alternating rounds of {args.steps_per_round} steps after {args.warmup} warm-up steps each; "
-            f"k_mode={args.k_mode}.",
+            f"k_mode={args.k_mode}; {'both networks torch.compile-d (inductor)' if args.compile else 'eager mode'}.",
             "",
             f"Command: `{command}`",
             "",

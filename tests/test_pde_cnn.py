@@ -283,7 +283,9 @@ def test_refining_in_time_changes_the_output_little_and_reloads(block_class):
 
 
 # -- STL-10 network and modules ---------------------------------------------------------------------
-def expected_parameter_count(dynamics: str, widths: list[int], in_channels: int, num_classes: int, steps: int) -> int:
+def expected_parameter_count(
+    dynamics: str, widths: list[int], in_channels: int, num_classes: int, steps: int, final_connector: bool = True
+) -> int:
     count = in_channels * widths[0] * 9 + 2 * widths[0]  # opening conv (no bias) + BN
     for index, width in enumerate(widths):
         channels = width // 2 if dynamics == "hamiltonian" else width
@@ -291,6 +293,8 @@ def expected_parameter_count(dynamics: str, widths: list[int], in_channels: int,
         count += layers * steps * (channels * channels * 9 + 2 * channels)  # kernel + scale + shift per step
         if index + 1 < len(widths):
             count += width * widths[index + 1] + 2 * widths[index + 1]  # 1×1 connector + BN
+        elif final_connector:
+            count += width * width + 2 * width  # the authors' width-preserving connector after the last unit
     return count + widths[-1] * num_classes + num_classes
 
 
@@ -298,6 +302,10 @@ def expected_parameter_count(dynamics: str, widths: list[int], in_channels: int,
 def test_stl10_network_shapes_and_parameter_count(dynamics):
     network = PDECNN(dynamics)
     assert sum(p.numel() for p in network.parameters()) == expected_parameter_count(dynamics, [16, 64, 128, 256], 3, 10, 3)
+    as_in_the_text = PDECNN(dynamics, final_connector=False)
+    assert sum(p.numel() for p in as_in_the_text.parameters()) == expected_parameter_count(
+        dynamics, [16, 64, 128, 256], 3, 10, 3, final_connector=False
+    )
     widths, sizes = [], []
 
     def record(module, inputs, output):
@@ -314,6 +322,28 @@ def test_stl10_network_shapes_and_parameter_count(dynamics):
     assert f"stl10_{dynamics}" in ARCHITECTURES
     with pytest.raises(ValueError, match="`dynamics` must be one of"):
         PDECNN("elliptic")
+
+
+@pytest.mark.parametrize("dynamics", ["parabolic", "second_order"])
+def test_final_connector_normalizes_what_the_classifier_sees(dynamics):
+    """The authors' final connector (BN + ReLU) keeps the classifier's input at unit scale at initialization;
+    without it the last PDE block's output, and so the logits, grow with the width (the lr 0.1 divergence)."""
+    torch.manual_seed(0)
+    images = torch.randn(16, 3, 32, 32)
+    features = {}
+    for final_connector in (True, False):
+        network = PDECNN(dynamics, final_connector=final_connector).train()
+        network.head.register_forward_hook(lambda m, inputs, out, key=final_connector: features.update({key: inputs[0]}))
+        with torch.no_grad():
+            network(images)
+    last = PDECNN(dynamics).units[-1]
+    assert [type(m) for m in last] == [torch.nn.Conv2d, torch.nn.BatchNorm2d, torch.nn.ReLU]
+    assert last[0].weight.shape == (256, 256, 1, 1)
+    # ReLU of a batch-normalized unit Gaussian has second moment 1/2
+    assert 0.4 < features[True].pow(2).mean().item() < 0.6
+    assert features[False].pow(2).mean().item() > 10 * features[True].pow(2).mean().item()
+    with pytest.raises(TypeError, match="`final_connector` must be true or false"):
+        PDECNN(dynamics, final_connector="yes")
 
 
 @pytest.mark.parametrize("dynamics", ["parabolic", "hamiltonian"])

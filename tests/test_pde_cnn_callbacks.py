@@ -183,7 +183,8 @@ def image_loader(seed: int = 0) -> DataLoader:
 def small_pde_cnn() -> ParabolicCNNModule:
     torch.manual_seed(0)
     return ParabolicCNNModule(widths=[4, 4], num_steps=4, step_size=0.25, interpolation="linear",
-                              num_control_points=2, optimizer="sgd", lr=0.01, momentum=0.9)
+                              num_control_points=2, optimizer="sgd", lr=0.01, momentum=0.9,
+                              final_connector=False)  # probes read the last PDE block's output directly
 
 
 class ProbeOutputs(Callback):

@@ -35,6 +35,8 @@ class PDECNNModule(ClassifierModule):
         kernel_std: Initial standard deviation of the PDE kernels with ``init='he'`` (default He scale).
         reversible: Memory-efficient reversible backward (Hamiltonian and second order only).
         init: ``'meganet'`` (the authors' published initialization, default) or ``'he'``.
+        final_connector: Normalized 1×1 connector after the last unit, as in the authors' code; without
+            it SGD at the paper's lr 0.1 diverges (see :mod:`lightning_pdenets.architectures.stl10`).
         **kwargs: Optimization settings of :class:`ClassifierModule`.
     """
 
@@ -54,13 +56,14 @@ class PDECNNModule(ClassifierModule):
         kernel_std: Optional[float] = None,
         reversible: bool = False,
         init: str = "meganet",
+        final_connector: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(num_classes=num_classes, **kwargs)
         self.save_hyperparameters()
         self.network = PDECNN(
             self.dynamics, in_channels, num_classes, list(widths), num_steps, step_size, num_control_points,
-            interpolation, norm, activation, kernel_std, reversible, init,
+            interpolation, norm, activation, kernel_std, reversible, init, final_connector,
         )
 
 
