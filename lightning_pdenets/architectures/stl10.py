@@ -117,6 +117,10 @@ class PDECNN(nn.Module):
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
         block_class = PDE_CNN_DYNAMICS[dynamics]
         self.in_channels = in_channels
+        # each connector halves the resolution; instance norm needs more than one pixel in the last unit
+        self.num_units = len(widths)
+        self.last_unit_min_size = 2 if norm == "instance" else 1
+        self.min_image_size = 2 ** (self.num_units - 1) * self.last_unit_min_size
         self.opening = nn.Sequential(*_conv_bn_relu(in_channels, widths[0], 3))
         units: list[nn.Module] = []
         for index, width in enumerate(widths):
@@ -151,6 +155,13 @@ class PDECNN(nn.Module):
             raise ValueError(
                 f"expected images of shape (N, {self.in_channels}, H, W), got {tuple(x.shape)}; "
                 f"set `in_channels` to the dataset's number of channels."
+            )
+        if min(x.shape[-2:]) < self.min_image_size:
+            raise ValueError(
+                f"images of {x.shape[-2]}×{x.shape[-1]} pixels are too small for {self.num_units} units: the "
+                f"connectors halve the resolution {self.num_units - 1} times and the last unit needs at least "
+                f"{self.last_unit_min_size} pixel(s) per side, so use images of at least "
+                f"{self.min_image_size}×{self.min_image_size} (resize them) or fewer `widths`."
             )
         return self.head(self.units(self.opening(x)))
 
