@@ -93,3 +93,55 @@ def test_solver_failure_stops_cleanly_and_keeps_the_last_good_checkpoint(tmp_pat
     assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["epoch"] == 0
     assert not (tmp_path / "ckpt" / "interrupted.ckpt").exists()  # the failing state is not the newest checkpoint
     assert find_resume_checkpoint(tmp_path) == tmp_path / "ckpt" / "last.ckpt"
+
+
+class RaiseAtStep(pl.Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step >= self.step:
+            raise RuntimeError(f"simulated crash after {self.step} steps")
+
+
+class CountBatches(pl.Callback):
+    def __init__(self) -> None:
+        self.count = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.count += 1
+
+
+def _trainer(tmp_path: Path, *callbacks: pl.Callback, max_epochs: int = 1) -> pl.Trainer:
+    return pl.Trainer(
+        accelerator="cpu", max_epochs=max_epochs, limit_train_batches=4, limit_val_batches=1, logger=False,
+        enable_progress_bar=False, default_root_dir=tmp_path,
+        callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True), *callbacks],
+    )
+
+
+def test_interrupt_checkpoint_is_written_beside_the_model_checkpoints_and_removed_after_completion(tmp_path: Path) -> None:
+    interrupt = CheckpointOnInterrupt()
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _trainer(tmp_path, interrupt, RaiseAtStep(2)).fit(RKNetModule(width=8, num_downsamples=1),
+                                                           datamodule=DigitsDataModule(batch_size=16))
+    written = tmp_path / "ckpt" / "interrupted.ckpt"
+    assert Path(interrupt.ckpt_path) == written
+    assert torch.load(written, weights_only=False)["global_step"] == 2
+    resumed = _trainer(tmp_path, CheckpointOnInterrupt())
+    resumed.fit(RKNetModule(width=8, num_downsamples=1), datamodule=DigitsDataModule(batch_size=16), ckpt_path=written)
+    assert resumed.global_step == 4  # continued from step 2, not restarted
+    assert not written.exists()  # stale after the run completed
+
+
+def test_a_fresh_fit_never_resumes_implicitly(tmp_path: Path, recwarn) -> None:
+    """Lightning turns fit(ckpt_path=None) into "last" when an OnExceptionCheckpoint is present; ours must not,
+    or a new run with a fixed checkpoint folder silently continues an old one."""
+    first = _trainer(tmp_path, CheckpointOnInterrupt())
+    first.fit(RKNetModule(width=8, num_downsamples=1), datamodule=DigitsDataModule(batch_size=16))
+    assert (tmp_path / "ckpt" / "last.ckpt").exists() and first.global_step == 4
+    batches = CountBatches()
+    fresh = _trainer(tmp_path, CheckpointOnInterrupt(), batches, max_epochs=1)
+    fresh.fit(RKNetModule(width=8, num_downsamples=1), datamodule=DigitsDataModule(batch_size=16))
+    assert batches.count == 4  # trained its own epoch; a resumed run would stop at once (epoch 1 of 1 done)
+    assert not [w for w in recwarn if "ckpt_path" in str(w.message)]

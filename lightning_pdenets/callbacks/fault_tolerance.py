@@ -6,34 +6,62 @@ import os
 from typing import Optional
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
+from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
 
 from lightning_pdenets.errors import ModelFailure
 
 __all__ = ["CheckpointOnInterrupt"]
 
 
-class CheckpointOnInterrupt(OnExceptionCheckpoint):
-    """Lightning's ``OnExceptionCheckpoint``, saving beside the ``ModelCheckpoint`` files by default.
+class CheckpointOnInterrupt(Checkpoint):
+    """Save a checkpoint when a run is interrupted, beside the ``ModelCheckpoint`` files by default.
 
     On SIGTERM (Lightning turns it into an exception between steps), Ctrl-C or an exception it
-    writes ``interrupted.ckpt``, from which ``pdenets fit --ckpt_path last`` resumes. It does not
-    write one when the run stopped because the model itself failed (a NaN/Inf loss, an ODE solver
-    that could not integrate): the last good checkpoint stays the newest one.
+    writes ``interrupted.ckpt``, from which ``pdenets fit --ckpt_path last`` (or
+    ``trainer.fit(..., ckpt_path=callback.ckpt_path)``) resumes. It does not write one when the run
+    stopped because the model itself failed (a NaN/Inf loss, an ODE solver that could not
+    integrate): the last good checkpoint stays the newest one. After a run that completes, the
+    file is removed, as Lightning's ``OnExceptionCheckpoint`` does.
+
+    Not a subclass of ``OnExceptionCheckpoint``: with one of those present, Lightning turns every
+    ``fit(ckpt_path=None)`` into ``ckpt_path="last"``. A fresh run then warns that "the last model of
+    the previous fit call will be used" and, when the checkpoint folder is fixed, silently resumes
+    an older run. Resuming stays explicit here.
 
     Args:
         dirpath: Folder of the checkpoint; default: the ``ModelCheckpoint`` folder of the run.
         filename: File stem of the checkpoint.
     """
 
+    FILE_EXTENSION = ".ckpt"
+
     def __init__(self, dirpath: Optional[str] = None, filename: str = "interrupted") -> None:
-        super().__init__(dirpath=dirpath or ".", filename=filename)
+        super().__init__()
+        if not isinstance(filename, str) or not filename:
+            raise ValueError(f"`filename` must be a non-empty file stem (without .ckpt), got {filename!r}.")
+        self.dirpath = dirpath or "."
+        self.filename = filename
         self.follow_model_checkpoint = dirpath is None
+
+    @property
+    def ckpt_path(self) -> str:
+        """Where the checkpoint is (or would be) written."""
+        return os.path.join(self.dirpath, self.filename + self.FILE_EXTENSION)
 
     def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
         if isinstance(exception, ModelFailure):
             return
+        self._follow_model_checkpoint(trainer)
+        trainer.save_checkpoint(self.ckpt_path)
+
+    def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        # Lightning calls callback teardown only when the stage did not raise: after a completed fit an
+        # interrupt checkpoint of this run is stale, and `--ckpt_path last` must not pick it up later.
+        if stage == "fit":
+            self._follow_model_checkpoint(trainer)
+            trainer.strategy.remove_checkpoint(self.ckpt_path)
+
+    def _follow_model_checkpoint(self, trainer: "pl.Trainer") -> None:
         model_checkpoints = [c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint) and c.dirpath]
         if self.follow_model_checkpoint and model_checkpoints:
             self.dirpath = os.fspath(model_checkpoints[0].dirpath)
-        super().on_exception(trainer, pl_module, exception)
