@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import lightning.pytorch as pl
+import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from lightning_pdenets import callbacks as cb
@@ -46,6 +47,28 @@ class FailSolverOnRank(pl.Callback):
         if trainer.global_rank == self.rank and trainer.global_step >= self.step:
             for block in find_ode_blocks(pl_module):
                 block.configure_solver(max_num_steps=1)
+
+
+class StiffInBackwardOnRank(pl.Callback):
+    """From optimizer step ``step`` on, rank ``rank``'s vector fields blow up during the adjoint (backward) solve only,
+    so that dopri5 fails inside ``loss.backward()`` on that rank, after the forward passes agreed."""
+
+    def __init__(self, rank: int, step: int) -> None:
+        self.rank, self.step = rank, step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_rank != self.rank or trainer.global_step < self.step:
+            return
+        for block in find_ode_blocks(pl_module):
+            if "forward" in vars(block.field):
+                continue
+            original = block.field.forward
+
+            def stiff_in_backward(t, y, original=original, block=block):
+                out = original(t, y)
+                return out if block._solving_forward else out * torch.exp(1e4 * t)
+
+            block.field.forward = stiff_in_backward
 
 
 class FreezeBatchNorm(pl.Callback):
@@ -78,6 +101,8 @@ class DDPCase:
             with; the single-process comparison is then skipped.
         rank_only_metrics: Substrings of metric names compared across ranks only, because their value
             depends on the layout by nature (wall time; the NFE of an adaptive solver on half a batch).
+        breaks_process_group: The case ends with the process group closed (a failure inside backward);
+            the runner runs such cases last.
     """
 
     covers: tuple[str, ...]
@@ -92,6 +117,7 @@ class DDPCase:
     expect_error: str = ""
     rank_errors: tuple[str, ...] = ()
     rank_only_metrics: tuple[str, ...] = ()
+    breaks_process_group: bool = False
 
 
 # Plain SGD throughout: Adam divides by sqrt(v), which turns float-noise gradients (e.g. of a conv bias
@@ -185,5 +211,13 @@ CASES: dict[str, DDPCase] = {
         ("ODENetModule", "CheckpointOnInterrupt"), lambda: models.ODENetModule(**CHEN_TINY, adjoint=False, lr=0.01),
         callbacks=lambda: [FailSolverOnRank(rank=1, step=2), cb.CheckpointOnInterrupt(dirpath="interrupted")],
         rank_errors=("PeerFailedError", "SolverFailedError"),
+    ),
+    # the same inside backward (adaptive adjoint solve): the failing rank explains the failure and closes its
+    # connections, so rank 0's gradient all-reduce fails at once instead of waiting for the collective timeout
+    "adjoint_failure_in_backward_on_one_rank": DDPCase(
+        ("ODENetModule", "CheckpointOnInterrupt"),
+        lambda: models.ODENetModule(**CHEN_TINY, adjoint=True, lr=0.01, max_num_steps=50),
+        callbacks=lambda: [StiffInBackwardOnRank(rank=1, step=2), cb.CheckpointOnInterrupt(dirpath="interrupted")],
+        rank_errors=("PeerFailedError", "SolverFailedError"), breaks_process_group=True,
     ),
 }

@@ -75,7 +75,9 @@ def run_case(name: str, case: DDPCase, out_dir: Path, devices: int, batch_size: 
 
 def main(out_dir: Path, devices: int, batch_size: int, names: list[str]) -> None:
     torch.set_num_threads(1)
-    results = {name: run_case(name, CASES[name], out_dir, devices, batch_size) for name in names or list(CASES)}
+    # a case that closes the process group must come last: the cases share it
+    ordered = sorted(names or list(CASES), key=lambda name: CASES[name].breaks_process_group)
+    results = {name: run_case(name, CASES[name], out_dir, devices, batch_size) for name in ordered}
     rank = int(os.environ.get("LOCAL_RANK", 0))
     torch.save(results, out_dir / f"rank{rank}_of_{devices}.pt")
 

@@ -106,8 +106,10 @@ def test_a_failure_on_one_rank_stops_every_rank(matrix: dict[str, Any], name: st
     case = CASES[name]
     ranks = [matrix[key][name] for key in ("rank0_of_2", "rank1_of_2")]
     assert [rank["error_type"] for rank in ranks] == list(case.rank_errors)
-    assert "another DDP process stopped" in ranks[0]["error"]
+    phase = "backward" if case.breaks_process_group else "forward"
+    assert f"another DDP process {'crashed during the backward pass' if phase == 'backward' else 'stopped'}" in ranks[0]["error"]
     assert "max_num_steps" in ranks[1]["error"] and "Try:" in ranks[1]["error"]
+    assert ("in the backward (adjoint) pass" in ranks[1]["error"]) == (phase == "backward")
     assert ranks[0]["steps"] == ranks[1]["steps"]
     for key, value in ranks[0]["state"].items():
         assert torch.equal(value, ranks[1]["state"][key]), f"{key} differs between the ranks"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -15,7 +15,7 @@ from lightning_pdenets.errors import SolverFailedError
 from lightning_pdenets.solvers import SOLVERS, check_solver_name
 from lightning_pdenets.validation import check_positive, check_positive_int
 
-__all__ = ["ODEBlock", "SolverSettings"]
+__all__ = ["ODEBlock", "SolverSettings", "explain_solver_failure", "is_solver_failure"]
 
 
 @dataclass(frozen=True)
@@ -191,12 +191,36 @@ class ODEBlock(nn.Module):
 
 
 def _explain_solver_failure(error: Exception, settings: SolverSettings) -> Exception:
+    return explain_solver_failure(error, [dataclasses.asdict(settings)], "forward")
+
+
+def _settings_text(settings: Mapping[str, Any]) -> str:
+    return ", ".join(f"{name}={settings[name]!r}" for name in ("method", "rtol", "atol", "max_num_steps", "min_step"))
+
+
+def is_solver_failure(error: BaseException) -> bool:
+    """Whether ``error`` is torchdiffeq's report of a failed integration (step underflow or step budget spent)."""
     message = str(error)
-    if "underflow in dt" not in message and "max_num_steps exceeded" not in message:
+    return isinstance(error, (AssertionError, RuntimeError)) and (
+        "underflow in dt" in message or "max_num_steps exceeded" in message
+    )
+
+
+def explain_solver_failure(error: Exception, settings: Sequence[Mapping[str, Any]], phase: str) -> Exception:
+    """``SolverFailedError`` with remedies for a torchdiffeq failure in the ``phase`` pass; other errors unchanged.
+
+    Args:
+        error: What torchdiffeq raised.
+        settings: ``solver_settings()`` of the ODE block(s) that may have failed (a backward failure cannot
+            name its block).
+        phase: ``'forward'`` or ``'backward (adjoint)'``.
+    """
+    if not is_solver_failure(error):
         return error
+    where = "" if phase == "forward" else f" in the {phase} pass"
+    blocks = "; ".join(_settings_text(s) for s in settings) or "no ODE block found"
     return SolverFailedError(
-        f"ODE solver {settings.method!r} failed: {message} (rtol={settings.rtol}, atol={settings.atol}, "
-        f"max_num_steps={settings.max_num_steps}, min_step={settings.min_step}). The dynamics became too stiff for "
+        f"ODE solver failed{where}: {error} ({blocks}). The dynamics became too stiff for "
         f"this tolerance. Try: a looser tolerance (rtol/atol), a min_step > 0 (accept steps of that size instead "
         f"of failing), a larger max_num_steps, a fixed-step solver (method='rk4' with a "
         f"step_size), the ToleranceAdaptation callback, or a lower learning rate."

@@ -12,6 +12,7 @@ from torchmetrics import Metric, MetricCollection
 from torchmetrics.aggregation import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_pdenets.blocks.ode import explain_solver_failure, is_solver_failure
 from lightning_pdenets.errors import ModelFailure, NonFiniteLossError, PeerFailedError, SolverFailedError
 from lightning_pdenets.models.optim import (
     SCHEDULER_INTERVALS,
@@ -193,6 +194,29 @@ class ClassifierModule(pl.LightningModule):
             block.reset_nfe()
 
     # -- faults -----------------------------------------------------------------------------
+    def backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+        """``loss.backward()``, with a failure inside it turned into a model failure that says what to do.
+
+        An adaptive adjoint solve runs inside backward and can fail there ("underflow in dt"): that
+        becomes a :class:`SolverFailedError` with remedies. Under DDP the other processes then see the
+        failed process vanish from the gradient all-reduce; that becomes a :class:`PeerFailedError`.
+        Both are model failures, so no interrupt checkpoint replaces the last good one.
+        """
+        try:
+            super().backward(loss, *args, **kwargs)
+        except (AssertionError, RuntimeError) as error:
+            if is_solver_failure(error):
+                settings = [block.solver_settings() for block in find_ode_blocks(self)]
+                _release_peers()
+                raise explain_solver_failure(error, settings, "backward (adjoint)") from error
+            if _is_peer_crash(error):
+                raise PeerFailedError(
+                    f"another DDP process crashed during the backward pass of global step {self.global_step} (its "
+                    f"own error message names the cause, e.g. an ODE solver failure in the adjoint pass, and the "
+                    f"remedies). The last good checkpoint is kept. Communication error: {error}"
+                ) from error
+            raise
+
     def check_finite(self, failure: Optional[ModelFailure] = None, **terms: torch.Tensor) -> None:
         """Stop training on every rank when a term is NaN/Inf or ``failure`` happened on any rank.
 
@@ -236,3 +260,22 @@ class ClassifierModule(pl.LightningModule):
             return optimizer
         interval = SCHEDULER_INTERVALS[o["lr_scheduler"]]
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
+
+
+def _is_peer_crash(error: BaseException) -> bool:
+    """Whether a collective failed because another process went away (gloo and NCCL wordings)."""
+    message = str(error)
+    return any(sign in message for sign in ("Connection closed by peer", "remote worker", "ncclRemoteError",
+                                            "Connection reset by peer"))
+
+
+def _release_peers() -> None:
+    """Close this process's side of the process group after a failure inside backward.
+
+    The other DDP processes are then waiting in gradient all-reduces this process will never join.
+    Closing the connections fails those at once (they raise :class:`PeerFailedError`) even when this
+    process lives on, e.g. in a notebook or a sweep loop, instead of leaving them blocked until the
+    collective timeout (30 minutes by default). The DDP state of this step is unusable anyway.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
