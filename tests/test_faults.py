@@ -15,8 +15,9 @@ from lightning_pdenets.checkpoints import find_resume_checkpoint
 from lightning_pdenets.cli import build_cli
 from lightning_pdenets.data import DigitsDataModule
 from lightning_pdenets.errors import CorruptCheckpointError, SolverFailedError
-from lightning_pdenets.models import RKNetModule
+from lightning_pdenets.models import ODENetModule, RKNetModule
 from tests.conftest import REPO_ROOT
+from tests.ddp_cases import RaiseAtStep, StiffInBackwardOnRank
 
 QUICK = [
     "--config", str(REPO_ROOT / "configs/quickstart.yaml"), "--config", str(REPO_ROOT / "configs/trainer/cpu.yaml"),
@@ -95,15 +96,6 @@ def test_solver_failure_stops_cleanly_and_keeps_the_last_good_checkpoint(tmp_pat
     assert find_resume_checkpoint(tmp_path) == tmp_path / "ckpt" / "last.ckpt"
 
 
-class RaiseAtStep(pl.Callback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step >= self.step:
-            raise RuntimeError(f"simulated crash after {self.step} steps")
-
-
 class CountBatches(pl.Callback):
     def __init__(self) -> None:
         self.count = 0
@@ -122,7 +114,7 @@ def _trainer(tmp_path: Path, *callbacks: pl.Callback, max_epochs: int = 1) -> pl
 
 def test_interrupt_checkpoint_is_written_beside_the_model_checkpoints_and_removed_after_completion(tmp_path: Path) -> None:
     interrupt = CheckpointOnInterrupt()
-    with pytest.raises(RuntimeError, match="simulated crash"):
+    with pytest.raises(RuntimeError, match="simulated failure"):
         _trainer(tmp_path, interrupt, RaiseAtStep(2)).fit(RKNetModule(width=8, num_downsamples=1),
                                                            datamodule=DigitsDataModule(batch_size=16))
     written = tmp_path / "ckpt" / "interrupted.ckpt"
@@ -150,9 +142,6 @@ def test_a_fresh_fit_never_resumes_implicitly(tmp_path: Path, recwarn) -> None:
 def test_adjoint_failure_in_backward_stops_cleanly_with_remedies(tmp_path: Path) -> None:
     """dopri5 failing inside loss.backward() (the adjoint solve) is a SolverFailedError with remedies, not a bare
     torchdiffeq AssertionError, and like a forward failure it leaves the last good checkpoint the newest one."""
-    from lightning_pdenets.models import ODENetModule
-    from tests.ddp_cases import StiffInBackwardOnRank
-
     model = ODENetModule(width=8, num_downsamples=1, adjoint=True, max_num_steps=50)
     trainer = pl.Trainer(
         accelerator="cpu", max_epochs=3, limit_train_batches=2, limit_val_batches=1, default_root_dir=tmp_path,
