@@ -23,7 +23,7 @@ from lightning_pdenets.checkpoints import check_checkpoint, find_resume_checkpoi
 
 
 class PDENetsCLI(LightningCLI):
-    """LightningCLI with the framework's defaults: TensorBoard, best/last checkpoints, LR monitor."""
+    """LightningCLI with the framework's defaults: TensorBoard, best/last checkpoints, LR monitor, prediction files."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(
@@ -46,6 +46,7 @@ class PDENetsCLI(LightningCLI):
                     },
                     {"class_path": "lightning.pytorch.callbacks.LearningRateMonitor"},
                     {"class_path": "lightning_pdenets.callbacks.CheckpointOnInterrupt"},
+                    {"class_path": "lightning_pdenets.callbacks.PredictionWriter"},
                 ],
             }
         )

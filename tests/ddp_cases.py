@@ -92,6 +92,7 @@ class DDPCase:
         train_batches: Training batches per epoch.
         epochs: Training epochs.
         test: Also run ``trainer.test`` (evaluation callbacks).
+        predict: Also run ``trainer.predict``.
         freeze_batchnorm: Keep BatchNorm layers in eval mode while training. torch's SyncBatchNorm
             runs on GPUs only, so on CPU each rank would normalize with its own half-batch
             statistics; frozen, everything else (affine weights included) compares exactly.
@@ -112,6 +113,7 @@ class DDPCase:
     train_batches: int = 3
     epochs: int = 1
     test: bool = False
+    predict: bool = False
     freeze_batchnorm: bool = False
     atol: float = 1e-5
     expect_error: str = ""
@@ -200,6 +202,8 @@ CASES: dict[str, DDPCase] = {
     "inference_timer": DDPCase(("InferenceTimer",), rknet, test=True,
                                callbacks=lambda: [cb.InferenceTimer(batch_size=16, num_warmup=0, num_repeats=1)],
                                rank_only_metrics=("inference/",)),
+    "prediction_writer": DDPCase(("PredictionWriter",), rknet, predict=True,
+                                 callbacks=lambda: [cb.PredictionWriter(output_dir="predictions")]),
     "checkpoint_on_interrupt": DDPCase(
         ("CheckpointOnInterrupt",), rknet, train_batches=4, expect_error="simulated failure after 2 steps",
         callbacks=lambda: [RaiseAtStep(2), cb.CheckpointOnInterrupt(dirpath="interrupted")],

@@ -54,6 +54,8 @@ def run_case(name: str, case: DDPCase, out_dir: Path, devices: int, batch_size: 
         if case.test:
             trainer.test(model, datamodule=datamodule, verbose=False)
             metrics.update(_floats(trainer.callback_metrics))
+        if case.predict:
+            trainer.predict(model, datamodule=datamodule, return_predictions=False)
     except RuntimeError as failure:
         if not (case.expect_error or case.rank_errors):
             raise
@@ -70,6 +72,7 @@ def run_case(name: str, case: DDPCase, out_dir: Path, devices: int, batch_size: 
         "error": error,
         "error_type": error_type,
         "checkpoints": checkpoints,
+        "predictions": {path.name: torch.load(path) for path in sorted(workdir.rglob("predictions*.pt"))},
     }
 
 

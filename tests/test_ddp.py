@@ -135,3 +135,17 @@ def test_global_batch_size_must_divide_by_the_number_of_processes() -> None:
     assert check_global_batch_size(None, 4) is None
     with pytest.raises(ValueError, match="`global_batch_size`=100 is not divisible by the 3 processes"):
         check_global_batch_size(100, 3)
+
+
+def test_predictions_of_the_ranks_cover_every_sample_once_and_match_one_process(matrix: dict[str, Any]) -> None:
+    shares = [matrix[key]["prediction_writer"]["predictions"] for key in ("rank0_of_2", "rank1_of_2")]
+    # both ranks write into one folder, each its own file
+    assert all(f"predictions_rank{rank}.pt" in share and "predictions.pt" not in share for rank, share in enumerate(shares))
+    merged = {name: torch.cat([share[f"predictions_rank{rank}.pt"][name] for rank, share in enumerate(shares)])
+              for name in ("sample_index", "probabilities", "labels")}
+    single = matrix["rank0_of_1"]["prediction_writer"]["predictions"]["predictions.pt"]
+    order = merged["sample_index"].argsort()
+    assert torch.equal(merged["sample_index"][order], torch.arange(len(single["sample_index"])))
+    assert torch.equal(single["sample_index"], torch.arange(len(single["sample_index"])))
+    assert torch.allclose(merged["probabilities"][order], single["probabilities"], atol=1e-5)
+    assert torch.equal(merged["labels"][order], single["labels"])

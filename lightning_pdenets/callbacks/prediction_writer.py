@@ -1,0 +1,91 @@
+"""Write what ``predict`` computes to files: ``pdenets predict`` otherwise discards it."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+__all__ = ["PredictionWriter"]
+
+
+class PredictionWriter(BasePredictionWriter):
+    """Save the class probabilities returned by ``predict_step`` as ``predictions.pt`` and ``predictions.csv``.
+
+    Works with any LightningModule whose ``predict_step`` returns a ``(batch, classes)`` tensor of
+    scores. ``predictions.pt`` holds ``probabilities``, ``predicted`` (the arg-max class),
+    ``sample_index`` (position in the prediction dataset) and, when the batches are
+    ``(inputs, labels)`` pairs, ``labels``; the CSV has one row per sample with the same columns
+    (``confidence`` is the top score). Under DDP every process writes its own share, suffixed
+    ``_rank{N}``; ``sample_index`` tells where each row belongs.
+
+    Args:
+        output_dir: Folder of the files; default: the logger's version folder of the run (the
+            trainer's ``default_root_dir`` without a logger).
+        filename: File stem.
+    """
+
+    def __init__(self, output_dir: Optional[str] = None, filename: str = "predictions") -> None:
+        super().__init__(write_interval="batch")
+        if not isinstance(filename, str) or not filename or os.sep in filename:
+            raise ValueError(f"`filename` must be a plain file stem such as 'predictions', got {filename!r}.")
+        self.output_dir = output_dir
+        self.filename = filename
+        self._parts: dict[str, list[torch.Tensor]] = {}
+        self.written: list[Path] = []
+
+    def on_predict_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._parts = {"probabilities": [], "sample_index": [], "labels": []}
+
+    def write_on_batch_end(
+        self,
+        trainer: "pl.Trainer",
+        pl_module: "pl.LightningModule",
+        prediction: Any,
+        batch_indices: Optional[Sequence[int]],
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int,
+    ) -> None:
+        if not isinstance(prediction, torch.Tensor) or prediction.dim() != 2:
+            raise TypeError(
+                f"PredictionWriter needs `predict_step` to return a (batch, classes) tensor of scores, got "
+                f"{type(prediction).__name__}{tuple(prediction.shape) if isinstance(prediction, torch.Tensor) else ''}; "
+                f"drop the callback or return class scores."
+            )
+        self._parts["probabilities"].append(prediction.detach().float().cpu())
+        if batch_indices is not None:
+            self._parts["sample_index"].append(torch.as_tensor(list(batch_indices)))
+        if isinstance(batch, (list, tuple)) and len(batch) > 1 and isinstance(batch[1], torch.Tensor):
+            self._parts["labels"].append(batch[1].detach().cpu())
+
+    def on_predict_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if not self._parts.get("probabilities"):
+            return
+        probabilities = torch.cat(self._parts["probabilities"])
+        columns: dict[str, torch.Tensor] = {}
+        if len(self._parts["sample_index"]) == len(self._parts["probabilities"]):
+            columns["sample_index"] = torch.cat(self._parts["sample_index"])
+        confidence, predicted = probabilities.max(dim=1)
+        columns["predicted"] = predicted
+        columns["confidence"] = confidence
+        if len(self._parts["labels"]) == len(self._parts["probabilities"]):
+            columns["labels"] = torch.cat(self._parts["labels"])
+        folder = Path(self.output_dir or (trainer.log_dir if trainer.loggers else trainer.default_root_dir))
+        folder.mkdir(parents=True, exist_ok=True)
+        stem = self.filename if trainer.world_size == 1 else f"{self.filename}_rank{trainer.global_rank}"
+        tensors_path, table_path = folder / f"{stem}.pt", folder / f"{stem}.csv"
+        torch.save({"probabilities": probabilities, **columns}, tensors_path)
+        with open(table_path, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(list(columns))
+            for row in zip(*(values.tolist() for values in columns.values())):
+                writer.writerow([f"{value:.6g}" if isinstance(value, float) else value for value in row])
+        self.written = [tensors_path, table_path]
+        rank_zero_info(f"Wrote {len(probabilities)} predictions to {table_path} and {tensors_path.name}.")
