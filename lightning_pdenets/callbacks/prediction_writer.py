@@ -66,6 +66,8 @@ class PredictionWriter(BasePredictionWriter):
             self._parts["labels"].append(batch[1].detach().cpu())
 
     def on_predict_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        # every rank takes rank 0's folder: each rank's logger works out its own next version number
+        folder = Path(trainer.strategy.broadcast(str(self._folder(trainer))))
         if not self._parts.get("probabilities"):
             return
         probabilities = torch.cat(self._parts["probabilities"])
@@ -77,7 +79,6 @@ class PredictionWriter(BasePredictionWriter):
         columns["confidence"] = confidence
         if len(self._parts["labels"]) == len(self._parts["probabilities"]):
             columns["labels"] = torch.cat(self._parts["labels"])
-        folder = Path(self.output_dir or (trainer.log_dir if trainer.loggers else trainer.default_root_dir))
         folder.mkdir(parents=True, exist_ok=True)
         stem = self.filename if trainer.world_size == 1 else f"{self.filename}_rank{trainer.global_rank}"
         tensors_path, table_path = folder / f"{stem}.pt", folder / f"{stem}.csv"
@@ -89,3 +90,6 @@ class PredictionWriter(BasePredictionWriter):
                 writer.writerow([f"{value:.6g}" if isinstance(value, float) else value for value in row])
         self.written = [tensors_path, table_path]
         rank_zero_info(f"Wrote {len(probabilities)} predictions to {table_path} and {tensors_path.name}.")
+
+    def _folder(self, trainer: "pl.Trainer") -> Path:
+        return Path(self.output_dir or (trainer.log_dir if trainer.loggers else trainer.default_root_dir))
