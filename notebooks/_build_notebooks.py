@@ -68,7 +68,7 @@ from lightning_pdenets.data import DigitsDataModule
 from lightning_pdenets.models import RKNetModule
 
 EPOCHS = 2 if FAST else 15
-WIDTH = 8 if FAST else 32
+WIDTH = 8 if FAST else 64  # the quickstart config's width
 
 pl.seed_everything(0)
 model = RKNetModule(in_channels=1, num_classes=10, width=WIDTH, num_downsamples=1,
