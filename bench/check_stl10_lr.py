@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torchvision import datasets
 from torchvision import transforms as T
+from tqdm import tqdm
 
 from lightning_pdenets.architectures.stl10 import PDE_CNN_DYNAMICS, PDECNN
 
@@ -35,6 +36,7 @@ def training_losses(dynamics: str, final_connector: bool, loader, lr: float, ste
     optimizer = torch.optim.SGD(network.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
     box_constrained = [p for name, p in network.named_parameters() if name.endswith("control_points")]
     losses: list[float] = []
+    progress = tqdm(total=steps, desc=f"{dynamics}, final connector {final_connector}", leave=False)
     for images, labels in loader:
         loss = F.cross_entropy(network(images), labels)
         optimizer.zero_grad()
@@ -44,8 +46,11 @@ def training_losses(dynamics: str, final_connector: bool, loader, lr: float, ste
             for parameter in box_constrained:
                 parameter.clamp_(-1.0, 1.0)
         losses.append(loss.item())
+        progress.update()
+        progress.set_postfix(loss=f"{losses[-1]:.3g}")
         if len(losses) == steps or not math.isfinite(losses[-1]):
             break
+    progress.close()
     return losses
 
 
