@@ -49,6 +49,18 @@ class FailSolverOnRank(pl.Callback):
                 block.configure_solver(max_num_steps=1)
 
 
+class FailSolverInValidationOnRank(pl.Callback):
+    """In validation, rank ``rank``'s ODE solvers may take only one step, so they fail there only."""
+
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        if trainer.global_rank == self.rank:
+            for block in find_ode_blocks(pl_module):
+                block.configure_solver(max_num_steps=1)
+
+
 class StiffInBackwardOnRank(pl.Callback):
     """From optimizer step ``step`` on, rank ``rank``'s vector fields blow up during the adjoint (backward) solve only,
     so that dopri5 fails inside ``loss.backward()`` on that rank, after the forward passes agreed."""
@@ -214,6 +226,12 @@ CASES: dict[str, DDPCase] = {
     "solver_failure_on_one_rank": DDPCase(
         ("ODENetModule", "CheckpointOnInterrupt"), lambda: models.ODENetModule(**CHEN_TINY, adjoint=False, lr=0.01),
         callbacks=lambda: [FailSolverOnRank(rank=1, step=2), cb.CheckpointOnInterrupt(dirpath="interrupted")],
+        rank_errors=("PeerFailedError", "SolverFailedError"),
+    ),
+    # the same in validation, where the ranks otherwise meet only in the epoch-end metric sync
+    "solver_failure_in_validation_on_one_rank": DDPCase(
+        ("ODENetModule", "CheckpointOnInterrupt"), lambda: models.ODENetModule(**CHEN_TINY, adjoint=False, lr=0.01),
+        callbacks=lambda: [FailSolverInValidationOnRank(rank=1), cb.CheckpointOnInterrupt(dirpath="interrupted")],
         rank_errors=("PeerFailedError", "SolverFailedError"),
     ),
     # the same inside backward (adaptive adjoint solve): the failing rank explains the failure and closes its

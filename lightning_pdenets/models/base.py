@@ -89,13 +89,12 @@ class ClassifierModule(pl.LightningModule):
         try:
             logits = self(x)
         except SolverFailedError as failure:
-            if stage == "train":
-                self.check_finite(failure=failure)  # the other ranks learn of it in the same collective
+            self.check_finite(failure=failure)  # the other ranks learn of it in the same collective
             raise
         loss = F.cross_entropy(logits, y)
-        if stage == "train":
-            # before any logging: sync_dist logging is itself a collective, which a failed rank never reaches
-            self.check_finite(loss=loss)
+        # before any logging: sync_dist logging is itself a collective, which a failed rank never reaches.
+        # Evaluation only shares whether every rank's solver succeeded (a NaN there is logged, not fatal).
+        self.check_finite(loss=loss) if stage == "train" else self.check_finite()
         metrics.update(logits.detach(), y)
         if stage == "train":
             self.log_train_term("train/loss", loss, prog_bar=True)
