@@ -22,3 +22,12 @@ class PeerFailedError(ModelFailure, RuntimeError):
 
 class CorruptCheckpointError(RuntimeError):
     """A checkpoint file cannot be read (truncated, corrupted, or not a checkpoint)."""
+
+
+def is_peer_crash(error: BaseException) -> bool:
+    """Whether a collective failed because another process went away (gloo and NCCL wordings)."""
+    message = str(error)
+    return isinstance(error, RuntimeError) and any(
+        sign in message
+        for sign in ("Connection closed by peer", "remote worker", "ncclRemoteError", "Connection reset by peer")
+    )

@@ -35,19 +35,32 @@ BASE_CLASSES = {"ClassifierModule", "PDECNNModule"}
 
 @pytest.fixture(scope="module")
 def matrix(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """Every case on 2 ranks and on 1 process, both launched concurrently (one per core)."""
+    """Every case on 2 ranks and on 1 process, launched concurrently.
+
+    The 2-rank cases share one process group per launch; a case that ends with the group closed
+    (``breaks_process_group``) gets a 2-rank launch of its own.
+    """
     out_dir = tmp_path_factory.mktemp("ddp_matrix")
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
-    launches = [
-        subprocess.Popen([sys.executable, str(RUNNER), str(out_dir), str(devices), str(batch)], env=env, cwd=out_dir,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for devices, batch in ((2, PER_PROCESS_BATCH), (1, 2 * PER_PROCESS_BATCH))
-    ]
-    for launch in launches:
+    breaking = [name for name, case in CASES.items() if case.breaks_process_group]
+    plans = [("shared", 2, [name for name in CASES if name not in breaking]), ("single", 1, [])]
+    plans += [(name, 2, [name]) for name in breaking]
+    launches = []
+    for folder, devices, names in plans:
+        (out_dir / folder).mkdir()
+        batch = PER_PROCESS_BATCH * (2 // devices)
+        launches.append(subprocess.Popen(
+            [sys.executable, str(RUNNER), str(out_dir / folder), str(devices), str(batch), *names], env=env,
+            cwd=out_dir / folder, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        ))
+    results: dict[str, dict[str, Any]] = {"rank0_of_2": {}, "rank1_of_2": {}, "rank0_of_1": {}}
+    for (folder, _, _), launch in zip(plans, launches):
         _, stderr = launch.communicate(timeout=1200)
         assert launch.returncode == 0, stderr[-5000:]
-    return {name: torch.load(out_dir / f"{name}.pt", weights_only=False)
-            for name in ("rank0_of_2", "rank1_of_2", "rank0_of_1")}
+        for key in results:
+            if (out_dir / folder / f"{key}.pt").exists():
+                results[key].update(torch.load(out_dir / folder / f"{key}.pt", weights_only=False))
+    return results
 
 
 def _exported_classes(package: Any, base: type) -> set[str]:
@@ -106,10 +119,12 @@ def test_a_failure_on_one_rank_stops_every_rank(matrix: dict[str, Any], name: st
     case = CASES[name]
     ranks = [matrix[key][name] for key in ("rank0_of_2", "rank1_of_2")]
     assert [rank["error_type"] for rank in ranks] == list(case.rank_errors)
-    phase = "backward" if case.breaks_process_group else "forward"
-    assert f"another DDP process {'crashed during the backward pass' if phase == 'backward' else 'stopped'}" in ranks[0]["error"]
+    peer_message = {"adjoint_failure_in_backward_on_one_rank": "another DDP process crashed during the backward pass",
+                    # Lightning's epoch-end metric sync is the first collective after the loop: torch's own message
+                    "solver_failure_in_validation_on_one_rank": "Connection closed by peer"}
+    assert peer_message.get(name, "another DDP process stopped at global step") in ranks[0]["error"]
     assert "max_num_steps" in ranks[1]["error"] and "Try:" in ranks[1]["error"]
-    assert ("in the backward (adjoint) pass" in ranks[1]["error"]) == (phase == "backward")
+    assert ("in the backward (adjoint) pass" in ranks[1]["error"]) == (name == "adjoint_failure_in_backward_on_one_rank")
     assert ranks[0]["steps"] == ranks[1]["steps"]
     for key, value in ranks[0]["state"].items():
         assert torch.equal(value, ranks[1]["state"][key]), f"{key} differs between the ranks"

@@ -8,7 +8,7 @@ from typing import Optional
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
 
-from lightning_pdenets.errors import ModelFailure
+from lightning_pdenets.errors import ModelFailure, is_peer_crash
 
 __all__ = ["CheckpointOnInterrupt"]
 
@@ -20,7 +20,7 @@ class CheckpointOnInterrupt(Checkpoint):
     writes ``interrupted.ckpt``, from which ``pdenets fit --ckpt_path last`` (or
     ``trainer.fit(..., ckpt_path=callback.ckpt_path)``) resumes. It does not write one when the run
     stopped because the model itself failed (a NaN/Inf loss, an ODE solver that could not
-    integrate): the last good checkpoint stays the newest one. After a run that completes, the
+    integrate) or because another DDP process crashed: the last good checkpoint stays the newest one. After a run that completes, the
     file is removed, as Lightning's ``OnExceptionCheckpoint`` does.
 
     Not a subclass of ``OnExceptionCheckpoint``: with one of those present, Lightning turns every
@@ -49,8 +49,8 @@ class CheckpointOnInterrupt(Checkpoint):
         return os.path.join(self.dirpath, self.filename + self.FILE_EXTENSION)
 
     def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
-        if isinstance(exception, ModelFailure):
-            return
+        if isinstance(exception, ModelFailure) or is_peer_crash(exception):
+            return  # a peer crash: saving needs the collectives that just failed, and the peer's error is the news
         self._follow_model_checkpoint(trainer)
         trainer.save_checkpoint(self.ckpt_path)
 

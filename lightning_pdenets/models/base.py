@@ -13,7 +13,7 @@ from torchmetrics.aggregation import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_pdenets.blocks.ode import explain_solver_failure, is_solver_failure
-from lightning_pdenets.errors import ModelFailure, NonFiniteLossError, PeerFailedError, SolverFailedError
+from lightning_pdenets.errors import ModelFailure, NonFiniteLossError, PeerFailedError, SolverFailedError, is_peer_crash
 from lightning_pdenets.models.optim import (
     SCHEDULER_INTERVALS,
     build_optimizer,
@@ -89,12 +89,18 @@ class ClassifierModule(pl.LightningModule):
         try:
             logits = self(x)
         except SolverFailedError as failure:
-            self.check_finite(failure=failure)  # the other ranks learn of it in the same collective
+            if stage == "train":
+                self.check_finite(failure=failure)  # the other ranks learn of it in the same collective
+            else:
+                # evaluation has no per-step collective (ranks may hold different numbers of batches), so
+                # the others learn of it only at the epoch-end metric sync: closing this rank's connections
+                # makes that fail at once ("Connection closed by peer") even if this process lives on
+                _release_peers()
             raise
         loss = F.cross_entropy(logits, y)
-        # before any logging: sync_dist logging is itself a collective, which a failed rank never reaches.
-        # Evaluation only shares whether every rank's solver succeeded (a NaN there is logged, not fatal).
-        self.check_finite(loss=loss) if stage == "train" else self.check_finite()
+        if stage == "train":
+            # before any logging: sync_dist logging is itself a collective, which a failed rank never reaches
+            self.check_finite(loss=loss)
         metrics.update(logits.detach(), y)
         if stage == "train":
             self.log_train_term("train/loss", loss, prog_bar=True)
@@ -208,7 +214,7 @@ class ClassifierModule(pl.LightningModule):
                 settings = [block.solver_settings() for block in find_ode_blocks(self)]
                 _release_peers()
                 raise explain_solver_failure(error, settings, "backward (adjoint)") from error
-            if _is_peer_crash(error):
+            if is_peer_crash(error):
                 raise PeerFailedError(
                     f"another DDP process crashed during the backward pass of global step {self.global_step} (its "
                     f"own error message names the cause, e.g. an ODE solver failure in the adjoint pass, and the "
@@ -261,17 +267,11 @@ class ClassifierModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
 
 
-def _is_peer_crash(error: BaseException) -> bool:
-    """Whether a collective failed because another process went away (gloo and NCCL wordings)."""
-    message = str(error)
-    return any(sign in message for sign in ("Connection closed by peer", "remote worker", "ncclRemoteError",
-                                            "Connection reset by peer"))
-
-
 def _release_peers() -> None:
-    """Close this process's side of the process group after a failure inside backward.
+    """Close this process's side of the process group after a failure the others cannot be told of in step.
 
-    The other DDP processes are then waiting in gradient all-reduces this process will never join.
+    After a failure inside backward, or in an evaluation step, the other DDP processes wait in
+    collectives (gradient all-reduce, epoch-end metric sync) this process will never join.
     Closing the connections fails those at once (they raise :class:`PeerFailedError`) even when this
     process lives on, e.g. in a notebook or a sweep loop, instead of leaving them blocked until the
     collective timeout (30 minutes by default). The DDP state of this step is unusable anyway.
