@@ -31,3 +31,14 @@ def is_peer_crash(error: BaseException) -> bool:
         sign in message
         for sign in ("Connection closed by peer", "remote worker", "ncclRemoteError", "Connection reset by peer")
     )
+
+
+def is_solver_failure(error: BaseException) -> bool:
+    """True for an ODE solver's step-size underflow or step-count overflow: a :class:`SolverFailedError`, or
+    torchdiffeq's raw ``AssertionError``/``RuntimeError`` for it."""
+    if isinstance(error, SolverFailedError):
+        return True
+    message = str(error)
+    return isinstance(error, (AssertionError, RuntimeError)) and (
+        "underflow in dt" in message or "max_num_steps exceeded" in message
+    )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 import math
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -33,6 +34,18 @@ PER_PROCESS_BATCH = 8
 BASE_CLASSES = {"ClassifierModule", "PDECNNModule"}
 
 
+def _distinct_free_ports(count: int) -> list[int]:
+    """``count`` free TCP ports, all different (the sockets are held open together while choosing)."""
+    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
 @pytest.fixture(scope="module")
 def matrix(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Every case on 2 ranks and on 1 process, launched concurrently.
@@ -46,11 +59,13 @@ def matrix(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     plans = [("shared", 2, [name for name in CASES if name not in breaking]), ("single", 1, [])]
     plans += [(name, 2, [name]) for name in breaking]
     launches = []
-    for folder, devices, names in plans:
+    for (folder, devices, names), port in zip(plans, _distinct_free_ports(len(plans))):
         (out_dir / folder).mkdir()
         batch = PER_PROCESS_BATCH * (2 // devices)
         launches.append(subprocess.Popen(
-            [sys.executable, str(RUNNER), str(out_dir / folder), str(devices), str(batch), *names], env=env,
+            [sys.executable, str(RUNNER), str(out_dir / folder), str(devices), str(batch), *names],
+            # concurrent launches must not race for the same rendezvous port
+            env={**env, "MASTER_PORT": str(port)},
             cwd=out_dir / folder, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         ))
     results: dict[str, dict[str, Any]] = {"rank0_of_2": {}, "rank1_of_2": {}, "rank0_of_1": {}}

@@ -11,11 +11,11 @@ import torch
 from torch import nn
 from torchdiffeq import odeint, odeint_adjoint
 
-from lightning_pdenets.errors import SolverFailedError
+from lightning_pdenets.errors import SolverFailedError, is_solver_failure
 from lightning_pdenets.solvers import SOLVERS, check_solver_name
 from lightning_pdenets.validation import check_positive, check_positive_int
 
-__all__ = ["ODEBlock", "SolverSettings", "explain_solver_failure", "is_solver_failure"]
+__all__ = ["ODEBlock", "SolverSettings", "explain_solver_failure"]
 
 
 @dataclass(frozen=True)
@@ -198,14 +198,6 @@ def _settings_text(settings: Mapping[str, Any]) -> str:
     return ", ".join(f"{name}={settings[name]!r}" for name in ("method", "rtol", "atol", "max_num_steps", "min_step"))
 
 
-def is_solver_failure(error: BaseException) -> bool:
-    """Whether ``error`` is torchdiffeq's report of a failed integration (step underflow or step budget spent)."""
-    message = str(error)
-    return isinstance(error, (AssertionError, RuntimeError)) and (
-        "underflow in dt" in message or "max_num_steps exceeded" in message
-    )
-
-
 def explain_solver_failure(error: Exception, settings: Sequence[Mapping[str, Any]], phase: str) -> Exception:
     """``SolverFailedError`` with remedies for a torchdiffeq failure in the ``phase`` pass; other errors unchanged.
 
@@ -215,7 +207,7 @@ def explain_solver_failure(error: Exception, settings: Sequence[Mapping[str, Any
             name its block).
         phase: ``'forward'`` or ``'backward (adjoint)'``.
     """
-    if not is_solver_failure(error):
+    if isinstance(error, SolverFailedError) or not is_solver_failure(error):
         return error
     where = "" if phase == "forward" else f" in the {phase} pass"
     blocks = "; ".join(_settings_text(s) for s in settings) or "no ODE block found"

@@ -32,7 +32,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from lightning_pdenets.errors import SolverFailedError
+from lightning_pdenets.errors import SolverFailedError, is_solver_failure
 from lightning_pdenets.protocols import find_ode_blocks
 from lightning_pdenets.solvers import SOLVERS, check_positive, check_solver_name
 from lightning_pdenets.validation import check_positive_int
@@ -52,16 +52,6 @@ SolverFailure = (SolverFailedError, AssertionError, RuntimeError)
 
 
 # -- shared machinery (also used by SolverSwapCheck) -------------------------------------------------
-def is_solver_failure(error: BaseException) -> bool:
-    """True for a step-size underflow or step-count overflow of an ODE solver (ours or torchdiffeq's raw error)."""
-    if isinstance(error, SolverFailedError):
-        return True
-    message = str(error)
-    return isinstance(error, (AssertionError, RuntimeError)) and (
-        "underflow in dt" in message or "max_num_steps exceeded" in message
-    )
-
-
 def split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """``(inputs, targets)`` of a batch given as a tuple/list ``(inputs, targets, ...)`` or a dict with those keys."""
     if isinstance(batch, dict) and {"inputs", "targets"} <= set(batch):

@@ -12,8 +12,15 @@ from torchmetrics import Metric, MetricCollection
 from torchmetrics.aggregation import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_pdenets.blocks.ode import explain_solver_failure, is_solver_failure
-from lightning_pdenets.errors import ModelFailure, NonFiniteLossError, PeerFailedError, SolverFailedError, is_peer_crash
+from lightning_pdenets.blocks.ode import explain_solver_failure
+from lightning_pdenets.errors import (
+    ModelFailure,
+    NonFiniteLossError,
+    PeerFailedError,
+    SolverFailedError,
+    is_peer_crash,
+    is_solver_failure,
+)
 from lightning_pdenets.models.optim import (
     SCHEDULER_INTERVALS,
     build_optimizer,
