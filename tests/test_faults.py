@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import fsspec
@@ -155,3 +156,9 @@ def test_adjoint_failure_in_backward_stops_cleanly_with_remedies(tmp_path: Path)
     assert trainer.global_step == 2
     assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["global_step"] == 2
     assert not (tmp_path / "ckpt" / "interrupted.ckpt").exists()
+
+
+def test_checkpoint_on_interrupt_rejects_an_empty_filename() -> None:
+    with pytest.raises(ValueError, match=r"`filename` must be a non-empty file stem \(without \.ckpt\), got ''"):
+        CheckpointOnInterrupt(filename="")
+    assert CheckpointOnInterrupt(dirpath="ckpt", filename="stop").ckpt_path == os.path.join("ckpt", "stop.ckpt")

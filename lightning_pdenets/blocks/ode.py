@@ -185,13 +185,11 @@ class ODEBlock(nn.Module):
         try:
             return solve(self._counted_field, y0, times, **kwargs)[-1]
         except (AssertionError, RuntimeError) as error:
-            raise _explain_solver_failure(error, s) from error
+            if not is_solver_failure(error):
+                raise
+            raise explain_solver_failure(error, [dataclasses.asdict(s)], "forward") from error
         finally:
             self._solving_forward = False
-
-
-def _explain_solver_failure(error: Exception, settings: SolverSettings) -> Exception:
-    return explain_solver_failure(error, [dataclasses.asdict(settings)], "forward")
 
 
 def _settings_text(settings: Mapping[str, Any]) -> str:

@@ -20,8 +20,8 @@ class CheckpointOnInterrupt(Checkpoint):
     writes ``interrupted.ckpt``, from which ``pdenets fit --ckpt_path last`` (or
     ``trainer.fit(..., ckpt_path=callback.ckpt_path)``) resumes. It does not write one when the run
     stopped because the model itself failed (a NaN/Inf loss, an ODE solver that could not
-    integrate) or because another DDP process crashed: the last good checkpoint stays the newest one. After a run that completes, the
-    file is removed, as Lightning's ``OnExceptionCheckpoint`` does.
+    integrate) or because another DDP process crashed: the last good checkpoint stays the newest
+    one. After a run that completes, the file is removed, as Lightning's ``OnExceptionCheckpoint`` does.
 
     Not a subclass of ``OnExceptionCheckpoint``: with one of those present, Lightning turns every
     ``fit(ckpt_path=None)`` into ``ckpt_path="last"``. A fresh run then warns that "the last model of

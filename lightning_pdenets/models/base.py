@@ -220,7 +220,10 @@ class ClassifierModule(pl.LightningModule):
             if is_solver_failure(error):
                 settings = [block.solver_settings() for block in find_ode_blocks(self)]
                 _release_peers()
-                raise explain_solver_failure(error, settings, "backward (adjoint)") from error
+                failure = explain_solver_failure(error, settings, "backward (adjoint)")
+                if failure is error:
+                    raise
+                raise failure from error
             if is_peer_crash(error):
                 raise PeerFailedError(
                     f"another DDP process crashed during the backward pass of global step {self.global_step} (its "
@@ -279,9 +282,10 @@ def _release_peers() -> None:
 
     After a failure inside backward, or in an evaluation step, the other DDP processes wait in
     collectives (gradient all-reduce, epoch-end metric sync) this process will never join.
-    Closing the connections fails those at once (they raise :class:`PeerFailedError`) even when this
-    process lives on, e.g. in a notebook or a sweep loop, instead of leaving them blocked until the
-    collective timeout (30 minutes by default). The DDP state of this step is unusable anyway.
+    Closing the connections fails those at once, even when this process lives on (a sweep loop, a
+    test harness), instead of leaving them blocked until the collective timeout (30 minutes by
+    default): after backward they raise :class:`PeerFailedError`, after evaluation torch's
+    "Connection closed by peer" error. The DDP state of this step is unusable anyway.
     """
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
