@@ -6,7 +6,7 @@ identical parameters, buffers, solver settings and logged metrics, and that they
 single process within the case's tolerance. Adding a LightningModule or a callback means adding
 one case here (``test_every_module_and_callback_has_a_ddp_case`` enforces it).
 
-Every case is deterministic and random-free in training (no dropout, no stochastic depth), and
+Every case is deterministic and, but for the stochastic-depth case, random-free in training, and
 models with BatchNorm train with frozen BatchNorm statistics (see ``DDPCase.freeze_batchnorm``), so
 that one process with the whole batch is the exact reference.
 """
@@ -116,6 +116,7 @@ class DDPCase:
             depends on the layout by nature (wall time; the NFE of an adaptive solver on half a batch).
         breaks_process_group: The case ends with the process group closed (a failure inside backward
             or evaluation); it runs in a 2-rank launch of its own.
+        strategy: The Trainer's strategy on 2 ranks.
     """
 
     covers: tuple[str, ...]
@@ -132,6 +133,7 @@ class DDPCase:
     rank_errors: tuple[str, ...] = ()
     rank_only_metrics: tuple[str, ...] = ()
     breaks_process_group: bool = False
+    strategy: str = "ddp"
 
 
 # Plain SGD throughout: Adam divides by sqrt(v), which turns float-noise gradients (e.g. of a conv bias
@@ -174,6 +176,12 @@ CASES: dict[str, DDPCase] = {
                             freeze_batchnorm=True),
     "lm_resnet": DDPCase(("LMResNetModule",), lambda: models.LMResNetModule(depth=20, **CIFAR_TINY),
                          freeze_batchnorm=True),
+    # the one random case: every rank and the single process draw the same blocks to drop (same seed,
+    # same draws); a dropped branch leaves its parameters without gradient, hence find_unused_parameters
+    "lm_resnet_stochastic_depth": DDPCase(
+        ("LMResNetModule",), lambda: models.LMResNetModule(depth=20, stochastic_depth=True, **CIFAR_TINY),
+        freeze_batchnorm=True, strategy="ddp_find_unused_parameters_true",
+    ),
     "vector_ode": DDPCase(
         ("VectorODEClassifierModule",),
         lambda: models.VectorODEClassifierModule(input_dim=2, hidden_width=16, method="rk4", step_size=0.25, lr=0.1, **SGD),

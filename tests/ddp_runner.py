@@ -42,7 +42,7 @@ def run_case(name: str, case: DDPCase, out_dir: Path, devices: int, batch_size: 
     callbacks = case.callbacks()
     helpers = [FreezeBatchNorm()] if case.freeze_batchnorm else []
     trainer = pl.Trainer(
-        accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", max_epochs=case.epochs,
+        accelerator="cpu", devices=devices, strategy=case.strategy if devices > 1 else "auto", max_epochs=case.epochs,
         limit_train_batches=case.train_batches, limit_val_batches=2, limit_test_batches=2, num_sanity_val_steps=0,
         callbacks=helpers + callbacks, logger=False,
         enable_checkpointing=any(isinstance(c, Checkpoint) for c in callbacks),

@@ -68,10 +68,11 @@ def matrix(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             env={**env, "MASTER_PORT": str(port)},
             cwd=out_dir / folder, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         ))
-    results: dict[str, dict[str, Any]] = {"rank0_of_2": {}, "rank1_of_2": {}, "rank0_of_1": {}}
+    results: dict[str, dict[str, Any]] = {"rank0_of_2": {}, "rank1_of_2": {}, "rank0_of_1": {}, "stderr": {}}
     for (folder, _, _), launch in zip(plans, launches):
         _, stderr = launch.communicate(timeout=1200)
         assert launch.returncode == 0, stderr[-5000:]
+        results["stderr"][folder] = stderr
         for key in results:
             if (out_dir / folder / f"{key}.pt").exists():
                 results[key].update(torch.load(out_dir / folder / f"{key}.pt", weights_only=False))
@@ -158,6 +159,19 @@ def test_box_projection_keeps_weights_in_the_box_on_every_rank(matrix: dict[str,
         state = matrix[key]["box_projection"]["state"]
         projected = [value for name, value in state.items() if name.endswith("control_points")]
         assert projected and all(value.abs().max() <= 0.05 + 1e-7 for value in projected)
+
+
+def test_stochastic_depth_case_dropped_blocks(matrix: dict[str, Any]) -> None:
+    # same seed and initialization as the "lm_resnet" case: the weights differ only if a branch was dropped
+    with_drops = matrix["rank0_of_2"]["lm_resnet_stochastic_depth"]["state"]
+    without = matrix["rank0_of_2"]["lm_resnet"]["state"]
+    assert with_drops.keys() == without.keys()
+    assert any(not torch.equal(value, without[key]) for key, value in with_drops.items())
+
+
+def test_no_epoch_metric_is_logged_rank_local(matrix: dict[str, Any]) -> None:
+    # Lightning's warning for epoch-level values logged without sync_dist under DDP
+    assert "It is recommended to use `self.log(" not in matrix["stderr"]["shared"]
 
 
 def test_global_batch_size_must_divide_by_the_number_of_processes() -> None:

@@ -40,6 +40,19 @@ def test_ckpt_path_last_resumes_the_newest_run_in_its_own_version(tmp_path: Path
     assert not (tmp_path / "logs" / "pdenets" / "version_1").exists()
 
 
+def test_a_run_that_fails_before_its_first_step_leaves_the_resume_point_alone(tmp_path: Path) -> None:
+    """An error while setting up a resumed run (here: a callback preset that does not fit the model) must not
+    write an interrupt checkpoint of the not yet restored model: it would be the newest file, and the next
+    ``--ckpt_path last`` would restart from it instead of from the real resume point."""
+    build_cli(["fit", *QUICK, "--trainer.max_epochs=1"])
+    with pytest.raises(ValueError, match="TimeTVRegularization found no module"):
+        build_cli(["fit", *QUICK, "--trainer.max_epochs=2", "--ckpt_path=last",
+                   "--config", str(REPO_ROOT / "callbacks/time_tv.yaml")])
+    assert not list(tmp_path.rglob("interrupted.ckpt"))
+    resumed = build_cli(["fit", *QUICK, "--trainer.max_epochs=2", "--ckpt_path=last"])
+    assert resumed.trainer.global_step == 6  # 3 restored + 3 new
+
+
 def test_ckpt_path_last_without_any_checkpoint_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="no last.ckpt or interrupted.ckpt under"):
         build_cli(["fit", *QUICK, "--ckpt_path=last"])
@@ -125,6 +138,19 @@ def test_interrupt_checkpoint_is_written_beside_the_model_checkpoints_and_remove
     resumed.fit(RKNetModule(width=8, num_downsamples=1), datamodule=DigitsDataModule(batch_size=16), ckpt_path=written)
     assert resumed.global_step == 4  # continued from step 2, not restarted
     assert not written.exists()  # stale after the run completed
+
+
+class RaiseBeforeFirstStep(pl.Callback):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        raise KeyboardInterrupt  # Ctrl-C while the first batch is on its way
+
+
+def test_an_interrupt_before_the_first_step_writes_no_checkpoint(tmp_path: Path) -> None:
+    trainer = _trainer(tmp_path, CheckpointOnInterrupt(), RaiseBeforeFirstStep())
+    with pytest.raises(SystemExit):  # Lightning's graceful shutdown on Ctrl-C
+        trainer.fit(RKNetModule(width=8, num_downsamples=1), datamodule=DigitsDataModule(batch_size=16))
+    assert trainer.interrupted and trainer.global_step == 0
+    assert not list(tmp_path.rglob("*.ckpt"))
 
 
 def test_a_fresh_fit_never_resumes_implicitly(tmp_path: Path, recwarn) -> None:

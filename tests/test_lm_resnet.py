@@ -8,6 +8,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -17,9 +18,15 @@ from lightning_pdenets.architectures import (
     preact_resnet_cifar,
     preact_resnet_imagenet,
 )
-from lightning_pdenets.blocks import LMResidualBlock, PreActBasicBlock, PreActBottleneckBlock, linear_survival_probabilities
+from lightning_pdenets.blocks import (
+    BranchSurvivalDraws,
+    LMResidualBlock,
+    PreActBasicBlock,
+    PreActBottleneckBlock,
+    linear_survival_probabilities,
+)
 from lightning_pdenets.cli import build_cli
-from lightning_pdenets.models import LMResNetModule, ResNetCIFARModule
+from lightning_pdenets.models import LMResNetModule, ResNetCIFARModule, check_stochastic_depth_strategy
 
 
 def count(model: nn.Module) -> int:
@@ -287,6 +294,78 @@ def test_dropped_block_skips_its_branch() -> None:
     for _ in range(100):
         block(torch.randn(2, 2, 3, 3))
     assert 25 < len(calls) < 75  # ~Binomial(100, 0.5): the branch ran only for the surviving draws
+
+
+def test_network_draws_are_bernoulli_and_independent_of_the_global_rng() -> None:
+    torch.manual_seed(3)
+    draws = BranchSurvivalDraws([0.9, 0.5, 0.2])
+    torch.manual_seed(3)
+    twin = BranchSurvivalDraws([0.9, 0.5, 0.2])  # what another DDP rank builds after the same seed_everything
+    sequence = []
+    for step in range(2000):
+        torch.manual_seed(step)  # other consumers of the global RNG (augmentation, dropout) must not matter
+        torch.rand(step % 7)
+        sequence.append(draws.draw())
+        assert twin.draw() == sequence[-1]
+    frequencies = torch.tensor(sequence, dtype=torch.float64).mean(0)
+    standard_errors = (draws.survival_probs * (1 - draws.survival_probs) / 2000).sqrt()
+    assert ((frequencies - draws.survival_probs).abs() <= 5 * standard_errors).all()
+
+
+def test_network_stochastic_depth_resumes_the_draw_sequence_from_the_state_dict() -> None:
+    torch.manual_seed(0)
+    net = lm_resnet_cifar(20, base_width=2, stochastic_depth=True).train()
+    images = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        for _ in range(3):
+            net(images)
+        state = net.state_dict()
+        expected = [net.survival_draws.draw() for _ in range(20)]
+        torch.manual_seed(1)
+        resumed = lm_resnet_cifar(20, base_width=2, stochastic_depth=True)
+        assert resumed.survival_draws.seed != net.survival_draws.seed
+        resumed.load_state_dict(state)
+    assert resumed.survival_draws.step == 3
+    assert [resumed.survival_draws.draw() for _ in range(20)] == expected
+    assert any(not all(keeps) for keeps in expected)  # some block was dropped, so the comparison means something
+
+
+def test_network_passes_its_draws_to_the_blocks() -> None:
+    torch.manual_seed(0)
+    net = lm_resnet_cifar(20, base_width=2, stochastic_depth=True, survival_prob_last=0.1).train()
+    calls = {name: 0 for name, _ in net.blocks()}
+    for name, block in net.blocks():
+        block.conv1.register_forward_hook(lambda *args, name=name: calls.__setitem__(name, calls[name] + 1))
+    twin = BranchSurvivalDraws([block.survival_prob for _, block in net.blocks()], seed=net.survival_draws.seed)
+    kept = torch.zeros(len(calls))
+    with torch.no_grad():
+        for _ in range(30):
+            net(torch.randn(2, 3, 8, 8))
+            kept += torch.tensor(twin.draw(), dtype=torch.float64)
+    assert list(calls.values()) == kept.long().tolist()
+    assert kept.min() < 30  # a block was dropped
+    net.eval()
+    with torch.no_grad():
+        net(torch.randn(2, 3, 8, 8))
+    assert net.survival_draws.step == 30  # evaluation draws nothing
+
+
+@pytest.mark.parametrize(
+    "stochastic_depth, mode, strategy, refused",
+    [
+        (True, "batch", DDPStrategy(), True),
+        (True, "batch", DDPStrategy(find_unused_parameters=True), False),
+        (True, "sample", DDPStrategy(), False),
+        (False, "batch", DDPStrategy(), False),
+        (True, "batch", SingleDeviceStrategy("cpu"), False),
+    ],
+)
+def test_batch_mode_stochastic_depth_needs_ddp_to_find_unused_parameters(stochastic_depth, mode, strategy, refused) -> None:
+    if refused:
+        with pytest.raises(ValueError, match="ddp_find_unused_parameters_true.*stochastic_depth_mode sample"):
+            check_stochastic_depth_strategy(stochastic_depth, mode, strategy)
+    else:
+        check_stochastic_depth_strategy(stochastic_depth, mode, strategy)
 
 
 # -- bad arguments -------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from torch import nn
 
 from lightning_pdenets.architectures.registry import register_architecture
 from lightning_pdenets.blocks.lm import (
+    BranchSurvivalDraws,
     LMResidualBlock,
     PreActBasicBlock,
     PreActBottleneckBlock,
@@ -73,8 +74,11 @@ class PreActResNet(nn.Module):
         k_init_range: Uniform initialization range of ``k_n`` (LM only).
         stochastic_depth: Drop residual branches with linearly decaying survival probability.
         survival_prob_last: ``p_L``, the survival probability of the last block.
-        stochastic_depth_mode: ``'batch'`` (one draw per mini-batch) or ``'sample'``.
+        stochastic_depth_mode: ``'batch'`` (one draw per mini-batch, shared by all DDP ranks through
+            :class:`BranchSurvivalDraws`) or ``'sample'`` (one draw per sample, from torch's global RNG).
     """
+
+    survival_draws: Optional[BranchSurvivalDraws]
 
     def __init__(
         self,
@@ -135,6 +139,10 @@ class PreActResNet(nn.Module):
             nn.BatchNorm2d(channels), nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, num_classes)
         )
         self.reset_parameters()
+        # after the initialization, so that the same seed gives the same weights with or without it
+        self.survival_draws = (
+            BranchSurvivalDraws(survival) if stochastic_depth and stochastic_depth_mode == "batch" else None
+        )
 
     def reset_parameters(self) -> None:
         """He-normal convolutions (fan-out), unit/zero BatchNorm; ``k_n`` keep their own initialization."""
@@ -166,9 +174,10 @@ class PreActResNet(nn.Module):
             )
         x = self.stem(x)
         x_prev: Optional[torch.Tensor] = None
-        for stage in self.stages:
-            for block in stage:
-                x, x_prev = block(x, x_prev)
+        blocks = [block for stage in self.stages for block in stage]
+        keeps = self.survival_draws.draw() if self.training and self.survival_draws is not None else [None] * len(blocks)
+        for block, keep in zip(blocks, keeps):
+            x, x_prev = block(x, x_prev, keep)
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

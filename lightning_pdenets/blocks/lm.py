@@ -30,6 +30,7 @@ __all__ = [
     "K_MODES",
     "STOCHASTIC_DEPTH_MODES",
     "UPDATE_RULES",
+    "BranchSurvivalDraws",
     "LMResidualBlock",
     "PreActBasicBlock",
     "PreActBottleneckBlock",
@@ -75,7 +76,9 @@ class LMResidualBlock(nn.Module):
     multiplied by ``eta ~ Bernoulli(survival_prob)``, drawn once per mini-batch (``'batch'``, which
     skips computing ``f`` when dropped) or once per sample (``'sample'``); in evaluation mode ``f``
     is multiplied by ``survival_prob``. In ``'batch'`` mode a dropped block leaves its parameters
-    without gradient, so DDP needs ``strategy: ddp_find_unused_parameters_true``.
+    without gradient, so DDP needs ``strategy: ddp_find_unused_parameters_true``; a network passes
+    the draw of each step in ``keep`` (see :class:`BranchSurvivalDraws`), a block on its own draws
+    from torch's global RNG.
 
     Args:
         channels: Output channels (the length of a channel-wise ``k``).
@@ -122,7 +125,10 @@ class LMResidualBlock(nn.Module):
         """The residual function ``f``."""
         raise NotImplementedError
 
-    def forward(self, x: torch.Tensor, x_prev: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, x_prev: Optional[torch.Tensor] = None, keep: Optional[bool] = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x_next, skip)``; ``keep`` decides a ``'batch'``-mode training step (``None``: draw it here)."""
         skip, h = self.split(x)
         if self.k is None:
             base = skip
@@ -135,9 +141,9 @@ class LMResidualBlock(nn.Module):
             # lerp(x, x_prev, k) = x + k (x_prev - x) = (1 - k) x + k x_prev, fused in one kernel so
             # that the LM update costs one element-wise pass more than the plain one.
             base = torch.lerp(x, x_prev, self.k)
-        return self._add_residual(base, h), skip
+        return self._add_residual(base, h, keep), skip
 
-    def _add_residual(self, base: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    def _add_residual(self, base: torch.Tensor, h: torch.Tensor, keep: Optional[bool]) -> torch.Tensor:
         p = self.survival_prob
         if p == 1.0:
             return self.branch(h).add_(base)
@@ -147,11 +153,11 @@ class LMResidualBlock(nn.Module):
             # Hand-written rather than torchvision.ops.StochasticDepth: that one computes the branch
             # even when it is dropped and rescales by 1/p in training, whereas Huang et al. skip the
             # dropped branch (their training speed-up) and rescale by p at evaluation.
-            if torch.rand(()).item() >= p:
-                return base
-            return self.branch(h).add_(base)
-        keep = torch.empty((h.shape[0],) + (1,) * (h.dim() - 1), device=h.device, dtype=h.dtype).bernoulli_(p)
-        return self.branch(h).mul_(keep).add_(base)
+            if keep is None:
+                keep = torch.rand(()).item() < p
+            return self.branch(h).add_(base) if keep else base
+        gates = torch.empty((h.shape[0],) + (1,) * (h.dim() - 1), device=h.device, dtype=h.dtype).bernoulli_(p)
+        return self.branch(h).mul_(gates).add_(base)
 
     def extra_repr(self) -> str:
         parts = [f"update={self.update!r}"]
@@ -160,6 +166,45 @@ class LMResidualBlock(nn.Module):
         if self.survival_prob < 1.0:
             parts.append(f"survival_prob={self.survival_prob:.4g}, stochastic_depth_mode={self.stochastic_depth_mode!r}")
         return ", ".join(parts)
+
+
+class BranchSurvivalDraws(nn.Module):
+    """The per-step survival draws of a network's blocks in ``'batch'``-mode stochastic depth.
+
+    The draws of training step ``s`` come from a ``torch.Generator`` seeded with ``seed + s``, not from
+    torch's global RNG: every DDP rank (and one process training on the whole batch) drops the same
+    blocks in the same step, as Huang et al.'s one draw per mini-batch asks, whatever else consumes
+    random numbers (data augmentation, dropout); and since ``seed`` and the step count are part of the
+    state dict, a resumed run continues the exact sequence.
+
+    Args:
+        survival_probs: Survival probability of each block, in depth order.
+        seed: Seed of the draws; ``None`` takes one from torch's global RNG (``seed_everything`` then
+            fixes it, identically on every rank).
+    """
+
+    def __init__(self, survival_probs: Sequence[float], seed: Optional[int] = None) -> None:
+        super().__init__()
+        for p in survival_probs:
+            _check_survival_prob(p, "survival_probs[i]")
+        self.survival_probs = torch.tensor(list(survival_probs), dtype=torch.float64)
+        self.seed = int(torch.randint(0, 2**62, ())) if seed is None else int(seed)
+        self.step = 0
+
+    def draw(self) -> list[bool]:
+        """Whether each block's branch survives this step; advances the step count."""
+        generator = torch.Generator().manual_seed(self.seed + self.step)
+        self.step += 1
+        return (torch.rand(len(self.survival_probs), generator=generator, dtype=torch.float64) < self.survival_probs).tolist()
+
+    def get_extra_state(self) -> dict[str, int]:
+        return {"seed": self.seed, "step": self.step}
+
+    def set_extra_state(self, state: dict[str, int]) -> None:
+        self.seed, self.step = int(state["seed"]), int(state["step"])
+
+    def extra_repr(self) -> str:
+        return f"blocks={len(self.survival_probs)}, seed={self.seed}, step={self.step}"
 
 
 def _check_k_init_range(k_init_range: Sequence[float]) -> tuple[float, float]:

@@ -18,6 +18,7 @@ from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_pdenets.metric_logging import log_replicated
 from lightning_pdenets.protocols import find_ode_blocks
 from lightning_pdenets.solvers import check_positive
 
@@ -310,9 +311,8 @@ class AdversarialEvaluation(Callback):
         if not self._metrics:
             return
         results = {key: {k: float(v) for k, v in metrics.compute().items()} for key, metrics in self._metrics.items()}
-        for key, accuracies in results.items():
-            for k, value in accuracies.items():
-                pl_module.log(f"{prefix}/{key}/{k}", value)
+        log_replicated(pl_module, {f"{prefix}/{key}/{k}": value for key, accuracies in results.items()
+                                   for k, value in accuracies.items()})
         self._metrics.clear()
         if self.log_figure and trainer.is_global_zero:
             self._add_figure(trainer, prefix, results)

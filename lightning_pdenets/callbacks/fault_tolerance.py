@@ -7,6 +7,7 @@ from typing import Optional
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_pdenets.errors import ModelFailure, is_peer_crash
 
@@ -21,7 +22,11 @@ class CheckpointOnInterrupt(Checkpoint):
     ``trainer.fit(..., ckpt_path=callback.ckpt_path)``) resumes. It does not write one when the run
     stopped because the model itself failed (a NaN/Inf loss, an ODE solver that could not
     integrate) or because another DDP process crashed: the last good checkpoint stays the newest
-    one. After a run that completes, the file is removed, as Lightning's ``OnExceptionCheckpoint`` does.
+    one. Nor does it when no optimizer step was taken since training started (an error while setting
+    up, or before the first step): the model then holds nothing newer than where the run started
+    (an untrained or not yet restored model), and such a file would become what ``--ckpt_path last``
+    resumes from. After a run that completes, the file is removed, as Lightning's
+    ``OnExceptionCheckpoint`` does.
 
     Not a subclass of ``OnExceptionCheckpoint``: with one of those present, Lightning turns every
     ``fit(ckpt_path=None)`` into ``ckpt_path="last"``. A fresh run then warns that "the last model of
@@ -42,15 +47,26 @@ class CheckpointOnInterrupt(Checkpoint):
         self.dirpath = dirpath or "."
         self.filename = filename
         self.follow_model_checkpoint = dirpath is None
+        self._steps_at_train_start: Optional[int] = None
 
     @property
     def ckpt_path(self) -> str:
         """Where the checkpoint is (or would be) written."""
         return os.path.join(self.dirpath, self.filename + self.FILE_EXTENSION)
 
+    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._steps_at_train_start = trainer.global_step  # after a checkpoint was restored
+
     def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
+        steps_at_start, self._steps_at_train_start = self._steps_at_train_start, None
         if isinstance(exception, ModelFailure) or is_peer_crash(exception):
             return  # a peer crash: saving needs the collectives that just failed, and the peer's error is the news
+        if steps_at_start is None or trainer.global_step == steps_at_start:
+            rank_zero_info(
+                f"CheckpointOnInterrupt: no {self.filename}{self.FILE_EXTENSION} written, the run stopped before "
+                f"its first optimizer step (nothing newer than where it started)."
+            )
+            return
         self._follow_model_checkpoint(trainer)
         trainer.save_checkpoint(self.ckpt_path)
 
@@ -58,6 +74,7 @@ class CheckpointOnInterrupt(Checkpoint):
         # Lightning calls callback teardown only when the stage did not raise: after a completed fit an
         # interrupt checkpoint of this run is stale, and `--ckpt_path last` must not pick it up later.
         if stage == "fit":
+            self._steps_at_train_start = None
             self._follow_model_checkpoint(trainer)
             trainer.strategy.remove_checkpoint(self.ckpt_path)
 

@@ -20,6 +20,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from lightning_pdenets.metric_logging import log_replicated
 from lightning_pdenets.protocols import find_time_stepping_blocks
 
 __all__ = ["MultilevelTraining"]
@@ -109,7 +110,7 @@ class MultilevelTraining(Callback):
     def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         # logged here, not at epoch start: Lightning skips on_train_epoch_start when resuming mid-epoch
         steps = [b.num_time_steps for _, b in self.select_blocks(pl_module)]
-        pl_module.log("train/num_time_steps", float(max(steps)), on_step=False, on_epoch=True)
+        log_replicated(pl_module, {"train/num_time_steps": float(max(steps))})
 
     def state_dict(self) -> dict[str, Any]:
         return {"applied_epochs": list(self.applied_epochs)}

@@ -9,6 +9,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
+from lightning_pdenets.metric_logging import log_replicated
 from lightning_pdenets.protocols import find_ode_blocks
 
 __all__ = ["NFEMonitor"]
@@ -123,7 +124,7 @@ class NFEMonitor(Callback):
         if stage == "train":
             metrics["nfe/train_backward_epoch"] = backward / count
         self.epoch_history.append({"stage": stage, "epoch": trainer.current_epoch, **metrics})
-        pl_module.log_dict(metrics, on_step=False, on_epoch=True)
+        log_replicated(pl_module, metrics)  # already averaged over the ranks in _end
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         self._epoch_end(pl_module, "train", trainer)

@@ -23,6 +23,7 @@ from lightning_pdenets.callbacks.adversarial import (
     normalization_of,
     preserved_nfe,
 )
+from lightning_pdenets.metric_logging import log_replicated
 from lightning_pdenets.solvers import check_positive
 
 __all__ = ["OODEvaluation", "PERTURBATIONS", "perturb_pixels"]
@@ -168,8 +169,7 @@ class OODEvaluation(Callback):
         results: dict[str, dict[str, float]] = {}
         for name, metrics in self._metrics.items():
             results[name] = {k: float(value) for k, value in metrics.compute().items()}
-            for k, value in results[name].items():
-                pl_module.log(f"ood/{name}/{k}", value)
+            log_replicated(pl_module, {f"ood/{name}/{k}": value for k, value in results[name].items()})
         self._metrics.clear()
         if trainer.is_global_zero and results:
             self._add_figure(trainer, results)

@@ -26,6 +26,7 @@ from lightning_pdenets.callbacks.solver_adaptation import (
     require_ode_blocks,
     restored_solvers,
 )
+from lightning_pdenets.metric_logging import log_replicated
 from lightning_pdenets.solvers import SOLVERS, check_positive, check_solver_name
 from lightning_pdenets.validation import check_positive_int
 
@@ -165,7 +166,7 @@ class SolverSwapCheck(Callback):
         for (solver, factor), combo in result["combinations"].items():
             if not math.isnan(combo["accuracy"]):
                 metrics[f"solver_swap/{stage}/{solver}_x{factor:g}"] = combo["accuracy"]
-        pl_module.log_dict(metrics, on_step=False, on_epoch=True)
+        log_replicated(pl_module, metrics)
         if self.log_figure:
             self._log_figure(trainer, stage, result)
 

@@ -11,14 +11,16 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.strategies import DDPStrategy, Strategy
 
 from lightning_pdenets.architectures.lm_resnet import PreActResNet, lm_resnet_cifar, preact_resnet_cifar
+from lightning_pdenets.metric_logging import log_replicated
 from lightning_pdenets.models.base import ClassifierModule
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["LMResNetModule", "ResNetCIFARModule", "plot_lm_coefficients"]
+__all__ = ["LMResNetModule", "ResNetCIFARModule", "check_stochastic_depth_strategy", "plot_lm_coefficients"]
 
 
 class ResNetCIFARModule(ClassifierModule):
@@ -75,6 +77,11 @@ class ResNetCIFARModule(ClassifierModule):
     def build_network(self) -> PreActResNet:
         return preact_resnet_cifar(**self.architecture_kwargs())
 
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self._trainer is not None:
+            check_stochastic_depth_strategy(self.hparams.stochastic_depth, self.hparams.stochastic_depth_mode,
+                                            self.trainer.strategy)
+
 
 class LMResNetModule(ResNetCIFARModule):
     """LM-ResNet-``depth`` of Lu et al. 2018, logging the learned ``k_n`` to TensorBoard.
@@ -112,8 +119,7 @@ class LMResNetModule(ResNetCIFARModule):
         self.log_lm_profile()
 
     def on_train_epoch_end(self) -> None:
-        for name, k in self.network.lm_coefficients().items():
-            self.log(f"lm_k/{name}", k.detach().mean(), on_step=False, on_epoch=True)
+        log_replicated(self, {f"lm_k/{name}": k.detach().mean() for name, k in self.network.lm_coefficients().items()})
         self.log_lm_profile()
 
     def log_lm_profile(self) -> None:
@@ -125,6 +131,27 @@ class LMResNetModule(ResNetCIFARModule):
                                       f"epoch {self.current_epoch}")
         for logger in loggers:
             logger.experiment.add_figure("lm_k/profile", figure, global_step=self.global_step, close=False)
+
+
+def check_stochastic_depth_strategy(stochastic_depth: bool, mode: str, strategy: Strategy) -> None:
+    """Refuse batch-mode stochastic depth under DDP unless DDP looks for unused parameters.
+
+    A dropped block's branch is not computed (Huang et al.'s speed-up), so its parameters get no
+    gradient in that step, which DDP only accepts with ``find_unused_parameters=True``; without it
+    Lightning fails at the second training step. Checked before training starts instead.
+    """
+    if not stochastic_depth or mode != "batch" or not isinstance(strategy, DDPStrategy):
+        return
+    # DDPStrategy keeps the DistributedDataParallel arguments only in this private attribute
+    ddp_kwargs = getattr(strategy, "_ddp_kwargs", None)
+    if ddp_kwargs is None or ddp_kwargs.get("find_unused_parameters", False):
+        return
+    raise ValueError(
+        "stochastic_depth=True with stochastic_depth_mode='batch' skips dropped residual branches, so their "
+        "parameters get no gradient in that step, which DDP refuses unless it looks for unused parameters. Use "
+        "`--trainer.strategy ddp_find_unused_parameters_true` (or DDPStrategy(find_unused_parameters=True)), or "
+        "`--model.init_args.stochastic_depth_mode sample` (computes every branch and drops it per sample)."
+    )
 
 
 def plot_lm_coefficients(coefficients: dict[str, torch.Tensor], title: str = "") -> "Figure":

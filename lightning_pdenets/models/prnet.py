@@ -25,6 +25,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning_pdenets.architectures.prnet import prnet
 from lightning_pdenets.blocks.governing import GoverningEquation, ProximalSGD
 from lightning_pdenets.blocks.pde import PDEBlock
+from lightning_pdenets.metric_logging import log_replicated
 from lightning_pdenets.models.base import ClassifierModule
 from lightning_pdenets.models.optim import (
     SCHEDULER_INTERVALS,
@@ -319,8 +320,7 @@ class PRNetModule(ClassifierModule):
 
     # -- logging ------------------------------------------------------------------------------
     def on_validation_epoch_end(self) -> None:
-        for name, value in self.governing.coefficients().items():
-            self.log(f"governing/alpha[{name}]", value, on_epoch=True, sync_dist=False)
+        log_replicated(self, {f"governing/alpha[{name}]": value for name, value in self.governing.coefficients().items()})
         if isinstance(self.logger, TensorBoardLogger) and self.trainer.is_global_zero:
             self.logger.experiment.add_text("governing/equation", self.governing.equation(), self.global_step)
             self.logger.experiment.add_figure("governing/coefficients", self._coefficient_figure(), self.global_step)
