@@ -209,6 +209,14 @@ CASES: dict[str, DDPCase] = {
     "solver_swap": DDPCase(("SolverSwapCheck",), rknet, test=True, callbacks=lambda: [cb.SolverSwapCheck(
         solvers=["euler", "rk4"], step_factors=[0.5, 1.0], max_batches=2, log_figure=False)]),
     "nfe_monitor": DDPCase(("NFEMonitor",), rknet, test=True, callbacks=lambda: [cb.NFEMonitor()]),
+    # 17 evaluation samples: rank 0 evaluates 2 batches (8 + 1), rank 1 one batch (8), one process 2 (16 + 1);
+    # no per-batch collective may run in evaluation
+    "nfe_monitor_uneven_evaluation": DDPCase(
+        ("NFEMonitor",),
+        lambda: models.VectorODEClassifierModule(input_dim=2, hidden_width=16, method="rk4", step_size=0.25, lr=0.1, **SGD),
+        data=lambda batch: ConcentricSpheresDataModule(dim=2, num_train=96, num_val=17, num_test=17, batch_size=batch),
+        test=True, callbacks=lambda: [cb.NFEMonitor()],
+    ),
     "time_tv": DDPCase(("TimeTVRegularization",), parabolic, freeze_batchnorm=True,
                        callbacks=lambda: [cb.TimeTVRegularization(alpha=0.1)]),
     "box_projection": DDPCase(("WeightBoxProjection",), parabolic, freeze_batchnorm=True,

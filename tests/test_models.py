@@ -11,6 +11,7 @@ import torch
 from lightning_pdenets.data import DigitsDataModule
 from lightning_pdenets.errors import NonFiniteLossError
 from lightning_pdenets.models import ODENetModule, ResNetModule, RKNetModule
+from lightning_pdenets.models.base import WeightedMean
 
 TINY = dict(width=8, num_downsamples=1)
 
@@ -148,3 +149,27 @@ def test_one_cycle_schedule_steps_every_batch_over_the_whole_run(tmp_path: Path)
 def test_one_cycle_needs_the_length_of_the_run() -> None:
     with pytest.raises(ValueError, match="`lr_scheduler='onecycle'` needs the run's number of optimizer steps"):
         ResNetModule(**TINY, lr_scheduler="onecycle").configure_optimizers()
+
+
+def test_evaluation_means_are_weighted_by_batch_size_and_keep_nan() -> None:
+    mean = WeightedMean()
+    mean.update(torch.tensor(0.9), 16)
+    mean.update(torch.tensor(0.3), 1)
+    assert mean.compute().item() == pytest.approx((0.9 * 16 + 0.3) / 17)  # an unweighted mean would be 0.6
+    mean.update(torch.tensor(float("nan")), 8)
+    assert torch.isnan(mean.compute())  # a diverged evaluation must show, not be dropped
+
+
+def test_validation_loss_is_the_mean_over_samples_with_a_short_last_batch(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = RKNetModule(width=8, num_downsamples=1)
+    data = DigitsDataModule(batch_size=100)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         default_root_dir=tmp_path)
+    trainer.validate(model, datamodule=data, verbose=False)
+    model.eval()
+    images, labels = map(torch.cat, zip(*data.val_dataloader()))
+    assert len(labels) % 100 != 0  # the last batch is shorter than the others
+    with torch.no_grad():
+        expected = torch.nn.functional.cross_entropy(model(images), labels)
+    assert trainer.callback_metrics["val/loss"].item() == pytest.approx(expected.item(), rel=1e-5)

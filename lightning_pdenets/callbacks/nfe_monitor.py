@@ -25,8 +25,9 @@ class NFEMonitor(Callback):
     the solver callbacks (checks, solver swaps) and counter resets by the LightningModule do not
     affect them. Backward NFE are counted between ``on_before_backward`` and ``on_after_backward``.
 
-    Logged: ``nfe/train_forward_step``, ``nfe/train_backward_step`` (every step), and
-    ``nfe/{train,val,test}_forward_epoch`` and ``nfe/train_backward_epoch`` (mean per batch).
+    Logged: ``nfe/train_forward_step``, ``nfe/train_backward_step`` (every step, mean over ranks), and
+    ``nfe/{train,val,test}_forward_epoch`` and ``nfe/train_backward_epoch`` (mean per batch; in
+    evaluation over all ranks' batches, which may differ in number under DDP).
     Blocks are found through :class:`lightning_pdenets.protocols.ODESolverBlock`.
 
     Args:
@@ -76,8 +77,12 @@ class NFEMonitor(Callback):
 
     def _end(self, trainer: "pl.Trainer", pl_module: pl.LightningModule, stage: str) -> None:
         self._counting = False
-        values = torch.tensor([self._forward, self._backward], dtype=torch.float64, device=pl_module.device)
-        forward, backward = (float(v) for v in trainer.strategy.reduce(values, reduce_op="mean"))
+        forward, backward = self._forward, self._backward
+        if stage == "train":
+            # every rank runs every training step, so a per-step collective is safe here; in evaluation
+            # ranks may hold different numbers of batches, so those sums are reduced once, at epoch end
+            values = torch.tensor([forward, backward], dtype=torch.float64, device=pl_module.device)
+            forward, backward = (float(v) for v in trainer.strategy.reduce(values, reduce_op="mean"))
         sums = self._sums[stage]
         sums[0] += forward
         sums[1] += backward
@@ -118,7 +123,12 @@ class NFEMonitor(Callback):
     def _epoch_end(self, pl_module: pl.LightningModule, stage: str, trainer: "pl.Trainer") -> None:
         forward, backward, count = self._sums[stage]
         self._sums[stage] = [0.0, 0.0, 0]
-        if count == 0 or trainer.sanity_checking:
+        if trainer.sanity_checking:
+            return
+        if stage != "train":  # the per-batch values of this rank only: sum over the ranks' batches
+            totals = torch.tensor([forward, backward, count], dtype=torch.float64, device=pl_module.device)
+            forward, backward, count = (float(v) for v in trainer.strategy.reduce(totals, reduce_op="sum"))
+        if count == 0:
             return
         metrics = {f"nfe/{stage}_forward_epoch": forward / count}
         if stage == "train":

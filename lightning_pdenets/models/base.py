@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 import lightning.pytorch as pl
 import torch
@@ -41,6 +41,28 @@ def accuracy_metrics(num_classes: int, prefix: str) -> MetricCollection:
 
 
 TRAIN_EPOCH_STATE_KEY = "train_epoch_metrics"
+
+
+class WeightedMean(Metric):
+    """Weighted mean of a stream of scalars, synced over DDP ranks; a NaN value makes the mean NaN.
+
+    Written here because torchmetrics' ``MeanMetric`` (1.9) either drops NaN values (hiding a diverged
+    evaluation) or, with ``nan_strategy='disable'``, ignores the weights.
+    """
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("weighted_sum", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("total_weight", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, value: Union[torch.Tensor, float], weight: float = 1.0) -> None:
+        self.weighted_sum += torch.as_tensor(value, dtype=torch.float64, device=self.device).sum() * weight
+        self.total_weight += weight
+
+    def compute(self) -> torch.Tensor:
+        return (self.weighted_sum / self.total_weight).float()
 
 
 class ClassifierModule(pl.LightningModule):
@@ -83,6 +105,7 @@ class ClassifierModule(pl.LightningModule):
         self.num_classes = num_classes
         self.train_metrics = accuracy_metrics(num_classes, "train/")
         self.train_means = nn.ModuleDict()  # epoch means of training terms (log_train_term), created on first use
+        self.eval_means = nn.ModuleDict()  # epoch means of validation/test terms (log_eval_term), likewise
         self._pending_train_epoch_state: Optional[dict[str, Any]] = None
         self.val_metrics = accuracy_metrics(num_classes, "val/")
         self.test_metrics = accuracy_metrics(num_classes, "test/")
@@ -112,7 +135,7 @@ class ClassifierModule(pl.LightningModule):
         if stage == "train":
             self.log_train_term("train/loss", loss, prog_bar=True)
         else:
-            self.log(f"{stage}/loss", loss, on_epoch=True, prog_bar=True, sync_dist=True)
+            self.log_eval_term(f"{stage}/loss", loss, weight=len(y), prog_bar=True)
         self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage != "train")
         return loss
 
@@ -132,6 +155,23 @@ class ClassifierModule(pl.LightningModule):
         # metric_attribute: Lightning indexes the module's metrics once, before these are created
         self.log(f"{name}_epoch", self.train_means[key], on_step=False, on_epoch=True,
                  metric_attribute=f"train_means.{key}")
+
+    def log_eval_term(self, name: str, value: Union[torch.Tensor, float], weight: float = 1.0,
+                      prog_bar: bool = False) -> None:
+        """Log the epoch mean of a validation or test term, weighted by ``weight`` (e.g. the batch size).
+
+        A torchmetrics metric syncs sums and weights over the ranks, so under DDP, where
+        evaluation ranks may hold different numbers of samples (each sample is evaluated once), the
+        value is the mean over all of them. Lightning's own ``sync_dist`` mean is not: it averages the
+        ranks' summed batch sizes in an integer tensor (17 samples on 2 ranks: 8.5 truncated to 8),
+        which turned a constant NFE of 16 into 17. A NaN is kept, not dropped.
+        """
+        key = name.replace(".", "_")
+        if key not in self.eval_means:
+            self.eval_means[key] = WeightedMean().to(self.device)
+        self.eval_means[key].update(torch.as_tensor(value, device=self.device).detach(), weight)
+        self.log(name, self.eval_means[key], on_step=False, on_epoch=True, prog_bar=prog_bar,
+                 metric_attribute=f"eval_means.{key}")
 
     def _train_epoch_metrics(self) -> dict[str, Metric]:
         means = {f"mean:{key}": metric for key, metric in self.train_means.items()}
@@ -201,7 +241,7 @@ class ClassifierModule(pl.LightningModule):
             if stage == "train":
                 self.log_train_term(f"train/{name}", torch.tensor(float(count), device=self.device))
             else:
-                self.log(f"{stage}/{name}", float(count), on_epoch=True, sync_dist=True)
+                self.log_eval_term(f"{stage}/{name}", float(count))
         for block in blocks:
             block.reset_nfe()
 
