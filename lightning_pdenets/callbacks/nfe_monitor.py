@@ -134,7 +134,7 @@ class NFEMonitor(Callback):
         if stage == "train":
             metrics["nfe/train_backward_epoch"] = backward / count
         self.epoch_history.append({"stage": stage, "epoch": trainer.current_epoch, **metrics})
-        log_replicated(pl_module, metrics)  # already averaged over the ranks in _end
+        log_replicated(pl_module, metrics)  # the same on every rank: reduced per step (train) or above
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         self._epoch_end(pl_module, "train", trainer)
