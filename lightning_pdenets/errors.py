@@ -24,6 +24,10 @@ class CorruptCheckpointError(RuntimeError):
     """A checkpoint file cannot be read (truncated, corrupted, or not a checkpoint)."""
 
 
+class DatasetDownloadError(ConnectionError):
+    """A dataset could not be downloaded (no network, a failing mirror, an unwritable folder)."""
+
+
 def is_peer_crash(error: BaseException) -> bool:
     """Whether a collective failed because another process went away (gloo and NCCL wordings)."""
     message = str(error)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +18,7 @@ from lightning_pdenets.data import (
     SVHNDataModule,
     seeded_split,
 )
+from lightning_pdenets.errors import DatasetDownloadError
 from tests.fakedata.torchvision_sets import fake_cifar10, fake_cifar100, fake_mnist, fake_svhn
 
 VISION = [
@@ -72,6 +75,23 @@ def test_download_happens_only_in_prepare_data(tmp_path: Path, monkeypatch: pyte
     assert calls == [str(tmp_path)]
     MNISTDataModule(**overrides).prepare_data()  # download off: prepare_data does nothing
     assert calls == [str(tmp_path)]
+
+
+@pytest.mark.parametrize("datamodule_class", [MNISTDataModule, SVHNDataModule, CIFAR10DataModule, CIFAR100DataModule])
+def test_failed_download_says_what_failed_and_how_to_proceed_offline(
+    datamodule_class, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)  # torchvision's real download code runs up to here
+    dm = datamodule_class(data_dir=str(tmp_path / "data"), download=True)
+    with pytest.raises(DatasetDownloadError) as info:
+        dm.prepare_data()
+    message = str(info.value)
+    assert dm.name in message and str(tmp_path / "data") in message
+    assert "--data.download false --data.data_dir" in message
+    assert isinstance(info.value.__cause__, (urllib.error.URLError, RuntimeError))
 
 
 def test_seeded_split_is_deterministic_and_disjoint() -> None:

@@ -96,6 +96,7 @@ class InferenceTimer(Callback):
             return
         self.last_times = self.time_model(pl_module, images.to(pl_module.device))
         seconds = sorted(self.last_times)[len(self.last_times) // 2]
-        # under DDP every rank times its own copy; the logged value is the mean over the ranks
-        pl_module.log("inference/seconds_per_batch", seconds, sync_dist=True)
-        pl_module.log("inference/images_per_second", self.batch_size / seconds, sync_dist=True)
+        # under DDP every rank times its own copy; the logged value is the mean over the ranks (batch_size=1:
+        # otherwise Lightning weights each rank by the size of its last test batch, which may differ)
+        pl_module.log("inference/seconds_per_batch", seconds, sync_dist=True, batch_size=1)
+        pl_module.log("inference/images_per_second", self.batch_size / seconds, sync_dist=True, batch_size=1)

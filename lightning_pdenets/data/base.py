@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import transforms as T
 
 from lightning_pdenets.data.loading import check_global_batch_size, make_loader
+from lightning_pdenets.errors import DatasetDownloadError
 from lightning_pdenets.validation import check_positive_int
 
 __all__ = ["ClassificationDataModule", "VisionDataModule", "seeded_split", "split_sizes"]
@@ -185,9 +186,20 @@ class VisionDataModule(ClassificationDataModule):
 
     # -- LightningDataModule hooks -------------------------------------------------------------
     def prepare_data(self) -> None:
-        if self.download_enabled:
+        if not self.download_enabled:
+            return
+        target = os.path.abspath(self.data_dir)
+        try:
             Path(self.data_dir).mkdir(parents=True, exist_ok=True)
             self.download()
+        except FileNotFoundError:
+            raise  # a dataset that cannot be downloaded at all says so itself
+        except (OSError, RuntimeError) as error:  # URLError, timeouts, torchvision's "Error downloading ..."
+            raise DatasetDownloadError(
+                f"{self.name} could not be downloaded into {target!r}: {error}. Check the network connection; on a "
+                f"machine without one, fetch the dataset elsewhere (torchvision's own download makes the expected "
+                f"layout), copy it into a folder here and run with --data.download false --data.data_dir FOLDER."
+            ) from error
 
     def setup(self, stage: Optional[str] = None) -> None:
         if stage in (None, "fit", "validate") and self.train_set is None:
