@@ -304,6 +304,21 @@ def test_nfe_monitor_counts_rk4_evaluations_and_ignores_solver_checks():
     assert "solver_swap/test/max_drop" in trainer.callback_metrics
 
 
+@pytest.mark.parametrize("progress_bar", [True, False])
+def test_solver_swap_check_counts_its_passes_in_a_progress_bar(progress_bar: bool, capfd) -> None:
+    swap = SolverSwapCheck(solvers=["euler", "rk4"], step_factors=[0.5, 1.0])
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=1, logger=False,
+                         enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=progress_bar)
+    module = ForeignClassifier()
+    trainer.fit(module, foreign_loader(), foreign_loader(32, seed=1))
+    capfd.readouterr()
+    swap.measure(trainer, module, foreign_loader(32, seed=2), "val")
+    shown = capfd.readouterr().err
+    # 1 pass with the training solver + 2 solvers x 2 step factors
+    assert ("SolverSwapCheck val" in shown and "0/5" in shown) == progress_bar
+    assert bool(shown.strip()) == progress_bar
+
+
 # -- solver swap check has no side effects --------------------------------------------------------------------------
 def test_solver_swap_check_keeps_batch_norm_statistics_gradients_and_solver(tmp_path):
     module = ForeignClassifier(batch_norm=True)

@@ -17,6 +17,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
+from tqdm.auto import tqdm
 
 from lightning_pdenets.callbacks.solver_adaptation import (
     configure_blocks,
@@ -123,8 +124,14 @@ class SolverSwapCheck(Callback):
             combos += [(solver, factor, factor * base) for factor in factors]
         return combos
 
-    def measure(self, trainer: "pl.Trainer", pl_module: pl.LightningModule, dataloaders: Any) -> dict[str, Any]:
-        """Accuracy of every grid combination and of the training solver; restores the training solver."""
+    def measure(
+        self, trainer: "pl.Trainer", pl_module: pl.LightningModule, dataloaders: Any, stage: str = ""
+    ) -> dict[str, Any]:
+        """Accuracy of every grid combination and of the training solver; restores the training solver.
+
+        Each combination is a full pass over ``dataloaders``; a progress bar counts them on rank 0
+        when the trainer shows progress bars.
+        """
         blocks = require_ode_blocks(pl_module, type(self).__name__)
         settings = blocks[0].solver_settings()
         method = settings["method"]
@@ -136,13 +143,21 @@ class SolverSwapCheck(Callback):
             step = settings["step_size"]
         tol = settings["rtol"]
         combos: dict[tuple[str, float], dict[str, float]] = {}
-        with evaluation_mode(pl_module), preserved_nfe(blocks), restored_solvers(blocks):
+        grid = self.grid(step, tol, quick=bool(trainer.fast_dev_run))
+        show = trainer.is_global_zero and trainer.progress_bar_callback is not None
+        progress = tqdm(total=len(grid) + 1, desc=f"SolverSwapCheck {stage}".rstrip(), unit="solver", leave=False,
+                        disable=not show, dynamic_ncols=True)
+        with progress, evaluation_mode(pl_module), preserved_nfe(blocks), restored_solvers(blocks):
+            progress.set_postfix_str(f"{method} (training solver)")
             train_acc, train_nfe, _ = evaluate_batches(trainer, pl_module, blocks, self._batches(trainer, dataloaders))
-            for solver, factor, value in self.grid(step, tol, quick=bool(trainer.fast_dev_run)):
+            progress.update()
+            for solver, factor, value in grid:
+                progress.set_postfix_str(f"{solver} x{factor:g}")
                 is_adaptive = SOLVERS[solver].adaptive
                 configure_blocks(blocks, solver, step_size=None if is_adaptive else value, tol=value if is_adaptive else None)
                 acc, nfe, _ = evaluate_batches(trainer, pl_module, blocks, self._batches(trainer, dataloaders))
                 combos[(solver, factor)] = {"accuracy": acc, "nfe": nfe, "value": value}
+                progress.update()
         drops = [train_acc - c["accuracy"] for c in combos.values() if not math.isnan(c["accuracy"])]
         return {
             "train_solver": method,
@@ -157,7 +172,7 @@ class SolverSwapCheck(Callback):
     def _run(self, trainer: "pl.Trainer", pl_module: pl.LightningModule, stage: str, dataloaders: Any) -> None:
         if dataloaders is None:
             return
-        result = self.measure(trainer, pl_module, dataloaders)
+        result = self.measure(trainer, pl_module, dataloaders, stage)
         result["epoch"] = trainer.current_epoch
         self.results[stage] = result
         metrics = {f"solver_swap/{stage}/train_solver_acc": result["train_solver_acc"]}
