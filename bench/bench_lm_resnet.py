@@ -12,6 +12,8 @@ thread spin-waiting) is the steadier measure of the work a step costs.
 
 With ``--compile`` both networks go through ``torch.compile`` (inductor) before timing, which fuses the
 LM update's element-wise work into the neighbouring kernels; compilation happens in the warm-up.
+``--device cuda`` times on a GPU (the clock waits for the GPU at both ends of each timed run; the
+CPU-time column then measures the host only).
 
 (bench/results_lm_resnet.md holds the measured table plus an analysis of the overhead.)
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import statistics
 import time
 from typing import Callable
@@ -43,17 +46,30 @@ def training_step(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tenso
     return step
 
 
-def time_steps(step: Callable[[], None], repeats: int) -> tuple[float, float]:
-    """(wall-clock, process CPU) seconds per step."""
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(step: Callable[[], None], repeats: int, device: torch.device) -> tuple[float, float]:
+    """(wall-clock, process CPU) seconds per step; on a GPU the clock waits for its queued work."""
+    synchronize(device)
     wall, cpu = time.perf_counter(), time.process_time()
     for _ in range(repeats):
         step()
+    synchronize(device)
     return (time.perf_counter() - wall) / repeats, (time.process_time() - cpu) / repeats
 
 
 def quartiles(values: list[float]) -> tuple[float, float, float]:
     q1, median, q3 = statistics.quantiles(values, n=4) if len(values) > 1 else (values[0],) * 3
     return q1, median, q3
+
+
+def machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"GPU {torch.cuda.get_device_name(device)}"
+    return f"{os.cpu_count()}-core CPU"
 
 
 def main() -> None:
@@ -66,22 +82,27 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--k-mode", default="scalar", choices=["scalar", "channel"])
     parser.add_argument("--compile", action="store_true", help="torch.compile both networks (inductor) before timing")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     parser.add_argument("--output", default=None, help="also write the Markdown report to this file")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: no CUDA device is available here; use --device cpu")
     torch.manual_seed(0)
-    batch = (torch.randn(args.batch_size, 3, 32, 32), torch.randint(0, 10, (args.batch_size,)))
+    batch = (torch.randn(args.batch_size, 3, 32, 32, device=device), torch.randint(0, 10, (args.batch_size,), device=device))
     torch.manual_seed(0)
-    plain = preact_resnet_cifar(args.depth).train()
+    plain = preact_resnet_cifar(args.depth).to(device).train()
     torch.manual_seed(0)
-    lm = lm_resnet_cifar(args.depth, k_mode=args.k_mode).train()
+    lm = lm_resnet_cifar(args.depth, k_mode=args.k_mode).to(device).train()
     run_plain, run_lm = (torch.compile(plain), torch.compile(lm)) if args.compile else (plain, lm)
     steps = {"ResNet": training_step(run_plain, batch), "LM-ResNet": training_step(run_lm, batch)}
     for name, step in steps.items():
         start = time.perf_counter()
         for _ in range(args.warmup):
             step()
+        synchronize(device)
         print(f"{name}: {args.warmup} warm-up steps in {time.perf_counter() - start:.1f} s", flush=True)
 
     clocks = ("wall", "cpu")
@@ -89,7 +110,7 @@ def main() -> None:
     for round_index in tqdm(range(args.rounds), desc="rounds"):
         order = list(steps) if round_index % 2 == 0 else list(reversed(steps))
         for name in order:
-            for clock, value in zip(clocks, time_steps(steps[name], args.steps_per_round)):
+            for clock, value in zip(clocks, time_steps(steps[name], args.steps_per_round, device)):
                 seconds[name, clock].append(value)
 
     rows = []
@@ -108,12 +129,13 @@ def main() -> None:
         f"flock /tmp/pdenets-cpu.lock python bench/bench_lm_resnet.py --depth {args.depth} --batch-size {args.batch_size} "
         f"--threads {args.threads} --rounds {args.rounds} --steps-per-round {args.steps_per_round} --k-mode {args.k_mode}"
         + (" --compile" if args.compile else "")
+        + (f" --device {args.device}" if device.type != "cpu" else "")
     )
     report = "\n".join(
         [
             "# LM-ResNet vs ResNet: training-step time",
             "",
-            f"Date: {datetime.date.today().isoformat()}. Machine: 2-core CPU container (shared), torch {torch.__version__}, "
+            f"Date: {datetime.date.today().isoformat()}. Machine: {machine(device)}, torch {torch.__version__}, "
             f"{args.threads} threads. Batch {args.batch_size} of 3×32×32 CIFAR-size inputs, SGD step included; "
             f"{args.rounds} alternating rounds of {args.steps_per_round} steps after {args.warmup} warm-up steps each; "
             f"k_mode={args.k_mode}; {'both networks torch.compile-d (inductor)' if args.compile else 'eager mode'}.",
