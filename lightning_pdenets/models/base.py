@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchmetrics import Metric, MetricCollection
-from torchmetrics.aggregation import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_pdenets.blocks.ode import explain_solver_failure
@@ -143,18 +142,12 @@ class ClassifierModule(pl.LightningModule):
     def log_train_term(self, name: str, value: torch.Tensor, prog_bar: bool = False) -> None:
         """Log a training term as ``<name>_step`` (synced over ranks) and ``<name>_epoch`` (epoch mean).
 
-        The epoch mean is a torchmetrics ``MeanMetric`` whose state is saved in checkpoints, so that an
+        The epoch mean is a :class:`WeightedMean` whose state is saved in checkpoints, so that an
         epoch interrupted and resumed reports the same mean as an uninterrupted one (Lightning's own
         epoch aggregation restarts from zero on resume).
         """
         self.log(f"{name}_step", value, on_step=True, on_epoch=False, prog_bar=prog_bar, sync_dist=True)
-        key = name.replace(".", "_")
-        if key not in self.train_means:
-            self.train_means[key] = MeanMetric().to(value.device)
-        self.train_means[key].update(value.detach())
-        # metric_attribute: Lightning indexes the module's metrics once, before these are created
-        self.log(f"{name}_epoch", self.train_means[key], on_step=False, on_epoch=True,
-                 metric_attribute=f"train_means.{key}")
+        self._log_epoch_mean("train_means", f"{name}_epoch", name.replace(".", "_"), value, 1.0, False)
 
     def log_eval_term(self, name: str, value: Union[torch.Tensor, float], weight: float = 1.0,
                       prog_bar: bool = False) -> None:
@@ -166,12 +159,21 @@ class ClassifierModule(pl.LightningModule):
         ranks' summed batch sizes in an integer tensor (17 samples on 2 ranks: 8.5 truncated to 8),
         which turned a constant NFE of 16 into 17. A NaN is kept, not dropped.
         """
-        key = name.replace(".", "_")
-        if key not in self.eval_means:
-            self.eval_means[key] = WeightedMean().to(self.device)
-        self.eval_means[key].update(torch.as_tensor(value, device=self.device).detach(), weight)
-        self.log(name, self.eval_means[key], on_step=False, on_epoch=True, prog_bar=prog_bar,
-                 metric_attribute=f"eval_means.{key}")
+        self._log_epoch_mean("eval_means", name, name.replace(".", "_"), value, weight, prog_bar)
+
+    def _epoch_mean(self, store: str, key: str) -> WeightedMean:
+        """The :class:`WeightedMean` ``key`` of the ModuleDict ``store``, created on first use."""
+        means: nn.ModuleDict = getattr(self, store)
+        if key not in means:
+            means[key] = WeightedMean().to(self.device)
+        return means[key]
+
+    def _log_epoch_mean(self, store: str, name: str, key: str, value: Union[torch.Tensor, float], weight: float,
+                        prog_bar: bool) -> None:
+        mean = self._epoch_mean(store, key)
+        mean.update(torch.as_tensor(value, device=self.device).detach(), weight)
+        # metric_attribute: Lightning indexes the module's metrics once, before these are created
+        self.log(name, mean, on_step=False, on_epoch=True, prog_bar=prog_bar, metric_attribute=f"{store}.{key}")
 
     def _train_epoch_metrics(self) -> dict[str, Metric]:
         means = {f"mean:{key}": metric for key, metric in self.train_means.items()}
@@ -201,9 +203,7 @@ class ClassifierModule(pl.LightningModule):
         for name, values in saved["states"].items():
             kind, key = name.split(":", 1)
             if kind == "mean":
-                if key not in self.train_means:
-                    self.train_means[key] = MeanMetric().to(self.device)
-                metric = self.train_means[key]
+                metric = self._epoch_mean("train_means", key)
             else:
                 metric = dict(self.train_metrics.items(keep_base=True))[key]
             for attribute, value in values.items():
