@@ -83,6 +83,7 @@ def main() -> None:
     parser.add_argument("--k-mode", default="scalar", choices=["scalar", "channel"])
     parser.add_argument("--compile", action="store_true", help="torch.compile both networks (inductor) before timing")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    parser.add_argument("--channels-last", action="store_true", help="networks and input in NHWC memory format")
     parser.add_argument("--output", default=None, help="also write the Markdown report to this file")
     args = parser.parse_args()
 
@@ -90,12 +91,14 @@ def main() -> None:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: no CUDA device is available here; use --device cpu")
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     torch.manual_seed(0)
-    batch = (torch.randn(args.batch_size, 3, 32, 32, device=device), torch.randint(0, 10, (args.batch_size,), device=device))
+    images = torch.randn(args.batch_size, 3, 32, 32, device=device).to(memory_format=memory_format)
+    batch = (images, torch.randint(0, 10, (args.batch_size,), device=device))
     torch.manual_seed(0)
-    plain = preact_resnet_cifar(args.depth).to(device).train()
+    plain = preact_resnet_cifar(args.depth).to(device, memory_format=memory_format).train()
     torch.manual_seed(0)
-    lm = lm_resnet_cifar(args.depth, k_mode=args.k_mode).to(device).train()
+    lm = lm_resnet_cifar(args.depth, k_mode=args.k_mode).to(device, memory_format=memory_format).train()
     run_plain, run_lm = (torch.compile(plain), torch.compile(lm)) if args.compile else (plain, lm)
     steps = {"ResNet": training_step(run_plain, batch), "LM-ResNet": training_step(run_lm, batch)}
     for name, step in steps.items():
@@ -130,6 +133,7 @@ def main() -> None:
         f"--threads {args.threads} --rounds {args.rounds} --steps-per-round {args.steps_per_round} --k-mode {args.k_mode}"
         + (" --compile" if args.compile else "")
         + (f" --device {args.device}" if device.type != "cpu" else "")
+        + (" --channels-last" if args.channels_last else "")
     )
     report = "\n".join(
         [
@@ -138,7 +142,8 @@ def main() -> None:
             f"Date: {datetime.date.today().isoformat()}. Machine: {machine(device)}, torch {torch.__version__}, "
             f"{args.threads} threads. Batch {args.batch_size} of 3×32×32 CIFAR-size inputs, SGD step included; "
             f"{args.rounds} alternating rounds of {args.steps_per_round} steps after {args.warmup} warm-up steps each; "
-            f"k_mode={args.k_mode}; {'both networks torch.compile-d (inductor)' if args.compile else 'eager mode'}.",
+            f"k_mode={args.k_mode}; {'both networks torch.compile-d (inductor)' if args.compile else 'eager mode'}; "
+            f"{'channels-last' if args.channels_last else 'contiguous'} memory format.",
             "",
             f"Command: `{command}`",
             "",
