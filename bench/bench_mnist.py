@@ -39,18 +39,23 @@ class TrainStepTimer(pl.Callback):
         self.nfe_forward: list[int] = []
         self.nfe_backward: list[int] = []
 
+    def setup(self, trainer, pl_module, stage) -> None:
+        self._blocks = find_ode_blocks(pl_module)
+
+    def _counts(self) -> tuple[int, int]:
+        return sum(b.nfe_forward for b in self._blocks), sum(b.nfe_backward for b in self._blocks)
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        for block in find_ode_blocks(pl_module):
-            block.reset_nfe()
+        self._counts_before = self._counts()  # the blocks' counters only increase: take differences
         self._start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.step_seconds.append(time.perf_counter() - self._start)
         self.samples += len(batch[0])
-        blocks = find_ode_blocks(pl_module)
-        if blocks:
-            self.nfe_forward.append(sum(b.nfe_forward for b in blocks))
-            self.nfe_backward.append(sum(b.nfe_backward for b in blocks))
+        if self._blocks:
+            (forward, backward), (forward0, backward0) = self._counts(), self._counts_before
+            self.nfe_forward.append(forward - forward0)
+            self.nfe_backward.append(backward - backward0)
 
 
 def inference_seconds(model: torch.nn.Module, images: torch.Tensor, repeats: int = 3) -> tuple[float, int]:
@@ -59,13 +64,13 @@ def inference_seconds(model: torch.nn.Module, images: torch.Tensor, repeats: int
     times, nfe = [], 0
     with torch.no_grad():
         model(images)
+        blocks = find_ode_blocks(model)
         for _ in range(repeats):
-            for block in find_ode_blocks(model):
-                block.reset_nfe()
+            before = sum(b.nfe_forward for b in blocks)
             start = time.perf_counter()
             model(images)
             times.append(time.perf_counter() - start)
-            nfe = sum(b.nfe_forward for b in find_ode_blocks(model))
+            nfe = sum(b.nfe_forward for b in blocks) - before
     return statistics.median(times), nfe
 
 

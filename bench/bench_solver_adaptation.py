@@ -64,7 +64,7 @@ def run(model_kwargs: dict[str, Any], adaptation: Any, seed: int, epochs: int) -
         configure_blocks(blocks, "rk4", step_size=0.01)
         accurate, _, _ = evaluate_batches(trainer, module, blocks, iter(data.test_dataloader()))
     blocks[0].configure_solver(**{k: settings[k] for k in ("method", "step_size", "rtol", "atol", "max_num_steps")})
-    train_nfe = [e["nfe/train_forward_epoch"] for e in monitor.epoch_history if e["stage"] == "train"][-1]
+    train_nfe = [e["train/nfe_forward_epoch"] for e in monitor.epoch_history if e["stage"] == "train"][-1]
     return {
         "acc_train_solver": swap_result["train_solver_acc"],
         "acc_rk4": accurate,

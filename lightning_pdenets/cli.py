@@ -9,7 +9,8 @@ from __future__ import annotations
 import sys
 import warnings
 from pathlib import Path
-from typing import Optional
+import inspect
+from typing import Any, Optional
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -20,6 +21,7 @@ import lightning_pdenets.callbacks  # noqa: F401  (makes callback class names re
 import lightning_pdenets.data  # noqa: F401
 import lightning_pdenets.models  # noqa: F401
 from lightning_pdenets.checkpoints import check_checkpoint, find_resume_checkpoint
+from lightning_pdenets.migration import check_layout
 
 
 class PDENetsCLI(LightningCLI):
@@ -32,6 +34,7 @@ class PDENetsCLI(LightningCLI):
             default=True,
             help="After `fit`, run `test` on the best checkpoint (the last one if none was kept).",
         )
+        _link_data_to_model(parser)
         parser.set_defaults(
             {
                 "trainer.logger": {
@@ -46,6 +49,7 @@ class PDENetsCLI(LightningCLI):
                     },
                     {"class_path": "lightning.pytorch.callbacks.LearningRateMonitor"},
                     {"class_path": "lightning_pdenets.callbacks.CheckpointOnInterrupt"},
+                    {"class_path": "lightning_pdenets.callbacks.NFEMonitor"},
                     {"class_path": "lightning_pdenets.callbacks.PredictionWriter"},
                 ],
             }
@@ -58,7 +62,23 @@ class PDENetsCLI(LightningCLI):
         which runs before any public hook and would fail on a corrupt file with a bare torch error.
         """
         self._resolve_ckpt_path()
+        evaluation_solver = self._evaluation_solver()
         super()._parse_ckpt_path()
+        if evaluation_solver is not None:
+            self.config[self.config["subcommand"]]["model"]["init_args"]["solver"] = evaluation_solver
+
+    def _evaluation_solver(self) -> Any:
+        """The config's ``model.init_args.solver`` in ``test``/``validate``/``predict``, or ``None``.
+
+        Lightning parses a checkpoint's hyperparameters over the config, which would make the training
+        solver win over one given for evaluation; the model applies the differences after loading
+        (:class:`lightning_pdenets.models.solver.ODESolverMixin`).
+        """
+        subcommand = self.config.get("subcommand")
+        if subcommand not in ("test", "validate", "predict"):
+            return None
+        init_args = (self.config[subcommand].get("model") or {}).get("init_args")
+        return init_args.get("solver") if hasattr(init_args, "get") else None
 
     def _resolve_ckpt_path(self) -> None:
         subcommand = self.config.get("subcommand")
@@ -78,7 +98,12 @@ class PDENetsCLI(LightningCLI):
             _continue_logger_version(config, found)
             rank_zero_info(f"Resuming from {found}")
         if ckpt_path not in (None, "best", "hpc", "registry") and not str(ckpt_path).startswith("registry:"):
-            check_checkpoint(ckpt_path)
+            check_layout(check_checkpoint(ckpt_path), ckpt_path)
+
+    def after_instantiate_classes(self) -> None:
+        super().after_instantiate_classes()
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        _check_linked_values(config.get("model"), self.model, self.datamodule)
 
     def after_fit(self) -> None:
         if not self.config.fit.get("test_after_fit", True) or self.trainer.fast_dev_run:
@@ -88,6 +113,51 @@ class PDENetsCLI(LightningCLI):
         best = [c for c in self.trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint) and c.best_model_path]
         ckpt_path: Optional[str] = best[0].best_model_path if best else None
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt_path)
+
+
+DATA_TO_MODEL_LINKS = ("num_classes", "in_channels", "input_dim")
+"""Model arguments taken from the datamodule's attribute of the same name, so configs never repeat them."""
+
+CHECKED_AGAINST_DATA = ("image_size",)
+"""Model arguments that only some models take (a link would hand them to the others' ``**kwargs``): a config
+value is checked against the datamodule's instead."""
+
+
+def _first_side(size: Any) -> Any:
+    """A datamodule's ``image_size`` (height, width) as the models' ``image_size`` (square images)."""
+    return size[0] if isinstance(size, (tuple, list)) else size
+
+
+def _link_data_to_model(parser: LightningArgumentParser) -> None:
+    """Link the datamodule's data facts to the model's arguments (LightningCLI argument linking).
+
+    Applied when the classes are instantiated; a model without such an argument, or a datamodule without
+    such an attribute, is left alone.
+    """
+    for name in DATA_TO_MODEL_LINKS:
+        parser.link_arguments(f"data.{name}", f"model.init_args.{name}", apply_on="instantiate")
+
+
+def _check_linked_values(model_config: Any, model: Any, datamodule: Any) -> None:
+    """Refuse a config value that contradicts the datamodule: a linked one (linking would drop it silently) or a checked one."""
+    init_args = model_config.get("init_args") if hasattr(model_config, "get") else None
+    if datamodule is None or not hasattr(init_args, "get"):
+        return
+    parameters = inspect.signature(type(model)).parameters
+    for name in DATA_TO_MODEL_LINKS + CHECKED_AGAINST_DATA:
+        if not hasattr(datamodule, name) or name not in parameters:
+            continue
+        linked = name in DATA_TO_MODEL_LINKS
+        # a linked argument: what the config said (the model got the data's); a checked one: what the model got
+        given = init_args.get(name) if linked else model.hparams.get(name)
+        expected = _first_side(getattr(datamodule, name)) if name == "image_size" else getattr(datamodule, name)
+        if given is None or given == expected or (linked and given == parameters[name].default):
+            continue
+        fix = "it is taken from the datamodule, so remove it from the model's config" if linked else \
+            f"set `model.init_args.{name}: {expected!r}`"
+        raise ValueError(
+            f"`model.init_args.{name}` is {given!r}, but {type(datamodule).__name__} gives {expected!r}: {fix}."
+        )
 
 
 def _log_root(config) -> Path:

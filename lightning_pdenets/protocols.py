@@ -9,10 +9,11 @@ ODE blocks (:class:`ODESolverBlock`)
 
     * ``vector_field(t, y)``: the right-hand side f.
     * ``solver_settings() -> dict``: at least ``method``, ``step_size``, ``rtol``, ``atol``,
-      ``t0``, ``t1`` and ``max_num_steps``.
+      ``t0``, ``t1`` and ``max_num_steps`` (:class:`lightning_pdenets.solvers.SolverConfig`'s fields).
     * ``configure_solver(**changes)``: validates and applies new settings (raise ``ValueError``).
-    * ``nfe_forward`` / ``nfe_backward``: function evaluations since the last ``reset_nfe()``.
-    * ``reset_nfe()``.
+    * ``nfe_forward`` / ``nfe_backward``: function evaluations of f in forward and backward passes
+      since the block was built. They only ever increase: readers take differences over the span
+      they care about, so nobody resets or restores them.
 
     :class:`lightning_pdenets.blocks.ODEBlock` is the reference implementation.
 """
@@ -37,8 +38,6 @@ class ODESolverBlock(Protocol):
     def solver_settings(self) -> dict[str, Any]: ...
 
     def configure_solver(self, **changes: Any) -> None: ...
-
-    def reset_nfe(self) -> None: ...
 
 
 def find_ode_blocks(module: nn.Module) -> list[nn.Module]:

@@ -1,16 +1,37 @@
-"""Catalogue of the ODE solvers the framework accepts, with their order and kind.
+"""How an ODE is integrated: the solver catalogue and :class:`SolverConfig`, the one solver configuration.
 
-The names are torchdiffeq's; this module adds what the callbacks need to reason about
-solvers (order of accuracy, fixed step or adaptive) and the validation every block and
-callback shares, so that a bad name always produces the same actionable message.
+The names are torchdiffeq's; this module adds what the callbacks need to reason about solvers
+(order of accuracy, fixed step or adaptive), and one frozen configuration type in the spirit of
+diffrax, where solver, step-size control and adjoint are separate concepts of one description.
+Every layer uses it: :class:`~lightning_pdenets.blocks.ODEBlock` integrates with it, architectures
+take a :class:`SolverConfig`, and LightningModules take the same fields as one primitive dict
+(:data:`SolverOptions`), written in YAML as ``solver: {method: rk4, step_size: 0.25}`` and on the
+command line as ``--model.init_args.solver.min_step 1e-4``. Adding a solver setting means adding a
+field to :class:`SolverConfig` (and, if torchdiffeq needs it, one line in :meth:`SolverConfig.odeint_kwargs`):
+the YAML and command-line forms follow from the field list.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import math
 from dataclasses import dataclass
+from typing import Any, Mapping, Optional, TypedDict, Union, get_type_hints
+
 from torchdiffeq._impl.odeint import SOLVERS as _TORCHDIFFEQ_SOLVERS
 
-from lightning_pdenets.validation import check_positive  # noqa: F401  (re-exported for solver settings)
+from lightning_pdenets.validation import check_positive, check_positive_int
+
+__all__ = [
+    "ADAPTIVE_SOLVERS",
+    "FIXED_STEP_SOLVERS",
+    "SOLVERS",
+    "SolverConfig",
+    "SolverInfo",
+    "SolverOptions",
+    "check_solver_name",
+]
 
 
 @dataclass(frozen=True)
@@ -45,12 +66,16 @@ SOLVERS: dict[str, SolverInfo] = {
 FIXED_STEP_SOLVERS = tuple(name for name, info in SOLVERS.items() if not info.adaptive)
 ADAPTIVE_SOLVERS = tuple(name for name, info in SOLVERS.items() if info.adaptive)
 
-missing = set(SOLVERS) - set(_TORCHDIFFEQ_SOLVERS)
-if missing:  # pragma: no cover - guards against a torchdiffeq release renaming solvers
-    raise ImportError(f"the installed torchdiffeq lacks solvers {sorted(missing)}; install torchdiffeq>=0.2.3")
+_missing = set(SOLVERS) - set(_TORCHDIFFEQ_SOLVERS)
+if _missing:  # pragma: no cover - guards against a torchdiffeq release renaming solvers
+    raise ImportError(f"the installed torchdiffeq lacks solvers {sorted(_missing)}; install torchdiffeq>=0.2.3")
+
+ADJOINT_OPTION_NAMES = ("norm", "step_size", "max_num_steps", "min_step", "max_step", "first_step", "safety",
+                        "ifactor", "dfactor")
+"""Keys allowed in :attr:`SolverConfig.adjoint_options` (torchdiffeq's solver options, and ``norm``)."""
 
 
-def check_solver_name(method: str, argument: str = "method") -> SolverInfo:
+def check_solver_name(method: Any, argument: str = "method") -> SolverInfo:
     """Return the :class:`SolverInfo` for ``method`` or raise a ``ValueError`` listing the valid names."""
     if not isinstance(method, str) or method not in SOLVERS:
         raise ValueError(
@@ -58,3 +83,245 @@ def check_solver_name(method: str, argument: str = "method") -> SolverInfo:
             f"adaptive: {list(ADAPTIVE_SOLVERS)}), got {method!r}."
         )
     return SOLVERS[method]
+
+
+def _is_number(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float))
+
+
+@dataclass(frozen=True)
+class SolverConfig:
+    """How an ODE block integrates dy/dt = f(t, y) on [t0, t1] (torchdiffeq's ``odeint``/``odeint_adjoint``).
+
+    Every field can be changed at run time (``block.configure_solver(**changes)``) and is stored with the
+    block's weights. Fields that do not apply to the chosen method (``step_size`` for an adaptive
+    solver, the step-size controller for a fixed-step one) are ignored.
+
+    Attributes:
+        method: torchdiffeq solver name (see :data:`SOLVERS`).
+        step_size: Step of fixed-step solvers.
+        rtol: Relative tolerance of adaptive solvers.
+        atol: Absolute tolerance of adaptive solvers.
+        t0: Start of the integration interval.
+        t1: End of the integration interval.
+        max_num_steps: Upper bound on solver steps (adaptive solvers stop with an error past it).
+        min_step: Smallest step an adaptive solver may take; with ``min_step > 0`` it accepts steps of that size
+            instead of failing with "underflow in dt".
+        max_step: Largest step an adaptive solver may take (``None``: no bound).
+        first_step: Initial step of an adaptive solver (``None``: torchdiffeq's heuristic).
+        safety: Safety factor of the step-size controller.
+        ifactor: Largest factor by which the controller grows a step.
+        dfactor: Smallest factor by which the controller shrinks a step.
+        adjoint: Backpropagate with the adjoint method (O(1) memory in time) instead of through the solver.
+        adjoint_method: Solver of the adjoint (backward) solve; ``None``: the same as ``method``.
+        adjoint_rtol: Relative tolerance of the adjoint solve; ``None``: ``rtol``.
+        adjoint_atol: Absolute tolerance of the adjoint solve; ``None``: ``atol``.
+        adjoint_options: Options of the adjoint solve, over those of the forward solve (keys
+            :data:`ADJOINT_OPTION_NAMES`); ``{norm: seminorm}`` is the seminorm adjoint of Kidger, Chen & Lyons
+            ("Hey, that's not an ODE", ICML 2021), which skips the parameter-gradient channels in the error
+            estimate and so takes fewer backward steps.
+        failure_retries: On a solver failure ("underflow in dt", too many steps) in the forward pass, loosen
+            ``rtol`` and ``atol`` by ``failure_tol_factor`` and retry, at most this many times in a row (0: fail at
+            once). The loosened tolerances are kept, so they show in :meth:`as_options` and in checkpoints.
+        failure_tol_factor: Factor > 1 applied to ``rtol`` and ``atol`` at each retry.
+        failure_max_tol: Retries stop once ``rtol`` would exceed this.
+    """
+
+    method: str = "dopri5"
+    step_size: Optional[float] = None
+    rtol: float = 1e-3
+    atol: float = 1e-3
+    t0: float = 0.0
+    t1: float = 1.0
+    max_num_steps: int = 1000
+    min_step: float = 0.0
+    max_step: Optional[float] = None
+    first_step: Optional[float] = None
+    safety: float = 0.9
+    ifactor: float = 10.0
+    dfactor: float = 0.2
+    adjoint: bool = False
+    adjoint_method: Optional[str] = None
+    adjoint_rtol: Optional[float] = None
+    adjoint_atol: Optional[float] = None
+    adjoint_options: Optional[dict] = None
+    failure_retries: int = 0
+    failure_tol_factor: float = 2.0
+    failure_max_tol: float = 1.0
+
+    # -- construction ---------------------------------------------------------------------------
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        """Names of every setting, in declaration order."""
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def from_options(cls, options: Union["SolverConfig", Mapping[str, Any], None] = None,
+                     defaults: Optional[Mapping[str, Any]] = None, argument: str = "solver") -> "SolverConfig":
+        """Build and validate a configuration from a dict of settings over ``defaults``.
+
+        Args:
+            options: A :class:`SolverConfig`, a mapping of some of its fields (the YAML/command-line form), or
+                ``None`` for the defaults alone.
+            defaults: Settings that ``options`` overrides (e.g. a model's ``{method: dopri5, adjoint: true}``).
+            argument: Name used in error messages.
+
+        Raises:
+            TypeError: when ``options`` is not a mapping.
+            ValueError: on an unknown setting (with the closest valid names) or an invalid value.
+        """
+        if isinstance(options, SolverConfig):
+            options = options.as_options()
+        if options is not None and not isinstance(options, Mapping):
+            raise TypeError(
+                f"`{argument}` must be a mapping of solver settings such as {{'method': 'rk4', 'step_size': 0.25}}, "
+                f"got {type(options).__name__}."
+            )
+        merged = {**(defaults or {}), **(options or {})}
+        cls._check_names(merged, argument)
+        return cls(**merged).validate(argument)
+
+    @classmethod
+    def _check_names(cls, settings: Mapping[str, Any], argument: str) -> None:
+        names = cls.field_names()
+        unknown = [name for name in settings if name not in names]
+        if not unknown:
+            return
+        hints = []
+        for name in unknown:
+            close = difflib.get_close_matches(str(name), names, n=2)
+            hints.append(f"{name!r}" + (f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""))
+        raise ValueError(f"unknown `{argument}` setting(s) {', '.join(hints)}; valid names are {list(names)}.")
+
+    def replace(self, argument: str = "solver", **changes: Any) -> "SolverConfig":
+        """A validated copy with ``changes`` applied (unknown names list the valid ones)."""
+        self._check_names(changes, argument)
+        return dataclasses.replace(self, **changes).validate(argument)
+
+    def as_options(self) -> dict[str, Any]:
+        """Every field as a plain dict (what models store as hyperparameters and blocks in checkpoints)."""
+        options = dataclasses.asdict(self)
+        if options["adjoint_options"] is not None:
+            options["adjoint_options"] = dict(options["adjoint_options"])
+        return options
+
+    # -- facts ----------------------------------------------------------------------------------
+    @property
+    def is_adaptive(self) -> bool:
+        """Whether ``method`` controls its step size from an error estimate."""
+        return SOLVERS[self.method].adaptive
+
+    @property
+    def num_fixed_steps(self) -> int:
+        """Number of steps a fixed-step solver takes over [t0, t1]."""
+        return math.ceil((self.t1 - self.t0) / self.step_size - 1e-9)
+
+    def describe(self) -> str:
+        """A short human-readable summary, e.g. ``rk4, step_size=0.25`` or ``dopri5, rtol=0.001, atol=0.001, adjoint``."""
+        if self.is_adaptive:
+            text = f"{self.method}, rtol={self.rtol:g}, atol={self.atol:g}"
+        else:
+            text = f"{self.method}, step_size={self.step_size:g}"
+        if self.adjoint:
+            norm = (self.adjoint_options or {}).get("norm")
+            text += ", adjoint" + (f" ({norm})" if norm else "")
+        return text
+
+    # -- validation -----------------------------------------------------------------------------
+    def validate(self, argument: str = "solver") -> "SolverConfig":
+        """Raise ``ValueError`` naming the bad field; return ``self`` when all fields are valid."""
+        info = check_solver_name(self.method, f"{argument}.method")
+        for name in ("rtol", "atol", "safety", "ifactor", "dfactor"):
+            check_positive(getattr(self, name), f"{argument}.{name}")
+        for name in ("adjoint_rtol", "adjoint_atol", "max_step", "first_step"):
+            check_positive(getattr(self, name), f"{argument}.{name}", allow_none=True)
+        if not isinstance(self.adjoint, bool):
+            raise ValueError(f"`{argument}.adjoint` must be true or false, got {self.adjoint!r}.")
+        if not (_is_number(self.t0) and _is_number(self.t1) and self.t1 > self.t0):
+            raise ValueError(
+                f"the integration interval needs numbers t1 > t0, got {argument}.t0={self.t0!r}, {argument}.t1={self.t1!r}."
+            )
+        check_positive_int(self.max_num_steps, f"{argument}.max_num_steps")
+        if not _is_number(self.min_step) or not 0 <= self.min_step < self.t1 - self.t0:
+            raise ValueError(f"`{argument}.min_step` must be a number in [0, t1 - t0), got {self.min_step!r}.")
+        if self.adjoint_method is not None:
+            adjoint_info = check_solver_name(self.adjoint_method, f"{argument}.adjoint_method")
+            step = (self.adjoint_options or {}).get("step_size", self.step_size)
+            if self.adjoint and not adjoint_info.adaptive and step is None:
+                raise ValueError(
+                    f"fixed-step `{argument}.adjoint_method` {self.adjoint_method!r} needs a step size: set "
+                    f"`{argument}.adjoint_options: {{step_size: ...}}` (or `{argument}.step_size`)."
+                )
+        self._validate_adjoint_options(argument)
+        check_positive_int(self.failure_retries, f"{argument}.failure_retries", minimum=0)
+        if not _is_number(self.failure_tol_factor) or not self.failure_tol_factor > 1:
+            raise ValueError(f"`{argument}.failure_tol_factor` must be a number > 1, got {self.failure_tol_factor!r}.")
+        check_positive(self.failure_max_tol, f"{argument}.failure_max_tol")
+        if info.adaptive:
+            return self
+        if self.step_size is None:
+            raise ValueError(
+                f"fixed-step solver {self.method!r} needs `{argument}.step_size` (e.g. step_size: "
+                f"{(self.t1 - self.t0) / 10:g}); or choose an adaptive method such as 'dopri5'."
+            )
+        check_positive(self.step_size, f"{argument}.step_size")
+        if self.num_fixed_steps > self.max_num_steps:
+            raise ValueError(
+                f"`{argument}.step_size`={self.step_size} needs {self.num_fixed_steps} steps over [{self.t0}, {self.t1}], "
+                f"more than `{argument}.max_num_steps`={self.max_num_steps}; raise max_num_steps or use a larger step_size."
+            )
+        return self
+
+    def _validate_adjoint_options(self, argument: str) -> None:
+        options = self.adjoint_options
+        if options is None:
+            return
+        if not isinstance(options, Mapping):
+            raise ValueError(f"`{argument}.adjoint_options` must be a mapping such as {{norm: seminorm}}, got {options!r}.")
+        unknown = sorted(set(options) - set(ADJOINT_OPTION_NAMES))
+        if unknown:
+            raise ValueError(
+                f"unknown `{argument}.adjoint_options` key(s) {unknown}; valid keys are {list(ADJOINT_OPTION_NAMES)}."
+            )
+        if "norm" in options and options["norm"] != "seminorm":
+            raise ValueError(
+                f"`{argument}.adjoint_options.norm` must be 'seminorm' (or left out for the default norm), "
+                f"got {options['norm']!r}."
+            )
+
+    # -- torchdiffeq ----------------------------------------------------------------------------
+    def step_options(self, method: str) -> dict[str, Any]:
+        """torchdiffeq's ``options`` for ``method``: the step size, or the adaptive step-size controller."""
+        if not SOLVERS[method].adaptive:
+            return {"step_size": self.step_size}
+        options: dict[str, Any] = {
+            "max_num_steps": self.max_num_steps, "min_step": self.min_step, "safety": self.safety,
+            "ifactor": self.ifactor, "dfactor": self.dfactor,
+        }
+        if self.max_step is not None:
+            options["max_step"] = self.max_step
+        if self.first_step is not None:
+            options["first_step"] = self.first_step
+        return options
+
+    def odeint_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of ``torchdiffeq.odeint`` (and of ``odeint_adjoint`` with :attr:`adjoint`)."""
+        kwargs: dict[str, Any] = dict(rtol=self.rtol, atol=self.atol, method=self.method,
+                                      options=self.step_options(self.method))
+        if self.adjoint:
+            adjoint_method = self.adjoint_method or self.method
+            adjoint_options = self.step_options(adjoint_method)
+            adjoint_options.update(self.adjoint_options or {})
+            kwargs.update(
+                adjoint_method=adjoint_method,
+                adjoint_rtol=self.adjoint_rtol if self.adjoint_rtol is not None else self.rtol,
+                adjoint_atol=self.adjoint_atol if self.adjoint_atol is not None else self.atol,
+                adjoint_options=adjoint_options,
+            )
+        return kwargs
+
+
+SolverOptions = TypedDict(  # type: ignore[misc]  # built from the dataclass so that a new field needs no second list
+    "SolverOptions", get_type_hints(SolverConfig), total=False
+)
+"""The YAML/command-line form of :class:`SolverConfig`: a dict of some of its fields (each optional)."""

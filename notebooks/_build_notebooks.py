@@ -72,7 +72,7 @@ WIDTH = 8 if FAST else 64  # the quickstart config's width
 
 pl.seed_everything(0)
 model = RKNetModule(in_channels=1, num_classes=10, width=WIDTH, num_downsamples=1,
-                    method="rk4", step_size=0.25, lr=3e-3, lr_scheduler="cosine")
+                    solver={"method": "rk4", "step_size": 0.25}, lr=3e-3, lr_scheduler="cosine")
 data = DigitsDataModule(batch_size=64)
 trainer = pl.Trainer(max_epochs=EPOCHS, logger=TensorBoardLogger(LOG_DIR, name="python_api"),
                      log_every_n_steps=5, **TRAINER_ARGS)
@@ -134,8 +134,8 @@ plt.show()
 '''),
     ("md", """
 Run `tensorboard --logdir <log dir>` to browse the same curves interactively; every model of the
-package logs `train/`, `val/` and `test/` `loss`, `acc_top1` and `acc_top5` (plus `nfe_forward`
-and `nfe_backward` for ODE models).
+package logs `train/`, `val/` and `test/` `loss`, `acc_top1` and `acc_top5`; for ODE models the
+`NFEMonitor` callback, which `pdenets` adds by default, logs `nfe_forward` and `nfe_backward`.
 """),
 ]
 
@@ -174,7 +174,7 @@ test_x, test_y = data.splits["test"].tensors
 def train(step_size, callbacks=(), method="euler"):
     pl.seed_everything(0)
     model = VectorODEClassifierModule(input_dim=2, num_classes=2, hidden_width=32,
-                                      method=method, step_size=step_size, lr=1e-2)
+                                      solver={"method": method, "step_size": step_size}, lr=1e-2)
     pl.Trainer(max_epochs=EPOCHS, logger=False, callbacks=list(callbacks), **TRAINER_ARGS).fit(model, datamodule=data)
     return model.eval()
 
@@ -384,7 +384,7 @@ def count_calls(module, run):
 
 batch = torch.stack([data.test_dataloader().dataset[i][0] for i in range(16)])
 prnet_calls = count_calls(model.block.field, lambda: model(batch))
-odenet = ODENetModule(in_channels=1, width=8, num_downsamples=0, method="dopri5", adjoint=False).eval()
+odenet = ODENetModule(solver=dict(method="dopri5", adjoint=False), in_channels=1, width=8, num_downsamples=0).eval()
 odenet_calls = count_calls(odenet.network.feature.field, lambda: odenet(batch))
 print(f"evaluations of the network f for one batch: PR-Net {prnet_calls}, ODE-Net (dopri5) {odenet_calls}")
 '''),
@@ -541,7 +541,7 @@ TRAIN_BATCHES = 6 if FAST else 1.0  # fast mode only checks that everything runs
 common = dict(in_channels=1, num_classes=10, width=WIDTH, num_downsamples=1, lr=3e-3)
 factories = {
     "ResNet": lambda: ResNetModule(num_blocks=2, **common),
-    "ODE-Net": lambda: ODENetModule(method="dopri5", rtol=1e-2, atol=1e-2, adjoint=False, **common),
+    "ODE-Net": lambda: ODENetModule(solver=dict(method="dopri5", rtol=1e-2, atol=1e-2, adjoint=False), **common),
     "PR-Net": lambda: PRNetModule(image_size=8, max_power=1, max_derivative_order=1, governing_samples=8, **common),
 }
 data = DigitsDataModule(batch_size=128)

@@ -147,7 +147,7 @@ CIFAR_TINY = dict(in_channels=1, base_width=4, lr=0.05, **SGD)
 
 
 def rknet() -> pl.LightningModule:
-    return models.RKNetModule(**CHEN_TINY, step_size=0.5, lr=0.1)
+    return models.RKNetModule(solver=dict(step_size=0.5), **CHEN_TINY, lr=0.1)
 
 
 def parabolic() -> pl.LightningModule:
@@ -161,7 +161,7 @@ CASES: dict[str, DDPCase] = {
     # dopri5 controls its error over the whole batch, so each rank's half-batch takes other steps
     # than the full batch: at rtol=atol=1e-6 the logits differ by ~1e-4 and the gradients by a few
     # percent (measured), hence the small lr and the wider tolerance of the adaptive cases
-    "odenet": DDPCase(("ODENetModule",), lambda: models.ODENetModule(**CHEN_TINY, rtol=1e-6, atol=1e-6, lr=0.01), atol=1e-3,
+    "odenet": DDPCase(("ODENetModule",), lambda: models.ODENetModule(solver=dict(rtol=1e-6, atol=1e-6), **CHEN_TINY, lr=0.01), atol=1e-3,
                       rank_only_metrics=("nfe",)),
     "prnet": DDPCase(("PRNetModule",), lambda: models.PRNetModule(
         **CHEN_TINY, image_size=8, theta_optimizer="sgd", query_optimizer="sgd", theta_lr=0.05, query_lr=0.05)),
@@ -184,15 +184,15 @@ CASES: dict[str, DDPCase] = {
     ),
     "vector_ode": DDPCase(
         ("VectorODEClassifierModule",),
-        lambda: models.VectorODEClassifierModule(input_dim=2, hidden_width=16, method="rk4", step_size=0.25, lr=0.1, **SGD),
+        lambda: models.VectorODEClassifierModule(solver=dict(method="rk4", step_size=0.25), input_dim=2, hidden_width=16, lr=0.1, **SGD),
         data=lambda batch: ConcentricSpheresDataModule(dim=2, num_train=96, num_val=32, num_test=32, batch_size=batch),
     ),
     "image_ode": DDPCase(("ImageODEClassifierModule",), lambda: models.ImageODEClassifierModule(
-        in_channels=1, image_size=8, hidden_channels=4, step_size=0.5, lr=0.1, **SGD)),
+        in_channels=1, image_size=8, hidden_channels=4, solver=dict(step_size=0.5), lr=0.1, **SGD)),
     "mobilenet": DDPCase(("IsometricMobileNetModule",), lambda: models.IsometricMobileNetModule(**MOBILENET_TINY),
                          freeze_batchnorm=True),
     "ode_mobilenet": DDPCase(("ODEMobileNetModule",), lambda: models.ODEMobileNetModule(
-        **MOBILENET_TINY, method="rk4", step_size=0.5, adjoint=False), freeze_batchnorm=True),
+        **MOBILENET_TINY, solver=dict(method="rk4", step_size=0.5, adjoint=False)), freeze_batchnorm=True),
     "prnet_mobilenet": DDPCase(("PRNetMobileNetModule",), lambda: models.PRNetMobileNetModule(
         **MOBILENET_TINY, image_size=8, max_power=2, max_derivative_order=1, theta_optimizer="sgd",
         query_optimizer="sgd"), freeze_batchnorm=True),
@@ -202,7 +202,7 @@ CASES: dict[str, DDPCase] = {
                                     callbacks=lambda: [cb.StepSizeAdaptation(interval=1, threshold=0.5,
                                                                              initial_step_size=0.25)]),
     "tolerance_adaptation": DDPCase(
-        ("ToleranceAdaptation",), lambda: models.ODENetModule(**CHEN_TINY, rtol=1e-6, atol=1e-6, adjoint=False, lr=0.01),
+        ("ToleranceAdaptation",), lambda: models.ODENetModule(solver=dict(rtol=1e-6, atol=1e-6, adjoint=False), **CHEN_TINY, lr=0.01),
         callbacks=lambda: [cb.ToleranceAdaptation(interval=1, initial_tol=1e-6, test_solver="dopri5")], atol=1e-3,
         rank_only_metrics=("nfe",),
     ),
@@ -213,7 +213,7 @@ CASES: dict[str, DDPCase] = {
     # no per-batch collective may run in evaluation
     "nfe_monitor_uneven_evaluation": DDPCase(
         ("NFEMonitor",),
-        lambda: models.VectorODEClassifierModule(input_dim=2, hidden_width=16, method="rk4", step_size=0.25, lr=0.1, **SGD),
+        lambda: models.VectorODEClassifierModule(solver=dict(method="rk4", step_size=0.25), input_dim=2, hidden_width=16, lr=0.1, **SGD),
         data=lambda batch: ConcentricSpheresDataModule(dim=2, num_train=96, num_val=17, num_test=17, batch_size=batch),
         test=True, callbacks=lambda: [cb.NFEMonitor()],
     ),
@@ -240,14 +240,14 @@ CASES: dict[str, DDPCase] = {
     # last good checkpoint kept and no interrupt checkpoint, instead of leaving rank 0 hanging in
     # the gradient all-reduce
     "solver_failure_on_one_rank": DDPCase(
-        ("ODENetModule", "CheckpointOnInterrupt"), lambda: models.ODENetModule(**CHEN_TINY, adjoint=False, lr=0.01),
+        ("ODENetModule", "CheckpointOnInterrupt"), lambda: models.ODENetModule(solver=dict(adjoint=False), **CHEN_TINY, lr=0.01),
         callbacks=lambda: [FailSolverOnRank(rank=1, step=2), cb.CheckpointOnInterrupt(dirpath="interrupted")],
         rank_errors=("PeerFailedError", "SolverFailedError"),
     ),
     # the same in validation, where the ranks meet only at the epoch-end metric sync (they may hold different
     # numbers of batches): the failing rank closes its connections, so the other's sync fails at once
     "solver_failure_in_validation_on_one_rank": DDPCase(
-        ("ODENetModule", "CheckpointOnInterrupt"), lambda: models.ODENetModule(**CHEN_TINY, adjoint=False, lr=0.01),
+        ("ODENetModule", "CheckpointOnInterrupt"), lambda: models.ODENetModule(solver=dict(adjoint=False), **CHEN_TINY, lr=0.01),
         callbacks=lambda: [FailSolverInValidationOnRank(rank=1), cb.CheckpointOnInterrupt(dirpath="interrupted")],
         rank_errors=("RuntimeError", "SolverFailedError"), breaks_process_group=True,
     ),
@@ -255,7 +255,7 @@ CASES: dict[str, DDPCase] = {
     # connections, so rank 0's gradient all-reduce fails at once instead of waiting for the collective timeout
     "adjoint_failure_in_backward_on_one_rank": DDPCase(
         ("ODENetModule", "CheckpointOnInterrupt"),
-        lambda: models.ODENetModule(**CHEN_TINY, adjoint=True, lr=0.01, max_num_steps=50),
+        lambda: models.ODENetModule(solver=dict(adjoint=True, max_num_steps=50), **CHEN_TINY, lr=0.01),
         callbacks=lambda: [StiffInBackwardOnRank(rank=1, step=2), cb.CheckpointOnInterrupt(dirpath="interrupted")],
         rank_errors=("PeerFailedError", "SolverFailedError"), breaks_process_group=True,
     ),

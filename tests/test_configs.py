@@ -107,10 +107,11 @@ def test_print_config_round_trips(tmp_path: Path) -> None:
                              "--print_config"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     printed = yaml.safe_load(result.stdout)
-    assert printed["model"]["init_args"]["method"] == "dopri5"
-    assert printed["model"]["init_args"]["adjoint"] is True
+    assert printed["model"]["init_args"]["solver"]["method"] == "dopri5"
+    assert printed["model"]["init_args"]["solver"]["adjoint"] is True
 
 
 def test_unknown_solver_in_config_is_reported_with_valid_names(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="`method` must be one of .*dopri5"):
-        build_cli(["--config", str(REPO_ROOT / "configs/quickstart.yaml"), "--model.init_args.method=rk45"], run=False)
+    with pytest.raises(ValueError, match="`solver.method` must be one of .*dopri5"):
+        build_cli(["--config", str(REPO_ROOT / "configs/quickstart.yaml"), "--model.init_args.solver.method=rk45"],
+                  run=False)

@@ -169,7 +169,7 @@ def test_a_fresh_fit_never_resumes_implicitly(tmp_path: Path, recwarn) -> None:
 def test_adjoint_failure_in_backward_stops_cleanly_with_remedies(tmp_path: Path) -> None:
     """dopri5 failing inside loss.backward() (the adjoint solve) is a SolverFailedError with remedies, not a bare
     torchdiffeq AssertionError, and like a forward failure it leaves the last good checkpoint the newest one."""
-    model = ODENetModule(width=8, num_downsamples=1, adjoint=True, max_num_steps=50)
+    model = ODENetModule(solver=dict(adjoint=True, max_num_steps=50), width=8, num_downsamples=1)
     trainer = pl.Trainer(
         accelerator="cpu", max_epochs=3, limit_train_batches=2, limit_val_batches=1, default_root_dir=tmp_path,
         logger=False, enable_progress_bar=False,
@@ -178,7 +178,7 @@ def test_adjoint_failure_in_backward_stops_cleanly_with_remedies(tmp_path: Path)
     )
     with pytest.raises(SolverFailedError, match=r"in the backward \(adjoint\) pass: underflow in dt") as failure:
         trainer.fit(model, datamodule=DigitsDataModule(batch_size=16))
-    assert "method='dopri5'" in str(failure.value) and "min_step > 0" in str(failure.value)
+    assert "method='dopri5'" in str(failure.value) and "`min_step` > 0" in str(failure.value)
     assert trainer.global_step == 2
     assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["global_step"] == 2
     assert not (tmp_path / "ckpt" / "interrupted.ckpt").exists()

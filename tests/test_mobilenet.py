@@ -93,7 +93,7 @@ def _trainer(**kwargs) -> pl.Trainer:
 
 @pytest.mark.parametrize(
     "module_class, extra",
-    [(IsometricMobileNetModule, {}), (ODEMobileNetModule, dict(method="rk4", step_size=0.5, adjoint=False)),
+    [(IsometricMobileNetModule, {}), (ODEMobileNetModule, dict(solver=dict(method="rk4", step_size=0.5, adjoint=False))),
      (PRNetMobileNetModule, dict(max_power=2, max_derivative_order=1))],
     ids=["mobilenetv3", "odenet", "prnet"],
 )

@@ -8,6 +8,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
+from lightning_pdenets.callbacks import NFEMonitor
 from lightning_pdenets.data import DigitsDataModule
 from lightning_pdenets.errors import NonFiniteLossError
 from lightning_pdenets.models import ODENetModule, ResNetModule, RKNetModule
@@ -26,12 +27,13 @@ def tiny_trainer(tmp_path: Path, **kwargs) -> pl.Trainer:
 
 @pytest.mark.parametrize(
     "module_class, kwargs",
-    [(ResNetModule, dict(num_blocks=2)), (RKNetModule, dict(step_size=0.5)), (ODENetModule, dict(rtol=1e-2, atol=1e-2))],
+    [(ResNetModule, dict(num_blocks=2)), (RKNetModule, dict(solver=dict(step_size=0.5))),
+     (ODENetModule, dict(solver=dict(rtol=1e-2, atol=1e-2)))],
 )
 def test_fit_logs_namespaced_metrics_and_reloads_from_checkpoint(module_class, kwargs, tmp_path: Path) -> None:
     pl.seed_everything(0)
     model = module_class(**TINY, **kwargs, lr=3e-3)
-    trainer = tiny_trainer(tmp_path)
+    trainer = tiny_trainer(tmp_path, callbacks=[NFEMonitor()])
     trainer.fit(model, datamodule=DigitsDataModule(batch_size=16))
     logged = set(trainer.logged_metrics)
     assert {"train/loss_epoch", "val/loss", "val/acc_top1", "val/acc_top5", "train/acc_top1"} <= logged
@@ -41,7 +43,8 @@ def test_fit_logs_namespaced_metrics_and_reloads_from_checkpoint(module_class, k
     path = tmp_path / "model.ckpt"
     trainer.save_checkpoint(path)
     checkpoint = torch.load(path, weights_only=False)
-    assert all(isinstance(v, (int, float, str, bool, type(None), list, tuple)) for v in checkpoint["hyper_parameters"].values())
+    assert all(isinstance(v, (int, float, str, bool, type(None), list, tuple, dict))
+               for v in checkpoint["hyper_parameters"].values())
     restored = module_class.load_from_checkpoint(path)
     assert dict(restored.hparams) == dict(model.hparams)
     x = torch.randn(4, 1, 8, 8)

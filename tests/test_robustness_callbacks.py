@@ -297,21 +297,42 @@ def test_inference_timer_rejects_bad_arguments():
 
 
 # -- ODE networks: adjoint attacks and NFE counters ---------------------------------------------------------
-def test_callbacks_on_an_adjoint_ode_network_leave_nfe_counters_and_gradients_alone():
+def test_callbacks_on_an_adjoint_ode_network_leave_gradients_alone():
     from lightning_pdenets.architectures import odenet_mobilenet
     from lightning_pdenets.protocols import find_ode_blocks
 
-    net = odenet_mobilenet(channels=16, expanded_channels=32, num_blocks=2, patch_size=8, num_classes=10, adjoint=True)
+    net = odenet_mobilenet(solver=dict(adjoint=True), channels=16, expanded_channels=32, num_blocks=2, patch_size=8, num_classes=10)
     (block,) = find_ode_blocks(net)
-    block.nfe_forward, block.nfe_backward = 11, 7  # counts of the test step the NFE logger has yet to read
     x, y = torch.randn(4, 3, 64, 64), torch.arange(4)
     outputs = AdversarialEvaluation(epsilons=["3/255"], pgd_steps=2).attack_batch(net, x, y)
     OODEvaluation().evaluate_batch(net.eval(), x)
     InferenceTimer(batch_size=4, num_warmup=1, num_repeats=1).time_model(net, x)
-    assert (block.nfe_forward, block.nfe_backward) == (11, 7)
+    assert block.nfe_backward > 0  # the attacks backpropagated through the adjoint solve
     assert all(p.grad is None for p in net.parameters())
     assert all(torch.isfinite(v).all() for v in outputs.values())
     assert not torch.equal(outputs["clean"], outputs["fgsm_eps3"])  # the attack moved the logits
+
+
+@pytest.mark.parametrize("monitor_first", [True, False], ids=["monitor-first", "monitor-last"])
+def test_evaluation_passes_of_callbacks_never_reach_the_logged_nfe(monitor_first: bool):
+    """Attacks, OOD tests and timing run the model many times per test batch; none of it is the model's NFE."""
+    from lightning_pdenets.callbacks import NFEMonitor
+    from lightning_pdenets.data import DigitsDataModule
+    from lightning_pdenets.models import RKNetModule
+
+    model = RKNetModule(width=8, num_downsamples=1)  # rk4, 4 steps: 16 evaluations per forward pass
+    evaluations = [AdversarialEvaluation(epsilons=[0.1], pgd_steps=2, num_batches=2), OODEvaluation(num_batches=2),
+                   InferenceTimer(batch_size=8, num_warmup=1, num_repeats=1)]
+    monitor = NFEMonitor()
+    callbacks = [monitor, *evaluations] if monitor_first else [*evaluations, monitor]
+    trainer = pl.Trainer(callbacks=callbacks, logger=False, accelerator="cpu", devices=1, enable_progress_bar=False,
+                         limit_test_batches=2, enable_model_summary=False)
+    block = model.network.feature
+    before = block.nfe_forward
+    trainer.test(model, datamodule=DigitsDataModule(batch_size=16), verbose=False)
+    assert trainer.callback_metrics["test/nfe_forward"].item() == 16.0
+    assert block.nfe_forward - before > 2 * 16  # the callbacks did evaluate the model
+    assert any(key.startswith("adv/pgd_") for key in trainer.callback_metrics)  # the attack ran and logged
 
 
 def test_paper_evaluation_on_a_framework_model_and_datamodule(tmp_path):

@@ -155,7 +155,7 @@ def test_bad_arguments_fail_at_construction(build, match):
 
 
 def test_test_solver_checked_against_the_blocks_solver_when_train_solver_is_not_given():
-    module = VectorODEClassifierModule(method="midpoint", step_size=0.25, hidden_width=8)
+    module = VectorODEClassifierModule(solver=dict(method="midpoint", step_size=0.25), hidden_width=8)
     callback = StepSizeAdaptation(test_solver="euler")
     with pytest.raises(ValueError, match=r"'euler' \(order 1\) is less accurate than `train_solver` 'midpoint'"):
         quiet_trainer(max_steps=1, callbacks=[callback]).fit(module, tiny_spheres())
@@ -186,7 +186,7 @@ class ScriptedSteps(StepSizeAdaptation):
 
 
 def ode_block():
-    return VectorODEClassifierModule(method="euler", step_size=0.4, hidden_width=4).network.ode
+    return VectorODEClassifierModule(solver=dict(method="euler", step_size=0.4), hidden_width=4).network.ode
 
 
 def test_step_check_halves_h_on_disagreement_and_uses_sqrt_h_over_50_for_midpoint():
@@ -289,7 +289,7 @@ def test_callbacks_work_on_a_foreign_module_and_block():
 
 # -- NFE against closed forms ------------------------------------------------------------------------------------
 def test_nfe_monitor_counts_rk4_evaluations_and_ignores_solver_checks():
-    module = VectorODEClassifierModule(method="rk4", step_size=0.25, hidden_width=8)
+    module = VectorODEClassifierModule(solver=dict(method="rk4", step_size=0.25), hidden_width=8)
     monitor = NFEMonitor()
     swap = SolverSwapCheck(solvers=["euler", "dopri5"], log_figure=False)
     trainer = quiet_trainer(max_epochs=1, callbacks=[swap, monitor])
@@ -297,10 +297,10 @@ def test_nfe_monitor_counts_rk4_evaluations_and_ignores_solver_checks():
     trainer.test(module, tiny_spheres())
     assert monitor.last_step == {"forward": 16.0, "backward": 16.0}  # 4 steps × 4 stages, each backpropagated
     by_stage = {e["stage"]: e for e in monitor.epoch_history}
-    assert by_stage["train"]["nfe/train_forward_epoch"] == 16.0
-    assert by_stage["train"]["nfe/train_backward_epoch"] == 16.0
-    assert by_stage["val"]["nfe/val_forward_epoch"] == 16.0  # the solver-swap grid did not leak in
-    assert by_stage["test"]["nfe/test_forward_epoch"] == 16.0
+    assert by_stage["train"]["train/nfe_forward_epoch"] == 16.0
+    assert by_stage["train"]["train/nfe_backward_epoch"] == 16.0
+    assert by_stage["val"]["val/nfe_forward"] == 16.0  # the solver-swap grid did not leak in
+    assert by_stage["test"]["test/nfe_forward"] == 16.0
     assert "solver_swap/test/max_drop" in trainer.callback_metrics
 
 
@@ -363,7 +363,7 @@ class StiffenAtEpoch(Callback):
 
 
 def test_without_tolerance_adaptation_a_solver_failure_stops_training_and_keeps_the_last_checkpoint(tmp_path):
-    module = VectorODEClassifierModule(method="dopri5", step_size=None, rtol=1e-3, atol=1e-3, hidden_width=8)
+    module = VectorODEClassifierModule(solver=dict(method="dopri5", step_size=None, rtol=1e-3, atol=1e-3), hidden_width=8)
     checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
     trainer = quiet_trainer(max_epochs=3, callbacks=[checkpoint, StiffenAtEpoch(1)], enable_checkpointing=True)
     with pytest.raises(SolverFailedError, match=r"max_num_steps.*ToleranceAdaptation callback"):
@@ -376,7 +376,7 @@ def test_without_tolerance_adaptation_a_solver_failure_stops_training_and_keeps_
 
 
 def test_tolerance_adaptation_backs_off_on_solver_failure_and_finishes_training():
-    module = VectorODEClassifierModule(method="dopri5", step_size=None, max_num_steps=6, hidden_width=8)
+    module = VectorODEClassifierModule(solver=dict(method="dopri5", step_size=None, max_num_steps=6), hidden_width=8)
     adaptation = ToleranceAdaptation(interval=1000, initial_tol=1e-12, backoff_factor=10.0)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -391,7 +391,7 @@ def test_tolerance_adaptation_backs_off_on_solver_failure_and_finishes_training(
 
 
 def test_tolerance_adaptation_in_training_tightens_the_test_solver_and_logs_tol():
-    module = VectorODEClassifierModule(method="bosh3", step_size=None, hidden_width=8)
+    module = VectorODEClassifierModule(solver=dict(method="bosh3", step_size=None), hidden_width=8)
     adaptation = ToleranceAdaptation(interval=2, initial_tol=1e-3)
     trainer = quiet_trainer(max_epochs=1, callbacks=[adaptation])
     trainer.fit(module, tiny_spheres())
@@ -413,14 +413,14 @@ class RecordAtTrainStart(Callback):
 
 def test_step_size_and_history_survive_resume(tmp_path):
     data = tiny_spheres()
-    module = VectorODEClassifierModule(method="euler", step_size=0.5, hidden_width=8)
+    module = VectorODEClassifierModule(solver=dict(method="euler", step_size=0.5), hidden_width=8)
     first = StepSizeAdaptation(interval=2)
     checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
     quiet_trainer(max_epochs=1, callbacks=[first, checkpoint], enable_checkpointing=True).fit(module, data)
     assert len(first.history) == 3  # Hairer + checks at steps 2 and 4
     resumed = StepSizeAdaptation(interval=2)
     probe = RecordAtTrainStart()
-    fresh = VectorODEClassifierModule(method="euler", step_size=0.5, hidden_width=8)
+    fresh = VectorODEClassifierModule(solver=dict(method="euler", step_size=0.5), hidden_width=8)
     trainer = quiet_trainer(max_epochs=2, callbacks=[resumed, probe])
     trainer.fit(fresh, data, ckpt_path=str(tmp_path / "last.ckpt"))
     assert probe.step_size == pytest.approx(first.value)  # restored before the first resumed step
@@ -444,7 +444,7 @@ class DumpSettings(Callback):
 
 @pytest.mark.ddp
 def test_ddp_two_processes_keep_identical_solver_settings(tmp_path):
-    module = VectorODEClassifierModule(method="euler", step_size=0.5, hidden_width=8)
+    module = VectorODEClassifierModule(solver=dict(method="euler", step_size=0.5), hidden_width=8)
     callbacks = [StepSizeAdaptation(interval=1, threshold=0.01), NFEMonitor(), DumpSettings(str(tmp_path))]
     trainer = quiet_trainer(max_steps=3, devices=2, strategy="ddp_spawn", callbacks=callbacks)
     trainer.fit(module, tiny_spheres(num_train=96))
@@ -460,7 +460,7 @@ def test_ddp_two_processes_keep_identical_solver_settings(tmp_path):
 def train_spheres(adapt: bool, epochs: int, interval: int) -> dict:
     pl.seed_everything(0)
     data = ConcentricSpheresDataModule(dim=2, variant="ott", batch_size=128, num_val=500)
-    module = VectorODEClassifierModule(method="euler", step_size=0.5, hidden_width=32, lr=1e-2)
+    module = VectorODEClassifierModule(solver=dict(method="euler", step_size=0.5), hidden_width=32, lr=1e-2)
     swap = SolverSwapCheck(solvers=["rk4"], step_factors=[0.02], log_figure=False)
     callbacks = [swap] + ([StepSizeAdaptation(interval=interval, initial_step_size=0.5)] if adapt else [])
     quiet_trainer(max_epochs=epochs, check_val_every_n_epoch=epochs, callbacks=callbacks).fit(module, data)

@@ -48,7 +48,7 @@ def _tiny_digits() -> DigitsDataModule:
 
 def test_solver_swap_check_logs_accuracy_against_step_size_figure(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    model = VectorODEClassifierModule(input_dim=2, hidden_width=8, method="euler", step_size=0.5)
+    model = VectorODEClassifierModule(solver=dict(method="euler", step_size=0.5), input_dim=2, hidden_width=8)
     data = ConcentricSpheresDataModule(dim=2, num_train=64, num_test=32, batch_size=32)
     swap = SolverSwapCheck(solvers=["euler", "rk4", "dopri5"], step_factors=[0.5, 1.0], tolerance_factors=[1.0])
     trainer = _trainer(tmp_path, [swap], max_epochs=1, limit_train_batches=2, limit_val_batches=1)

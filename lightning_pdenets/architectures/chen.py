@@ -9,7 +9,7 @@ RK4 (RK-Net) or with adaptive dopri5 and the adjoint method (ODE-Net).
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Mapping, Union
 
 import torch
 from torch import nn
@@ -18,11 +18,18 @@ from lightning_pdenets.architectures.registry import register_architecture
 from lightning_pdenets.blocks.ode import ODEBlock
 from lightning_pdenets.blocks.residual import ResBlock
 from lightning_pdenets.dynamics.conv import ConvODEFunc, group_norm
+from lightning_pdenets.solvers import SolverConfig
 from lightning_pdenets.validation import check_positive_int
 
-__all__ = ["StemFeatureHeadClassifier", "odenet_chen", "resnet_chen", "downsampling_stem", "classifier_head"]
+__all__ = ["ODENET_SOLVER", "RKNET_SOLVER", "StemFeatureHeadClassifier", "odenet_chen", "resnet_chen", "downsampling_stem", "classifier_head"]
 
 _TINY = dict(width=8, num_downsamples=1)
+
+ODENET_SOLVER: dict[str, Any] = {"method": "dopri5", "rtol": 1e-3, "atol": 1e-3, "adjoint": True}
+"""ODE-Net's solver (Chen et al.): dopri5 at rtol = atol = 1e-3, backpropagated with the adjoint method."""
+
+RKNET_SOLVER: dict[str, Any] = {"method": "rk4", "step_size": 0.25, "adjoint": False}
+"""RK-Net's solver (Chen et al.): four RK4 steps over [0, 1], backpropagated through the solver."""
 
 
 def downsampling_stem(in_channels: int, width: int, num_downsamples: int = 2) -> nn.Sequential:
@@ -89,22 +96,21 @@ def resnet_chen(
     return StemFeatureHeadClassifier(feature, in_channels, num_classes, width, num_downsamples)
 
 
-@register_architecture("odenet_chen", input_shape=(1, 28, 28), tiny_kwargs=dict(_TINY, method="rk4", step_size=0.5))
+@register_architecture("odenet_chen", input_shape=(1, 28, 28), tiny_kwargs=dict(_TINY, solver=dict(method="rk4", step_size=0.5)))
 def odenet_chen(
     in_channels: int = 1,
     num_classes: int = 10,
     width: int = 64,
     num_downsamples: int = 2,
-    method: str = "dopri5",
-    step_size: Optional[float] = None,
-    rtol: float = 1e-3,
-    atol: float = 1e-3,
-    adjoint: bool = True,
-    t0: float = 0.0,
-    t1: float = 1.0,
-    max_num_steps: int = 1000,
+    solver: Union[SolverConfig, Mapping[str, Any], None] = None,
 ) -> StemFeatureHeadClassifier:
-    """ODE-Net (dopri5 + adjoint by default) or RK-Net (``method='rk4'``): stem, one ODE block, head."""
+    """ODE-Net or RK-Net: stem, one ODE block, head.
+
+    Args:
+        solver: How the ODE block integrates (a :class:`SolverConfig` or a dict of its fields, over
+            :data:`ODENET_SOLVER`, Chen et al.'s dopri5 with the adjoint method); RK-Net is ``{method: rk4, step_size: 0.25}``.
+        Others: as in :func:`resnet_chen`.
+    """
     check_positive_int(width, "width")
-    block = ODEBlock(ConvODEFunc(width), method, step_size, rtol, atol, adjoint, t0, t1, max_num_steps)
+    block = ODEBlock(ConvODEFunc(width), SolverConfig.from_options(solver, defaults=ODENET_SOLVER))
     return StemFeatureHeadClassifier(block, in_channels, num_classes, width, num_downsamples)

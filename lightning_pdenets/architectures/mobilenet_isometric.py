@@ -24,15 +24,17 @@ keeps Chen et al.'s GroupNorm(32) in the ODE and PDE blocks valid.
 from __future__ import annotations
 
 from functools import partial
-from typing import Optional
+from typing import Any, Mapping, Optional, Union
 
 import torch
 from torch import nn
 from torchvision.models.mobilenetv3 import InvertedResidual, InvertedResidualConfig
 
+from lightning_pdenets.architectures.chen import ODENET_SOLVER
 from lightning_pdenets.architectures.registry import register_architecture
 from lightning_pdenets.blocks.ode import ODEBlock
 from lightning_pdenets.dynamics.conv import ConvODEFunc
+from lightning_pdenets.solvers import SolverConfig
 from lightning_pdenets.validation import check_positive, check_positive_int
 
 __all__ = [
@@ -221,7 +223,7 @@ def mobilenetv3_isometric(
 
 
 @register_architecture(
-    "odenet_mobilenet", input_shape=(3, 64, 64), tiny_kwargs=dict(_TINY, method="rk4", step_size=0.5, adjoint=False)
+    "odenet_mobilenet", input_shape=(3, 64, 64), tiny_kwargs=dict(_TINY, solver=dict(method="rk4", step_size=0.5, adjoint=False))
 )
 def odenet_mobilenet(
     in_channels: int = 3,
@@ -234,24 +236,17 @@ def odenet_mobilenet(
     patch_size: int = 4,
     head_expansion: int = 6,
     dropout: float = 0.2,
-    method: str = "dopri5",
-    step_size: Optional[float] = None,
-    rtol: float = 1e-3,
-    atol: float = 1e-3,
-    adjoint: bool = True,
-    t0: float = 0.0,
-    t1: float = 1.0,
-    max_num_steps: int = 1000,
+    solver: Union[SolverConfig, Mapping[str, Any], None] = None,
 ) -> IsometricMobileNetV3:
     """ODE-Net on the isometric MobileNetV3: the last of ``num_blocks`` blocks is an ODE block.
 
     The ODE block integrates Chen et al.'s convolutional vector field (:class:`ConvODEFunc`) at the
-    network's width. Solver arguments as in :class:`lightning_pdenets.blocks.SolverSettings`; the
-    other arguments as in :func:`mobilenetv3_isometric`.
+    network's width. ``solver`` (a :class:`SolverConfig` or a dict of its
+    fields) overrides Chen et al.'s dopri5 with the adjoint method (:data:`ODENET_SOLVER`); the other arguments as in :func:`mobilenetv3_isometric`.
     """
     width = isometric_channels(channels, width_multiplier)
     hidden = isometric_channels(expanded_channels, width_multiplier)
-    block = ODEBlock(ConvODEFunc(width), method, step_size, rtol, atol, adjoint, t0, t1, max_num_steps)
+    block = ODEBlock(ConvODEFunc(width), SolverConfig.from_options(solver, defaults=ODENET_SOLVER))
     return _build(block, in_channels, num_classes, width, num_blocks, hidden, kernel_size, patch_size, head_expansion, dropout)
 
 

@@ -9,7 +9,7 @@ discretization: the effect these experiments study.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Mapping, Union
 
 import torch
 from torch import nn
@@ -17,10 +17,14 @@ from torch import nn
 from lightning_pdenets.architectures.registry import register_architecture
 from lightning_pdenets.blocks.ode import ODEBlock
 from lightning_pdenets.dynamics.mlp import MLPODEFunc, check_activation
+from lightning_pdenets.solvers import SolverConfig
 from lightning_pdenets.validation import check_positive_int
 
-__all__ = ["ODEThenLinear", "ConvBottleneckODEFunc", "vector_odenet", "image_odenet"]
+__all__ = ["OTT_SOLVER", "ODEThenLinear", "ConvBottleneckODEFunc", "vector_odenet", "image_odenet"]
 
+
+OTT_SOLVER: dict[str, Any] = {"method": "euler", "step_size": 0.1}
+"""Default solver of Ott et al.'s classifiers: explicit Euler with ten steps over [0, 1]."""
 
 class ODEThenLinear(nn.Module):
     """ODE block on the raw input, then flatten and one linear layer.
@@ -68,7 +72,7 @@ class ConvBottleneckODEFunc(nn.Module):
         return self.net(y)
 
 
-@register_architecture("vector_odenet", input_shape=(2,), tiny_kwargs=dict(hidden_width=8, step_size=0.5, method="euler"))
+@register_architecture("vector_odenet", input_shape=(2,), tiny_kwargs=dict(hidden_width=8, solver=dict(method="euler", step_size=0.5)))
 def vector_odenet(
     input_dim: int = 2,
     num_classes: int = 2,
@@ -76,23 +80,16 @@ def vector_odenet(
     num_hidden_layers: int = 2,
     activation: str = "relu",
     time_dependent: bool = False,
-    method: str = "euler",
-    step_size: Optional[float] = 0.1,
-    rtol: float = 1e-3,
-    atol: float = 1e-3,
-    adjoint: bool = False,
-    t0: float = 0.0,
-    t1: float = 1.0,
-    max_num_steps: int = 1000,
+    solver: Union[SolverConfig, Mapping[str, Any], None] = None,
 ) -> ODEThenLinear:
     """Neural-ODE classifier for vectors: an MLP vector field on R^input_dim, then a linear layer."""
     field = MLPODEFunc(input_dim, hidden_width, num_hidden_layers, activation, time_dependent)
-    block = ODEBlock(field, method, step_size, rtol, atol, adjoint, t0, t1, max_num_steps)
+    block = ODEBlock(field, SolverConfig.from_options(solver, defaults=OTT_SOLVER))
     return ODEThenLinear(block, (input_dim,), num_classes)
 
 
 @register_architecture(
-    "image_odenet", input_shape=(3, 32, 32), tiny_kwargs=dict(hidden_channels=4, method="euler", step_size=0.5)
+    "image_odenet", input_shape=(3, 32, 32), tiny_kwargs=dict(hidden_channels=4, solver=dict(method="euler", step_size=0.5))
 )
 def image_odenet(
     in_channels: int = 3,
@@ -100,17 +97,10 @@ def image_odenet(
     num_classes: int = 10,
     hidden_channels: int = 64,
     activation: str = "relu",
-    method: str = "euler",
-    step_size: Optional[float] = 0.1,
-    rtol: float = 1e-3,
-    atol: float = 1e-3,
-    adjoint: bool = False,
-    t0: float = 0.0,
-    t1: float = 1.0,
-    max_num_steps: int = 1000,
+    solver: Union[SolverConfig, Mapping[str, Any], None] = None,
 ) -> ODEThenLinear:
     """Neural-ODE classifier for images without downsampling: a 1×1→3×3→1×1 conv field on the raw image, then linear."""
     check_positive_int(image_size, "image_size")
     field = ConvBottleneckODEFunc(in_channels, hidden_channels, activation)
-    block = ODEBlock(field, method, step_size, rtol, atol, adjoint, t0, t1, max_num_steps)
+    block = ODEBlock(field, SolverConfig.from_options(solver, defaults=OTT_SOLVER))
     return ODEThenLinear(block, (in_channels, image_size, image_size), num_classes)

@@ -19,11 +19,11 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_pdenets.metric_logging import log_replicated
-from lightning_pdenets.protocols import find_ode_blocks
+from lightning_pdenets.callbacks._evaluation import callback_pass
 from lightning_pdenets.solvers import check_positive
 
 __all__ = [
-    "AdversarialEvaluation", "PixelSpace", "normalization_of", "parse_epsilon", "preserved_model_state", "preserved_nfe",
+    "AdversarialEvaluation", "PixelSpace", "normalization_of", "parse_epsilon", "preserved_model_state",
 ]
 
 ATTACKS = ("fgsm", "pgd")
@@ -102,24 +102,12 @@ class PixelSpace(nn.Module):
 
 
 @contextlib.contextmanager
-def preserved_nfe(module: Any) -> Iterator[None]:
-    """Restore the NFE counters of every ODE block afterwards, so evaluation passes stay out of NFE logs."""
-    blocks = find_ode_blocks(module) if isinstance(module, nn.Module) else []
-    counts = [(block, block.nfe_forward, block.nfe_backward) for block in blocks]
-    try:
-        yield
-    finally:
-        for block, forward, backward in counts:
-            block.nfe_forward, block.nfe_backward = forward, backward
-
-
-@contextlib.contextmanager
 def preserved_model_state(module: nn.Module) -> Iterator[None]:
     """Eval mode, no parameter gradients, autograd on; restores modes, ``requires_grad`` and ``.grad``.
 
     Attacks backpropagate to the input only, so a training step in progress (or a user's
-    accumulated gradients) is never disturbed and no weight gradient is computed. ODE blocks'
-    NFE counters are restored as well.
+    accumulated gradients) is never disturbed and no weight gradient is computed. The passes inside are
+    marked as the callback's own (:func:`callback_pass`), so they are never counted as the model's NFE.
     """
     modes = [(m, m.training) for m in module.modules()]
     params = list(module.parameters())
@@ -129,7 +117,7 @@ def preserved_model_state(module: nn.Module) -> Iterator[None]:
         p.grad = None
         p.requires_grad_(False)
     try:
-        with torch.inference_mode(False), torch.enable_grad(), preserved_nfe(module):
+        with torch.inference_mode(False), torch.enable_grad(), callback_pass():
             yield
     finally:
         for p, requires_grad, grad in saved:

@@ -9,7 +9,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from lightning_pdenets.callbacks.adversarial import preserved_nfe
+from lightning_pdenets.callbacks._evaluation import callback_pass
 
 __all__ = ["InferenceTimer"]
 
@@ -76,7 +76,7 @@ class InferenceTimer(Callback):
         model.eval()
         times: list[float] = []
         try:
-            with preserved_nfe(model):
+            with callback_pass():
                 for _ in range(self.num_warmup):
                     model(images)
                 for _ in range(self.num_repeats):

@@ -1,4 +1,4 @@
-"""Log the number of function evaluations (NFE) of every ODE block, per step and per epoch."""
+"""Log the number of function evaluations (NFE) of every ODE block, per step and per epoch: the one NFE logger."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
+from lightning_pdenets.callbacks._evaluation import in_callback_pass
 from lightning_pdenets.metric_logging import log_replicated
 from lightning_pdenets.protocols import find_ode_blocks
 
@@ -18,17 +19,21 @@ _STAGES = ("train", "val", "test")
 
 
 class NFEMonitor(Callback):
-    """Forward and backward NFE summed over the ODE blocks, per training step and per epoch, averaged over ranks.
+    """The one owner of NFE logging: forward and backward function evaluations of the ODE blocks, per step and epoch.
 
-    Forward NFE are counted with forward pre-/post-hooks on each block (``nn.Module`` API), only
-    while a training, validation or test batch is being computed; so the extra forward passes of
-    the solver callbacks (checks, solver swaps) and counter resets by the LightningModule do not
-    affect them. Backward NFE are counted between ``on_before_backward`` and ``on_after_backward``.
+    Forward NFE are the differences of each block's (only increasing) ``nfe_forward`` counter over
+    the block's forward calls (``nn.Module`` forward pre-/post-hooks) while a training, validation or
+    test batch is being computed; passes that other callbacks run for their own purposes (attacks,
+    out-of-distribution tests, solver checks and swaps, timing) are marked as such and never counted,
+    whatever the order of the callbacks. Backward NFE are the difference of ``nfe_backward`` between
+    ``on_before_backward`` and ``on_after_backward``. Blocks are found once per ``fit``/``test``
+    through :class:`lightning_pdenets.protocols.ODESolverBlock`; without any, the callback does nothing.
 
-    Logged: ``nfe/train_forward_step``, ``nfe/train_backward_step`` (every step, mean over ranks), and
-    ``nfe/{train,val,test}_forward_epoch`` and ``nfe/train_backward_epoch`` (mean per batch; in
-    evaluation over all ranks' batches, which may differ in number under DDP).
-    Blocks are found through :class:`lightning_pdenets.protocols.ODESolverBlock`.
+    Logged: ``train/nfe_forward_step`` and ``train/nfe_backward_step`` (mean over ranks, at the
+    trainer's ``log_every_n_steps``), and per epoch ``train/nfe_forward_epoch``,
+    ``train/nfe_backward_epoch``, ``val/nfe_forward`` and ``test/nfe_forward`` (mean per batch; in
+    evaluation over all ranks' batches, which may differ in number under DDP). ``pdenets`` adds
+    this callback by default.
 
     Args:
         log_steps: Log the per-step values (the epoch means are always logged).
@@ -45,6 +50,7 @@ class NFEMonitor(Callback):
         self._forward = 0.0
         self._backward = 0.0
         self._backward_start = 0
+        self._blocks: list[nn.Module] = []
         self._before: dict[nn.Module, int] = {}
         self._handles: list[Any] = []
         self._sums = {stage: [0.0, 0.0, 0] for stage in _STAGES}
@@ -54,12 +60,20 @@ class NFEMonitor(Callback):
         self._before[module] = module.nfe_forward
 
     def _post_hook(self, module: nn.Module, args: tuple, output: Any) -> None:
-        if self._counting and module in self._before:
-            self._forward += module.nfe_forward - self._before.pop(module)
+        before = self._before.pop(module, None)
+        if self._counting and before is not None and not in_callback_pass():
+            self._forward += module.nfe_forward - before
 
     def setup(self, trainer: "pl.Trainer", pl_module: pl.LightningModule, stage: str) -> None:
+        monitors = [c for c in trainer.callbacks if isinstance(c, NFEMonitor)]
+        if len(monitors) > 1:
+            raise ValueError(
+                f"{len(monitors)} NFEMonitor callbacks are attached, so every NFE would be logged twice; keep one "
+                f"(`pdenets` adds one by default, so drop it from your config's trainer.callbacks)."
+            )
         self.teardown(trainer, pl_module, stage)
-        for block in find_ode_blocks(pl_module):
+        self._blocks = find_ode_blocks(pl_module)
+        for block in self._blocks:
             self._handles.append(block.register_forward_pre_hook(self._pre_hook))
             self._handles.append(block.register_forward_hook(self._post_hook))
 
@@ -67,16 +81,16 @@ class NFEMonitor(Callback):
         for handle in self._handles:
             handle.remove()
         self._handles = []
-
-    def _blocks(self, pl_module: pl.LightningModule) -> list[nn.Module]:
-        return find_ode_blocks(pl_module)
+        self._blocks = []
 
     # -- per batch --------------------------------------------------------------------------------
     def _start(self) -> None:
-        self._forward, self._backward, self._counting = 0.0, 0.0, True
+        self._forward, self._backward, self._counting = 0.0, 0.0, bool(self._blocks)
 
     def _end(self, trainer: "pl.Trainer", pl_module: pl.LightningModule, stage: str) -> None:
         self._counting = False
+        if not self._blocks:
+            return
         forward, backward = self._forward, self._backward
         if stage == "train":
             # every rank runs every training step, so a per-step collective is safe here; in evaluation
@@ -89,9 +103,9 @@ class NFEMonitor(Callback):
         sums[2] += 1
         if stage == "train":
             self.last_step = {"forward": forward, "backward": backward}
-            if self.log_steps:
+            if self.log_steps and _logs_this_step(trainer):
                 pl_module.log_dict(
-                    {"nfe/train_forward_step": forward, "nfe/train_backward_step": backward}, on_step=True, on_epoch=False
+                    {"train/nfe_forward_step": forward, "train/nfe_backward_step": backward}, on_step=True, on_epoch=False
                 )
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
@@ -99,10 +113,10 @@ class NFEMonitor(Callback):
 
     def on_before_backward(self, trainer, pl_module, loss) -> None:
         self._counting = False  # forward is over; what follows in this step is not the training forward
-        self._backward_start = sum(b.nfe_backward for b in self._blocks(pl_module))
+        self._backward_start = sum(b.nfe_backward for b in self._blocks)
 
     def on_after_backward(self, trainer, pl_module) -> None:
-        self._backward += sum(b.nfe_backward for b in self._blocks(pl_module)) - self._backward_start
+        self._backward += sum(b.nfe_backward for b in self._blocks) - self._backward_start
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._end(trainer, pl_module, "train")
@@ -130,9 +144,10 @@ class NFEMonitor(Callback):
             forward, backward, count = (float(v) for v in trainer.strategy.reduce(totals, reduce_op="sum"))
         if count == 0:
             return
-        metrics = {f"nfe/{stage}_forward_epoch": forward / count}
         if stage == "train":
-            metrics["nfe/train_backward_epoch"] = backward / count
+            metrics = {"train/nfe_forward_epoch": forward / count, "train/nfe_backward_epoch": backward / count}
+        else:
+            metrics = {f"{stage}/nfe_forward": forward / count}
         self.epoch_history.append({"stage": stage, "epoch": trainer.current_epoch, **metrics})
         log_replicated(pl_module, metrics)  # the same on every rank: reduced per step (train) or above
 
@@ -155,3 +170,12 @@ class NFEMonitor(Callback):
         self.epoch_history = list(state_dict["epoch_history"])
         self.last_step = dict(state_dict["last_step"])
         self._sums["train"] = list(state_dict["train_sums"])
+
+
+def _logs_this_step(trainer: "pl.Trainer") -> bool:
+    """Whether Lightning writes step-level values to the logger in this step (``log_every_n_steps``).
+
+    Logging a value Lightning would drop anyway costs about 0.5 ms per ``self.log`` call, which on a GPU
+    is a noticeable share of a step; Lightning's own decision is read from its logger connector.
+    """
+    return bool(getattr(trainer._logger_connector, "should_update_logs", True))  # noqa: SLF001

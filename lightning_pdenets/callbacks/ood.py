@@ -16,12 +16,12 @@ from torchmetrics import MetricCollection
 from torchvision.transforms import v2 as T
 from torchvision.transforms.v2 import functional as TF
 
+from lightning_pdenets.callbacks._evaluation import callback_pass
 from lightning_pdenets.callbacks.adversarial import (
     PixelSpace,
     _accuracy,
     _check_channel_stats,
     normalization_of,
-    preserved_nfe,
 )
 from lightning_pdenets.metric_logging import log_replicated
 from lightning_pdenets.solvers import check_positive
@@ -139,7 +139,7 @@ class OODEvaluation(Callback):
         pixel_model = PixelSpace(model, mean, std, device=x.device)
         pixels = pixel_model.to_pixels(x)
         generator = torch.Generator(device="cpu").manual_seed(seed)
-        with preserved_nfe(model):
+        with callback_pass():
             return self._evaluate(pixel_model, pixels, generator)
 
     def _evaluate(self, pixel_model: PixelSpace, pixels: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:

@@ -32,6 +32,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
+from lightning_pdenets.callbacks._evaluation import callback_pass
 from lightning_pdenets.errors import SolverFailedError, is_solver_failure
 from lightning_pdenets.protocols import find_ode_blocks
 from lightning_pdenets.solvers import SOLVERS, check_positive, check_solver_name
@@ -70,7 +71,7 @@ def require_ode_blocks(pl_module: nn.Module, callback: str) -> list[nn.Module]:
     if not blocks:
         raise ValueError(
             f"{callback} found no ODE block in {type(pl_module).__name__}: a block must provide vector_field(t, y), "
-            f"solver_settings(), configure_solver(**changes), nfe_forward, nfe_backward and reset_nfe() "
+            f"solver_settings(), configure_solver(**changes), nfe_forward and nfe_backward "
             f"(see lightning_pdenets.protocols.ODESolverBlock)."
         )
     return blocks
@@ -87,17 +88,6 @@ def evaluation_mode(module: nn.Module) -> Iterator[None]:
     finally:
         for m, flag in flags.items():
             m.training = flag
-
-
-@contextlib.contextmanager
-def preserved_nfe(blocks: Sequence[nn.Module]) -> Iterator[None]:
-    """Restore the NFE counters afterwards, so that extra evaluations do not pollute the NFE logs."""
-    saved = [(b.nfe_forward, b.nfe_backward) for b in blocks]
-    try:
-        yield
-    finally:
-        for block, (forward, backward) in zip(blocks, saved):
-            block.nfe_forward, block.nfe_backward = forward, backward
 
 
 def configure_blocks(blocks: Sequence[nn.Module], method: str, step_size: Optional[float] = None,
@@ -305,7 +295,7 @@ class _SolverAdaptation(Callback):
             return
         self._last_checked_step = step
         blocks = find_ode_blocks(pl_module)
-        with evaluation_mode(pl_module), preserved_nfe(blocks), restored_solvers(blocks):
+        with evaluation_mode(pl_module), callback_pass(), restored_solvers(blocks):
             record = self.check(trainer, pl_module, blocks, batch)
         record[self.quantity] = self._broadcast(trainer, pl_module, record[self.quantity])
         self.value = record[self.quantity]
@@ -426,7 +416,7 @@ class StepSizeAdaptation(_SolverAdaptation):
         # Forward pre-hooks (standard nn.Module API) see each block's input y0 without knowing the block's class.
         handles = [b.register_forward_pre_hook(capture) for b in blocks]
         try:
-            with evaluation_mode(pl_module), preserved_nfe(blocks):
+            with evaluation_mode(pl_module), callback_pass():
                 pl_module(inputs)
                 order = SOLVERS[self.train_solver].order
                 steps = [

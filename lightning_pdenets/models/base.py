@@ -1,8 +1,10 @@
-"""Shared LightningModule of every image classifier: loss, metrics, NFE logging, optimizers."""
+"""Shared LightningModule of every image classifier: network from the registry, loss, metrics, optimizers."""
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, Union
+import inspect
+import os
+from typing import Any, ClassVar, Optional, Sequence, Union
 
 import lightning.pytorch as pl
 import torch
@@ -25,8 +27,11 @@ from lightning_pdenets.models.optim import (
     build_optimizer,
     build_scheduler,
     check_optimization_settings,
+    run_optimizer_steps,
 )
-from lightning_pdenets.protocols import find_ode_blocks
+import lightning_pdenets
+from lightning_pdenets.migration import VERSION_KEY, check_layout
+from lightning_pdenets.architectures.registry import ARCHITECTURES, create_architecture
 
 __all__ = ["ClassifierModule", "accuracy_metrics"]
 
@@ -67,8 +72,9 @@ class WeightedMean(Metric):
 class ClassifierModule(pl.LightningModule):
     """Cross-entropy classifier over ``self.network``, which subclasses build in ``__init__``.
 
-    Logs ``train/``, ``val/`` and ``test/`` loss with torchmetrics top-1/top-5 accuracy, and for
-    networks containing ODE blocks the forward and backward number of function evaluations.
+    Logs ``train/``, ``val/`` and ``test/`` loss with torchmetrics top-1/top-5 accuracy. Subclasses
+    name their registered :attr:`architecture` and build it with :meth:`build_network`. Function
+    evaluations of ODE blocks are logged by :class:`lightning_pdenets.callbacks.NFEMonitor`.
 
     Args:
         num_classes: Number of classes.
@@ -83,6 +89,8 @@ class ClassifierModule(pl.LightningModule):
     """
 
     network: nn.Module
+    architecture: ClassVar[Optional[str]] = None
+    """Name of the network in the architecture registry, built by :meth:`build_network`."""
 
     def __init__(
         self,
@@ -180,7 +188,8 @@ class ClassifierModule(pl.LightningModule):
         return {**means, **{f"accuracy:{key}": m for key, m in self.train_metrics.items(keep_base=True)}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Store the training-epoch metric states, summed over the ranks (every rank runs this hook)."""
+        """Record the release, and store the training-epoch metric states summed over the ranks (every rank runs this)."""
+        checkpoint[VERSION_KEY] = lightning_pdenets.__version__
         if self._trainer is None:
             return
         states = {}
@@ -188,6 +197,13 @@ class ClassifierModule(pl.LightningModule):
             with metric.sync_context(should_sync=self.trainer.world_size > 1):
                 states[name] = {k: v.detach().clone() for k, v in metric.metric_state.items()}
         checkpoint[TRAIN_EPOCH_STATE_KEY] = {"epoch": self.current_epoch, "states": states}
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        """Lightning's ``load_from_checkpoint``, refusing a checkpoint of an earlier release with the upgrade command."""
+        if isinstance(checkpoint_path, (str, os.PathLike)) and os.path.isfile(checkpoint_path):
+            check_layout(torch.load(checkpoint_path, map_location="cpu", weights_only=True), checkpoint_path)
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._pending_train_epoch_state = checkpoint.get(TRAIN_EPOCH_STATE_KEY)
@@ -215,35 +231,34 @@ class ClassifierModule(pl.LightningModule):
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self._shared_step(batch, "val", self.val_metrics)
-        self.log_nfe("val", backward=False)
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
         self._shared_step(batch, "test", self.test_metrics)
-        self.log_nfe("test", backward=False)
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
         x = batch[0] if isinstance(batch, (list, tuple)) else batch
         return self(x).softmax(dim=-1)
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self.log_nfe("train", backward=True)
+    # -- network ----------------------------------------------------------------------------
+    def build_network(self, **arguments: Any) -> nn.Module:
+        """Build the registered :attr:`architecture` from every hyperparameter that is one of its arguments.
 
-    # -- NFE --------------------------------------------------------------------------------
-    def log_nfe(self, stage: str, backward: bool) -> None:
-        """Log and reset the NFE summed over all ODE blocks (nothing when there are none)."""
-        blocks = find_ode_blocks(self)
-        if not blocks:
-            return
-        counts = {"nfe_forward": sum(b.nfe_forward for b in blocks)}
-        if backward:
-            counts["nfe_backward"] = sum(b.nfe_backward for b in blocks)
-        for name, count in counts.items():
-            if stage == "train":
-                self.log_train_term(f"train/{name}", torch.tensor(float(count), device=self.device))
-            else:
-                self.log_eval_term(f"{stage}/{name}", float(count))
-        for block in blocks:
-            block.reset_nfe()
+        The one path from a model to its network: the architecture registry
+        (:data:`lightning_pdenets.architectures.ARCHITECTURES`) names the factory, and ``arguments``
+        supply what is not a hyperparameter (e.g. a resolved solver configuration).
+        """
+        return create_architecture(self.architecture, **{**self.architecture_arguments(), **arguments})
+
+    def architecture_arguments(self) -> dict[str, Any]:
+        """The hyperparameters that are arguments of the registered :attr:`architecture`."""
+        if self.architecture is None:
+            raise TypeError(f"{type(self).__name__} sets no `architecture` (a name registered with @register_architecture).")
+        names = inspect.signature(ARCHITECTURES[self.architecture].factory).parameters
+        return {name: value for name, value in self.hparams.items() if name in names}
+
+    def solver_failure_context(self) -> list[dict[str, Any]]:
+        """Solver settings named when a backward pass fails in an ODE solve (models with ODE blocks override this)."""
+        return []
 
     # -- faults -----------------------------------------------------------------------------
     def backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
@@ -258,9 +273,8 @@ class ClassifierModule(pl.LightningModule):
             super().backward(loss, *args, **kwargs)
         except (AssertionError, RuntimeError) as error:
             if is_solver_failure(error):
-                settings = [block.solver_settings() for block in find_ode_blocks(self)]
                 _release_peers()
-                failure = explain_solver_failure(error, settings, "backward (adjoint)")
+                failure = explain_solver_failure(error, self.solver_failure_context(), "backward (adjoint)")
                 if failure is error:
                     raise
                 raise failure from error
@@ -307,7 +321,7 @@ class ClassifierModule(pl.LightningModule):
         optimizer = build_optimizer(trainable, o["optimizer"], o["lr"], o["weight_decay"], o["momentum"])
         max_epochs = self.trainer.max_epochs if self._trainer is not None else None
         per_step = o["lr_scheduler"] == "onecycle" and self._trainer is not None
-        total_steps = self.trainer.estimated_stepping_batches if per_step else None
+        total_steps = run_optimizer_steps(self.trainer) if per_step else None
         scheduler = build_scheduler(
             optimizer, o["lr_scheduler"], o["lr_milestones"], o["lr_gamma"], max_epochs, total_steps
         )

@@ -10,21 +10,19 @@ from __future__ import annotations
 
 import inspect
 import os
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 from lightning.pytorch.callbacks import BackboneFinetuning, Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from lightning_pdenets.architectures.mobilenet_isometric import (
-    isometric_channels,
-    mobilenetv3_isometric,
-    odenet_mobilenet,
-    prnet_mobilenet,
-)
+from lightning_pdenets.architectures.chen import ODENET_SOLVER
+from lightning_pdenets.architectures.mobilenet_isometric import isometric_channels, prnet_mobilenet
 from lightning_pdenets.models.base import ClassifierModule
 from lightning_pdenets.models.prnet import PRNetModule
+from lightning_pdenets.models.solver import ODESolverMixin
+from lightning_pdenets.solvers import SolverOptions
 from lightning_pdenets.validation import check_positive, check_positive_int
 
 __all__ = [
@@ -72,7 +70,7 @@ class IsometricMobileNetModule(ClassifierModule):
         **kwargs: Optimization settings of :class:`ClassifierModule`.
     """
 
-    architecture: Callable[..., nn.Module] = staticmethod(mobilenetv3_isometric)
+    architecture = "mobilenetv3_isometric"
 
     def __init__(
         self,
@@ -95,7 +93,7 @@ class IsometricMobileNetModule(ClassifierModule):
         super().__init__(num_classes=num_classes, **kwargs)
         self.save_hyperparameters()
         check_finetune_settings(finetune, unfreeze_backbone_at_epoch, backbone_lr_ratio)
-        self.network = self.architecture(**self.architecture_kwargs())
+        self.network = self.build_network(**self.network_arguments())
         if pretrained_checkpoint is not None:
             self.load_pretrained(pretrained_checkpoint)
         elif finetune == "head_first":
@@ -104,11 +102,9 @@ class IsometricMobileNetModule(ClassifierModule):
                 "Set `pretrained_checkpoint` to the source model's .ckpt file."
             )
 
-    # -- architecture ---------------------------------------------------------------------------
-    def architecture_kwargs(self) -> dict[str, Any]:
-        """The hyperparameters that are arguments of :attr:`architecture`."""
-        names = inspect.signature(self.architecture).parameters
-        return {name: value for name, value in self.hparams.items() if name in names}
+    def network_arguments(self) -> dict[str, Any]:
+        """Arguments of the architecture that are not hyperparameters as they stand (none here)."""
+        return {}
 
     @property
     def backbone(self) -> nn.Module:
@@ -118,7 +114,7 @@ class IsometricMobileNetModule(ClassifierModule):
     # -- fine-tuning ----------------------------------------------------------------------------
     def load_pretrained(self, path: str) -> None:
         """Load every weight but the classifier from the Lightning checkpoint at ``path``."""
-        load_pretrained_backbone(self.network, path, self.architecture_kwargs(), type(self).__name__)
+        load_pretrained_backbone(self.network, path, self.architecture_arguments(), type(self).__name__)
 
     def configure_callbacks(self) -> list[Callback]:
         if self.hparams.finetune != "head_first":
@@ -151,7 +147,7 @@ def load_pretrained_backbone(network: nn.Module, path: str, architecture: dict[s
         )
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     source = checkpoint.get("hyper_parameters", {})
-    differing = {k: (source[k], v) for k, v in architecture.items() if k in source and k != "num_classes" and source[k] != v}
+    differing = {k: (source[k], v) for k, v in architecture.items() if k in source and k not in ("num_classes", "solver") and source[k] != v}
     if differing:
         details = ", ".join(f"{k}: checkpoint {a!r} vs this model {b!r}" for k, (a, b) in differing.items())
         raise ValueError(f"checkpoint {path!r} was trained with a different architecture ({details}); "
@@ -181,17 +177,17 @@ def check_finetune_settings(finetune: str, unfreeze_backbone_at_epoch: int, back
     check_positive(backbone_lr_ratio, "backbone_lr_ratio")
 
 
-class ODEMobileNetModule(IsometricMobileNetModule):
+class ODEMobileNetModule(ODESolverMixin, IsometricMobileNetModule):
     """ODE-Net on the isometric MobileNetV3 (Kim et al. Table 3: 3 mobile blocks + 1 ODE block).
 
     Args:
-        method, step_size, rtol, atol, adjoint, t0, t1, max_num_steps: ODE solver settings
-            (see :class:`lightning_pdenets.blocks.SolverSettings`); Chen et al.'s dopri5 with the
-            adjoint method by default.
+        solver: ODE solver settings over Chen et al.'s dopri5 with the adjoint method (fields of
+            :class:`lightning_pdenets.solvers.SolverConfig`).
         Others: as in :class:`IsometricMobileNetModule`.
     """
 
-    architecture = staticmethod(odenet_mobilenet)
+    architecture = "odenet_mobilenet"
+    solver_defaults = ODENET_SOLVER
 
     def __init__(
         self,
@@ -205,26 +201,22 @@ class ODEMobileNetModule(IsometricMobileNetModule):
         patch_size: int = 4,
         head_expansion: int = 6,
         dropout: float = 0.2,
-        method: str = "dopri5",
-        step_size: Optional[float] = None,
-        rtol: float = 1e-3,
-        atol: float = 1e-3,
-        adjoint: bool = True,
-        t0: float = 0.0,
-        t1: float = 1.0,
-        max_num_steps: int = 1000,
+        solver: Optional[SolverOptions] = None,
         pretrained_checkpoint: Optional[str] = None,
         finetune: str = "full",
         unfreeze_backbone_at_epoch: int = 5,
         backbone_lr_ratio: float = 0.1,
         **kwargs: Any,
     ) -> None:
-        # The solver settings reach the architecture through save_hyperparameters (architecture_kwargs).
+        # `solver` reaches the architecture through save_hyperparameters (network_arguments).
         super().__init__(
             in_channels, num_classes, width_multiplier, channels, num_blocks, expanded_channels, kernel_size,
             patch_size, head_expansion, dropout, pretrained_checkpoint, finetune, unfreeze_backbone_at_epoch,
             backbone_lr_ratio, **kwargs,
         )
+
+    def network_arguments(self) -> dict[str, Any]:
+        return {"solver": self.resolve_solver()}
 
 
 class PRNetMobileNetModule(PRNetModule):

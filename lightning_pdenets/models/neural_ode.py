@@ -9,13 +9,15 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from lightning_pdenets.architectures.spheres import image_odenet, vector_odenet
+from lightning_pdenets.architectures.spheres import OTT_SOLVER
 from lightning_pdenets.models.base import ClassifierModule
+from lightning_pdenets.models.solver import ODESolverMixin
+from lightning_pdenets.solvers import SolverOptions
 
 __all__ = ["VectorODEClassifierModule", "ImageODEClassifierModule"]
 
 
-class VectorODEClassifierModule(ClassifierModule):
+class VectorODEClassifierModule(ODESolverMixin, ClassifierModule):
     """Neural ODE with an MLP vector field on R^input_dim, then a linear classifier (concentric spheres).
 
     Args:
@@ -23,10 +25,12 @@ class VectorODEClassifierModule(ClassifierModule):
         num_classes: Number of classes.
         hidden_width, num_hidden_layers, activation, time_dependent: MLP vector field
             (see :class:`lightning_pdenets.dynamics.MLPODEFunc`).
-        method, step_size, rtol, atol, adjoint, t0, t1, max_num_steps: ODE solver settings
-            (see :class:`lightning_pdenets.blocks.SolverSettings`).
+        solver: ODE solver settings over Euler with step 0.1 (fields of :class:`lightning_pdenets.solvers.SolverConfig`).
         **kwargs: Optimization settings of :class:`ClassifierModule`.
     """
+
+    architecture = "vector_odenet"
+    solver_defaults = OTT_SOLVER
 
     def __init__(
         self,
@@ -36,25 +40,15 @@ class VectorODEClassifierModule(ClassifierModule):
         num_hidden_layers: int = 2,
         activation: str = "relu",
         time_dependent: bool = False,
-        method: str = "euler",
-        step_size: Optional[float] = 0.1,
-        rtol: float = 1e-3,
-        atol: float = 1e-3,
-        adjoint: bool = False,
-        t0: float = 0.0,
-        t1: float = 1.0,
-        max_num_steps: int = 1000,
+        solver: Optional[SolverOptions] = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(num_classes=num_classes, **kwargs)
         self.save_hyperparameters()
-        self.network = vector_odenet(
-            input_dim, num_classes, hidden_width, num_hidden_layers, activation, time_dependent, method, step_size,
-            rtol, atol, adjoint, t0, t1, max_num_steps,
-        )
+        self.network = self.build_network(solver=self.resolve_solver())
 
 
-class ImageODEClassifierModule(ClassifierModule):
+class ImageODEClassifierModule(ODESolverMixin, ClassifierModule):
     """Neural ODE on the raw image (1×1→3×3→1×1 conv field, no downsampling), then a linear classifier.
 
     Ott et al.'s CIFAR-10 model.
@@ -65,9 +59,12 @@ class ImageODEClassifierModule(ClassifierModule):
         num_classes: Number of classes.
         hidden_channels: Channels inside the conv bottleneck.
         activation: Activation of the vector field.
-        method, step_size, rtol, atol, adjoint, t0, t1, max_num_steps: ODE solver settings.
+        solver: ODE solver settings over Euler with step 0.1 (fields of :class:`lightning_pdenets.solvers.SolverConfig`).
         **kwargs: Optimization settings of :class:`ClassifierModule`.
     """
+
+    architecture = "image_odenet"
+    solver_defaults = OTT_SOLVER
 
     def __init__(
         self,
@@ -76,19 +73,9 @@ class ImageODEClassifierModule(ClassifierModule):
         num_classes: int = 10,
         hidden_channels: int = 64,
         activation: str = "relu",
-        method: str = "euler",
-        step_size: Optional[float] = 0.1,
-        rtol: float = 1e-3,
-        atol: float = 1e-3,
-        adjoint: bool = False,
-        t0: float = 0.0,
-        t1: float = 1.0,
-        max_num_steps: int = 1000,
+        solver: Optional[SolverOptions] = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(num_classes=num_classes, **kwargs)
         self.save_hyperparameters()
-        self.network = image_odenet(
-            in_channels, image_size, num_classes, hidden_channels, activation, method, step_size, rtol, atol, adjoint,
-            t0, t1, max_num_steps,
-        )
+        self.network = self.build_network(solver=self.resolve_solver())

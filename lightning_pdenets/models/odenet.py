@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from lightning_pdenets.architectures.chen import odenet_chen, resnet_chen
+from lightning_pdenets.architectures.chen import ODENET_SOLVER, RKNET_SOLVER
 from lightning_pdenets.models.base import ClassifierModule
+from lightning_pdenets.models.solver import ODESolverMixin
+from lightning_pdenets.solvers import SolverOptions
 
 __all__ = ["ODENetModule", "RKNetModule", "ResNetModule"]
 
@@ -22,6 +24,8 @@ class ResNetModule(ClassifierModule):
         **kwargs: Optimization settings of :class:`ClassifierModule`.
     """
 
+    architecture = "resnet_chen"
+
     def __init__(
         self,
         in_channels: int = 1,
@@ -33,10 +37,10 @@ class ResNetModule(ClassifierModule):
     ) -> None:
         super().__init__(num_classes=num_classes, **kwargs)
         self.save_hyperparameters()
-        self.network = resnet_chen(in_channels, num_classes, width, num_downsamples, num_blocks)
+        self.network = self.build_network()
 
 
-class ODENetModule(ClassifierModule):
+class ODENetModule(ODESolverMixin, ClassifierModule):
     """ODE-Net of Chen et al. 2018: one ODE block solved with dopri5 and the adjoint method.
 
     Args:
@@ -44,10 +48,13 @@ class ODENetModule(ClassifierModule):
         num_classes: Number of classes.
         width: Feature channels.
         num_downsamples: Stride-2 convolutions in the stem.
-        method, step_size, rtol, atol, adjoint, t0, t1, max_num_steps: ODE solver settings
-            (see :class:`lightning_pdenets.blocks.SolverSettings`).
+        solver: ODE solver settings over :attr:`solver_defaults` (fields of
+            :class:`lightning_pdenets.solvers.SolverConfig`), e.g. ``{rtol: 1e-4, adjoint_options: {norm: seminorm}}``.
         **kwargs: Optimization settings of :class:`ClassifierModule`.
     """
+
+    architecture = "odenet_chen"
+    solver_defaults = ODENET_SOLVER
 
     def __init__(
         self,
@@ -55,43 +62,15 @@ class ODENetModule(ClassifierModule):
         num_classes: int = 10,
         width: int = 64,
         num_downsamples: int = 2,
-        method: str = "dopri5",
-        step_size: Optional[float] = None,
-        rtol: float = 1e-3,
-        atol: float = 1e-3,
-        adjoint: bool = True,
-        t0: float = 0.0,
-        t1: float = 1.0,
-        max_num_steps: int = 1000,
+        solver: Optional[SolverOptions] = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(num_classes=num_classes, **kwargs)
         self.save_hyperparameters()
-        self.network = odenet_chen(
-            in_channels, num_classes, width, num_downsamples, method, step_size, rtol, atol, adjoint, t0, t1, max_num_steps
-        )
+        self.network = self.build_network(solver=self.resolve_solver())
 
 
 class RKNetModule(ODENetModule):
-    """RK-Net of Chen et al. 2018: the ODE-Net architecture with fixed-step RK4, backpropagated directly."""
+    """RK-Net of Chen et al. 2018: the ODE-Net architecture with fixed-step RK4 (step 0.25), backpropagated directly."""
 
-    def __init__(
-        self,
-        in_channels: int = 1,
-        num_classes: int = 10,
-        width: int = 64,
-        num_downsamples: int = 2,
-        method: str = "rk4",
-        step_size: Optional[float] = 0.25,
-        rtol: float = 1e-3,
-        atol: float = 1e-3,
-        adjoint: bool = False,
-        t0: float = 0.0,
-        t1: float = 1.0,
-        max_num_steps: int = 1000,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(
-            in_channels, num_classes, width, num_downsamples, method, step_size, rtol, atol, adjoint, t0, t1,
-            max_num_steps, **kwargs,
-        )
+    solver_defaults = RKNET_SOLVER

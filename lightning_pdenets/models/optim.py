@@ -6,7 +6,7 @@ can be reloaded without pickled modules; every bad name lists the valid ones.
 
 from __future__ import annotations
 
-from typing import Iterable, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 import torch
 from torch.optim import Optimizer
@@ -89,3 +89,10 @@ def build_scheduler(
     if lr_scheduler == "multistep":
         return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(lr_milestones), gamma=lr_gamma)
     return None
+
+
+def run_optimizer_steps(trainer: Any) -> int:
+    """Optimizer steps of the whole run, the horizon of ``onecycle``; a ``fast_dev_run`` (one step) counts as two
+    so that the schedule can be built and the smoke run goes through."""
+    steps = trainer.estimated_stepping_batches
+    return max(2, steps) if trainer.fast_dev_run else steps

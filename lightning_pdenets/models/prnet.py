@@ -32,6 +32,7 @@ from lightning_pdenets.models.optim import (
     build_optimizer,
     build_scheduler,
     check_optimization_settings,
+    run_optimizer_steps,
 )
 from lightning_pdenets.validation import check_positive, check_positive_int
 
@@ -182,7 +183,7 @@ class PRNetModule(ClassifierModule):
             else:
                 optimizer = build_optimizer(groups[name], s["optimizer"], s["lr"], s["weight_decay"], s["momentum"])
             per_step = s["lr_scheduler"] == "onecycle" and self._trainer is not None
-            total_steps = self.trainer.estimated_stepping_batches if per_step else None
+            total_steps = run_optimizer_steps(self.trainer) if per_step else None
             scheduler = build_scheduler(
                 optimizer, s["lr_scheduler"], s["lr_milestones"], s["lr_gamma"], max_epochs, total_steps
             )

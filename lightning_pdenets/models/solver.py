@@ -1,0 +1,92 @@
+"""What every LightningModule with ODE blocks adds: one ``solver`` hyperparameter, and evaluation with another solver.
+
+A model takes its solver as one primitive dict (``solver: {method: rk4, step_size: 0.25}``) over its own
+defaults, builds a :class:`~lightning_pdenets.solvers.SolverConfig` from it and hands that to its
+architecture. When a trained checkpoint is evaluated (``test``, ``validate``, ``predict``), the settings in which
+the evaluation's ``solver`` differs from the training run's are applied after the weights are loaded, so
+testing a trained model with another solver, the central experiment of Ott et al.'s "ResNet After All", is a
+command-line change; settings the evaluation does not change keep what the checkpoint holds (a step size
+adapted during training included). When ``fit`` resumes, the checkpoint's (possibly adapted) settings continue.
+Both cases are logged.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Optional
+
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+from lightning_pdenets.protocols import find_ode_blocks
+from lightning_pdenets.solvers import SolverConfig
+
+__all__ = ["ODESolverMixin"]
+
+
+class ODESolverMixin:
+    """Mixin for a :class:`~lightning_pdenets.models.ClassifierModule` whose ``solver`` hyperparameter configures its ODE blocks.
+
+    Subclasses set :attr:`solver_defaults`; the ``solver`` hyperparameter overrides them field by field, and the
+    complete resolved configuration is stored in ``hparams.solver`` (so checkpoints say exactly how the model was
+    solved).
+    """
+
+    solver_defaults: ClassVar[dict[str, Any]] = {}
+    _trained_solver: Optional[dict[str, Any]] = None
+
+    def resolve_solver(self) -> SolverConfig:
+        """The :class:`SolverConfig` of ``hparams.solver`` over :attr:`solver_defaults`; stores the full dict back."""
+        config = SolverConfig.from_options(self.hparams.get("solver"), defaults=self.solver_defaults)
+        self.hparams["solver"] = config.as_options()
+        return config
+
+    def solver_failure_context(self) -> list[dict[str, Any]]:
+        return [block.solver_settings() for block in find_ode_blocks(self)]  # type: ignore[arg-type]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)  # type: ignore[misc]
+        self._trained_solver = checkpoint.get("hyper_parameters", {}).get("solver")
+
+    def _solver_changes(self) -> dict[str, Any]:
+        """Settings in which this model's ``solver`` differs from the checkpoint's training configuration."""
+        if self._trained_solver is None:
+            return {}
+        trained = SolverConfig.from_options(self._trained_solver).as_options()
+        return {k: v for k, v in self.hparams["solver"].items() if trained.get(k) != v}
+
+    def _describe_blocks(self) -> str:
+        blocks = find_ode_blocks(self)  # type: ignore[arg-type]
+        texts = sorted({SolverConfig.from_options(b.solver_settings()).describe() for b in blocks})
+        return "; ".join(texts) or "no ODE block"
+
+    def _evaluate_with_configured_solver(self) -> None:
+        if self._trained_solver is None:
+            return
+        trained = self._describe_blocks()
+        changes = self._solver_changes()
+        for block in find_ode_blocks(self):  # type: ignore[arg-type]
+            block.configure_solver(**changes)
+        self._trained_solver = None  # applied once per restore
+        if changes:
+            rank_zero_info(f"Solver: trained with {trained}; evaluated with {self._describe_blocks()} "
+                           f"(changed: {sorted(changes)}).")
+        else:
+            rank_zero_info(f"Solver: evaluated with the checkpoint's {trained}.")
+
+    def on_test_start(self) -> None:
+        self._evaluate_with_configured_solver()
+
+    def on_validation_start(self) -> None:
+        if not self.trainer.training and not self.trainer.sanity_checking:  # type: ignore[attr-defined]
+            self._evaluate_with_configured_solver()
+
+    def on_predict_start(self) -> None:
+        self._evaluate_with_configured_solver()
+
+    def on_fit_start(self) -> None:
+        if self._trained_solver is None:
+            return
+        changes = self._solver_changes()
+        self._trained_solver = None
+        if changes:
+            rank_zero_info(f"Solver: resuming with the checkpoint's {self._describe_blocks()}; the config's other "
+                           f"settings {sorted(changes)} are not applied to a resumed run.")
