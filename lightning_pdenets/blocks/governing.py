@@ -56,8 +56,8 @@ class LibraryTerm:
         return " ".join(factors) or "1"
 
 
-def soft_threshold(values: torch.Tensor, threshold: float) -> torch.Tensor:
-    """The proximal operator of ``threshold * |.|_1``: sign(v) * max(|v| - threshold, 0)."""
+def soft_threshold(values: torch.Tensor, threshold: float | torch.Tensor) -> torch.Tensor:
+    """The proximal operator of ``threshold * |.|_1`` (per entry if a tensor): sign(v) * max(|v| - threshold, 0)."""
     return torch.sign(values) * torch.clamp(values.abs() - threshold, min=0.0)
 
 
@@ -89,22 +89,21 @@ class _LassoSolution:
     converged: bool
 
 
-def _lasso_objective(gram: torch.Tensor, correlation: torch.Tensor, energy: torch.Tensor, l1_weight: float,
+def _lasso_objective(gram: torch.Tensor, correlation: torch.Tensor, energy: torch.Tensor, weights: torch.Tensor,
                      beta: torch.Tensor) -> float:
-    """mean((b - X beta)^2) + w |beta|_1 from the Gram form: G = X^T X / n, c = X^T b / n, energy = b^T b / n."""
-    return float(energy - 2 * correlation @ beta + beta @ gram @ beta + l1_weight * beta.abs().sum())
+    """mean((b - X beta)^2) + sum_k w_k |beta_k| in Gram form: G = X^T X / n, c = X^T b / n, energy = b^T b / n."""
+    return float(energy - 2 * correlation @ beta + beta @ gram @ beta + weights @ beta.abs())
 
 
-def _duality_gap(gram: torch.Tensor, correlation: torch.Tensor, energy: torch.Tensor, l1_weight: float,
+def _duality_gap(gram: torch.Tensor, correlation: torch.Tensor, energy: torch.Tensor, weights: torch.Tensor,
                  beta: torch.Tensor) -> float:
-    """The Lasso duality gap at beta, the dual point being the scaled residual (as in scikit-learn's
-    coordinate descent, here for mean((b - X beta)^2) + w |beta|_1 and in Gram form)."""
+    """The Lasso duality gap at beta, with the scaled residual as dual point (as scikit-learn's coordinate
+    descent computes it), here for mean((b - X beta)^2) + sum_k w_k |beta_k| in Gram form."""
     residual_energy = energy - 2 * correlation @ beta + beta @ gram @ beta
     residual_correlation = energy - correlation @ beta  # b^T r / n
-    dual_norm = float((correlation - gram @ beta).abs().max())  # |X^T r / n|_inf
-    scale = 1.0 if dual_norm <= l1_weight / 2 else l1_weight / 2 / dual_norm
-    gap = residual_energy * (1 + scale**2) + l1_weight * beta.abs().sum() - 2 * scale * residual_correlation
-    return float(gap)
+    dual_norm = float(((correlation - gram @ beta).abs() / (weights / 2)).max())  # weighted |X^T r / n|_inf
+    scale = 1.0 if dual_norm <= 1 else 1 / dual_norm
+    return float(residual_energy * (1 + scale**2) + weights @ beta.abs() - 2 * scale * residual_correlation)
 
 
 def _least_squares_on_support(gram: torch.Tensor, correlation: torch.Tensor, support: torch.Tensor,
@@ -118,28 +117,29 @@ def _least_squares_on_support(gram: torch.Tensor, correlation: torch.Tensor, sup
     return beta
 
 
-def _lasso(gram: torch.Tensor, correlation: torch.Tensor, energy: torch.Tensor, l1_weight: float, tol: float,
+def _lasso(gram: torch.Tensor, correlation: torch.Tensor, energy: torch.Tensor, weights: torch.Tensor, tol: float,
            max_steps: int) -> _LassoSolution:
-    """min_beta beta^T G beta - 2 c^T beta + energy + w |beta|_1 by FISTA with adaptive restart.
+    """min_beta beta^T G beta - 2 c^T beta + energy + sum_k w_k |beta_k| by FISTA with adaptive restart.
 
     FISTA (Beck & Teboulle 2009) with the gradient restart scheme of O'Donoghue & Candes (2015),
-    which keeps its speed on the ill-conditioned Gram matrices of PDE libraries. Written by hand
-    rather than with scikit-learn's coordinate descent because it works on the num_terms^2 Gram
-    matrix in torch (any number of points) and because the exact-solution polish on the current
-    support (the Lasso's KKT system, solved directly every ``POLISH_EVERY`` steps) finishes in a
-    few hundred steps where plain first-order methods crawl. Stops when the duality gap is below
-    ``tol`` times the objective, floored at rounding level of the Gram form.
+    on a Gram matrix with unit diagonal (normalized columns; per-term weights carry any other
+    scaling), which keeps first-order steps fast on PDE libraries. Written by hand rather than
+    with scikit-learn's coordinate descent because it works on the num_terms^2 Gram matrix in
+    torch (any number of points), and because of the exact-solution polish: every
+    ``POLISH_EVERY`` steps the Lasso's KKT system on the current support and signs is solved
+    directly, which ends in a few hundred steps where first-order methods crawl. Stops when the
+    duality gap is below ``tol`` times the objective, floored at the rounding of the Gram form.
     """
-    if l1_weight == 0:
+    if not bool((weights > 0).any()):
         beta = _least_squares_on_support(gram, correlation, torch.ones_like(correlation, dtype=torch.bool))
-        return _LassoSolution(beta, _lasso_objective(gram, correlation, energy, 0.0, beta), 0.0, 0, True)
+        return _LassoSolution(beta, _lasso_objective(gram, correlation, energy, weights, beta), 0.0, 0, True)
     step = 1.0 / max(2 * float(torch.linalg.eigvalsh(gram)[-1]), 1e-300)
     rounding = 64 * torch.finfo(gram.dtype).eps * float(energy + correlation.abs().sum())
     beta = torch.zeros_like(correlation)
     extrapolated, momentum = beta, 1.0
     for steps in range(1, max_steps + 1):
         previous = beta
-        beta = soft_threshold(extrapolated - step * 2 * (gram @ extrapolated - correlation), step * l1_weight)
+        beta = soft_threshold(extrapolated - step * 2 * (gram @ extrapolated - correlation), step * weights)
         if torch.dot(extrapolated - beta, beta - previous) > 0:  # the momentum points uphill: restart
             extrapolated, momentum = beta, 1.0
         else:
@@ -148,10 +148,10 @@ def _lasso(gram: torch.Tensor, correlation: torch.Tensor, energy: torch.Tensor, 
             momentum = next_momentum
         if steps % POLISH_EVERY and steps != max_steps:
             continue
-        polished = _least_squares_on_support(gram, correlation, beta != 0, l1_weight / 2 * torch.sign(beta))
+        polished = _least_squares_on_support(gram, correlation, beta != 0, weights / 2 * torch.sign(beta))
         for candidate in (polished, beta):
-            objective = _lasso_objective(gram, correlation, energy, l1_weight, candidate)
-            gap = _duality_gap(gram, correlation, energy, l1_weight, candidate)
+            objective = _lasso_objective(gram, correlation, energy, weights, candidate)
+            gap = _duality_gap(gram, correlation, energy, weights, candidate)
             if gap <= max(tol * objective, rounding):
                 return _LassoSolution(candidate, objective, gap, steps, True)
     return _LassoSolution(beta, objective, gap, max_steps, False)
@@ -468,14 +468,18 @@ class GoverningEquation(nn.Module):
             raise ValueError("`library` and `time_derivative` must be finite; drop the points where they are not.")
         gram, correlation = flat @ flat.T / flat.shape[1], flat @ target / flat.shape[1]
         energy = target @ target / flat.shape[1]
+        # Solved in normalized units either way (fast, well-scaled steps); without `normalize` the
+        # per-term weights w / (rms(h_t) rms(term_k)) make it the raw problem divided by mean(h_t^2).
         column_scale = torch.where(gram.diagonal() > 0, gram.diagonal().sqrt(), torch.ones(()))
         target_scale = energy.sqrt() if energy > 0 else torch.ones((), dtype=torch.float64)
-        self._warn_if_ill_conditioned(gram / torch.outer(column_scale, column_scale))
-        if normalize:
-            gram = gram / torch.outer(column_scale, column_scale)
-            correlation = correlation / (column_scale * target_scale)
-            energy = energy / target_scale**2
-        solution = _lasso(gram, correlation, energy, float(l1_weight), tol, max_steps)
+        gram = gram / torch.outer(column_scale, column_scale)
+        correlation = correlation / (column_scale * target_scale)
+        self._warn_if_ill_conditioned(gram)
+        weights = torch.full_like(correlation, float(l1_weight))
+        objective_scale = 1.0
+        if not normalize:
+            weights, objective_scale = weights / (target_scale * column_scale), float(energy)
+        solution = _lasso(gram, correlation, torch.ones((), dtype=torch.float64), weights, tol, max_steps)
         beta = solution.coefficients
         if threshold > 0:
             beta = _sequential_threshold(gram, correlation, beta, threshold)
@@ -487,11 +491,11 @@ class GoverningEquation(nn.Module):
                 f"{solution.duality_gap / solution.objective:.1e} > tol={tol:g}; raise `max_steps` or `tol`.",
                 RuntimeWarning, stacklevel=2,
             )
-        alpha = beta * target_scale / column_scale if normalize else beta
-        self.alpha.copy_(alpha.to(self.alpha))
+        self.alpha.copy_((beta * target_scale / column_scale).to(self.alpha))
+        objective = _lasso_objective(gram, correlation, torch.ones((), dtype=torch.float64), weights, beta)
         return SparseFit(
-            objective=_lasso_objective(gram, correlation, energy, float(l1_weight), beta),
-            duality_gap=solution.duality_gap,
+            objective=objective * objective_scale,
+            duality_gap=solution.duality_gap * objective_scale,
             steps=solution.steps,
             converged=solution.converged,
             support=tuple(term.label(self.variable) for term, keep in zip(self.terms, beta != 0) if keep),
