@@ -10,6 +10,8 @@
 from __future__ import annotations
 
 import math
+import re
+import runpy
 import warnings
 
 import pytest
@@ -19,6 +21,7 @@ from sklearn.linear_model import Lasso
 from lightning_pdenets.blocks.governing import GoverningEquation
 from lightning_pdenets.blocks.sampled import savgol_derivatives
 from tests.closed_form_pdes import ONE_DIMENSIONAL, burgers, sampled
+from tests.conftest import REPO_ROOT
 
 
 @pytest.fixture(autouse=True)
@@ -307,3 +310,15 @@ def test_closed_form_burgers_solves_its_pde():
     labels = [term.label() for term in equation.terms]
     residual = h_t + library[labels.index("h h_x")] - 0.1 * library[labels.index("h_xx")]
     assert float(residual.abs().max()) < 1e-12 * float(h_t.abs().max())
+
+
+def test_readme_identification_example_prints_burgers(tmp_path, capsys):
+    """README's worked example (PR-Net section): noisy samples in, the two Burgers terms out."""
+    text = (REPO_ROOT / "README.md").read_text().split("Burgers from noisy samples, printed:", 1)[1]
+    script = tmp_path / "identify.py"
+    script.write_text("import torch\ntorch.manual_seed(0)\n" + re.search(r"```python\n(.*?)```", text, re.S).group(1))
+    runpy.run_path(str(script))
+    printed = capsys.readouterr().out.strip().splitlines()[-1]
+    match = re.fullmatch(r"h_t = -(\S+) h h_x \+ (\S+) h_xx", printed)
+    assert match, printed
+    assert float(match.group(1)) == pytest.approx(1.0, rel=0.02) and float(match.group(2)) == pytest.approx(0.1, rel=0.02)

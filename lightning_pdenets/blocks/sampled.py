@@ -9,9 +9,9 @@ discovery of partial differential equations").
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence, Union
-
 import math
+import numbers
+from typing import Mapping, Optional, Sequence, Union
 
 import torch
 from scipy.signal import savgol_filter
@@ -36,6 +36,20 @@ def _per_axis(value: IntPerAxis, axes: Sequence[str], name: str, low: int = 0, h
     return tuple(values)
 
 
+def _grid_steps(spacing: object, count: int) -> Optional[tuple[float, ...]]:
+    """``count`` finite steps > 0 (numbers or 0-d tensors), or None."""
+    if isinstance(spacing, (str, bytes)) or not isinstance(spacing, (Sequence, torch.Tensor)) or len(spacing) != count:
+        return None
+    steps = []
+    for step in spacing:
+        if isinstance(step, bool) or not isinstance(step, (numbers.Real, torch.Tensor)) or (
+            isinstance(step, torch.Tensor) and step.numel() != 1
+        ):
+            return None
+        steps.append(float(step))
+    return tuple(steps) if all(math.isfinite(s) and s > 0 for s in steps) else None
+
+
 def savgol_derivatives(
     samples: torch.Tensor,
     spacing: Sequence[float],
@@ -56,7 +70,7 @@ def savgol_derivatives(
     Args:
         samples: Shape (..., *grid): the last len(axes) + 1 dimensions are the axes, then the
             time; leading dimensions are independent trajectories (never mixed by the filters).
-        spacing: Grid step of each axis, then of the time.
+        spacing: Grid step of each axis, then of the time (numbers or 0-d tensors).
         axes: Names of the spatial axes, in the order of the grid dimensions.
         orders: Highest derivative order per axis.
         window_length: Odd window length in points, one for all or one per axis and the time.
@@ -78,9 +92,8 @@ def savgol_derivatives(
             f"`samples` must be a tensor of shape (..., {', '.join(dims)}): one grid dimension per axis, then "
             f"the time; got {shape}."
         )
-    if isinstance(spacing, (str, bytes)) or not isinstance(spacing, Sequence) or len(spacing) != len(dims) or any(
-        isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) or s <= 0 for s in spacing
-    ):
+    steps = _grid_steps(spacing, len(dims))
+    if steps is None:
         raise ValueError(f"`spacing` must hold one grid step > 0 per dimension {list(dims)}, got {spacing!r}.")
     windows = _per_axis(window_length, dims, "window_length", 3, 10_001)
     degrees = _per_axis(polyorder, dims, "polyorder", 1, 12)
@@ -108,7 +121,7 @@ def savgol_derivatives(
 
     def smooth(array, dim_index: int, derivative: int = 0):
         return savgol_filter(
-            array, windows[dim_index], degrees[dim_index], deriv=derivative, delta=float(spacing[dim_index]),
+            array, windows[dim_index], degrees[dim_index], deriv=derivative, delta=steps[dim_index],
             axis=first_dim + dim_index, mode="interp",
         )
 
