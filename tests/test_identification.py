@@ -22,15 +22,7 @@ from lightning_pdenets.blocks.governing import GoverningEquation
 from lightning_pdenets.blocks.sampled import savgol_derivatives
 from tests.closed_form_pdes import ONE_DIMENSIONAL, burgers, sampled
 from tests.conftest import REPO_ROOT
-
-
-@pytest.fixture(autouse=True)
-def double_precision():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    torch.manual_seed(0)
-    yield
-    torch.set_default_dtype(previous)
+from tests.test_governing_equation import double_precision  # noqa: F401  (autouse: float64, seed 0)
 
 
 def random_problem(seed: int, terms: int = 16, count: int = 300) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,10 +6,15 @@ Kim, Choi, Ham, Kim & Park, "PDE-regularized neural networks for image classific
     g = h_t - sum_{i=0..P} sum_{j=0..J} alpha_ij * h^i * d^j h / dd^j,
 
 with one family of derivative terms per continuous axis (``x``, ``y``, ...). The coefficients
-alpha are learned with an L1 penalty, so that they describe a sparse, readable PDE. This module
-works on its own: :meth:`GoverningEquation.library_from_function` builds the term library of any
-differentiable function with exact forward-mode derivatives, and :class:`ProximalSGD` performs the
-soft-threshold (ISTA) step that sets small coefficients exactly to zero.
+alpha are learned with an L1 penalty, so that they describe a sparse, readable PDE; during
+training :class:`ProximalSGD` performs the soft-threshold (ISTA) step that sets small
+coefficients exactly to zero.
+
+The module also works on its own, as an equation-identification tool (PDE-FIND, Rudy et al.
+2017; SINDy, Brunton et al. 2016): :meth:`GoverningEquation.library_from_function` builds the
+term library of any differentiable function with exact derivatives,
+:meth:`GoverningEquation.library_from_samples` that of gridded, noisy samples, and
+:meth:`GoverningEquation.fit_coefficients` solves the sparse regression to a certified optimum.
 """
 
 from __future__ import annotations
@@ -213,7 +218,9 @@ class GoverningEquation(nn.Module):
         axes: Names of the continuous axes d, used in labels (``h_xx``) and derivative dictionaries.
         max_power: Highest power of h, one integer for all axes or one per axis.
         max_derivative_order: Highest derivative order, one integer for all axes or one per axis.
-        l1_weight: Weight w of the sparsity penalty R_G = w * sum |alpha|.
+        l1_weight: Weight w of the sparsity penalty R_G = w * sum |alpha|; also the default of
+            :meth:`fit_coefficients`, where it acts on normalized coefficients (1e-4 identifies
+            heat, Burgers and KdV from exact derivatives to 0.2%).
         print_threshold: Terms with |alpha| below this are left out of :meth:`equation`.
         variable: Name of the field in printed equations.
         init_std: Standard deviation of the normal initialization of alpha (0 gives zeros).
