@@ -6,12 +6,14 @@ can be reloaded without pickled modules; every bad name lists the valid ones.
 
 from __future__ import annotations
 
+import math
 from typing import Iterable, Optional, Sequence
 
 import torch
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
+from lightning_pdenets.errors import ConfigurationError
 from lightning_pdenets.validation import check_positive
 
 __all__ = [
@@ -75,8 +77,17 @@ def build_scheduler(
 
     ``'onecycle'`` is Smith & Topin's one-cycle schedule ("Super-convergence", 2019) peaking at the
     optimizer's ``lr``; it needs ``total_steps``, the optimizer steps of the whole run.
+
+    Raises:
+        ConfigurationError: when ``'cosine'`` or ``'onecycle'`` gets a run without an end (``max_epochs=-1``).
     """
     if lr_scheduler == "onecycle":
+        if total_steps is not None and not math.isfinite(total_steps):
+            raise ConfigurationError(
+                "`lr_scheduler='onecycle'` spans the whole run, but it has no end (trainer.max_epochs -1 and no "
+                "trainer.max_steps). Set --trainer.max_epochs N or --trainer.max_steps N, or choose another "
+                "lr_scheduler ('multistep' or 'none' run open-ended)."
+            )
         if not total_steps or total_steps < 2:
             raise ValueError(
                 f"`lr_scheduler='onecycle'` needs the run's number of optimizer steps (>= 2), got {total_steps!r}; "
@@ -85,6 +96,11 @@ def build_scheduler(
         peak = [group["lr"] for group in optimizer.param_groups]
         return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=peak, total_steps=int(total_steps))
     if lr_scheduler == "cosine":
+        if max_epochs is not None and max_epochs < 1:
+            raise ConfigurationError(
+                f"`lr_scheduler='cosine'` anneals over trainer.max_epochs, but it is {max_epochs} (no limit). Set "
+                f"--trainer.max_epochs N, or choose another lr_scheduler ('multistep' or 'none' run open-ended)."
+            )
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, max_epochs or 1))
     if lr_scheduler == "multistep":
         return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(lr_milestones), gamma=lr_gamma)
