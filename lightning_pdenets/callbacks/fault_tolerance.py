@@ -7,7 +7,7 @@ from typing import Optional
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_pdenets.errors import ModelFailure, is_peer_crash
 
@@ -32,6 +32,9 @@ class CheckpointOnInterrupt(Checkpoint):
     ``fit(ckpt_path=None)`` into ``ckpt_path="last"``. A fresh run then warns that "the last model of
     the previous fit call will be used" and, when the checkpoint folder is fixed, silently resumes
     an older run. Resuming stays explicit here.
+
+    If writing the checkpoint fails (a full disk), it warns and lets the exception that stopped the
+    run propagate, instead of hiding it behind the write error.
 
     Args:
         dirpath: Folder of the checkpoint; default: the ``ModelCheckpoint`` folder of the run.
@@ -68,7 +71,14 @@ class CheckpointOnInterrupt(Checkpoint):
             )
             return
         self._follow_model_checkpoint(trainer)
-        trainer.save_checkpoint(self.ckpt_path)
+        try:
+            trainer.save_checkpoint(self.ckpt_path)
+        except Exception as save_error:  # e.g. a full disk: the exception that stopped the run stays the news
+            rank_zero_warn(
+                f"CheckpointOnInterrupt: the run stopped with {type(exception).__name__}: {exception}; writing "
+                f"{self.ckpt_path} failed too ({type(save_error).__name__}: {save_error}), so no interrupt checkpoint "
+                f"was written. `--ckpt_path last` resumes from the last good checkpoint."
+            )
 
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         # Lightning calls callback teardown only when the stage did not raise: after a completed fit an
