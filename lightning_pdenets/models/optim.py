@@ -18,6 +18,7 @@ from lightning_pdenets.validation import check_positive
 
 __all__ = [
     "OPTIMIZERS", "LR_SCHEDULERS", "SCHEDULER_INTERVALS", "build_optimizer", "build_scheduler", "check_optimization_settings",
+    "base_learning_rates", "rescale_learning_rates",
 ]
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD, "rmsprop": torch.optim.RMSprop}
@@ -105,3 +106,44 @@ def build_scheduler(
     if lr_scheduler == "multistep":
         return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(lr_milestones), gamma=lr_gamma)
     return None
+
+
+# Per-group values a schedule derives its learning rate from; one factor scales a whole schedule.
+_GROUP_RATES = ("lr", "initial_lr", "max_lr", "min_lr")
+
+
+def base_learning_rates(optimizers: Sequence[Optimizer]) -> list[list[float]]:
+    """Per optimizer and parameter group, the rate its schedule starts from (``initial_lr`` if a scheduler set one)."""
+    return [[group.get("initial_lr", group["lr"]) for group in optimizer.param_groups] for optimizer in optimizers]
+
+
+def rescale_learning_rates(
+    optimizers: Sequence[Optimizer], schedulers: Sequence[LRScheduler], wanted: list[list[float]]
+) -> list[str]:
+    """Scale restored optimizers and schedulers so that each group's schedule starts from ``wanted``.
+
+    A resumed run restores the learning rates of the checkpoint; a rate given for the resumed run
+    (e.g. a lower one after a NaN) would otherwise be ignored. Each group's rates and its
+    scheduler's base rates are multiplied by wanted / restored, which keeps the schedule's position
+    (a cosine or one-cycle phase, the multistep decays so far).
+
+    Returns:
+        One line per changed group, for the log.
+    """
+    changes = []
+    for index, (optimizer, rates) in enumerate(zip(optimizers, wanted)):
+        for group_index, (group, rate) in enumerate(zip(optimizer.param_groups, rates)):
+            restored = group.get("initial_lr", group["lr"])
+            if restored == rate or not restored:
+                continue
+            factor = rate / restored
+            for key in _GROUP_RATES:
+                if key in group:
+                    group[key] *= factor
+            for scheduler in schedulers:
+                if scheduler.optimizer is optimizer:
+                    for rates_of_groups in (getattr(scheduler, "base_lrs", None), getattr(scheduler, "_last_lr", None)):
+                        if rates_of_groups and group_index < len(rates_of_groups):
+                            rates_of_groups[group_index] *= factor
+            changes.append(f"optimizer {index}, group {group_index}: {restored:g} -> {rate:g}")
+    return changes
