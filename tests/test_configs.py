@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -111,6 +112,8 @@ def test_print_config_round_trips(tmp_path: Path) -> None:
     assert printed["model"]["init_args"]["adjoint"] is True
 
 
-def test_unknown_solver_in_config_is_reported_with_valid_names(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="`method` must be one of .*dopri5"):
+def test_unknown_solver_in_config_is_reported_with_valid_names(tmp_path: Path, capsys) -> None:
+    with pytest.raises(SystemExit) as stop:
         build_cli(["--config", str(REPO_ROOT / "configs/quickstart.yaml"), "--model.init_args.method=rk45"], run=False)
+    assert stop.value.code == 2
+    assert re.search(r"error: RKNetModule: `method` must be one of .*dopri5.*got 'rk45'\.$", capsys.readouterr().err)
