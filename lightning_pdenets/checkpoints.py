@@ -92,7 +92,7 @@ def check_checkpoint(
     found = checkpoint_class_path(checkpoint)
     if expected_class_path and found and found != expected_class_path:
         config = path.parent.parent / "config.yaml"
-        source = f"; that run's config is {str(config)!r}" if config.is_file() else ""
+        source = f" (its run saved it as {str(config)!r})" if config.is_file() else ""
         raise CheckpointMismatchError(
             f"checkpoint {str(path)!r} holds a {found}, but the config asks for a {expected_class_path}. Pass the "
             f"config the checkpoint was trained with{source}, or a checkpoint of a {expected_class_path.rsplit('.', 1)[-1]}."
