@@ -366,8 +366,8 @@ def main(args: Optional[list[str]] = None) -> None:
     try:
         build_cli(args)
     except SIGTERMException:
-        sys.stderr.write(f"pdenets: stopped by SIGTERM (exit code {EXIT_SIGTERM}). Resume with the same command and "
-                         f"--ckpt_path last.\n")
+        sys.stderr.write(f"pdenets: stopped by SIGTERM (exit code {EXIT_SIGTERM}). An interrupted fit resumes with "
+                         f"the same command and --ckpt_path last.\n")
         sys.exit(EXIT_SIGTERM)
     except USER_ERRORS as error:
         if _debugging():

@@ -145,6 +145,36 @@ def test_interrupt_checkpoint_is_written_beside_the_model_checkpoints_and_remove
     assert not written.exists()  # stale after the run completed
 
 
+class DiskFullFromStep(pl.Callback):
+    """From optimizer step ``step`` on, every checkpoint write fails as on a full disk, after half the bytes."""
+
+    def __init__(self, step: int, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.step, self.monkeypatch = step, monkeypatch
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            self.monkeypatch.setattr(torch, "save", disk_full)
+
+
+def disk_full(checkpoint, file) -> None:
+    file.write(b"half a checkpoint")
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_failed_interrupt_checkpoint_keeps_the_original_error_and_the_last_good_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    trainer = _trainer(tmp_path, CheckpointOnInterrupt(), DiskFullFromStep(6, monkeypatch), RaiseAtStep(6), max_epochs=2)
+    trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+    with pytest.warns(UserWarning, match=r"stopped with RuntimeError: simulated failure after 6 steps; writing "
+                                         r".*interrupted\.ckpt failed too \(OSError: .*No space left on device\)"):
+        with pytest.raises(RuntimeError, match="simulated failure after 6 steps"):  # not the OSError
+            trainer.fit(RKNetModule(width=8, num_downsamples=1), datamodule=DigitsDataModule(batch_size=16))
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["epoch=0-step=4.ckpt", "last.ckpt"]  # no half file
+    assert find_resume_checkpoint(tmp_path) == tmp_path / "ckpt" / "last.ckpt"
+    assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["global_step"] == 4
+
+
 class RaiseBeforeFirstStep(pl.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         raise KeyboardInterrupt  # Ctrl-C while the first batch is on its way

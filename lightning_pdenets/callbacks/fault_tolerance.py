@@ -37,6 +37,11 @@ class CheckpointOnInterrupt(Checkpoint):
     If writing the checkpoint fails (a full disk), it warns and lets the exception that stopped the
     run propagate, instead of hiding it behind the write error.
 
+    A resumed run logs what an uninterrupted one would: a SIGTERM that arrives during the validation
+    at an epoch's end takes effect once that validation is over (Lightning would stop after the next
+    validation batch, and a resume would skip the rest of it), and the logger step Lightning adds when
+    resuming from inside a batch is undone in the checkpoint.
+
     Args:
         dirpath: Folder of the checkpoint; default: the ``ModelCheckpoint`` folder of the run.
         filename: File stem of the checkpoint.
