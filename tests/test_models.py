@@ -40,7 +40,7 @@ def test_fit_logs_namespaced_metrics_and_reloads_from_checkpoint(module_class, k
 
     path = tmp_path / "model.ckpt"
     trainer.save_checkpoint(path)
-    checkpoint = torch.load(path, weights_only=False)
+    checkpoint = torch.load(path, weights_only=True)
     assert all(isinstance(v, (int, float, str, bool, type(None), list, tuple)) for v in checkpoint["hyper_parameters"].values())
     restored = module_class.load_from_checkpoint(path)
     assert dict(restored.hparams) == dict(model.hparams)

@@ -382,7 +382,7 @@ def test_without_tolerance_adaptation_a_solver_failure_stops_training_and_keeps_
     with pytest.raises(SolverFailedError, match=r"max_num_steps.*ToleranceAdaptation callback"):
         trainer.fit(module, tiny_spheres())
     last = tmp_path / "last.ckpt"
-    assert torch.load(last, weights_only=False)["epoch"] == 0
+    assert torch.load(last, weights_only=True)["epoch"] == 0
     restored = VectorODEClassifierModule.load_from_checkpoint(last)
     assert restored.network.ode.solver_settings()["rtol"] == 1e-3  # the settings of the good epoch
     assert torch.isfinite(restored(torch.randn(3, 2))).all()
