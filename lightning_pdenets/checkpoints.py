@@ -1,50 +1,202 @@
-"""Finding and checking checkpoints before a run resumes from them."""
+"""Reading, choosing and writing checkpoints: loading runs no code, and a half-written file is never chosen."""
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
+from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
-from lightning_pdenets.errors import CorruptCheckpointError
+from lightning_pdenets.errors import (
+    CheckpointMismatchError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    UntrustedCheckpointError,
+)
 
-__all__ = ["INTERRUPT_CHECKPOINT_NAME", "check_checkpoint", "find_resume_checkpoint"]
+__all__ = [
+    "INTERRUPT_CHECKPOINT_NAME",
+    "AtomicCheckpointIO",
+    "check_checkpoint",
+    "checkpoint_class_path",
+    "find_resume_checkpoint",
+    "load_checkpoint",
+    "needs_unpickling",
+    "unreadable_reason",
+]
 
 INTERRUPT_CHECKPOINT_NAME = "interrupted"
 """File stem of the checkpoint :class:`~lightning_pdenets.callbacks.CheckpointOnInterrupt` writes."""
 
-
-def find_resume_checkpoint(log_root: Union[str, Path]) -> Optional[Path]:
-    """The newest ``last*.ckpt`` or ``interrupted.ckpt`` under ``log_root`` (all versions), or ``None``."""
-    root = Path(log_root)
-    candidates = [
-        path
-        for path in root.glob("**/*.ckpt")
-        if path.stem == INTERRUPT_CHECKPOINT_NAME or path.stem == "last" or path.stem.startswith("last-v")
-    ]
-    return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
+TRUST_CKPT_PATH = "--weights_only false"
+"""How a user trusts a ``--ckpt_path`` file that needs unpickling (Lightning's own argument of fit/test/...)."""
 
 
-def check_checkpoint(path: Union[str, Path]) -> dict:
-    """Load ``path`` on the CPU, or raise :class:`CorruptCheckpointError` naming it and the alternatives."""
+def load_checkpoint(path: Union[str, Path], trusted: bool = False, how_to_trust: str = TRUST_CKPT_PATH) -> dict:
+    """Load ``path`` on the CPU with ``torch.load(weights_only=True)``; unpickle only if ``trusted``.
+
+    Args:
+        path: A checkpoint file.
+        trusted: Whether the user explicitly trusts this file to run code while it is unpickled.
+        how_to_trust: The option that sets ``trusted``, named in the error.
+
+    Raises:
+        FileNotFoundError: when ``path`` is not a file.
+        UntrustedCheckpointError: when the file holds pickled objects other than tensors and plain
+            containers and ``trusted`` is false; nothing of it is executed.
+        CorruptCheckpointError: when the file cannot be read at all.
+    """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist; pass an existing .ckpt file or `last`.")
+        raise CheckpointNotFoundError(f"checkpoint {str(path)!r} does not exist; pass an existing .ckpt file or `last`.")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # torch raises several types for truncated or foreign files
-        raise CorruptCheckpointError(_corrupt_message(path, f"it cannot be read ({type(error).__name__}: {error})")) from error
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several types for truncated, foreign or unsafe files
+        unsafe = _unsafe_globals(path)
+        if not unsafe:
+            raise CorruptCheckpointError(_corrupt_message(path, f"it cannot be read ({_first_line(error)})")) from error
+    if not trusted:
+        raise UntrustedCheckpointError(
+            f"checkpoint {str(path)!r} holds pickled Python objects ({', '.join(unsafe[:5])}), and unpickling them "
+            f"can run any code. Checkpoints written by this project never need it, so this file comes from "
+            f"elsewhere or was crafted. Nothing of it was executed. If you trust the file and its source, load it "
+            f"explicitly with {how_to_trust}."
+        )
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def check_checkpoint(
+    path: Union[str, Path], expected_class_path: Optional[str] = None, trusted: bool = False
+) -> dict:
+    """Load ``path`` like :func:`load_checkpoint`, and check that it is a Lightning checkpoint of the expected model.
+
+    Args:
+        path: A checkpoint file.
+        expected_class_path: Import path of the model class the run asks for; a checkpoint whose
+            recorded class (LightningCLI stores it in the hyperparameters) differs is refused.
+        trusted: Passed to :func:`load_checkpoint`.
+
+    Raises:
+        CorruptCheckpointError: when the file cannot be read or holds no ``state_dict``.
+        CheckpointMismatchError: when the checkpoint holds another model class.
+    """
+    path = Path(path)
+    checkpoint = load_checkpoint(path, trusted=trusted)
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise CorruptCheckpointError(_corrupt_message(path, "it holds no `state_dict`, so it is not a Lightning checkpoint"))
+    found = checkpoint_class_path(checkpoint)
+    if expected_class_path and found and found != expected_class_path:
+        config = path.parent.parent / "config.yaml"
+        source = f" (its run saved it as {str(config)!r})" if config.is_file() else ""
+        raise CheckpointMismatchError(
+            f"checkpoint {str(path)!r} holds a {found}, but the config asks for a {expected_class_path}. Pass the "
+            f"config the checkpoint was trained with{source}, or a checkpoint of a {expected_class_path.rsplit('.', 1)[-1]}."
+        )
     return checkpoint
 
 
+def checkpoint_class_path(checkpoint: dict) -> Optional[str]:
+    """Import path of the model class LightningCLI recorded in ``checkpoint``, or ``None`` when it recorded none."""
+    hyper_parameters = checkpoint.get("hyper_parameters") or {}
+    class_path = hyper_parameters.get("_class_path") if isinstance(hyper_parameters, dict) else None
+    return class_path if isinstance(class_path, str) else None
+
+
+def unreadable_reason(path: Union[str, Path]) -> Optional[str]:
+    """Why ``path`` cannot be resumed from (empty, truncated, not a checkpoint), or ``None`` when it reads.
+
+    Cheap: tensors are memory-mapped, not read. A file that only needs trust is readable.
+    """
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            return "the file is empty"
+        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:
+        if _unsafe_globals(path):
+            return None
+        return _first_line(error)
+    return None
+
+
+def find_resume_checkpoint(log_root: Union[str, Path]) -> Optional[Path]:
+    """The newest readable ``last*.ckpt`` or ``interrupted.ckpt`` under ``log_root`` (all versions), or ``None``.
+
+    Unreadable candidates (e.g. written while the disk was full) are skipped with a warning naming them.
+    """
+    candidates = sorted(
+        (
+            path
+            for path in Path(log_root).glob("**/*.ckpt")
+            if path.stem == INTERRUPT_CHECKPOINT_NAME or path.stem == "last" or path.stem.startswith("last-v")
+        ),
+        key=lambda p: p.stat().st_mtime,
+        reverse=True,
+    )
+    for path in candidates:
+        reason = unreadable_reason(path)
+        if reason is None:
+            return path
+        rank_zero_warn(f"--ckpt_path last: skipped {str(path)!r}, it cannot be read ({reason}).")
+    return None
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's ``TorchCheckpointIO``, writing local files to a temporary file in the same folder, then renaming.
+
+    Lightning's own transaction writes the temporary file in the system's temporary folder; when that
+    lies on another file system, the final move is a copy, which a full disk interrupts and leaves a
+    truncated checkpoint behind. A rename within one folder is atomic: the old file or the new one.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Optional[Any] = None) -> None:
+        if storage_options is not None or not _is_local_file_protocol(path):
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(descriptor, "wb") as file:
+                torch.save(checkpoint, file)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temporary, path)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
+
+
+def needs_unpickling(path: Union[str, Path]) -> bool:
+    """Whether ``path`` holds objects that ``torch.load(weights_only=True)`` refuses."""
+    return bool(_unsafe_globals(Path(path)))
+
+
+def _unsafe_globals(path: Path) -> list[str]:
+    """The non-allowlisted globals a weights-only load refuses in ``path`` (empty for unreadable files)."""
+    try:
+        return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:
+        return []
+
+
+def _first_line(error: BaseException) -> str:
+    return f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+
+
 def _corrupt_message(path: Path, reason: str) -> str:
-    others = sorted((p for p in path.parent.glob("*.ckpt") if p != path), key=lambda p: -p.stat().st_mtime)
-    hint = f" Other checkpoints in that folder, newest first: {[str(p) for p in others[:5]]}." if others else ""
+    readable, skipped = [], []
+    for other in sorted((p for p in path.parent.glob("*.ckpt") if p != path), key=lambda p: -p.stat().st_mtime):
+        (skipped if unreadable_reason(other) else readable).append(str(other))
+    hint = f" Readable checkpoints in that folder, newest first: {readable[:5]}." if readable else ""
+    if skipped:
+        hint += f" Unreadable, skipped: {skipped[:5]}."
     return (
-        f"checkpoint {str(path)!r} is corrupt: {reason}. It was probably truncated by a crash or a full disk "
-        f"while written outside Lightning (Lightning writes to a temporary file and renames it).{hint} "
+        f"checkpoint {str(path)!r} is corrupt: {reason}. It was probably truncated by a crash or a full disk.{hint} "
         f"Resume from one of those with --ckpt_path PATH, or start afresh without --ckpt_path."
     )

@@ -1,27 +1,139 @@
 """The ``pdenets`` command: Lightning's CLI over every model and datamodule of the package.
 
 ``pdenets fit --config configs/quickstart.yaml`` trains, then (unless ``--test_after_fit false``)
-tests the best checkpoint, so one command reports test accuracy.
+tests the best checkpoint, so one command reports test accuracy. Each config logs into a folder of
+its own, ``logs/<config path under configs/>/version_N`` (``logs/quickstart/version_0``).
 """
 
 from __future__ import annotations
 
+import difflib
+import importlib
+import inspect
+import os
+import re
+import signal
 import sys
 import warnings
 from pathlib import Path
-import inspect
-from typing import Any, Optional
+from typing import Any, NoReturn, Optional, Sequence
 
 import lightning.pytorch as pl
+import yaml
+from jsonargparse import Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 import lightning_pdenets.callbacks  # noqa: F401  (makes callback class names resolvable in configs)
 import lightning_pdenets.data  # noqa: F401
 import lightning_pdenets.models  # noqa: F401
-from lightning_pdenets.checkpoints import check_checkpoint, find_resume_checkpoint
-from lightning_pdenets.migration import check_layout
+from lightning_pdenets.checkpoints import AtomicCheckpointIO, check_checkpoint, find_resume_checkpoint, needs_unpickling
+from lightning_pdenets.migration import LegacyCheckpointError, check_layout
+from lightning_pdenets.errors import (
+    CheckpointMismatchError,
+    CheckpointNotFoundError,
+    ConfigurationError,
+    CorruptCheckpointError,
+    UntrustedCheckpointError,
+)
+
+DEFAULT_EXPERIMENT_NAME = "pdenets"
+"""Log folder name under ``logs/`` of a run without a config file that sets the model."""
+
+EXIT_USAGE = 2
+"""Exit status of bad arguments, as argparse uses."""
+
+EXIT_SIGTERM = 128 + signal.SIGTERM
+"""Exit status after SIGTERM, as a shell reports a process that SIGTERM ended."""
+
+# Errors of the user's input that reach the user as one message, not a traceback.
+USER_ERRORS = (
+    ConfigurationError, CheckpointMismatchError, CheckpointNotFoundError, CorruptCheckpointError, UntrustedCheckpointError,
+    LegacyCheckpointError,
+)
+
+
+# Where a misspelled class_path of each argument finds its closest valid classes.
+CLASS_PACKAGES = {
+    "model": ("lightning_pdenets.models",),
+    "data": ("lightning_pdenets.data",),
+    "callbacks": ("lightning_pdenets.callbacks", "lightning.pytorch.callbacks"),
+    "logger": ("lightning.pytorch.loggers",),
+}
+# Lines of jsonargparse's union-type report that say nothing about the user's mistake.
+_NOISE = re.compile(r"^\s*(- )?(Expected a <class 'NoneType'>|Given value type:|Given value:|Subtypes:|Errors:"
+                    r"|Does not validate against any of the Union subtypes)")
+
+
+class PDENetsArgumentParser(LightningArgumentParser):
+    """LightningCLI's parser, whose errors are a hint and the message (exit code 2), not the whole usage."""
+
+    def error(self, message: str, ex: Optional[Exception] = None) -> NoReturn:
+        if not self.exit_on_error or _debugging():
+            super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        prog = parser.prog.replace(" [options]", "")
+        sys.stderr.write(f"tip: `{prog} --help` lists every option and its default.\nerror: {_short_message(message)}\n")
+        self.exit(EXIT_USAGE)
+
+
+def _debugging() -> bool:
+    """Whether ``JSONARGPARSE_DEBUG=true`` asks for full tracebacks instead of short messages."""
+    return os.environ.get("JSONARGPARSE_DEBUG", "").lower() in ("true", "yes", "on")
+
+
+def _short_message(message: str) -> str:
+    """jsonargparse's message without its union-type noise; a bad class_path or argument name gets the closest valid ones."""
+    key = re.search(r'Parser key "([^"]+)"', message)
+    class_problem = re.search(r"Problem with given class_path '([^']+)':\s*\n?\s*(.+)", message)
+    if key and class_problem:
+        class_path, detail = class_problem.group(1), class_problem.group(2).strip()
+        unknown_option = re.match(r"Option '([^']+)' is not accepted", detail)
+        if unknown_option:
+            return (f"--{key.group(1)}: {class_path} has no argument {unknown_option.group(1)!r}. "
+                    f"{_closest_arguments(class_path, unknown_option.group(1))}")
+        if "has no attribute" in detail or "No module named" in detail:
+            return f"--{key.group(1)}: there is no class {class_path!r}. {_closest_classes(key.group(1), class_path)}"
+    bad_name = re.search(r"Expected a dot import path string: (\S+)", message)
+    if key and bad_name:
+        return f"--{key.group(1)}: there is no class {bad_name.group(1)!r}. {_closest_classes(key.group(1), bad_name.group(1))}"
+    lines = [line.strip() for line in message.splitlines() if line.strip() and not _NOISE.match(line)]
+    given = re.search(r"^\s*Given value: (?!NestedArg)(.*)$", message, flags=re.M)
+    if given:
+        lines.append(f"(got {given.group(1)!r})")
+    short = re.sub(r'Parser key "([^"]+)":', r"--\1:", " ".join(lines))
+    return re.sub(r"- Expected a <class '([^']+)'>", r"expected \1", short)
+
+
+def _closest_arguments(class_path: str, given: str) -> str:
+    try:
+        module, name = class_path.rsplit(".", 1)
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return ""
+    arguments = {p for klass in inspect.getmro(cls) if "__init__" in vars(klass)
+                 for p in inspect.signature(klass.__init__).parameters if p not in ("self", "args", "kwargs")}
+    close = difflib.get_close_matches(given, sorted(arguments), n=3, cutoff=0.5)
+    return f"Closest valid arguments: {', '.join(close)}." if close else f"Valid arguments: {', '.join(sorted(arguments))}."
+
+
+def _closest_classes(key: str, given: str) -> str:
+    packages = next((names for suffix, names in CLASS_PACKAGES.items() if key.split(".")[-1] == suffix), ())
+    classes = {}
+    for package in packages:
+        module = importlib.import_module(package)
+        for name in getattr(module, "__all__", dir(module)):
+            if inspect.isclass(getattr(module, name, None)) and not name.startswith("_"):
+                classes.setdefault(name, f"{package}.{name}")
+    if not classes:
+        return "Give a full import path (package.module.Class)."
+    close = difflib.get_close_matches(given.rsplit(".", 1)[-1], list(classes), n=3, cutoff=0.5)
+    if close:
+        return f"Closest valid classes: {', '.join(classes[name] for name in close)}."
+    return f"Valid classes: {', '.join(sorted(classes.values()))}."
 
 
 class PDENetsCLI(LightningCLI):
@@ -39,13 +151,20 @@ class PDENetsCLI(LightningCLI):
             {
                 "trainer.logger": {
                     "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                    "init_args": {"save_dir": "logs", "name": "pdenets"},
+                    # name null: named after the config file (see _name_log_folder)
+                    "init_args": {"save_dir": "logs", "name": None},
                 },
                 "trainer.callbacks": [
                     {
                         "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                        "init_args": {"monitor": "val/acc_top1", "mode": "max", "save_last": True,
-                                      "filename": "best-{epoch:02d}"},
+                        "init_args": {"monitor": "val/acc_top1", "mode": "max", "filename": "best-{epoch:02d}"},
+                    },
+                    {
+                        # last.ckpt at the end of every training epoch (after its validation). Lightning 2.6's
+                        # save_last=True rewrites it only when a new best checkpoint is saved.
+                        "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                        "init_args": {"filename": "last", "save_top_k": 1, "enable_version_counter": False,
+                                      "save_on_train_epoch_end": True},
                     },
                     {"class_path": "lightning.pytorch.callbacks.LearningRateMonitor"},
                     {"class_path": "lightning_pdenets.callbacks.CheckpointOnInterrupt"},
@@ -56,16 +175,23 @@ class PDENetsCLI(LightningCLI):
         )
 
     def _parse_ckpt_path(self) -> None:
-        """Resolve ``--ckpt_path last`` across logger versions and refuse unreadable checkpoints early.
+        """Name the log folder, resolve ``--ckpt_path last`` in it, and check the checkpoint before anything loads it.
 
         Overrides LightningCLI's hook that reads the checkpoint's hyperparameters (Lightning 2.4-2.6),
         which runs before any public hook and would fail on a corrupt file with a bare torch error.
         """
-        self._resolve_ckpt_path()
+        subcommand = self.config.get("subcommand")
+        if subcommand is None:
+            return
+        _name_log_folder(self.config[subcommand])
+        if self._resolve_ckpt_path(self.config[subcommand]):
+            return  # trusted pickled file: its hyperparameters are not merged, the config alone builds the model
+        learning_rates = _learning_rates(self.config[subcommand]) if subcommand == "fit" else {}
         evaluation_solver = self._evaluation_solver()
         super()._parse_ckpt_path()
+        _set_learning_rates(self.config[subcommand], learning_rates)
         if evaluation_solver is not None:
-            self.config[self.config["subcommand"]]["model"]["init_args"]["solver"] = evaluation_solver
+            self.config[subcommand]["model"]["init_args"]["solver"] = evaluation_solver
 
     def _evaluation_solver(self) -> Any:
         """The config's ``model.init_args.solver`` in ``test``/``validate``/``predict``, or ``None``.
@@ -80,25 +206,56 @@ class PDENetsCLI(LightningCLI):
         init_args = (self.config[subcommand].get("model") or {}).get("init_args")
         return init_args.get("solver") if hasattr(init_args, "get") else None
 
-    def _resolve_ckpt_path(self) -> None:
-        subcommand = self.config.get("subcommand")
-        if subcommand is None:
-            return
-        config = self.config[subcommand]
+    def _resolve_ckpt_path(self, config: Namespace) -> bool:
+        """Resolve ``last`` and check the checkpoint; True when it is a trusted file that needs unpickling."""
         ckpt_path = config.get("ckpt_path")
         if ckpt_path == "last":
             log_root = _log_root(config)
             found = find_resume_checkpoint(log_root)
             if found is None:
-                raise FileNotFoundError(
-                    f"--ckpt_path last: no last.ckpt or interrupted.ckpt under {str(log_root)!r}. Pass a checkpoint "
-                    f"path, or run without --ckpt_path to start afresh."
+                raise CheckpointNotFoundError(
+                    f"--ckpt_path last: no readable last.ckpt or interrupted.ckpt under {str(log_root)!r}, the log "
+                    f"folder of this config. Pass a checkpoint path, or run without --ckpt_path to start afresh."
                 )
             config["ckpt_path"] = ckpt_path = str(found)
             _continue_logger_version(config, found)
             rank_zero_info(f"Resuming from {found}")
-        if ckpt_path not in (None, "best", "hpc", "registry") and not str(ckpt_path).startswith("registry:"):
-            check_layout(check_checkpoint(ckpt_path), ckpt_path)
+        if ckpt_path in (None, "best", "hpc", "registry") or str(ckpt_path).startswith("registry:"):
+            return False
+        # Lightning's own load runs with torch's default, which an environment variable can turn into unpickling.
+        trusted = config.get("weights_only") is False
+        if config.get("weights_only") is None:
+            config["weights_only"] = True
+        model = config.get("model")
+        checkpoint = check_checkpoint(ckpt_path, model.get("class_path") if isinstance(model, Namespace) else None,
+                                      trusted=trusted)
+        check_layout(checkpoint, ckpt_path)
+        if trusted and needs_unpickling(ckpt_path):
+            rank_zero_info(f"{ckpt_path} needs unpickling, trusted by --weights_only false; the model is built from "
+                           f"the config alone, not from the hyperparameters stored in the file.")
+            return True
+        return False
+
+    def instantiate_classes(self) -> None:
+        """Instantiate as Lightning does; a constructor's argument error ends as a short message with exit code 2."""
+        try:
+            super().instantiate_classes()
+        except (ValueError, FileNotFoundError, UntrustedCheckpointError, CorruptCheckpointError) as error:
+            cause = _argument_error(error)
+            if cause is None or _debugging():
+                raise
+            self._parser(self.config.get("subcommand")).error(cause)
+
+    def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
+        """Lightning's trainer, writing checkpoints through :class:`AtomicCheckpointIO` unless a plugin says otherwise."""
+        trainer = super().instantiate_trainer(**kwargs)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        return trainer
+
+    def before_instantiate_classes(self) -> None:
+        if self.config.get("subcommand") is None:  # run=False: _parse_ckpt_path did not run
+            _name_log_folder(self.config)
 
     def after_instantiate_classes(self) -> None:
         super().after_instantiate_classes()
@@ -111,6 +268,7 @@ class PDENetsCLI(LightningCLI):
         if getattr(self.trainer, "interrupted", False):
             return
         best = [c for c in self.trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint) and c.best_model_path]
+        best.sort(key=lambda c: c.monitor is None)  # a monitored best before the unmonitored last.ckpt
         ckpt_path: Optional[str] = best[0].best_model_path if best else None
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt_path)
 
@@ -155,7 +313,7 @@ def _check_linked_values(model_config: Any, model: Any, datamodule: Any) -> None
             continue
         fix = "it is taken from the datamodule, so remove it from the model's config" if linked else \
             f"set `model.init_args.{name}: {expected!r}`"
-        raise ValueError(
+        raise ConfigurationError(
             f"`model.init_args.{name}` is {given!r}, but {type(datamodule).__name__} gives {expected!r}: {fix}."
         )
 
@@ -165,6 +323,86 @@ def _log_root(config) -> Path:
     init_args = logger.get("init_args", {}) if hasattr(logger, "get") else {}
     save_dir = init_args.get("save_dir") or config["trainer"].get("default_root_dir") or "."
     return Path(save_dir) / (init_args.get("name") or "")
+
+
+def experiment_name(config_files: Sequence[Any]) -> str:
+    """Log folder name of a run: the path of its model's config file under ``configs/``, without the suffix.
+
+    ``configs/mnist/odenet.yaml`` gives ``mnist/odenet`` (stems alone collide across datasets), a file
+    outside a ``configs`` folder its stem. The first config file that sets ``model`` counts, so that
+    trainer and callback presets added with more ``--config`` do not rename the experiment; without
+    one, the first config file, and without any, ``pdenets``.
+    """
+    paths = [Path(str(path)) for path in config_files]
+    chosen = next((path for path in paths if _sets_model(path)), paths[0] if paths else None)
+    if chosen is None:
+        return DEFAULT_EXPERIMENT_NAME
+    parts = chosen.resolve().with_suffix("").parts
+    if "configs" in parts[:-1]:
+        last = len(parts) - 1 - parts[::-1].index("configs")
+        return "/".join(parts[last + 1:])
+    return chosen.stem
+
+
+def _sets_model(config_file: Path) -> bool:
+    try:
+        content = yaml.safe_load(config_file.read_text())
+    except (OSError, yaml.YAMLError):
+        return False
+    return isinstance(content, dict) and "model" in content
+
+
+def _name_log_folder(config: Namespace) -> None:
+    """Give a TensorBoard/CSV logger left without a ``name`` the experiment's name (see :func:`experiment_name`)."""
+    logger = config.get("trainer", {}).get("logger")
+    init_args = logger.get("init_args") if isinstance(logger, Namespace) else None
+    if init_args is not None and "name" in init_args and init_args.get("name") is None:
+        init_args["name"] = experiment_name(config.get("config") or [])
+
+
+def _learning_rates(config: Namespace) -> dict[str, Any]:
+    """The model's learning-rate arguments (``lr``, ``*_lr``, at any depth) as the config and command line set them."""
+    model = config.get("model")
+    init_args = model.get("init_args") if isinstance(model, Namespace) else None
+    if init_args is None:
+        return {}
+    return {key: value for key, value in init_args.items() if key.split(".")[-1] == "lr" or key.endswith("_lr")}
+
+
+def _set_learning_rates(config: Namespace, learning_rates: dict[str, Any]) -> None:
+    """Put the given learning rates back over those read from the checkpoint's hyperparameters.
+
+    A resumed fit takes every model argument from the checkpoint (LightningCLI), so a lower learning
+    rate after a NaN would be lost; the model then applies it to the restored optimizers (see
+    ``ClassifierModule.on_train_start``).
+    """
+    model = config.get("model")
+    init_args = model.get("init_args") if isinstance(model, Namespace) else None
+    for key, value in learning_rates.items():
+        if init_args is not None and key in init_args and init_args[key] != value:
+            init_args[key] = value
+
+
+def _argument_error(error: BaseException) -> Optional[str]:
+    """The message of the constructor error behind jsonargparse's wrapping, prefixed by its class; None if none."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        frames = list(_traceback_frames(error))
+        raised_in = frames[-1].f_code.co_filename if frames else ""
+        if "jsonargparse" not in raised_in and not raised_in.endswith(os.path.join("pytorch", "cli.py")):
+            owner = next((type(f.f_locals["self"]).__name__ for f in frames
+                          if f.f_code.co_name == "__init__" and "self" in f.f_locals), None)
+            return f"{owner}: {error}" if owner else str(error)
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _traceback_frames(error: BaseException):
+    traceback = error.__traceback__
+    while traceback is not None:
+        yield traceback.tb_frame
+        traceback = traceback.tb_next
 
 
 def _continue_logger_version(config, checkpoint: Path) -> None:
@@ -186,12 +424,28 @@ def build_cli(args: Optional[list[str]] = None, run: bool = True) -> PDENetsCLI:
         args=args,
         save_config_kwargs={"overwrite": True},
         run=run,
+        parser_class=PDENetsArgumentParser,
+        parser_kwargs={"prog": "pdenets"},
     )
 
 
 def main(args: Optional[list[str]] = None) -> None:
-    """Entry point of ``pdenets`` and ``python -m lightning_pdenets``."""
-    build_cli(args)
+    """Entry point of ``pdenets`` and ``python -m lightning_pdenets``.
+
+    Exits with 2 for bad arguments and checkpoints (one message, no traceback), and with 143 after
+    SIGTERM (Lightning stops cleanly but would exit 0, which a scheduler or ``&&`` reads as success).
+    """
+    try:
+        build_cli(args)
+    except SIGTERMException:
+        sys.stderr.write(f"pdenets: stopped by SIGTERM (exit code {EXIT_SIGTERM}). An interrupted fit resumes with "
+                         f"the same command and --ckpt_path last.\n")
+        sys.exit(EXIT_SIGTERM)
+    except USER_ERRORS as error:
+        if _debugging():
+            raise
+        sys.stderr.write(f"error: {error}\n")
+        sys.exit(EXIT_USAGE)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,22 @@ class CorruptCheckpointError(RuntimeError):
     """A checkpoint file cannot be read (truncated, corrupted, or not a checkpoint)."""
 
 
+class CheckpointNotFoundError(FileNotFoundError):
+    """A checkpoint path given by the user names no file, or ``last`` finds none."""
+
+
+class UntrustedCheckpointError(RuntimeError):
+    """A checkpoint needs unpickling, which can run arbitrary code, and was not trusted explicitly."""
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint holds another model class than the one the config asks for."""
+
+
+class ConfigurationError(ValueError):
+    """Settings that are valid one by one but cannot work together (e.g. a schedule without a horizon)."""
+
+
 class DatasetDownloadError(ConnectionError):
     """A dataset could not be downloaded (no network, a failing mirror, an unwritable folder)."""
 

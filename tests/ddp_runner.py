@@ -63,7 +63,7 @@ def run_case(name: str, case: DDPCase, out_dir: Path, devices: int, batch_size: 
             raise
         error = str(failure)
         error_type = type(failure).__name__
-    checkpoints = {path.name: _tensors(torch.load(path, weights_only=False)["state_dict"])
+    checkpoints = {path.name: _tensors(torch.load(path, weights_only=True)["state_dict"])
                    for path in sorted(workdir.rglob("*.ckpt"))}
     return {
         "state": _tensors(model.state_dict()),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -111,7 +112,8 @@ def test_print_config_round_trips(tmp_path: Path) -> None:
     assert printed["model"]["init_args"]["solver"]["adjoint"] is True
 
 
-def test_unknown_solver_in_config_is_reported_with_valid_names(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="`solver.method` must be one of .*dopri5"):
-        build_cli(["--config", str(REPO_ROOT / "configs/quickstart.yaml"), "--model.init_args.solver.method=rk45"],
-                  run=False)
+def test_unknown_solver_in_config_is_reported_with_valid_names(tmp_path: Path, capsys) -> None:
+    with pytest.raises(SystemExit) as stop:
+        build_cli(["--config", str(REPO_ROOT / "configs/quickstart.yaml"), "--model.init_args.solver.method=rk45"], run=False)
+    assert stop.value.code == 2
+    assert re.search(r"error: RKNetModule: `solver.method` must be one of .*dopri5.*got 'rk45'\.$", capsys.readouterr().err)

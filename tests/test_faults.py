@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
-import fsspec
 import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_pdenets.callbacks import CheckpointOnInterrupt
-from lightning_pdenets.checkpoints import find_resume_checkpoint
+from lightning_pdenets.checkpoints import AtomicCheckpointIO, find_resume_checkpoint
 from lightning_pdenets.cli import build_cli
 from lightning_pdenets.data import DigitsDataModule
 from lightning_pdenets.errors import CorruptCheckpointError, SolverFailedError
@@ -37,7 +37,7 @@ def test_ckpt_path_last_resumes_the_newest_run_in_its_own_version(tmp_path: Path
     assert resumed.trainer.current_epoch == 2
     assert resumed.trainer.global_step == 6  # 3 steps restored + 3 new, not 3 from scratch
     assert resumed.trainer.logger.version == 0  # continued in version_0, not a fresh version_1
-    assert not (tmp_path / "logs" / "pdenets" / "version_1").exists()
+    assert not (tmp_path / "logs" / "quickstart" / "version_1").exists()
 
 
 def test_a_run_that_fails_before_its_first_step_leaves_the_resume_point_alone(tmp_path: Path) -> None:
@@ -54,14 +54,14 @@ def test_a_run_that_fails_before_its_first_step_leaves_the_resume_point_alone(tm
 
 
 def test_ckpt_path_last_without_any_checkpoint_is_an_error(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="no last.ckpt or interrupted.ckpt under"):
+    with pytest.raises(FileNotFoundError, match="no readable last.ckpt or interrupted.ckpt under"):
         build_cli(["fit", *QUICK, "--ckpt_path=last"])
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage"])
 def test_corrupt_checkpoint_gives_a_clear_error_naming_alternatives(damage: str, tmp_path: Path) -> None:
     build_cli(["fit", *QUICK, "--trainer.max_epochs=1"])
-    checkpoints = tmp_path / "logs" / "pdenets" / "version_0" / "checkpoints"
+    checkpoints = tmp_path / "logs" / "quickstart" / "version_0" / "checkpoints"
     broken = checkpoints / "last.ckpt"
     data = broken.read_bytes()
     broken.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"not a checkpoint at all")
@@ -72,20 +72,25 @@ def test_corrupt_checkpoint_gives_a_clear_error_naming_alternatives(damage: str,
 
 
 def test_a_failed_checkpoint_write_leaves_the_previous_file_intact(tmp_path: Path, monkeypatch) -> None:
-    """Lightning writes through an fsspec transaction (temporary file, then rename); a crash mid-write keeps the old file."""
+    """pdenets writes checkpoints to a temporary file beside the target, then renames it: a disk that fills up
+    mid-write keeps the old file and leaves no temporary file behind. (Lightning's own transaction writes the
+    temporary file in the system's temporary folder; from another file system the final move is a copy.)"""
     cli = build_cli(["fit", *QUICK, "--trainer.max_epochs=1"])
+    assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
     target = tmp_path / "model.ckpt"
     cli.trainer.save_checkpoint(target)
     before = target.read_bytes()
 
-    def crash(self, data):
-        raise OSError("disk full")
+    def disk_full(checkpoint, file):
+        file.write(b"half a checkpoint")
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(fsspec.implementations.local.LocalFileOpener, "write", crash)
-    with pytest.raises(OSError, match="disk full"):
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError, match="No space left on device"):
         cli.trainer.save_checkpoint(target)
     assert target.read_bytes() == before
-    assert torch.load(target, weights_only=False)["global_step"] == 3
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".model.ckpt")] == []
+    assert torch.load(target, weights_only=True)["global_step"] == 3
 
 
 class FailingSolverModule(RKNetModule):
@@ -105,7 +110,7 @@ def test_solver_failure_stops_cleanly_and_keeps_the_last_good_checkpoint(tmp_pat
     )
     with pytest.raises(SolverFailedError, match="max_num_steps"):
         trainer.fit(model, datamodule=DigitsDataModule(batch_size=16))
-    assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["epoch"] == 0
+    assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["epoch"] == 0
     assert not (tmp_path / "ckpt" / "interrupted.ckpt").exists()  # the failing state is not the newest checkpoint
     assert find_resume_checkpoint(tmp_path) == tmp_path / "ckpt" / "last.ckpt"
 
@@ -133,11 +138,41 @@ def test_interrupt_checkpoint_is_written_beside_the_model_checkpoints_and_remove
                                                            datamodule=DigitsDataModule(batch_size=16))
     written = tmp_path / "ckpt" / "interrupted.ckpt"
     assert Path(interrupt.ckpt_path) == written
-    assert torch.load(written, weights_only=False)["global_step"] == 2
+    assert torch.load(written, weights_only=True)["global_step"] == 2
     resumed = _trainer(tmp_path, CheckpointOnInterrupt())
     resumed.fit(RKNetModule(width=8, num_downsamples=1), datamodule=DigitsDataModule(batch_size=16), ckpt_path=written)
     assert resumed.global_step == 4  # continued from step 2, not restarted
     assert not written.exists()  # stale after the run completed
+
+
+class DiskFullFromStep(pl.Callback):
+    """From optimizer step ``step`` on, every checkpoint write fails as on a full disk, after half the bytes."""
+
+    def __init__(self, step: int, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.step, self.monkeypatch = step, monkeypatch
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            self.monkeypatch.setattr(torch, "save", disk_full)
+
+
+def disk_full(checkpoint, file) -> None:
+    file.write(b"half a checkpoint")
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_failed_interrupt_checkpoint_keeps_the_original_error_and_the_last_good_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    trainer = _trainer(tmp_path, CheckpointOnInterrupt(), DiskFullFromStep(6, monkeypatch), RaiseAtStep(6), max_epochs=2)
+    trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+    with pytest.warns(UserWarning, match=r"stopped with RuntimeError: simulated failure after 6 steps; writing "
+                                         r".*interrupted\.ckpt failed too \(OSError: .*No space left on device\)"):
+        with pytest.raises(RuntimeError, match="simulated failure after 6 steps"):  # not the OSError
+            trainer.fit(RKNetModule(width=8, num_downsamples=1), datamodule=DigitsDataModule(batch_size=16))
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["epoch=0-step=4.ckpt", "last.ckpt"]  # no half file
+    assert find_resume_checkpoint(tmp_path) == tmp_path / "ckpt" / "last.ckpt"
+    assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["global_step"] == 4
 
 
 class RaiseBeforeFirstStep(pl.Callback):
@@ -180,7 +215,7 @@ def test_adjoint_failure_in_backward_stops_cleanly_with_remedies(tmp_path: Path)
         trainer.fit(model, datamodule=DigitsDataModule(batch_size=16))
     assert "method='dopri5'" in str(failure.value) and "`min_step` > 0" in str(failure.value)
     assert trainer.global_step == 2
-    assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["global_step"] == 2
+    assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["global_step"] == 2
     assert not (tmp_path / "ckpt" / "interrupted.ckpt").exists()
 
 

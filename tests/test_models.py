@@ -42,7 +42,7 @@ def test_fit_logs_namespaced_metrics_and_reloads_from_checkpoint(module_class, k
 
     path = tmp_path / "model.ckpt"
     trainer.save_checkpoint(path)
-    checkpoint = torch.load(path, weights_only=False)
+    checkpoint = torch.load(path, weights_only=True)
     assert all(isinstance(v, (int, float, str, bool, type(None), list, tuple, dict))
                for v in checkpoint["hyper_parameters"].values())
     restored = module_class.load_from_checkpoint(path)
@@ -115,8 +115,9 @@ def test_nan_loss_stops_with_a_message_and_keeps_last_good_checkpoint(tmp_path: 
     with pytest.raises(NonFiniteLossError) as info:
         trainer.fit(ExplodesInSecondEpoch(**TINY, num_blocks=1), datamodule=DigitsDataModule(batch_size=16))
     message = str(info.value)
-    assert "['loss']" in message and "lower `lr`" in message and "--ckpt_path last" in message
-    last = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    assert "['loss']" in message and f"checkpoint is kept: {tmp_path / 'ckpt' / 'last.ckpt'}" in message
+    assert "run the same command with --ckpt_path last --model.init_args.lr 0.0001" in message
+    last = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
     assert last["epoch"] == 0
     assert all(torch.isfinite(t).all() for t in last["state_dict"].values() if t.is_floating_point())
 

@@ -65,7 +65,7 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(
     with pytest.raises(RuntimeError, match="simulated pre-emption"):
         train(tmp_path / "run", [Interrupt(interrupt_step), on_exception])
     checkpoint = tmp_path / "ckpt" / "interrupted.ckpt"
-    assert torch.load(checkpoint, weights_only=False)["global_step"] == interrupt_step
+    assert torch.load(checkpoint, weights_only=True)["global_step"] == interrupt_step
 
     resumed = parameters(train(tmp_path / "run", [], ckpt_path=str(checkpoint)))
     assert torch.equal(resumed, reference)
@@ -87,5 +87,5 @@ def test_sigterm_saves_a_checkpoint_and_resume_matches(reference: torch.Tensor, 
     with pytest.raises(SystemExit):  # Lightning's SIGTERMException
         train(tmp_path / "run", [SigTerm(3), on_exception])
     checkpoint = tmp_path / "ckpt" / "interrupted.ckpt"
-    assert torch.load(checkpoint, weights_only=False)["global_step"] == 3
+    assert torch.load(checkpoint, weights_only=True)["global_step"] == 3
     assert torch.equal(parameters(train(tmp_path / "run", [], ckpt_path=str(checkpoint))), reference)

@@ -1,11 +1,11 @@
 """Exact resume for every LightningModule and every callback (the cases of tests/ddp_cases.py).
 
 Each case trains for two epochs without interruption, and again with a simulated pre-emption in
-the middle of the second epoch (a checkpoint written on exception, then ``fit(ckpt_path=...)``
+the middle of the second epoch (``CheckpointOnInterrupt``, the default of ``pdenets``, then ``fit(ckpt_path=...)``
 with a fresh model and fresh callbacks). In deterministic mode both runs must end bit-identical:
 parameters, buffers, solver settings, callback state (adapted step sizes and tolerances, NFE
 history, refinement level) and every logged metric, the training-epoch means and accuracies of the
-interrupted epoch included.
+interrupted epoch included: the final values, and every scalar sent to the logger at every step.
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ from typing import Any, Optional
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.callbacks import OnExceptionCheckpoint
+from lightning.pytorch.loggers import Logger
 
+from lightning_pdenets.callbacks import CheckpointOnInterrupt
 from lightning_pdenets.protocols import find_ode_blocks
 from tests.ddp_cases import CASES, DDPCase
 
@@ -45,13 +46,43 @@ class PreemptAfterBatches(pl.Callback):
             raise RuntimeError("simulated pre-emption")
 
 
-def run(case: DDPCase, root: Path, extra_callbacks: list[pl.Callback], ckpt_path: Optional[str] = None) -> dict[str, Any]:
+class RecordingLogger(Logger):
+    """Keeps every scalar Lightning logs as ``{(name, step): value}``; a resumed run writes into the same dict."""
+
+    def __init__(self, scalars: dict[tuple[str, int], float]) -> None:
+        super().__init__()
+        self.scalars = scalars
+
+    @property
+    def name(self) -> str:
+        return "recording"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    @property
+    def experiment(self) -> None:
+        return None  # no figures
+
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: Optional[int] = None) -> None:
+        for name, value in metrics.items():
+            if not name.startswith("inference/"):  # wall time
+                self.scalars[(name, step)] = float(value)
+
+
+def run(case: DDPCase, root: Path, extra_callbacks: list[pl.Callback], ckpt_path: Optional[str] = None,
+        scalars: Optional[dict[tuple[str, int], float]] = None) -> dict[str, Any]:
     pl.seed_everything(7, workers=True)
     model, callbacks = case.model(), case.callbacks()
     trainer = pl.Trainer(
         accelerator="cpu", devices=1, max_epochs=max(EPOCHS, case.epochs), limit_train_batches=case.train_batches,
         limit_val_batches=2, limit_test_batches=2, num_sanity_val_steps=0, deterministic=True, default_root_dir=root,
-        logger=False, enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks + extra_callbacks,
+        logger=RecordingLogger({} if scalars is None else scalars), log_every_n_steps=1, enable_progress_bar=False,
+        enable_model_summary=False, callbacks=callbacks + extra_callbacks,
         enable_checkpointing=bool(extra_callbacks),
     )
     datamodule = case.data(BATCH_SIZE)
@@ -66,6 +97,7 @@ def run(case: DDPCase, root: Path, extra_callbacks: list[pl.Callback], ckpt_path
         "callback_states": {type(c).__name__: c.state_dict() for c in callbacks},
         "metrics": {k: v for k, v in metrics.items() if not k.startswith("inference/")},  # wall time
         "steps": trainer.global_step,
+        "scalars": trainer.logger.scalars,
     }
 
 
@@ -74,10 +106,11 @@ def test_preempted_and_resumed_run_matches_the_uninterrupted_one(name: str, tmp_
     case = CASES[name]
     reference = run(case, tmp_path / "reference", [])
     checkpoint = tmp_path / "ckpt" / "interrupted.ckpt"
+    scalars: dict[tuple[str, int], float] = {}
     with pytest.raises(RuntimeError, match="simulated pre-emption"):
         run(case, tmp_path / "run", [PreemptAfterBatches(case.train_batches + 1),
-                                      OnExceptionCheckpoint(dirpath=checkpoint.parent, filename="interrupted")])
-    resumed = run(case, tmp_path / "run", [], ckpt_path=str(checkpoint))
+                                      CheckpointOnInterrupt(dirpath=str(checkpoint.parent))], scalars=scalars)
+    resumed = run(case, tmp_path / "run", [], ckpt_path=str(checkpoint), scalars=scalars)
 
     assert resumed["steps"] == reference["steps"]
     for key, value in reference["state"].items():
@@ -85,3 +118,4 @@ def test_preempted_and_resumed_run_matches_the_uninterrupted_one(name: str, tmp_
     assert resumed["solver_settings"] == reference["solver_settings"]
     assert resumed["callback_states"] == reference["callback_states"]
     assert resumed["metrics"] == reference["metrics"]
+    assert resumed["scalars"] == reference["scalars"]  # every logged scalar at the same step, none shifted

@@ -304,6 +304,19 @@ def test_nfe_monitor_counts_rk4_evaluations_and_ignores_solver_checks():
     assert "solver_swap/test/max_drop" in trainer.callback_metrics
 
 
+def test_solver_swap_check_keeps_its_results_in_checkpoints(tmp_path: Path) -> None:
+    swap = SolverSwapCheck(solvers=["euler"], step_factors=[0.5], log_figure=False)
+    trainer = quiet_trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=1, callbacks=[swap])
+    trainer.fit(ForeignClassifier(), foreign_loader(), foreign_loader(32, seed=1))
+    trainer.save_checkpoint(tmp_path / "model.ckpt")
+    assert swap.results["val"]["combinations"][("euler", 0.5)]["nfe"] > 0
+
+    restored = SolverSwapCheck(solvers=["euler"], step_factors=[0.5], log_figure=False)
+    resumed = quiet_trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=1, callbacks=[restored])
+    resumed.fit(ForeignClassifier(), foreign_loader(), foreign_loader(32, seed=1), ckpt_path=tmp_path / "model.ckpt")
+    assert restored.results == swap.results  # nothing left to train: the results come from the checkpoint
+
+
 @pytest.mark.parametrize("progress_bar", [True, False])
 def test_solver_swap_check_counts_its_passes_in_a_progress_bar(progress_bar: bool, capfd) -> None:
     swap = SolverSwapCheck(solvers=["euler", "rk4"], step_factors=[0.5, 1.0])
@@ -369,7 +382,7 @@ def test_without_tolerance_adaptation_a_solver_failure_stops_training_and_keeps_
     with pytest.raises(SolverFailedError, match=r"max_num_steps.*ToleranceAdaptation callback"):
         trainer.fit(module, tiny_spheres())
     last = tmp_path / "last.ckpt"
-    assert torch.load(last, weights_only=False)["epoch"] == 0
+    assert torch.load(last, weights_only=True)["epoch"] == 0
     restored = VectorODEClassifierModule.load_from_checkpoint(last)
     assert restored.network.ode.solver_settings()["rtol"] == 1e-3  # the settings of the good epoch
     assert torch.isfinite(restored(torch.randn(3, 2))).all()

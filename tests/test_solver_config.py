@@ -15,7 +15,7 @@ from torch import nn
 
 from lightning_pdenets.blocks import ODEBlock
 from lightning_pdenets.cli import build_cli
-from lightning_pdenets.errors import SolverFailedError
+from lightning_pdenets.errors import ConfigurationError, SolverFailedError
 from lightning_pdenets.migration import LegacyCheckpointError, VERSION_KEY, check_layout, upgrade_checkpoint
 from lightning_pdenets.models import ODENetModule, RKNetModule
 from lightning_pdenets.solvers import SolverConfig
@@ -100,9 +100,25 @@ def test_unknown_setting_suggests_the_closest_names() -> None:
         SolverConfig.from_options("rk4")  # type: ignore[arg-type]
 
 
-def test_bad_solver_on_the_command_line_names_the_field() -> None:
-    with pytest.raises(ValueError, match=r"`solver.step_size` must be a finite number > 0, got -0.1"):
+def test_bad_solver_on_the_command_line_names_the_field(capsys) -> None:
+    with pytest.raises(SystemExit) as stop:
         build_cli(["--config", str(REPO_ROOT / "configs/quickstart.yaml"), "--model.init_args.solver.step_size", "-0.1"],
+                  run=False)
+    assert stop.value.code == 2
+    assert "`solver.step_size` must be a finite number > 0, got -0.1" in capsys.readouterr().err
+
+
+def test_data_facts_come_from_the_datamodule_and_contradictions_stop(tmp_path: Path) -> None:
+    cli = build_cli(["--config", str(REPO_ROOT / "configs/spheres/odenet_euler.yaml"), "--data.init_args.dim", "3"],
+                    run=False)
+    assert (cli.model.hparams.input_dim, cli.model.hparams.num_classes) == (3, 2)  # linked, not in the config
+    with pytest.raises(ConfigurationError, match=r"`model.init_args.num_classes` is 7, but DigitsDataModule gives 10: "
+                                                 r"it is taken from the datamodule"):
+        build_cli(["--config", str(REPO_ROOT / "configs/quickstart.yaml"), "--model.init_args.num_classes", "7"],
+                  run=False)
+    with pytest.raises(ConfigurationError, match=r"`model.init_args.image_size` is 28, but DigitsDataModule gives 8: "
+                                                 r"set `model.init_args.image_size: 8`"):
+        build_cli(["--config", str(REPO_ROOT / "configs/digits/prnet.yaml"), "--model.init_args.image_size", "28"],
                   run=False)
 
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Any, Optional
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_pdenets.errors import ModelFailure, is_peer_crash
 
@@ -33,6 +34,14 @@ class CheckpointOnInterrupt(Checkpoint):
     the previous fit call will be used" and, when the checkpoint folder is fixed, silently resumes
     an older run. Resuming stays explicit here.
 
+    If writing the checkpoint fails (a full disk), it warns and lets the exception that stopped the
+    run propagate, instead of hiding it behind the write error.
+
+    A resumed run logs what an uninterrupted one would: a SIGTERM that arrives during the validation
+    at an epoch's end takes effect once that validation is over (Lightning would stop after the next
+    validation batch, and a resume would skip the rest of it), and the logger step Lightning adds when
+    resuming from inside a batch is undone in the checkpoint.
+
     Args:
         dirpath: Folder of the checkpoint; default: the ``ModelCheckpoint`` folder of the run.
         filename: File stem of the checkpoint.
@@ -48,6 +57,8 @@ class CheckpointOnInterrupt(Checkpoint):
         self.filename = filename
         self.follow_model_checkpoint = dirpath is None
         self._steps_at_train_start: Optional[int] = None
+        self._deferred_sigterm = False
+        self._saving = False
 
     @property
     def ckpt_path(self) -> str:
@@ -56,6 +67,20 @@ class CheckpointOnInterrupt(Checkpoint):
 
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._steps_at_train_start = trainer.global_step  # after a checkpoint was restored
+        self._deferred_sigterm = False
+
+    def on_validation_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", *args: Any) -> None:
+        # Lightning stops a validation inside fit at the next batch on SIGTERM. A checkpoint of that state
+        # resumes as if the validation had finished: its metrics and the epoch's end would be lost. So the
+        # validation runs to its end first, and the run stops right after it (a state Lightning resumes exactly).
+        if trainer.received_sigterm and trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
+            trainer._signal_connector.received_sigterm = False  # noqa: SLF001 (no public way to defer it)
+            self._deferred_sigterm = True
+
+    def on_validation_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self._deferred_sigterm:
+            self._deferred_sigterm = False
+            trainer._signal_connector.received_sigterm = True  # noqa: SLF001
 
     def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
         steps_at_start, self._steps_at_train_start = self._steps_at_train_start, None
@@ -68,7 +93,21 @@ class CheckpointOnInterrupt(Checkpoint):
             )
             return
         self._follow_model_checkpoint(trainer)
-        trainer.save_checkpoint(self.ckpt_path)
+        self._saving = True
+        try:
+            trainer.save_checkpoint(self.ckpt_path)
+        except Exception as save_error:  # e.g. a full disk: the exception that stopped the run stays the news
+            rank_zero_warn(
+                f"CheckpointOnInterrupt: the run stopped with {type(exception).__name__}: {exception}; writing "
+                f"{self.ckpt_path} failed too ({type(save_error).__name__}: {save_error}), so no interrupt checkpoint "
+                f"was written. `--ckpt_path last` resumes from the last good checkpoint."
+            )
+        finally:
+            self._saving = False
+
+    def on_save_checkpoint(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", checkpoint: dict) -> None:
+        if self._saving:
+            _undo_logger_step_on_resume(checkpoint)
 
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         # Lightning calls callback teardown only when the stage did not raise: after a completed fit an
@@ -82,3 +121,23 @@ class CheckpointOnInterrupt(Checkpoint):
         model_checkpoints = [c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint) and c.dirpath]
         if self.follow_model_checkpoint and model_checkpoints:
             self.dirpath = os.fspath(model_checkpoints[0].dirpath)
+
+
+def _undo_logger_step_on_resume(checkpoint: dict) -> None:
+    """Compensate the logger step Lightning adds when it resumes from inside a training batch.
+
+    Resuming, Lightning 2.6 counts one more stepped batch (``_batches_that_stepped``, the logger's
+    step) unless the checkpoint was written after a batch's end hooks, assuming a save inside the
+    batch that the count has not reached yet. An exception stops the run before the next batch's
+    step (in ``on_train_batch_start`` or inside ``training_step``), after the last batch was counted:
+    every later scalar would be logged one step late.
+    """
+    epoch_loop = checkpoint.get("loops", {}).get("fit_loop", {})
+    progress = epoch_loop.get("epoch_loop.batch_progress", {}).get("total")
+    state = epoch_loop.get("epoch_loop.state_dict")
+    if not progress or not state or not state.get("_batches_that_stepped"):
+        return
+    ready, started, processed, completed = (progress[k] for k in ("ready", "started", "processed", "completed"))
+    after_batch_end_hooks = ready == started == processed and completed in (processed, processed - 1)
+    if not after_batch_end_hooks:
+        state["_batches_that_stepped"] -= 1

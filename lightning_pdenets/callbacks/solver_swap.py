@@ -8,6 +8,7 @@ accurate one. This callback only measures; :class:`StepSizeAdaptation` and
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 from collections.abc import Sequence
@@ -184,6 +185,13 @@ class SolverSwapCheck(Callback):
         log_replicated(pl_module, metrics)
         if self.log_figure:
             self._log_figure(trainer, stage, result)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The latest results per stage, so that they survive a resume."""
+        return {"results": copy.deepcopy(self.results)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.results = copy.deepcopy(state_dict.get("results", {}))
 
     @rank_zero_only
     def _log_figure(self, trainer: "pl.Trainer", stage: str, result: dict[str, Any]) -> None:

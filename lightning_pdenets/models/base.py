@@ -9,6 +9,7 @@ from typing import Any, ClassVar, Optional, Sequence, Union
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
@@ -24,10 +25,12 @@ from lightning_pdenets.errors import (
 )
 from lightning_pdenets.models.optim import (
     SCHEDULER_INTERVALS,
+    base_learning_rates,
     build_optimizer,
     build_scheduler,
     check_optimization_settings,
     run_optimizer_steps,
+    rescale_learning_rates,
 )
 import lightning_pdenets
 from lightning_pdenets.migration import VERSION_KEY, check_layout
@@ -114,6 +117,7 @@ class ClassifierModule(pl.LightningModule):
         self.train_means = nn.ModuleDict()  # epoch means of training terms (log_train_term), created on first use
         self.eval_means = nn.ModuleDict()  # epoch means of validation/test terms (log_eval_term), likewise
         self._pending_train_epoch_state: Optional[dict[str, Any]] = None
+        self._configured_learning_rates: Optional[list[list[float]]] = None
         self.val_metrics = accuracy_metrics(num_classes, "val/")
         self.test_metrics = accuracy_metrics(num_classes, "test/")
 
@@ -208,7 +212,25 @@ class ClassifierModule(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._pending_train_epoch_state = checkpoint.get(TRAIN_EPOCH_STATE_KEY)
 
+    def on_fit_start(self) -> None:
+        # Lightning has configured the optimizers before this hook and restores a checkpoint's state after it.
+        self._configured_learning_rates = base_learning_rates(self.trainer.optimizers)
+
+    def _apply_configured_learning_rates(self) -> None:
+        """On resume, start the restored schedules from this run's learning rates, not the checkpoint's."""
+        configured, self._configured_learning_rates = self._configured_learning_rates, None
+        if configured is None or self.trainer.ckpt_path is None:
+            return
+        schedulers = [config.scheduler for config in self.trainer.lr_scheduler_configs]
+        changes = rescale_learning_rates(self.trainer.optimizers, schedulers, configured)
+        if changes:
+            rank_zero_info(
+                f"Resumed with the learning rates of this run, not the checkpoint's ({'; '.join(changes)}); the "
+                f"restored optimizers and schedules are scaled to match."
+            )
+
     def on_train_start(self) -> None:
+        self._apply_configured_learning_rates()
         # Lightning restores the loops before this hook and skips on_train_epoch_start when it resumes
         # inside an epoch; a checkpoint written at an epoch's end resumes at the next epoch instead.
         saved, self._pending_train_epoch_state = self._pending_train_epoch_state, None
@@ -304,14 +326,35 @@ class ClassifierModule(pl.LightningModule):
         if not bad:
             raise PeerFailedError(
                 f"another DDP process stopped at global step {self.global_step} (a non-finite loss or an ODE solver "
-                f"failure; its error message names the cause and the remedies). The last good checkpoint is kept."
+                f"failure; its error message names the cause and the remedies). {self._kept_checkpoint_note()}"
             )
         raise NonFiniteLossError(
-            f"non-finite loss term(s) {bad} at global step {self.global_step}. The last good "
-            f"checkpoint is kept. Likely causes: a learning rate too high for these dynamics, or an ODE solver whose "
-            f"step size is too large; try a lower `lr`, gradient clipping (trainer.gradient_clip_val), a smaller "
-            f"step_size or tighter rtol/atol, then resume with --ckpt_path last."
+            f"non-finite loss term(s) {bad} at global step {self.global_step}. Likely causes: a learning rate too "
+            f"high for these dynamics, or an ODE solver whose step size is too large. {self._non_finite_advice()}"
         )
+
+    def _kept_checkpoint(self) -> Optional[str]:
+        """The newest checkpoint of this run on disk (written, or resumed from), or ``None``."""
+        if self._trainer is None:
+            return None
+        paths = [getattr(c, "last_model_path", "") or getattr(c, "best_model_path", "")
+                 for c in self.trainer.checkpoint_callbacks] + [self.trainer.ckpt_path or ""]
+        existing = [path for path in map(str, paths) if path and os.path.isfile(path)]
+        return max(existing, key=os.path.getmtime) if existing else None
+
+    def _kept_checkpoint_note(self) -> str:
+        kept = self._kept_checkpoint()
+        return f"The last good checkpoint is kept: {kept}." if kept else "No checkpoint was written yet."
+
+    def _non_finite_advice(self) -> str:
+        lower_lr = f"--model.init_args.lr {self.optimization['lr'] / 10:g}"
+        if self._kept_checkpoint() is None:
+            return (f"No checkpoint was written yet, so start afresh: run the same command with a lower learning rate "
+                    f"({lower_lr}), or with --trainer.gradient_clip_val 1.0, a smaller step_size or tighter rtol/atol.")
+        return (f"{self._kept_checkpoint_note()} Continue from it with a lower learning rate: run the same command with "
+                f"--ckpt_path last {lower_lr} (a learning rate given for the resumed run replaces the checkpoint's in "
+                f"its optimizers and schedules), optionally with --trainer.gradient_clip_val 1.0. A smaller step_size "
+                f"or tighter rtol/atol needs a fresh run: the checkpoint restores its solver settings.")
 
     # -- optimization -----------------------------------------------------------------------
     def configure_optimizers(self) -> Any:

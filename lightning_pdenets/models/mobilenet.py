@@ -12,13 +12,13 @@ import inspect
 import os
 from typing import Any, Optional
 
-import torch
 from lightning.pytorch.callbacks import BackboneFinetuning, Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from lightning_pdenets.architectures.chen import ODENET_SOLVER
 from lightning_pdenets.architectures.mobilenet_isometric import isometric_channels, prnet_mobilenet
+from lightning_pdenets.checkpoints import load_checkpoint
 from lightning_pdenets.models.base import ClassifierModule
 from lightning_pdenets.models.prnet import PRNetModule
 from lightning_pdenets.models.solver import ODESolverMixin
@@ -61,12 +61,15 @@ class IsometricMobileNetModule(ClassifierModule):
         pretrained_checkpoint: Lightning checkpoint of the same architecture (e.g. trained on Tiny
             ImageNet) to start from; its classifier is replaced by one with ``num_classes`` outputs.
             To reload a fine-tuned model without the source file, pass
-            ``load_from_checkpoint(path, pretrained_checkpoint=None)``.
+            ``load_from_checkpoint(path, pretrained_checkpoint=None)``. Loaded with
+            ``torch.load(weights_only=True)``: a file that needs unpickling is refused.
         finetune: ``full`` trains every layer from the start; ``head_first`` freezes the backbone
             and unfreezes it at ``unfreeze_backbone_at_epoch`` (Lightning's ``BackboneFinetuning``).
         unfreeze_backbone_at_epoch: Epoch at which ``head_first`` unfreezes the backbone.
         backbone_lr_ratio: Backbone learning rate at unfreezing, relative to the head's; it then grows
             ×1.5 per epoch until it matches (``BackboneFinetuning``'s schedule).
+        trust_pretrained_checkpoint: Unpickle ``pretrained_checkpoint`` even when it holds Python objects
+            other than tensors, which can run any code; only for a file from a source you trust.
         **kwargs: Optimization settings of :class:`ClassifierModule`.
     """
 
@@ -88,6 +91,7 @@ class IsometricMobileNetModule(ClassifierModule):
         finetune: str = "full",
         unfreeze_backbone_at_epoch: int = 5,
         backbone_lr_ratio: float = 0.1,
+        trust_pretrained_checkpoint: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(num_classes=num_classes, **kwargs)
@@ -95,7 +99,7 @@ class IsometricMobileNetModule(ClassifierModule):
         check_finetune_settings(finetune, unfreeze_backbone_at_epoch, backbone_lr_ratio)
         self.network = self.build_network(**self.network_arguments())
         if pretrained_checkpoint is not None:
-            self.load_pretrained(pretrained_checkpoint)
+            self.load_pretrained(pretrained_checkpoint, trusted=trust_pretrained_checkpoint)
         elif finetune == "head_first":
             rank_zero_warn(
                 "finetune='head_first' without `pretrained_checkpoint`: the frozen backbone is randomly initialized. "
@@ -112,9 +116,9 @@ class IsometricMobileNetModule(ClassifierModule):
         return self.network.backbone
 
     # -- fine-tuning ----------------------------------------------------------------------------
-    def load_pretrained(self, path: str) -> None:
-        """Load every weight but the classifier from the Lightning checkpoint at ``path``."""
-        load_pretrained_backbone(self.network, path, self.architecture_arguments(), type(self).__name__)
+    def load_pretrained(self, path: str, trusted: bool = False) -> None:
+        """Load every weight but the classifier from the Lightning checkpoint at ``path`` (unpickled only if ``trusted``)."""
+        load_pretrained_backbone(self.network, path, self.architecture_arguments(), type(self).__name__, trusted)
 
     def configure_callbacks(self) -> list[Callback]:
         if self.hparams.finetune != "head_first":
@@ -127,7 +131,9 @@ class IsometricMobileNetModule(ClassifierModule):
         ]
 
 
-def load_pretrained_backbone(network: nn.Module, path: str, architecture: dict[str, Any], model_name: str) -> None:
+def load_pretrained_backbone(
+    network: nn.Module, path: str, architecture: dict[str, Any], model_name: str, trusted: bool = False
+) -> None:
     """Copy every weight but ``classifier.*`` from the Lightning checkpoint at ``path`` into ``network``.
 
     Args:
@@ -135,17 +141,19 @@ def load_pretrained_backbone(network: nn.Module, path: str, architecture: dict[s
         path: A ``.ckpt`` file of a model with the same architecture.
         architecture: The target's architecture arguments, compared with the checkpoint's hyperparameters.
         model_name: Named in error messages.
+        trusted: Unpickle the file even when a weights-only load refuses it (which can run code).
 
     Raises:
         FileNotFoundError: when ``path`` does not exist.
+        UntrustedCheckpointError: when the file needs unpickling and ``trusted`` is false.
         ValueError: when the checkpoint holds a different architecture (names the differences).
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"`pretrained_checkpoint` {os.path.abspath(path)!r} does not exist; point it to the .ckpt file of the "
-            f"source model (e.g. logs/pdenets/version_0/checkpoints/best-*.ckpt from the Tiny ImageNet run)."
+            f"source model (e.g. logs/tinyimagenet/mobilenetv3_w1/version_0/checkpoints/best-*.ckpt)."
         )
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    checkpoint = load_checkpoint(path, trusted, how_to_trust="--model.init_args.trust_pretrained_checkpoint true")
     source = checkpoint.get("hyper_parameters", {})
     differing = {k: (source[k], v) for k, v in architecture.items() if k in source and k not in ("num_classes", "solver") and source[k] != v}
     if differing:
@@ -233,6 +241,7 @@ class PRNetMobileNetModule(PRNetModule):
         activation, t_end: PDE block settings (see :func:`lightning_pdenets.architectures.prnet_mobilenet`).
         pretrained_checkpoint: Checkpoint of a PR-Net of the same architecture to fine-tune (all layers,
             with Algorithm 1); its classifier is replaced by one with ``num_classes`` outputs.
+        trust_pretrained_checkpoint: as in :class:`IsometricMobileNetModule`.
         **kwargs: PR-Net's settings (``max_power``, ``theta_lr``, ``alpha_optimizer``, ..., see
             :class:`PRNetModule`) and the task optimizer's (``optimizer``, ``lr``, ...).
     """
@@ -253,6 +262,7 @@ class PRNetMobileNetModule(PRNetModule):
         activation: str = "softplus",
         t_end: float = 1.0,
         pretrained_checkpoint: Optional[str] = None,
+        trust_pretrained_checkpoint: bool = False,
         **kwargs: Any,
     ) -> None:
         # PRNetModule builds Chen et al.'s PR-Net; a 1-pixel stand-in keeps that cheap before it is
@@ -269,4 +279,5 @@ class PRNetMobileNetModule(PRNetModule):
         if pretrained_checkpoint is not None:
             names = inspect.signature(prnet_mobilenet).parameters
             architecture = {name: value for name, value in self.hparams.items() if name in names}
-            load_pretrained_backbone(self.network, pretrained_checkpoint, architecture, type(self).__name__)
+            load_pretrained_backbone(self.network, pretrained_checkpoint, architecture, type(self).__name__,
+                                     trust_pretrained_checkpoint)

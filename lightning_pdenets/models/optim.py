@@ -6,16 +6,19 @@ can be reloaded without pickled modules; every bad name lists the valid ones.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Iterable, Optional, Sequence
 
 import torch
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
+from lightning_pdenets.errors import ConfigurationError
 from lightning_pdenets.validation import check_positive
 
 __all__ = [
     "OPTIMIZERS", "LR_SCHEDULERS", "SCHEDULER_INTERVALS", "build_optimizer", "build_scheduler", "check_optimization_settings",
+    "base_learning_rates", "rescale_learning_rates",
 ]
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD, "rmsprop": torch.optim.RMSprop}
@@ -75,8 +78,17 @@ def build_scheduler(
 
     ``'onecycle'`` is Smith & Topin's one-cycle schedule ("Super-convergence", 2019) peaking at the
     optimizer's ``lr``; it needs ``total_steps``, the optimizer steps of the whole run.
+
+    Raises:
+        ConfigurationError: when ``'cosine'`` or ``'onecycle'`` gets a run without an end (``max_epochs=-1``).
     """
     if lr_scheduler == "onecycle":
+        if total_steps is not None and not math.isfinite(total_steps):
+            raise ConfigurationError(
+                "`lr_scheduler='onecycle'` spans the whole run, but it has no end (trainer.max_epochs -1 and no "
+                "trainer.max_steps). Set --trainer.max_epochs N or --trainer.max_steps N, or choose another "
+                "lr_scheduler ('multistep' or 'none' run open-ended)."
+            )
         if not total_steps or total_steps < 2:
             raise ValueError(
                 f"`lr_scheduler='onecycle'` needs the run's number of optimizer steps (>= 2), got {total_steps!r}; "
@@ -85,6 +97,11 @@ def build_scheduler(
         peak = [group["lr"] for group in optimizer.param_groups]
         return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=peak, total_steps=int(total_steps))
     if lr_scheduler == "cosine":
+        if max_epochs is not None and max_epochs < 1:
+            raise ConfigurationError(
+                f"`lr_scheduler='cosine'` anneals over trainer.max_epochs, but it is {max_epochs} (no limit). Set "
+                f"--trainer.max_epochs N, or choose another lr_scheduler ('multistep' or 'none' run open-ended)."
+            )
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, max_epochs or 1))
     if lr_scheduler == "multistep":
         return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(lr_milestones), gamma=lr_gamma)
@@ -96,3 +113,44 @@ def run_optimizer_steps(trainer: Any) -> int:
     so that the schedule can be built and the smoke run goes through."""
     steps = trainer.estimated_stepping_batches
     return max(2, steps) if trainer.fast_dev_run else steps
+
+
+# Per-group values a schedule derives its learning rate from; one factor scales a whole schedule.
+_GROUP_RATES = ("lr", "initial_lr", "max_lr", "min_lr")
+
+
+def base_learning_rates(optimizers: Sequence[Optimizer]) -> list[list[float]]:
+    """Per optimizer and parameter group, the rate its schedule starts from (``initial_lr`` if a scheduler set one)."""
+    return [[group.get("initial_lr", group["lr"]) for group in optimizer.param_groups] for optimizer in optimizers]
+
+
+def rescale_learning_rates(
+    optimizers: Sequence[Optimizer], schedulers: Sequence[LRScheduler], wanted: list[list[float]]
+) -> list[str]:
+    """Scale restored optimizers and schedulers so that each group's schedule starts from ``wanted``.
+
+    A resumed run restores the learning rates of the checkpoint; a rate given for the resumed run
+    (e.g. a lower one after a NaN) would otherwise be ignored. Each group's rates and its
+    scheduler's base rates are multiplied by wanted / restored, which keeps the schedule's position
+    (a cosine or one-cycle phase, the multistep decays so far).
+
+    Returns:
+        One line per changed group, for the log.
+    """
+    changes = []
+    for index, (optimizer, rates) in enumerate(zip(optimizers, wanted)):
+        for group_index, (group, rate) in enumerate(zip(optimizer.param_groups, rates)):
+            restored = group.get("initial_lr", group["lr"])
+            if restored == rate or not restored:
+                continue
+            factor = rate / restored
+            for key in _GROUP_RATES:
+                if key in group:
+                    group[key] *= factor
+            for scheduler in schedulers:
+                if scheduler.optimizer is optimizer:
+                    for rates_of_groups in (getattr(scheduler, "base_lrs", None), getattr(scheduler, "_last_lr", None)):
+                        if rates_of_groups and group_index < len(rates_of_groups):
+                            rates_of_groups[group_index] *= factor
+            changes.append(f"optimizer {index}, group {group_index}: {restored:g} -> {rate:g}")
+    return changes

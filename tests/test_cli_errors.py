@@ -1,0 +1,60 @@
+"""Bad arguments reach the user as a hint and one message ending the output, with exit code 2, never a traceback."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from lightning_pdenets.cli import main
+from tests.conftest import REPO_ROOT
+
+QUICK = ["fit", "--config", str(REPO_ROOT / "configs/quickstart.yaml"), "--trainer.enable_progress_bar=false"]
+
+
+def error_of(args: list[str], capsys) -> str:
+    """Run ``pdenets`` with ``args``; check exit code 2 and no traceback; return the last line of stderr."""
+    with pytest.raises(SystemExit) as stop:
+        main(args)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize(
+    ("argument", "message"),
+    [
+        ("--model.init_args.solver.method=rk5", r"error: RKNetModule: `solver.method` must be one of \['adaptive_heun', .*got 'rk5'\.$"),
+        ("--model.init_args.solver.step_size=-0.1", r"error: RKNetModule: `solver.step_size` must be a finite number > 0, got -0\.1\.$"),
+        ("--data.init_args.batch_size=0", r"error: DigitsDataModule: `batch_size` must be an integer >= 1, got 0\.$"),
+        ("--model.class_path=lightning_pdenets.models.RKNetModul",
+         r"error: --model: there is no class 'lightning_pdenets\.models\.RKNetModul'\. Closest valid classes: "
+         r"lightning_pdenets\.models\.RKNetModule, "),
+        ("--model=RKNetModul", r"error: --model: there is no class 'RKNetModul'\. Closest valid classes: "
+                               r"lightning_pdenets\.models\.RKNetModule"),
+        ("--trainer.callbacks+=EarlyStoping", r"error: --trainer\.callbacks: there is no class 'EarlyStoping'\. "
+                                              r"Closest valid classes: lightning\.pytorch\.callbacks\.EarlyStopping\.$"),
+        ("--model.init_args.widht=8", r"error: --model: lightning_pdenets\.models\.RKNetModule has no argument 'widht'\. "
+                                      r"Closest valid arguments: width\.$"),
+        ("--trainer.max_epochs=x", r"error: --trainer\.max_epochs: expected int \(got 'x'\)$"),
+    ],
+)
+def test_a_bad_argument_ends_with_a_short_message_and_exit_code_2(argument: str, message: str, capsys) -> None:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("JSONARGPARSE_DEBUG", raising=False)
+        last_line = error_of([*QUICK, argument], capsys)
+    assert re.search(message, last_line), last_line
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "onecycle"])
+def test_a_schedule_that_needs_a_horizon_refuses_an_endless_run(schedule: str, capsys) -> None:
+    last_line = error_of([*QUICK, "--trainer.max_epochs=-1", f"--model.init_args.lr_scheduler={schedule}",
+                          "--trainer.limit_train_batches=2"], capsys)
+    assert last_line.startswith(f"error: `lr_scheduler='{schedule}'`") and "Set --trainer.max_epochs N" in last_line
+
+
+def test_multistep_needs_no_horizon(tmp_path) -> None:
+    """Milestones are epochs counted from the start: an endless run (stopped by max_steps here) is fine."""
+    main([*QUICK, "--trainer.max_epochs=-1", "--trainer.max_steps=2", "--model.init_args.lr_scheduler=multistep",
+          "--model.init_args.lr_milestones=[1]", "--model.init_args.width=8", "--test_after_fit=false"])
