@@ -208,3 +208,42 @@ def test_checkpoint_of_the_previous_layout_fails_with_the_release_and_the_upgrad
 def test_solver_config_is_frozen() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         SolverConfig().rtol = 1.0  # type: ignore[misc]
+
+
+def _fit_tiny(tmp_path: Path, *extra: str) -> Path:
+    args = ["fit", "--config", str(REPO_ROOT / "configs/quickstart.yaml"), "--model.init_args.width=8",
+            "--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1",
+            "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--test_after_fit=false",
+            f"--trainer.logger.init_args.save_dir={tmp_path}", *extra]
+    build_cli(args)
+    (checkpoint,) = tmp_path.glob("**/last.ckpt")
+    return checkpoint
+
+
+def test_test_time_solver_from_the_command_line_applies_after_loading(tmp_path: Path, caplog) -> None:
+    checkpoint = _fit_tiny(tmp_path)
+    caplog.set_level("INFO")
+    cli = build_cli(["test", "--config", str(REPO_ROOT / "configs/quickstart.yaml"), "--model.init_args.width=8",
+                     "--ckpt_path", str(checkpoint), "--trainer.limit_test_batches=1", "--trainer.enable_progress_bar=false",
+                     f"--trainer.logger.init_args.save_dir={tmp_path}",
+                     "--model.init_args.solver.method=euler", "--model.init_args.solver.step_size=0.1"])
+    settings = cli.model.network.feature.solver_settings()
+    assert (settings["method"], settings["step_size"]) == ("euler", 0.1)
+    assert cli.trainer.callback_metrics["test/nfe_forward"].item() == 10.0  # Euler, 10 steps: evaluated as asked
+    assert "trained with rk4, step_size=0.25; evaluated with euler, step_size=0.1" in caplog.text
+
+
+def test_resumed_fit_continues_with_the_adapted_solver_and_says_so(tmp_path: Path, caplog) -> None:
+    checkpoint = _fit_tiny(tmp_path)
+    state = torch.load(checkpoint, weights_only=True)
+    key = next(k for k in state["state_dict"] if k.endswith("_extra_state"))
+    state["state_dict"][key]["solver_settings"]["step_size"] = 0.125  # as a step-size adaptation would leave it
+    adapted = tmp_path / "adapted.ckpt"
+    torch.save(state, adapted)
+    caplog.set_level("INFO")
+    cli = build_cli(["fit", "--config", str(REPO_ROOT / "configs/quickstart.yaml"), "--model.init_args.width=8",
+                     "--ckpt_path", str(adapted), "--trainer.max_epochs=2", "--trainer.limit_train_batches=2",
+                     "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false", "--test_after_fit=false",
+                     f"--trainer.logger.init_args.save_dir={tmp_path}"])
+    assert cli.model.network.feature.solver_settings()["step_size"] == 0.125
+    assert "resuming with the checkpoint's rk4, step_size=0.125" in caplog.text

@@ -119,6 +119,7 @@ class LMResNetModule(ResNetCIFARModule):
         self.log_lm_profile()
 
     def on_train_epoch_end(self) -> None:
+        super().on_train_epoch_end()
         log_replicated(self, {f"lm_k/{name}": k.detach().mean() for name, k in self.network.lm_coefficients().items()})
         self.log_lm_profile()
 

@@ -204,6 +204,7 @@ class PRNetModule(ClassifierModule):
         self._step_schedulers("step")
 
     def on_train_epoch_end(self) -> None:
+        super().on_train_epoch_end()
         self._step_schedulers("epoch")
 
     # -- Algorithm 1 ---------------------------------------------------------------------------

@@ -87,6 +87,6 @@ class ODESolverMixin:
             return
         changes = self._solver_changes()
         self._trained_solver = None
-        if changes:
-            rank_zero_info(f"Solver: resuming with the checkpoint's {self._describe_blocks()}; the config's other "
-                           f"settings {sorted(changes)} are not applied to a resumed run.")
+        ignored = f"; the config's different {sorted(changes)} are not applied to a resumed run" if changes else ""
+        rank_zero_info(f"Solver: resuming with the checkpoint's {self._describe_blocks()} (adapted settings "
+                       f"included){ignored}.")

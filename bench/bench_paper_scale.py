@@ -1,0 +1,184 @@
+"""Tables of issue 18 from the trained MNIST checkpoints of ``configs/mnist/{resnet,rknet,odenet,prnet}.yaml``.
+
+Each table is regenerated from the checkpoints alone (no training):
+
+* ``accuracy``: parameters, test accuracy on the 10,000 MNIST test images, and the trained ODE-Net's forward NFE;
+* ``inference``: time to classify 1,000 test images (Kim et al.'s Table 2 metric), models interleaved round by
+  round so that load drifts hit all alike;
+* ``equation``: PR-Net's learned governing equation, its exact zeros, and L_G on test features against its value
+  for the same network at initialization (``seed_everything`` of the config);
+* ``curves``: validation accuracy per epoch of each run, read from its TensorBoard events (a figure);
+* ``robustness``: FGSM/PGD and out-of-distribution accuracy (Kim et al.'s Tables 3 and 4) through the framework's
+  ``AdversarialEvaluation`` and ``OODEvaluation`` callbacks.
+
+    python bench/bench_paper_scale.py --data-dir ../shared/data \\
+        --checkpoint resnet=logs/mnist/resnet/version_0/checkpoints/best-epoch=11.ckpt ... \\
+        --tables accuracy inference equation curves --output bench/results_paper_scale.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from lightning_pdenets.callbacks import NFEMonitor  # noqa: E402
+from lightning_pdenets.checkpoints import checkpoint_class_path, load_checkpoint  # noqa: E402
+from lightning_pdenets.data import MNISTDataModule  # noqa: E402
+
+NAMES = ("resnet", "rknet", "odenet", "prnet")
+
+
+def load_model(path: Path) -> pl.LightningModule:
+    """The LightningModule saved in ``path`` (the class LightningCLI recorded), in eval mode."""
+    class_path = checkpoint_class_path(load_checkpoint(path))
+    if class_path is None:
+        raise ValueError(f"{path} records no model class; pass a checkpoint written by `pdenets fit`.")
+    module, _, name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module), name).load_from_checkpoint(path, map_location="cpu").eval()
+
+
+def test_images(data_dir: str, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    data = MNISTDataModule(data_dir=data_dir, download=False)
+    data.setup("test")
+    loader = torch.utils.data.DataLoader(data.test_set, batch_size=count)
+    return next(iter(loader))
+
+
+def accuracy_table(models: dict[str, pl.LightningModule], data_dir: str) -> list[str]:
+    lines = ["| model | parameters | test accuracy (10,000 images) | forward NFE per test batch |", "|---|---|---|---|"]
+    for name, model in models.items():
+        trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                             enable_model_summary=False, callbacks=[NFEMonitor()])
+        result = trainer.test(model, datamodule=MNISTDataModule(data_dir=data_dir, download=False, batch_size=128),
+                              verbose=False)[0]
+        nfe = f"{result['test/nfe_forward']:.1f}" if "test/nfe_forward" in result else "—"
+        params = sum(p.numel() for p in model.parameters())
+        lines.append(f"| {name} | {params:,} | {result['test/acc_top1']:.4f} | {nfe} |")
+    return lines
+
+
+def inference_table(models: dict[str, pl.LightningModule], images: torch.Tensor, rounds: int) -> list[str]:
+    seconds: dict[str, list[float]] = {name: [] for name in models}
+    with torch.no_grad():
+        for model in models.values():
+            model(images)  # warm-up
+        for round_index in range(rounds):
+            order = list(models)[round_index % len(models):] + list(models)[:round_index % len(models)]
+            for name in order:
+                start = time.perf_counter()
+                models[name](images)
+                seconds[name].append(time.perf_counter() - start)
+    median = {name: statistics.median(values) for name, values in seconds.items()}
+    lines = ["| model | 1,000 images (median) | min–max | vs ResNet | vs ODE-Net |", "|---|---|---|---|---|"]
+    for name, values in seconds.items():
+        lines.append(f"| {name} | {median[name] * 1e3:.0f} ms | {min(values) * 1e3:.0f}–{max(values) * 1e3:.0f} ms | "
+                     f"{median[name] / median.get('resnet', median[name]):.2f}× | "
+                     f"{median[name] / median.get('odenet', median[name]):.2f}× |")
+    if "prnet" in median and "odenet" in median:
+        lines.append("")
+        lines.append(f"PR-Net is {median['odenet'] / median['prnet']:.1f}× faster than the trained ODE-Net "
+                     f"(target ≥ 4×) and {median.get('resnet', float('nan')) / median['prnet']:.2f}× as fast as ResNet "
+                     f"(target > 1×).")
+    return lines
+
+
+def governing_loss(model: pl.LightningModule, images: torch.Tensor) -> float:
+    """L_G of ``model``'s PDE block on the stem features of ``images``."""
+    with torch.no_grad():
+        h0 = model.network.stem(images)
+        derivatives = model.block.derivatives(h0, dict(model.governing.max_derivative_order))
+        library = model.governing.library(derivatives)
+        return float(model.governing.governing_loss(derivatives.u_t, library))
+
+
+def equation_table(model: pl.LightningModule, images: torch.Tensor, seed: int) -> list[str]:
+    hparams = dict(model.hparams)
+    pl.seed_everything(seed, verbose=False)
+    initial = type(model)(**{k: v for k, v in hparams.items() if not k.startswith("_")}).eval()
+    alpha = model.governing.alpha.detach()
+    return [
+        f"Equation: `{model.governing.equation()}`",
+        "",
+        f"Exact zeros: {int((alpha == 0).sum())} of {alpha.numel()} coefficients.",
+        "",
+        f"L_G on {len(images)} test images: {governing_loss(model, images):.4g} trained, "
+        f"{governing_loss(initial, images):.4g} at initialization (seed {seed}).",
+    ]
+
+
+def curves_figure(log_dirs: dict[str, Path], output: Path) -> list[str]:
+    from matplotlib import pyplot as plt
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    figure, axis = plt.subplots(figsize=(6, 4))
+    lines = ["| model | best val accuracy | epoch |", "|---|---|---|"]
+    for name, log_dir in log_dirs.items():
+        events = EventAccumulator(str(log_dir))
+        events.Reload()
+        points = events.Scalars("val/acc_top1")
+        epochs = list(range(1, len(points) + 1))
+        values = [p.value for p in points]
+        axis.plot(epochs, values, marker="o", label=name)
+        best = max(range(len(values)), key=values.__getitem__)
+        lines.append(f"| {name} | {values[best]:.4f} | {best + 1} |")
+    axis.set(xlabel="epoch", ylabel="validation accuracy", title="MNIST, configs/mnist/*.yaml", ylim=(0.97, 1.0))
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(output, dpi=120)
+    return lines + ["", f"Figure: `{output.relative_to(REPO)}`"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"))
+    parser.add_argument("--checkpoint", action="append", default=[], metavar="NAME=PATH",
+                        help=f"a trained checkpoint per model, NAME one of {NAMES}")
+    parser.add_argument("--tables", nargs="+", default=["accuracy", "inference", "equation", "curves"],
+                        choices=["accuracy", "inference", "equation", "curves"])
+    parser.add_argument("--rounds", type=int, default=11)
+    parser.add_argument("--seed", type=int, default=0, help="the config's seed_everything (the initialization)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--output", type=Path, default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    paths: dict[str, Path] = {}
+    for item in args.checkpoint:
+        name, separator, path = item.partition("=")
+        if not separator or name not in NAMES:
+            parser.error(f"--checkpoint takes NAME=PATH with NAME one of {NAMES}, got {item!r}")
+        paths[name] = Path(path)
+    models = {name: load_model(path) for name, path in paths.items()}
+    images, _ = test_images(args.data_dir, 1000)
+    sections: list[str] = [f"### MNIST at paper scale, from the trained checkpoints ({datetime.date.today()})", "",
+                           f"Machine: {os.cpu_count()} CPU cores, torch {torch.__version__}, {args.threads} thread(s).",
+                           "", f"Command: `python bench/bench_paper_scale.py {' '.join(sys.argv[1:])}`", ""]
+    if "accuracy" in args.tables:
+        sections += accuracy_table(models, args.data_dir) + [""]
+    if "inference" in args.tables:
+        sections += inference_table(models, images, args.rounds) + [""]
+    if "equation" in args.tables and "prnet" in models:
+        sections += equation_table(models["prnet"], images[:256], args.seed) + [""]
+    if "curves" in args.tables:
+        log_dirs = {name: path.parent.parent for name, path in paths.items()}
+        sections += curves_figure(log_dirs, REPO / "bench" / "mnist_paper_scale_val_accuracy.png") + [""]
+    text = "\n".join(sections)
+    print(text)
+    if args.output:
+        args.output.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
