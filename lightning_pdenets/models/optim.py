@@ -17,7 +17,8 @@ from lightning_pdenets.errors import ConfigurationError
 from lightning_pdenets.validation import check_positive, check_setting_names
 
 __all__ = [
-    "OPTIMIZERS", "LR_SCHEDULERS", "SCHEDULER_INTERVALS", "OptimizerOptions", "build_optimizer", "build_scheduler",
+    "OPTIMIZERS", "LR_SCHEDULERS", "SCHEDULER_INTERVALS", "OptimizerOptions", "build_optimizer", "build_schedule",
+    "build_scheduler",
     "check_optimization_settings", "resolve_optimizer_options", "base_learning_rates", "rescale_learning_rates",
 ]
 
@@ -160,6 +161,24 @@ def build_scheduler(
     if lr_scheduler == "multistep":
         return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(lr_milestones), gamma=lr_gamma)
     return None
+
+
+def build_schedule(optimizer: Optimizer, settings: dict[str, Any], trainer: Optional[Any]) -> Optional[dict[str, Any]]:
+    """Lightning's scheduler configuration (``scheduler``, ``interval``) for one optimizer's settings; ``None`` for ``'none'``.
+
+    Args:
+        optimizer: The optimizer to schedule.
+        settings: Its :data:`OPTIMIZATION_SETTINGS`.
+        trainer: The attached trainer, whose run sets the horizons of ``cosine`` and ``onecycle`` (``None``: not attached).
+    """
+    max_epochs = trainer.max_epochs if trainer is not None else None
+    per_step = settings["lr_scheduler"] == "onecycle" and trainer is not None
+    total_steps = run_optimizer_steps(trainer) if per_step else None
+    scheduler = build_scheduler(optimizer, settings["lr_scheduler"], settings["lr_milestones"], settings["lr_gamma"],
+                                max_epochs, total_steps)
+    if scheduler is None:
+        return None
+    return {"scheduler": scheduler, "interval": SCHEDULER_INTERVALS[settings["lr_scheduler"]]}
 
 
 def run_optimizer_steps(trainer: Any) -> int:

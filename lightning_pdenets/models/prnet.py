@@ -28,12 +28,10 @@ from lightning_pdenets.metric_logging import log_replicated
 from lightning_pdenets.models.base import ClassifierModule
 from lightning_pdenets.models.optim import (
     OPTIMIZERS,
-    SCHEDULER_INTERVALS,
     OptimizerOptions,
     build_optimizer,
-    build_scheduler,
+    build_schedule,
     resolve_optimizer_options,
-    run_optimizer_steps,
 )
 from lightning_pdenets.validation import check_positive, check_positive_int
 
@@ -161,7 +159,6 @@ class PRNetAlgorithmModule(ClassifierModule):
     def configure_optimizers(self) -> Any:
         hp = self.hparams
         groups = self.parameter_groups()
-        max_epochs = self.trainer.max_epochs if self._trainer is not None else None
         settings = {"task": self.optimization, "theta": hp.theta, "query": hp.query, "alpha": hp.alpha}
         optimizers, schedulers = [], []
         for name in PRNET_STEPS:
@@ -170,16 +167,11 @@ class PRNetAlgorithmModule(ClassifierModule):
                 optimizer = ProximalSGD(groups[name], s["lr"], self.governing.l1_weight, s["momentum"])
             else:
                 optimizer = build_optimizer(groups[name], s["optimizer"], s["lr"], s["weight_decay"], s["momentum"])
-            per_step = s["lr_scheduler"] == "onecycle" and self._trainer is not None
-            total_steps = run_optimizer_steps(self.trainer) if per_step else None
-            scheduler = build_scheduler(
-                optimizer, s["lr_scheduler"], s["lr_milestones"], s["lr_gamma"], max_epochs, total_steps
-            )
-            if scheduler is None:  # a constant schedule keeps the four schedulers aligned with the optimizers
-                scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+            # a constant schedule where none is set keeps the four schedulers aligned with the optimizers
+            schedule = build_schedule(optimizer, s, self._trainer) or {
+                "scheduler": torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0), "interval": "epoch"}
             optimizers.append(optimizer)
-            schedulers.append({"scheduler": scheduler, "interval": SCHEDULER_INTERVALS[s["lr_scheduler"]],
-                               "name": f"lr-{name}"})
+            schedulers.append({**schedule, "name": f"lr-{name}"})
         return optimizers, schedulers
 
     def _step_schedulers(self, interval: str) -> None:
