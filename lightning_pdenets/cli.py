@@ -119,13 +119,14 @@ def _closest_arguments(class_path: str, given: str) -> str:
     arguments = {p for init in initializers for p in inspect.signature(init).parameters if p not in ("self", "args", "kwargs")}
     nested = _nested_setting(initializers, given)
     if nested:
-        return f"Did you mean {nested}? (`--model.init_args.{nested} VALUE`, or `{nested.replace('.', ': {')}: VALUE}}` in YAML)"
+        group, key = nested
+        return f"Did you mean {group}.{key}? (`--model.init_args.{group}.{key} VALUE`, or `{group}: {{{key}: VALUE}}` in YAML)"
     close = difflib.get_close_matches(given, sorted(arguments), n=3, cutoff=0.5)
     return f"Closest valid arguments: {', '.join(close)}." if close else f"Valid arguments: {', '.join(sorted(arguments))}."
 
 
-def _nested_setting(initializers: list[Any], given: str) -> Optional[str]:
-    """``'theta.lr'`` for ``given='theta_lr'`` when ``theta`` is an argument typed by a TypedDict with key ``lr``."""
+def _nested_setting(initializers: list[Any], given: str) -> Optional[tuple[str, str]]:
+    """``('theta', 'lr')`` for ``given='theta_lr'`` when ``theta`` is an argument typed by a TypedDict with key ``lr``."""
     for init in initializers:
         try:
             hints = typing.get_type_hints(init)
@@ -135,7 +136,7 @@ def _nested_setting(initializers: list[Any], given: str) -> Optional[str]:
             keys = {key for option in (hint, *typing.get_args(hint)) for key in getattr(option, "__annotations__", {})
                     if typing.is_typeddict(option)}
             if given.startswith(f"{name}_") and given[len(name) + 1:] in keys:
-                return f"{name}.{given[len(name) + 1:]}"
+                return name, given[len(name) + 1:]
     return None
 
 
