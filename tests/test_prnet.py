@@ -17,7 +17,7 @@ from lightning_pdenets.cli import build_cli, main
 from lightning_pdenets.data import DigitsDataModule
 from lightning_pdenets.errors import NonFiniteLossError
 from lightning_pdenets.migration import VERSION_KEY, LegacyCheckpointError, main as upgrade_main
-from lightning_pdenets.models.prnet import PRNET_OPTIMIZERS, PRNET_STEPS, PRNetModule
+from lightning_pdenets.models.prnet import PRNET_OPTIMIZERS, PRNET_STEPS, PRNetAlgorithmModule, PRNetModule
 from tests.conftest import REPO_ROOT
 from tests.test_models import RecordLearningRates, one_cycle_rates
 
@@ -261,6 +261,11 @@ def test_gradient_clipping_bounds_every_sub_step(tmp_path):
 
 def test_step_order_names_are_the_papers_lines_5_to_8():
     assert PRNET_STEPS == ("task", "theta", "query", "alpha")
+
+
+def test_algorithm_1_alone_names_no_network():
+    with pytest.raises(TypeError, match=r"PRNetAlgorithmModule sets no `architecture` \(a name registered with @register_architecture\)"):
+        PRNetAlgorithmModule()
 
 
 # -- optimizer specs ------------------------------------------------------------------------------
