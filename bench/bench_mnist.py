@@ -187,7 +187,7 @@ def main() -> None:
                              "--override=--model.init_args.optimizer=adam --override=--model.init_args.lr=0.001")
     parser.add_argument("--override-for", action="append", default=[], type=_config_and_argument,
                         metavar="CONFIG:ARG", help="a CLI argument for one config only (by file stem), e.g. "
-                        "--override-for=prnet:--model.init_args.theta_lr=0.003")
+                        "--override-for=prnet:--model.init_args.theta.lr=0.003")
     parser.add_argument("--inference-only", action="store_true",
                         help="only time inference of 1,000 images, interleaving the models over --rounds rounds")
     parser.add_argument("--rounds", type=int, default=7)

@@ -14,6 +14,7 @@ import os
 import re
 import signal
 import sys
+import typing
 import warnings
 from pathlib import Path
 from typing import Any, NoReturn, Optional, Sequence
@@ -114,10 +115,29 @@ def _closest_arguments(class_path: str, given: str) -> str:
         cls = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError, ValueError):
         return ""
-    arguments = {p for klass in inspect.getmro(cls) if "__init__" in vars(klass)
-                 for p in inspect.signature(klass.__init__).parameters if p not in ("self", "args", "kwargs")}
+    initializers = [klass.__init__ for klass in inspect.getmro(cls) if "__init__" in vars(klass)]
+    arguments = {p for init in initializers for p in inspect.signature(init).parameters if p not in ("self", "args", "kwargs")}
+    nested = _nested_setting(initializers, given)
+    if nested:
+        group, key = nested
+        return f"Did you mean {group}.{key}? (`--model.init_args.{group}.{key} VALUE`, or `{group}: {{{key}: VALUE}}` in YAML)"
     close = difflib.get_close_matches(given, sorted(arguments), n=3, cutoff=0.5)
     return f"Closest valid arguments: {', '.join(close)}." if close else f"Valid arguments: {', '.join(sorted(arguments))}."
+
+
+def _nested_setting(initializers: list[Any], given: str) -> Optional[tuple[str, str]]:
+    """``('theta', 'lr')`` for ``given='theta_lr'`` when ``theta`` is an argument typed by a TypedDict with key ``lr``."""
+    for init in initializers:
+        try:
+            hints = typing.get_type_hints(init)
+        except (NameError, TypeError):  # an annotation that does not resolve: no hint from this class
+            continue
+        for name, hint in hints.items():
+            keys = {key for option in (hint, *typing.get_args(hint)) for key in getattr(option, "__annotations__", {})
+                    if typing.is_typeddict(option)}
+            if given.startswith(f"{name}_") and given[len(name) + 1:] in keys:
+                return name, given[len(name) + 1:]
+    return None
 
 
 def _closest_classes(key: str, given: str) -> str:
@@ -360,16 +380,30 @@ def _name_log_folder(config: Namespace) -> None:
         init_args["name"] = experiment_name(config.get("config") or [])
 
 
-def _learning_rates(config: Namespace) -> dict[str, Any]:
-    """The model's learning-rate arguments (``lr``, ``*_lr``, at any depth) as the config and command line set them."""
+def _is_learning_rate(key: str) -> bool:
+    return key.split(".")[-1] == "lr" or key.endswith("_lr")
+
+
+def _learning_rates(config: Namespace) -> dict[tuple[str, ...], Any]:
+    """The model's learning-rate arguments as the config and command line set them, by path.
+
+    ``lr`` and ``*_lr`` at any depth, in nested arguments and in dict-valued ones such as PR-Net's
+    ``theta: {lr: 0.003}`` (path ``('theta', 'lr')``).
+    """
     model = config.get("model")
     init_args = model.get("init_args") if isinstance(model, Namespace) else None
     if init_args is None:
         return {}
-    return {key: value for key, value in init_args.items() if key.split(".")[-1] == "lr" or key.endswith("_lr")}
+    rates = {}
+    for key, value in init_args.items():
+        if _is_learning_rate(key):
+            rates[(key,)] = value
+        elif isinstance(value, dict):
+            rates.update({(key, name): rate for name, rate in value.items() if _is_learning_rate(name)})
+    return rates
 
 
-def _set_learning_rates(config: Namespace, learning_rates: dict[str, Any]) -> None:
+def _set_learning_rates(config: Namespace, learning_rates: dict[tuple[str, ...], Any]) -> None:
     """Put the given learning rates back over those read from the checkpoint's hyperparameters.
 
     A resumed fit takes every model argument from the checkpoint (LightningCLI), so a lower learning
@@ -378,9 +412,15 @@ def _set_learning_rates(config: Namespace, learning_rates: dict[str, Any]) -> No
     """
     model = config.get("model")
     init_args = model.get("init_args") if isinstance(model, Namespace) else None
-    for key, value in learning_rates.items():
-        if init_args is not None and key in init_args and init_args[key] != value:
+    if init_args is None:
+        return
+    for (key, *inner), value in learning_rates.items():
+        if key not in init_args:
+            continue
+        if not inner:
             init_args[key] = value
+        elif isinstance(init_args[key], dict):  # a dict from the checkpoint: a copy with the given rate
+            init_args[key] = {**init_args[key], inner[0]: value}
 
 
 def _argument_error(error: BaseException) -> Optional[str]:

@@ -14,14 +14,13 @@ the YAML and command-line forms follow from the field list.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, TypedDict, Union, get_type_hints
 
 from torchdiffeq._impl.odeint import SOLVERS as _TORCHDIFFEQ_SOLVERS
 
-from lightning_pdenets.validation import check_positive, check_positive_int
+from lightning_pdenets.validation import check_positive, check_positive_int, check_setting_names
 
 __all__ = [
     "ADAPTIVE_SOLVERS",
@@ -183,15 +182,7 @@ class SolverConfig:
 
     @classmethod
     def _check_names(cls, settings: Mapping[str, Any], argument: str) -> None:
-        names = cls.field_names()
-        unknown = [name for name in settings if name not in names]
-        if not unknown:
-            return
-        hints = []
-        for name in unknown:
-            close = difflib.get_close_matches(str(name), names, n=2)
-            hints.append(f"{name!r}" + (f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""))
-        raise ValueError(f"unknown `{argument}` setting(s) {', '.join(hints)}; valid names are {list(names)}.")
+        check_setting_names(settings, cls.field_names(), argument)
 
     def replace(self, argument: str = "solver", **changes: Any) -> "SolverConfig":
         """A validated copy with ``changes`` applied (unknown names list the valid ones)."""

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import difflib
 import math
-from typing import Any
+from typing import Any, Iterable, Sequence
 
-__all__ = ["check_positive", "check_positive_int"]
+__all__ = ["check_positive", "check_positive_int", "check_setting_names"]
 
 
 def check_positive(value: Any, argument: str, allow_none: bool = False) -> None:
@@ -20,3 +21,15 @@ def check_positive_int(value: Any, argument: str, minimum: int = 1) -> None:
     """Raise a ``ValueError`` naming ``argument`` unless ``value`` is an integer >= ``minimum``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"`{argument}` must be an integer >= {minimum}, got {value!r}.")
+
+
+def check_setting_names(names: Iterable[Any], valid: Sequence[str], argument: str) -> None:
+    """Raise a ``ValueError`` naming every setting of the dict ``argument`` not in ``valid``, with the closest valid names."""
+    unknown = [name for name in names if name not in valid]
+    if not unknown:
+        return
+    hints = []
+    for name in unknown:
+        close = difflib.get_close_matches(str(name), valid, n=2)
+        hints.append(f"{name!r}" + (f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""))
+    raise ValueError(f"unknown `{argument}` setting(s) {', '.join(hints)}; valid names are {list(valid)}.")

@@ -303,7 +303,7 @@ from lightning_pdenets.models import ODENetModule, PRNetModule
 pl.seed_everything(0)
 data = DigitsDataModule(batch_size=64)
 model = PRNetModule(in_channels=1, num_classes=10, width=8 if FAST else 16, num_downsamples=0, image_size=8,
-                    max_power=2, max_derivative_order=2, lr=3e-3, alpha_lr=1e-2, l1_weight=1e-4,
+                    max_power=2, max_derivative_order=2, lr=3e-3, alpha=dict(lr=1e-2), l1_weight=1e-4,
                     governing_samples=8)
 trainer = pl.Trainer(max_epochs=1 if FAST else 10, limit_train_batches=8 if FAST else 1.0,
                      logger=TensorBoardLogger(LOG_DIR, name="prnet"), log_every_n_steps=5, **TRAINER_ARGS)

@@ -164,7 +164,7 @@ CASES: dict[str, DDPCase] = {
     "odenet": DDPCase(("ODENetModule",), lambda: models.ODENetModule(solver=dict(rtol=1e-6, atol=1e-6), **CHEN_TINY, lr=0.01), atol=1e-3,
                       rank_only_metrics=("nfe",)),
     "prnet": DDPCase(("PRNetModule",), lambda: models.PRNetModule(
-        **CHEN_TINY, image_size=8, theta_optimizer="sgd", query_optimizer="sgd", theta_lr=0.05, query_lr=0.05)),
+        **CHEN_TINY, image_size=8, theta=dict(optimizer="sgd", lr=0.05), query=dict(optimizer="sgd", lr=0.05))),
     "parabolic": DDPCase(("ParabolicCNNModule",), parabolic, freeze_batchnorm=True),
     "hamiltonian": DDPCase(("HamiltonianCNNModule",), lambda: models.HamiltonianCNNModule(**PDE_CNN_TINY),
                            freeze_batchnorm=True),
@@ -194,8 +194,8 @@ CASES: dict[str, DDPCase] = {
     "ode_mobilenet": DDPCase(("ODEMobileNetModule",), lambda: models.ODEMobileNetModule(
         **MOBILENET_TINY, solver=dict(method="rk4", step_size=0.5, adjoint=False)), freeze_batchnorm=True),
     "prnet_mobilenet": DDPCase(("PRNetMobileNetModule",), lambda: models.PRNetMobileNetModule(
-        **MOBILENET_TINY, image_size=8, max_power=2, max_derivative_order=1, theta_optimizer="sgd",
-        query_optimizer="sgd"), freeze_batchnorm=True),
+        **MOBILENET_TINY, image_size=8, max_power=2, max_derivative_order=1, theta=dict(optimizer="sgd"),
+        query=dict(optimizer="sgd")), freeze_batchnorm=True),
     # -- one per callback -------------------------------------------------------------------------
     "step_size_adaptation": DDPCase(("StepSizeAdaptation",), rknet,
                                     # a fixed first step: Hairer's estimate reads the (per-rank) batch

@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+import inspect
+
+import lightning.pytorch as pl
 import pytest
 import torch
 
+from lightning_pdenets import models
 from lightning_pdenets.architectures import ARCHITECTURES, create_architecture, odenet_chen, resnet_chen
+from lightning_pdenets.models import ClassifierModule, PRNetAlgorithmModule
+
+MODELS = sorted(
+    (cls for name in models.__all__ if inspect.isclass(cls := getattr(models, name)) and issubclass(cls, pl.LightningModule)),
+    key=lambda cls: cls.__name__,
+)
+BASES = (ClassifierModule, PRNetAlgorithmModule)
+"""The models that name no architecture: their subclasses do."""
 
 
 @pytest.mark.parametrize("name", sorted(ARCHITECTURES))
@@ -20,6 +32,34 @@ def test_forward_backward_no_nan(name: str) -> None:
     logits.logsumexp(dim=1).mean().backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert grads and all(g is not None and torch.isfinite(g).all() for g in grads), "a parameter got no finite gradient"
+
+
+@pytest.mark.parametrize("model_class", MODELS, ids=lambda cls: cls.__name__)
+def test_every_model_builds_its_registered_architecture(model_class: type, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The registry is the one construction path: the model's network is the factory's, from the same arguments."""
+    if model_class in BASES:
+        assert model_class.architecture is None
+        return
+    assert model_class.architecture in ARCHITECTURES, f"{model_class.__name__}.architecture is not registered"
+    assert model_class.build_network is ClassifierModule.build_network, "build the network through the registry"
+    built, original = [], ClassifierModule.build_network
+
+    def recording_build_network(self: ClassifierModule, **arguments) -> torch.nn.Module:
+        built.append(original(self, **arguments))
+        return built[-1]
+
+    monkeypatch.setattr(ClassifierModule, "build_network", recording_build_network)
+    entry = ARCHITECTURES[model_class.architecture]
+    torch.manual_seed(0)
+    network = model_class(**entry.tiny_kwargs).network
+    assert len(built) == 1 and network is built[0], "the network must be the one build_network returns"
+    torch.manual_seed(0)
+    expected = entry.factory(**entry.tiny_kwargs)
+    assert type(network) is type(expected)
+    ours, theirs = network.state_dict(), expected.state_dict()
+    assert ours.keys() == theirs.keys()
+    # the weights, drawn in the same order; extra states (a model's own solver defaults) may differ
+    assert all(torch.equal(value, theirs[key]) for key, value in ours.items() if isinstance(value, torch.Tensor))
 
 
 def test_unknown_architecture_lists_registered_names() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -110,6 +112,14 @@ def test_modules_train_and_reload_from_checkpoint(module_class, extra, tmp_path)
     reloaded = module_class.load_from_checkpoint(path)
     x = torch.randn(2, 3, 64, 64)
     torch.testing.assert_close(reloaded.eval()(x), model.eval()(x))
+
+
+def test_prnet_variant_stores_only_its_own_arguments_and_algorithm_1s():
+    model = PRNetMobileNetModule(num_classes=5, max_power=2, max_derivative_order=1, theta=dict(lr=0.01), **TINY)
+    assert not {"width", "num_downsamples", "output_norm"} & set(model.hparams)  # Chen et al.'s PR-Net's arguments
+    assert set(inspect.signature(PRNetMobileNetModule).parameters) - {"kwargs"} <= set(model.hparams)
+    assert model.hparams.theta["lr"] == 0.01
+    assert model.architecture_arguments() == {name: model.hparams[name] for name in inspect.signature(prnet_mobilenet).parameters}
 
 
 def test_prnet_variant_fine_tunes_from_a_prnet_checkpoint(tmp_path):

@@ -13,9 +13,12 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_pdenets.architectures.chen import odenet_chen
 from lightning_pdenets.architectures.prnet import prnet, stem_output_size
 from lightning_pdenets.blocks.pde import CoordinateConvField, PDEBlock, coordinate_grid
+from lightning_pdenets.cli import build_cli, main
 from lightning_pdenets.data import DigitsDataModule
 from lightning_pdenets.errors import NonFiniteLossError
-from lightning_pdenets.models.prnet import PRNET_STEPS, PRNetModule
+from lightning_pdenets.migration import VERSION_KEY, LegacyCheckpointError, main as upgrade_main
+from lightning_pdenets.models.prnet import PRNET_OPTIMIZERS, PRNET_STEPS, PRNetAlgorithmModule, PRNetModule
+from tests.conftest import REPO_ROOT
 from tests.test_models import RecordLearningRates, one_cycle_rates
 
 TINY = dict(width=8, num_downsamples=1, image_size=8)
@@ -116,7 +119,7 @@ def test_coordinate_grid_and_initial_condition_loss():
 
 # -- module -------------------------------------------------------------------------------------
 def test_module_has_four_optimizers_with_schedulers_and_a_proximal_alpha_step(tmp_path):
-    module = PRNetModule(**TINY, theta_lr_scheduler="multistep", theta_lr_milestones=[1])
+    module = PRNetModule(**TINY, theta=dict(lr_scheduler="multistep", lr_milestones=[1]))
     optimizers, schedulers = module.configure_optimizers()
     assert [type(o).__name__ for o in optimizers] == ["Adam", "Adam", "Adam", "ProximalSGD"]
     assert len(schedulers) == 4 and type(schedulers[1]["scheduler"]).__name__ == "MultiStepLR"
@@ -127,8 +130,8 @@ def test_module_has_four_optimizers_with_schedulers_and_a_proximal_alpha_step(tm
 
 def test_one_cycle_schedules_step_per_batch_and_per_epoch_ones_per_epoch(tmp_path):
     recorder = RecordLearningRates()
-    module = PRNetModule(**TINY, lr=0.02, lr_scheduler="onecycle", theta_lr=0.01, theta_lr_scheduler="multistep",
-                         theta_lr_milestones=[1])
+    module = PRNetModule(**TINY, lr=0.02, lr_scheduler="onecycle",
+                         theta=dict(lr=0.01, lr_scheduler="multistep", lr_milestones=[1]))
     trainer = pl.Trainer(accelerator="cpu", max_epochs=2, limit_train_batches=3, limit_val_batches=0, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          callbacks=[recorder], default_root_dir=tmp_path)
@@ -213,9 +216,13 @@ def test_nonfinite_term_skips_only_the_affected_steps_when_configured(tmp_path):
     [
         (dict(step_order=["task", "dream"]), "`step_order` must be a non-empty list of distinct names"),
         (dict(step_order=["task", "task"]), "distinct"),
-        (dict(alpha_optimizer="lbfgs"), "`alpha_optimizer` must be one of"),
-        (dict(theta_lr=-1.0), "`theta_lr` must be a finite number > 0"),
-        (dict(query_lr_scheduler="multistep"), "`query_lr_scheduler='multistep'` needs `query_lr_milestones`"),
+        (dict(alpha=dict(optimizer="lbfgs")), "`alpha.optimizer` must be one of ['adam', 'adamw', 'proximal', 'rmsprop', 'sgd']"),
+        (dict(theta=dict(optimizer="proximal")), "`theta.optimizer` must be one of ['adam', 'adamw', 'rmsprop', 'sgd']"),
+        (dict(theta=dict(lr=-1.0)), "`theta.lr` must be a finite number > 0"),
+        (dict(query=dict(lr_scheduler="multistep")), "`query.lr_scheduler='multistep'` needs `query.lr_milestones`"),
+        (dict(alpha=dict(momentum=1.0)), "`alpha.momentum` must be in [0, 1)"),
+        (dict(theta=dict(learning_rate=0.1)), "unknown `theta` setting(s) 'learning_rate'; valid names are ['optimizer', 'lr',"),
+        (dict(query=dict(lr_sheduler="cosine")), "'lr_sheduler' (did you mean 'lr_scheduler'?)"),
         (dict(on_nonfinite="ignore"), "`on_nonfinite` must be one of ['raise', 'skip']"),
         (dict(max_derivative_order=(3, 3, 3)), "one integer per axis ['x', 'y']"),
         (dict(activation="swish"), "`activation` must be one of"),
@@ -256,6 +263,91 @@ def test_step_order_names_are_the_papers_lines_5_to_8():
     assert PRNET_STEPS == ("task", "theta", "query", "alpha")
 
 
+def test_algorithm_1_alone_names_no_network():
+    with pytest.raises(TypeError, match=r"PRNetAlgorithmModule sets no `architecture` \(a name registered with @register_architecture\)"):
+        PRNetAlgorithmModule()
+
+
+# -- optimizer specs ------------------------------------------------------------------------------
+def test_optimizer_specs_merge_over_the_defaults_and_are_stored_complete():
+    module = PRNetModule(**TINY, theta=dict(lr=0.003, lr_scheduler="multistep", lr_milestones=(2, 4)))
+    assert module.hparams.theta == {**PRNET_OPTIMIZERS["theta"], "lr": 0.003, "lr_scheduler": "multistep",
+                                    "lr_milestones": [2, 4]}
+    assert module.hparams.query == PRNET_OPTIMIZERS["query"] and module.hparams.alpha["optimizer"] == "proximal"
+    assert PRNET_OPTIMIZERS["theta"]["lr"] == 1e-3  # the defaults are not modified
+    optimizers, schedulers = module.configure_optimizers()
+    assert optimizers[1].param_groups[0]["lr"] == 0.003 and schedulers[1]["scheduler"].milestones == {2: 1, 4: 1}
+
+
+def test_an_optimizer_spec_that_is_not_a_mapping_is_refused():
+    with pytest.raises(TypeError, match=r"`theta` must be a mapping of optimizer settings such as \{'optimizer': 'adam'"):
+        PRNetModule(**TINY, theta=0.001)
+
+
+def test_checkpoint_holds_primitive_optimizer_specs_and_rebuilds_the_same_optimizers(tmp_path):
+    module = PRNetModule(**TINY, theta=dict(optimizer="sgd", lr=0.05), alpha=dict(lr=0.02))
+    trainer = make_trainer(tmp_path, max_steps=4, limit_val_batches=0)
+    trainer.fit(module, TinyDigits())
+    trainer.save_checkpoint(tmp_path / "prnet.ckpt")
+    hparams = torch.load(tmp_path / "prnet.ckpt", weights_only=True)["hyper_parameters"]
+    assert hparams["theta"] == {**PRNET_OPTIMIZERS["theta"], "optimizer": "sgd", "lr": 0.05}
+    assert hparams["alpha"] == {**PRNET_OPTIMIZERS["alpha"], "lr": 0.02}
+    restored = PRNetModule.load_from_checkpoint(tmp_path / "prnet.ckpt")
+    assert [(type(o).__name__, o.defaults["lr"]) for o in restored.configure_optimizers()[0]] == [
+        ("Adam", 1e-3), ("SGD", 0.05), ("Adam", 1e-3), ("ProximalSGD", 0.02)]
+
+
+def test_nested_optimizer_settings_from_the_command_line():
+    config = str(REPO_ROOT / "configs/digits/prnet.yaml")
+    cli = build_cli(["--config", config, "--model.init_args.theta.lr=0.003",
+                     "--model.init_args.alpha.optimizer=adam"], run=False)
+    assert cli.model.hparams.theta == {**PRNET_OPTIMIZERS["theta"], "lr": 0.003}
+    assert cli.model.hparams.alpha == {**PRNET_OPTIMIZERS["alpha"], "optimizer": "adam"}  # the YAML's lr 0.01 kept
+
+
+def test_a_flat_optimizer_argument_of_an_old_config_points_to_the_nested_one(capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(REPO_ROOT / "configs/digits/prnet.yaml"), "--model.init_args.theta_lr=0.01"])
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: --model: lightning_pdenets.models.PRNetModule has no argument 'theta_lr'. Did you mean theta.lr? "
+        "(`--model.init_args.theta.lr VALUE`, or `theta: {lr: VALUE}` in YAML)")
+
+
+def test_a_learning_rate_given_for_a_resumed_run_replaces_the_checkpoints(tmp_path):
+    command = ["fit", "--config", str(REPO_ROOT / "configs/digits/prnet.yaml"), "--model.init_args.width=8",
+               "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false",
+               "--test_after_fit=false"]
+    build_cli([*command, "--trainer.max_epochs=1"])
+    resumed = build_cli([*command, "--trainer.max_epochs=2", "--ckpt_path=last", "--model.init_args.theta.lr=0.0005"])
+    assert resumed.trainer.global_step == 4 * 2 * 2
+    assert resumed.model.hparams.theta["lr"] == 0.0005
+    rates = [optimizer.param_groups[0]["lr"] for optimizer in resumed.trainer.optimizers]
+    assert rates == pytest.approx([0.003, 0.0005, 0.001, 0.01])  # theta's replaced, the others the checkpoint's
+
+
+def test_a_checkpoint_with_flat_optimizer_arguments_names_its_release_and_is_upgraded(tmp_path):
+    module = PRNetModule(**TINY, theta=dict(lr=0.003), alpha=dict(optimizer="adam"))
+    flat = {key: value for key, value in module.hparams.items() if key not in ("theta", "query", "alpha")}
+    for group in ("theta", "query", "alpha"):
+        flat.update({f"{group}_{setting}": value for setting, value in module.hparams[group].items()})
+    old = tmp_path / "old.ckpt"
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": flat, "pytorch-lightning_version": pl.__version__}, old)
+
+    with pytest.raises(LegacyCheckpointError) as error:
+        PRNetModule.load_from_checkpoint(old)
+    message = str(error.value)
+    assert "written by lightning_pdenets 0.1.x, whose PR-Net models took flat optimizer arguments (theta_lr" in message
+    assert f"python -m lightning_pdenets.migration {old} " in message
+
+    new = tmp_path / "new.ckpt"
+    upgrade_main([str(old), str(new)])
+    upgraded = torch.load(new, weights_only=True)
+    assert upgraded[VERSION_KEY] and not any(key.startswith(("theta_", "query_", "alpha_")) for key in upgraded["hyper_parameters"])
+    restored = PRNetModule.load_from_checkpoint(new)
+    assert dict(restored.hparams) == dict(module.hparams)
+    assert all(torch.equal(value, module.state_dict()[key]) for key, value in restored.state_dict().items())
+
+
 # -- resume ---------------------------------------------------------------------------------------
 def _state(module: PRNetModule) -> dict:
     trainer = module.trainer
@@ -282,7 +374,7 @@ def _assert_same(a, b, where="") -> None:
 
 
 def test_resumed_run_equals_uninterrupted_run(tmp_path):
-    settings = dict(**TINY, l1_weight=1e-3, theta_lr_scheduler="multistep", theta_lr_milestones=[1], alpha_momentum=0.5)
+    settings = dict(**TINY, l1_weight=1e-3, theta=dict(lr_scheduler="multistep", lr_milestones=[1]), alpha=dict(momentum=0.5))
 
     def run(max_epochs: int, ckpt_path=None, directory="a") -> PRNetModule:
         pl.seed_everything(0)
@@ -315,7 +407,7 @@ class SaveRankState(pl.Callback):
 @pytest.mark.ddp
 def test_ddp_ranks_hold_identical_theta_query_set_and_alpha(tmp_path):
     torch.manual_seed(0)
-    module = PRNetModule(**TINY, l1_weight=0.0, alpha_optimizer="adam", alpha_lr=1e-2)
+    module = PRNetModule(**TINY, l1_weight=0.0, alpha=dict(optimizer="adam", lr=1e-2))
     initial = {k: v.clone() for k, v in module.state_dict().items()}
     trainer = make_trainer(
         tmp_path, devices=2, strategy="ddp_spawn", max_steps=4 * 3, limit_val_batches=0, callbacks=[SaveRankState(str(tmp_path))]

@@ -210,6 +210,7 @@ def _cifar(depth: int, num_classes: int, in_channels: int, block: Optional[str],
     return PreActResNet(stem, base_width, in_channels, num_classes, block, (n, n, n), widths, (1, 2, 2), **update)
 
 
+@register_architecture("preact_resnet_cifar", (3, 32, 32), dict(depth=20, base_width=4))
 def preact_resnet_cifar(
     depth: int = 56,
     num_classes: int = 10,
@@ -229,6 +230,7 @@ def preact_resnet_cifar(
     )
 
 
+@register_architecture("lm_resnet_cifar", (3, 32, 32), dict(depth=20, base_width=4))
 def lm_resnet_cifar(
     depth: int = 56,
     num_classes: int = 10,
@@ -302,7 +304,8 @@ def lm_resnet_imagenet(
     )
 
 
-# One registry entry per depth of the papers' tables; the registry test runs them at tiny width.
+# One registry entry per depth of the papers' tables (besides the CIFAR families with `depth` an argument, which
+# the models build); the registry test runs them all at tiny width.
 for _depth in CIFAR_DEPTHS:
     register_architecture(f"preact_resnet{_depth}_cifar", (3, 32, 32), dict(base_width=4))(
         partial(preact_resnet_cifar, depth=_depth)

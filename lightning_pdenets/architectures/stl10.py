@@ -27,6 +27,7 @@ kernels of standard deviation ``kernel_std`` (default √(2 / (9·C))) clipped i
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Optional, Sequence
 
 import torch
@@ -166,19 +167,17 @@ class PDECNN(nn.Module):
         return self.head(self.units(self.opening(x)))
 
 
-@register_architecture("stl10_parabolic", input_shape=(3, 32, 32), tiny_kwargs=_TINY)
-def stl10_parabolic(**kwargs) -> PDECNN:
-    """Parabolic (forward Euler) STL-10 network."""
-    return PDECNN("parabolic", **kwargs)
-
-
-@register_architecture("stl10_hamiltonian", input_shape=(3, 32, 32), tiny_kwargs=_TINY)
-def stl10_hamiltonian(**kwargs) -> PDECNN:
-    """Hamiltonian (Verlet) STL-10 network."""
-    return PDECNN("hamiltonian", **kwargs)
-
-
-@register_architecture("stl10_second_order", input_shape=(3, 32, 32), tiny_kwargs=_TINY)
-def stl10_second_order(**kwargs) -> PDECNN:
-    """Second-order (leapfrog) STL-10 network."""
-    return PDECNN("second_order", **kwargs)
+# One registered network per dynamics. partial() keeps PDECNN's signature (less `dynamics`), whose argument names
+# the models' hyperparameters match (ClassifierModule.build_network).
+stl10_parabolic = register_architecture("stl10_parabolic", input_shape=(3, 32, 32), tiny_kwargs=_TINY)(
+    partial(PDECNN, "parabolic")
+)
+"""Parabolic (forward Euler) STL-10 network."""
+stl10_hamiltonian = register_architecture("stl10_hamiltonian", input_shape=(3, 32, 32), tiny_kwargs=_TINY)(
+    partial(PDECNN, "hamiltonian")
+)
+"""Hamiltonian (Verlet) STL-10 network."""
+stl10_second_order = register_architecture("stl10_second_order", input_shape=(3, 32, 32), tiny_kwargs=_TINY)(
+    partial(PDECNN, "second_order")
+)
+"""Second-order (leapfrog) STL-10 network."""

@@ -24,12 +24,10 @@ from lightning_pdenets.errors import (
     is_solver_failure,
 )
 from lightning_pdenets.models.optim import (
-    SCHEDULER_INTERVALS,
     base_learning_rates,
     build_optimizer,
-    build_scheduler,
+    build_schedule,
     check_optimization_settings,
-    run_optimizer_steps,
     rescale_learning_rates,
 )
 import lightning_pdenets
@@ -378,16 +376,8 @@ class ClassifierModule(pl.LightningModule):
         # Frozen parameters stay out, so that BackboneFinetuning can add them later as their own group.
         trainable = [p for p in self.parameters() if p.requires_grad]
         optimizer = build_optimizer(trainable, o["optimizer"], o["lr"], o["weight_decay"], o["momentum"])
-        max_epochs = self.trainer.max_epochs if self._trainer is not None else None
-        per_step = o["lr_scheduler"] == "onecycle" and self._trainer is not None
-        total_steps = run_optimizer_steps(self.trainer) if per_step else None
-        scheduler = build_scheduler(
-            optimizer, o["lr_scheduler"], o["lr_milestones"], o["lr_gamma"], max_epochs, total_steps
-        )
-        if scheduler is None:
-            return optimizer
-        interval = SCHEDULER_INTERVALS[o["lr_scheduler"]]
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
+        schedule = build_schedule(optimizer, o, self._trainer)
+        return optimizer if schedule is None else {"optimizer": optimizer, "lr_scheduler": schedule}
 
 
 def _release_peers() -> None:

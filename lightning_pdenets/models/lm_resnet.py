@@ -13,7 +13,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import DDPStrategy, Strategy
 
-from lightning_pdenets.architectures.lm_resnet import PreActResNet, lm_resnet_cifar, preact_resnet_cifar
+from lightning_pdenets.architectures.lm_resnet import PreActResNet
 from lightning_pdenets.metric_logging import log_replicated
 from lightning_pdenets.models.base import ClassifierModule
 
@@ -41,6 +41,7 @@ class ResNetCIFARModule(ClassifierModule):
     """
 
     network: PreActResNet
+    architecture = "preact_resnet_cifar"
 
     def __init__(
         self,
@@ -68,15 +69,6 @@ class ResNetCIFARModule(ClassifierModule):
         self.save_hyperparameters()
         self.network = self.build_network()
 
-    def architecture_kwargs(self) -> dict[str, Any]:
-        """Arguments of the architecture factory shared by both families, read from ``hparams``."""
-        names = ("depth", "num_classes", "in_channels", "block", "base_width", "stochastic_depth",
-                 "survival_prob_last", "stochastic_depth_mode")
-        return {name: self.hparams[name] for name in names}
-
-    def build_network(self) -> PreActResNet:
-        return preact_resnet_cifar(**self.architecture_kwargs())
-
     def setup(self, stage: str) -> None:
         if stage == "fit" and self._trainer is not None:
             check_stochastic_depth_strategy(self.hparams.stochastic_depth, self.hparams.stochastic_depth_mode,
@@ -99,6 +91,8 @@ class LMResNetModule(ResNetCIFARModule):
         **kwargs: Further settings of :class:`ResNetCIFARModule`.
     """
 
+    architecture = "lm_resnet_cifar"
+
     def __init__(
         self,
         depth: int = 56,
@@ -108,11 +102,6 @@ class LMResNetModule(ResNetCIFARModule):
         **kwargs: Any,
     ) -> None:
         super().__init__(depth=depth, num_classes=num_classes, **kwargs)
-
-    def build_network(self) -> PreActResNet:
-        return lm_resnet_cifar(
-            **self.architecture_kwargs(), k_mode=self.hparams.k_mode, k_init_range=tuple(self.hparams.k_init_range)
-        )
 
     def on_train_start(self) -> None:
         super().on_train_start()

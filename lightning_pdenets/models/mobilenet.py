@@ -8,7 +8,6 @@ from ``unfreeze_backbone_at_epoch`` on (``finetune: head_first``, Lightning's ``
 
 from __future__ import annotations
 
-import inspect
 import os
 from typing import Any, Optional
 
@@ -17,10 +16,9 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from lightning_pdenets.architectures.chen import ODENET_SOLVER
-from lightning_pdenets.architectures.mobilenet_isometric import isometric_channels, prnet_mobilenet
 from lightning_pdenets.checkpoints import load_checkpoint
 from lightning_pdenets.models.base import ClassifierModule
-from lightning_pdenets.models.prnet import PRNetModule
+from lightning_pdenets.models.prnet import PRNetAlgorithmModule
 from lightning_pdenets.models.solver import ODESolverMixin
 from lightning_pdenets.solvers import SolverOptions
 from lightning_pdenets.validation import check_positive, check_positive_int
@@ -227,10 +225,10 @@ class ODEMobileNetModule(ODESolverMixin, IsometricMobileNetModule):
         return {"solver": self.resolve_solver()}
 
 
-class PRNetMobileNetModule(PRNetModule):
+class PRNetMobileNetModule(PRNetAlgorithmModule):
     """PR-Net on the isometric MobileNetV3 (Kim et al. Table 3: 3 mobile blocks + 1 PDE block).
 
-    Trained with PR-Net's Algorithm 1 (:class:`lightning_pdenets.models.PRNetModule`): here the
+    Trained with PR-Net's Algorithm 1 (:class:`lightning_pdenets.models.PRNetAlgorithmModule`): here the
     "stem" producing h(0) is the patch stem with the first ``num_blocks - 1`` mobile blocks, and the
     "head" is MobileNetV3's head with the classifier.
 
@@ -242,9 +240,11 @@ class PRNetMobileNetModule(PRNetModule):
         pretrained_checkpoint: Checkpoint of a PR-Net of the same architecture to fine-tune (all layers,
             with Algorithm 1); its classifier is replaced by one with ``num_classes`` outputs.
         trust_pretrained_checkpoint: as in :class:`IsometricMobileNetModule`.
-        **kwargs: PR-Net's settings (``max_power``, ``theta_lr``, ``alpha_optimizer``, ..., see
-            :class:`PRNetModule`) and the task optimizer's (``optimizer``, ``lr``, ...).
+        **kwargs: Algorithm 1's settings (``max_power``, ``theta``, ``alpha``, ..., see
+            :class:`PRNetAlgorithmModule`) and the task optimizer's (``optimizer``, ``lr``, ...).
     """
+
+    architecture = "prnet_mobilenet"
 
     def __init__(
         self,
@@ -265,19 +265,7 @@ class PRNetMobileNetModule(PRNetModule):
         trust_pretrained_checkpoint: bool = False,
         **kwargs: Any,
     ) -> None:
-        # PRNetModule builds Chen et al.'s PR-Net; a 1-pixel stand-in keeps that cheap before it is
-        # replaced by the MobileNet variant below.
-        width = isometric_channels(channels, width_multiplier)
-        super().__init__(in_channels, num_classes, width, 0, 3, activation, t_end, **kwargs)
-        for stand_in in ("width", "num_downsamples"):  # not arguments of this class
-            self._hparams.pop(stand_in, None)
-            self._hparams_initial.pop(stand_in, None)
-        self.network = prnet_mobilenet(
-            in_channels, num_classes, width_multiplier, channels, num_blocks, expanded_channels, kernel_size,
-            patch_size, head_expansion, dropout, image_size, activation, t_end,
-        )
+        super().__init__(num_classes=num_classes, **kwargs)
         if pretrained_checkpoint is not None:
-            names = inspect.signature(prnet_mobilenet).parameters
-            architecture = {name: value for name, value in self.hparams.items() if name in names}
-            load_pretrained_backbone(self.network, pretrained_checkpoint, architecture, type(self).__name__,
-                                     trust_pretrained_checkpoint)
+            load_pretrained_backbone(self.network, pretrained_checkpoint, self.architecture_arguments(),
+                                     type(self).__name__, trust_pretrained_checkpoint)

@@ -7,24 +7,78 @@ can be reloaded without pickled modules; every bad name lists the valid ones.
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Iterable, Mapping, Optional, Sequence, TypedDict
 
 import torch
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
 from lightning_pdenets.errors import ConfigurationError
-from lightning_pdenets.validation import check_positive
+from lightning_pdenets.validation import check_positive, check_setting_names
 
 __all__ = [
-    "OPTIMIZERS", "LR_SCHEDULERS", "SCHEDULER_INTERVALS", "build_optimizer", "build_scheduler", "check_optimization_settings",
-    "base_learning_rates", "rescale_learning_rates",
+    "OPTIMIZERS", "LR_SCHEDULERS", "SCHEDULER_INTERVALS", "OptimizerOptions", "build_optimizer", "build_schedule",
+    "build_scheduler",
+    "check_optimization_settings", "resolve_optimizer_options", "base_learning_rates", "rescale_learning_rates",
 ]
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD, "rmsprop": torch.optim.RMSprop}
 LR_SCHEDULERS = ("none", "cosine", "multistep", "onecycle")
 # When Lightning steps each schedule: per epoch, or per optimizer step (one-cycle spans the whole run).
 SCHEDULER_INTERVALS = {"none": "epoch", "cosine": "epoch", "multistep": "epoch", "onecycle": "step"}
+
+
+class OptimizerOptions(TypedDict, total=False):
+    """One optimizer with its learning-rate schedule, as a dict of some of these settings (YAML and command line).
+
+    Written ``theta: {optimizer: sgd, lr: 0.01}`` in YAML and ``--model.init_args.theta.lr 0.01`` on the
+    command line; :func:`resolve_optimizer_options` merges it over a model's defaults and checks it.
+    The settings mean what the same-named arguments of :class:`~lightning_pdenets.models.ClassifierModule` do.
+    """
+
+    optimizer: str
+    lr: float
+    weight_decay: float
+    momentum: float
+    lr_scheduler: str
+    lr_milestones: list[int]
+    lr_gamma: float
+
+
+OPTIMIZATION_SETTINGS = tuple(OptimizerOptions.__annotations__)
+"""The names of one optimizer's settings, in the order :func:`check_optimization_settings` takes them."""
+
+
+def resolve_optimizer_options(
+    options: Optional[Mapping[str, Any]],
+    defaults: Mapping[str, Any],
+    argument: str,
+    optimizers: Sequence[str] = tuple(OPTIMIZERS),
+) -> dict[str, Any]:
+    """The complete, checked settings of one optimizer: ``options`` (some :class:`OptimizerOptions`) over ``defaults``.
+
+    Args:
+        options: The given settings (``None``: the defaults alone).
+        defaults: Every setting of :data:`OPTIMIZATION_SETTINGS`.
+        argument: The hyperparameter's name, prefixed to each setting in error messages (``theta.lr``).
+        optimizers: Allowed optimizer names.
+
+    Raises:
+        TypeError: when ``options`` is not a mapping.
+        ValueError: on an unknown setting (with the closest valid names) or an invalid value.
+    """
+    if options is not None and not isinstance(options, Mapping):
+        raise TypeError(
+            f"`{argument}` must be a mapping of optimizer settings such as {{'optimizer': 'adam', 'lr': 0.001}}, "
+            f"got {type(options).__name__}."
+        )
+    check_setting_names(options or {}, OPTIMIZATION_SETTINGS, argument)
+    settings = {**defaults, **(options or {})}
+    settings = {name: settings[name] for name in OPTIMIZATION_SETTINGS}
+    if isinstance(settings["lr_milestones"], (list, tuple)):
+        settings["lr_milestones"] = list(settings["lr_milestones"])  # a primitive list in checkpoints
+    check_optimization_settings(**settings, prefix=f"{argument}.", optimizers=optimizers)
+    return settings
 
 
 def check_optimization_settings(
@@ -36,10 +90,11 @@ def check_optimization_settings(
     lr_milestones: Sequence[int],
     lr_gamma: float,
     prefix: str = "",
+    optimizers: Sequence[str] = tuple(OPTIMIZERS),
 ) -> None:
-    """Raise ``ValueError`` naming the first invalid setting (``prefix`` is prepended to names)."""
-    if optimizer not in OPTIMIZERS:
-        raise ValueError(f"`{prefix}optimizer` must be one of {sorted(OPTIMIZERS)}, got {optimizer!r}.")
+    """Raise ``ValueError`` naming the first invalid setting (``prefix`` is prepended to names, ``optimizers`` allowed)."""
+    if optimizer not in optimizers:
+        raise ValueError(f"`{prefix}optimizer` must be one of {sorted(optimizers)}, got {optimizer!r}.")
     check_positive(lr, f"{prefix}lr")
     if not isinstance(weight_decay, (int, float)) or weight_decay < 0:
         raise ValueError(f"`{prefix}weight_decay` must be >= 0, got {weight_decay!r}.")
@@ -106,6 +161,24 @@ def build_scheduler(
     if lr_scheduler == "multistep":
         return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(lr_milestones), gamma=lr_gamma)
     return None
+
+
+def build_schedule(optimizer: Optimizer, settings: dict[str, Any], trainer: Optional[Any]) -> Optional[dict[str, Any]]:
+    """Lightning's scheduler configuration (``scheduler``, ``interval``) for one optimizer's settings; ``None`` for ``'none'``.
+
+    Args:
+        optimizer: The optimizer to schedule.
+        settings: Its :data:`OPTIMIZATION_SETTINGS`.
+        trainer: The attached trainer, whose run sets the horizons of ``cosine`` and ``onecycle`` (``None``: not attached).
+    """
+    max_epochs = trainer.max_epochs if trainer is not None else None
+    per_step = settings["lr_scheduler"] == "onecycle" and trainer is not None
+    total_steps = run_optimizer_steps(trainer) if per_step else None
+    scheduler = build_scheduler(optimizer, settings["lr_scheduler"], settings["lr_milestones"], settings["lr_gamma"],
+                                max_epochs, total_steps)
+    if scheduler is None:
+        return None
+    return {"scheduler": scheduler, "interval": SCHEDULER_INTERVALS[settings["lr_scheduler"]]}
 
 
 def run_optimizer_steps(trainer: Any) -> int:

@@ -1,8 +1,8 @@
 """LightningModules of Ruthotto & Haber's PDE-motivated CNNs: parabolic, Hamiltonian, second order.
 
 Ruthotto & Haber, "Deep Neural Networks Motivated by Partial Differential Equations", J. Math.
-Imaging Vis. 2020. Each module wraps :class:`lightning_pdenets.architectures.PDECNN` with one
-dynamics. The regularizer of the paper's Eq. (11) is split as usual in Lightning: the weight
+Imaging Vis. 2020. Each module builds the registered :class:`lightning_pdenets.architectures.PDECNN` of one
+dynamics (``stl10_parabolic``, ...). The regularizer of the paper's Eq. (11) is split as usual in Lightning: the weight
 decay α₂/2 (‖θ‖² + ‖W‖² + ‖μ‖²) is the optimizer's ``weight_decay``, and the total variation
 in time α₁ ∫ φ_ε(∂_t θ) dt is the :class:`lightning_pdenets.callbacks.TimeTVRegularization`
 callback (``callbacks/time_tv.yaml``); the box constraint is
@@ -13,14 +13,13 @@ from __future__ import annotations
 
 from typing import Any, Optional, Sequence
 
-from lightning_pdenets.architectures.stl10 import PDECNN
 from lightning_pdenets.models.base import ClassifierModule
 
 __all__ = ["PDECNNModule", "ParabolicCNNModule", "HamiltonianCNNModule", "SecondOrderCNNModule"]
 
 
 class PDECNNModule(ClassifierModule):
-    """Classifier over a :class:`PDECNN`; subclasses fix :attr:`dynamics`.
+    """Classifier over a :class:`PDECNN`; subclasses name the registered network of their dynamics (:attr:`architecture`).
 
     Args:
         in_channels: Image channels.
@@ -40,7 +39,7 @@ class PDECNNModule(ClassifierModule):
         **kwargs: Optimization settings of :class:`ClassifierModule`.
     """
 
-    dynamics = "parabolic"
+    architecture = "stl10_parabolic"
 
     def __init__(
         self,
@@ -61,25 +60,22 @@ class PDECNNModule(ClassifierModule):
     ) -> None:
         super().__init__(num_classes=num_classes, **kwargs)
         self.save_hyperparameters()
-        self.network = PDECNN(
-            self.dynamics, in_channels, num_classes, list(widths), num_steps, step_size, num_control_points,
-            interpolation, norm, activation, kernel_std, reversible, init, final_connector,
-        )
+        self.network = self.build_network()
 
 
 class ParabolicCNNModule(PDECNNModule):
     """Parabolic CNN (nonlinear diffusion, forward Euler) of Ruthotto & Haber 2020."""
 
-    dynamics = "parabolic"
+    architecture = "stl10_parabolic"
 
 
 class HamiltonianCNNModule(PDECNNModule):
     """Hamiltonian CNN (Verlet, reversible) of Ruthotto & Haber 2020 and Chang et al. 2018."""
 
-    dynamics = "hamiltonian"
+    architecture = "stl10_hamiltonian"
 
 
 class SecondOrderCNNModule(PDECNNModule):
     """Second-order (hyperbolic, leapfrog, reversible) CNN of Ruthotto & Haber 2020."""
 
-    dynamics = "second_order"
+    architecture = "stl10_second_order"

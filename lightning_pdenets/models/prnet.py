@@ -15,28 +15,27 @@ and computes no derivatives.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, Union
+from typing import Any, ClassVar, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
-from lightning_pdenets.architectures.prnet import prnet
 from lightning_pdenets.blocks.governing import GoverningEquation, ProximalSGD
 from lightning_pdenets.blocks.pde import PDEBlock
 from lightning_pdenets.metric_logging import log_replicated
 from lightning_pdenets.models.base import ClassifierModule
 from lightning_pdenets.models.optim import (
-    SCHEDULER_INTERVALS,
+    OPTIMIZERS,
+    OptimizerOptions,
     build_optimizer,
-    build_scheduler,
-    check_optimization_settings,
-    run_optimizer_steps,
+    build_schedule,
+    resolve_optimizer_options,
 )
 from lightning_pdenets.validation import check_positive, check_positive_int
 
-__all__ = ["PRNetModule", "PRNET_STEPS"]
+__all__ = ["PRNET_OPTIMIZERS", "PRNET_STEPS", "PRNetAlgorithmModule", "PRNetModule"]
 
 PRNET_STEPS = ("task", "theta", "query", "alpha")
 """Names of the sub-steps of Algorithm 1, in the paper's order (lines 5-8)."""
@@ -44,18 +43,34 @@ PRNET_STEPS = ("task", "theta", "query", "alpha")
 _NONFINITE_POLICIES = ("raise", "skip")
 
 
-class PRNetModule(ClassifierModule):
-    """PR-Net with Algorithm 1's four optimizers (``automatic_optimization = False``).
+PRNET_OPTIMIZERS: dict[str, dict[str, Any]] = {
+    "theta": dict(optimizer="adam", lr=1e-3, weight_decay=0.0, momentum=0.9, lr_scheduler="none", lr_milestones=[],
+                  lr_gamma=0.1),
+    "query": dict(optimizer="adam", lr=1e-3, weight_decay=0.0, momentum=0.9, lr_scheduler="none", lr_milestones=[],
+                  lr_gamma=0.1),
+    "alpha": dict(optimizer="proximal", lr=1e-2, weight_decay=0.0, momentum=0.0, lr_scheduler="none", lr_milestones=[],
+                  lr_gamma=0.1),
+}
+"""Defaults of the optimizers of Algorithm 1's theta, query and alpha steps, which ``theta``, ``query`` and ``alpha`` override."""
+
+_PROXIMAL = "proximal"  # the ISTA step of alpha (ProximalSGD); the other groups take the optimizers of OPTIMIZERS
+
+
+class PRNetAlgorithmModule(ClassifierModule):
+    """PR-Net's Algorithm 1 (``automatic_optimization = False``) over a network with a PDE block.
+
+    Subclasses name a registered :attr:`architecture` whose network has a ``stem`` producing h(0), a
+    :class:`PDEBlock` ``feature`` and a ``head`` (:class:`PRNetModule`, Chen et al.'s; and
+    ``PRNetMobileNetModule``, the isometric MobileNetV3's); their own arguments are the architecture's.
 
     Optimizers, in this order (``self.optimizers()``): task (theta + stem + head; the settings of
-    :class:`ClassifierModule`: ``optimizer``, ``lr``, ``lr_scheduler``, ...), theta (``theta_*``),
-    query set H (``query_*``) and alpha (``alpha_*``; ``alpha_optimizer='proximal'`` is the ISTA
-    step :class:`ProximalSGD`, which produces exact zeros). Every optimizer has its own per-epoch
+    :class:`ClassifierModule`: ``optimizer``, ``lr``, ``lr_scheduler``, ...), theta, query set H and alpha,
+    each set by one dict of :class:`~lightning_pdenets.models.optim.OptimizerOptions` over
+    :data:`PRNET_OPTIMIZERS` and stored complete in ``hparams``. ``alpha: {optimizer: proximal}`` (the
+    default) is the ISTA step :class:`ProximalSGD`, which produces exact zeros. Every optimizer has its own
     scheduler. Gradients of all four groups are all-reduced under DDP.
 
     Args:
-        in_channels, num_classes, width, num_downsamples, image_size, activation, t_end, output_norm:
-            Architecture (see :func:`lightning_pdenets.architectures.prnet`).
         max_power: Highest power of h in the governing equation (int or one per axis x, y).
         max_derivative_order: Highest derivative order in d (int or one per axis x, y).
         l1_weight: Weight w of R_G = w * sum |alpha|.
@@ -66,26 +81,20 @@ class PRNetModule(ClassifierModule):
             (an unbiased estimate of the mean over samples, since batches are shuffled); None: all.
             The cost of the theta step's derivative part scales with it.
         step_order: Sub-steps per batch, a subset of ``task``, ``theta``, ``query``, ``alpha`` in any order.
-        theta_optimizer, theta_lr, theta_weight_decay, theta_momentum, theta_lr_scheduler,
-            theta_lr_milestones, theta_lr_gamma: Optimization of the theta step.
-        query_*: Same for the query set H.
-        alpha_*: Same for alpha; ``alpha_optimizer`` may also be ``'proximal'``.
+        theta: Optimizer of the theta step, e.g. ``{optimizer: adam, lr: 0.001, lr_scheduler: onecycle}``
+            (settings not given keep :data:`PRNET_OPTIMIZERS`' ``theta``).
+        query: Optimizer of the query step (the set H), likewise.
+        alpha: Optimizer of the alpha step, likewise; its ``optimizer`` may also be ``proximal``.
         gradient_clip_val: Clip each sub-step's gradient norm to this value (None: no clipping).
         on_nonfinite: ``'raise'`` stops with an error naming the NaN/Inf loss term; ``'skip'``
             skips that sub-step (on all ranks) and counts it in ``train/skipped_steps``.
-        **kwargs: Optimization settings of the task optimizer (:class:`ClassifierModule`).
+        **kwargs: The task optimizer's settings and ``num_classes`` (:class:`ClassifierModule`).
     """
+
+    optimizer_defaults: ClassVar[dict[str, dict[str, Any]]] = PRNET_OPTIMIZERS
 
     def __init__(
         self,
-        in_channels: int = 1,
-        num_classes: int = 10,
-        width: int = 64,
-        num_downsamples: int = 2,
-        image_size: int = 28,
-        activation: str = "softplus",
-        t_end: float = 1.0,
-        output_norm: bool = False,
         max_power: Union[int, Sequence[int]] = 3,
         max_derivative_order: Union[int, Sequence[int]] = 3,
         l1_weight: float = 1e-4,
@@ -94,33 +103,15 @@ class PRNetModule(ClassifierModule):
         governing_weight: float = 1.0,
         governing_samples: Optional[int] = None,
         step_order: Sequence[str] = PRNET_STEPS,
-        theta_optimizer: str = "adam",
-        theta_lr: float = 1e-3,
-        theta_weight_decay: float = 0.0,
-        theta_momentum: float = 0.9,
-        theta_lr_scheduler: str = "none",
-        theta_lr_milestones: Sequence[int] = (),
-        theta_lr_gamma: float = 0.1,
-        query_optimizer: str = "adam",
-        query_lr: float = 1e-3,
-        query_weight_decay: float = 0.0,
-        query_momentum: float = 0.9,
-        query_lr_scheduler: str = "none",
-        query_lr_milestones: Sequence[int] = (),
-        query_lr_gamma: float = 0.1,
-        alpha_optimizer: str = "proximal",
-        alpha_lr: float = 1e-2,
-        alpha_weight_decay: float = 0.0,
-        alpha_momentum: float = 0.0,
-        alpha_lr_scheduler: str = "none",
-        alpha_lr_milestones: Sequence[int] = (),
-        alpha_lr_gamma: float = 0.1,
+        theta: Optional[OptimizerOptions] = None,
+        query: Optional[OptimizerOptions] = None,
+        alpha: Optional[OptimizerOptions] = None,
         gradient_clip_val: Optional[float] = None,
         on_nonfinite: str = "raise",
         **kwargs: Any,
     ) -> None:
-        super().__init__(num_classes=num_classes, **kwargs)
-        self.save_hyperparameters()
+        super().__init__(**kwargs)
+        self.save_hyperparameters()  # with the subclass's arguments: the architecture's
         self.automatic_optimization = False
         if isinstance(step_order, str) or not step_order or len(set(step_order)) != len(step_order) or any(
             s not in PRNET_STEPS for s in step_order
@@ -128,12 +119,9 @@ class PRNetModule(ClassifierModule):
             raise ValueError(
                 f"`step_order` must be a non-empty list of distinct names from {list(PRNET_STEPS)}, got {step_order!r}."
             )
-        arguments = dict(locals())
-        for prefix in ("theta_", "query_", "alpha_"):
-            settings = _optimization_settings(arguments, prefix)
-            if prefix == "alpha_" and settings["optimizer"] == "proximal":
-                settings["optimizer"] = "sgd"  # same checks; 'proximal' only exists for alpha
-            check_optimization_settings(*settings.values(), prefix=prefix)
+        for group, defaults in self.optimizer_defaults.items():
+            allowed = (*OPTIMIZERS, _PROXIMAL) if group == "alpha" else tuple(OPTIMIZERS)
+            self.hparams[group] = resolve_optimizer_options(self.hparams.get(group), defaults, group, allowed)
         if on_nonfinite not in _NONFINITE_POLICIES:
             raise ValueError(f"`on_nonfinite` must be one of {list(_NONFINITE_POLICIES)}, got {on_nonfinite!r}.")
         check_positive(gradient_clip_val, "gradient_clip_val", allow_none=True)
@@ -143,7 +131,7 @@ class PRNetModule(ClassifierModule):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise ValueError(f"`{name}` must be a number >= 0, got {value!r}.")
         self.step_order = tuple(step_order)
-        self.network = prnet(in_channels, num_classes, width, num_downsamples, image_size, activation, t_end, output_norm)
+        self.network = self.build_network()
         self.governing = GoverningEquation(
             PDEBlock.axes, max_power, max_derivative_order, l1_weight, print_threshold, variable="h"
         )
@@ -171,27 +159,19 @@ class PRNetModule(ClassifierModule):
     def configure_optimizers(self) -> Any:
         hp = self.hparams
         groups = self.parameter_groups()
-        max_epochs = self.trainer.max_epochs if self._trainer is not None else None
-        settings = {"task": dict(self.optimization)}
-        for name in ("theta", "query", "alpha"):
-            settings[name] = _optimization_settings(hp, f"{name}_")
+        settings = {"task": self.optimization, "theta": hp.theta, "query": hp.query, "alpha": hp.alpha}
         optimizers, schedulers = [], []
         for name in PRNET_STEPS:
             s = settings[name]
-            if s["optimizer"] == "proximal":
+            if s["optimizer"] == _PROXIMAL:
                 optimizer = ProximalSGD(groups[name], s["lr"], self.governing.l1_weight, s["momentum"])
             else:
                 optimizer = build_optimizer(groups[name], s["optimizer"], s["lr"], s["weight_decay"], s["momentum"])
-            per_step = s["lr_scheduler"] == "onecycle" and self._trainer is not None
-            total_steps = run_optimizer_steps(self.trainer) if per_step else None
-            scheduler = build_scheduler(
-                optimizer, s["lr_scheduler"], s["lr_milestones"], s["lr_gamma"], max_epochs, total_steps
-            )
-            if scheduler is None:  # a constant schedule keeps the four schedulers aligned with the optimizers
-                scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+            # a constant schedule where none is set keeps the four schedulers aligned with the optimizers
+            schedule = build_schedule(optimizer, s, self._trainer) or {
+                "scheduler": torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0), "interval": "epoch"}
             optimizers.append(optimizer)
-            schedulers.append({"scheduler": scheduler, "interval": SCHEDULER_INTERVALS[s["lr_scheduler"]],
-                               "name": f"lr-{name}"})
+            schedulers.append({**schedule, "name": f"lr-{name}"})
         return optimizers, schedulers
 
     def _step_schedulers(self, interval: str) -> None:
@@ -352,7 +332,29 @@ class PRNetModule(ClassifierModule):
         self.skipped_steps = checkpoint.get("prnet_skipped_steps", 0)
 
 
-def _optimization_settings(source: Any, prefix: str) -> dict[str, Any]:
-    """The seven optimization settings named ``<prefix><setting>`` in a mapping, in checking order."""
-    names = ("optimizer", "lr", "weight_decay", "momentum", "lr_scheduler", "lr_milestones", "lr_gamma")
-    return {name: source[f"{prefix}{name}"] for name in names}
+
+class PRNetModule(PRNetAlgorithmModule):
+    """PR-Net of Kim et al. (Table 2): Chen et al.'s stem and head around a PDE block, trained with Algorithm 1.
+
+    Args:
+        in_channels, num_classes, width, num_downsamples, image_size, activation, t_end, output_norm:
+            Architecture (see :func:`lightning_pdenets.architectures.prnet`).
+        **kwargs: Algorithm 1's settings (``max_power``, ``theta``, ``alpha``, ..., see
+            :class:`PRNetAlgorithmModule`) and the task optimizer's (``optimizer``, ``lr``, ...).
+    """
+
+    architecture = "prnet"
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        num_classes: int = 10,
+        width: int = 64,
+        num_downsamples: int = 2,
+        image_size: int = 28,
+        activation: str = "softplus",
+        t_end: float = 1.0,
+        output_norm: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(num_classes=num_classes, **kwargs)
