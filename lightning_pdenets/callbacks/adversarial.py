@@ -7,8 +7,7 @@ the evaluation protocol of Kim et al.'s PR-Net paper, Table 4 (ε = 0.5/255, 1/2
 
 from __future__ import annotations
 
-import contextlib
-from typing import Any, Callable, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import lightning.pytorch as pl
 import torch
@@ -16,15 +15,19 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torchmetrics import MetricCollection
-from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_pdenets.callbacks._evaluation import (
+    PixelSpace,
+    accuracy_metrics,
+    check_channel_stats,
+    evaluation_pass,
+    normalization_of,
+    split_batch,
+)
 from lightning_pdenets.metric_logging import log_replicated
-from lightning_pdenets.callbacks._evaluation import callback_pass
 from lightning_pdenets.solvers import check_positive
 
-__all__ = [
-    "AdversarialEvaluation", "PixelSpace", "normalization_of", "parse_epsilon", "preserved_model_state",
-]
+__all__ = ["AdversarialEvaluation", "PixelSpace", "normalization_of", "parse_epsilon"]
 
 ATTACKS = ("fgsm", "pgd")
 
@@ -42,96 +45,6 @@ def parse_epsilon(value: Union[float, int, str]) -> float:
     if isinstance(value, bool) or not 0.0 <= epsilon <= 1.0:
         raise ValueError(f"`epsilons` entries must lie in [0, 1] (pixel units, e.g. 1/255), got {value!r}.")
     return epsilon
-
-
-def _check_channel_stats(mean: Optional[Sequence[float]], std: Optional[Sequence[float]]) -> None:
-    if (mean is None) != (std is None):
-        raise ValueError(f"give both `mean` and `std` or neither, got mean={mean!r}, std={std!r}.")
-    if mean is None:
-        return
-    if len(mean) != len(std) or len(mean) == 0:
-        raise ValueError(f"`mean` and `std` need one value per channel each, got mean={mean!r}, std={std!r}.")
-    if any(not s > 0 for s in std):
-        raise ValueError(f"`std` entries must be > 0, got {std!r}.")
-
-
-def normalization_of(
-    trainer: Optional["pl.Trainer"], mean: Optional[Sequence[float]], std: Optional[Sequence[float]]
-) -> Optional[tuple[tuple[float, ...], tuple[float, ...]]]:
-    """The per-channel (mean, std) the inputs were standardized with, or ``None`` for raw [0, 1] pixels.
-
-    Explicit ``mean``/``std`` win; otherwise ``trainer.datamodule.mean`` / ``.std`` are used when the
-    datamodule has them (every datamodule of :mod:`lightning_pdenets.data` does).
-    """
-    if mean is not None and std is not None:
-        return tuple(map(float, mean)), tuple(map(float, std))
-    datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
-    dm_mean, dm_std = getattr(datamodule, "mean", None), getattr(datamodule, "std", None)
-    if dm_mean is None or dm_std is None:
-        return None
-    return tuple(map(float, dm_mean)), tuple(map(float, dm_std))
-
-
-class PixelSpace(nn.Module):
-    """``model((x - mean) / std)``: a classifier on standardized inputs seen as one on [0, 1] pixels.
-
-    The wrapped model is referenced, not registered as a submodule, so that wrapping never moves,
-    copies or re-registers its parameters.
-    """
-
-    def __init__(
-        self,
-        model: Callable[[torch.Tensor], torch.Tensor],
-        mean: Sequence[float],
-        std: Sequence[float],
-        device: Optional[torch.device] = None,
-    ) -> None:
-        super().__init__()
-        self.__dict__["model"] = model
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1), persistent=False)
-
-    def to_pixels(self, x: torch.Tensor) -> torch.Tensor:
-        return (x * self.std.to(x) + self.mean.to(x)).clamp(0.0, 1.0)
-
-    def from_pixels(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean.to(x)) / self.std.to(x)
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.model(self.from_pixels(pixels))
-
-
-@contextlib.contextmanager
-def preserved_model_state(module: nn.Module) -> Iterator[None]:
-    """Eval mode, no parameter gradients, autograd on; restores modes, ``requires_grad`` and ``.grad``.
-
-    Attacks backpropagate to the input only, so a training step in progress (or a user's
-    accumulated gradients) is never disturbed and no weight gradient is computed. The passes inside are
-    marked as the callback's own (:func:`callback_pass`), so they are never counted as the model's NFE.
-    """
-    modes = [(m, m.training) for m in module.modules()]
-    params = list(module.parameters())
-    saved = [(p, p.requires_grad, p.grad) for p in params]
-    module.eval()
-    for p in params:
-        p.grad = None
-        p.requires_grad_(False)
-    try:
-        with torch.inference_mode(False), torch.enable_grad(), callback_pass():
-            yield
-    finally:
-        for p, requires_grad, grad in saved:
-            p.requires_grad_(requires_grad)
-            p.grad = grad
-        for m, training in modes:
-            m.training = training
-
-
-def _accuracy(num_classes: int, device: torch.device) -> MetricCollection:
-    metrics = {"top1": MulticlassAccuracy(num_classes, top_k=1, average="micro")}
-    if num_classes > 5:
-        metrics["top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
-    return MetricCollection(metrics).to(device)
 
 
 def _label(epsilon: float) -> str:
@@ -194,7 +107,7 @@ class AdversarialEvaluation(Callback):
                 raise ValueError(f"`{name}` must be a positive integer{'' if name == 'pgd_steps' else ' or None'}, got {value!r}.")
         if pgd_step_size is not None:
             check_positive(pgd_step_size, "pgd_step_size")
-        _check_channel_stats(mean, std)
+        check_channel_stats(mean, std)
         self.pgd_steps = pgd_steps
         self.pgd_step_size = pgd_step_size
         self.pgd_random_init = pgd_random_init
@@ -235,13 +148,9 @@ class AdversarialEvaluation(Callback):
                 "AdversarialEvaluation: no `mean`/`std` given and the datamodule exposes none; "
                 "treating the inputs as [0, 1] pixels."
             )
-        channels = x.shape[1]
-        mean, std = stats if stats is not None else ((0.0,) * channels, (1.0,) * channels)
-        if len(mean) != channels:
-            raise ValueError(f"normalization has {len(mean)} channels but the batch has {channels}; fix `mean`/`std`.")
         devices = [x.device.index or 0] if x.device.type == "cuda" else []
-        with preserved_model_state(model):
-            pixel_model = PixelSpace(model, mean, std, device=x.device)
+        with evaluation_pass(model, input_gradients=True):  # tensors made here are usable by autograd
+            pixel_model = PixelSpace.for_batch(model, x, stats)
             pixels = pixel_model.to_pixels(x.detach().clone())
             labels = y.detach().clone()
             outputs = {"clean": pixel_model(pixels).detach()}
@@ -259,11 +168,11 @@ class AdversarialEvaluation(Callback):
     def _update(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int) -> None:
         if self.num_batches is not None and batch_idx >= self.num_batches:
             return
-        x, y = batch[0], batch[1]
+        x, y = split_batch(batch, type(self).__name__)
         outputs = self.attack_batch(pl_module, x, y, trainer, seed=self.seed + batch_idx)
         for key, logits in outputs.items():
             if key not in self._metrics:
-                self._metrics[key] = _accuracy(logits.shape[-1], logits.device)
+                self._metrics[key] = accuracy_metrics(logits.shape[-1], logits.device)
             self._metrics[key].update(logits, y)
 
     def _val_epoch_selected(self, trainer: "pl.Trainer") -> bool:

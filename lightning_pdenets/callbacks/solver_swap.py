@@ -17,14 +17,12 @@ from typing import Any, Optional
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_only
-from torch import nn
 from tqdm.auto import tqdm
 
-from lightning_pdenets.callbacks._evaluation import callback_pass
-from lightning_pdenets.callbacks.solver_adaptation import (
+from lightning_pdenets.callbacks._evaluation import (
     configure_blocks,
     evaluate_batches,
-    evaluation_mode,
+    evaluation_pass,
     require_ode_blocks,
     restored_solvers,
 )
@@ -148,7 +146,7 @@ class SolverSwapCheck(Callback):
         show = trainer.is_global_zero and trainer.progress_bar_callback is not None
         progress = tqdm(total=len(grid) + 1, desc=f"SolverSwapCheck {stage}".rstrip(), unit="solver", leave=False,
                         disable=not show, dynamic_ncols=True)
-        with progress, evaluation_mode(pl_module), callback_pass(), restored_solvers(blocks):
+        with progress, evaluation_pass(pl_module), restored_solvers(blocks):
             progress.set_postfix_str(f"{method} (training solver)")
             train_acc, train_nfe, _ = evaluate_batches(trainer, pl_module, blocks, self._batches(trainer, dataloaders))
             progress.update()
