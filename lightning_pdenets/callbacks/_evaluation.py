@@ -15,6 +15,7 @@ One place for what every callback that runs the model for its own purposes needs
   :func:`restored_solvers` and :func:`evaluate_batches` act on blocks found through
   :class:`lightning_pdenets.protocols.ODESolverBlock` only.
 * **adaptation**: :func:`shrink_grow_keep`, the decision rule of the step-size and tolerance adaptation callbacks.
+* **figures**: :func:`add_figure` adds a matplotlib figure to the loggers that take figures (TensorBoard).
 """
 
 from __future__ import annotations
@@ -34,11 +35,13 @@ from lightning_pdenets.protocols import find_ode_blocks
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
+    from matplotlib.figure import Figure
 
 __all__ = [
     "PixelSpace",
     "SOLVER_FAILURES",
     "accuracy_metrics",
+    "add_figure",
     "callback_pass",
     "check_channel_stats",
     "configure_blocks",
@@ -161,6 +164,22 @@ def accuracy_metrics(num_classes: int, device: torch.device) -> MetricCollection
     if num_classes > 5:
         metrics["top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
     return MetricCollection(metrics).to(device)
+
+
+def add_figure(trainer: "pl.Trainer", tag: str, make_figure: Callable[[], "Figure"]) -> None:
+    """Add ``make_figure()`` under ``tag`` to every logger that takes figures (TensorBoard), on rank 0 only.
+
+    The figure is built only when such a logger exists; build it with ``matplotlib.figure.Figure`` (not pyplot),
+    which leaves the user's backend and open figures alone and works headless.
+    """
+    if not trainer.is_global_zero:
+        return
+    writers = [lg.experiment for lg in trainer.loggers if hasattr(getattr(lg, "experiment", None), "add_figure")]
+    if not writers:
+        return
+    figure = make_figure()
+    for writer in writers:
+        writer.add_figure(tag, figure, global_step=trainer.global_step)
 
 
 # -- pixel space -----------------------------------------------------------------------------------------------------

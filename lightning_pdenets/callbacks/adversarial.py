@@ -12,7 +12,6 @@ the evaluation protocol of Kim et al.'s PR-Net paper, Table 4 (ε = 0.5/255, 1/2
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
 from typing import Any, Callable, Optional, Sequence, Union
 
 import lightning.pytorch as pl
@@ -25,6 +24,7 @@ from torchmetrics import MetricCollection
 from lightning_pdenets.callbacks._evaluation import (
     PixelSpace,
     accuracy_metrics,
+    add_figure,
     check_channel_stats,
     configured_solvers,
     evaluation_pass,
@@ -169,8 +169,8 @@ class AdversarialEvaluation(Callback):
         check_channel_stats(mean, std)
         if spsa_num_batches is not None:
             check_positive_int(spsa_num_batches, "spsa_num_batches")
-        check_positive_int(spsa_steps, "spsa_steps")
-        check_positive_int(spsa_samples, "spsa_samples")
+        for name, value in (("spsa_steps", spsa_steps), ("spsa_samples", spsa_samples)):
+            check_positive_int(value, name)
         check_positive(spsa_delta, "spsa_delta")
         check_positive(spsa_lr, "spsa_lr", allow_none=True)
         if gradient_solver is not None:
@@ -343,8 +343,8 @@ class AdversarialEvaluation(Callback):
         log_replicated(pl_module, metrics)
         self._metrics.clear()
         self._black_box_batch_metrics.clear()
-        if self.log_figure and trainer.is_global_zero:
-            self._add_figure(trainer, prefix, results)
+        if self.log_figure:
+            add_figure(trainer, f"{prefix}/accuracy_vs_eps", lambda: self.figure(results))
 
     def gradient_masking(self) -> dict[float, bool]:
         """Per ε, whether a black-box attack beat every white-box attack on the batches both attacked.
@@ -374,11 +374,9 @@ class AdversarialEvaluation(Callback):
                 )
         return flags
 
-    def _add_figure(self, trainer: "pl.Trainer", prefix: str, results: dict[str, dict[str, float]]) -> None:
-        experiments = [logger.experiment for logger in trainer.loggers if hasattr(logger.experiment, "add_figure")]
-        if not experiments:
-            return
-        from matplotlib.figure import Figure  # backend-free, safe in headless runs
+    def figure(self, results: dict[str, dict[str, float]]) -> Any:
+        """Matplotlib figure of top-1 accuracy against ε per attack (and robust), from ``{key: {"top1": ...}}``."""
+        from matplotlib.figure import Figure
 
         figure = Figure(figsize=(5, 3.5))
         axes = figure.add_subplot()
@@ -393,5 +391,4 @@ class AdversarialEvaluation(Callback):
         axes.set_ylim(0, 1)
         axes.legend()
         axes.grid(alpha=0.3)
-        for experiment in experiments:
-            experiment.add_figure(f"{prefix}/accuracy_vs_eps", figure, global_step=trainer.global_step)
+        return figure

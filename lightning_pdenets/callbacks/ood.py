@@ -20,6 +20,7 @@ from torchvision.transforms.v2 import functional as TF
 from lightning_pdenets.callbacks._evaluation import (
     PixelSpace,
     accuracy_metrics,
+    add_figure,
     check_channel_stats,
     evaluation_pass,
     normalization_of,
@@ -167,16 +168,13 @@ class OODEvaluation(Callback):
             results[name] = {k: float(value) for k, value in metrics.compute().items()}
             log_replicated(pl_module, {f"ood/{name}/{k}": value for k, value in results[name].items()})
         self._metrics.clear()
-        if trainer.is_global_zero and results:
-            self._add_figure(trainer, results)
+        if results:
+            add_figure(trainer, "ood/accuracy_per_perturbation", lambda: self.figure(results))
 
     @staticmethod
-    def _add_figure(trainer: "pl.Trainer", results: dict[str, dict[str, float]]) -> None:
-        """Bar chart of top-1/top-5 accuracy per perturbation (``ood/accuracy_per_perturbation``)."""
-        experiments = [logger.experiment for logger in trainer.loggers if hasattr(logger.experiment, "add_figure")]
-        if not experiments:
-            return
-        from matplotlib.figure import Figure  # backend-free, safe in headless runs
+    def figure(results: dict[str, dict[str, float]]) -> Any:
+        """Matplotlib bar chart of top-1/top-5 accuracy per perturbation."""
+        from matplotlib.figure import Figure
 
         figure = Figure(figsize=(6, 3.5))
         axes = figure.add_subplot()
@@ -189,5 +187,4 @@ class OODEvaluation(Callback):
         axes.set_ylabel("accuracy")
         axes.legend()
         figure.tight_layout()
-        for experiment in experiments:
-            experiment.add_figure("ood/accuracy_per_perturbation", figure, global_step=trainer.global_step)
+        return figure
