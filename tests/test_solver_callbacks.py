@@ -419,6 +419,22 @@ def test_tolerance_adaptation_backs_off_on_solver_failure_and_finishes_training(
     assert module.network.ode.solver_settings()["failure_retries"] == 0
 
 
+class StiffInValidation(Callback):
+    def on_validation_start(self, trainer, pl_module):
+        pl_module.network.ode.configure_solver(max_num_steps=2)  # dopri5 fails at tight tolerances
+
+
+def test_tolerance_adaptation_adopts_a_back_off_made_during_validation():
+    module = VectorODEClassifierModule(solver=dict(method="dopri5", step_size=None), hidden_width=8)
+    adaptation = ToleranceAdaptation(interval=1000, initial_tol=1e-6, backoff_factor=10.0)
+    with pytest.warns(RuntimeWarning, match="loosening tol 1e-06 -> 1e-05"):
+        quiet_trainer(max_epochs=1, limit_train_batches=1, callbacks=[StiffInValidation(), adaptation]).fit(
+            module, tiny_spheres())
+    backoffs = adaptation.history[1:]  # no training step came after validation: only on_validation_end saw them
+    assert backoffs and all(r["decision"] == "backoff" and r["step"] == 1 for r in backoffs)
+    assert adaptation.value == backoffs[-1]["tol"] == module.network.ode.solver_settings()["atol"]
+
+
 def test_block_retries_loosen_up_to_exactly_the_maximum_tolerance():
     """A retry that would pass failure_max_tol uses it instead (ToleranceAdaptation's max_tol is reachable)."""
     class Oscillation(nn.Module):  # dy/dt = 30 cos(30 t): dopri5 needs ~15 steps even at rtol 1e-2

@@ -541,7 +541,7 @@ class ToleranceAdaptation(_SolverAdaptation):
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     def on_validation_end(self, trainer: "pl.Trainer", pl_module: pl.LightningModule) -> None:
-        if trainer.training and not trainer.sanity_checking:
+        if self._blocks_retry_settings is not None and not trainer.sanity_checking:  # validation inside fit
             self._adopt_backoffs(trainer, pl_module)
 
     # -- the check --------------------------------------------------------------------------------
