@@ -23,7 +23,7 @@ import lightning.pytorch as pl
 from tqdm import tqdm
 
 from lightning_pdenets.callbacks import NFEMonitor, SolverSwapCheck, StepSizeAdaptation, ToleranceAdaptation
-from lightning_pdenets.callbacks.solver_adaptation import configure_blocks, evaluate_batches, evaluation_mode
+from lightning_pdenets.callbacks._evaluation import configure_blocks, evaluate_batches, evaluation_pass
 from lightning_pdenets.data import ConcentricSpheresDataModule
 from lightning_pdenets.models import VectorODEClassifierModule
 
@@ -60,7 +60,7 @@ def run(model_kwargs: dict[str, Any], adaptation: Any, seed: int, epochs: int) -
     swap_result = swap.results["test"]
     blocks = [module.network.ode]
     settings = blocks[0].solver_settings()
-    with evaluation_mode(module):
+    with evaluation_pass(module):
         configure_blocks(blocks, "rk4", step_size=0.01)
         accurate, _, _ = evaluate_batches(trainer, module, blocks, iter(data.test_dataloader()))
     blocks[0].configure_solver(**{k: settings[k] for k in ("method", "step_size", "rtol", "atol", "max_num_steps")})

@@ -123,7 +123,7 @@ class SolverConfig:
             ``rtol`` and ``atol`` by ``failure_tol_factor`` and retry, at most this many times in a row (0: fail at
             once). The loosened tolerances are kept, so they show in :meth:`as_options` and in checkpoints.
         failure_tol_factor: Factor > 1 applied to ``rtol`` and ``atol`` at each retry.
-        failure_max_tol: Retries stop once ``rtol`` would exceed this.
+        failure_max_tol: Cap of the loosened ``rtol`` and ``atol``; retries stop once ``rtol`` has reached it.
     """
 
     method: str = "dopri5"

@@ -224,7 +224,8 @@ CASES: dict[str, DDPCase] = {
     "multilevel": DDPCase(("MultilevelTraining",), parabolic, freeze_batchnorm=True, epochs=2, train_batches=2,
                           callbacks=lambda: [cb.MultilevelTraining(refine_epochs=[1], refine_weights=False)]),
     "adversarial": DDPCase(("AdversarialEvaluation",), rknet, test=True, callbacks=lambda: [cb.AdversarialEvaluation(
-        epsilons=["8/255"], attacks=["fgsm", "pgd"], pgd_steps=2, num_batches=2, log_figure=False)]),
+        epsilons=["8/255"], attacks=["fgsm", "pgd", "spsa"], pgd_steps=2, num_batches=2, spsa_num_batches=1,
+        spsa_steps=2, spsa_samples=4, gradient_solver={"method": "euler", "step_size": 0.5}, log_figure=False)]),
     "ood": DDPCase(("OODEvaluation",), rknet, test=True, callbacks=lambda: [cb.OODEvaluation(
         perturbations=["gaussian_noise", "rotation"], num_batches=2)]),
     "inference_timer": DDPCase(("InferenceTimer",), rknet, test=True,

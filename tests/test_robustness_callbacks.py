@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 
 import lightning.pytorch as pl
 import pytest
@@ -176,16 +177,27 @@ def test_validation_attacks_every_n_epochs(tmp_path):
         (dict(epsilons=[2.0]), "must lie in [0, 1]"),
         (dict(epsilons=["one/255"]), "fractions like '1/255'"),
         (dict(epsilons=[]), "non-empty list"),
-        (dict(attacks=["cw"]), "subset of ['fgsm', 'pgd']"),
+        (dict(attacks=["cw"]), "subset of ['fgsm', 'pgd', 'spsa']"),
         (dict(pgd_steps=0), "`pgd_steps` must be a positive integer"),
         (dict(pgd_step_size=-1.0), "pgd_step_size"),
         (dict(num_batches=0), "`num_batches` must be a positive integer or None"),
         (dict(mean=[0.5]), "both `mean` and `std`"),
         (dict(mean=[0.5], std=[0.0]), "`std` entries must be > 0"),
+        (dict(spsa_num_batches=0), "`spsa_num_batches` must be an integer >= 1, got 0"),
+        (dict(spsa_steps=0), "`spsa_steps` must be an integer >= 1, got 0"),
+        (dict(spsa_samples=2.5), "`spsa_samples` must be an integer >= 1, got 2.5"),
+        (dict(spsa_delta=0), "`spsa_delta` must be a finite number > 0, got 0"),
+        (dict(spsa_lr=-0.01), "`spsa_lr` must be a finite number > 0, got -0.01"),
+        (dict(gradient_solver={"method": "rk4"}), "fixed-step solver 'rk4' needs `gradient_solver.step_size`"),
+        (dict(gradient_solver={"methd": "rk4"}), "unknown `gradient_solver` setting(s) 'methd' (did you mean 'method'?)"),
+        (dict(gradient_solver={"method": "rk4", "step_size": 0.1}, attacks=["spsa"]),
+         "`attacks` ['spsa'] has none; add 'fgsm' or 'pgd', or drop `gradient_solver`"),
+        (dict(masking_margin=1.0), "`masking_margin` must be an accuracy difference in [0, 1), got 1.0"),
+        (dict(gradient_solver="rk4"), "`gradient_solver` must be a mapping of solver settings"),
     ],
 )
 def test_adversarial_rejects_bad_arguments(kwargs, message):
-    with pytest.raises(ValueError) as error:
+    with pytest.raises((ValueError, TypeError)) as error:
         AdversarialEvaluation(**kwargs)
     assert message in str(error.value)
 
@@ -193,6 +205,112 @@ def test_adversarial_rejects_bad_arguments(kwargs, message):
 def test_epsilon_fractions_are_parsed():
     callback = AdversarialEvaluation(epsilons=["3/255", 0.5 / 255, "1/255"])
     assert callback.epsilons == pytest.approx([0.5 / 255, 1 / 255, 3 / 255])
+
+
+# -- gradient masking: black-box SPSA, a stand-in solver for gradients, robust accuracy -------------------
+class QuantizedClassifier(PlainClassifier):
+    """Masks gradients by construction: the input is rounded first, and rounding has zero gradient."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(torch.round(x * 5) / 5)
+
+
+class TinyCNN(PlainClassifier):
+    """A plain differentiable CNN: white-box attacks work on it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.features = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+                                      nn.Linear(16, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+
+def masking_check(model: pl.LightningModule, **kwargs) -> tuple[dict[str, float], list[str]]:
+    callback = AdversarialEvaluation(epsilons=[0.1], attacks=["fgsm", "pgd", "spsa"], pgd_steps=5, num_batches=None,
+                                     spsa_num_batches=2, spsa_steps=10, spsa_samples=32, spsa_delta=0.05, **kwargs)
+    trainer = pl.Trainer(callbacks=[callback], logger=False, accelerator="cpu", devices=1, enable_progress_bar=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.test(model, datamodule=PlainData(), verbose=False)
+        first = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        trainer.test(model, datamodule=PlainData(), verbose=False)  # the same run again: warned only once
+    return first, [str(w.message) for w in caught if "masked" in str(w.message)]
+
+
+def test_black_box_attack_beating_every_white_box_attack_flags_gradient_masking():
+    metrics, warned = masking_check(QuantizedClassifier())
+    assert metrics["adv/fgsm_eps25.5/top1"] == metrics["adv/clean/top1"] > 0.4  # zero gradients: FGSM does nothing
+    assert metrics["adv/spsa_eps25.5/top1"] < 0.1  # queries alone find the perturbations
+    assert metrics["adv/gradient_masking_eps25.5"] == 1.0
+    assert len(warned) == 1 and "black-box attack SPSA" in warned[0] and "Huang et al., MSML 2022" in warned[0]
+    # a sample is robust only if no attack fools it: SPSA fooled the first two batches, PGD (all batches) did not
+    assert metrics["adv/robust_eps25.5/top1"] < min(metrics["adv/fgsm_eps25.5/top1"], metrics["adv/pgd_eps25.5/top1"])
+
+
+def test_gradient_masking_check_stays_silent_on_a_plain_cnn():
+    metrics, warned = masking_check(TinyCNN())
+    assert metrics["adv/pgd_eps25.5/top1"] < metrics["adv/clean/top1"]  # the white-box attack works
+    assert metrics["adv/gradient_masking_eps25.5"] == 0.0
+    assert warned == []
+
+
+def test_robust_logits_count_a_sample_only_if_no_attack_fools_it():
+    from lightning_pdenets.callbacks.adversarial import worst_case_logits
+
+    targets = torch.tensor([0, 0, 0])
+    fools_first = torch.tensor([[0.0, 1.0], [1.0, 0.0], [1.0, 0.0]])  # each attack alone keeps 2 of 3 correct
+    fools_second = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+    worst = worst_case_logits([fools_first, fools_second], targets)
+    assert worst.argmax(dim=1).tolist() == [1, 1, 0]  # robust accuracy 1/3, below both 2/3
+
+
+class ConvField(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.conv(y))
+
+
+def ode_image_classifier() -> nn.Module:
+    from lightning_pdenets.blocks import ODEBlock
+
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), ODEBlock(ConvField(), method="dopri5", rtol=1e-3, atol=1e-3),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+
+
+@pytest.mark.parametrize("gradient_solver", [None, {"method": "rk4", "step_size": 0.25}], ids=["own", "stand-in"])
+def test_white_box_gradients_go_through_the_stand_in_solver_and_the_model_keeps_its_own(gradient_solver):
+    model = ode_image_classifier()
+    block = model[1]
+    before = block.solver_settings()
+    seen: list[tuple[str, bool]] = []
+    block.register_forward_pre_hook(lambda module, args: seen.append((module.solver_settings()["method"], torch.is_grad_enabled())))
+    callback = AdversarialEvaluation(epsilons=[0.1], attacks=["fgsm", "pgd", "spsa"], pgd_steps=2, spsa_steps=1,
+                                     spsa_samples=2, gradient_solver=gradient_solver, mean=MEAN, std=STD)
+    data = PlainData()
+    outputs = callback.attack_batch(model, data.x[:4], data.y[:4])
+    crafting = {method for method, grad in seen if grad}  # FGSM and PGD differentiate
+    evaluating = {method for method, grad in seen if not grad}  # clean, attacked inputs, SPSA's queries
+    assert crafting == {"dopri5" if gradient_solver is None else "rk4"}
+    assert evaluating == {"dopri5"}
+    assert sum(grad for _, grad in seen) == 1 + 2  # one FGSM pass, two PGD steps
+    assert block.solver_settings() == before  # restored exactly
+    assert not torch.equal(outputs["clean"], outputs["pgd_eps25.5"])
+
+
+def test_gradient_solver_on_a_model_without_ode_blocks_warns_and_attacks_as_is():
+    callback = AdversarialEvaluation(epsilons=[0.1], attacks=["fgsm"], gradient_solver={"method": "rk4", "step_size": 0.25},
+                                     mean=MEAN, std=STD)
+    data = PlainData()
+    with pytest.warns(UserWarning, match=r"`gradient_solver` is set but PlainClassifier has no ODE block"):
+        outputs = callback.attack_batch(PlainClassifier(), data.x[:4], data.y[:4])
+    assert set(outputs) == {"clean", "fgsm_eps25.5", "robust_eps25.5"}
 
 
 # -- OODEvaluation -------------------------------------------------------------------------------------

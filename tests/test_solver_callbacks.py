@@ -19,6 +19,7 @@ from torchdiffeq import odeint
 from lightning_pdenets.callbacks import NFEMonitor, SolverSwapCheck, StepSizeAdaptation, ToleranceAdaptation
 from lightning_pdenets.callbacks.solver_adaptation import hairer_initial_step, step_for_test_solver
 from lightning_pdenets.data import ConcentricSpheresDataModule
+from lightning_pdenets.blocks import ODEBlock
 from lightning_pdenets.errors import SolverFailedError
 from lightning_pdenets.models import VectorODEClassifierModule
 
@@ -388,19 +389,90 @@ def test_without_tolerance_adaptation_a_solver_failure_stops_training_and_keeps_
     assert torch.isfinite(restored(torch.randn(3, 2))).all()
 
 
+class RecordSolverDuringFit(Callback):
+    """The block's settings as the training step saw them, and whether anything replaced its ``forward``."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.settings = pl_module.network.ode.solver_settings()
+        self.patched = "forward" in vars(pl_module.network.ode)
+
+
 def test_tolerance_adaptation_backs_off_on_solver_failure_and_finishes_training():
     module = VectorODEClassifierModule(solver=dict(method="dopri5", step_size=None, max_num_steps=6), hidden_width=8)
-    adaptation = ToleranceAdaptation(interval=1000, initial_tol=1e-12, backoff_factor=10.0)
+    adaptation = ToleranceAdaptation(interval=1000, initial_tol=1e-12, backoff_factor=10.0, max_backoffs=12)
+    probe = RecordSolverDuringFit()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        quiet_trainer(max_epochs=1, callbacks=[adaptation]).fit(module, tiny_spheres())
+        quiet_trainer(max_epochs=1, callbacks=[adaptation, probe]).fit(module, tiny_spheres())
     messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     assert any("ODE solver failed" in m and "loosening tol 1e-12 -> 1e-11" in m for m in messages)
     backoffs = [r for r in adaptation.history if r["decision"] == "backoff"]
     assert backoffs and adaptation.value == pytest.approx(backoffs[-1]["tol"])
+    assert [r["tol"] for r in backoffs] == pytest.approx([1e-12 * 10**k for k in range(1, len(backoffs) + 1)])
+    assert len(messages) == len(backoffs)  # one warning per retry
     assert adaptation.value > 1e-12
     assert module.network.ode.solver_settings()["rtol"] == pytest.approx(adaptation.value)
-    assert "forward" not in vars(module.network.ode)  # the retry wrapper is removed after fit
+    # the block retried through its own solver configuration, with nothing patched; restored after fit
+    assert not probe.patched
+    assert {k: probe.settings[k] for k in ("failure_retries", "failure_tol_factor", "failure_max_tol")} == dict(
+        failure_retries=12, failure_tol_factor=10.0, failure_max_tol=1.0)
+    assert module.network.ode.solver_settings()["failure_retries"] == 0
+
+
+class StiffInValidation(Callback):
+    def on_validation_start(self, trainer, pl_module):
+        pl_module.network.ode.configure_solver(max_num_steps=2)  # dopri5 fails at tight tolerances
+
+
+def test_tolerance_adaptation_adopts_a_back_off_made_during_validation():
+    module = VectorODEClassifierModule(solver=dict(method="dopri5", step_size=None), hidden_width=8)
+    adaptation = ToleranceAdaptation(interval=1000, initial_tol=1e-6, backoff_factor=10.0)
+    with pytest.warns(RuntimeWarning, match="loosening tol 1e-06 -> 1e-05"):
+        quiet_trainer(max_epochs=1, limit_train_batches=1, callbacks=[StiffInValidation(), adaptation]).fit(
+            module, tiny_spheres())
+    backoffs = adaptation.history[1:]  # no training step came after validation: only on_validation_end saw them
+    assert backoffs and all(r["decision"] == "backoff" and r["step"] == 1 for r in backoffs)
+    assert adaptation.value == backoffs[-1]["tol"] == module.network.ode.solver_settings()["atol"]
+
+
+def test_block_retries_loosen_up_to_exactly_the_maximum_tolerance():
+    """A retry that would pass failure_max_tol uses it instead (ToleranceAdaptation's max_tol is reachable)."""
+    class Oscillation(nn.Module):  # dy/dt = 30 cos(30 t): dopri5 needs ~15 steps even at rtol 1e-2
+        def forward(self, t, y):
+            return 30 * torch.cos(30 * t) * torch.ones_like(y)
+
+    block = ODEBlock(Oscillation(), method="dopri5", rtol=1e-5, atol=1e-5, max_num_steps=2, failure_retries=10,
+                     failure_tol_factor=10.0, failure_max_tol=3e-3)
+    with pytest.raises(SolverFailedError, match=r"rtol=0\.003"):
+        block(torch.zeros(1, dtype=torch.float64))
+    assert block.solver_settings()["rtol"] == block.solver_settings()["atol"] == 3e-3
+
+
+def test_tolerance_adaptation_keeps_the_blocks_own_retry_settings_across_a_resume(tmp_path):
+    data = tiny_spheres()
+    solver = dict(method="dopri5", step_size=None, failure_retries=1, failure_tol_factor=3.0)
+    module = VectorODEClassifierModule(solver=solver, hidden_width=8)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    quiet_trainer(max_epochs=1, callbacks=[ToleranceAdaptation(interval=1000), checkpoint],
+                  enable_checkpointing=True).fit(module, data)
+    assert module.network.ode.solver_settings()["failure_retries"] == 1
+    resumed = VectorODEClassifierModule(solver=solver, hidden_width=8)
+    probe = RecordSolverDuringFit()
+    quiet_trainer(max_epochs=2, callbacks=[ToleranceAdaptation(interval=1000), probe]).fit(
+        resumed, data, ckpt_path=str(tmp_path / "last.ckpt"))
+    assert probe.settings["failure_retries"] == 10  # the callback's max_backoffs while it is active ...
+    settings = resumed.network.ode.solver_settings()
+    assert (settings["failure_retries"], settings["failure_tol_factor"]) == (1, 3.0)  # ... the model's own after
+
+
+def test_tolerance_adaptation_says_which_blocks_cannot_back_off():
+    class Foreign(ForeignClassifier):
+        def forward(self, x):
+            return self.net(x)
+
+    adaptation = ToleranceAdaptation(interval=1000, train_solver="dopri5", initial_tol=1e-3)
+    with pytest.warns(UserWarning, match=r"cannot back off on solver failures in \['ForeignODE'\].*failure_retries"):
+        quiet_trainer(max_steps=1, callbacks=[adaptation]).fit(Foreign(), foreign_loader())
 
 
 def test_tolerance_adaptation_in_training_tightens_the_test_solver_and_logs_tol():
@@ -496,3 +568,31 @@ def test_step_adaptation_with_paper_interval_on_longer_training():
     adapted = train_spheres(adapt=True, epochs=30, interval=5)
     assert adapted["max_drop"] < 0.1
     assert adapted["train_solver_acc"] > 0.75
+
+
+# -- the callbacks' evaluation toolkit ------------------------------------------------------------------------------
+def test_split_batch_reads_tuples_dicts_and_bare_inputs_and_names_the_caller_when_targets_are_missing():
+    from lightning_pdenets.callbacks._evaluation import split_batch
+
+    x, y = torch.zeros(2, 3), torch.tensor([0, 1])
+    assert split_batch((x, y, "extra")) == (x, y)
+    assert split_batch({"inputs": x, "targets": y}) == (x, y)
+    assert split_batch(x, need_targets=False) == (x, None)
+    assert split_batch([x], need_targets=False) == (x, None)
+    with pytest.raises(TypeError, match=r"OODEvaluation needs batches of the form \(inputs, targets, \.\.\.\) .*got Tensor"):
+        split_batch(x, "OODEvaluation")
+
+
+def test_configured_solvers_restores_exactly_also_when_a_block_rejects_the_change():
+    from lightning_pdenets.callbacks._evaluation import configured_solvers
+
+    blocks = [ode_block(), VectorODEClassifierModule(solver=dict(method="dopri5", rtol=1e-5), hidden_width=4).network.ode]
+    before = [b.solver_settings() for b in blocks]
+    with configured_solvers(blocks, method="rk4", step_size=0.001):
+        assert [b.solver_settings()["method"] for b in blocks] == ["rk4", "rk4"]
+        assert all(b.solver_settings()["max_num_steps"] >= 1000 for b in blocks)  # room for the 1,000 steps
+    assert [b.solver_settings() for b in blocks] == before
+    with pytest.raises(ValueError, match="step_size"):
+        with configured_solvers(blocks, method="rk4", step_size=-1.0):
+            pass
+    assert [b.solver_settings() for b in blocks] == before

@@ -108,10 +108,10 @@ class ODEBlock(nn.Module):
     def _loosened(self) -> Optional[SolverConfig]:
         """The configuration of the next retry after a failure, or ``None`` when no retry is left."""
         s = self.solver
-        rtol, atol = s.rtol * s.failure_tol_factor, s.atol * s.failure_tol_factor
-        if not s.is_adaptive or rtol > s.failure_max_tol:
+        if not s.is_adaptive or s.rtol >= s.failure_max_tol:
             return None
-        return s.replace(rtol=rtol, atol=atol)
+        cap, factor = s.failure_max_tol, s.failure_tol_factor
+        return s.replace(rtol=min(s.rtol * factor, cap), atol=max(s.atol, min(s.atol * factor, cap)))
 
     def forward(self, y0: torch.Tensor) -> torch.Tensor:
         retries_left = self.solver.failure_retries

@@ -1,32 +1,46 @@
-"""Accuracy under white-box adversarial attacks (FGSM and L∞ PGD from advertorch), in pixel units.
+"""Accuracy under adversarial attacks (advertorch), in pixel units: white-box FGSM and L∞ PGD, black-box SPSA.
 
 Goodfellow, Shlens & Szegedy, "Explaining and Harnessing Adversarial Examples", ICLR 2015 (FGSM);
 Madry et al., "Towards Deep Learning Models Resistant to Adversarial Attacks", ICLR 2018 (PGD);
+Uesato, O'Donoghue, van den Oord & Kohli, "Adversarial Risk and the Dangers of Evaluating Against Weak
+Attacks", ICML 2018 (SPSA, gradient-free);
+Huang, Yu, Zhang & Chen (MSML 2022): adaptive-step neural ODEs can mask gradients, so that PGD fails where
+black-box attacks succeed;
 the evaluation protocol of Kim et al.'s PR-Net paper, Table 4 (ε = 0.5/255, 1/255, 3/255).
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torchmetrics import MetricCollection
-from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_pdenets.callbacks._evaluation import (
+    PixelSpace,
+    accuracy_metrics,
+    add_figure,
+    check_channel_stats,
+    configured_solvers,
+    evaluation_pass,
+    normalization_of,
+    split_batch,
+)
 from lightning_pdenets.metric_logging import log_replicated
-from lightning_pdenets.callbacks._evaluation import callback_pass
-from lightning_pdenets.solvers import check_positive
+from lightning_pdenets.protocols import find_ode_blocks
+from lightning_pdenets.solvers import SolverConfig, SolverOptions, check_positive
+from lightning_pdenets.validation import check_positive_int
 
-__all__ = [
-    "AdversarialEvaluation", "PixelSpace", "normalization_of", "parse_epsilon", "preserved_model_state",
-]
+__all__ = ["AdversarialEvaluation", "PixelSpace", "normalization_of", "parse_epsilon", "worst_case_logits"]
 
-ATTACKS = ("fgsm", "pgd")
+WHITE_BOX_ATTACKS = ("fgsm", "pgd")
+BLACK_BOX_ATTACKS = ("spsa",)
+ATTACKS = WHITE_BOX_ATTACKS + BLACK_BOX_ATTACKS
 
 
 def parse_epsilon(value: Union[float, int, str]) -> float:
@@ -44,94 +58,18 @@ def parse_epsilon(value: Union[float, int, str]) -> float:
     return epsilon
 
 
-def _check_channel_stats(mean: Optional[Sequence[float]], std: Optional[Sequence[float]]) -> None:
-    if (mean is None) != (std is None):
-        raise ValueError(f"give both `mean` and `std` or neither, got mean={mean!r}, std={std!r}.")
-    if mean is None:
-        return
-    if len(mean) != len(std) or len(mean) == 0:
-        raise ValueError(f"`mean` and `std` need one value per channel each, got mean={mean!r}, std={std!r}.")
-    if any(not s > 0 for s in std):
-        raise ValueError(f"`std` entries must be > 0, got {std!r}.")
+def worst_case_logits(logits: Sequence[torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
+    """Per sample, the logits (of one of several attacks) that rank the true class lowest.
 
-
-def normalization_of(
-    trainer: Optional["pl.Trainer"], mean: Optional[Sequence[float]], std: Optional[Sequence[float]]
-) -> Optional[tuple[tuple[float, ...], tuple[float, ...]]]:
-    """The per-channel (mean, std) the inputs were standardized with, or ``None`` for raw [0, 1] pixels.
-
-    Explicit ``mean``/``std`` win; otherwise ``trainer.datamodule.mean`` / ``.std`` are used when the
-    datamodule has them (every datamodule of :mod:`lightning_pdenets.data` does).
+    The true class is in the top k of the result exactly when it is in the top k under every attack, so the
+    top-k accuracy of the result is the robust top-k accuracy against all of them together (a sample counts
+    only if no attack fools it), never above the lowest single-attack accuracy.
     """
-    if mean is not None and std is not None:
-        return tuple(map(float, mean)), tuple(map(float, std))
-    datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
-    dm_mean, dm_std = getattr(datamodule, "mean", None), getattr(datamodule, "std", None)
-    if dm_mean is None or dm_std is None:
-        return None
-    return tuple(map(float, dm_mean)), tuple(map(float, dm_std))
-
-
-class PixelSpace(nn.Module):
-    """``model((x - mean) / std)``: a classifier on standardized inputs seen as one on [0, 1] pixels.
-
-    The wrapped model is referenced, not registered as a submodule, so that wrapping never moves,
-    copies or re-registers its parameters.
-    """
-
-    def __init__(
-        self,
-        model: Callable[[torch.Tensor], torch.Tensor],
-        mean: Sequence[float],
-        std: Sequence[float],
-        device: Optional[torch.device] = None,
-    ) -> None:
-        super().__init__()
-        self.__dict__["model"] = model
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1), persistent=False)
-
-    def to_pixels(self, x: torch.Tensor) -> torch.Tensor:
-        return (x * self.std.to(x) + self.mean.to(x)).clamp(0.0, 1.0)
-
-    def from_pixels(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean.to(x)) / self.std.to(x)
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.model(self.from_pixels(pixels))
-
-
-@contextlib.contextmanager
-def preserved_model_state(module: nn.Module) -> Iterator[None]:
-    """Eval mode, no parameter gradients, autograd on; restores modes, ``requires_grad`` and ``.grad``.
-
-    Attacks backpropagate to the input only, so a training step in progress (or a user's
-    accumulated gradients) is never disturbed and no weight gradient is computed. The passes inside are
-    marked as the callback's own (:func:`callback_pass`), so they are never counted as the model's NFE.
-    """
-    modes = [(m, m.training) for m in module.modules()]
-    params = list(module.parameters())
-    saved = [(p, p.requires_grad, p.grad) for p in params]
-    module.eval()
-    for p in params:
-        p.grad = None
-        p.requires_grad_(False)
-    try:
-        with torch.inference_mode(False), torch.enable_grad(), callback_pass():
-            yield
-    finally:
-        for p, requires_grad, grad in saved:
-            p.requires_grad_(requires_grad)
-            p.grad = grad
-        for m, training in modes:
-            m.training = training
-
-
-def _accuracy(num_classes: int, device: torch.device) -> MetricCollection:
-    metrics = {"top1": MulticlassAccuracy(num_classes, top_k=1, average="micro")}
-    if num_classes > 5:
-        metrics["top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
-    return MetricCollection(metrics).to(device)
+    stacked = torch.stack(list(logits))  # (attacks, batch, classes)
+    true_logit = stacked.gather(2, targets.view(1, -1, 1).expand(stacked.shape[0], -1, 1))
+    rank_of_true_class = (stacked > true_logit).sum(dim=2)
+    worst = rank_of_true_class.argmax(dim=0)
+    return stacked[worst, torch.arange(stacked.shape[1], device=stacked.device)]
 
 
 def _label(epsilon: float) -> str:
@@ -139,7 +77,7 @@ def _label(epsilon: float) -> str:
 
 
 class AdversarialEvaluation(Callback):
-    """Top-1/top-5 accuracy under FGSM and L∞ PGD (advertorch) for several ε, at test time.
+    """Top-1/top-5 accuracy under white-box (FGSM, L∞ PGD) and black-box (L∞ SPSA) attacks for several ε.
 
     Works on any ``LightningModule`` whose ``forward`` returns logits. ε is in [0, 1] pixel units
     whatever normalization the inputs carry: the batch is mapped back to pixels with the
@@ -147,13 +85,31 @@ class AdversarialEvaluation(Callback):
     is called through :class:`PixelSpace`. During attacks the model is in eval mode and its
     parameters' ``requires_grad`` and ``.grad`` are restored afterwards untouched.
 
+    **Gradient masking.** Adaptive-step neural ODEs can mask gradients (Huang et al., MSML 2022): PGD then
+    fails while gradient-free attacks succeed, so a white-box number alone can overstate robustness. Hence:
+
+    * ``"spsa"`` in ``attacks`` runs advertorch's ``LinfSPSAAttack`` (Uesato et al., ICML 2018), which only
+      queries the model's outputs, on the first ``spsa_num_batches`` attacked batches (it costs
+      2·``spsa_samples``·``spsa_steps`` forward passes per image).
+    * ``gradient_solver`` (e.g. ``{method: rk4, step_size: 0.1}``) crafts the white-box attacks with the ODE
+      blocks (found through :class:`lightning_pdenets.protocols.ODESolverBlock`) switched to that stand-in
+      solver; the blocks' own settings are restored exactly before the perturbed inputs are evaluated, so the
+      attacked model keeps its own solver.
+    * ``adv/robust_eps<ε·255>/top1`` is the robust accuracy against every attack run: a sample counts only
+      if no attack at that ε fools it (on batches without SPSA, the white-box attacks), so it never exceeds
+      the accuracy under any attack that ran on every attacked batch.
+    * When a black-box attack's top-1 accuracy is lower than every white-box attack's at the same ε, on the
+      same batches, by more than ``masking_margin``, ``adv/gradient_masking_eps<ε·255>`` is logged as 1 (else
+      0) and a warning is given once per run.
+
     Logs ``adv/clean/top1``, ``adv/<attack>_eps<ε·255>/top1`` (and ``top5`` with more than 5 classes),
-    e.g. ``adv/fgsm_eps1/top1``, and with a TensorBoard logger a figure of accuracy against ε.
-    With ``every_n_val_epochs`` the same runs on validation batches under ``val_adv/``.
+    e.g. ``adv/fgsm_eps1/top1`` (SPSA: on its batches only), the robust accuracy and masking flag above, and
+    with a TensorBoard logger a figure of accuracy against ε. With ``every_n_val_epochs`` the same runs on
+    validation batches under ``val_adv/``.
 
     Args:
         epsilons: Attack budgets in [0, 1] pixel units; numbers or strings like ``"1/255"``.
-        attacks: Subset of ``("fgsm", "pgd")``.
+        attacks: Subset of ``("fgsm", "pgd", "spsa")``.
         pgd_steps: Iterations of PGD.
         pgd_step_size: PGD step in pixel units; ``None`` uses 2.5·ε / ``pgd_steps`` (Madry et al.).
         pgd_random_init: Start PGD from a uniform random point of the ε-ball.
@@ -162,14 +118,23 @@ class AdversarialEvaluation(Callback):
         mean: Per-channel mean the inputs were standardized with (default: ``trainer.datamodule.mean``,
             else raw [0, 1] inputs).
         std: Per-channel standard deviation, as ``mean``.
-        seed: Seed of PGD's random start (the global RNG is left untouched).
+        seed: Seed of PGD's random start and SPSA's samples (the global RNG is left untouched).
         log_figure: Add an accuracy-vs-ε figure to TensorBoard.
+        spsa_num_batches: Of the attacked batches, how many (the first ones) SPSA also attacks; ``None``: all.
+        spsa_steps: Adam iterations of SPSA.
+        spsa_samples: Random directions of SPSA's gradient estimate per iteration.
+        spsa_delta: Finite-difference step of SPSA, in pixel units (Uesato et al.: 0.01).
+        spsa_lr: Adam learning rate of SPSA in pixel units; ``None`` uses 2.5·ε / ``spsa_steps``, as PGD's step.
+        gradient_solver: Solver settings (:class:`~lightning_pdenets.solvers.SolverConfig` fields) of a stand-in
+            through which the white-box attacks take their gradients; ``None``: the model's own solver.
+        masking_margin: How much lower than every white-box accuracy a black-box accuracy must be to flag
+            gradient masking, in [0, 1).
     """
 
     def __init__(
         self,
         epsilons: Sequence[Union[float, str]] = ("0.5/255", "1/255", "3/255"),
-        attacks: Sequence[str] = ATTACKS,
+        attacks: Sequence[str] = WHITE_BOX_ATTACKS,
         pgd_steps: int = 10,
         pgd_step_size: Optional[float] = None,
         pgd_random_init: bool = True,
@@ -179,6 +144,13 @@ class AdversarialEvaluation(Callback):
         std: Optional[Sequence[float]] = None,
         seed: int = 0,
         log_figure: bool = True,
+        spsa_num_batches: Optional[int] = 1,
+        spsa_steps: int = 20,
+        spsa_samples: int = 64,
+        spsa_delta: float = 0.01,
+        spsa_lr: Optional[float] = None,
+        gradient_solver: Optional[SolverOptions] = None,
+        masking_margin: float = 0.0,
     ) -> None:
         super().__init__()
         if isinstance(epsilons, (str, bytes)) or not isinstance(epsilons, Sequence) or not epsilons:
@@ -194,7 +166,22 @@ class AdversarialEvaluation(Callback):
                 raise ValueError(f"`{name}` must be a positive integer{'' if name == 'pgd_steps' else ' or None'}, got {value!r}.")
         if pgd_step_size is not None:
             check_positive(pgd_step_size, "pgd_step_size")
-        _check_channel_stats(mean, std)
+        check_channel_stats(mean, std)
+        if spsa_num_batches is not None:
+            check_positive_int(spsa_num_batches, "spsa_num_batches")
+        for name, value in (("spsa_steps", spsa_steps), ("spsa_samples", spsa_samples)):
+            check_positive_int(value, name)
+        check_positive(spsa_delta, "spsa_delta")
+        check_positive(spsa_lr, "spsa_lr", allow_none=True)
+        if gradient_solver is not None:
+            SolverConfig.from_options(gradient_solver, argument="gradient_solver")  # raises naming the bad setting
+            if not any(a in WHITE_BOX_ATTACKS for a in self.attacks):
+                raise ValueError(
+                    f"`gradient_solver` sets the solver that white-box attacks differentiate through, but `attacks` "
+                    f"{self.attacks} has none; add 'fgsm' or 'pgd', or drop `gradient_solver`."
+                )
+        if isinstance(masking_margin, bool) or not isinstance(masking_margin, (int, float)) or not 0 <= masking_margin < 1:
+            raise ValueError(f"`masking_margin` must be an accuracy difference in [0, 1), got {masking_margin!r}.")
         self.pgd_steps = pgd_steps
         self.pgd_step_size = pgd_step_size
         self.pgd_random_init = pgd_random_init
@@ -203,8 +190,18 @@ class AdversarialEvaluation(Callback):
         self.mean, self.std = mean, std
         self.seed = seed
         self.log_figure = log_figure
+        self.spsa_num_batches = spsa_num_batches
+        self.spsa_steps = spsa_steps
+        self.spsa_samples = spsa_samples
+        self.spsa_delta = float(spsa_delta)
+        self.spsa_lr = spsa_lr
+        self.gradient_solver = dict(gradient_solver) if gradient_solver is not None else None
+        self.masking_margin = float(masking_margin)
         self._metrics: dict[str, MetricCollection] = {}
+        self._black_box_batch_metrics: dict[str, MetricCollection] = {}
         self._warned_raw_pixels = False
+        self._warned_no_ode_blocks = False
+        self._warned_masking = False
 
     # -- attacks --------------------------------------------------------------------------------
     def build_attack(self, name: str, predict: Callable[[torch.Tensor], torch.Tensor], epsilon: float) -> Any:
@@ -215,18 +212,40 @@ class AdversarialEvaluation(Callback):
         loss = nn.CrossEntropyLoss(reduction="sum")
         if name == "fgsm":
             return attacks.GradientSignAttack(predict, loss, eps=epsilon, clip_min=0.0, clip_max=1.0)
+        if name == "spsa":
+            lr = self.spsa_lr if self.spsa_lr is not None else 2.5 * epsilon / self.spsa_steps
+            return attacks.LinfSPSAAttack(
+                predict, eps=epsilon, delta=self.spsa_delta, lr=lr, nb_iter=self.spsa_steps,
+                nb_sample=self.spsa_samples, max_batch_size=min(self.spsa_samples, 32), clip_min=0.0, clip_max=1.0,
+            )
         step = self.pgd_step_size if self.pgd_step_size is not None else 2.5 * epsilon / self.pgd_steps
         return attacks.LinfPGDAttack(
             predict, loss, eps=epsilon, nb_iter=self.pgd_steps, eps_iter=step,
             rand_init=self.pgd_random_init, clip_min=0.0, clip_max=1.0,
         )
 
-    def attack_batch(
-        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, trainer: Optional["pl.Trainer"] = None, seed: int = 0
-    ) -> dict[str, torch.Tensor]:
-        """Logits on the clean batch and under every attack, keyed ``clean`` / ``<attack>_eps<ε·255>``.
+    def _gradient_solver(self, model: nn.Module) -> contextlib.AbstractContextManager:
+        """The stand-in solver of the white-box attacks on ``model``'s ODE blocks, restored on exit."""
+        if self.gradient_solver is None:
+            return contextlib.nullcontext()
+        blocks = find_ode_blocks(model)
+        if not blocks and not self._warned_no_ode_blocks:
+            self._warned_no_ode_blocks = True
+            rank_zero_warn(
+                f"AdversarialEvaluation: `gradient_solver` is set but {type(model).__name__} has no ODE block "
+                f"(lightning_pdenets.protocols.ODESolverBlock); the attacks differentiate the model as it is."
+            )
+        return configured_solvers(blocks, **self.gradient_solver)
 
+    def attack_batch(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, trainer: Optional["pl.Trainer"] = None, seed: int = 0,
+        black_box: bool = True,
+    ) -> dict[str, torch.Tensor]:
+        """Logits on the clean batch, under every attack and in the worst case over the attacks, per ε.
+
+        Keys: ``clean``, ``<attack>_eps<ε·255>`` and ``robust_eps<ε·255>`` (:func:`worst_case_logits`).
         ``x`` carries the model's input normalization; the model is restored as described above.
+        ``black_box=False`` skips the black-box attacks.
         """
         stats = normalization_of(trainer, self.mean, self.std)
         if stats is None and not self._warned_raw_pixels:
@@ -235,36 +254,53 @@ class AdversarialEvaluation(Callback):
                 "AdversarialEvaluation: no `mean`/`std` given and the datamodule exposes none; "
                 "treating the inputs as [0, 1] pixels."
             )
-        channels = x.shape[1]
-        mean, std = stats if stats is not None else ((0.0,) * channels, (1.0,) * channels)
-        if len(mean) != channels:
-            raise ValueError(f"normalization has {len(mean)} channels but the batch has {channels}; fix `mean`/`std`.")
         devices = [x.device.index or 0] if x.device.type == "cuda" else []
-        with preserved_model_state(model):
-            pixel_model = PixelSpace(model, mean, std, device=x.device)
+        attacks = [a for a in self.attacks if black_box or a not in BLACK_BOX_ATTACKS]
+        adversarial: dict[tuple[str, float], torch.Tensor] = {}
+        with evaluation_pass(model, input_gradients=True):  # tensors made here are usable by autograd
+            pixel_model = PixelSpace.for_batch(model, x, stats)
             pixels = pixel_model.to_pixels(x.detach().clone())
             labels = y.detach().clone()
-            outputs = {"clean": pixel_model(pixels).detach()}
-            for name in self.attacks:
+
+            def craft(name: str, epsilon: float) -> None:
+                attack = self.build_attack(name, pixel_model, epsilon)
+                with torch.random.fork_rng(devices=devices):
+                    torch.manual_seed(seed)
+                    adversarial[name, epsilon] = attack.perturb(pixels, labels).detach()
+
+            with self._gradient_solver(model):
+                for name in (a for a in attacks if a in WHITE_BOX_ATTACKS):
+                    for epsilon in self.epsilons:
+                        craft(name, epsilon)
+            for name in (a for a in attacks if a in BLACK_BOX_ATTACKS):  # they query the model's own solver
                 for epsilon in self.epsilons:
-                    attack = self.build_attack(name, pixel_model, epsilon)
-                    with torch.random.fork_rng(devices=devices):
-                        torch.manual_seed(seed)
-                        adversarial = attack.perturb(pixels, labels)
-                    with torch.no_grad():
-                        outputs[f"{name}_{_label(epsilon)}"] = pixel_model(adversarial)
+                    craft(name, epsilon)
+            with torch.no_grad():
+                outputs = {"clean": pixel_model(pixels)}
+                outputs.update({f"{name}_{_label(eps)}": pixel_model(inputs) for (name, eps), inputs in adversarial.items()})
+        for epsilon in self.epsilons if attacks else ():
+            per_attack = [outputs[f"{name}_{_label(epsilon)}"] for name in attacks]
+            outputs[f"robust_{_label(epsilon)}"] = worst_case_logits(per_attack, labels)
         return outputs
 
     # -- Lightning hooks ------------------------------------------------------------------------
     def _update(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int) -> None:
         if self.num_batches is not None and batch_idx >= self.num_batches:
             return
-        x, y = batch[0], batch[1]
-        outputs = self.attack_batch(pl_module, x, y, trainer, seed=self.seed + batch_idx)
+        x, y = split_batch(batch, type(self).__name__)
+        black_box = any(a in BLACK_BOX_ATTACKS for a in self.attacks) and (
+            self.spsa_num_batches is None or batch_idx < self.spsa_num_batches)
+        outputs = self.attack_batch(pl_module, x, y, trainer, seed=self.seed + batch_idx, black_box=black_box)
         for key, logits in outputs.items():
-            if key not in self._metrics:
-                self._metrics[key] = _accuracy(logits.shape[-1], logits.device)
-            self._metrics[key].update(logits, y)
+            self._accumulate(self._metrics, key, logits, y)
+            if black_box and key.split("_")[0] in ATTACKS:  # white- and black-box attacks on the same samples
+                self._accumulate(self._black_box_batch_metrics, key, logits, y)
+
+    @staticmethod
+    def _accumulate(metrics: dict[str, MetricCollection], key: str, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        if key not in metrics:
+            metrics[key] = accuracy_metrics(logits.shape[-1], logits.device)
+        metrics[key].update(logits, targets)
 
     def _val_epoch_selected(self, trainer: "pl.Trainer") -> bool:
         if self.every_n_val_epochs is None or trainer.sanity_checking:
@@ -273,9 +309,11 @@ class AdversarialEvaluation(Callback):
 
     def on_test_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._metrics.clear()
+        self._black_box_batch_metrics.clear()
 
     def on_validation_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._metrics.clear()
+        self._black_box_batch_metrics.clear()
 
     def on_test_batch_end(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
@@ -299,29 +337,58 @@ class AdversarialEvaluation(Callback):
         if not self._metrics:
             return
         results = {key: {k: float(v) for k, v in metrics.compute().items()} for key, metrics in self._metrics.items()}
-        log_replicated(pl_module, {f"{prefix}/{key}/{k}": value for key, accuracies in results.items()
-                                   for k, value in accuracies.items()})
+        metrics = {f"{prefix}/{key}/{k}": value for key, accuracies in results.items() for k, value in accuracies.items()}
+        metrics.update({f"{prefix}/gradient_masking_{_label(eps)}": float(flag)
+                        for eps, flag in self.gradient_masking().items()})
+        log_replicated(pl_module, metrics)
         self._metrics.clear()
-        if self.log_figure and trainer.is_global_zero:
-            self._add_figure(trainer, prefix, results)
+        self._black_box_batch_metrics.clear()
+        if self.log_figure:
+            add_figure(trainer, f"{prefix}/accuracy_vs_eps", lambda: self.figure(results))
 
-    def _add_figure(self, trainer: "pl.Trainer", prefix: str, results: dict[str, dict[str, float]]) -> None:
-        experiments = [logger.experiment for logger in trainer.loggers if hasattr(logger.experiment, "add_figure")]
-        if not experiments:
-            return
-        from matplotlib.figure import Figure  # backend-free, safe in headless runs
+    def gradient_masking(self) -> dict[float, bool]:
+        """Per ε, whether a black-box attack beat every white-box attack on the batches both attacked.
+
+        Reads the accuracies accumulated since the epoch started (all ranks together) and warns once per run
+        (Huang et al., MSML 2022); empty when black-box and white-box attacks did not both run.
+        """
+        if not self._black_box_batch_metrics:
+            return {}
+        top1 = {key: float(metrics.compute()["top1"]) for key, metrics in self._black_box_batch_metrics.items()}
+        flags: dict[float, bool] = {}
+        for epsilon in self.epsilons:
+            white = [top1[k] for a in WHITE_BOX_ATTACKS if (k := f"{a}_{_label(epsilon)}") in top1]
+            black = {a: top1[k] for a in BLACK_BOX_ATTACKS if (k := f"{a}_{_label(epsilon)}") in top1}
+            if not white or not black:
+                continue
+            name, accuracy = min(black.items(), key=lambda item: item[1])
+            flags[epsilon] = accuracy < min(white) - self.masking_margin
+            if flags[epsilon] and not self._warned_masking:
+                self._warned_masking = True
+                rank_zero_warn(
+                    f"AdversarialEvaluation: the black-box attack {name.upper()} brings top-1 accuracy down to "
+                    f"{accuracy:.3f} at ε={epsilon:.4g}, below every white-box attack ({min(white):.3f}): the model's "
+                    f"gradients may be masked (Huang et al., MSML 2022), so white-box accuracy overstates its "
+                    f"robustness. Report the robust accuracy (adv/robust_*), and for ODE models try `gradient_solver` "
+                    f"(e.g. {{method: rk4, step_size: 0.1}})."
+                )
+        return flags
+
+    def figure(self, results: dict[str, dict[str, float]]) -> Any:
+        """Matplotlib figure of top-1 accuracy against ε per attack (and robust), from ``{key: {"top1": ...}}``."""
+        from matplotlib.figure import Figure
 
         figure = Figure(figsize=(5, 3.5))
         axes = figure.add_subplot()
         clean = results["clean"]["top1"]
-        for name in self.attacks:
-            epsilons = [0.0] + [e * 255 for e in self.epsilons]
-            accuracy = [clean] + [results[f"{name}_{_label(e)}"]["top1"] for e in self.epsilons]
-            axes.plot(epsilons, accuracy, marker="o", label=name.upper())
+        for name in self.attacks + (["robust"] if len(self.attacks) > 1 else []):
+            points = [(e * 255, results[key]["top1"]) for e in self.epsilons if (key := f"{name}_{_label(e)}") in results]
+            if points:
+                epsilons, accuracy = zip(*([(0.0, clean)] + points))
+                axes.plot(epsilons, accuracy, marker="o", label=name.upper() if name != "robust" else "robust (all)")
         axes.set_xlabel("ε (× 1/255)")
         axes.set_ylabel("top-1 accuracy")
         axes.set_ylim(0, 1)
         axes.legend()
         axes.grid(alpha=0.3)
-        for experiment in experiments:
-            experiment.add_figure(f"{prefix}/accuracy_vs_eps", figure, global_step=trainer.global_step)
+        return figure

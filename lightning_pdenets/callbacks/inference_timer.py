@@ -9,7 +9,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from lightning_pdenets.callbacks._evaluation import callback_pass
+from lightning_pdenets.callbacks._evaluation import evaluation_pass, split_batch
 
 __all__ = ["InferenceTimer"]
 
@@ -53,7 +53,7 @@ class InferenceTimer(Callback):
     ) -> None:
         if self._collected >= self.batch_size:
             return
-        images = batch[0] if isinstance(batch, (list, tuple)) else batch
+        images, _ = split_batch(batch, need_targets=False)
         images = images[: self.batch_size - self._collected].detach()
         self._images.append(images)
         self._collected += images.shape[0]
@@ -66,27 +66,22 @@ class InferenceTimer(Callback):
         repeats = -(-self.batch_size // images.shape[0])
         return images.repeat(repeats, *([1] * (images.dim() - 1)))[: self.batch_size]
 
-    @torch.no_grad()
     def time_model(self, model: torch.nn.Module, images: torch.Tensor) -> list[float]:
         """Seconds of each of ``num_repeats`` forward passes on ``images`` after ``num_warmup`` ones.
 
-        The model runs in eval mode; its mode and its ODE blocks' NFE counters are restored afterwards.
+        The model runs in eval mode under ``no_grad`` (its modes are restored afterwards); the passes are never
+        counted as the model's NFE.
         """
-        training = model.training
-        model.eval()
         times: list[float] = []
-        try:
-            with callback_pass():
-                for _ in range(self.num_warmup):
-                    model(images)
-                for _ in range(self.num_repeats):
-                    _synchronize(images.device)
-                    start = time.perf_counter()
-                    model(images)
-                    _synchronize(images.device)
-                    times.append(time.perf_counter() - start)
-        finally:
-            model.train(training)
+        with evaluation_pass(model):
+            for _ in range(self.num_warmup):
+                model(images)
+            for _ in range(self.num_repeats):
+                _synchronize(images.device)
+                start = time.perf_counter()
+                model(images)
+                _synchronize(images.device)
+                times.append(time.perf_counter() - start)
         return times
 
     def on_test_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:

@@ -12,16 +12,19 @@ from typing import Any, Callable, Optional, Sequence
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from torch import nn
 from torchmetrics import MetricCollection
 from torchvision.transforms import v2 as T
 from torchvision.transforms.v2 import functional as TF
 
-from lightning_pdenets.callbacks._evaluation import callback_pass
-from lightning_pdenets.callbacks.adversarial import (
+from lightning_pdenets.callbacks._evaluation import (
     PixelSpace,
-    _accuracy,
-    _check_channel_stats,
+    accuracy_metrics,
+    add_figure,
+    check_channel_stats,
+    evaluation_pass,
     normalization_of,
+    split_batch,
 )
 from lightning_pdenets.metric_logging import log_replicated
 from lightning_pdenets.solvers import check_positive
@@ -117,7 +120,7 @@ class OODEvaluation(Callback):
             raise ValueError(f"`crop_size` ({crop_size}) must not exceed `reference_size` ({reference_size}).")
         if num_batches is not None and (isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1):
             raise ValueError(f"`num_batches` must be a positive integer or None, got {num_batches!r}.")
-        _check_channel_stats(mean, std)
+        check_channel_stats(mean, std)
         self.perturbations = list(dict.fromkeys(perturbations))
         self.noise_std = noise_std
         self.crop_fraction = crop_size / reference_size
@@ -128,27 +131,21 @@ class OODEvaluation(Callback):
         self.seed = seed
         self._metrics: dict[str, MetricCollection] = {}
 
-    @torch.no_grad()
     def evaluate_batch(
-        self, model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, trainer: Optional["pl.Trainer"] = None, seed: int = 0
+        self, model: nn.Module, x: torch.Tensor, trainer: Optional["pl.Trainer"] = None, seed: int = 0
     ) -> dict[str, torch.Tensor]:
-        """Logits of ``model`` on every perturbation of the normalized batch ``x``."""
-        stats = normalization_of(trainer, self.mean, self.std)
-        channels = x.shape[1]
-        mean, std = stats if stats is not None else ((0.0,) * channels, (1.0,) * channels)
-        pixel_model = PixelSpace(model, mean, std, device=x.device)
-        pixels = pixel_model.to_pixels(x)
+        """Logits of ``model`` (in eval mode, under ``no_grad``) on every perturbation of the normalized batch ``x``."""
+        pixel_model = PixelSpace.for_batch(model, x, normalization_of(trainer, self.mean, self.std))
         generator = torch.Generator(device="cpu").manual_seed(seed)
-        with callback_pass():
-            return self._evaluate(pixel_model, pixels, generator)
-
-    def _evaluate(self, pixel_model: PixelSpace, pixels: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
         outputs = {}
-        for name in self.perturbations:
-            perturbed = perturb_pixels(
-                pixels.cpu(), name, generator, self.noise_std, self.crop_fraction, self.rotation_degrees, self.jitter_strength
-            ).to(pixels.device)
-            outputs[name] = pixel_model(perturbed)
+        with evaluation_pass(model):
+            pixels = pixel_model.to_pixels(x)
+            for name in self.perturbations:
+                perturbed = perturb_pixels(
+                    pixels.cpu(), name, generator, self.noise_std, self.crop_fraction, self.rotation_degrees,
+                    self.jitter_strength,
+                ).to(pixels.device)
+                outputs[name] = pixel_model(perturbed)
         return outputs
 
     def on_test_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -159,10 +156,10 @@ class OODEvaluation(Callback):
     ) -> None:
         if self.num_batches is not None and batch_idx >= self.num_batches:
             return
-        x, y = batch[0], batch[1]
+        x, y = split_batch(batch, type(self).__name__)
         for name, logits in self.evaluate_batch(pl_module, x, trainer, seed=self.seed + batch_idx).items():
             if name not in self._metrics:
-                self._metrics[name] = _accuracy(logits.shape[-1], logits.device)
+                self._metrics[name] = accuracy_metrics(logits.shape[-1], logits.device)
             self._metrics[name].update(logits, y)
 
     def on_test_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -171,16 +168,13 @@ class OODEvaluation(Callback):
             results[name] = {k: float(value) for k, value in metrics.compute().items()}
             log_replicated(pl_module, {f"ood/{name}/{k}": value for k, value in results[name].items()})
         self._metrics.clear()
-        if trainer.is_global_zero and results:
-            self._add_figure(trainer, results)
+        if results:
+            add_figure(trainer, "ood/accuracy_per_perturbation", lambda: self.figure(results))
 
     @staticmethod
-    def _add_figure(trainer: "pl.Trainer", results: dict[str, dict[str, float]]) -> None:
-        """Bar chart of top-1/top-5 accuracy per perturbation (``ood/accuracy_per_perturbation``)."""
-        experiments = [logger.experiment for logger in trainer.loggers if hasattr(logger.experiment, "add_figure")]
-        if not experiments:
-            return
-        from matplotlib.figure import Figure  # backend-free, safe in headless runs
+    def figure(results: dict[str, dict[str, float]]) -> Any:
+        """Matplotlib bar chart of top-1/top-5 accuracy per perturbation."""
+        from matplotlib.figure import Figure
 
         figure = Figure(figsize=(6, 3.5))
         axes = figure.add_subplot()
@@ -193,5 +187,4 @@ class OODEvaluation(Callback):
         axes.set_ylabel("accuracy")
         axes.legend()
         figure.tight_layout()
-        for experiment in experiments:
-            experiment.add_figure("ood/accuracy_per_perturbation", figure, global_step=trainer.global_step)
+        return figure

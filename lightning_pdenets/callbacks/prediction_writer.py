@@ -12,6 +12,8 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
+from lightning_pdenets.callbacks._evaluation import split_batch
+
 __all__ = ["PredictionWriter"]
 
 
@@ -20,8 +22,8 @@ class PredictionWriter(BasePredictionWriter):
 
     Works with any LightningModule whose ``predict_step`` returns a ``(batch, classes)`` tensor of
     scores. ``predictions.pt`` holds ``probabilities``, ``predicted`` (the arg-max class),
-    ``sample_index`` (position in the prediction dataset) and, when the batches are
-    ``(inputs, labels)`` pairs, ``labels``; the CSV has one row per sample with the same columns
+    ``sample_index`` (position in the prediction dataset) and, when the batches carry targets
+    (``(inputs, labels, ...)`` or ``{"inputs": ..., "targets": ...}``), ``labels``; the CSV has one row per sample with the same columns
     (``confidence`` is the top score). Under DDP every process writes its own share, suffixed
     ``_rank{N}``; ``sample_index`` tells where each row belongs.
 
@@ -62,8 +64,9 @@ class PredictionWriter(BasePredictionWriter):
         self._parts["probabilities"].append(prediction.detach().float().cpu())
         if batch_indices is not None:
             self._parts["sample_index"].append(torch.as_tensor(list(batch_indices)))
-        if isinstance(batch, (list, tuple)) and len(batch) > 1 and isinstance(batch[1], torch.Tensor):
-            self._parts["labels"].append(batch[1].detach().cpu())
+        _, labels = split_batch(batch, need_targets=False)
+        if labels is not None:
+            self._parts["labels"].append(labels.detach().cpu())
 
     def on_predict_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         # every rank takes rank 0's folder: each rank's logger works out its own next version number

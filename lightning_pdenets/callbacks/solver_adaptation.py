@@ -20,10 +20,9 @@ size or tolerance is broadcast from rank 0, so every rank keeps identical solver
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import math
-import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any, Optional, Union
 
 import lightning.pytorch as pl
@@ -32,8 +31,16 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from lightning_pdenets.callbacks._evaluation import callback_pass
-from lightning_pdenets.errors import SolverFailedError, is_solver_failure
+from lightning_pdenets.callbacks._evaluation import (
+    configure_blocks,
+    configured_solvers,
+    evaluate_batches,
+    evaluation_pass,
+    require_ode_blocks,
+    restored_solvers,
+    shrink_grow_keep,
+    split_batch,
+)
 from lightning_pdenets.protocols import find_ode_blocks
 from lightning_pdenets.solvers import SOLVERS, check_positive, check_solver_name
 from lightning_pdenets.validation import check_positive_int
@@ -49,107 +56,8 @@ __all__ = [
 DEFAULT_TEST_SOLVERS: dict[str, str] = {"euler": "midpoint", "midpoint": "rk4", "heun2": "rk4", "heun3": "rk4", "rk4": "rk4"}
 """The test solver paired with each fixed-step training solver (Ott et al.: Euler → midpoint, midpoint → RK4)."""
 
-SolverFailure = (SolverFailedError, AssertionError, RuntimeError)
-
-
-# -- shared machinery (also used by SolverSwapCheck) -------------------------------------------------
-def split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(inputs, targets)`` of a batch given as a tuple/list ``(inputs, targets, ...)`` or a dict with those keys."""
-    if isinstance(batch, dict) and {"inputs", "targets"} <= set(batch):
-        return batch["inputs"], batch["targets"]
-    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
-        return batch[0], batch[1]
-    raise TypeError(
-        f"solver callbacks need batches of the form (inputs, targets, ...) or {{'inputs': ..., 'targets': ...}}, "
-        f"got {type(batch).__name__}."
-    )
-
-
-def require_ode_blocks(pl_module: nn.Module, callback: str) -> list[nn.Module]:
-    """The ODE blocks of ``pl_module``, or a ``ValueError`` explaining the protocol when there are none."""
-    blocks = find_ode_blocks(pl_module)
-    if not blocks:
-        raise ValueError(
-            f"{callback} found no ODE block in {type(pl_module).__name__}: a block must provide vector_field(t, y), "
-            f"solver_settings(), configure_solver(**changes), nfe_forward and nfe_backward "
-            f"(see lightning_pdenets.protocols.ODESolverBlock)."
-        )
-    return blocks
-
-
-@contextlib.contextmanager
-def evaluation_mode(module: nn.Module) -> Iterator[None]:
-    """Eval mode (no batch-norm statistic updates, no dropout) and ``no_grad``; restores every ``training`` flag."""
-    flags = {m: m.training for m in module.modules()}
-    module.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        for m, flag in flags.items():
-            m.training = flag
-
-
-def configure_blocks(blocks: Sequence[nn.Module], method: str, step_size: Optional[float] = None,
-                     tol: Optional[float] = None) -> None:
-    """Set ``method`` and its step size (fixed-step) or rtol = atol = ``tol`` (adaptive) on every block.
-
-    ``max_num_steps`` is raised where a fixed step needs more steps than the block allows.
-    """
-    for block in blocks:
-        settings = block.solver_settings()
-        changes: dict[str, Any] = {"method": method}
-        if step_size is not None:
-            steps = math.ceil((settings["t1"] - settings["t0"]) / step_size - 1e-9)
-            changes.update(step_size=float(step_size), max_num_steps=max(int(settings["max_num_steps"]), steps))
-        if tol is not None:
-            changes.update(rtol=float(tol), atol=float(tol))
-        block.configure_solver(**changes)
-
-
-@contextlib.contextmanager
-def restored_solvers(blocks: Sequence[nn.Module]) -> Iterator[None]:
-    """Restore every block's method, step size, tolerances and step bound afterwards."""
-    keys = ("method", "step_size", "rtol", "atol", "max_num_steps")
-    saved = [{k: b.solver_settings()[k] for k in keys} for b in blocks]
-    try:
-        yield
-    finally:
-        for block, settings in zip(blocks, saved):
-            block.configure_solver(**settings)
-
-
-def evaluate_batches(
-    trainer: "pl.Trainer", pl_module: pl.LightningModule, blocks: Sequence[nn.Module], batches: Iterator[Any]
-) -> tuple[float, float, bool]:
-    """Accuracy and mean forward NFE per batch over ``batches``, all-reduced over ranks.
-
-    A solver failure on any rank makes ``failed`` True on every rank (its accuracy is then NaN).
-    """
-    correct = total = nfe = 0.0
-    num_batches = 0
-    failed = False
-    for batch in batches:
-        inputs, targets = split_batch(batch)
-        before = sum(b.nfe_forward for b in blocks)
-        try:
-            logits = pl_module(inputs)
-        except SolverFailure as error:
-            if not is_solver_failure(error):
-                raise
-            failed = True
-            break
-        nfe += sum(b.nfe_forward for b in blocks) - before
-        correct += float((logits.argmax(dim=-1) == targets).sum())
-        total += targets.numel()
-        num_batches += 1
-    stats = torch.tensor([correct, total, nfe, float(num_batches), float(failed)], dtype=torch.float64,
-                         device=pl_module.device)
-    stats = trainer.strategy.reduce(stats, reduce_op="sum")
-    correct, total, nfe, num_batches, failures = (float(v) for v in stats)
-    if failures > 0 or total == 0:
-        return math.nan, nfe / max(num_batches, 1), True
-    return correct / total, nfe / num_batches, False
+RETRY_SETTINGS = ("failure_retries", "failure_tol_factor", "failure_max_tol")
+"""The solver settings through which ToleranceAdaptation lets the blocks retry a failed solve (SolverConfig's)."""
 
 
 def _rms(tensor: torch.Tensor) -> float:
@@ -198,10 +106,6 @@ def _check_threshold(threshold: Any) -> None:
         raise ValueError(f"`threshold` must be an accuracy difference in (0, 1], got {threshold!r}.")
 
 
-def _check_interval(interval: Any) -> None:
-    check_positive_int(interval, "interval")
-
-
 def _check_factor(value: Any, argument: str, low: float, high: float) -> None:
     check_positive(value, argument)
     if not low < value < high:
@@ -211,7 +115,9 @@ def _check_factor(value: Any, argument: str, low: float, high: float) -> None:
 class _SolverAdaptation(Callback):
     """Shared loop of :class:`StepSizeAdaptation` and :class:`ToleranceAdaptation`.
 
-    Subclasses define the adapted quantity (``value``), how to apply it, its initial value, and one check.
+    Subclasses define the adapted quantity (``value``): how to apply it, its initial value, how the two solvers
+    are compared at a value (:meth:`_compare`), and the shrunk and grown values; :meth:`check` decides with
+    :func:`~lightning_pdenets.callbacks._evaluation.shrink_grow_keep`.
     """
 
     quantity = "value"
@@ -219,7 +125,7 @@ class _SolverAdaptation(Callback):
 
     def __init__(self, interval: int, threshold: float, train_solver: Optional[str], test_solver: Optional[str]) -> None:
         super().__init__()
-        _check_interval(interval)
+        check_positive_int(interval, "interval")
         _check_threshold(threshold)
         self.interval = interval
         self.threshold = float(threshold)
@@ -295,7 +201,7 @@ class _SolverAdaptation(Callback):
             return
         self._last_checked_step = step
         blocks = find_ode_blocks(pl_module)
-        with evaluation_mode(pl_module), callback_pass(), restored_solvers(blocks):
+        with evaluation_pass(pl_module), restored_solvers(blocks):
             record = self.check(trainer, pl_module, blocks, batch)
         record[self.quantity] = self._broadcast(trainer, pl_module, record[self.quantity])
         self.value = record[self.quantity]
@@ -320,6 +226,28 @@ class _SolverAdaptation(Callback):
         configure_blocks(blocks, method, step_size=step_size, tol=tol)
         return evaluate_batches(trainer, pl_module, blocks, iter([batch]))
 
+    # -- the check ------------------------------------------------------------------------------
+    def _agree(self, record: Optional[dict[str, Any]]) -> bool:
+        return record is not None and abs(record["acc_test_solver"] - record["acc_train_solver"]) <= self.threshold
+
+    def check(self, trainer: "pl.Trainer", pl_module: pl.LightningModule, blocks: Sequence[nn.Module],
+              batch: Any) -> dict[str, Any]:
+        """Compare the solvers at the current value on ``batch`` and decide: the record of the check.
+
+        Shrink while they disagree; else grow if they still agree at the grown value; else keep.
+        """
+        value = float(self.value)
+        compare = functools.partial(self._compare, trainer, pl_module, blocks, batch)
+        record = compare(value)
+        if record is None:
+            return self._failed_check(value)
+        self._observe(record)
+        grown = self._grown(blocks, value)
+        decision = shrink_grow_keep(self._agree(record), value, grown, lambda candidate: self._agree(compare(candidate)))
+        new_value = {"grow": grown, "keep": value}.get(decision)
+        record.update(decision=decision, **{self.quantity: self._shrunk(blocks, value) if new_value is None else new_value})
+        return record
+
     # -- subclass API ---------------------------------------------------------------------------
     def initial_value(self, trainer: "pl.Trainer", pl_module: pl.LightningModule, blocks: Sequence[nn.Module],
                       batch: Any) -> float:
@@ -328,9 +256,23 @@ class _SolverAdaptation(Callback):
     def apply(self, blocks: Sequence[nn.Module], value: float) -> None:
         raise NotImplementedError
 
-    def check(self, trainer: "pl.Trainer", pl_module: pl.LightningModule, blocks: Sequence[nn.Module],
-              batch: Any) -> dict[str, Any]:
+    def _compare(self, trainer: "pl.Trainer", pl_module: pl.LightningModule, blocks: Sequence[nn.Module], batch: Any,
+                 value: float) -> Optional[dict[str, Any]]:
+        """Accuracies and NFE of the training and test solvers at ``value``; ``None`` when a solver failed."""
         raise NotImplementedError
+
+    def _shrunk(self, blocks: Sequence[nn.Module], value: float) -> float:
+        return value * 0.5
+
+    def _grown(self, blocks: Sequence[nn.Module], value: float) -> float:
+        """The value tried when the solvers agree; ``value`` itself when growing is not allowed."""
+        raise NotImplementedError
+
+    def _observe(self, record: dict[str, Any]) -> None:
+        """Note a successful comparison before the decision."""
+
+    def _failed_check(self, value: float) -> dict[str, Any]:
+        raise RuntimeError(f"{type(self).__name__}: a solver failed during the check at {self.quantity}={value:g}.")
 
     # -- checkpointing --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -407,7 +349,7 @@ class StepSizeAdaptation(_SolverAdaptation):
                       batch: Any) -> float:
         if self.initial_step_size != "hairer":
             return self._clamp(blocks, float(self.initial_step_size))
-        inputs, _ = split_batch(batch)
+        inputs, _ = split_batch(batch, type(self).__name__)
         initial_states: dict[nn.Module, torch.Tensor] = {}
 
         def capture(module: nn.Module, args: tuple) -> None:
@@ -416,7 +358,7 @@ class StepSizeAdaptation(_SolverAdaptation):
         # Forward pre-hooks (standard nn.Module API) see each block's input y0 without knowing the block's class.
         handles = [b.register_forward_pre_hook(capture) for b in blocks]
         try:
-            with evaluation_mode(pl_module), callback_pass():
+            with evaluation_pass(pl_module):
                 pl_module(inputs)
                 order = SOLVERS[self.train_solver].order
                 steps = [
@@ -443,30 +385,19 @@ class StepSizeAdaptation(_SolverAdaptation):
         return dict(acc_train_solver=acc_train, acc_test_solver=acc_test, nfe_train_solver=nfe_train,
                     nfe_test_solver=nfe_test, test_step_size=test_step)
 
-    def check(self, trainer: "pl.Trainer", pl_module: pl.LightningModule, blocks: Sequence[nn.Module],
-              batch: Any) -> dict[str, Any]:
-        step = float(self.value)
-        record: dict[str, Any] = self._compare(trainer, pl_module, blocks, batch, step)
-        lower, upper = self._bounds(blocks)
-        if abs(record["acc_test_solver"] - record["acc_train_solver"]) > self.threshold:
-            new_step = step * 0.5
-            if new_step < lower * (1 - 1e-9):
-                new_step = lower
-                rank_zero_warn(
-                    f"StepSizeAdaptation: the training and test solvers still disagree, but halving h={step:.4g} "
-                    f"would exceed max_num_steps={self.max_num_steps}; h stays at {lower:.4g}. Raise max_num_steps "
-                    f"or the threshold."
-                )
-            record.update(decision="shrink", **{self.quantity: new_step})
-            return record
-        candidate = min(step * 1.1, upper)
-        if candidate <= step:
-            record.update(decision="keep", **{self.quantity: step})
-            return record
-        trial = self._compare(trainer, pl_module, blocks, batch, candidate)
-        agree = abs(trial["acc_test_solver"] - trial["acc_train_solver"]) <= self.threshold
-        record.update(decision="grow" if agree else "keep", **{self.quantity: candidate if agree else step})
-        return record
+    def _shrunk(self, blocks: Sequence[nn.Module], step: float) -> float:
+        lower, _ = self._bounds(blocks)
+        if step * 0.5 >= lower * (1 - 1e-9):
+            return step * 0.5
+        rank_zero_warn(
+            f"StepSizeAdaptation: the training and test solvers still disagree, but halving h={step:.4g} "
+            f"would exceed max_num_steps={self.max_num_steps}; h stays at {lower:.4g}. Raise max_num_steps "
+            f"or the threshold."
+        )
+        return lower
+
+    def _grown(self, blocks: Sequence[nn.Module], step: float) -> float:
+        return min(step * 1.1, self._bounds(blocks)[1])
 
 
 class ToleranceAdaptation(_SolverAdaptation):
@@ -478,11 +409,16 @@ class ToleranceAdaptation(_SolverAdaptation):
     tol ← tol·0.5; otherwise tol·1.1 is tried and reverted if the accuracies disagree at it, or if
     the training solver's forward NFE has not changed over the last ``nfe_patience`` checks.
 
-    Solver failures ("underflow in dt", "max_num_steps exceeded") during training or a check are
-    caught: the tolerance is loosened by ``backoff_factor`` (at most ``max_backoffs`` times in a row)
-    and the forward pass is retried. The retry wraps each block's ``forward`` for the duration of
-    ``fit``; a failure in the backward pass (adjoint) cannot be retried and stops training. Under DDP
-    a rank that backed off makes all ranks adopt the loosest tolerance after the step.
+    Solver failures ("underflow in dt", "max_num_steps exceeded") in a forward pass during ``fit`` are
+    retried by the blocks themselves: while the callback is active it sets their solver configuration's
+    ``failure_retries = max_backoffs``, ``failure_tol_factor = backoff_factor`` and ``failure_max_tol = max_tol``
+    (:class:`~lightning_pdenets.solvers.SolverConfig`), so a block loosens its tolerance by ``backoff_factor``
+    (capped at ``max_tol``) and solves again. After each training step (and validation) the callback reads
+    the blocks' settings, records every back-off in :attr:`history` with a warning, and makes all blocks, on
+    every rank, adopt the loosest tolerance. A failure in the backward pass (adjoint) cannot be retried and
+    stops training; inside a check a failure is a result, not retried. The blocks' own retry settings are
+    restored when ``fit`` ends (checkpoints written during ``fit`` hold the callback's). Blocks whose
+    ``solver_settings()`` have no ``failure_retries`` cannot back off (a warning says so).
 
     Args:
         interval: Training steps between checks.
@@ -495,7 +431,7 @@ class ToleranceAdaptation(_SolverAdaptation):
         max_tol: Largest tolerance.
         nfe_patience: Checks with unchanged NFE after which a tolerance increase is reverted.
         backoff_factor: Factor > 1 loosening tol after a solver failure.
-        max_backoffs: Consecutive back-offs before the failure is re-raised.
+        max_backoffs: Consecutive back-offs in one forward pass before the failure is raised.
 
     Logged at every check: ``solver/tol``, ``solver/acc_train_solver``, ``solver/acc_test_solver``, NFE.
     """
@@ -533,9 +469,7 @@ class ToleranceAdaptation(_SolverAdaptation):
         self.backoff_factor = float(backoff_factor)
         self.max_backoffs = max_backoffs
         self.nfe_history: list[float] = []
-        self._backed_off = False
-        self._retry_enabled = True
-        self._wrapped: list[nn.Module] = []
+        self._blocks_retry_settings: Optional[list[dict[str, Any]]] = None
 
     def _default_test_solver(self, train_solver: str) -> str:
         return "dopri5"
@@ -546,67 +480,76 @@ class ToleranceAdaptation(_SolverAdaptation):
     def apply(self, blocks: Sequence[nn.Module], value: float) -> None:
         configure_blocks(blocks, self.train_solver, tol=value)
 
-    # -- back-off on solver failure -------------------------------------------------------------
-    def _back_off(self, blocks: Sequence[nn.Module], error: BaseException) -> None:
-        old = float(self.value if self.value is not None else blocks[0].solver_settings()["rtol"])
-        self.value = min(old * self.backoff_factor, self.max_tol)
-        self.apply(blocks, self.value)
-        self._backed_off = True
-        self.history.append({"decision": "backoff", self.quantity: self.value, "error": str(error)[:200]})
-        warnings.warn(f"ToleranceAdaptation: the ODE solver failed ({str(error)[:120]}...); loosening tol "
-                      f"{old:.3g} -> {self.value:.3g} and retrying.", RuntimeWarning, stacklevel=2)
-
-    def _install_retry(self, pl_module: pl.LightningModule) -> None:
-        blocks = find_ode_blocks(pl_module)
-        for block in blocks:
-            if "forward" in vars(block):
-                continue
-            original = block.forward
-
-            def forward(*args: Any, _original: Any = original, **kwargs: Any) -> Any:
-                for attempt in range(self.max_backoffs + 1):
-                    try:
-                        return _original(*args, **kwargs)
-                    except SolverFailure as error:
-                        retry = self._retry_enabled and self.value is not None and attempt < self.max_backoffs
-                        if not (retry and is_solver_failure(error)):
-                            raise
-                        if self.value >= self.max_tol:
-                            raise
-                        self._back_off(blocks, error)
-
-            block.forward = forward  # instance attribute: nn.Module.__call__ dispatches to it
-            self._wrapped.append(block)
-
-    def _remove_retry(self) -> None:
-        for block in self._wrapped:
-            vars(block).pop("forward", None)
-        self._wrapped = []
+    # -- back-off on solver failure: the blocks retry (SolverConfig.failure_*), the callback keeps account ---------
+    @staticmethod
+    def _retrying_blocks(blocks: Sequence[nn.Module]) -> list[nn.Module]:
+        return [block for block in blocks if set(RETRY_SETTINGS) <= set(block.solver_settings())]
 
     def on_train_start(self, trainer: "pl.Trainer", pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
-        self._install_retry(pl_module)
+        blocks = find_ode_blocks(pl_module)
+        retrying = self._retrying_blocks(blocks)
+        if len(retrying) < len(blocks):
+            names = sorted({type(block).__name__ for block in blocks if block not in retrying})
+            rank_zero_warn(
+                f"ToleranceAdaptation cannot back off on solver failures in {names}: their solver_settings() have no "
+                f"{list(RETRY_SETTINGS)}, so a failed solve stops training. Give the blocks these settings "
+                f"(see lightning_pdenets.solvers.SolverConfig) to retry at a looser tolerance."
+            )
+        if self._blocks_retry_settings is None:  # resumed runs keep the blocks' settings from before the callback
+            self._blocks_retry_settings = [{k: block.solver_settings()[k] for k in RETRY_SETTINGS} for block in retrying]
+        for block in retrying:
+            block.configure_solver(failure_retries=self.max_backoffs, failure_tol_factor=self.backoff_factor,
+                                   failure_max_tol=self.max_tol)
+
+    def _restore_retry_settings(self, pl_module: pl.LightningModule) -> None:
+        if self._blocks_retry_settings is None:
+            return
+        for block, settings in zip(self._retrying_blocks(find_ode_blocks(pl_module)), self._blocks_retry_settings):
+            block.configure_solver(**settings)
+        self._blocks_retry_settings = None
 
     def on_train_end(self, trainer: "pl.Trainer", pl_module: pl.LightningModule) -> None:
-        self._remove_retry()
+        self._restore_retry_settings(pl_module)
 
     def on_exception(self, trainer: "pl.Trainer", pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._remove_retry()
+        self._restore_retry_settings(pl_module)
+
+    def _adopt_backoffs(self, trainer: "pl.Trainer", pl_module: pl.LightningModule) -> None:
+        """Record the blocks' back-offs since the last call; every block on every rank takes the loosest tolerance."""
+        if self.value is None:
+            return
+        blocks = find_ode_blocks(pl_module)
+        loosest = max(float(block.solver_settings()["rtol"]) for block in blocks)
+        backed_off = loosest > self.value * (1 + 1e-9)
+        if not trainer.strategy.reduce_boolean_decision(backed_off, all=False):
+            return
+        local = torch.tensor(max(loosest, self.value), dtype=torch.float64, device=pl_module.device)
+        loosest = float(trainer.strategy.all_gather(local).max())
+        tol = self.value
+        while tol < loosest * (1 - 1e-9):  # one record per retry: tol·factor, capped at max_tol
+            loosened = min(tol * self.backoff_factor, self.max_tol, loosest)
+            self.history.append({"step": trainer.global_step, "decision": "backoff", self.quantity: loosened})
+            rank_zero_warn(f"ToleranceAdaptation: the ODE solver failed; loosening tol {tol:.3g} -> {loosened:.3g} "
+                           f"and retrying.", category=RuntimeWarning)
+            tol = loosened
+        self.value = loosest
+        self.apply(blocks, self.value)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        # A back-off on any rank: all ranks adopt the loosest tolerance, so that settings stay identical.
-        if trainer.strategy.reduce_boolean_decision(self._backed_off, all=False):
-            local = torch.tensor(float(self.value), dtype=torch.float64, device=pl_module.device)
-            self.value = float(trainer.strategy.all_gather(local).max())
-            self.apply(find_ode_blocks(pl_module), self.value)
-        self._backed_off = False
-        self._retry_enabled = False  # inside a check a failure is a result, not something to retry
-        try:
-            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        finally:
-            self._retry_enabled = True
+        self._adopt_backoffs(trainer, pl_module)
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def on_validation_end(self, trainer: "pl.Trainer", pl_module: pl.LightningModule) -> None:
+        if self._blocks_retry_settings is not None and not trainer.sanity_checking:  # validation inside fit
+            self._adopt_backoffs(trainer, pl_module)
 
     # -- the check --------------------------------------------------------------------------------
+    def check(self, trainer, pl_module, blocks, batch) -> dict[str, Any]:
+        # inside a check a failure is a result, not something to retry
+        with configured_solvers(self._retrying_blocks(blocks), failure_retries=0):
+            return super().check(trainer, pl_module, blocks, batch)
+
     def _compare(self, trainer, pl_module, blocks, batch, tol: float) -> Optional[dict[str, float]]:
         acc_train, nfe_train, failed = self._accuracy(trainer, pl_module, blocks, batch, self.train_solver, tol=tol)
         if failed:
@@ -626,30 +569,23 @@ class ToleranceAdaptation(_SolverAdaptation):
         return dict(acc_train_solver=acc_train, acc_test_solver=acc_test, nfe_train_solver=nfe_train,
                     nfe_test_solver=nfe_test, test_tol=used_tol)
 
-    def check(self, trainer, pl_module, blocks, batch) -> dict[str, Any]:
-        tol = float(self.value)
-        record = self._compare(trainer, pl_module, blocks, batch, tol)
-        if record is None:
-            new_tol = min(tol * self.backoff_factor, self.max_tol)
-            rank_zero_warn(f"ToleranceAdaptation: a solver failed during the check; loosening tol {tol:.3g} -> {new_tol:.3g}.")
-            return {"decision": "backoff", self.quantity: new_tol}
+    def _observe(self, record: dict[str, Any]) -> None:
         self.nfe_history = (self.nfe_history + [record["nfe_train_solver"]])[-self.nfe_patience:]
-        if abs(record["acc_test_solver"] - record["acc_train_solver"]) > self.threshold:
-            record.update(decision="shrink", **{self.quantity: tol * 0.5})
-            return record
-        candidate = min(tol * 1.1, self.max_tol)
+
+    def _grown(self, blocks: Sequence[nn.Module], tol: float) -> float:
         stalled = len(self.nfe_history) >= self.nfe_patience and len(set(self.nfe_history)) == 1
-        if candidate <= tol or stalled:
-            record.update(decision="keep", **{self.quantity: tol})
-            return record
-        trial = self._compare(trainer, pl_module, blocks, batch, candidate)
-        agree = trial is not None and abs(trial["acc_test_solver"] - trial["acc_train_solver"]) <= self.threshold
-        record.update(decision="grow" if agree else "keep", **{self.quantity: candidate if agree else tol})
-        return record
+        return tol if stalled else min(tol * 1.1, self.max_tol)
+
+    def _failed_check(self, tol: float) -> dict[str, Any]:
+        new_tol = min(tol * self.backoff_factor, self.max_tol)
+        rank_zero_warn(f"ToleranceAdaptation: a solver failed during the check; loosening tol {tol:.3g} -> {new_tol:.3g}.")
+        return {"decision": "backoff", self.quantity: new_tol}
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "nfe_history": list(self.nfe_history)}
+        return {**super().state_dict(), "nfe_history": list(self.nfe_history),
+                "blocks_retry_settings": self._blocks_retry_settings}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self.nfe_history = list(state_dict.get("nfe_history", []))
+        self._blocks_retry_settings = state_dict.get("blocks_retry_settings")

@@ -16,15 +16,13 @@ from typing import Any, Optional
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_only
-from torch import nn
 from tqdm.auto import tqdm
 
-from lightning_pdenets.callbacks._evaluation import callback_pass
-from lightning_pdenets.callbacks.solver_adaptation import (
+from lightning_pdenets.callbacks._evaluation import (
+    add_figure,
     configure_blocks,
     evaluate_batches,
-    evaluation_mode,
+    evaluation_pass,
     require_ode_blocks,
     restored_solvers,
 )
@@ -148,7 +146,7 @@ class SolverSwapCheck(Callback):
         show = trainer.is_global_zero and trainer.progress_bar_callback is not None
         progress = tqdm(total=len(grid) + 1, desc=f"SolverSwapCheck {stage}".rstrip(), unit="solver", leave=False,
                         disable=not show, dynamic_ncols=True)
-        with progress, evaluation_mode(pl_module), callback_pass(), restored_solvers(blocks):
+        with progress, evaluation_pass(pl_module), restored_solvers(blocks):
             progress.set_postfix_str(f"{method} (training solver)")
             train_acc, train_nfe, _ = evaluate_batches(trainer, pl_module, blocks, self._batches(trainer, dataloaders))
             progress.update()
@@ -184,7 +182,7 @@ class SolverSwapCheck(Callback):
                 metrics[f"solver_swap/{stage}/{solver}_x{factor:g}"] = combo["accuracy"]
         log_replicated(pl_module, metrics)
         if self.log_figure:
-            self._log_figure(trainer, stage, result)
+            add_figure(trainer, f"solver_swap/{stage}", lambda: self.figure(result))
 
     def state_dict(self) -> dict[str, Any]:
         """The latest results per stage, so that they survive a resume."""
@@ -192,15 +190,6 @@ class SolverSwapCheck(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.results = copy.deepcopy(state_dict.get("results", {}))
-
-    @rank_zero_only
-    def _log_figure(self, trainer: "pl.Trainer", stage: str, result: dict[str, Any]) -> None:
-        writers = [lg.experiment for lg in trainer.loggers if hasattr(getattr(lg, "experiment", None), "add_figure")]
-        if not writers:
-            return
-        figure = self.figure(result)
-        for writer in writers:
-            writer.add_figure(f"solver_swap/{stage}", figure, global_step=trainer.global_step)
 
     @staticmethod
     def figure(result: dict[str, Any]):
