@@ -31,7 +31,7 @@ from tests.ddp_cases import CASES
 pytestmark = pytest.mark.ddp
 RUNNER = REPO_ROOT / "tests" / "ddp_runner.py"
 PER_PROCESS_BATCH = 8
-BASE_CLASSES = {"ClassifierModule", "PDECNNModule"}
+BASE_CLASSES = {"ClassifierModule", "PDECNNModule", "PRNetAlgorithmModule"}
 
 
 def _distinct_free_ports(count: int) -> list[int]:

@@ -73,16 +73,20 @@ class ODESolverMixin:
             rank_zero_info(f"Solver: evaluated with the checkpoint's {trained}.")
 
     def on_test_start(self) -> None:
+        super().on_test_start()  # type: ignore[misc]
         self._evaluate_with_configured_solver()
 
     def on_validation_start(self) -> None:
+        super().on_validation_start()  # type: ignore[misc]
         if not self.trainer.training and not self.trainer.sanity_checking:  # type: ignore[attr-defined]
             self._evaluate_with_configured_solver()
 
     def on_predict_start(self) -> None:
+        super().on_predict_start()  # type: ignore[misc]
         self._evaluate_with_configured_solver()
 
     def on_fit_start(self) -> None:
+        super().on_fit_start()  # type: ignore[misc]  (the learning rates of a resumed run, ClassifierModule)
         if self._trained_solver is None:
             return
         changes = self._solver_changes()
