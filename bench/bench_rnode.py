@@ -137,7 +137,8 @@ def report(names: list[str]) -> str:
     records = [json.loads((RESULTS / f"{name}.json").read_text()) for name in names]
     lines = ["| run | overrides | steps | test acc | test NFE fwd / batch of 32 | NFE, 1,000 images | inference, 1,000 images "
              "| train NFE fwd / bwd per step (median) | accepted / rejected fwd steps per step (mean) | "
-             "bwd steps acc / rej (mean) | train step (median) | train time |", "|---" * 12 + "|"]
+             "bwd steps acc / rej (mean) | fwd NFE, first → last 200 steps (mean) | train step (median) | train time |",
+             "|---" * 13 + "|"]
     for r in records:
         steps = r["steps"]
         median = lambda key: statistics.median(s[key] for s in steps)  # noqa: E731
@@ -151,6 +152,8 @@ def report(names: list[str]) -> str:
         lines[-1] += (f"{median('nfe_forward'):.0f} / {median('nfe_backward'):.0f} | "
                       f"{mean('steps_accepted_forward'):.2f} / {mean('steps_rejected_forward'):.2f} | "
                       f"{mean('steps_accepted_backward'):.2f} / {mean('steps_rejected_backward'):.2f} | "
+                      f"{statistics.fmean(s['nfe_forward'] for s in steps[:200]):.1f} → "
+                      f"{statistics.fmean(s['nfe_forward'] for s in steps[-200:]):.1f} | "
                       f"{median('seconds') * 1000:.0f} ms | {r['train_minutes']:.1f} min |")
     reference = records[0]["steps"]
     for r in records[1:]:
