@@ -15,6 +15,7 @@ time of one batch of 1,000 test images; and the trained weights (for ``--swap-ch
         --override="--model.init_args.solver.adjoint_options={norm: seminorm}"
     python bench/bench_rnode.py --swap-check plain rnode --swap-batches 20
     python bench/bench_rnode.py --report plain rnode seminorm
+    python bench/bench_rnode.py --swap-report bench/rnode_runs/swap_plain_rnode.json
 """
 
 from __future__ import annotations
@@ -167,6 +168,24 @@ def report(names: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def swap_report(paths: list[Path]) -> str:
+    """Markdown: accuracy of every test solver (NFE per batch in brackets) for each run in ``swap_*.json`` files."""
+    runs, batches = {}, set()
+    for path in paths:
+        record = json.loads(path.read_text())
+        runs.update(record["runs"])
+        batches.add(record["swap_batches"])
+    combos = list(next(iter(runs.values()))["combinations"])
+    lines = [f"Test batches of 32: {', '.join(map(str, sorted(batches)))}. Fixed-step solvers at factor × 0.25, dopri5 "
+             f"at factor × 1e-3.", "",
+             "| run | training solver (dopri5 1e-3) | " + " | ".join(combos) + " | max drop |",
+             "|---" * (len(combos) + 3) + "|"]
+    for name, run in runs.items():
+        cells = [f"{c['accuracy']:.4f} ({c['nfe']:.0f})" for c in run["combinations"].values()]
+        lines.append(f"| {name} | {run['train_solver_acc']:.4f} | " + " | ".join(cells) + f" | {run['max_drop'] * 100:.2f} pp |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--name", help="name of the run (its records go to bench/rnode_runs/NAME.json/.pt)")
@@ -176,10 +195,13 @@ def main() -> None:
     parser.add_argument("--swap-check", nargs="+", metavar="NAME", help="run SolverSwapCheck on these runs' weights")
     parser.add_argument("--swap-batches", type=int, default=20)
     parser.add_argument("--report", nargs="+", metavar="NAME", help="print the Markdown table of these runs")
+    parser.add_argument("--swap-report", nargs="+", type=Path, metavar="JSON", help="print swap-check results as Markdown")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     if args.report:
         print(report(args.report))
+    elif args.swap_report:
+        print(swap_report(args.swap_report))
     elif args.swap_check:
         swap_check(args)
     else:
