@@ -14,6 +14,7 @@ time of one batch of 1,000 test images; and the trained weights (for ``--swap-ch
     python bench/bench_rnode.py --name seminorm --max-steps 300 \\
         --override="--model.init_args.solver.adjoint_options={norm: seminorm}"
     python bench/bench_rnode.py --swap-check plain rnode --swap-batches 20
+    python bench/bench_rnode.py --name plain --seminorm-check --tolerances 1e-3 1e-4 1e-5
     python bench/bench_rnode.py --report plain rnode seminorm
     python bench/bench_rnode.py --swap-report bench/rnode_runs/swap_plain_rnode.json
 """
@@ -133,6 +134,39 @@ def swap_check(args: argparse.Namespace) -> None:
     (RESULTS / f"swap_{'_'.join(args.swap_check)}.json").write_text(json.dumps(out, indent=1))
 
 
+def seminorm_check(args: argparse.Namespace) -> None:
+    """Backward NFE of the trained weights of ``--name`` on training batches, with and without the seminorm adjoint.
+
+    The same batches and weights for both norms (no optimizer step), at each tolerance of ``--tolerances``, so
+    that only the adjoint's error norm differs; prints the median backward NFE and the median per-batch ratio.
+    """
+    record = json.loads((RESULTS / f"{args.name}.json").read_text())
+    model, datamodule = build(args, record["overrides"])
+    model.load_state_dict(torch.load(RESULTS / f"{args.name}.pt", weights_only=True))
+    model.train()
+    (block,) = find_ode_blocks(model)
+    datamodule.setup("fit")
+    batches = [batch for _, batch in zip(range(args.seminorm_batches), datamodule.train_dataloader())]
+    lines = ["| rtol = atol | backward NFE per batch, default norm (median) | seminorm (median) | median per-batch ratio "
+             "| ratio of sums |", "|---|---|---|---|---|"]
+    for tol in args.tolerances:
+        counts: dict[str, list[int]] = {}
+        for name, options in (("default", None), ("seminorm", {"norm": "seminorm"})):
+            block.configure_solver(rtol=tol, atol=tol, adjoint_options=options)
+            counts[name] = []
+            for images, labels in batches:
+                before = block.nfe_backward
+                torch.nn.functional.cross_entropy(model(images), labels).backward()
+                model.zero_grad(set_to_none=True)
+                counts[name].append(block.nfe_backward - before)
+        ratios = [b / a for a, b in zip(counts["default"], counts["seminorm"])]
+        lines.append(f"| {tol:g} | {statistics.median(counts['default']):.0f} | {statistics.median(counts['seminorm']):.0f} | "
+                     f"{statistics.median(ratios):.3f} | {sum(counts['seminorm']) / sum(counts['default']):.3f} |")
+        print(lines[-1], flush=True)
+    print(f"\nweights of {args.name}, {len(batches)} training batches of 32; command: python bench/bench_rnode.py "
+          + " ".join(sys.argv[1:]) + "\n\n" + "\n".join(lines))
+
+
 def report(names: list[str]) -> str:
     """Markdown: one row per run, and the per-step backward NFE of each run against the first one."""
     records = [json.loads((RESULTS / f"{name}.json").read_text()) for name in names]
@@ -194,6 +228,10 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: one epoch, then test)")
     parser.add_argument("--swap-check", nargs="+", metavar="NAME", help="run SolverSwapCheck on these runs' weights")
     parser.add_argument("--swap-batches", type=int, default=20)
+    parser.add_argument("--seminorm-check", action="store_true",
+                        help="backward NFE of the weights of --name with and without the seminorm adjoint")
+    parser.add_argument("--seminorm-batches", type=int, default=20)
+    parser.add_argument("--tolerances", type=float, nargs="+", default=[1e-3, 1e-4, 1e-5])
     parser.add_argument("--report", nargs="+", metavar="NAME", help="print the Markdown table of these runs")
     parser.add_argument("--swap-report", nargs="+", type=Path, metavar="JSON", help="print swap-check results as Markdown")
     args = parser.parse_args()
@@ -204,6 +242,8 @@ def main() -> None:
         print(swap_report(args.swap_report))
     elif args.swap_check:
         swap_check(args)
+    elif args.seminorm_check:
+        seminorm_check(args)
     else:
         if not args.name:
             parser.error("--name is required to train")
