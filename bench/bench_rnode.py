@@ -190,6 +190,18 @@ def report(names: list[str]) -> str:
                       f"{statistics.fmean(s['nfe_forward'] for s in steps[:200]):.1f} → "
                       f"{statistics.fmean(s['nfe_forward'] for s in steps[-200:]):.1f} | "
                       f"{median('seconds') * 1000:.0f} ms | {r['train_minutes']:.1f} min |")
+    windows = range(0, max(len(r["steps"]) for r in records), 400)
+    lines += ["", "Over training (mean per step in windows of 400 steps): forward NFE / backward NFE (rejected backward "
+              "steps)", "", "| run | " + " | ".join(f"steps {a + 1}–{a + 400}" for a in windows) + " |",
+              "|---" * (len(windows) + 1) + "|"]
+    for r in records:
+        cells = []
+        for a in windows:
+            part = r["steps"][a:a + 400]
+            cells.append("—" if not part else f"{statistics.fmean(s['nfe_forward'] for s in part):.1f} / "
+                         f"{statistics.fmean(s['nfe_backward'] for s in part):.1f} "
+                         f"({statistics.fmean(s['steps_rejected_backward'] for s in part):.2f})")
+        lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
     reference = records[0]["steps"]
     for r in records[1:]:
         n = min(len(reference), len(r["steps"]))
