@@ -190,9 +190,10 @@ def report(names: list[str]) -> str:
                       f"{statistics.fmean(s['nfe_forward'] for s in steps[:200]):.1f} → "
                       f"{statistics.fmean(s['nfe_forward'] for s in steps[-200:]):.1f} | "
                       f"{median('seconds') * 1000:.0f} ms | {r['train_minutes']:.1f} min |")
-    windows = range(0, max(len(r["steps"]) for r in records), 400)
+    longest = max(len(r["steps"]) for r in records)
+    windows = range(0, longest, 400)
     lines += ["", "Over training (mean per step in windows of 400 steps): forward NFE / backward NFE (rejected backward "
-              "steps)", "", "| run | " + " | ".join(f"steps {a + 1}–{a + 400}" for a in windows) + " |",
+              "steps)", "", "| run | " + " | ".join(f"steps {a + 1}–{min(a + 400, longest)}" for a in windows) + " |",
               "|---" * (len(windows) + 1) + "|"]
     for r in records:
         cells = []
