@@ -15,7 +15,18 @@ ODE blocks (:class:`ODESolverBlock`)
       since the block was built. They only ever increase: readers take differences over the span
       they care about, so nobody resets or restores them.
 
-    :class:`lightning_pdenets.blocks.ODEBlock` is the reference implementation.
+    :class:`lightning_pdenets.blocks.ODEBlock` is the reference implementation. Optionally, such a block also
+    counts solver steps (read by :class:`lightning_pdenets.callbacks.NFEMonitor` when present): the only
+    increasing ``steps_accepted_forward``, ``steps_rejected_forward``, ``steps_accepted_backward`` and
+    ``steps_rejected_backward``, and ``last_step_sizes`` (a 1-D tensor: the accepted step sizes of its
+    latest forward solve).
+
+Regularization terms (:class:`RegularizedModule`)
+    Any ``nn.Module`` whose forward pass produces terms for the training loss (e.g. RNODE's kinetic energy
+    and Jacobian norm in :class:`lightning_pdenets.blocks.ODEBlock`) exposes ``pop_regularization() ->
+    dict[str, Tensor]``: the weighted, differentiable terms collected since the last call, which it then
+    forgets. A training step adds :func:`pop_regularization` of its network to the loss, once per step;
+    :class:`lightning_pdenets.models.ClassifierModule` does, and logs each term as ``train/<name>``.
 """
 
 from __future__ import annotations
@@ -43,6 +54,32 @@ class ODESolverBlock(Protocol):
 def find_ode_blocks(module: nn.Module) -> list[nn.Module]:
     """Return every submodule of ``module`` (itself included) that follows :class:`ODESolverBlock`."""
     return [m for m in module.modules() if isinstance(m, ODESolverBlock)]
+
+
+@runtime_checkable
+class RegularizedModule(Protocol):
+    """Structural type of a module whose forward pass produces terms for the training loss."""
+
+    def pop_regularization(self) -> dict[str, torch.Tensor]: ...
+
+
+def find_regularized_modules(module: nn.Module) -> list[nn.Module]:
+    """Return every submodule of ``module`` (itself included) that follows :class:`RegularizedModule`."""
+    return [m for m in module.modules() if isinstance(m, RegularizedModule)]
+
+
+def pop_regularization(modules: list[nn.Module]) -> dict[str, torch.Tensor]:
+    """The terms of every module's ``pop_regularization()``, same names summed; ``{}`` when none is pending.
+
+    Args:
+        modules: Modules following :class:`RegularizedModule` (e.g. :func:`find_regularized_modules` of a network,
+            found once per fit).
+    """
+    total: dict[str, torch.Tensor] = {}
+    for module in modules:
+        for name, term in module.pop_regularization().items():
+            total[name] = total[name] + term if name in total else term
+    return total
 
 
 # -- time-dependent weights (PDE-motivated CNNs; appended for issue 5) ---------------------------

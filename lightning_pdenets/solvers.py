@@ -74,6 +74,10 @@ ADJOINT_OPTION_NAMES = ("norm", "step_size", "max_num_steps", "min_step", "max_s
 """Keys allowed in :attr:`SolverConfig.adjoint_options` (torchdiffeq's solver options, and ``norm``)."""
 
 
+HUTCHINSON_NOISES = ("gaussian", "rademacher")
+"""Probe distributions of the Hutchinson estimator of RNODE's Jacobian term (:attr:`SolverConfig.hutchinson_noise`)."""
+
+
 def check_solver_name(method: Any, argument: str = "method") -> SolverInfo:
     """Return the :class:`SolverInfo` for ``method`` or raise a ``ValueError`` listing the valid names."""
     if not isinstance(method, str) or method not in SOLVERS:
@@ -124,6 +128,14 @@ class SolverConfig:
             once). The loosened tolerances are kept, so they show in :meth:`as_options` and in checkpoints.
         failure_tol_factor: Factor > 1 applied to ``rtol`` and ``atol`` at each retry.
         failure_max_tol: Cap of the loosened ``rtol`` and ``atol``; retries stop once ``rtol`` has reached it.
+        kinetic_weight: Weight λ_K of the kinetic energy ∫‖f(t, y)‖² dt of RNODE (Finlay, Jacobsen, Nurbekyan &
+            Oberman, "How to train your neural ODE", ICML 2020); 0: off. Integrated along the solve in training
+            (``block.training`` with gradients enabled) and added to the training loss (see
+            :meth:`ODEBlock.pop_regularization <lightning_pdenets.blocks.ODEBlock.pop_regularization>`).
+        jacobian_weight: Weight λ_J of RNODE's Jacobian term ∫‖∂f/∂y‖²_F dt, estimated with Hutchinson's
+            estimator; 0: off.
+        hutchinson_noise: Distribution of the Hutchinson probe ε (one draw per solve): ``gaussian`` (the paper's)
+            or ``rademacher`` (±1, lower variance).
     """
 
     method: str = "dopri5"
@@ -147,6 +159,9 @@ class SolverConfig:
     failure_retries: int = 0
     failure_tol_factor: float = 2.0
     failure_max_tol: float = 1.0
+    kinetic_weight: float = 0.0
+    jacobian_weight: float = 0.0
+    hutchinson_noise: str = "gaussian"
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
@@ -207,6 +222,11 @@ class SolverConfig:
         """Number of steps a fixed-step solver takes over [t0, t1]."""
         return math.ceil((self.t1 - self.t0) / self.step_size - 1e-9)
 
+    @property
+    def is_regularized(self) -> bool:
+        """Whether a RNODE term (kinetic energy or Jacobian norm) has a weight > 0."""
+        return self.kinetic_weight > 0 or self.jacobian_weight > 0
+
     def describe(self) -> str:
         """A short human-readable summary, e.g. ``rk4, step_size=0.25`` or ``dopri5, rtol=0.001, atol=0.001, adjoint``."""
         if self.is_adaptive:
@@ -216,6 +236,8 @@ class SolverConfig:
         if self.adjoint:
             norm = (self.adjoint_options or {}).get("norm")
             text += ", adjoint" + (f" ({norm})" if norm else "")
+        if self.is_regularized:
+            text += f", RNODE (kinetic {self.kinetic_weight:g}, jacobian {self.jacobian_weight:g})"
         return text
 
     # -- validation -----------------------------------------------------------------------------
@@ -248,6 +270,14 @@ class SolverConfig:
         if not _is_number(self.failure_tol_factor) or not self.failure_tol_factor > 1:
             raise ValueError(f"`{argument}.failure_tol_factor` must be a number > 1, got {self.failure_tol_factor!r}.")
         check_positive(self.failure_max_tol, f"{argument}.failure_max_tol")
+        for name in ("kinetic_weight", "jacobian_weight"):
+            value = getattr(self, name)
+            if not _is_number(value) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"`{argument}.{name}` must be a finite number >= 0 (0 turns the term off), got {value!r}.")
+        if self.hutchinson_noise not in HUTCHINSON_NOISES:
+            raise ValueError(
+                f"`{argument}.hutchinson_noise` must be one of {list(HUTCHINSON_NOISES)}, got {self.hutchinson_noise!r}."
+            )
         if info.adaptive:
             return self
         if self.step_size is None:

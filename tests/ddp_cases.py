@@ -217,6 +217,13 @@ CASES: dict[str, DDPCase] = {
         data=lambda batch: ConcentricSpheresDataModule(dim=2, num_train=96, num_val=17, num_test=17, batch_size=batch),
         test=True, callbacks=lambda: [cb.NFEMonitor()],
     ),
+    # solver statistics of an adaptive solver with an adjoint: accepted/rejected steps reduced over the ranks like
+    # the NFE (the ranks log the same values); they depend on the half-batch, like the NFE
+    "nfe_monitor_solver_statistics": DDPCase(
+        ("NFEMonitor",),
+        lambda: models.ODENetModule(solver=dict(rtol=1e-6, atol=1e-6, first_step=0.5), **CHEN_TINY, lr=0.01),
+        test=True, callbacks=lambda: [cb.NFEMonitor()], atol=1e-3, rank_only_metrics=("nfe", "steps_"),
+    ),
     "time_tv": DDPCase(("TimeTVRegularization",), parabolic, freeze_batchnorm=True,
                        callbacks=lambda: [cb.TimeTVRegularization(alpha=0.1)]),
     "box_projection": DDPCase(("WeightBoxProjection",), parabolic, freeze_batchnorm=True,

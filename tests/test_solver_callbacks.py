@@ -296,12 +296,19 @@ def test_nfe_monitor_counts_rk4_evaluations_and_ignores_solver_checks():
     trainer = quiet_trainer(max_epochs=1, callbacks=[swap, monitor])
     trainer.fit(module, tiny_spheres())
     trainer.test(module, tiny_spheres())
-    assert monitor.last_step == {"forward": 16.0, "backward": 16.0}  # 4 steps × 4 stages, each backpropagated
+    # 4 steps × 4 stages, each backpropagated; a fixed-step solver accepts each of its 4 steps, and backpropagating
+    # through the solver takes no backward steps of its own
+    assert monitor.last_step == {"forward": 16.0, "backward": 16.0, "steps_accepted_forward": 4.0,
+                                 "steps_rejected_forward": 0.0, "steps_accepted_backward": 0.0,
+                                 "steps_rejected_backward": 0.0}
     by_stage = {e["stage"]: e for e in monitor.epoch_history}
     assert by_stage["train"]["train/nfe_forward_epoch"] == 16.0
     assert by_stage["train"]["train/nfe_backward_epoch"] == 16.0
+    assert by_stage["train"]["train/steps_accepted_forward_epoch"] == 4.0
     assert by_stage["val"]["val/nfe_forward"] == 16.0  # the solver-swap grid did not leak in
+    assert by_stage["val"]["val/steps_accepted_forward"] == 4.0
     assert by_stage["test"]["test/nfe_forward"] == 16.0
+    assert by_stage["test"]["test/steps_rejected_forward"] == 0.0
     assert "solver_swap/test/max_drop" in trainer.callback_metrics
 
 
@@ -596,3 +603,43 @@ def test_configured_solvers_restores_exactly_also_when_a_block_rejects_the_chang
         with configured_solvers(blocks, method="rk4", step_size=-1.0):
             pass
     assert [b.solver_settings() for b in blocks] == before
+
+
+def test_nfe_monitor_counts_accepted_and_rejected_dopri5_steps_and_their_nfe():
+    # a first step of the whole interval on a fast-decaying field: the first attempt is rejected
+    module = VectorODEClassifierModule(solver=dict(method="dopri5", rtol=1e-6, atol=1e-6, first_step=1.0, adjoint=True),
+                                       hidden_width=8)
+    monitor = NFEMonitor()
+    trainer = quiet_trainer(max_epochs=1, callbacks=[monitor], log_every_n_steps=1)
+    trainer.fit(module, tiny_spheres())
+    step = monitor.last_step
+    assert step["steps_rejected_forward"] >= 1 and step["steps_accepted_forward"] >= 1
+    # dopri5: one evaluation at t0 (first_step given: no initial-step estimate), then 6 per attempted step (FSAL)
+    assert step["forward"] == 1 + 6 * (step["steps_accepted_forward"] + step["steps_rejected_forward"])
+    assert step["backward"] == 1 + 6 * (step["steps_accepted_backward"] + step["steps_rejected_backward"])
+    assert step["steps_accepted_backward"] >= 1
+    train = next(e for e in monitor.epoch_history if e["stage"] == "train")
+    assert train["train/nfe_forward_epoch"] == 1 + 6 * (train["train/steps_accepted_forward_epoch"]
+                                                         + train["train/steps_rejected_forward_epoch"])
+    assert "train/steps_rejected_backward_step" in trainer.callback_metrics
+    assert {"val/steps_accepted_forward", "val/steps_rejected_forward"} <= set(trainer.callback_metrics)
+
+
+def test_nfe_monitor_logs_no_step_statistics_for_blocks_without_counters():
+    monitor = NFEMonitor()
+    trainer = quiet_trainer(max_epochs=1, limit_train_batches=2, callbacks=[monitor])
+    trainer.fit(ForeignClassifier(), foreign_loader(), foreign_loader(32, seed=1))
+    assert set(monitor.last_step) == {"forward", "backward"}
+    assert not [name for name in trainer.callback_metrics if "steps_" in name]
+
+
+def test_nfe_monitor_resumes_from_a_state_written_before_solver_statistics():
+    monitor = NFEMonitor()
+    monitor.load_state_dict({"epoch_history": [], "last_step": {"forward": 16.0, "backward": 16.0},
+                             "train_sums": [32.0, 30.0, 2]})
+    assert monitor.state_dict()["train_sums"] == {"nfe_forward": 32.0, "nfe_backward": 30.0, "count": 2}
+
+
+def test_nfe_monitor_rejects_a_bad_histogram_interval():
+    with pytest.raises(ValueError, match="histogram_every_n_steps"):
+        NFEMonitor(histogram_every_n_steps=0)

@@ -44,6 +44,9 @@ NON_DEFAULT = {
     "failure_retries": 3,
     "failure_tol_factor": 4.0,
     "failure_max_tol": 0.5,
+    "kinetic_weight": 0.01,
+    "jacobian_weight": 0.02,
+    "hutchinson_noise": "rademacher",
 }
 """A valid value different from the default for every field (the first test keeps this list complete)."""
 

@@ -15,7 +15,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_pdenets.callbacks import AdversarialEvaluation, OODEvaluation, SolverSwapCheck
+from lightning_pdenets.callbacks import AdversarialEvaluation, NFEMonitor, OODEvaluation, SolverSwapCheck
 from lightning_pdenets.data import ConcentricSpheresDataModule, DigitsDataModule
 from lightning_pdenets.models import LMResNetModule, PRNetModule, ResNetModule, VectorODEClassifierModule
 
@@ -106,3 +106,20 @@ def test_lm_resnet_logs_k_n_profile_figure(tmp_path: Path) -> None:
     assert len(events.Images("lm_k/profile")) == 2  # the initialization and the end of epoch 0
     k_tags = {tag for tag in events.Tags()["scalars"] if tag.startswith("lm_k/")}
     assert k_tags == {f"lm_k/{name}" for name in model.network.lm_coefficients()} and k_tags
+
+
+def test_nfe_monitor_draws_the_step_size_distribution_over_training(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = VectorODEClassifierModule(solver=dict(method="dopri5", rtol=1e-5, atol=1e-5), input_dim=2, hidden_width=8)
+    data = ConcentricSpheresDataModule(dim=2, num_train=64, num_test=32, batch_size=16)
+    trainer = _trainer(tmp_path, [NFEMonitor(histogram_every_n_steps=2)], max_epochs=2, limit_val_batches=1)
+    trainer.fit(model, datamodule=data)
+    trainer.logger.experiment.flush()
+    events = EventAccumulator(trainer.logger.log_dir, size_guidance={"histograms": 0})
+    events.Reload()
+    assert "train/log10_step_size" in events.Tags()["histograms"]
+    histograms = events.Histograms("train/log10_step_size")
+    # 4 steps per epoch: every 2 steps, and at each epoch's end (nothing left to draw there)
+    assert [h.step for h in histograms] == [2, 4, 6, 8]
+    assert histograms[-1].histogram_value.num >= 2  # two batches' accepted steps, at least one each
+    assert histograms[-1].histogram_value.min < 0.0  # log10: steps shorter than the interval [0, 1]

@@ -1,4 +1,5 @@
-"""ODE block: integrates a vector field with torchdiffeq and counts function evaluations."""
+"""ODE block: integrates a vector field with torchdiffeq, counts function evaluations and solver steps, and
+integrates RNODE's regularization terms along the solve when asked to."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import torch
 from torch import nn
 from torchdiffeq import odeint, odeint_adjoint
+from torchdiffeq._impl.misc import _rms_norm
 
 from lightning_pdenets.errors import SolverFailedError, is_solver_failure
-from lightning_pdenets.solvers import SolverConfig
+from lightning_pdenets.solvers import SOLVERS, SolverConfig
 
 __all__ = ["ODEBlock", "SolverConfig", "explain_solver_failure"]
 
@@ -26,7 +28,20 @@ class ODEBlock(nn.Module):
 
     ``nfe_forward`` and ``nfe_backward`` count every evaluation of f, in the forward solve and in
     backward (through the solver, or the adjoint solve); they only ever increase, so a reader takes
-    the difference over the span it cares about.
+    the difference over the span it cares about. So do the solver-step counters ``steps_accepted_forward``,
+    ``steps_rejected_forward``, ``steps_accepted_backward`` and ``steps_rejected_backward`` (read from
+    torchdiffeq's step callbacks; a fixed-step solver accepts every step, and backpropagating through the
+    solver takes no backward steps of its own). ``last_step_sizes`` holds the accepted step sizes of the latest
+    forward solve.
+
+    With ``kinetic_weight`` or ``jacobian_weight`` > 0 (RNODE, Finlay et al., "How to train your neural ODE",
+    ICML 2020), a forward pass in training mode with gradients enabled also integrates, per sample, the
+    kinetic energy ∫‖f‖² dt and the Jacobian norm ∫‖∂f/∂y‖²_F dt as extra states of the same solve (norms
+    summed over the state's entries; the Jacobian term by Hutchinson's estimator ‖εᵀ ∂f/∂y‖² with one probe
+    ε per solve). These extra states are left out of the step-size control, so the solver takes the steps of
+    the unregularized solve. The weighted batch means are collected until :meth:`pop_regularization` returns
+    them for the training loss (``ClassifierModule`` adds them; a foreign training loop calls
+    :func:`lightning_pdenets.protocols.pop_regularization` once per step).
 
     Args:
         vector_field: ``nn.Module`` computing f(t, y) with the shape of y.
@@ -53,7 +68,13 @@ class ODEBlock(nn.Module):
         self.solver = SolverConfig.from_options(options, defaults=base)
         self.nfe_forward = 0
         self.nfe_backward = 0
+        self.steps_accepted_forward = 0
+        self.steps_rejected_forward = 0
+        self.steps_accepted_backward = 0
+        self.steps_rejected_backward = 0
+        self.last_step_sizes = torch.empty(0)
         self._solving_forward = False
+        self._regularization: dict[str, torch.Tensor] = {}
 
     # -- protocol ---------------------------------------------------------------------------
     def vector_field(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -68,6 +89,16 @@ class ODEBlock(nn.Module):
         """Change solver settings; the result is validated as a whole before it is applied."""
         self.solver = self.solver.replace(**changes)
 
+    def pop_regularization(self) -> dict[str, torch.Tensor]:
+        """The weighted RNODE terms of the training forward passes since the last call, and forget them.
+
+        Returns:
+            ``{"kinetic_energy": λ_K·mean ∫‖f‖² dt, "jacobian_frobenius": λ_J·mean ∫‖∂f/∂y‖²_F dt}`` (batch means,
+            differentiable; the terms whose weight is 0 are left out), or ``{}`` when no regularized pass ran.
+        """
+        terms, self._regularization = self._regularization, {}
+        return terms
+
     # -- checkpointing of run-time solver changes -----------------------------------------------
     def get_extra_state(self) -> dict[str, Any]:
         return {"solver_settings": self.solver_settings()}
@@ -77,7 +108,10 @@ class ODEBlock(nn.Module):
 
     # -- integration --------------------------------------------------------------------------
     def _counted_field(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        out = self.field(t, y)
+        return self._count(self.field(t, y))
+
+    def _count(self, out: torch.Tensor) -> torch.Tensor:
+        """Count one evaluation of f whose value is ``out`` (in backward too, once its gradient is taken)."""
         if not self._solving_forward:
             self.nfe_backward += 1  # adjoint solve, called from autograd's backward
             return out
@@ -99,11 +133,28 @@ class ODEBlock(nn.Module):
         if s.adjoint:
             kwargs["adjoint_params"] = tuple(self.field.parameters())
         solve = odeint_adjoint if s.adjoint else odeint
+        regularized = s.is_regularized and self.training and torch.is_grad_enabled()
+        dynamics = _SolveDynamics(self, y0, regularized)
+        state: Any = y0
+        if regularized:
+            per_sample = torch.zeros(y0.shape[:1] if y0.dim() > 1 else (), dtype=y0.dtype, device=y0.device)
+            state = (y0, per_sample, per_sample)
+            if s.is_adaptive:  # the integrals follow the steps chosen for y (their error is not controlled)
+                kwargs["options"]["norm"] = lambda tensors: _rms_norm(tensors[0])
         self._solving_forward = True
         try:
-            return solve(self._counted_field, y0, times, **kwargs)[-1]
+            solution = solve(dynamics, state, times, **kwargs)
         finally:
             self._solving_forward = False
+            self.last_step_sizes = dynamics.step_sizes()
+        if not regularized:
+            return solution[-1]
+        for name, weight, integral in (("kinetic_energy", s.kinetic_weight, solution[1][-1]),
+                                       ("jacobian_frobenius", s.jacobian_weight, solution[2][-1])):
+            if weight > 0:
+                term = weight * integral.mean()
+                self._regularization[name] = self._regularization[name] + term if name in self._regularization else term
+        return solution[0][-1]
 
     def _loosened(self) -> Optional[SolverConfig]:
         """The configuration of the next retry after a failure, or ``None`` when no retry is left."""
@@ -125,6 +176,84 @@ class ODEBlock(nn.Module):
                 if loosened is None:
                     raise explain_solver_failure(error, [self.solver_settings()], "forward") from error
                 self.solver, retries_left = loosened, retries_left - 1
+
+
+class _SolveDynamics:
+    """What one solve of an :class:`ODEBlock` integrates, and where torchdiffeq reports its steps.
+
+    torchdiffeq looks its step callbacks up on the function it integrates (``callback_accept_step`` and
+    ``callback_reject_step`` for adaptive solvers, ``callback_step`` for fixed-step ones, each also with an
+    ``_adjoint`` suffix for the adjoint solve); a bound method cannot carry them, so each solve gets one of
+    these. Only the callbacks the solver supports are set, since torchdiffeq warns about the others.
+
+    Regularized (RNODE, Finlay et al. 2020), the state is ``(y, kinetic, jacobian)`` with per-sample
+    integrands ‖f‖² and ‖εᵀ ∂f/∂y‖² (Hutchinson's estimator of ‖∂f/∂y‖²_F, as in FFJORD), the probe ε fixed
+    for the whole solve, the adjoint solve included.
+    """
+
+    def __init__(self, block: ODEBlock, y0: torch.Tensor, regularized: bool) -> None:
+        self.block = block
+        self.regularized = regularized
+        solver = block.solver
+        self.probe: Optional[torch.Tensor] = None
+        if regularized and solver.jacobian_weight > 0:
+            if solver.hutchinson_noise == "rademacher":
+                self.probe = torch.randint_like(y0, 2) * 2 - 1
+            else:
+                self.probe = torch.randn_like(y0)
+        self._step_sizes: list[torch.Tensor] = []
+        self._set_callbacks("", solver.is_adaptive)
+        if solver.adjoint:
+            self._set_callbacks("_adjoint", SOLVERS[solver.adjoint_method or solver.method].adaptive)
+
+    def _set_callbacks(self, suffix: str, adaptive: bool) -> None:
+        backward = bool(suffix)
+        if adaptive:
+            setattr(self, "callback_accept_step" + suffix, lambda t0, y0, dt: self._step(backward, True, dt))
+            setattr(self, "callback_reject_step" + suffix, lambda t0, y0, dt: self._step(backward, False, dt))
+        else:
+            setattr(self, "callback_step" + suffix, lambda t0, y0, dt: self._step(backward, True, dt))
+
+    def _step(self, backward: bool, accepted: bool, dt: torch.Tensor) -> None:
+        block = self.block
+        if backward:
+            if accepted:
+                block.steps_accepted_backward += 1
+            else:
+                block.steps_rejected_backward += 1
+        elif accepted:
+            block.steps_accepted_forward += 1
+            self._step_sizes.append(dt.detach())
+        else:
+            block.steps_rejected_forward += 1
+
+    def step_sizes(self) -> torch.Tensor:
+        """The accepted forward step sizes of this solve, in order."""
+        return torch.stack(self._step_sizes) if self._step_sizes else torch.empty(0)
+
+    def __call__(self, t: torch.Tensor, state: Any) -> Any:
+        if not self.regularized:
+            return self.block._counted_field(t, state)
+        y = state[0]
+        field = self.block.field
+        if self.probe is None:
+            out = field(t, y)
+            jacobian = torch.zeros_like(state[2])
+        else:
+            if not (torch.is_grad_enabled() and y.requires_grad):
+                y = y.detach().requires_grad_(True)  # the adjoint's forward solve runs under no_grad
+            with torch.enable_grad():
+                out = field(t, y)
+                (probe_jacobian,) = torch.autograd.grad(out, y, self.probe, create_graph=True)
+            jacobian = _per_sample_squared_norm(probe_jacobian)
+        # counted after the probe's product, whose gradient computation must not count as a backward evaluation
+        self.block._count(out)  # noqa: SLF001
+        return out, _per_sample_squared_norm(out), jacobian
+
+
+def _per_sample_squared_norm(tensor: torch.Tensor) -> torch.Tensor:
+    """Σ of squares over every axis but the first (the batch), or over all of a 1-D tensor."""
+    return tensor.pow(2).flatten(1).sum(1) if tensor.dim() > 1 else tensor.pow(2).sum()
 
 
 def _settings_text(settings: Mapping[str, Any]) -> str:

@@ -33,6 +33,7 @@ from lightning_pdenets.models.optim import (
 import lightning_pdenets
 from lightning_pdenets.metric_logging import log_replicated
 from lightning_pdenets.migration import VERSION_KEY, check_layout
+from lightning_pdenets.protocols import find_regularized_modules, pop_regularization
 from lightning_pdenets.architectures.registry import ARCHITECTURES, create_architecture
 
 __all__ = ["ClassifierModule", "accuracy_metrics"]
@@ -76,7 +77,10 @@ class ClassifierModule(pl.LightningModule):
 
     Logs ``train/``, ``val/`` and ``test/`` loss with torchmetrics top-1/top-5 accuracy. Subclasses
     name their registered :attr:`architecture` and build it with :meth:`build_network`. Function
-    evaluations of ODE blocks are logged by :class:`lightning_pdenets.callbacks.NFEMonitor`.
+    evaluations of ODE blocks are logged by :class:`lightning_pdenets.callbacks.NFEMonitor`. In training, the
+    terms of submodules following :class:`lightning_pdenets.protocols.RegularizedModule` (e.g. RNODE's, turned on
+    in the ``solver`` settings) are added to the loss and logged as ``train/<term>_step``/``_epoch``;
+    ``train/loss`` stays the cross-entropy.
 
     Args:
         num_classes: Number of classes.
@@ -119,6 +123,7 @@ class ClassifierModule(pl.LightningModule):
         self._configured_learning_rates: Optional[list[list[float]]] = None
         self.val_metrics = accuracy_metrics(num_classes, "val/")
         self.test_metrics = accuracy_metrics(num_classes, "test/")
+        self._regularized_modules: Optional[list[nn.Module]] = None  # found once per fit
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.network(x)
@@ -138,16 +143,25 @@ class ClassifierModule(pl.LightningModule):
                 _release_peers()
             raise
         loss = F.cross_entropy(logits, y)
+        terms = self._pop_regularization() if stage == "train" else {}
         if stage == "train":
             # before any logging: sync_dist logging is itself a collective, which a failed rank never reaches
-            self.check_finite(loss=loss)
+            self.check_finite(loss=loss, **terms)
         metrics.update(logits.detach(), y)
         if stage == "train":
             self.log_train_term("train/loss", loss, prog_bar=True)  # training accuracy: on_train_epoch_end
+            for name, term in terms.items():
+                self.log_train_term(f"train/{name}", term.detach())
+                loss = loss + term
         else:
             self.log_eval_term(f"{stage}/loss", loss, weight=len(y), prog_bar=True)
             self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=True)
         return loss
+
+    def _pop_regularization(self) -> dict[str, torch.Tensor]:
+        if self._regularized_modules is None:
+            self._regularized_modules = find_regularized_modules(self)
+        return pop_regularization(self._regularized_modules)
 
     # -- training metrics that survive a mid-epoch resume ---------------------------------------
     def log_train_term(self, name: str, value: torch.Tensor, prog_bar: bool = False) -> None:
@@ -244,6 +258,7 @@ class ClassifierModule(pl.LightningModule):
             )
 
     def on_train_start(self) -> None:
+        self._regularized_modules = None  # found again: the network may have changed since the last fit
         self._apply_configured_learning_rates()
         # Lightning restores the loops before this hook and skips on_train_epoch_start when it resumes
         # inside an epoch; a checkpoint written at an epoch's end resumes at the next epoch instead.
