@@ -67,6 +67,7 @@ def load_checkpoint(path: Union[str, Path], trusted: bool = False, how_to_trust:
             f"elsewhere or was crafted. Nothing of it was executed. If you trust the file and its source, load it "
             f"explicitly with {how_to_trust}."
         )
+    # Reached only when the user explicitly trusts this file (--weights_only false / trust_pretrained_checkpoint).
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
