@@ -177,3 +177,52 @@ def test_validation_loss_is_the_mean_over_samples_with_a_short_last_batch(tmp_pa
     with torch.no_grad():
         expected = torch.nn.functional.cross_entropy(model(images), labels)
     assert trainer.callback_metrics["val/loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+class _StepLogRecorder(pl.Callback):
+    """Which per-step values were logged in each training step, and how many per-step collectives ran."""
+
+    def __init__(self) -> None:
+        self.logged: list[set[str]] = []
+        self.reduces = 0
+        self.in_step = False
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        original_log, original_reduce = pl_module.log, trainer.strategy.reduce
+
+        def log(name, *args, **kwargs):
+            if kwargs.get("on_step"):
+                self.logged[-1].add(name)
+            return original_log(name, *args, **kwargs)
+
+        def reduce(*args, **kwargs):
+            self.reduces += self.in_step
+            return original_reduce(*args, **kwargs)
+
+        pl_module.log, trainer.strategy.reduce = log, reduce
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.logged.append(set())
+        self.in_step = True
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.in_step = False
+
+
+@pytest.mark.parametrize("progress_bar", [False, True])
+def test_per_step_values_are_logged_only_on_steps_that_someone_reads(progress_bar: bool, tmp_path: Path) -> None:
+    """Each self.log costs ~0.5 ms: per-step values go out on the logger's steps, or every step for a progress bar."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    recorder = _StepLogRecorder()
+    trainer = tiny_trainer(tmp_path, limit_train_batches=6, limit_val_batches=0, log_every_n_steps=3,
+                           enable_progress_bar=progress_bar, logger=CSVLogger(tmp_path),
+                           callbacks=[NFEMonitor(), recorder])
+    trainer.fit(RKNetModule(**TINY, solver=dict(step_size=0.5)), datamodule=DigitsDataModule(batch_size=16))
+    nfe_steps = [i for i, names in enumerate(recorder.logged) if "train/nfe_forward_step" in names]
+    loss_steps = [i for i, names in enumerate(recorder.logged) if "train/loss_step" in names]
+    assert nfe_steps == [2, 5]  # Lightning writes steps 3 and 6 (global_step + 1 divisible by 3)
+    assert loss_steps == (list(range(6)) if progress_bar else [2, 5])
+    assert recorder.reduces == 0  # one process: the step's NFE need no collective
+    written = (tmp_path / "lightning_logs/version_0/metrics.csv").read_text()
+    assert written.count("\n") >= 2 and "train/loss_step" in written.splitlines()[0]

@@ -497,6 +497,23 @@ def test_tolerance_adaptation_in_training_tightens_the_test_solver_and_logs_tol(
     assert trainer.callback_metrics["solver/tol"] == pytest.approx(adaptation.value)
 
 
+def test_every_adaptation_check_reaches_the_logger_whatever_log_every_n_steps(tmp_path):
+    """Lightning drops step values logged off its logging steps: the checks at steps 2 and 4 must still be written."""
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    module = VectorODEClassifierModule(solver=dict(method="bosh3", step_size=None), hidden_width=8)
+    adaptation = ToleranceAdaptation(interval=2, initial_tol=1e-3)
+    trainer = quiet_trainer(max_epochs=1, callbacks=[adaptation], logger=CSVLogger(tmp_path), log_every_n_steps=50)
+    trainer.fit(module, tiny_spheres())
+    with open(tmp_path / "lightning_logs/version_0/metrics.csv") as file:
+        rows = [row for row in csv.DictReader(file) if row.get("solver/tol")]
+    checks = [r for r in adaptation.history if r["decision"] in ("grow", "keep", "shrink")]
+    assert [int(row["step"]) for row in rows] == [r["step"] for r in checks] == [2, 4]
+    assert [float(row["solver/tol"]) for row in rows] == pytest.approx([r["tol"] for r in checks])
+
+
 # -- checkpointing and resume ---------------------------------------------------------------------------------------
 class RecordAtTrainStart(Callback):
     def on_train_start(self, trainer, pl_module):

@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from lightning_pdenets.callbacks._evaluation import in_callback_pass
-from lightning_pdenets.metric_logging import log_replicated
+from lightning_pdenets.metric_logging import log_replicated, step_values_are_read
 from lightning_pdenets.protocols import find_ode_blocks
 from lightning_pdenets.validation import check_positive_int
 
@@ -136,10 +136,11 @@ class NFEMonitor(Callback):
             return
         values = self._batch
         if stage == "train":
-            # every rank runs every training step, so a per-step collective is safe here; in evaluation
-            # ranks may hold different numbers of batches, so those sums are reduced once, at epoch end
-            tensor = torch.tensor(list(values.values()), dtype=torch.float64, device=pl_module.device)
-            values = dict(zip(values, (float(v) for v in trainer.strategy.reduce(tensor, reduce_op="mean"))))
+            if trainer.world_size > 1:
+                # every rank runs every training step, so a per-step collective is safe here; in evaluation
+                # ranks may hold different numbers of batches, so those sums are reduced once, at epoch end
+                tensor = torch.tensor(list(values.values()), dtype=torch.float64, device=pl_module.device)
+                values = dict(zip(values, (float(v) for v in trainer.strategy.reduce(tensor, reduce_op="mean"))))
         else:
             values = {name: value for name, value in values.items() if name in self._counters["forward"]}
         sums = self._sums[stage]
@@ -150,7 +151,7 @@ class NFEMonitor(Callback):
             return
         self.last_step = {"forward": values["nfe_forward"], "backward": values["nfe_backward"],
                           **{name: value for name, value in values.items() if name.startswith("steps_")}}
-        if self.log_steps and _logs_this_step(trainer):
+        if self.log_steps and step_values_are_read(trainer):
             pl_module.log_dict({f"train/{name}_step": value for name, value in values.items()},
                                on_step=True, on_epoch=False)
         if self.histogram_every_n_steps and trainer.global_step % self.histogram_every_n_steps == 0:
@@ -245,11 +246,3 @@ class NFEMonitor(Callback):
             sums = dict(zip(("nfe_forward", "nfe_backward", "count"), sums))
         self._sums["train"] = dict(sums)
 
-
-def _logs_this_step(trainer: "pl.Trainer") -> bool:
-    """Whether Lightning writes step-level values to the logger in this step (``log_every_n_steps``).
-
-    Logging a value Lightning would drop anyway costs about 0.5 ms per ``self.log`` call, which on a GPU
-    is a noticeable share of a step; Lightning's own decision is read from its logger connector.
-    """
-    return bool(getattr(trainer._logger_connector, "should_update_logs", True))  # noqa: SLF001

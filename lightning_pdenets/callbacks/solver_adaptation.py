@@ -41,6 +41,7 @@ from lightning_pdenets.callbacks._evaluation import (
     shrink_grow_keep,
     split_batch,
 )
+from lightning_pdenets.metric_logging import log_occasional_step_values
 from lightning_pdenets.protocols import find_ode_blocks
 from lightning_pdenets.solvers import SOLVERS, check_positive, check_solver_name
 from lightning_pdenets.validation import check_positive_int
@@ -212,7 +213,7 @@ class _SolverAdaptation(Callback):
         for key in ("acc_train_solver", "acc_test_solver", "nfe_train_solver", "nfe_test_solver"):
             if key in record and not math.isnan(record[key]):
                 metrics[f"solver/{key}"] = record[key]
-        pl_module.log_dict(metrics, on_step=True, on_epoch=False)
+        log_occasional_step_values(pl_module, metrics)
 
     # -- collective helpers ---------------------------------------------------------------------
     @staticmethod

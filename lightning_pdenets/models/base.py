@@ -31,7 +31,7 @@ from lightning_pdenets.models.optim import (
     rescale_learning_rates,
 )
 import lightning_pdenets
-from lightning_pdenets.metric_logging import log_replicated
+from lightning_pdenets.metric_logging import log_replicated, step_values_are_read
 from lightning_pdenets.migration import VERSION_KEY, check_layout
 from lightning_pdenets.protocols import find_regularized_modules, pop_regularization
 from lightning_pdenets.architectures.registry import ARCHITECTURES, create_architecture
@@ -167,12 +167,15 @@ class ClassifierModule(pl.LightningModule):
     def log_train_term(self, name: str, value: torch.Tensor, prog_bar: bool = False) -> None:
         """Log a training term as ``<name>_step`` (synced over ranks); its epoch mean ``<name>_epoch`` follows at epoch end.
 
-        The epoch mean is a :class:`WeightedMean` whose state is saved in checkpoints, so that an
+        ``<name>_step`` is logged on the steps whose values reach the loggers (``log_every_n_steps``) or, with
+        ``prog_bar``, a progress bar; on the others Lightning would drop it (see
+        :func:`~lightning_pdenets.metric_logging.step_values_are_read`). The epoch mean is a :class:`WeightedMean` whose state is saved in checkpoints, so that an
         epoch interrupted and resumed reports the same mean as an uninterrupted one (Lightning's own
         epoch aggregation restarts from zero on resume). It is only updated here and logged once, in
         :meth:`on_train_epoch_end`: a ``self.log`` call costs about half a millisecond in Lightning.
         """
-        self.log(f"{name}_step", value, on_step=True, on_epoch=False, prog_bar=prog_bar, sync_dist=True)
+        if self._trainer is None or step_values_are_read(self._trainer, progress_bar=prog_bar):
+            self.log(f"{name}_step", value, on_step=True, on_epoch=False, prog_bar=prog_bar, sync_dist=True)
         self._epoch_mean("train_means", name.replace(".", "_")).update(value.detach(), 1.0)
 
     def on_train_epoch_end(self) -> None:

@@ -24,7 +24,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_pdenets.blocks.governing import GoverningEquation, ProximalSGD
 from lightning_pdenets.blocks.pde import PDEBlock
-from lightning_pdenets.metric_logging import log_replicated
+from lightning_pdenets.metric_logging import log_replicated, step_values_are_read
 from lightning_pdenets.models.base import ClassifierModule
 from lightning_pdenets.models.optim import (
     OPTIMIZERS,
@@ -200,7 +200,8 @@ class PRNetAlgorithmModule(ClassifierModule):
             for name, value in logged.items():
                 self.log_train_term(f"train/{name}", value)
             self.log_train_term("train/loss", logged.get("loss_task", logged["total"]), prog_bar=True)
-        self.log("train/skipped_steps", float(self.skipped_steps), on_step=True, on_epoch=False)
+        if step_values_are_read(self.trainer):
+            self.log("train/skipped_steps", float(self.skipped_steps), on_step=True, on_epoch=False)
 
     def _initial_features(self, x: torch.Tensor, cache: dict[str, Any]) -> torch.Tensor:
         """h(0) = stem(x) without gradient, shared by the steps after the last task step."""
