@@ -8,12 +8,16 @@ Each table is regenerated from the checkpoints alone (no training):
 * ``equation``: PR-Net's learned governing equation, its exact zeros, and L_G on test features against its value
   for the same network at initialization (``seed_everything`` of the config);
 * ``curves``: validation accuracy per epoch of each run, read from its TensorBoard events (a figure);
-* ``robustness``: FGSM/PGD and out-of-distribution accuracy (Kim et al.'s Tables 3 and 4) through the framework's
-  ``AdversarialEvaluation`` and ``OODEvaluation`` callbacks.
+* ``robustness``: top-1 accuracy under FGSM, L∞ PGD and the gradient-free L∞ SPSA at ε = 0.05/0.1/0.2/0.3 pixel
+  units, the robust accuracy (a test image counts only if no attack fools it), the gradient-masking flag, the
+  white-box attacks again with gradients through a fixed-step stand-in solver for adaptive-solver models, and the
+  four out-of-distribution perturbations (Kim et al.'s Tables 3 and 4), all through the framework's
+  ``AdversarialEvaluation`` and ``OODEvaluation`` callbacks on the first ``--robust-images`` test images
+  (SPSA on the first ``--spsa-images``).
 
     python bench/bench_paper_scale.py --data-dir ../shared/data \\
         --checkpoint resnet=logs/mnist/resnet/version_0/checkpoints/best-epoch=11.ckpt ... \\
-        --tables accuracy inference equation curves --output bench/results_paper_scale.md
+        --tables accuracy inference equation curves robustness --output bench/results_paper_scale.md
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib
+import json
 import os
 import statistics
 import sys
@@ -33,11 +38,16 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from lightning_pdenets.callbacks import NFEMonitor  # noqa: E402
+from lightning_pdenets.callbacks import AdversarialEvaluation, NFEMonitor, OODEvaluation  # noqa: E402
+from lightning_pdenets.callbacks.ood import PERTURBATIONS  # noqa: E402
+from lightning_pdenets.protocols import find_ode_blocks  # noqa: E402
+from lightning_pdenets.solvers import SOLVERS  # noqa: E402
 from lightning_pdenets.checkpoints import checkpoint_class_path, load_checkpoint  # noqa: E402
 from lightning_pdenets.data import MNISTDataModule  # noqa: E402
 
 NAMES = ("resnet", "rknet", "odenet", "prnet")
+EPSILONS = (0.05, 0.1, 0.2, 0.3)
+"""Attack budgets in pixel units (issue 18; Madry et al.'s MNIST budget is 0.3)."""
 
 
 def load_model(path: Path) -> pl.LightningModule:
@@ -141,13 +151,82 @@ def curves_figure(log_dirs: dict[str, Path], output: Path) -> list[str]:
     return lines + ["", f"Figure: `{output.relative_to(REPO)}`"]
 
 
+def _eps(epsilon: float) -> str:
+    return f"eps{round(epsilon * 255, 4):g}"  # AdversarialEvaluation's metric label
+
+
+def uses_adaptive_solver(model: pl.LightningModule) -> bool:
+    return any(SOLVERS[block.solver_settings()["method"]].adaptive for block in find_ode_blocks(model))
+
+
+def robustness_test(model: pl.LightningModule, data_dir: str, images: int, spsa_images: int, pgd_steps: int,
+                    gradient_solver: dict | None) -> dict[str, float]:
+    """One ``trainer.test`` over the first ``images`` test images with the attacks (and, without a stand-in, OOD).
+
+    Batches hold ``spsa_images`` images, so that SPSA attacks exactly the first batch.
+    """
+    batch_size = spsa_images
+    batches = -(-images // batch_size)
+    attacks = ["fgsm", "pgd"] if gradient_solver else ["fgsm", "pgd", "spsa"]
+    callbacks: list[pl.Callback] = [AdversarialEvaluation(
+        epsilons=EPSILONS, attacks=attacks, pgd_steps=pgd_steps, num_batches=batches, log_figure=False,
+        spsa_num_batches=1, gradient_solver=gradient_solver)]
+    if not gradient_solver:
+        callbacks.append(OODEvaluation(num_batches=batches))
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=True,
+                         enable_model_summary=False, callbacks=callbacks, limit_test_batches=batches)
+    data = MNISTDataModule(data_dir=data_dir, download=False, batch_size=batch_size)
+    return trainer.test(model, datamodule=data, verbose=False)[0]
+
+
+def robustness_tables(models: dict[str, pl.LightningModule], data_dir: str, images: int, spsa_images: int,
+                      pgd_steps: int, gradient_solver: dict) -> list[str]:
+    """Adversarial (Table 4 format) and out-of-distribution (Table 3 format) top-1 accuracy per model."""
+    header = " | ".join(f"ε={e:g}" for e in EPSILONS)
+    rule = "|---|" + "---|" * len(EPSILONS)
+    tables = {attack: [f"| {attack} | {header} |", rule] for attack in
+              ("FGSM", "PGD", "SPSA", "robust (min over attacks)", "FGSM, stand-in gradients", "PGD, stand-in gradients")}
+    ood = [f"| model | clean | {' | '.join(PERTURBATIONS)} |", "|---|---|" + "---|" * len(PERTURBATIONS)]
+    masking: list[str] = []
+    for name, model in models.items():
+        result = robustness_test(model, data_dir, images, spsa_images, pgd_steps, None)
+        for attack, key in (("FGSM", "fgsm"), ("PGD", "pgd"), ("SPSA", "spsa"), ("robust (min over attacks)", "robust")):
+            tables[attack].append(f"| {name} | " + " | ".join(f"{result[f'adv/{key}_{_eps(e)}/top1']:.4f}"
+                                                               for e in EPSILONS) + " |")
+        flagged = [f"{e:g}" for e in EPSILONS if result.get(f"adv/gradient_masking_{_eps(e)}", 0.0) > 0]
+        masking.append(f"{name}: {'flagged at ε = ' + ', '.join(flagged) if flagged else 'not flagged'}")
+        ood.append(f"| {name} | {result['adv/clean/top1']:.4f} | "
+                   + " | ".join(f"{result[f'ood/{p}/top1']:.4f}" for p in PERTURBATIONS) + " |")
+        if uses_adaptive_solver(model):
+            stand_in = robustness_test(model, data_dir, images, spsa_images, pgd_steps, gradient_solver)
+            for attack, key in (("FGSM, stand-in gradients", "fgsm"), ("PGD, stand-in gradients", "pgd")):
+                tables[attack].append(f"| {name} | " + " | ".join(f"{stand_in[f'adv/{key}_{_eps(e)}/top1']:.4f}"
+                                                                   for e in EPSILONS) + " |")
+    lines = [f"Adversarial top-1 accuracy on the first {images} test images (SPSA: first {spsa_images}; PGD "
+             f"{pgd_steps} steps of 2.5·ε/{pgd_steps} from a random start; SPSA 20 Adam steps, 64 samples, δ = 0.01). "
+             f"Stand-in: white-box gradients through `{json.dumps(gradient_solver)}`, the attacked model keeping "
+             f"its own solver (adaptive-solver models only).", ""]
+    for attack, rows in tables.items():
+        if len(rows) > 2:
+            lines += rows + [""]
+    lines += ["Gradient masking (an SPSA accuracy below every white-box one at the same ε): " + "; ".join(masking), "",
+              f"Out-of-distribution top-1 accuracy on the same {images} images (Kim et al.'s perturbations: N(0, 0.1) "
+              f"noise, 24×24 centre crop resized to 28×28, rotation up to 30°, brightness/contrast jitter 0.2):", ""]
+    return lines + ood
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"))
     parser.add_argument("--checkpoint", action="append", default=[], metavar="NAME=PATH",
                         help=f"a trained checkpoint per model, NAME one of {NAMES}")
     parser.add_argument("--tables", nargs="+", default=["accuracy", "inference", "equation", "curves"],
-                        choices=["accuracy", "inference", "equation", "curves"])
+                        choices=["accuracy", "inference", "equation", "curves", "robustness"])
+    parser.add_argument("--robust-images", type=int, default=1000, help="test images attacked and perturbed")
+    parser.add_argument("--spsa-images", type=int, default=100, help="of those, the ones SPSA also attacks")
+    parser.add_argument("--pgd-steps", type=int, default=20)
+    parser.add_argument("--gradient-solver", type=json.loads, default={"method": "rk4", "step_size": 0.1},
+                        help="JSON solver settings of the stand-in for white-box gradients of adaptive-solver models")
     parser.add_argument("--rounds", type=int, default=11)
     parser.add_argument("--seed", type=int, default=0, help="the config's seed_everything (the initialization)")
     parser.add_argument("--threads", type=int, default=2)
@@ -174,6 +253,9 @@ def main() -> None:
     if "curves" in args.tables:
         log_dirs = {name: path.parent.parent for name, path in paths.items()}
         sections += curves_figure(log_dirs, REPO / "bench" / "mnist_paper_scale_val_accuracy.png") + [""]
+    if "robustness" in args.tables:
+        sections += robustness_tables(models, args.data_dir, args.robust_images, args.spsa_images, args.pgd_steps,
+                                      args.gradient_solver) + [""]
     text = "\n".join(sections)
     print(text)
     if args.output:
