@@ -24,7 +24,7 @@ keeps Chen et al.'s GroupNorm(32) in the ODE and PDE blocks valid.
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Callable, Mapping, Optional, Union
 
 import torch
 from torch import nn
@@ -179,15 +179,20 @@ def _feature_size(image_size: int, patch_size: int) -> tuple[int, int]:
 
 
 def _build(
-    special: Optional[nn.Module], in_channels: int, num_classes: int, channels: int, num_blocks: int,
-    expanded_channels: int, kernel_size: int, patch_size: int, head_expansion: int, dropout: float,
+    last_block: Optional[Callable[[int], nn.Module]], in_channels: int, num_classes: int, width_multiplier: float,
+    channels: int, num_blocks: int, expanded_channels: int, kernel_size: int, patch_size: int, head_expansion: int,
+    dropout: float,
 ) -> IsometricMobileNetV3:
+    """The network of the factories below; ``last_block(width)``, when given, builds the block that replaces the last one."""
+    width = isometric_channels(channels, width_multiplier)
+    hidden = isometric_channels(expanded_channels, width_multiplier)
+    special = last_block(width) if last_block is not None else None
     check_positive_int(num_blocks, "num_blocks")
     mobile = num_blocks - (special is not None)
-    blocks = [mobile_block(channels, expanded_channels, kernel_size) for _ in range(mobile)]
+    blocks = [mobile_block(width, hidden, kernel_size) for _ in range(mobile)]
     if special is not None:
         blocks.append(special)  # Kim et al.: "3 mobile + 1 ODE/PDE" — the last block is replaced
-    return IsometricMobileNetV3(blocks, in_channels, num_classes, channels, patch_size, head_expansion, dropout)
+    return IsometricMobileNetV3(blocks, in_channels, num_classes, width, patch_size, head_expansion, dropout)
 
 
 @register_architecture("mobilenetv3_isometric", input_shape=(3, 64, 64), tiny_kwargs=_TINY)
@@ -217,9 +222,8 @@ def mobilenetv3_isometric(
         head_expansion: Width factor of the head's 1×1 convolution.
         dropout: Dropout before the classifier.
     """
-    width = isometric_channels(channels, width_multiplier)
-    hidden = isometric_channels(expanded_channels, width_multiplier)
-    return _build(None, in_channels, num_classes, width, num_blocks, hidden, kernel_size, patch_size, head_expansion, dropout)
+    return _build(None, in_channels, num_classes, width_multiplier, channels, num_blocks, expanded_channels, kernel_size,
+                  patch_size, head_expansion, dropout)
 
 
 @register_architecture(
@@ -244,10 +248,11 @@ def odenet_mobilenet(
     network's width. ``solver`` (a :class:`SolverConfig` or a dict of its
     fields) overrides Chen et al.'s dopri5 with the adjoint method (:data:`ODENET_SOLVER`); the other arguments as in :func:`mobilenetv3_isometric`.
     """
-    width = isometric_channels(channels, width_multiplier)
-    hidden = isometric_channels(expanded_channels, width_multiplier)
-    block = ODEBlock(ConvODEFunc(width), SolverConfig.from_options(solver, defaults=ODENET_SOLVER))
-    return _build(block, in_channels, num_classes, width, num_blocks, hidden, kernel_size, patch_size, head_expansion, dropout)
+    def ode_block(width: int) -> ODEBlock:
+        return ODEBlock(ConvODEFunc(width), SolverConfig.from_options(solver, defaults=ODENET_SOLVER))
+
+    return _build(ode_block, in_channels, num_classes, width_multiplier, channels, num_blocks, expanded_channels,
+                  kernel_size, patch_size, head_expansion, dropout)
 
 
 @register_architecture("prnet_mobilenet", input_shape=(3, 64, 64), tiny_kwargs=dict(_TINY, image_size=64))
@@ -276,7 +281,8 @@ def prnet_mobilenet(
     """
     from lightning_pdenets.blocks.pde import CoordinateConvField, PDEBlock  # PR-Net's block (separate module)
 
-    width = isometric_channels(channels, width_multiplier)
-    hidden = isometric_channels(expanded_channels, width_multiplier)
-    block = PDEBlock(CoordinateConvField(width, 3, activation), _feature_size(image_size, patch_size), t_end)
-    return _build(block, in_channels, num_classes, width, num_blocks, hidden, kernel_size, patch_size, head_expansion, dropout)
+    def pde_block(width: int) -> PDEBlock:
+        return PDEBlock(CoordinateConvField(width, 3, activation), _feature_size(image_size, patch_size), t_end)
+
+    return _build(pde_block, in_channels, num_classes, width_multiplier, channels, num_blocks, expanded_channels,
+                  kernel_size, patch_size, head_expansion, dropout)
