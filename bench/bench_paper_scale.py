@@ -128,22 +128,36 @@ def equation_table(model: pl.LightningModule, images: torch.Tensor, seed: int) -
     ]
 
 
-def curves_figure(log_dirs: dict[str, Path], output: Path) -> list[str]:
-    from matplotlib import pyplot as plt
+def validation_curve(source: Path) -> list[float]:
+    """Validation top-1 accuracy per epoch from a run's TensorBoard folder, or from a CSV ``epoch,val_acc_top1``."""
+    if source.suffix == ".csv":
+        rows = source.read_text().split()[1:]
+        return [float(row.split(",")[1]) for row in rows]
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    figure, axis = plt.subplots(figsize=(6, 4))
-    lines = ["| model | best val accuracy | epoch |", "|---|---|---|"]
-    for name, log_dir in log_dirs.items():
-        events = EventAccumulator(str(log_dir))
+    values: dict[int, float] = {}
+    for events_file in sorted(source.glob("events.out.tfevents.*")):  # a resumed run writes a second file
+        events = EventAccumulator(str(events_file))
         events.Reload()
-        points = events.Scalars("val/acc_top1")
-        epochs = list(range(1, len(points) + 1))
-        values = [p.value for p in points]
+        if "val/acc_top1" in events.Tags()["scalars"]:
+            epochs = {p.step: p.value for p in events.Scalars("epoch")}
+            for point in events.Scalars("val/acc_top1"):
+                values[int(epochs.get(point.step, len(values)))] = point.value
+    return [values[epoch] for epoch in sorted(values)]
+
+
+def curves_figure(sources: dict[str, Path], output: Path) -> list[str]:
+    from matplotlib import pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 4))
+    lines = ["| model | best val accuracy | epoch | validation accuracy per epoch |", "|---|---|---|---|"]
+    for name, source in sources.items():
+        values = validation_curve(source)
+        epochs = list(range(1, len(values) + 1))
         axis.plot(epochs, values, marker="o", label=name)
         best = max(range(len(values)), key=values.__getitem__)
-        lines.append(f"| {name} | {values[best]:.4f} | {best + 1} |")
-    axis.set(xlabel="epoch", ylabel="validation accuracy", title="MNIST, configs/mnist/*.yaml", ylim=(0.97, 1.0))
+        lines.append(f"| {name} | {values[best]:.4f} | {best + 1} | {', '.join(f'{v:.4f}' for v in values)} |")
+    axis.set(xlabel="epoch", ylabel="validation accuracy", title="MNIST, configs/mnist/*.yaml", ylim=(0.94, 1.0))
     axis.grid(alpha=0.3)
     axis.legend()
     figure.tight_layout()
@@ -222,6 +236,8 @@ def main() -> None:
                         help=f"a trained checkpoint per model, NAME one of {NAMES}")
     parser.add_argument("--tables", nargs="+", default=["accuracy", "inference", "equation", "curves"],
                         choices=["accuracy", "inference", "equation", "curves", "robustness"])
+    parser.add_argument("--curve", action="append", default=[], metavar="NAME=PATH",
+                        help="a run's TensorBoard folder (or CSV epoch,val_acc_top1); default: the checkpoint's run")
     parser.add_argument("--robust-images", type=int, default=1000, help="test images attacked and perturbed")
     parser.add_argument("--spsa-images", type=int, default=100, help="of those, the ones SPSA also attacks")
     parser.add_argument("--pgd-steps", type=int, default=20)
@@ -251,8 +267,10 @@ def main() -> None:
     if "equation" in args.tables and "prnet" in models:
         sections += equation_table(models["prnet"], images[:256], args.seed) + [""]
     if "curves" in args.tables:
-        log_dirs = {name: path.parent.parent for name, path in paths.items()}
-        sections += curves_figure(log_dirs, REPO / "bench" / "mnist_paper_scale_val_accuracy.png") + [""]
+        sources = {name: path.parent.parent for name, path in paths.items()}
+        sources.update(dict(item.split("=", 1) for item in args.curve))
+        sections += curves_figure({name: Path(source) for name, source in sources.items()},
+                                  REPO / "bench" / "mnist_paper_scale_val_accuracy.png") + [""]
     if "robustness" in args.tables:
         sections += robustness_tables(models, args.data_dir, args.robust_images, args.spsa_images, args.pgd_steps,
                                       args.gradient_solver) + [""]
