@@ -38,6 +38,7 @@ from lightning_pdenets.errors import (
     CheckpointNotFoundError,
     ConfigurationError,
     CorruptCheckpointError,
+    ModelFailure,
     UntrustedCheckpointError,
 )
 
@@ -46,6 +47,9 @@ DEFAULT_EXPERIMENT_NAME = "pdenets"
 
 EXIT_USAGE = 2
 """Exit status of bad arguments, as argparse uses."""
+
+EXIT_MODEL_FAILURE = 1
+"""Exit status when the model failed (a NaN loss, a solver that could not integrate): a run that did not succeed."""
 
 EXIT_SIGTERM = 128 + signal.SIGTERM
 """Exit status after SIGTERM, as a shell reports a process that SIGTERM ended."""
@@ -472,8 +476,10 @@ def build_cli(args: Optional[list[str]] = None, run: bool = True) -> PDENetsCLI:
 def main(args: Optional[list[str]] = None) -> None:
     """Entry point of ``pdenets`` and ``python -m lightning_pdenets``.
 
-    Exits with 2 for bad arguments and checkpoints (one message, no traceback), and with 143 after
-    SIGTERM (Lightning stops cleanly but would exit 0, which a scheduler or ``&&`` reads as success).
+    Exits with 2 for bad arguments and checkpoints (one message, no traceback), with 1 when the model fails
+    (a NaN loss, a solver failure: the message with its remedies, no traceback; the last good checkpoint is
+    kept), and with 143 after SIGTERM (Lightning stops cleanly but would exit 0, which a scheduler or ``&&``
+    reads as success). ``JSONARGPARSE_DEBUG=true`` shows the tracebacks.
     """
     try:
         build_cli(args)
@@ -486,6 +492,11 @@ def main(args: Optional[list[str]] = None) -> None:
             raise
         sys.stderr.write(f"error: {error}\n")
         sys.exit(EXIT_USAGE)
+    except ModelFailure as error:
+        if _debugging():
+            raise
+        sys.stderr.write(f"error: {type(error).__name__}: {error}\n")
+        sys.exit(EXIT_MODEL_FAILURE)
 
 
 if __name__ == "__main__":

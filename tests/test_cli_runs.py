@@ -151,6 +151,16 @@ def test_the_advice_after_a_nan_continues_the_run(tmp_path: Path) -> None:
     assert resumed.trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.001 * 100)
 
 
+def test_a_nan_ends_pdenets_with_its_message_and_no_traceback(tmp_path: Path, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *DIVERGING])
+    assert exit_info.value.code == 1
+    error = capsys.readouterr().err
+    assert "Traceback" not in error
+    assert "error: NonFiniteLossError: non-finite loss term(s) ['loss']" in error
+    assert "--ckpt_path last --model.init_args.lr" in error  # the remedy is in the message
+
+
 def test_the_advice_after_a_nan_before_any_checkpoint_starts_afresh(tmp_path: Path) -> None:
     diverging_at_once = [*DIVERGING, "--model.init_args.max_stable_lr=0.005"]
     with pytest.raises(NonFiniteLossError) as failure:
