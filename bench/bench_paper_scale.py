@@ -93,9 +93,9 @@ def inference_table(models: dict[str, pl.LightningModule], images: torch.Tensor,
     median = {name: statistics.median(values) for name, values in seconds.items()}
     lines = ["| model | 1,000 images (median) | min–max | vs ResNet | vs ODE-Net |", "|---|---|---|---|---|"]
     for name, values in seconds.items():
+        relative = [f"{median[name] / median[other]:.2f}×" if other in median else "—" for other in ("resnet", "odenet")]
         lines.append(f"| {name} | {median[name] * 1e3:.0f} ms | {min(values) * 1e3:.0f}–{max(values) * 1e3:.0f} ms | "
-                     f"{median[name] / median.get('resnet', median[name]):.2f}× | "
-                     f"{median[name] / median.get('odenet', median[name]):.2f}× |")
+                     f"{relative[0]} | {relative[1]} |")
     if "prnet" in median and "odenet" in median:
         lines.append("")
         lines.append(f"PR-Net is {median['odenet'] / median['prnet']:.1f}× faster than the trained ODE-Net "
