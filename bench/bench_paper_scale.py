@@ -45,7 +45,7 @@ from lightning_pdenets.solvers import SOLVERS  # noqa: E402
 from lightning_pdenets.checkpoints import checkpoint_class_path, load_checkpoint  # noqa: E402
 from lightning_pdenets.data import MNISTDataModule  # noqa: E402
 
-NAMES = ("resnet", "rknet", "odenet", "prnet")
+NAMES = ("resnet", "rknet", "odenet", "prnet", "prnet_seed1")
 EPSILONS = (0.05, 0.1, 0.2, 0.3)
 """Attack budgets in pixel units (issue 18; Madry et al.'s MNIST budget is 0.3)."""
 
@@ -125,6 +125,27 @@ def equation_table(model: pl.LightningModule, images: torch.Tensor, seed: int) -
         "",
         f"L_G on {len(images)} test images: {governing_loss(model, images):.4g} trained, "
         f"{governing_loss(initial, images):.4g} at initialization (seed {seed}).",
+    ]
+
+
+def equation_comparison(first: pl.LightningModule, second: pl.LightningModule) -> list[str]:
+    """PR-Net's learned coefficients of two seeds side by side, and how alike they are (issue 18, item 3)."""
+    a, b = (dict(model.governing.coefficients()) for model in (first, second))
+    va, vb = torch.tensor(list(a.values())), torch.tensor(list(b.values()))
+    cosine = float(torch.nn.functional.cosine_similarity(va, vb, dim=0))
+    support_a, support_b = {k for k, v in a.items() if v != 0}, {k for k, v in b.items() if v != 0}
+    common = support_a & support_b
+    same_sign = sum((a[k] > 0) == (b[k] > 0) for k in common)
+    relative = float((va - vb).norm() / max(va.norm(), vb.norm()))
+    top = {seed: sorted(c, key=lambda k: -abs(c[k]))[:3] for seed, c in (("seed 0", a), ("seed 1", b))}
+    lines = ["| term | α, seed 0 | α, seed 1 |", "|---|---|---|"]
+    lines += [f"| {term} | {a[term] + 0.0:.4g} | {b[term] + 0.0:.4g} |" for term in a]  # + 0.0: no "-0"
+    return lines + [
+        "",
+        f"Cosine similarity of the two α vectors {cosine:.3f}; ‖α₀ − α₁‖ / max ‖α‖ = {relative:.3f}; non-zero terms "
+        f"{len(support_a)} and {len(support_b)}, {len(common)} in both (Jaccard {len(common) / max(1, len(support_a | support_b)):.2f}), "
+        f"{same_sign} of them with the same sign; largest three terms: seed 0 {', '.join(top['seed 0'])}; "
+        f"seed 1 {', '.join(top['seed 1'])}.",
     ]
 
 
@@ -264,8 +285,12 @@ def main() -> None:
         sections += accuracy_table(models, args.data_dir) + [""]
     if "inference" in args.tables:
         sections += inference_table(models, images, args.rounds) + [""]
-    if "equation" in args.tables and "prnet" in models:
-        sections += equation_table(models["prnet"], images[:256], args.seed) + [""]
+    if "equation" in args.tables:
+        for name, seed in (("prnet", args.seed), ("prnet_seed1", 1)):
+            if name in models:
+                sections += [f"{name}:", ""] + equation_table(models[name], images[:256], seed) + [""]
+        if "prnet" in models and "prnet_seed1" in models:
+            sections += equation_comparison(models["prnet"], models["prnet_seed1"]) + [""]
     if "curves" in args.tables:
         sources = {name: path.parent.parent for name, path in paths.items()}
         sources.update(dict(item.split("=", 1) for item in args.curve))
