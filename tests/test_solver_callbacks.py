@@ -463,6 +463,8 @@ def test_tolerance_adaptation_keeps_the_blocks_own_retry_settings_across_a_resum
     quiet_trainer(max_epochs=1, callbacks=[ToleranceAdaptation(interval=1000), checkpoint],
                   enable_checkpointing=True).fit(module, data)
     assert module.network.ode.solver_settings()["failure_retries"] == 1
+    stored = torch.load(tmp_path / "last.ckpt", weights_only=True)["state_dict"]["network.ode._extra_state"]
+    assert (stored["solver_settings"]["failure_retries"], stored["solver_settings"]["failure_tol_factor"]) == (1, 3.0)
     resumed = VectorODEClassifierModule(solver=solver, hidden_width=8)
     probe = RecordSolverDuringFit()
     quiet_trainer(max_epochs=2, callbacks=[ToleranceAdaptation(interval=1000), probe]).fit(

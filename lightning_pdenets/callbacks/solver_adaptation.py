@@ -418,7 +418,8 @@ class ToleranceAdaptation(_SolverAdaptation):
     the blocks' settings, records every back-off in :attr:`history` with a warning, and makes all blocks, on
     every rank, adopt the loosest tolerance. A failure in the backward pass (adjoint) cannot be retried and
     stops training; inside a check a failure is a result, not retried. The blocks' own retry settings are
-    restored when ``fit`` ends (checkpoints written during ``fit`` hold the callback's). Blocks whose
+    restored when ``fit`` ends, and checkpoints written during ``fit`` hold them too (the callback's apply only
+    while it is active: a model loaded from such a checkpoint for testing does not retry). Blocks whose
     ``solver_settings()`` have no ``failure_retries`` cannot back off (a warning says so).
 
     Args:
@@ -515,6 +516,18 @@ class ToleranceAdaptation(_SolverAdaptation):
 
     def on_exception(self, trainer: "pl.Trainer", pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._restore_retry_settings(pl_module)
+
+    def on_save_checkpoint(self, trainer: "pl.Trainer", pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Store each block's state with its own retry settings, not the callback's."""
+        state = checkpoint.get("state_dict")
+        if self._blocks_retry_settings is None or state is None:
+            return
+        names = {id(module): name for name, module in pl_module.named_modules()}
+        for block, settings in zip(self._retrying_blocks(find_ode_blocks(pl_module)), self._blocks_retry_settings):
+            key = f"{names[id(block)]}._extra_state"
+            if key in state and hasattr(block, "get_extra_state"):
+                with configured_solvers([block], **settings):
+                    state[key] = block.get_extra_state()
 
     def _adopt_backoffs(self, trainer: "pl.Trainer", pl_module: pl.LightningModule) -> None:
         """Record the blocks' back-offs since the last call; every block on every rank takes the loosest tolerance."""
