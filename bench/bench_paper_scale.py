@@ -149,38 +149,45 @@ def equation_comparison(first: pl.LightningModule, second: pl.LightningModule) -
     ]
 
 
-def validation_curve(source: Path) -> list[float]:
-    """Validation top-1 accuracy per epoch from a run's TensorBoard folder, or from a CSV ``epoch,val_acc_top1``."""
+def epoch_curve(source: Path, tag: str = "val/acc_top1") -> list[float]:
+    """The scalar ``tag`` per epoch from a run's TensorBoard folder (or, for accuracy, a CSV ``epoch,val_acc_top1``)."""
     if source.suffix == ".csv":
         rows = source.read_text().split()[1:]
-        return [float(row.split(",")[1]) for row in rows]
+        return [float(row.split(",")[1]) for row in rows] if tag == "val/acc_top1" else []
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     values: dict[int, float] = {}
     for events_file in sorted(source.glob("events.out.tfevents.*")):  # a resumed run writes a second file
         events = EventAccumulator(str(events_file))
         events.Reload()
-        if "val/acc_top1" in events.Tags()["scalars"]:
+        if tag in events.Tags()["scalars"]:
             epochs = {p.step: p.value for p in events.Scalars("epoch")}
-            for point in events.Scalars("val/acc_top1"):
+            for point in events.Scalars(tag):
                 values[int(epochs.get(point.step, len(values)))] = point.value
     return [values[epoch] for epoch in sorted(values)]
 
 
 def curves_figure(sources: dict[str, Path], output: Path) -> list[str]:
+    """Validation accuracy per epoch of every run, and the validation forward NFE per epoch of the ODE models."""
     from matplotlib import pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(6, 4))
-    lines = ["| model | best val accuracy | epoch | validation accuracy per epoch |", "|---|---|---|---|"]
-    for name, source in sources.items():
-        values = validation_curve(source)
-        epochs = list(range(1, len(values) + 1))
-        axis.plot(epochs, values, marker="o", label=name)
+    figure, (accuracy_axis, nfe_axis) = plt.subplots(1, 2, figsize=(11, 4))
+    lines = ["| model | best val accuracy | epoch | validation accuracy per epoch | validation forward NFE per epoch |",
+             "|---|---|---|---|---|"]
+    for index, (name, source) in enumerate(sources.items()):
+        values = epoch_curve(source)
+        nfe = epoch_curve(source, "val/nfe_forward")
+        accuracy_axis.plot(range(1, len(values) + 1), values, marker="o", label=name, color=f"C{index}")
+        if nfe:
+            nfe_axis.plot(range(1, len(nfe) + 1), nfe, marker="o", label=name, color=f"C{index}")
         best = max(range(len(values)), key=values.__getitem__)
-        lines.append(f"| {name} | {values[best]:.4f} | {best + 1} | {', '.join(f'{v:.4f}' for v in values)} |")
-    axis.set(xlabel="epoch", ylabel="validation accuracy", title="MNIST, configs/mnist/*.yaml", ylim=(0.94, 1.0))
-    axis.grid(alpha=0.3)
-    axis.legend()
+        lines.append(f"| {name} | {values[best]:.4f} | {best + 1} | {', '.join(f'{v:.4f}' for v in values)} | "
+                     f"{', '.join(f'{v:.1f}' for v in nfe) or '—'} |")
+    accuracy_axis.set(xlabel="epoch", ylabel="validation accuracy", title="MNIST, configs/mnist/*.yaml", ylim=(0.9, 1.0))
+    nfe_axis.set(xlabel="epoch", ylabel="forward NFE per validation batch", title="ODE blocks' function evaluations")
+    for axis in (accuracy_axis, nfe_axis):
+        axis.grid(alpha=0.3)
+        axis.legend()
     figure.tight_layout()
     figure.savefig(output, dpi=120)
     return lines + ["", f"Figure: `{output.relative_to(REPO)}`"]
