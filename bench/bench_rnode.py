@@ -16,6 +16,7 @@ time of one batch of 1,000 test images; and the trained weights (for ``--swap-ch
     python bench/bench_rnode.py --swap-check plain rnode --swap-batches 20
     python bench/bench_rnode.py --name plain --seminorm-check --tolerances 1e-3 1e-4 1e-5
     python bench/bench_rnode.py --report plain rnode seminorm
+    python bench/bench_rnode.py --first-step-check plain rnode --swap-batches 100 --first-steps 0 0.25 0.5 1
     python bench/bench_rnode.py --swap-report bench/rnode_runs/swap_plain_rnode.json
 """
 
@@ -134,6 +135,32 @@ def swap_check(args: argparse.Namespace) -> None:
     (RESULTS / f"swap_{'_'.join(args.swap_check)}.json").write_text(json.dumps(out, indent=1))
 
 
+def first_step_check(args: argparse.Namespace) -> None:
+    """Test accuracy and forward NFE of each named run's trained weights with dopri5's first step fixed.
+
+    dopri5 picks its first step with Hairer's estimate, which on these models sets the step count (no step is
+    rejected); this asks whether a larger fixed ``first_step`` lets the error control take fewer steps, on the
+    first ``--swap-batches`` test batches, for each value of ``--first-steps`` (0: the estimate).
+    """
+    lines = ["| run | first_step | test accuracy | forward NFE per batch |", "|---|---|---|---|"]
+    for name in args.first_step_check:
+        record = json.loads((RESULTS / f"{name}.json").read_text())
+        model, datamodule = build(args, record["overrides"])
+        model.load_state_dict(torch.load(RESULTS / f"{name}.pt", weights_only=True))
+        (block,) = find_ode_blocks(model)
+        for first_step in args.first_steps:
+            block.configure_solver(first_step=first_step or None)
+            tester = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                                callbacks=[NFEMonitor()], enable_model_summary=False, enable_progress_bar=False,
+                                limit_test_batches=args.swap_batches)
+            metrics = tester.test(model, datamodule=datamodule, verbose=False)[0]
+            lines.append(f"| {name} | {first_step or 'estimate'} | {metrics['test/acc_top1']:.4f} | "
+                         f"{metrics['test/nfe_forward']:.1f} |")
+            print(lines[-1], flush=True)
+    print(f"\nfirst {args.swap_batches} test batches of 32; command: python bench/bench_rnode.py "
+          + " ".join(sys.argv[1:]) + "\n\n" + "\n".join(lines))
+
+
 def seminorm_check(args: argparse.Namespace) -> None:
     """Backward NFE of the trained weights of ``--name`` on training batches, with and without the seminorm adjoint.
 
@@ -241,6 +268,9 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: one epoch, then test)")
     parser.add_argument("--swap-check", nargs="+", metavar="NAME", help="run SolverSwapCheck on these runs' weights")
     parser.add_argument("--swap-batches", type=int, default=20)
+    parser.add_argument("--first-step-check", nargs="+", metavar="NAME",
+                        help="test these runs' weights with dopri5's first step fixed at each of --first-steps")
+    parser.add_argument("--first-steps", type=float, nargs="+", default=[0.0, 0.25, 0.5, 1.0])
     parser.add_argument("--seminorm-check", action="store_true",
                         help="backward NFE of the weights of --name with and without the seminorm adjoint")
     parser.add_argument("--seminorm-batches", type=int, default=20)
@@ -255,6 +285,8 @@ def main() -> None:
         print(swap_report(args.swap_report))
     elif args.swap_check:
         swap_check(args)
+    elif args.first_step_check:
+        first_step_check(args)
     elif args.seminorm_check:
         seminorm_check(args)
     else:
