@@ -18,6 +18,7 @@ of the ratio of median step times. Before timing, the framework's weights after 
 to equal the plain loop's bitwise, so that both do the same work.
 
     python bench/bench_overhead.py --rounds 15 --threads 1 --output bench/results_overhead.md
+    python bench/bench_overhead.py --profile 60     # cProfile of the framework's per-step bookkeeping
 """
 
 from __future__ import annotations
@@ -125,6 +126,20 @@ def step_times(starts: list[float], warmup: int) -> float:
     return statistics.median(intervals)
 
 
+def profile(steps: int, log_dir: str) -> None:
+    """cProfile of ``steps`` framework training steps without validation: where the per-step bookkeeping goes."""
+    import cProfile
+    import pstats
+
+    pl.seed_everything(0, verbose=False)
+    trainer, model, datamodule = framework(steps, log_dir)
+    trainer.limit_val_batches = 0
+    profiler = cProfile.Profile()
+    profiler.runcall(trainer.fit, model, datamodule=datamodule)
+    stats = pstats.Stats(profiler).sort_stats("cumulative")
+    stats.print_stats(r"lightning_pdenets/(models/base|callbacks/nfe_monitor)|module\.py.*\(log\)|torchmetrics/collections")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=15)
@@ -132,10 +147,14 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output", type=Path, default=None)
+    parser.add_argument("--profile", type=int, metavar="STEPS", help="only print a cProfile of STEPS framework steps")
     args = parser.parse_args()
     sys.argv = sys.argv[:1]  # build_cli gets its own arguments
     torch.set_num_threads(args.threads)
     log_dir = tempfile.mkdtemp(prefix="pdenets-overhead-")
+    if args.profile:
+        profile(args.profile, log_dir)
+        return
 
     # the same work: identical weights after the same steps from the same initial state
     pl.seed_everything(0, verbose=False)

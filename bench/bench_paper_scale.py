@@ -16,8 +16,10 @@ Each table is regenerated from the checkpoints alone (no training):
   (SPSA on the first ``--spsa-images``).
 
     python bench/bench_paper_scale.py --data-dir ../shared/data \\
-        --checkpoint resnet=logs/mnist/resnet/version_0/checkpoints/best-epoch=11.ckpt ... \\
-        --tables accuracy inference equation curves robustness --output bench/results_paper_scale.md
+        --checkpoint resnet=bench/checkpoints/mnist/resnet.ckpt --curve resnet=bench/logs/mnist/resnet ... \\
+        --tables accuracy inference equation curves --output bench/results_paper_scale.md
+
+BENCHMARKS.md ("MNIST at paper scale") gives the full command of each table.
 """
 
 from __future__ import annotations
@@ -150,10 +152,7 @@ def equation_comparison(first: pl.LightningModule, second: pl.LightningModule) -
 
 
 def epoch_curve(source: Path, tag: str = "val/acc_top1") -> list[float]:
-    """The scalar ``tag`` per epoch from a run's TensorBoard folder (or, for accuracy, a CSV ``epoch,val_acc_top1``)."""
-    if source.suffix == ".csv":
-        rows = source.read_text().split()[1:]
-        return [float(row.split(",")[1]) for row in rows] if tag == "val/acc_top1" else []
+    """The scalar ``tag`` per epoch from a run's TensorBoard folder."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     values: dict[int, float] = {}
@@ -265,7 +264,7 @@ def main() -> None:
     parser.add_argument("--tables", nargs="+", default=["accuracy", "inference", "equation", "curves"],
                         choices=["accuracy", "inference", "equation", "curves", "robustness"])
     parser.add_argument("--curve", action="append", default=[], metavar="NAME=PATH",
-                        help="a run's TensorBoard folder (or CSV epoch,val_acc_top1); default: the checkpoint's run")
+                        help="a run's TensorBoard folder; default: the folder of the checkpoint's run")
     parser.add_argument("--robust-images", type=int, default=1000, help="test images attacked and perturbed")
     parser.add_argument("--spsa-images", type=int, default=100, help="of those, the ones SPSA also attacks")
     parser.add_argument("--pgd-steps", type=int, default=20)
@@ -277,12 +276,17 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    paths: dict[str, Path] = {}
-    for item in args.checkpoint:
-        name, separator, path = item.partition("=")
-        if not separator or name not in NAMES:
-            parser.error(f"--checkpoint takes NAME=PATH with NAME one of {NAMES}, got {item!r}")
-        paths[name] = Path(path)
+    def named_paths(option: str, items: list[str]) -> dict[str, Path]:
+        paths = {}
+        for item in items:
+            name, separator, path = item.partition("=")
+            if not separator or name not in NAMES:
+                parser.error(f"{option} takes NAME=PATH with NAME one of {NAMES}, got {item!r}")
+            paths[name] = Path(path)
+        return paths
+
+    paths = named_paths("--checkpoint", args.checkpoint)
+    curves = {**{name: path.parent.parent for name, path in paths.items()}, **named_paths("--curve", args.curve)}
     models = {name: load_model(path) for name, path in paths.items()}
     images, _ = test_images(args.data_dir, 1000)
     sections: list[str] = [f"### MNIST at paper scale, from the trained checkpoints ({datetime.date.today()})", "",
@@ -299,10 +303,7 @@ def main() -> None:
         if "prnet" in models and "prnet_seed1" in models:
             sections += equation_comparison(models["prnet"], models["prnet_seed1"]) + [""]
     if "curves" in args.tables:
-        sources = {name: path.parent.parent for name, path in paths.items()}
-        sources.update(dict(item.split("=", 1) for item in args.curve))
-        sections += curves_figure({name: Path(source) for name, source in sources.items()},
-                                  REPO / "bench" / "mnist_paper_scale_val_accuracy.png") + [""]
+        sections += curves_figure(curves, REPO / "bench" / "mnist_paper_scale_val_accuracy.png") + [""]
     if "robustness" in args.tables:
         sections += robustness_tables(models, args.data_dir, args.robust_images, args.spsa_images, args.pgd_steps,
                                       args.gradient_solver) + [""]

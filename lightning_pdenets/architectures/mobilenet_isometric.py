@@ -184,10 +184,10 @@ def _build(
     dropout: float,
 ) -> IsometricMobileNetV3:
     """The network of the factories below; ``last_block(width)``, when given, builds the block that replaces the last one."""
+    check_positive_int(num_blocks, "num_blocks")
     width = isometric_channels(channels, width_multiplier)
     hidden = isometric_channels(expanded_channels, width_multiplier)
     special = last_block(width) if last_block is not None else None
-    check_positive_int(num_blocks, "num_blocks")
     mobile = num_blocks - (special is not None)
     blocks = [mobile_block(width, hidden, kernel_size) for _ in range(mobile)]
     if special is not None:

@@ -169,10 +169,10 @@ class ClassifierModule(pl.LightningModule):
 
         ``<name>_step`` is logged on the steps whose values reach the loggers (``log_every_n_steps``) or, with
         ``prog_bar``, a progress bar; on the others Lightning would drop it (see
-        :func:`~lightning_pdenets.metric_logging.step_values_are_read`). The epoch mean is a :class:`WeightedMean` whose state is saved in checkpoints, so that an
-        epoch interrupted and resumed reports the same mean as an uninterrupted one (Lightning's own
-        epoch aggregation restarts from zero on resume). It is only updated here and logged once, in
-        :meth:`on_train_epoch_end`: a ``self.log`` call costs about half a millisecond in Lightning.
+        :func:`~lightning_pdenets.metric_logging.step_values_are_read`). The epoch mean is a
+        :class:`WeightedMean` whose state is saved in checkpoints, so that an epoch interrupted and resumed
+        reports the same mean as an uninterrupted one (Lightning's own epoch aggregation restarts from zero on
+        resume). It is only updated here and logged once, in :meth:`on_train_epoch_end`.
         """
         if self._trainer is None or step_values_are_read(self._trainer, progress_bar=prog_bar):
             self.log(f"{name}_step", value, on_step=True, on_epoch=False, prog_bar=prog_bar, sync_dist=True)
