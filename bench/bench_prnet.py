@@ -47,11 +47,12 @@ VARIANTS = {"prnet (governing_samples=32)": ("prnet", {"governing_samples": 32})
 
 
 def build(name: str) -> pl.LightningModule:
-    """The model of configs/mnist/<name>.yaml (init_args as written there), or of a VARIANTS entry."""
+    """The model of configs/mnist/<name>.yaml (init_args as written there, MNIST's data facts), or of a VARIANTS entry."""
     name, overrides = VARIANTS.get(name, (name, {}))
     config = yaml.safe_load((REPO / "configs" / "mnist" / f"{name}.yaml").read_text())["model"]
     cls = getattr(models, config["class_path"].rsplit(".", 1)[-1])
-    return cls(**{**config.get("init_args", {}), **overrides})
+    mnist_facts = dict(num_classes=10, in_channels=1, image_size=28)  # what the CLI links from MNISTDataModule
+    return cls(**{**mnist_facts, **config.get("init_args", {}), **overrides})
 
 
 class StepTimer(pl.Callback):

@@ -45,7 +45,7 @@ def setups() -> list[tuple[str, dict[str, Any], Any]]:
 def run(model_kwargs: dict[str, Any], adaptation: Any, seed: int, epochs: int) -> dict[str, float]:
     pl.seed_everything(seed, verbose=False)
     data = ConcentricSpheresDataModule(dim=2, variant="ott", batch_size=128, seed=seed)
-    module = VectorODEClassifierModule(hidden_width=32, lr=1e-2, **model_kwargs)
+    module = VectorODEClassifierModule(network={"hidden_width": 32}, lr=1e-2, **model_kwargs)
     monitor = NFEMonitor(log_steps=False)
     swap = SolverSwapCheck(log_figure=False)
     callbacks = [monitor] + ([adaptation()] if adaptation else [])

@@ -1,3 +1,3 @@
 """lightning_pdenets: Lightning framework for image classifiers built from differential equations."""
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"

@@ -31,6 +31,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 import lightning_pdenets.callbacks  # noqa: F401  (makes callback class names resolvable in configs)
 import lightning_pdenets.data  # noqa: F401
 import lightning_pdenets.models  # noqa: F401
+from lightning_pdenets.architectures.registry import ARCHITECTURES, DATA_FACTS, architecture_parameters
 from lightning_pdenets.checkpoints import AtomicCheckpointIO, check_checkpoint, find_resume_checkpoint, needs_unpickling
 from lightning_pdenets.migration import LegacyCheckpointError, check_layout
 from lightning_pdenets.errors import (
@@ -96,7 +97,8 @@ def _short_message(message: str) -> str:
     class_problem = re.search(r"Problem with given class_path '([^']+)':\s*\n?\s*(.+)", message)
     if key and class_problem:
         class_path, detail = class_problem.group(1), class_problem.group(2).strip()
-        unknown_option = re.match(r"Option '([^']+)' is not accepted", detail)
+        unknown_option = re.match(r"Option '([^']+)' is not accepted", detail) or \
+            re.match(r"unrecognized arguments: --([A-Za-z_]\w*)", detail)  # a nested key under an unknown name
         if unknown_option:
             return (f"--{key.group(1)}: {class_path} has no argument {unknown_option.group(1)!r}. "
                     f"{_closest_arguments(class_path, unknown_option.group(1))}")
@@ -121,6 +123,10 @@ def _closest_arguments(class_path: str, given: str) -> str:
         return ""
     initializers = [klass.__init__ for klass in inspect.getmro(cls) if "__init__" in vars(klass)]
     arguments = {p for init in initializers for p in inspect.signature(init).parameters if p not in ("self", "args", "kwargs")}
+    architecture = getattr(cls, "architecture", None)
+    if architecture in ARCHITECTURES and given in set(architecture_parameters(architecture)) - set(DATA_FACTS):
+        return (f"Did you mean network.{given}? Architecture arguments go in `network` since lightning_pdenets 0.3.0 "
+                f"(`--model.init_args.network.{given} VALUE`, or `network: {{{given}: VALUE}}` in YAML)")
     nested = _nested_setting(initializers, given)
     if nested:
         group, key = nested
@@ -251,9 +257,9 @@ class PDENetsCLI(LightningCLI):
         if config.get("weights_only") is None:
             config["weights_only"] = True
         model = config.get("model")
-        checkpoint = check_checkpoint(ckpt_path, model.get("class_path") if isinstance(model, Namespace) else None,
-                                      trusted=trusted)
-        check_layout(checkpoint, ckpt_path)
+        class_path = model.get("class_path") if isinstance(model, Namespace) else None
+        checkpoint = check_checkpoint(ckpt_path, class_path, trusted=trusted)
+        check_layout(checkpoint, ckpt_path, model=class_path)
         if trusted and needs_unpickling(ckpt_path):
             rank_zero_info(f"{ckpt_path} needs unpickling, trusted by --weights_only false; the model is built from "
                            f"the config alone, not from the hyperparameters stored in the file.")
@@ -284,7 +290,7 @@ class PDENetsCLI(LightningCLI):
     def after_instantiate_classes(self) -> None:
         super().after_instantiate_classes()
         config = self.config[self.subcommand] if self.subcommand else self.config
-        _check_linked_values(config.get("model"), self.model, self.datamodule)
+        _check_linked_values(config.get("model"), self.datamodule)
 
     def after_fit(self) -> None:
         if not self.config.fit.get("test_after_fit", True) or self.trainer.fast_dev_run:
@@ -297,49 +303,43 @@ class PDENetsCLI(LightningCLI):
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt_path)
 
 
-DATA_TO_MODEL_LINKS = ("num_classes", "in_channels", "input_dim")
-"""Model arguments taken from the datamodule's attribute of the same name, so configs never repeat them."""
-
-CHECKED_AGAINST_DATA = ("image_size",)
-"""Model arguments that only some models take (a link would hand them to the others' ``**kwargs``): a config
-value is checked against the datamodule's instead."""
-
-
-def _first_side(size: Any) -> Any:
-    """A datamodule's ``image_size`` (height, width) as the models' ``image_size`` (square images)."""
-    return size[0] if isinstance(size, (tuple, list)) else size
+DATA_TO_MODEL_LINKS = DATA_FACTS
+"""Model arguments taken from the datamodule's attribute of the same name, so configs never repeat them (every
+model takes them; an architecture that does not use one ignores it)."""
 
 
 def _link_data_to_model(parser: LightningArgumentParser) -> None:
     """Link the datamodule's data facts to the model's arguments (LightningCLI argument linking).
 
-    Applied when the classes are instantiated; a model without such an argument, or a datamodule without
-    such an attribute, is left alone.
+    Applied when the classes are instantiated; a datamodule without such an attribute leaves the model's
+    argument alone.
     """
     for name in DATA_TO_MODEL_LINKS:
         parser.link_arguments(f"data.{name}", f"model.init_args.{name}", apply_on="instantiate")
 
 
-def _check_linked_values(model_config: Any, model: Any, datamodule: Any) -> None:
-    """Refuse a config value that contradicts the datamodule: a linked one (linking would drop it silently) or a checked one."""
+def _check_linked_values(model_config: Any, datamodule: Any) -> None:
+    """Refuse a config value that contradicts the datamodule: linking would drop it silently."""
     init_args = model_config.get("init_args") if hasattr(model_config, "get") else None
     if datamodule is None or not hasattr(init_args, "get"):
         return
-    parameters = inspect.signature(type(model)).parameters
-    for name in DATA_TO_MODEL_LINKS + CHECKED_AGAINST_DATA:
-        if not hasattr(datamodule, name) or name not in parameters:
+    for name in DATA_TO_MODEL_LINKS:
+        given, expected = init_args.get(name), getattr(datamodule, name, None)
+        if given is None or expected is None or _same_fact(given, expected):
             continue
-        linked = name in DATA_TO_MODEL_LINKS
-        # a linked argument: what the config said (the model got the data's); a checked one: what the model got
-        given = init_args.get(name) if linked else model.hparams.get(name)
-        expected = _first_side(getattr(datamodule, name)) if name == "image_size" else getattr(datamodule, name)
-        if given is None or given == expected or (linked and given == parameters[name].default):
-            continue
-        fix = "it is taken from the datamodule, so remove it from the model's config" if linked else \
-            f"set `model.init_args.{name}: {expected!r}`"
         raise ConfigurationError(
-            f"`model.init_args.{name}` is {given!r}, but {type(datamodule).__name__} gives {expected!r}: {fix}."
+            f"`model.init_args.{name}` is {given!r}, but {type(datamodule).__name__} gives {expected!r}: it is taken "
+            f"from the datamodule, so remove it from the model's config."
         )
+
+
+def _same_fact(given: Any, expected: Any) -> bool:
+    """Whether two values of a data fact agree (a square ``image_size`` may be one side or a pair)."""
+
+    def as_pair(value: Any) -> tuple[Any, ...]:
+        return tuple(value) if isinstance(value, (list, tuple)) else (value, value)
+
+    return as_pair(given) == as_pair(expected)
 
 
 def _log_root(config) -> Path:

@@ -1,12 +1,15 @@
 """Checkpoints of earlier releases: recognise them, say which release wrote them, and upgrade them.
 
-Release 0.2.0 changed two hyperparameter layouts, and records the release that wrote each checkpoint under
-:data:`VERSION_KEY`:
+Each release records itself in the checkpoints it writes, under :data:`VERSION_KEY` (from 0.2.0 on). The
+hyperparameter layout changed twice:
 
-* ODE models take one ``solver`` hyperparameter (a dict of :class:`~lightning_pdenets.solvers.SolverConfig`
-  fields) instead of the flat ``method``, ``step_size``, ``rtol``, ... of 0.1.x;
-* PR-Net models take one optimizer dict per parameter group (``theta: {optimizer: adam, lr: 0.001}``,
-  ``query``, ``alpha``) instead of the 21 flat ``theta_lr``, ``query_optimizer``, ``alpha_lr``, ....
+* 0.2.0: ODE models take one ``solver`` hyperparameter (a dict of :class:`~lightning_pdenets.solvers.SolverConfig`
+  fields) instead of the flat ``method``, ``step_size``, ``rtol``, ... of 0.1.x; PR-Net models take one optimizer
+  dict per parameter group (``theta: {optimizer: adam, lr: 0.001}``, ``query``, ``alpha``) instead of the 21 flat
+  ``theta_lr``, ``query_optimizer``, ``alpha_lr``, ....
+* 0.3.0: every model takes its architecture's arguments as one ``network`` dict (``network: {width: 64}``)
+  instead of flat ``width``, ``num_downsamples``, ... (the data facts ``num_classes``, ``in_channels``,
+  ``image_size`` and ``input_dim`` stay model arguments).
 
 A checkpoint in an earlier layout cannot be rebuilt as it is, so loading one stops with an error naming the
 release and the upgrade command::
@@ -14,12 +17,14 @@ release and the upgrade command::
     python -m lightning_pdenets.migration OLD.ckpt NEW.ckpt
 
 which writes a copy with the hyperparameters in the current layout (weights unchanged; loaded with
-``weights_only=True`` and written atomically).
+``weights_only=True`` and written atomically). A checkpoint saved without the CLI does not name its model class;
+``--model lightning_pdenets.models.ODENetModule`` then says which architecture its flat arguments belong to.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import tempfile
 from pathlib import Path
@@ -28,12 +33,22 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 
 import lightning_pdenets
+import lightning_pdenets.architectures  # noqa: F401  (registers every architecture)
+from lightning_pdenets.architectures.registry import (
+    ARCHITECTURES,
+    DATA_FACTS,
+    MODEL_SUPPLIED_ARGUMENTS,
+    architecture_parameters,
+)
 from lightning_pdenets.solvers import SolverConfig
 
-__all__ = ["VERSION_KEY", "LegacyCheckpointError", "check_layout", "upgrade_checkpoint", "written_by"]
+__all__ = ["UPGRADED_FROM_KEY", "VERSION_KEY", "LegacyCheckpointError", "check_layout", "upgrade_checkpoint", "written_by"]
 
 VERSION_KEY = "lightning_pdenets_version"
 """Checkpoint key holding the release of lightning_pdenets that wrote the checkpoint (from 0.2.0 on)."""
+
+UPGRADED_FROM_KEY = "lightning_pdenets_upgraded_from"
+"""Checkpoint key of an upgraded copy: the release that wrote the original."""
 
 LEGACY_SOLVER_KEYS = ("method", "step_size", "rtol", "atol", "adjoint", "t0", "t1", "max_num_steps", "min_step")
 """The flat solver hyperparameters of 0.1.x ODE models, now fields of ``solver``."""
@@ -78,18 +93,64 @@ def _group_prnet_optimizers(hparams: dict[str, Any]) -> None:
             hparams[group] = {**(hparams.get(group) or {}), **flat}
 
 
-_LEGACY_LAYOUTS: tuple[tuple[str, str, Callable[[dict[str, Any]], bool], Callable[[dict[str, Any]], None]], ...] = (
+CLASS_PATH_KEY = "_class_path"
+"""Hyperparameter in which LightningCLI records the model class of a checkpoint."""
+
+
+def _flat_architecture_names() -> set[str]:
+    names = {name for entry in ARCHITECTURES for name in architecture_parameters(entry)}
+    return names - set(DATA_FACTS) - set(MODEL_SUPPLIED_ARGUMENTS)
+
+
+def _has_flat_architecture(hparams: dict[str, Any]) -> bool:
+    # every model of 0.1.x and 0.2.0 stored its architecture's arguments next to the others
+    return "network" not in hparams and any(key in _flat_architecture_names() for key in hparams)
+
+
+def _model_architecture(class_path: Optional[str]) -> Optional[str]:
+    if not class_path:
+        return None
+    module, _, name = class_path.rpartition(".")
+    try:
+        return getattr(getattr(importlib.import_module(module), name), "architecture", None)
+    except (ImportError, AttributeError, ValueError):
+        return None
+
+
+def _group_architecture(hparams: dict[str, Any], model: Optional[str]) -> None:
+    class_path = hparams.get(CLASS_PATH_KEY) or model
+    architecture = _model_architecture(class_path)
+    if architecture is None:
+        raise LegacyCheckpointError(
+            f"cannot tell which architecture the checkpoint's flat arguments belong to: it names no model class"
+            f"{f' and {class_path!r} names no registered architecture' if class_path else ''}; pass the model class "
+            f"of the run, e.g. --model lightning_pdenets.models.ODENetModule."
+        )
+    names = set(architecture_parameters(architecture)) - set(DATA_FACTS) - set(MODEL_SUPPLIED_ARGUMENTS)
+    hparams["network"] = {key: hparams.pop(key) for key in list(hparams) if key in names}
+
+
+_LEGACY_LAYOUTS: tuple[tuple[str, str, Callable[[dict[str, Any]], bool], Callable[[dict[str, Any], Optional[str]], None]], ...] = (
     ("ODE models took flat solver arguments (method, step_size, rtol, ...)", "one `solver` dict",
-     _has_flat_solver, _group_solver),
+     _has_flat_solver, lambda hparams, model: _group_solver(hparams)),
     ("PR-Net models took flat optimizer arguments (theta_lr, query_optimizer, alpha_lr, ...)",
      "one dict per parameter group (`theta`, `query`, `alpha`, e.g. theta: {optimizer: adam, lr: 0.001})",
-     _has_flat_prnet_optimizers, _group_prnet_optimizers),
+     _has_flat_prnet_optimizers, lambda hparams, model: _group_prnet_optimizers(hparams)),
+    # after the solver's: a 0.1.x ODE model's flat `step_size` is its solver's
+    ("models took flat architecture arguments (width, num_downsamples, depth, ...)",
+     "one `network` dict (e.g. network: {width: 64})", _has_flat_architecture, _group_architecture),
 )
 """Per layout change: the old form, the current form, whether hyperparameters are in the old one, the conversion."""
 
 
-def check_layout(checkpoint: dict[str, Any], path: Union[str, Path]) -> None:
-    """Raise :class:`LegacyCheckpointError` with the upgrade command when ``checkpoint`` needs upgrading."""
+def check_layout(checkpoint: dict[str, Any], path: Union[str, Path], model: Optional[str] = None) -> None:
+    """Raise :class:`LegacyCheckpointError` with the upgrade command when ``checkpoint`` needs upgrading.
+
+    Args:
+        checkpoint: The loaded checkpoint.
+        path: Its file, named in the message.
+        model: Class path of the model it is loaded into, named in the command when the checkpoint names none.
+    """
     hparams = checkpoint.get("hyper_parameters") or {}
     version = lightning_pdenets.__version__
     changes = [f"{old}; lightning_pdenets {version} takes {new}" for old, new, is_legacy, _ in _LEGACY_LAYOUTS
@@ -97,20 +158,31 @@ def check_layout(checkpoint: dict[str, Any], path: Union[str, Path]) -> None:
     if not changes:
         return
     upgraded = Path(path).with_name(Path(path).stem + f"-v{version}.ckpt")
+    needs_model = _has_flat_architecture(hparams) and not hparams.get(CLASS_PATH_KEY)
+    model_option = f" --model {model or 'lightning_pdenets.models.<ModelClass of the run>'}" if needs_model else ""
     raise LegacyCheckpointError(
         f"checkpoint {str(path)!r} was written by lightning_pdenets {written_by(checkpoint)}, whose "
-        f"{'. Its '.join(changes)}. Upgrade a copy with: python -m lightning_pdenets.migration {path} {upgraded}  "
-        f"(and use that file)."
+        f"{'. Its '.join(changes)}. Upgrade a copy with: python -m lightning_pdenets.migration {path} {upgraded}"
+        f"{model_option}  (and use that file)."
     )
 
 
-def upgrade_checkpoint(checkpoint: dict[str, Any]) -> dict[str, Any]:
-    """``checkpoint`` with its hyperparameters in the current layout (a no-op for current checkpoints)."""
+def upgrade_checkpoint(checkpoint: dict[str, Any], model: Optional[str] = None) -> dict[str, Any]:
+    """``checkpoint`` with its hyperparameters in the current layout (a no-op for current checkpoints).
+
+    Args:
+        checkpoint: The loaded checkpoint.
+        model: Class path of its model, needed only when flat architecture arguments are grouped and the
+            checkpoint does not name its class (one saved without the CLI).
+    """
     hparams = dict(checkpoint.get("hyper_parameters") or {})
+    converted = False
     for _, _, is_legacy, convert in _LEGACY_LAYOUTS:
         if is_legacy(hparams):
-            convert(hparams)
-    return {**checkpoint, "hyper_parameters": hparams, VERSION_KEY: lightning_pdenets.__version__}
+            convert(hparams, model)
+            converted = True
+    provenance = {UPGRADED_FROM_KEY: written_by(checkpoint)} if converted else {}
+    return {**checkpoint, "hyper_parameters": hparams, VERSION_KEY: lightning_pdenets.__version__, **provenance}
 
 
 def _save_atomically(obj: Any, path: Path) -> None:
@@ -129,13 +201,19 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("source", type=Path, help="checkpoint of an earlier release")
     parser.add_argument("target", type=Path, help="where to write the upgraded copy (must differ from source)")
+    parser.add_argument("--model", help="class path of the checkpoint's model (e.g. lightning_pdenets.models."
+                        "ODENetModule), needed when a checkpoint saved without the CLI holds flat architecture arguments")
     args = parser.parse_args(argv)
     if args.source.resolve() == args.target.resolve():
         parser.error("target must differ from source: the original is kept unchanged")
     if not args.source.is_file():
         parser.error(f"{args.source} does not exist")
     checkpoint = torch.load(args.source, map_location="cpu", weights_only=True)
-    _save_atomically(upgrade_checkpoint(checkpoint), args.target)
+    try:
+        upgraded = upgrade_checkpoint(checkpoint, args.model)
+    except LegacyCheckpointError as error:
+        parser.error(str(error))
+    _save_atomically(upgraded, args.target)
     print(f"wrote {args.target} (lightning_pdenets {lightning_pdenets.__version__} layout) from {args.source} "
           f"(written by {written_by(checkpoint)})")
 

@@ -71,7 +71,7 @@ EPOCHS = 2 if FAST else 15
 WIDTH = 8 if FAST else 64  # the quickstart config's width
 
 pl.seed_everything(0)
-model = RKNetModule(in_channels=1, num_classes=10, width=WIDTH, num_downsamples=1,
+model = RKNetModule(in_channels=1, num_classes=10, network={"width": WIDTH, "num_downsamples": 1},
                     solver={"method": "rk4", "step_size": 0.25}, lr=3e-3, lr_scheduler="cosine")
 data = DigitsDataModule(batch_size=64)
 trainer = pl.Trainer(max_epochs=EPOCHS, logger=TensorBoardLogger(LOG_DIR, name="python_api"),
@@ -99,7 +99,7 @@ print(CONFIG.read_text())
 cli = build_cli([
     "fit", "--config", str(CONFIG),
     "--trainer.max_epochs", str(EPOCHS),
-    "--model.init_args.width", str(WIDTH),
+    "--model.init_args.network.width", str(WIDTH),
     "--trainer.logger.init_args.save_dir", str(LOG_DIR),  # TensorBoard logs and checkpoints
     "--trainer.logger.init_args.name", "cli",
     "--trainer.enable_progress_bar", "false",
@@ -173,7 +173,7 @@ test_x, test_y = data.splits["test"].tensors
 
 def train(step_size, callbacks=(), method="euler"):
     pl.seed_everything(0)
-    model = VectorODEClassifierModule(input_dim=2, num_classes=2, hidden_width=32,
+    model = VectorODEClassifierModule(input_dim=2, num_classes=2, network={"hidden_width": 32},
                                       solver={"method": method, "step_size": step_size}, lr=1e-2)
     pl.Trainer(max_epochs=EPOCHS, logger=False, callbacks=list(callbacks), **TRAINER_ARGS).fit(model, datamodule=data)
     return model.eval()
@@ -302,7 +302,7 @@ from lightning_pdenets.models import ODENetModule, PRNetModule
 
 pl.seed_everything(0)
 data = DigitsDataModule(batch_size=64)
-model = PRNetModule(in_channels=1, num_classes=10, width=8 if FAST else 16, num_downsamples=0, image_size=8,
+model = PRNetModule(in_channels=1, num_classes=10, network={"width": 8 if FAST else 16, "num_downsamples": 0}, image_size=8,
                     max_power=2, max_derivative_order=2, lr=3e-3, alpha=dict(lr=1e-2), l1_weight=1e-4,
                     governing_samples=8)
 trainer = pl.Trainer(max_epochs=1 if FAST else 10, limit_train_batches=8 if FAST else 1.0,
@@ -385,7 +385,8 @@ def count_calls(module, run):
 
 batch = torch.stack([data.test_dataloader().dataset[i][0] for i in range(16)])
 prnet_calls = count_calls(model.block.field, lambda: model(batch))
-odenet = ODENetModule(solver=dict(method="dopri5", adjoint=False), in_channels=1, width=8, num_downsamples=0).eval()
+odenet = ODENetModule(solver=dict(method="dopri5", adjoint=False), in_channels=1,
+                      network={"width": 8, "num_downsamples": 0}).eval()
 odenet_calls = count_calls(odenet.network.feature.field, lambda: odenet(batch))
 print(f"evaluations of the network f for one batch: PR-Net {prnet_calls}, ODE-Net (dopri5) {odenet_calls}")
 '''),
@@ -561,11 +562,14 @@ from lightning_pdenets.models import ODENetModule, PRNetModule, ResNetModule
 EPOCHS = 1 if FAST else 10
 WIDTH = 8 if FAST else 16
 TRAIN_BATCHES = 6 if FAST else 1.0  # fast mode only checks that everything runs
-common = dict(in_channels=1, num_classes=10, width=WIDTH, num_downsamples=1, lr=3e-3)
+network = {"width": WIDTH, "num_downsamples": 1}
+common = dict(in_channels=1, num_classes=10, lr=3e-3)
 factories = {
-    "ResNet": lambda: ResNetModule(num_blocks=2, **common),
-    "ODE-Net": lambda: ODENetModule(solver=dict(method="dopri5", rtol=1e-2, atol=1e-2, adjoint=False), **common),
-    "PR-Net": lambda: PRNetModule(image_size=8, max_power=1, max_derivative_order=1, governing_samples=8, **common),
+    "ResNet": lambda: ResNetModule(network={**network, "num_blocks": 2}, **common),
+    "ODE-Net": lambda: ODENetModule(network=network, solver=dict(method="dopri5", rtol=1e-2, atol=1e-2, adjoint=False),
+                                    **common),
+    "PR-Net": lambda: PRNetModule(network=network, image_size=8, max_power=1, max_derivative_order=1,
+                                  governing_samples=8, **common),
 }
 data = DigitsDataModule(batch_size=128)
 models = {}

@@ -139,11 +139,16 @@ class DDPCase:
 # Plain SGD throughout: Adam divides by sqrt(v), which turns float-noise gradients (e.g. of a conv bias
 # in front of a GroupNorm, mathematically zero) into lr-sized steps that differ between layouts.
 SGD = dict(optimizer="sgd", momentum=0.0)
-CHEN_TINY = dict(width=8, num_downsamples=1, **SGD)
-PDE_CNN_TINY = dict(in_channels=1, widths=[4, 8], num_steps=2, lr=0.05, **SGD)
-MOBILENET_TINY = dict(in_channels=1, num_classes=10, channels=16, expanded_channels=32, num_blocks=2, patch_size=4,
-                      dropout=0.0, **SGD)
-CIFAR_TINY = dict(in_channels=1, base_width=4, lr=0.05, **SGD)
+CHEN_TINY = dict(network=dict(width=8, num_downsamples=1), **SGD)
+PDE_CNN_TINY = dict(in_channels=1, network=dict(widths=[4, 8], num_steps=2), lr=0.05, **SGD)
+MOBILENET_TINY = dict(in_channels=1, num_classes=10,
+                      network=dict(channels=16, expanded_channels=32, num_blocks=2, patch_size=4, dropout=0.0), **SGD)
+CIFAR_TINY = dict(in_channels=1, network=dict(base_width=4), lr=0.05, **SGD)
+
+
+def with_network(settings: dict, **network) -> dict:
+    """Model arguments ``settings`` with the given architecture arguments added to their ``network``."""
+    return {**settings, "network": {**settings["network"], **network}}
 
 
 def rknet() -> pl.LightningModule:
@@ -156,7 +161,7 @@ def parabolic() -> pl.LightningModule:
 
 CASES: dict[str, DDPCase] = {
     # -- one per LightningModule ----------------------------------------------------------------
-    "resnet": DDPCase(("ResNetModule",), lambda: models.ResNetModule(**CHEN_TINY, num_blocks=2, lr=0.1)),
+    "resnet": DDPCase(("ResNetModule",), lambda: models.ResNetModule(**with_network(CHEN_TINY, num_blocks=2), lr=0.1)),
     "rknet": DDPCase(("RKNetModule",), rknet),
     # dopri5 controls its error over the whole batch, so each rank's half-batch takes other steps
     # than the full batch: at rtol=atol=1e-6 the logits differ by ~1e-4 and the gradients by a few
@@ -169,26 +174,27 @@ CASES: dict[str, DDPCase] = {
     "hamiltonian": DDPCase(("HamiltonianCNNModule",), lambda: models.HamiltonianCNNModule(**PDE_CNN_TINY),
                            freeze_batchnorm=True),
     "second_order_reversible": DDPCase(
-        ("SecondOrderCNNModule",), lambda: models.SecondOrderCNNModule(**PDE_CNN_TINY, reversible=True),
+        ("SecondOrderCNNModule",), lambda: models.SecondOrderCNNModule(**with_network(PDE_CNN_TINY, reversible=True)),
         freeze_batchnorm=True,
     ),
-    "resnet_cifar": DDPCase(("ResNetCIFARModule",), lambda: models.ResNetCIFARModule(depth=20, **CIFAR_TINY),
+    "resnet_cifar": DDPCase(("ResNetCIFARModule",), lambda: models.ResNetCIFARModule(**with_network(CIFAR_TINY, depth=20)),
                             freeze_batchnorm=True),
-    "lm_resnet": DDPCase(("LMResNetModule",), lambda: models.LMResNetModule(depth=20, **CIFAR_TINY),
+    "lm_resnet": DDPCase(("LMResNetModule",), lambda: models.LMResNetModule(**with_network(CIFAR_TINY, depth=20)),
                          freeze_batchnorm=True),
     # the one random case: every rank and the single process draw the same blocks to drop (same seed,
     # same draws); a dropped branch leaves its parameters without gradient, hence find_unused_parameters
     "lm_resnet_stochastic_depth": DDPCase(
-        ("LMResNetModule",), lambda: models.LMResNetModule(depth=20, stochastic_depth=True, **CIFAR_TINY),
+        ("LMResNetModule",), lambda: models.LMResNetModule(**with_network(CIFAR_TINY, depth=20, stochastic_depth=True)),
         freeze_batchnorm=True, strategy="ddp_find_unused_parameters_true",
     ),
     "vector_ode": DDPCase(
         ("VectorODEClassifierModule",),
-        lambda: models.VectorODEClassifierModule(solver=dict(method="rk4", step_size=0.25), input_dim=2, hidden_width=16, lr=0.1, **SGD),
+        lambda: models.VectorODEClassifierModule(solver=dict(method="rk4", step_size=0.25), input_dim=2,
+                                                 network=dict(hidden_width=16), lr=0.1, **SGD),
         data=lambda batch: ConcentricSpheresDataModule(dim=2, num_train=96, num_val=32, num_test=32, batch_size=batch),
     ),
     "image_ode": DDPCase(("ImageODEClassifierModule",), lambda: models.ImageODEClassifierModule(
-        in_channels=1, image_size=8, hidden_channels=4, solver=dict(step_size=0.5), lr=0.1, **SGD)),
+        in_channels=1, image_size=8, network=dict(hidden_channels=4), solver=dict(step_size=0.5), lr=0.1, **SGD)),
     "mobilenet": DDPCase(("IsometricMobileNetModule",), lambda: models.IsometricMobileNetModule(**MOBILENET_TINY),
                          freeze_batchnorm=True),
     "ode_mobilenet": DDPCase(("ODEMobileNetModule",), lambda: models.ODEMobileNetModule(
@@ -213,7 +219,8 @@ CASES: dict[str, DDPCase] = {
     # no per-batch collective may run in evaluation
     "nfe_monitor_uneven_evaluation": DDPCase(
         ("NFEMonitor",),
-        lambda: models.VectorODEClassifierModule(solver=dict(method="rk4", step_size=0.25), input_dim=2, hidden_width=16, lr=0.1, **SGD),
+        lambda: models.VectorODEClassifierModule(solver=dict(method="rk4", step_size=0.25), input_dim=2,
+                                                 network=dict(hidden_width=16), lr=0.1, **SGD),
         data=lambda batch: ConcentricSpheresDataModule(dim=2, num_train=96, num_val=17, num_test=17, batch_size=batch),
         test=True, callbacks=lambda: [cb.NFEMonitor()],
     ),

@@ -10,6 +10,7 @@ import torch
 
 from lightning_pdenets import models
 from lightning_pdenets.architectures import ARCHITECTURES, create_architecture, odenet_chen, resnet_chen
+from lightning_pdenets.architectures.registry import DATA_FACTS, MODEL_SUPPLIED_ARGUMENTS
 from lightning_pdenets.models import ClassifierModule, PRNetAlgorithmModule
 
 MODELS = sorted(
@@ -18,6 +19,12 @@ MODELS = sorted(
 )
 BASES = (ClassifierModule, PRNetAlgorithmModule)
 """The models that name no architecture: their subclasses do."""
+
+
+def model_arguments(factory_kwargs: dict) -> dict:
+    """A factory's keyword arguments as a model's: data facts and ``solver`` top-level, the rest as ``network``."""
+    top_level = {key: value for key, value in factory_kwargs.items() if key in DATA_FACTS or key in MODEL_SUPPLIED_ARGUMENTS}
+    return {**top_level, "network": {key: value for key, value in factory_kwargs.items() if key not in top_level}}
 
 
 @pytest.mark.parametrize("name", sorted(ARCHITECTURES))
@@ -51,7 +58,7 @@ def test_every_model_builds_its_registered_architecture(model_class: type, monke
     monkeypatch.setattr(ClassifierModule, "build_network", recording_build_network)
     entry = ARCHITECTURES[model_class.architecture]
     torch.manual_seed(0)
-    network = model_class(**entry.tiny_kwargs).network
+    network = model_class(**model_arguments(entry.tiny_kwargs)).network
     assert len(built) == 1 and network is built[0], "the network must be the one build_network returns"
     torch.manual_seed(0)
     expected = entry.factory(**entry.tiny_kwargs)

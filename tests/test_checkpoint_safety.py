@@ -14,7 +14,7 @@ from lightning_pdenets.models import IsometricMobileNetModule
 from tests.conftest import REPO_ROOT
 
 QUICK = [
-    "--config", str(REPO_ROOT / "configs/quickstart.yaml"), "--model.init_args.width=8",
+    "--config", str(REPO_ROOT / "configs/quickstart.yaml"), "--model.init_args.network.width=8",
     "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1", "--trainer.limit_test_batches=1",
     "--trainer.enable_progress_bar=false", "--test_after_fit=false", "--trainer.max_epochs=1",
 ]
@@ -74,16 +74,16 @@ def test_trusting_a_checkpoint_explicitly_loads_it(quickstart_checkpoint: Path, 
 
 def test_a_pretrained_checkpoint_with_a_pickled_payload_runs_no_code(tmp_path: Path) -> None:
     tiny = dict(channels=16, expanded_channels=32, num_blocks=2, patch_size=8)
-    source = IsometricMobileNetModule(num_classes=7, **tiny)
+    source = IsometricMobileNetModule(num_classes=7, network=tiny)
     marker = tmp_path / "MARKER"
     checkpoint = {"state_dict": {f"network.{k}": v for k, v in source.network.state_dict().items()},
                   "hyper_parameters": dict(source.hparams)}
     evil = crafted(checkpoint, tmp_path / "evil.ckpt", marker)
     with pytest.raises(UntrustedCheckpointError, match="--model.init_args.trust_pretrained_checkpoint true"):
-        IsometricMobileNetModule(num_classes=3, pretrained_checkpoint=str(evil), **tiny)
+        IsometricMobileNetModule(num_classes=3, pretrained_checkpoint=str(evil), network=tiny)
     assert not marker.exists()
     trusted = IsometricMobileNetModule(num_classes=3, pretrained_checkpoint=str(evil), trust_pretrained_checkpoint=True,
-                                       **tiny)
+                                       network=tiny)
     assert marker.exists()
     assert torch.equal(trusted.network.backbone.state_dict()["stem.0.weight"],
                        source.network.backbone.state_dict()["stem.0.weight"])

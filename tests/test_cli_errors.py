@@ -35,8 +35,11 @@ def error_of(args: list[str], capsys) -> str:
                                r"lightning_pdenets\.models\.RKNetModule"),
         ("--trainer.callbacks+=EarlyStoping", r"error: --trainer\.callbacks: there is no class 'EarlyStoping'\. "
                                               r"Closest valid classes: lightning\.pytorch\.callbacks\.EarlyStopping\.$"),
-        ("--model.init_args.widht=8", r"error: --model: lightning_pdenets\.models\.RKNetModule has no argument 'widht'\. "
-                                      r"Closest valid arguments: width\.$"),
+        ("--model.init_args.network.widht=8",
+         r"error: RKNetModule: `network` \(architecture 'odenet_chen'\): unknown `network` setting\(s\) 'widht' "
+         r"\(did you mean 'width'\?\); valid names are \['width', 'num_downsamples'\]\.$"),
+        ("--model.init_args.lr_schedular=cosine", r"error: --model: lightning_pdenets\.models\.RKNetModule has no argument "
+                                                  r"'lr_schedular'\. Closest valid arguments: lr_scheduler\.$"),
         ("--trainer.max_epochs=x", r"error: --trainer\.max_epochs: expected int \(got 'x'\)$"),
     ],
 )
@@ -57,4 +60,4 @@ def test_a_schedule_that_needs_a_horizon_refuses_an_endless_run(schedule: str, c
 def test_multistep_needs_no_horizon(tmp_path) -> None:
     """Milestones are epochs counted from the start: an endless run (stopped by max_steps here) is fine."""
     main([*QUICK, "--trainer.max_epochs=-1", "--trainer.max_steps=2", "--model.init_args.lr_scheduler=multistep",
-          "--model.init_args.lr_milestones=[1]", "--model.init_args.width=8", "--test_after_fit=false"])
+          "--model.init_args.lr_milestones=[1]", "--model.init_args.network.width=8", "--test_after_fit=false"])

@@ -18,7 +18,7 @@ from tests.conftest import REPO_ROOT
 
 QUICKSTART = str(REPO_ROOT / "configs/quickstart.yaml")
 TINY = [
-    "--model.init_args.width=8", "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=1",
+    "--model.init_args.network.width=8", "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=1",
     "--trainer.enable_progress_bar=false", "--test_after_fit=false",
 ]
 QUICK = ["--config", QUICKSTART, *TINY]

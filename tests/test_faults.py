@@ -22,7 +22,7 @@ from tests.ddp_cases import RaiseAtStep, StiffInBackwardOnRank
 
 QUICK = [
     "--config", str(REPO_ROOT / "configs/quickstart.yaml"), "--config", str(REPO_ROOT / "configs/trainer/cpu.yaml"),
-    "--model.init_args.width=8", "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=2",
+    "--model.init_args.network.width=8", "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=2",
     "--trainer.enable_progress_bar=false", "--test_after_fit=false",
 ]
 
@@ -102,7 +102,7 @@ class FailingSolverModule(RKNetModule):
 
 
 def test_solver_failure_stops_cleanly_and_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:
-    model = FailingSolverModule(width=8, num_downsamples=1)
+    model = FailingSolverModule(network=dict(width=8, num_downsamples=1))
     trainer = pl.Trainer(
         accelerator="cpu", max_epochs=3, limit_train_batches=2, limit_val_batches=1, default_root_dir=tmp_path,
         logger=False, enable_progress_bar=False,
@@ -134,13 +134,14 @@ def _trainer(tmp_path: Path, *callbacks: pl.Callback, max_epochs: int = 1) -> pl
 def test_interrupt_checkpoint_is_written_beside_the_model_checkpoints_and_removed_after_completion(tmp_path: Path) -> None:
     interrupt = CheckpointOnInterrupt()
     with pytest.raises(RuntimeError, match="simulated failure"):
-        _trainer(tmp_path, interrupt, RaiseAtStep(2)).fit(RKNetModule(width=8, num_downsamples=1),
+        _trainer(tmp_path, interrupt, RaiseAtStep(2)).fit(RKNetModule(network=dict(width=8, num_downsamples=1)),
                                                            datamodule=DigitsDataModule(batch_size=16))
     written = tmp_path / "ckpt" / "interrupted.ckpt"
     assert Path(interrupt.ckpt_path) == written
     assert torch.load(written, weights_only=True)["global_step"] == 2
     resumed = _trainer(tmp_path, CheckpointOnInterrupt())
-    resumed.fit(RKNetModule(width=8, num_downsamples=1), datamodule=DigitsDataModule(batch_size=16), ckpt_path=written)
+    resumed.fit(RKNetModule(network=dict(width=8, num_downsamples=1)), datamodule=DigitsDataModule(batch_size=16),
+                ckpt_path=written)
     assert resumed.global_step == 4  # continued from step 2, not restarted
     assert not written.exists()  # stale after the run completed
 
@@ -169,7 +170,7 @@ def test_a_failed_interrupt_checkpoint_keeps_the_original_error_and_the_last_goo
     with pytest.warns(UserWarning, match=r"stopped with RuntimeError: simulated failure after 6 steps; writing "
                                          r".*interrupted\.ckpt failed too \(OSError: .*No space left on device\)"):
         with pytest.raises(RuntimeError, match="simulated failure after 6 steps"):  # not the OSError
-            trainer.fit(RKNetModule(width=8, num_downsamples=1), datamodule=DigitsDataModule(batch_size=16))
+            trainer.fit(RKNetModule(network=dict(width=8, num_downsamples=1)), datamodule=DigitsDataModule(batch_size=16))
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["epoch=0-step=4.ckpt", "last.ckpt"]  # no half file
     assert find_resume_checkpoint(tmp_path) == tmp_path / "ckpt" / "last.ckpt"
     assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["global_step"] == 4
@@ -183,7 +184,7 @@ class RaiseBeforeFirstStep(pl.Callback):
 def test_an_interrupt_before_the_first_step_writes_no_checkpoint(tmp_path: Path) -> None:
     trainer = _trainer(tmp_path, CheckpointOnInterrupt(), RaiseBeforeFirstStep())
     with pytest.raises(SystemExit):  # Lightning's graceful shutdown on Ctrl-C
-        trainer.fit(RKNetModule(width=8, num_downsamples=1), datamodule=DigitsDataModule(batch_size=16))
+        trainer.fit(RKNetModule(network=dict(width=8, num_downsamples=1)), datamodule=DigitsDataModule(batch_size=16))
     assert trainer.interrupted and trainer.global_step == 0
     assert not list(tmp_path.rglob("*.ckpt"))
 
@@ -192,11 +193,11 @@ def test_a_fresh_fit_never_resumes_implicitly(tmp_path: Path, recwarn) -> None:
     """Lightning turns fit(ckpt_path=None) into "last" when an OnExceptionCheckpoint is present; ours must not,
     or a new run with a fixed checkpoint folder silently continues an old one."""
     first = _trainer(tmp_path, CheckpointOnInterrupt())
-    first.fit(RKNetModule(width=8, num_downsamples=1), datamodule=DigitsDataModule(batch_size=16))
+    first.fit(RKNetModule(network=dict(width=8, num_downsamples=1)), datamodule=DigitsDataModule(batch_size=16))
     assert (tmp_path / "ckpt" / "last.ckpt").exists() and first.global_step == 4
     batches = CountBatches()
     fresh = _trainer(tmp_path, CheckpointOnInterrupt(), batches, max_epochs=1)
-    fresh.fit(RKNetModule(width=8, num_downsamples=1), datamodule=DigitsDataModule(batch_size=16))
+    fresh.fit(RKNetModule(network=dict(width=8, num_downsamples=1)), datamodule=DigitsDataModule(batch_size=16))
     assert batches.count == 4  # trained its own epoch; a resumed run would stop at once (epoch 1 of 1 done)
     assert not [w for w in recwarn if "ckpt_path" in str(w.message)]
 
@@ -204,7 +205,7 @@ def test_a_fresh_fit_never_resumes_implicitly(tmp_path: Path, recwarn) -> None:
 def test_adjoint_failure_in_backward_stops_cleanly_with_remedies(tmp_path: Path) -> None:
     """dopri5 failing inside loss.backward() (the adjoint solve) is a SolverFailedError with remedies, not a bare
     torchdiffeq AssertionError, and like a forward failure it leaves the last good checkpoint the newest one."""
-    model = ODENetModule(solver=dict(adjoint=True, max_num_steps=50), width=8, num_downsamples=1)
+    model = ODENetModule(solver=dict(adjoint=True, max_num_steps=50), network=dict(width=8, num_downsamples=1))
     trainer = pl.Trainer(
         accelerator="cpu", max_epochs=3, limit_train_batches=2, limit_val_batches=1, default_root_dir=tmp_path,
         logger=False, enable_progress_bar=False,

@@ -397,21 +397,22 @@ def test_lm_block_without_previous_state_and_wrong_channels_raise() -> None:
 
 # -- LightningModules, logging of k_n, configs ---------------------------------------------------
 def test_modules_default_to_the_cifar_recipe() -> None:
-    module = LMResNetModule(depth=20, base_width=4)
+    module = LMResNetModule(network=dict(depth=20, base_width=4))
     optimizers = module.configure_optimizers()
     optimizer, scheduler = optimizers["optimizer"], optimizers["lr_scheduler"]["scheduler"]
     group = optimizer.param_groups[0]
     assert isinstance(optimizer, torch.optim.SGD)
     assert (group["lr"], group["momentum"], group["weight_decay"]) == (0.1, 0.9, 1e-4)
     assert isinstance(scheduler, torch.optim.lr_scheduler.MultiStepLR) and dict(scheduler.milestones) == {80: 1, 120: 1}
-    assert count(ResNetCIFARModule(depth=56)) == 855_578 and count(LMResNetModule(depth=56)) == 855_578 + 24
+    assert count(ResNetCIFARModule(network=dict(depth=56))) == 855_578
+    assert count(LMResNetModule(network=dict(depth=56))) == 855_578 + 24
 
 
 def test_lm_module_logs_k_per_block_and_a_figure_and_reloads(tmp_path: Path) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     pl.seed_everything(0)
-    module = LMResNetModule(depth=20, base_width=4, lr=0.5, k_mode="channel", lr_scheduler="none")
+    module = LMResNetModule(network=dict(depth=20, base_width=4, k_mode="channel"), lr=0.5, lr_scheduler="none")
     initial = {name: k.detach().clone() for name, k in module.network.lm_coefficients().items()}
     data = TensorDataset(torch.randn(16, 3, 32, 32), torch.arange(16) % 10)
     logger = TensorBoardLogger(tmp_path, name="lm")
@@ -433,7 +434,7 @@ def test_lm_module_logs_k_per_block_and_a_figure_and_reloads(tmp_path: Path) -> 
     assert len(events.Images("lm_k/profile")) == 3  # at the start and after each epoch
 
     reloaded = LMResNetModule.load_from_checkpoint(trainer.checkpoint_callback.best_model_path)
-    assert reloaded.hparams.k_mode == "channel" and reloaded.hparams.base_width == 4
+    assert reloaded.hparams.network["k_mode"] == "channel" and reloaded.hparams.network["base_width"] == 4
     for name, k in reloaded.network.lm_coefficients().items():
         torch.testing.assert_close(k, learned[name])
 
@@ -441,8 +442,8 @@ def test_lm_module_logs_k_per_block_and_a_figure_and_reloads(tmp_path: Path) -> 
 def test_config_builds_the_paper_setup(repo_root: Path) -> None:
     cli = build_cli(["--config", str(repo_root / "configs/cifar100/lm_resnet56.yaml"), "--data.init_args.download", "false"], run=False)
     model, data = cli.model, cli.datamodule
-    assert isinstance(model, LMResNetModule) and model.hparams.depth == 56 and model.num_classes == 100
-    assert list(model.hparams.k_init_range) == [-0.1, 0.0] and model.hparams.lr_milestones == [80, 120]
+    assert isinstance(model, LMResNetModule) and model.hparams.network["depth"] == 56 and model.num_classes == 100
+    assert list(model.hparams.network["k_init_range"]) == [-0.1, 0.0] and model.hparams.lr_milestones == [80, 120]
     assert type(data).__name__ == "CIFAR100DataModule" and data.batch_size == 128 and data.augment
     assert cli.trainer.max_epochs == 160
     assert count(model) == count(lm_resnet_cifar(56, num_classes=100))

@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_pdenets.architectures import mobilenetv3_isometric, odenet_mobilenet, prnet_mobilenet
+from lightning_pdenets.architectures.registry import DATA_FACTS
 from lightning_pdenets.models import IsometricMobileNetModule, ODEMobileNetModule, PRNetMobileNetModule
 from lightning_pdenets.protocols import find_ode_blocks
 
@@ -100,7 +101,7 @@ def _trainer(**kwargs) -> pl.Trainer:
     ids=["mobilenetv3", "odenet", "prnet"],
 )
 def test_modules_train_and_reload_from_checkpoint(module_class, extra, tmp_path):
-    model = module_class(num_classes=5, lr=0.01, **TINY, **extra)
+    model = module_class(num_classes=5, lr=0.01, network=TINY, **extra)
     before = {k: v.clone() for k, v in model.state_dict().items() if torch.is_tensor(v) and v.is_floating_point()}
     trainer = _trainer(max_steps=2)
     trainer.fit(model, _loader(), _loader())
@@ -115,22 +116,28 @@ def test_modules_train_and_reload_from_checkpoint(module_class, extra, tmp_path)
 
 
 def test_prnet_variant_stores_only_its_own_arguments_and_algorithm_1s():
-    model = PRNetMobileNetModule(num_classes=5, max_power=2, max_derivative_order=1, theta=dict(lr=0.01), **TINY)
-    assert not {"width", "num_downsamples", "output_norm"} & set(model.hparams)  # Chen et al.'s PR-Net's arguments
+    model = PRNetMobileNetModule(num_classes=5, max_power=2, max_derivative_order=1, theta=dict(lr=0.01), network=TINY)
+    chen = {"width", "num_downsamples", "output_norm"}  # Chen et al.'s PR-Net's arguments
+    assert not chen & set(model.hparams) and not chen & set(model.hparams.network)
+    assert set(model.hparams.network) == set(inspect.signature(prnet_mobilenet).parameters) - set(DATA_FACTS)
     assert set(inspect.signature(PRNetMobileNetModule).parameters) - {"kwargs"} <= set(model.hparams)
     assert model.hparams.theta["lr"] == 0.01
-    assert model.architecture_arguments() == {name: model.hparams[name] for name in inspect.signature(prnet_mobilenet).parameters}
+    assert model.architecture_arguments() == {
+        name: (model.hparams if name in DATA_FACTS else model.hparams.network)[name]
+        for name in inspect.signature(prnet_mobilenet).parameters
+    }
 
 
 def test_prnet_variant_fine_tunes_from_a_prnet_checkpoint(tmp_path):
-    source = PRNetMobileNetModule(num_classes=5, max_power=2, max_derivative_order=1, **TINY)
+    source = PRNetMobileNetModule(num_classes=5, max_power=2, max_derivative_order=1, network=TINY)
     trainer = _trainer(max_steps=1)
     trainer.fit(source, _loader())
     path = tmp_path / "prnet.ckpt"
     trainer.save_checkpoint(path)
-    target = PRNetMobileNetModule(num_classes=3, pretrained_checkpoint=str(path), max_power=2, max_derivative_order=1, **TINY)
+    target = PRNetMobileNetModule(num_classes=3, pretrained_checkpoint=str(path), max_power=2, max_derivative_order=1,
+                                  network=TINY)
     torch.testing.assert_close(target.block.query, source.block.query)
     torch.testing.assert_close(target.network.backbone.stem[0].weight, source.network.backbone.stem[0].weight)
     assert target.network.classifier.out_features == 3
     with pytest.raises(ValueError, match="different architecture"):
-        PRNetMobileNetModule(num_classes=3, pretrained_checkpoint=str(path), **dict(TINY, expanded_channels=48))
+        PRNetMobileNetModule(num_classes=3, pretrained_checkpoint=str(path), network=dict(TINY, expanded_channels=48))

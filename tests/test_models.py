@@ -17,6 +17,11 @@ from lightning_pdenets.models.base import WeightedMean
 TINY = dict(width=8, num_downsamples=1)
 
 
+def tiny(**network) -> dict:
+    """The ``network`` argument of a tiny Chen-style model: the given settings over :data:`TINY`."""
+    return dict(network={**TINY, **network})
+
+
 def tiny_trainer(tmp_path: Path, **kwargs) -> pl.Trainer:
     defaults = dict(
         accelerator="cpu", devices=1, max_epochs=1, limit_train_batches=3, limit_val_batches=2, limit_test_batches=2,
@@ -27,12 +32,12 @@ def tiny_trainer(tmp_path: Path, **kwargs) -> pl.Trainer:
 
 @pytest.mark.parametrize(
     "module_class, kwargs",
-    [(ResNetModule, dict(num_blocks=2)), (RKNetModule, dict(solver=dict(step_size=0.5))),
-     (ODENetModule, dict(solver=dict(rtol=1e-2, atol=1e-2)))],
+    [(ResNetModule, tiny(num_blocks=2)), (RKNetModule, dict(tiny(), solver=dict(step_size=0.5))),
+     (ODENetModule, dict(tiny(), solver=dict(rtol=1e-2, atol=1e-2)))],
 )
 def test_fit_logs_namespaced_metrics_and_reloads_from_checkpoint(module_class, kwargs, tmp_path: Path) -> None:
     pl.seed_everything(0)
-    model = module_class(**TINY, **kwargs, lr=3e-3)
+    model = module_class(**kwargs, lr=3e-3)
     trainer = tiny_trainer(tmp_path, callbacks=[NFEMonitor()])
     trainer.fit(model, datamodule=DigitsDataModule(batch_size=16))
     logged = set(trainer.logged_metrics)
@@ -54,14 +59,14 @@ def test_fit_logs_namespaced_metrics_and_reloads_from_checkpoint(module_class, k
 
 
 def test_rknet_defaults_are_rk4_with_direct_backprop() -> None:
-    settings = RKNetModule(**TINY).network.feature.solver_settings()
+    settings = RKNetModule(**tiny()).network.feature.solver_settings()
     assert (settings["method"], settings["step_size"], settings["adjoint"]) == ("rk4", 0.25, False)
-    odenet = ODENetModule(**TINY).network.feature.solver_settings()
+    odenet = ODENetModule(**tiny()).network.feature.solver_settings()
     assert (odenet["method"], odenet["adjoint"]) == ("dopri5", True)
 
 
 def test_adapted_solver_settings_travel_with_the_checkpoint(tmp_path: Path) -> None:
-    model = ODENetModule(**TINY)
+    model = ODENetModule(**tiny())
     model.network.feature.configure_solver(rtol=1e-5, atol=1e-5)
     tiny_trainer(tmp_path, max_epochs=0).fit(model, datamodule=DigitsDataModule())  # attaches a trainer only
     path = tmp_path / "adapted.ckpt"
@@ -82,7 +87,7 @@ def test_adapted_solver_settings_travel_with_the_checkpoint(tmp_path: Path) -> N
 )
 def test_bad_optimization_settings(kwargs: dict, fragment: str) -> None:
     with pytest.raises(ValueError, match=fragment):
-        ResNetModule(**TINY, **kwargs)
+        ResNetModule(**tiny(), **kwargs)
 
 
 @pytest.mark.parametrize(
@@ -94,7 +99,7 @@ def test_bad_optimization_settings(kwargs: dict, fragment: str) -> None:
     ],
 )
 def test_optimizer_and_scheduler_selection(kwargs, optimizer_class, scheduler_class) -> None:
-    configured = ResNetModule(**TINY, **kwargs).configure_optimizers()
+    configured = ResNetModule(**tiny(), **kwargs).configure_optimizers()
     optimizer = configured["optimizer"] if isinstance(configured, dict) else configured
     assert type(optimizer) is optimizer_class
     if scheduler_class is not None:
@@ -113,7 +118,7 @@ def test_nan_loss_stops_with_a_message_and_keeps_last_good_checkpoint(tmp_path: 
     checkpoint = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     trainer = tiny_trainer(tmp_path, max_epochs=3, callbacks=[checkpoint], enable_checkpointing=True)
     with pytest.raises(NonFiniteLossError) as info:
-        trainer.fit(ExplodesInSecondEpoch(**TINY, num_blocks=1), datamodule=DigitsDataModule(batch_size=16))
+        trainer.fit(ExplodesInSecondEpoch(**tiny(num_blocks=1)), datamodule=DigitsDataModule(batch_size=16))
     message = str(info.value)
     assert "['loss']" in message and f"checkpoint is kept: {tmp_path / 'ckpt' / 'last.ckpt'}" in message
     assert "run the same command with --ckpt_path last --model.init_args.lr 0.0001" in message
@@ -145,14 +150,14 @@ def one_cycle_rates(peak: float, total_steps: int) -> list[float]:
 def test_one_cycle_schedule_steps_every_batch_over_the_whole_run(tmp_path: Path) -> None:
     recorder = RecordLearningRates()
     trainer = tiny_trainer(tmp_path, max_epochs=2, limit_train_batches=4, limit_val_batches=0, callbacks=[recorder])
-    trainer.fit(ResNetModule(**TINY, num_blocks=1, lr=0.02, lr_scheduler="onecycle"),
+    trainer.fit(ResNetModule(**tiny(num_blocks=1), lr=0.02, lr_scheduler="onecycle"),
                 datamodule=DigitsDataModule(batch_size=16))
     assert [rates[0] for rates in recorder.rates] == pytest.approx(one_cycle_rates(0.02, 8))
 
 
 def test_one_cycle_needs_the_length_of_the_run() -> None:
     with pytest.raises(ValueError, match="`lr_scheduler='onecycle'` needs the run's number of optimizer steps"):
-        ResNetModule(**TINY, lr_scheduler="onecycle").configure_optimizers()
+        ResNetModule(**tiny(), lr_scheduler="onecycle").configure_optimizers()
 
 
 def test_evaluation_means_are_weighted_by_batch_size_and_keep_nan() -> None:
@@ -166,7 +171,7 @@ def test_evaluation_means_are_weighted_by_batch_size_and_keep_nan() -> None:
 
 def test_validation_loss_is_the_mean_over_samples_with_a_short_last_batch(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    model = RKNetModule(width=8, num_downsamples=1)
+    model = RKNetModule(network=dict(width=8, num_downsamples=1))
     data = DigitsDataModule(batch_size=100)
     trainer = pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          default_root_dir=tmp_path)
@@ -218,7 +223,7 @@ def test_per_step_values_are_logged_only_on_steps_that_someone_reads(progress_ba
     trainer = tiny_trainer(tmp_path, limit_train_batches=6, limit_val_batches=0, log_every_n_steps=3,
                            enable_progress_bar=progress_bar, logger=CSVLogger(tmp_path),
                            callbacks=[NFEMonitor(), recorder])
-    trainer.fit(RKNetModule(**TINY, solver=dict(step_size=0.5)), datamodule=DigitsDataModule(batch_size=16))
+    trainer.fit(RKNetModule(**tiny(), solver=dict(step_size=0.5)), datamodule=DigitsDataModule(batch_size=16))
     nfe_steps = [i for i, names in enumerate(recorder.logged) if "train/nfe_forward_step" in names]
     loss_steps = [i for i, names in enumerate(recorder.logged) if "train/loss_step" in names]
     assert nfe_steps == [2, 5]  # Lightning writes steps 3 and 6 (global_step + 1 divisible by 3)

@@ -416,7 +416,7 @@ def test_modules_train_one_step_and_reload_from_checkpoint(tmp_path):
 
     data = STL10DataModule(**fake_stl10(tmp_path / "data"))
     for module_class, reversible in ((ParabolicCNNModule, False), (HamiltonianCNNModule, True), (SecondOrderCNNModule, True)):
-        model = module_class(widths=[4, 8], num_steps=2, reversible=reversible, optimizer="sgd", lr=0.1)
+        model = module_class(network=dict(widths=[4, 8], num_steps=2, reversible=reversible), optimizer="sgd", lr=0.1)
         before = [p.detach().clone() for p in model.parameters()]
         trainer = pl.Trainer(max_steps=1, limit_val_batches=1, accelerator="cpu", devices=1, logger=False,
                              enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
@@ -425,7 +425,7 @@ def test_modules_train_one_step_and_reload_from_checkpoint(tmp_path):
         path = tmp_path / f"{module_class.__name__}.ckpt"
         trainer.save_checkpoint(path)
         reloaded = module_class.load_from_checkpoint(path)
-        assert reloaded.hparams.widths == [4, 8] and reloaded.hparams.reversible == reversible
+        assert reloaded.hparams.network["widths"] == [4, 8] and reloaded.hparams.network["reversible"] == reversible
         x = torch.randn(2, 3, 96, 96)
         model.eval(), reloaded.eval()
         with torch.no_grad():

@@ -116,7 +116,7 @@ def test_tv_gradient_is_added_once_per_optimizer_step(manual, accumulate):
 
 
 def test_tv_callback_finds_every_weight_of_a_pde_cnn_once():
-    model = ParabolicCNNModule(widths=[4, 8], num_steps=3)
+    model = ParabolicCNNModule(network=dict(widths=[4, 8], num_steps=3))
     pairs = collect_time_dependent_parameters(model)
     assert len(pairs) == 2 * 3  # two blocks × (kernel, scale, shift)
     assert all(t.shape[0] == 3 and h == pytest.approx(1.0) for t, h in pairs)
@@ -182,9 +182,10 @@ def image_loader(seed: int = 0) -> DataLoader:
 
 def small_pde_cnn() -> ParabolicCNNModule:
     torch.manual_seed(0)
-    return ParabolicCNNModule(widths=[4, 4], num_steps=4, step_size=0.25, interpolation="linear",
-                              num_control_points=2, optimizer="sgd", lr=0.01, momentum=0.9,
-                              final_connector=False)  # probes read the last PDE block's output directly
+    return ParabolicCNNModule(network=dict(widths=[4, 4], num_steps=4, step_size=0.25, interpolation="linear",
+                                           num_control_points=2,
+                                           final_connector=False),  # probes read the last PDE block's output directly
+                              optimizer="sgd", lr=0.01, momentum=0.9)
 
 
 class ProbeOutputs(Callback):

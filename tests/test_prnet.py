@@ -21,7 +21,8 @@ from lightning_pdenets.models.prnet import PRNET_OPTIMIZERS, PRNET_STEPS, PRNetA
 from tests.conftest import REPO_ROOT
 from tests.test_models import RecordLearningRates, one_cycle_rates
 
-TINY = dict(width=8, num_downsamples=1, image_size=8)
+TINY_NETWORK = dict(width=8, num_downsamples=1)
+TINY = dict(network=TINY_NETWORK, image_size=8)
 
 
 class TinyDigits(pl.LightningDataModule):
@@ -225,8 +226,8 @@ def test_nonfinite_term_skips_only_the_affected_steps_when_configured(tmp_path):
         (dict(query=dict(lr_sheduler="cosine")), "'lr_sheduler' (did you mean 'lr_scheduler'?)"),
         (dict(on_nonfinite="ignore"), "`on_nonfinite` must be one of ['raise', 'skip']"),
         (dict(max_derivative_order=(3, 3, 3)), "one integer per axis ['x', 'y']"),
-        (dict(activation="swish"), "`activation` must be one of"),
-        (dict(image_size=3, num_downsamples=2), "too small"),
+        (dict(network=dict(TINY_NETWORK, activation="swish")), "`activation` must be one of"),
+        (dict(image_size=3, network=dict(TINY_NETWORK, num_downsamples=2)), "too small"),
         (dict(governing_samples=0), "`governing_samples` must be an integer >= 1"),
     ],
 )
@@ -314,7 +315,7 @@ def test_a_flat_optimizer_argument_of_an_old_config_points_to_the_nested_one(cap
 
 
 def test_a_learning_rate_given_for_a_resumed_run_replaces_the_checkpoints(tmp_path):
-    command = ["fit", "--config", str(REPO_ROOT / "configs/digits/prnet.yaml"), "--model.init_args.width=8",
+    command = ["fit", "--config", str(REPO_ROOT / "configs/digits/prnet.yaml"), "--model.init_args.network.width=8",
                "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false",
                "--test_after_fit=false"]
     build_cli([*command, "--trainer.max_epochs=1"])
@@ -327,7 +328,9 @@ def test_a_learning_rate_given_for_a_resumed_run_replaces_the_checkpoints(tmp_pa
 
 def test_a_checkpoint_with_flat_optimizer_arguments_names_its_release_and_is_upgraded(tmp_path):
     module = PRNetModule(**TINY, theta=dict(lr=0.003), alpha=dict(optimizer="adam"))
-    flat = {key: value for key, value in module.hparams.items() if key not in ("theta", "query", "alpha")}
+    # 0.1.x also stored the architecture's arguments flat (width, num_downsamples, ...), not as `network`
+    flat = {key: value for key, value in module.hparams.items() if key not in ("theta", "query", "alpha", "network")}
+    flat.update(module.hparams.network)
     for group in ("theta", "query", "alpha"):
         flat.update({f"{group}_{setting}": value for setting, value in module.hparams[group].items()})
     old = tmp_path / "old.ckpt"
@@ -337,12 +340,15 @@ def test_a_checkpoint_with_flat_optimizer_arguments_names_its_release_and_is_upg
         PRNetModule.load_from_checkpoint(old)
     message = str(error.value)
     assert "written by lightning_pdenets 0.1.x, whose PR-Net models took flat optimizer arguments (theta_lr" in message
+    assert "models took flat architecture arguments (width, num_downsamples, depth, ...)" in message
     assert f"python -m lightning_pdenets.migration {old} " in message
+    assert " --model lightning_pdenets.models.prnet.PRNetModule" in message  # saved without the CLI: no class path
 
     new = tmp_path / "new.ckpt"
-    upgrade_main([str(old), str(new)])
+    upgrade_main([str(old), str(new), "--model", "lightning_pdenets.models.PRNetModule"])
     upgraded = torch.load(new, weights_only=True)
     assert upgraded[VERSION_KEY] and not any(key.startswith(("theta_", "query_", "alpha_")) for key in upgraded["hyper_parameters"])
+    assert upgraded["hyper_parameters"]["network"] == module.hparams.network and "width" not in upgraded["hyper_parameters"]
     restored = PRNetModule.load_from_checkpoint(new)
     assert dict(restored.hparams) == dict(module.hparams)
     assert all(torch.equal(value, module.state_dict()[key]) for key, value in restored.state_dict().items())

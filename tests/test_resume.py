@@ -36,7 +36,7 @@ def make_trainer(root: Path, callbacks: list, max_epochs: int = 2) -> pl.Trainer
 
 def train(root: Path, callbacks: list, ckpt_path: str | None = None) -> RKNetModule:
     pl.seed_everything(123, workers=True)
-    model = RKNetModule(solver=dict(step_size=0.5), width=8, num_downsamples=1, optimizer="sgd", lr=0.05,
+    model = RKNetModule(solver=dict(step_size=0.5), network=dict(width=8, num_downsamples=1), optimizer="sgd", lr=0.05,
                         lr_scheduler="multistep", lr_milestones=[1])
     make_trainer(root, callbacks).fit(model, datamodule=DigitsDataModule(batch_size=32), ckpt_path=ckpt_path)
     return model

@@ -151,7 +151,7 @@ def test_modules_report_their_regularization_through_the_protocol() -> None:
 def test_classifier_adds_the_terms_to_the_training_loss_and_logs_them() -> None:
     torch.manual_seed(0)
     module = VectorODEClassifierModule(solver=dict(method="rk4", step_size=0.5, kinetic_weight=0.1,
-                                                   jacobian_weight=0.2), input_dim=2, hidden_width=8)
+                                                   jacobian_weight=0.2), input_dim=2, network=dict(hidden_width=8))
     x, y = torch.randn(16, 2), torch.randint(0, 2, (16,))
     torch.manual_seed(1)
     with pytest.warns(UserWarning, match="trainer"):  # self.log outside a Trainer

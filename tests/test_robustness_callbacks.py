@@ -438,7 +438,7 @@ def test_evaluation_passes_of_callbacks_never_reach_the_logged_nfe(monitor_first
     from lightning_pdenets.data import DigitsDataModule
     from lightning_pdenets.models import RKNetModule
 
-    model = RKNetModule(width=8, num_downsamples=1)  # rk4, 4 steps: 16 evaluations per forward pass
+    model = RKNetModule(network=dict(width=8, num_downsamples=1))  # rk4, 4 steps: 16 evaluations per forward pass
     evaluations = [AdversarialEvaluation(epsilons=[0.1], pgd_steps=2, num_batches=2), OODEvaluation(num_batches=2),
                    InferenceTimer(batch_size=8, num_warmup=1, num_repeats=1)]
     monitor = NFEMonitor()
@@ -460,7 +460,7 @@ def test_paper_evaluation_on_a_framework_model_and_datamodule(tmp_path):
     from tests.fakedata.tinyimagenet import fake_tinyimagenet
 
     data = TinyImageNetDataModule(**fake_tinyimagenet(tmp_path))
-    model = IsometricMobileNetModule(channels=16, expanded_channels=32, num_blocks=2, patch_size=8)
+    model = IsometricMobileNetModule(network=dict(channels=16, expanded_channels=32, num_blocks=2, patch_size=8))
     callbacks = [AdversarialEvaluation(num_batches=1, pgd_steps=2), OODEvaluation(num_batches=1),
                  InferenceTimer(batch_size=8, num_warmup=1, num_repeats=1)]
     trainer = pl.Trainer(callbacks=callbacks, logger=False, accelerator="cpu", devices=1, enable_progress_bar=False)

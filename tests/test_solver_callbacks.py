@@ -156,7 +156,7 @@ def test_bad_arguments_fail_at_construction(build, match):
 
 
 def test_test_solver_checked_against_the_blocks_solver_when_train_solver_is_not_given():
-    module = VectorODEClassifierModule(solver=dict(method="midpoint", step_size=0.25), hidden_width=8)
+    module = VectorODEClassifierModule(solver=dict(method="midpoint", step_size=0.25), network=dict(hidden_width=8))
     callback = StepSizeAdaptation(test_solver="euler")
     with pytest.raises(ValueError, match=r"'euler' \(order 1\) is less accurate than `train_solver` 'midpoint'"):
         quiet_trainer(max_steps=1, callbacks=[callback]).fit(module, tiny_spheres())
@@ -187,7 +187,7 @@ class ScriptedSteps(StepSizeAdaptation):
 
 
 def ode_block():
-    return VectorODEClassifierModule(solver=dict(method="euler", step_size=0.4), hidden_width=4).network.ode
+    return VectorODEClassifierModule(solver=dict(method="euler", step_size=0.4), network=dict(hidden_width=4)).network.ode
 
 
 def test_step_check_halves_h_on_disagreement_and_uses_sqrt_h_over_50_for_midpoint():
@@ -290,7 +290,7 @@ def test_callbacks_work_on_a_foreign_module_and_block():
 
 # -- NFE against closed forms ------------------------------------------------------------------------------------
 def test_nfe_monitor_counts_rk4_evaluations_and_ignores_solver_checks():
-    module = VectorODEClassifierModule(solver=dict(method="rk4", step_size=0.25), hidden_width=8)
+    module = VectorODEClassifierModule(solver=dict(method="rk4", step_size=0.25), network=dict(hidden_width=8))
     monitor = NFEMonitor()
     swap = SolverSwapCheck(solvers=["euler", "dopri5"], log_figure=False)
     trainer = quiet_trainer(max_epochs=1, callbacks=[swap, monitor])
@@ -384,7 +384,8 @@ class StiffenAtEpoch(Callback):
 
 
 def test_without_tolerance_adaptation_a_solver_failure_stops_training_and_keeps_the_last_checkpoint(tmp_path):
-    module = VectorODEClassifierModule(solver=dict(method="dopri5", step_size=None, rtol=1e-3, atol=1e-3), hidden_width=8)
+    module = VectorODEClassifierModule(solver=dict(method="dopri5", step_size=None, rtol=1e-3, atol=1e-3),
+                                       network=dict(hidden_width=8))
     checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
     trainer = quiet_trainer(max_epochs=3, callbacks=[checkpoint, StiffenAtEpoch(1)], enable_checkpointing=True)
     with pytest.raises(SolverFailedError, match=r"max_num_steps.*ToleranceAdaptation callback"):
@@ -405,7 +406,8 @@ class RecordSolverDuringFit(Callback):
 
 
 def test_tolerance_adaptation_backs_off_on_solver_failure_and_finishes_training():
-    module = VectorODEClassifierModule(solver=dict(method="dopri5", step_size=None, max_num_steps=6), hidden_width=8)
+    module = VectorODEClassifierModule(solver=dict(method="dopri5", step_size=None, max_num_steps=6),
+                                       network=dict(hidden_width=8))
     adaptation = ToleranceAdaptation(interval=1000, initial_tol=1e-12, backoff_factor=10.0, max_backoffs=12)
     probe = RecordSolverDuringFit()
     with warnings.catch_warnings(record=True) as caught:
@@ -432,7 +434,7 @@ class StiffInValidation(Callback):
 
 
 def test_tolerance_adaptation_adopts_a_back_off_made_during_validation():
-    module = VectorODEClassifierModule(solver=dict(method="dopri5", step_size=None), hidden_width=8)
+    module = VectorODEClassifierModule(solver=dict(method="dopri5", step_size=None), network=dict(hidden_width=8))
     adaptation = ToleranceAdaptation(interval=1000, initial_tol=1e-6, backoff_factor=10.0)
     with pytest.warns(RuntimeWarning, match="loosening tol 1e-06 -> 1e-05"):
         quiet_trainer(max_epochs=1, limit_train_batches=1, callbacks=[StiffInValidation(), adaptation]).fit(
@@ -458,14 +460,14 @@ def test_block_retries_loosen_up_to_exactly_the_maximum_tolerance():
 def test_tolerance_adaptation_keeps_the_blocks_own_retry_settings_across_a_resume(tmp_path):
     data = tiny_spheres()
     solver = dict(method="dopri5", step_size=None, failure_retries=1, failure_tol_factor=3.0)
-    module = VectorODEClassifierModule(solver=solver, hidden_width=8)
+    module = VectorODEClassifierModule(solver=solver, network=dict(hidden_width=8))
     checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
     quiet_trainer(max_epochs=1, callbacks=[ToleranceAdaptation(interval=1000), checkpoint],
                   enable_checkpointing=True).fit(module, data)
     assert module.network.ode.solver_settings()["failure_retries"] == 1
     stored = torch.load(tmp_path / "last.ckpt", weights_only=True)["state_dict"]["network.ode._extra_state"]
     assert (stored["solver_settings"]["failure_retries"], stored["solver_settings"]["failure_tol_factor"]) == (1, 3.0)
-    resumed = VectorODEClassifierModule(solver=solver, hidden_width=8)
+    resumed = VectorODEClassifierModule(solver=solver, network=dict(hidden_width=8))
     probe = RecordSolverDuringFit()
     quiet_trainer(max_epochs=2, callbacks=[ToleranceAdaptation(interval=1000), probe]).fit(
         resumed, data, ckpt_path=str(tmp_path / "last.ckpt"))
@@ -485,7 +487,7 @@ def test_tolerance_adaptation_says_which_blocks_cannot_back_off():
 
 
 def test_tolerance_adaptation_in_training_tightens_the_test_solver_and_logs_tol():
-    module = VectorODEClassifierModule(solver=dict(method="bosh3", step_size=None), hidden_width=8)
+    module = VectorODEClassifierModule(solver=dict(method="bosh3", step_size=None), network=dict(hidden_width=8))
     adaptation = ToleranceAdaptation(interval=2, initial_tol=1e-3)
     trainer = quiet_trainer(max_epochs=1, callbacks=[adaptation])
     trainer.fit(module, tiny_spheres())
@@ -505,7 +507,7 @@ def test_every_adaptation_check_reaches_the_logger_whatever_log_every_n_steps(tm
 
     from lightning.pytorch.loggers import CSVLogger
 
-    module = VectorODEClassifierModule(solver=dict(method="bosh3", step_size=None), hidden_width=8)
+    module = VectorODEClassifierModule(solver=dict(method="bosh3", step_size=None), network=dict(hidden_width=8))
     adaptation = ToleranceAdaptation(interval=2, initial_tol=1e-3)
     trainer = quiet_trainer(max_epochs=1, callbacks=[adaptation], logger=CSVLogger(tmp_path), log_every_n_steps=50)
     trainer.fit(module, tiny_spheres())
@@ -524,14 +526,14 @@ class RecordAtTrainStart(Callback):
 
 def test_step_size_and_history_survive_resume(tmp_path):
     data = tiny_spheres()
-    module = VectorODEClassifierModule(solver=dict(method="euler", step_size=0.5), hidden_width=8)
+    module = VectorODEClassifierModule(solver=dict(method="euler", step_size=0.5), network=dict(hidden_width=8))
     first = StepSizeAdaptation(interval=2)
     checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
     quiet_trainer(max_epochs=1, callbacks=[first, checkpoint], enable_checkpointing=True).fit(module, data)
     assert len(first.history) == 3  # Hairer + checks at steps 2 and 4
     resumed = StepSizeAdaptation(interval=2)
     probe = RecordAtTrainStart()
-    fresh = VectorODEClassifierModule(solver=dict(method="euler", step_size=0.5), hidden_width=8)
+    fresh = VectorODEClassifierModule(solver=dict(method="euler", step_size=0.5), network=dict(hidden_width=8))
     trainer = quiet_trainer(max_epochs=2, callbacks=[resumed, probe])
     trainer.fit(fresh, data, ckpt_path=str(tmp_path / "last.ckpt"))
     assert probe.step_size == pytest.approx(first.value)  # restored before the first resumed step
@@ -555,7 +557,7 @@ class DumpSettings(Callback):
 
 @pytest.mark.ddp
 def test_ddp_two_processes_keep_identical_solver_settings(tmp_path):
-    module = VectorODEClassifierModule(solver=dict(method="euler", step_size=0.5), hidden_width=8)
+    module = VectorODEClassifierModule(solver=dict(method="euler", step_size=0.5), network=dict(hidden_width=8))
     callbacks = [StepSizeAdaptation(interval=1, threshold=0.01), NFEMonitor(), DumpSettings(str(tmp_path))]
     trainer = quiet_trainer(max_steps=3, devices=2, strategy="ddp_spawn", callbacks=callbacks)
     trainer.fit(module, tiny_spheres(num_train=96))
@@ -571,7 +573,7 @@ def test_ddp_two_processes_keep_identical_solver_settings(tmp_path):
 def train_spheres(adapt: bool, epochs: int, interval: int) -> dict:
     pl.seed_everything(0)
     data = ConcentricSpheresDataModule(dim=2, variant="ott", batch_size=128, num_val=500)
-    module = VectorODEClassifierModule(solver=dict(method="euler", step_size=0.5), hidden_width=32, lr=1e-2)
+    module = VectorODEClassifierModule(solver=dict(method="euler", step_size=0.5), network=dict(hidden_width=32), lr=1e-2)
     swap = SolverSwapCheck(solvers=["rk4"], step_factors=[0.02], log_figure=False)
     callbacks = [swap] + ([StepSizeAdaptation(interval=interval, initial_step_size=0.5)] if adapt else [])
     quiet_trainer(max_epochs=epochs, check_val_every_n_epoch=epochs, callbacks=callbacks).fit(module, data)
@@ -612,7 +614,8 @@ def test_split_batch_reads_tuples_dicts_and_bare_inputs_and_names_the_caller_whe
 def test_configured_solvers_restores_exactly_also_when_a_block_rejects_the_change():
     from lightning_pdenets.callbacks._evaluation import configured_solvers
 
-    blocks = [ode_block(), VectorODEClassifierModule(solver=dict(method="dopri5", rtol=1e-5), hidden_width=4).network.ode]
+    adaptive = VectorODEClassifierModule(solver=dict(method="dopri5", rtol=1e-5), network=dict(hidden_width=4))
+    blocks = [ode_block(), adaptive.network.ode]
     before = [b.solver_settings() for b in blocks]
     with configured_solvers(blocks, method="rk4", step_size=0.001):
         assert [b.solver_settings()["method"] for b in blocks] == ["rk4", "rk4"]
@@ -627,7 +630,7 @@ def test_configured_solvers_restores_exactly_also_when_a_block_rejects_the_chang
 def test_nfe_monitor_counts_accepted_and_rejected_dopri5_steps_and_their_nfe():
     # a first step of the whole interval on a fast-decaying field: the first attempt is rejected
     module = VectorODEClassifierModule(solver=dict(method="dopri5", rtol=1e-6, atol=1e-6, first_step=1.0, adjoint=True),
-                                       hidden_width=8)
+                                       network=dict(hidden_width=8))
     monitor = NFEMonitor()
     trainer = quiet_trainer(max_epochs=1, callbacks=[monitor], log_every_n_steps=1)
     trainer.fit(module, tiny_spheres())

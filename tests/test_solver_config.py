@@ -88,17 +88,17 @@ def test_command_line_merges_into_the_config_solver() -> None:
 
 
 def test_model_defaults_merge_under_a_partial_solver() -> None:
-    odenet = ODENetModule(width=8, num_downsamples=1, solver={"rtol": 1e-4})
+    odenet = ODENetModule(network=dict(width=8, num_downsamples=1), solver={"rtol": 1e-4})
     settings = odenet.network.feature.solver_settings()
     assert (settings["method"], settings["adjoint"], settings["rtol"]) == ("dopri5", True, 1e-4)
     assert odenet.hparams.solver == settings  # the complete resolved configuration is a hyperparameter
-    rknet = RKNetModule(width=8, num_downsamples=1)
+    rknet = RKNetModule(network=dict(width=8, num_downsamples=1))
     assert rknet.network.feature.solver_settings()["method"] == "rk4"
 
 
 def test_unknown_setting_suggests_the_closest_names() -> None:
     with pytest.raises(ValueError, match=r"'stepsize' \(did you mean 'step_size'\?\).*valid names are"):
-        ODENetModule(width=8, num_downsamples=1, solver={"stepsize": 0.1})
+        ODENetModule(network=dict(width=8, num_downsamples=1), solver={"stepsize": 0.1})
     with pytest.raises(TypeError, match="`solver` must be a mapping of solver settings"):
         SolverConfig.from_options("rk4")  # type: ignore[arg-type]
 
@@ -119,8 +119,8 @@ def test_data_facts_come_from_the_datamodule_and_contradictions_stop(tmp_path: P
                                                  r"it is taken from the datamodule"):
         build_cli(["--config", str(REPO_ROOT / "configs/quickstart.yaml"), "--model.init_args.num_classes", "7"],
                   run=False)
-    with pytest.raises(ConfigurationError, match=r"`model.init_args.image_size` is 28, but DigitsDataModule gives 8: "
-                                                 r"set `model.init_args.image_size: 8`"):
+    with pytest.raises(ConfigurationError, match=r"`model.init_args.image_size` is 28, but DigitsDataModule gives \(8, 8\): "
+                                                 r"it is taken from the datamodule"):  # linked like num_classes
         build_cli(["--config", str(REPO_ROOT / "configs/digits/prnet.yaml"), "--model.init_args.image_size", "28"],
                   run=False)
 
@@ -185,23 +185,28 @@ def test_failure_retries_loosen_the_tolerance_and_keep_it() -> None:
 
 
 def test_checkpoint_of_the_previous_layout_fails_with_the_release_and_the_upgrade_command(tmp_path: Path) -> None:
-    model = RKNetModule(width=8, num_downsamples=1, solver={"step_size": 0.5})
-    flat = {k: v for k, v in model.hparams.items() if k != "solver"}
+    model = RKNetModule(network=dict(width=8, num_downsamples=1), solver={"step_size": 0.5})
+    flat = {k: v for k, v in model.hparams.items() if k not in ("solver", "network")}
+    flat.update(model.hparams.network)  # 0.1.x also stored the architecture's arguments flat
     flat.update(method="rk4", step_size=0.5, rtol=1e-3, atol=1e-3, adjoint=False, t0=0.0, t1=1.0, max_num_steps=1000)
     old = tmp_path / "old.ckpt"
     torch.save({"state_dict": model.state_dict(), "hyper_parameters": flat, "pytorch-lightning_version": "2.6.0"}, old)
 
-    with pytest.raises(LegacyCheckpointError, match=r"written by lightning_pdenets 0\.1\.x.*python -m lightning_pdenets\.migration"):
+    with pytest.raises(LegacyCheckpointError,
+                       match=r"written by lightning_pdenets 0\.1\.x.*python -m lightning_pdenets\.migration") as error:
         RKNetModule.load_from_checkpoint(old)
+    assert "flat solver arguments" in str(error.value) and "flat architecture arguments" in str(error.value)
     with pytest.raises(LegacyCheckpointError):
         build_cli(["test", "--config", str(REPO_ROOT / "configs/quickstart.yaml"), "--ckpt_path", str(old)])
 
     new = tmp_path / "new.ckpt"
-    result = subprocess.run([sys.executable, "-m", "lightning_pdenets.migration", str(old), str(new)],
+    result = subprocess.run([sys.executable, "-m", "lightning_pdenets.migration", str(old), str(new),
+                             "--model", "lightning_pdenets.models.RKNetModule"],  # saved without the CLI: no class path
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     upgraded = torch.load(new, weights_only=True)
     assert upgraded[VERSION_KEY] and upgraded["hyper_parameters"]["solver"]["step_size"] == 0.5
+    assert upgraded["hyper_parameters"]["network"] == model.hparams.network
     check_layout(upgraded, new)
     restored = RKNetModule.load_from_checkpoint(new)
     assert restored.network.feature.solver_settings()["step_size"] == 0.5
@@ -214,7 +219,7 @@ def test_solver_config_is_frozen() -> None:
 
 
 def _fit_tiny(tmp_path: Path, *extra: str) -> Path:
-    args = ["fit", "--config", str(REPO_ROOT / "configs/quickstart.yaml"), "--model.init_args.width=8",
+    args = ["fit", "--config", str(REPO_ROOT / "configs/quickstart.yaml"), "--model.init_args.network.width=8",
             "--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1",
             "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--test_after_fit=false",
             f"--trainer.logger.init_args.save_dir={tmp_path}", *extra]
@@ -226,7 +231,7 @@ def _fit_tiny(tmp_path: Path, *extra: str) -> Path:
 def test_test_time_solver_from_the_command_line_applies_after_loading(tmp_path: Path, caplog) -> None:
     checkpoint = _fit_tiny(tmp_path)
     caplog.set_level("INFO")
-    cli = build_cli(["test", "--config", str(REPO_ROOT / "configs/quickstart.yaml"), "--model.init_args.width=8",
+    cli = build_cli(["test", "--config", str(REPO_ROOT / "configs/quickstart.yaml"), "--model.init_args.network.width=8",
                      "--ckpt_path", str(checkpoint), "--trainer.limit_test_batches=1", "--trainer.enable_progress_bar=false",
                      f"--trainer.logger.init_args.save_dir={tmp_path}",
                      "--model.init_args.solver.method=euler", "--model.init_args.solver.step_size=0.1"])
@@ -244,7 +249,7 @@ def test_resumed_fit_continues_with_the_adapted_solver_and_says_so(tmp_path: Pat
     adapted = tmp_path / "adapted.ckpt"
     torch.save(state, adapted)
     caplog.set_level("INFO")
-    cli = build_cli(["fit", "--config", str(REPO_ROOT / "configs/quickstart.yaml"), "--model.init_args.width=8",
+    cli = build_cli(["fit", "--config", str(REPO_ROOT / "configs/quickstart.yaml"), "--model.init_args.network.width=8",
                      "--ckpt_path", str(adapted), "--trainer.max_epochs=2", "--trainer.limit_train_batches=2",
                      "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false", "--test_after_fit=false",
                      f"--trainer.logger.init_args.save_dir={tmp_path}"])

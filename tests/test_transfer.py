@@ -142,7 +142,7 @@ def _trainer(**kwargs) -> pl.Trainer:
 @pytest.fixture(scope="module")
 def source_checkpoint(tmp_path_factory) -> Path:
     """A 7-class source model trained for two steps, saved by Lightning."""
-    model = IsometricMobileNetModule(num_classes=7, lr=0.05, **TINY)
+    model = IsometricMobileNetModule(num_classes=7, lr=0.05, network=TINY)
     trainer = _trainer(max_steps=2)
     trainer.fit(model, _loader(7))
     path = tmp_path_factory.mktemp("source") / "source.ckpt"
@@ -152,7 +152,7 @@ def source_checkpoint(tmp_path_factory) -> Path:
 
 def test_pretrained_checkpoint_loads_backbone_and_swaps_the_head(source_checkpoint):
     source = IsometricMobileNetModule.load_from_checkpoint(source_checkpoint)
-    target = IsometricMobileNetModule(num_classes=3, pretrained_checkpoint=str(source_checkpoint), **TINY)
+    target = IsometricMobileNetModule(num_classes=3, pretrained_checkpoint=str(source_checkpoint), network=TINY)
     for (name, a), (_, b) in zip(source.network.backbone.state_dict().items(), target.network.backbone.state_dict().items()):
         assert torch.equal(a, b), name
     assert target.network.classifier.out_features == 3
@@ -161,9 +161,9 @@ def test_pretrained_checkpoint_loads_backbone_and_swaps_the_head(source_checkpoi
 
 def test_pretrained_checkpoint_of_another_architecture_is_rejected(source_checkpoint, tmp_path):
     with pytest.raises(ValueError, match=r"different architecture \(channels: checkpoint 16 vs this model 24\)"):
-        IsometricMobileNetModule(num_classes=3, pretrained_checkpoint=str(source_checkpoint), **dict(TINY, channels=24))
+        IsometricMobileNetModule(num_classes=3, pretrained_checkpoint=str(source_checkpoint), network=dict(TINY, channels=24))
     with pytest.raises(FileNotFoundError, match="does not exist; point it to the .ckpt file"):
-        IsometricMobileNetModule(num_classes=3, pretrained_checkpoint=str(tmp_path / "nope.ckpt"), **TINY)
+        IsometricMobileNetModule(num_classes=3, pretrained_checkpoint=str(tmp_path / "nope.ckpt"), network=TINY)
 
 
 class Snapshots(pl.Callback):
@@ -181,7 +181,7 @@ class Snapshots(pl.Callback):
 def test_head_first_freezes_the_backbone_until_the_unfreeze_epoch(source_checkpoint):
     model = IsometricMobileNetModule(
         num_classes=3, pretrained_checkpoint=str(source_checkpoint), finetune="head_first",
-        unfreeze_backbone_at_epoch=1, backbone_lr_ratio=0.1, optimizer="sgd", lr=0.1, **TINY,
+        unfreeze_backbone_at_epoch=1, backbone_lr_ratio=0.1, optimizer="sgd", lr=0.1, network=TINY,
     )
     initial = torch.cat([p.detach().flatten().clone() for p in model.network.backbone.stem.parameters()])
     spy = Snapshots()
@@ -194,7 +194,7 @@ def test_head_first_freezes_the_backbone_until_the_unfreeze_epoch(source_checkpo
 
 def test_full_finetuning_trains_everything_from_the_start(source_checkpoint, tmp_path):
     model = IsometricMobileNetModule(num_classes=3, pretrained_checkpoint=str(source_checkpoint), finetune="full",
-                                     optimizer="sgd", lr=0.1, **TINY)
+                                     optimizer="sgd", lr=0.1, network=TINY)
     initial = torch.cat([p.detach().flatten().clone() for p in model.network.backbone.stem.parameters()])
     spy = Snapshots()
     trainer = _trainer(max_epochs=1, callbacks=[spy])
@@ -214,5 +214,5 @@ def test_full_finetuning_trains_everything_from_the_start(source_checkpoint, tmp
 ])
 def test_bad_finetune_arguments(kwargs, message):
     with pytest.raises(ValueError) as error:
-        IsometricMobileNetModule(**TINY, **kwargs)
+        IsometricMobileNetModule(network=TINY, **kwargs)
     assert message in str(error.value)

@@ -168,7 +168,7 @@ class PDECNN(nn.Module):
 
 
 # One registered network per dynamics. partial() keeps PDECNN's signature (less `dynamics`), whose argument names
-# the models' hyperparameters match (ClassifierModule.build_network).
+# the models' `network` dicts are checked against (ClassifierModule.build_network).
 stl10_parabolic = register_architecture("stl10_parabolic", input_shape=(3, 32, 32), tiny_kwargs=_TINY)(
     partial(PDECNN, "parabolic")
 )

@@ -34,7 +34,13 @@ import lightning_pdenets
 from lightning_pdenets.metric_logging import log_replicated, step_values_are_read
 from lightning_pdenets.migration import VERSION_KEY, check_layout
 from lightning_pdenets.protocols import find_regularized_modules, pop_regularization
-from lightning_pdenets.architectures.registry import ARCHITECTURES, create_architecture
+from lightning_pdenets.architectures.registry import (
+    ARCHITECTURES,
+    DATA_FACTS,
+    NetworkOptions,
+    create_architecture,
+    resolve_network_arguments,
+)
 
 __all__ = ["ClassifierModule", "accuracy_metrics"]
 
@@ -48,6 +54,9 @@ def accuracy_metrics(num_classes: int, prefix: str) -> MetricCollection:
 
 
 TRAIN_EPOCH_STATE_KEY = "train_epoch_metrics"
+
+DEFAULT_NUM_CLASSES = 10
+"""Classes of a model whose architecture does not say (no registered architecture, no ``num_classes`` given)."""
 
 
 class WeightedMean(Metric):
@@ -73,17 +82,24 @@ class WeightedMean(Metric):
 
 
 class ClassifierModule(pl.LightningModule):
-    """Cross-entropy classifier over ``self.network``, which subclasses build in ``__init__``.
+    """Cross-entropy classifier over ``self.network``, built in ``__init__`` from the registered :attr:`architecture`.
 
     Logs ``train/``, ``val/`` and ``test/`` loss with torchmetrics top-1/top-5 accuracy. Subclasses
-    name their registered :attr:`architecture` and build it with :meth:`build_network`. Function
+    name their registered :attr:`architecture`, which is built from the ``network`` dict (written in YAML as
+    ``network: {width: 64}``) and the data facts that the CLI links from the datamodule. Function
     evaluations of ODE blocks are logged by :class:`lightning_pdenets.callbacks.NFEMonitor`. In training, the
     terms of submodules following :class:`lightning_pdenets.protocols.RegularizedModule` (e.g. RNODE's, turned on
     in the ``solver`` settings) are added to the loss and logged as ``train/<term>_step``/``_epoch``;
     ``train/loss`` stays the cross-entropy.
 
     Args:
-        num_classes: Number of classes.
+        network: Arguments of the registered architecture (e.g. ``{width: 64, num_downsamples: 2}`` for
+            ``odenet_chen``), over the factory's defaults; unknown names and wrong types are refused with the valid
+            ones, and the complete dict is stored in ``hparams.network``.
+        num_classes: Number of classes (None: the architecture's default).
+        in_channels: Image channels, for architectures that take them (None: the architecture's default).
+        image_size: Side of the square images, or their (height, width), for architectures that take it.
+        input_dim: Dimension of vector inputs, for architectures that take it.
         optimizer: One of ``adam``, ``adamw``, ``sgd``, ``rmsprop``.
         lr: Learning rate.
         weight_decay: L2 weight decay.
@@ -96,11 +112,15 @@ class ClassifierModule(pl.LightningModule):
 
     network: nn.Module
     architecture: ClassVar[Optional[str]] = None
-    """Name of the network in the architecture registry, built by :meth:`build_network`."""
+    """Name of the network in the architecture registry, built from ``network`` by :meth:`build_network`."""
 
     def __init__(
         self,
-        num_classes: int = 10,
+        network: Optional[NetworkOptions] = None,
+        num_classes: Optional[int] = None,
+        in_channels: Optional[int] = None,
+        image_size: Optional[Union[int, Sequence[int]]] = None,
+        input_dim: Optional[int] = None,
         optimizer: str = "adam",
         lr: float = 1e-3,
         weight_decay: float = 0.0,
@@ -111,18 +131,22 @@ class ClassifierModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         check_optimization_settings(optimizer, lr, weight_decay, momentum, lr_scheduler, lr_milestones, lr_gamma)
+        # Lightning collects the arguments of every __init__ up the subclass chain, so subclasses need no call of their own.
+        self.save_hyperparameters()
         self.optimization = dict(
             optimizer=optimizer, lr=lr, weight_decay=weight_decay, momentum=momentum,
             lr_scheduler=lr_scheduler, lr_milestones=list(lr_milestones), lr_gamma=lr_gamma,
         )
-        self.num_classes = num_classes
-        self.train_metrics = accuracy_metrics(num_classes, "train/")
+        if self.architecture is not None:
+            self.network = self.build_network()
+        self.num_classes = self.hparams["num_classes"] = self.hparams.get("num_classes") or DEFAULT_NUM_CLASSES
+        self.train_metrics = accuracy_metrics(self.num_classes, "train/")
         self.train_means = nn.ModuleDict()  # epoch means of training terms (log_train_term), created on first use
         self.eval_means = nn.ModuleDict()  # epoch means of validation/test terms (log_eval_term), likewise
         self._pending_train_epoch_state: Optional[dict[str, Any]] = None
         self._configured_learning_rates: Optional[list[list[float]]] = None
-        self.val_metrics = accuracy_metrics(num_classes, "val/")
-        self.test_metrics = accuracy_metrics(num_classes, "test/")
+        self.val_metrics = accuracy_metrics(self.num_classes, "val/")
+        self.test_metrics = accuracy_metrics(self.num_classes, "test/")
         self._regularized_modules: Optional[list[nn.Module]] = None  # found once per fit
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -237,7 +261,8 @@ class ClassifierModule(pl.LightningModule):
     def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
         """Lightning's ``load_from_checkpoint``, refusing a checkpoint of an earlier release with the upgrade command."""
         if isinstance(checkpoint_path, (str, os.PathLike)) and os.path.isfile(checkpoint_path):
-            check_layout(torch.load(checkpoint_path, map_location="cpu", weights_only=True), checkpoint_path)
+            check_layout(torch.load(checkpoint_path, map_location="cpu", weights_only=True), checkpoint_path,
+                         model=f"{cls.__module__}.{cls.__qualname__}")
         return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -294,21 +319,34 @@ class ClassifierModule(pl.LightningModule):
         return self(x).softmax(dim=-1)
 
     # -- network ----------------------------------------------------------------------------
-    def build_network(self, **arguments: Any) -> nn.Module:
-        """Build the registered :attr:`architecture` from every hyperparameter that is one of its arguments.
+    def build_network(self) -> nn.Module:
+        """Build the registered :attr:`architecture` from ``network``, the data facts and :meth:`network_arguments`.
 
         The one path from a model to its network: the architecture registry
-        (:data:`lightning_pdenets.architectures.ARCHITECTURES`) names the factory, and ``arguments``
-        supply what is not a hyperparameter (e.g. a resolved solver configuration).
+        (:data:`lightning_pdenets.architectures.ARCHITECTURES`) names the factory; ``hparams.network`` is
+        validated against the factory's signature and stored complete (defaults filled in), and the data facts
+        the factory takes (``num_classes``, ``in_channels``, ``image_size``, ``input_dim``) are stored resolved.
         """
-        return create_architecture(self.architecture, **{**self.architecture_arguments(), **arguments})
-
-    def architecture_arguments(self) -> dict[str, Any]:
-        """The hyperparameters that are arguments of the registered :attr:`architecture`."""
         if self.architecture is None:
             raise TypeError(f"{type(self).__name__} sets no `architecture` (a name registered with @register_architecture).")
+        supplied = self.network_arguments()
+        network, facts = resolve_network_arguments(
+            self.architecture, self.hparams.get("network"), {name: self.hparams.get(name) for name in DATA_FACTS},
+            supplied=tuple(supplied), model=type(self).__name__,
+        )
+        self.hparams["network"] = network
+        self.hparams.update(facts)
+        return create_architecture(self.architecture, **facts, **network, **supplied)
+
+    def network_arguments(self) -> dict[str, Any]:
+        """Arguments of the architecture that the model supplies itself rather than ``network`` (e.g. a resolved solver)."""
+        return {}
+
+    def architecture_arguments(self) -> dict[str, Any]:
+        """Every argument the registered :attr:`architecture` was built with from the hyperparameters (``network`` and data facts)."""
         names = inspect.signature(ARCHITECTURES[self.architecture].factory).parameters
-        return {name: value for name, value in self.hparams.items() if name in names}
+        facts = {name: self.hparams[name] for name in DATA_FACTS if name in names}
+        return {**facts, **self.hparams["network"]}
 
     def solver_failure_context(self) -> list[dict[str, Any]]:
         """Solver settings named when a backward pass fails in an ODE solve (models with ODE blocks override this)."""

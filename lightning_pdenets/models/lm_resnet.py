@@ -7,7 +7,7 @@ SGD with learning rate 0.1, momentum 0.9, weight decay 1e-4, ×0.1 at epochs 80 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -26,18 +26,15 @@ __all__ = ["LMResNetModule", "ResNetCIFARModule", "check_stochastic_depth_strate
 class ResNetCIFARModule(ClassifierModule):
     """Pre-activation CIFAR ResNet-``depth`` (He et al. 2016), optionally with stochastic depth.
 
+    ``network``: the arguments of :func:`lightning_pdenets.architectures.lm_resnet.preact_resnet_cifar` —
+    ``depth`` (20, 32, 44, 56, 110 with basic blocks, 6n + 2, or 164 with bottlenecks, 9n + 2), ``block``,
+    ``base_width`` (16 in the papers), ``stochastic_depth`` (Huang et al. 2016), ``survival_prob_last`` and
+    ``stochastic_depth_mode`` (``batch``, one draw per mini-batch as in Huang et al., or ``sample``).
+
     Args:
-        depth: 20, 32, 44, 56, 110 (basic blocks, 6n + 2) or 164 (bottlenecks, 9n + 2).
-        num_classes: 10 for CIFAR-10, 100 for CIFAR-100.
-        in_channels: Image channels.
-        block: ``'basic'``, ``'bottleneck'`` or ``None`` (bottlenecks from depth 164 on).
-        base_width: Channels of the first stage (16 in the papers).
-        stochastic_depth: Drop residual branches in training (Huang et al. 2016).
-        survival_prob_last: Survival probability ``p_L`` of the last block (linear decay from 1).
-        stochastic_depth_mode: ``'batch'`` (one draw per mini-batch, Huang et al.) or ``'sample'``.
         optimizer, lr, weight_decay, momentum, lr_scheduler, lr_milestones, lr_gamma: see
             :class:`ClassifierModule`; the defaults are the CIFAR recipe.
-        **kwargs: Further settings of :class:`ClassifierModule`.
+        **kwargs: Further settings of :class:`ClassifierModule` (``network``, ...).
     """
 
     network: PreActResNet
@@ -45,14 +42,6 @@ class ResNetCIFARModule(ClassifierModule):
 
     def __init__(
         self,
-        depth: int = 56,
-        num_classes: int = 10,
-        in_channels: int = 3,
-        block: Optional[str] = None,
-        base_width: int = 16,
-        stochastic_depth: bool = False,
-        survival_prob_last: float = 0.5,
-        stochastic_depth_mode: str = "batch",
         optimizer: str = "sgd",
         lr: float = 0.1,
         weight_decay: float = 1e-4,
@@ -63,15 +52,14 @@ class ResNetCIFARModule(ClassifierModule):
         **kwargs: Any,
     ) -> None:
         super().__init__(
-            num_classes=num_classes, optimizer=optimizer, lr=lr, weight_decay=weight_decay, momentum=momentum,
+            optimizer=optimizer, lr=lr, weight_decay=weight_decay, momentum=momentum,
             lr_scheduler=lr_scheduler, lr_milestones=lr_milestones, lr_gamma=lr_gamma, **kwargs,
         )
-        self.save_hyperparameters()
-        self.network = self.build_network()
 
     def setup(self, stage: str) -> None:
         if stage == "fit" and self._trainer is not None:
-            check_stochastic_depth_strategy(self.hparams.stochastic_depth, self.hparams.stochastic_depth_mode,
+            network = self.hparams.network
+            check_stochastic_depth_strategy(network["stochastic_depth"], network["stochastic_depth_mode"],
                                             self.trainer.strategy)
 
 
@@ -84,24 +72,11 @@ class LMResNetModule(ResNetCIFARModule):
     modified-equation view, ``(1 + k_n) u' + (1 - k_n) (Δt / 2) u'' ≈ f(u)``, so ``k_n`` sets a
     learned momentum (inertia) term of the underlying dynamics.
 
-    Args:
-        depth, num_classes: See :class:`ResNetCIFARModule`.
-        k_mode: ``'scalar'`` (one ``k_n`` per block, the paper's) or ``'channel'`` (one per channel).
-        k_init_range: ``k_n`` is initialized uniformly in ``[low, high]`` (``[-0.1, 0]`` in the paper).
-        **kwargs: Further settings of :class:`ResNetCIFARModule`.
+    ``network``: as :class:`ResNetCIFARModule`'s, and ``k_mode`` (``'scalar'``, one ``k_n`` per block, the
+    paper's, or ``'channel'``) and ``k_init_range`` (``k_n`` uniform in ``[low, high]``, ``[-0.1, 0]`` in the paper).
     """
 
     architecture = "lm_resnet_cifar"
-
-    def __init__(
-        self,
-        depth: int = 56,
-        num_classes: int = 10,
-        k_mode: str = "scalar",
-        k_init_range: Sequence[float] = (-0.1, 0.0),
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(depth=depth, num_classes=num_classes, **kwargs)
 
     def on_train_start(self) -> None:
         super().on_train_start()
@@ -117,7 +92,7 @@ class LMResNetModule(ResNetCIFARModule):
         loggers = [logger for logger in self.loggers if isinstance(logger, TensorBoardLogger)]
         if not loggers or self.global_rank != 0:
             return
-        figure = plot_lm_coefficients(self.network.lm_coefficients(), title=f"LM-ResNet-{self.hparams.depth}, "
+        figure = plot_lm_coefficients(self.network.lm_coefficients(), title=f"LM-ResNet-{self.hparams.network['depth']}, "
                                       f"epoch {self.current_epoch}")
         for logger in loggers:
             logger.experiment.add_figure("lm_k/profile", figure, global_step=self.global_step, close=False)

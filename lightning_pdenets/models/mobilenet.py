@@ -20,7 +20,6 @@ from lightning_pdenets.checkpoints import load_checkpoint
 from lightning_pdenets.models.base import ClassifierModule
 from lightning_pdenets.models.prnet import PRNetAlgorithmModule
 from lightning_pdenets.models.solver import ODESolverMixin
-from lightning_pdenets.solvers import SolverOptions
 from lightning_pdenets.validation import check_positive, check_positive_int
 
 __all__ = [
@@ -50,12 +49,11 @@ class HeadFirstFinetuning(BackboneFinetuning):
 class IsometricMobileNetModule(ClassifierModule):
     """Isometric MobileNetV3 (Sandler et al. 2019) as in Kim et al. Table 3 ("M.Net V3", 4 mobile blocks).
 
+    ``network``: ``width_multiplier`` (Table 3: 1 or 2), ``channels``, ``num_blocks``, ``expanded_channels``,
+    ``kernel_size``, ``patch_size``, ``head_expansion``, ``dropout``
+    (:func:`lightning_pdenets.architectures.mobilenetv3_isometric`).
+
     Args:
-        in_channels: Image channels.
-        num_classes: Number of classes (200 for Tiny ImageNet; the target's for transfer).
-        width_multiplier: Width multiplier (Table 3: 1 or 2).
-        channels, num_blocks, expanded_channels, kernel_size, patch_size, head_expansion, dropout:
-            Architecture, see :func:`lightning_pdenets.architectures.mobilenetv3_isometric`.
         pretrained_checkpoint: Lightning checkpoint of the same architecture (e.g. trained on Tiny
             ImageNet) to start from; its classifier is replaced by one with ``num_classes`` outputs.
             To reload a fine-tuned model without the source file, pass
@@ -68,23 +66,13 @@ class IsometricMobileNetModule(ClassifierModule):
             ×1.5 per epoch until it matches (``BackboneFinetuning``'s schedule).
         trust_pretrained_checkpoint: Unpickle ``pretrained_checkpoint`` even when it holds Python objects
             other than tensors, which can run any code; only for a file from a source you trust.
-        **kwargs: Optimization settings of :class:`ClassifierModule`.
+        **kwargs: ``network``, the data facts and the optimization settings of :class:`ClassifierModule`.
     """
 
     architecture = "mobilenetv3_isometric"
 
     def __init__(
         self,
-        in_channels: int = 3,
-        num_classes: int = 200,
-        width_multiplier: float = 1.0,
-        channels: int = 128,
-        num_blocks: int = 4,
-        expanded_channels: int = 480,
-        kernel_size: int = 3,
-        patch_size: int = 4,
-        head_expansion: int = 6,
-        dropout: float = 0.2,
         pretrained_checkpoint: Optional[str] = None,
         finetune: str = "full",
         unfreeze_backbone_at_epoch: int = 5,
@@ -92,10 +80,8 @@ class IsometricMobileNetModule(ClassifierModule):
         trust_pretrained_checkpoint: bool = False,
         **kwargs: Any,
     ) -> None:
-        super().__init__(num_classes=num_classes, **kwargs)
-        self.save_hyperparameters()
         check_finetune_settings(finetune, unfreeze_backbone_at_epoch, backbone_lr_ratio)
-        self.network = self.build_network(**self.network_arguments())
+        super().__init__(**kwargs)
         if pretrained_checkpoint is not None:
             self.load_pretrained(pretrained_checkpoint, trusted=trust_pretrained_checkpoint)
         elif finetune == "head_first":
@@ -103,10 +89,6 @@ class IsometricMobileNetModule(ClassifierModule):
                 "finetune='head_first' without `pretrained_checkpoint`: the frozen backbone is randomly initialized. "
                 "Set `pretrained_checkpoint` to the source model's .ckpt file."
             )
-
-    def network_arguments(self) -> dict[str, Any]:
-        """Arguments of the architecture that are not hyperparameters as they stand (none here)."""
-        return {}
 
     @property
     def backbone(self) -> nn.Module:
@@ -152,7 +134,8 @@ def load_pretrained_backbone(
             f"source model (e.g. logs/tinyimagenet/mobilenetv3_w1/version_0/checkpoints/best-*.ckpt)."
         )
     checkpoint = load_checkpoint(path, trusted, how_to_trust="--model.init_args.trust_pretrained_checkpoint true")
-    source = checkpoint.get("hyper_parameters", {})
+    stored = checkpoint.get("hyper_parameters", {})
+    source = {**stored, **(stored.get("network") or {})}  # this release's `network` dict, or an earlier flat layout
     differing = {k: (source[k], v) for k, v in architecture.items() if k in source and k not in ("num_classes", "solver") and source[k] != v}
     if differing:
         details = ", ".join(f"{k}: checkpoint {a!r} vs this model {b!r}" for k, (a, b) in differing.items())
@@ -186,43 +169,12 @@ def check_finetune_settings(finetune: str, unfreeze_backbone_at_epoch: int, back
 class ODEMobileNetModule(ODESolverMixin, IsometricMobileNetModule):
     """ODE-Net on the isometric MobileNetV3 (Kim et al. Table 3: 3 mobile blocks + 1 ODE block).
 
-    Args:
-        solver: ODE solver settings over Chen et al.'s dopri5 with the adjoint method (fields of
-            :class:`lightning_pdenets.solvers.SolverConfig`).
-        Others: as in :class:`IsometricMobileNetModule`.
+    ``network`` and fine-tuning: as :class:`IsometricMobileNetModule`'s; ``solver``: over Chen et al.'s dopri5
+    with the adjoint method (fields of :class:`lightning_pdenets.solvers.SolverConfig`).
     """
 
     architecture = "odenet_mobilenet"
     solver_defaults = ODENET_SOLVER
-
-    def __init__(
-        self,
-        in_channels: int = 3,
-        num_classes: int = 200,
-        width_multiplier: float = 1.0,
-        channels: int = 128,
-        num_blocks: int = 4,
-        expanded_channels: int = 480,
-        kernel_size: int = 3,
-        patch_size: int = 4,
-        head_expansion: int = 6,
-        dropout: float = 0.2,
-        solver: Optional[SolverOptions] = None,
-        pretrained_checkpoint: Optional[str] = None,
-        finetune: str = "full",
-        unfreeze_backbone_at_epoch: int = 5,
-        backbone_lr_ratio: float = 0.1,
-        **kwargs: Any,
-    ) -> None:
-        # `solver` reaches the architecture through save_hyperparameters (network_arguments).
-        super().__init__(
-            in_channels, num_classes, width_multiplier, channels, num_blocks, expanded_channels, kernel_size,
-            patch_size, head_expansion, dropout, pretrained_checkpoint, finetune, unfreeze_backbone_at_epoch,
-            backbone_lr_ratio, **kwargs,
-        )
-
-    def network_arguments(self) -> dict[str, Any]:
-        return {"solver": self.resolve_solver()}
 
 
 class PRNetMobileNetModule(PRNetAlgorithmModule):
@@ -232,40 +184,27 @@ class PRNetMobileNetModule(PRNetAlgorithmModule):
     "stem" producing h(0) is the patch stem with the first ``num_blocks - 1`` mobile blocks, and the
     "head" is MobileNetV3's head with the classifier.
 
+    ``network``: as :class:`IsometricMobileNetModule`'s, and the PDE block's ``activation`` and ``t_end``
+    (:func:`lightning_pdenets.architectures.prnet_mobilenet`); ``image_size`` (64 for Tiny ImageNet), taken
+    from the datamodule, fixes the query set H.
+
     Args:
-        in_channels, num_classes, width_multiplier, channels, num_blocks, expanded_channels, kernel_size,
-            patch_size, head_expansion, dropout: as in :class:`IsometricMobileNetModule`.
-        image_size: Side of the square input images (64 for Tiny ImageNet); fixes the query set H.
-        activation, t_end: PDE block settings (see :func:`lightning_pdenets.architectures.prnet_mobilenet`).
         pretrained_checkpoint: Checkpoint of a PR-Net of the same architecture to fine-tune (all layers,
             with Algorithm 1); its classifier is replaced by one with ``num_classes`` outputs.
         trust_pretrained_checkpoint: as in :class:`IsometricMobileNetModule`.
         **kwargs: Algorithm 1's settings (``max_power``, ``theta``, ``alpha``, ..., see
-            :class:`PRNetAlgorithmModule`) and the task optimizer's (``optimizer``, ``lr``, ...).
+            :class:`PRNetAlgorithmModule`), ``network``, the data facts and the task optimizer's settings.
     """
 
     architecture = "prnet_mobilenet"
 
     def __init__(
         self,
-        in_channels: int = 3,
-        num_classes: int = 200,
-        width_multiplier: float = 1.0,
-        channels: int = 128,
-        num_blocks: int = 4,
-        expanded_channels: int = 480,
-        kernel_size: int = 3,
-        patch_size: int = 4,
-        head_expansion: int = 6,
-        dropout: float = 0.2,
-        image_size: int = 64,
-        activation: str = "softplus",
-        t_end: float = 1.0,
         pretrained_checkpoint: Optional[str] = None,
         trust_pretrained_checkpoint: bool = False,
         **kwargs: Any,
     ) -> None:
-        super().__init__(num_classes=num_classes, **kwargs)
+        super().__init__(**kwargs)
         if pretrained_checkpoint is not None:
             load_pretrained_backbone(self.network, pretrained_checkpoint, self.architecture_arguments(),
                                      type(self).__name__, trust_pretrained_checkpoint)

@@ -11,8 +11,6 @@ callback (``callbacks/time_tv.yaml``); the box constraint is
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
-
 from lightning_pdenets.models.base import ClassifierModule
 
 __all__ = ["PDECNNModule", "ParabolicCNNModule", "HamiltonianCNNModule", "SecondOrderCNNModule"]
@@ -21,46 +19,14 @@ __all__ = ["PDECNNModule", "ParabolicCNNModule", "HamiltonianCNNModule", "Second
 class PDECNNModule(ClassifierModule):
     """Classifier over a :class:`PDECNN`; subclasses name the registered network of their dynamics (:attr:`architecture`).
 
-    Args:
-        in_channels: Image channels.
-        num_classes: Number of classes.
-        widths: Channels of the units (16, 64, 128, 256 on STL-10).
-        num_steps: Time steps of each PDE block (3 in the paper).
-        step_size: δ_t (1 in the paper).
-        num_control_points: Control points of θ(t) per block (default ``num_steps``).
-        interpolation: ``'constant'`` or ``'linear'`` interpolation of θ(t) between control points.
-        norm: ``'instance'`` or ``'none'`` normalization inside the symmetric layers.
-        activation: σ of the symmetric layers (``relu``, ``tanh``, ``leaky_relu``, ``identity``).
-        kernel_std: Initial standard deviation of the PDE kernels with ``init='he'`` (default He scale).
-        reversible: Memory-efficient reversible backward (Hamiltonian and second order only).
-        init: ``'meganet'`` (the authors' published initialization, default) or ``'he'``.
-        final_connector: Normalized 1×1 connector after the last unit, as in the authors' code; without
-            it SGD at the paper's lr 0.1 diverges (see :mod:`lightning_pdenets.architectures.stl10`).
-        **kwargs: Optimization settings of :class:`ClassifierModule`.
+    ``network``: the arguments of :class:`lightning_pdenets.architectures.stl10.PDECNN` — ``widths`` (channels of
+    the units: 16, 64, 128, 256 on STL-10), ``num_steps`` (3 in the paper), ``step_size`` (δ_t, 1 in the paper),
+    ``num_control_points``, ``interpolation``, ``norm``, ``activation``, ``kernel_std``, ``reversible``, ``init``
+    (``meganet``, the authors' published initialization, or ``he``) and ``final_connector`` (the normalized 1×1
+    connector of the authors' code, without which SGD at the paper's lr 0.1 diverges).
     """
 
     architecture = "stl10_parabolic"
-
-    def __init__(
-        self,
-        in_channels: int = 3,
-        num_classes: int = 10,
-        widths: Sequence[int] = (16, 64, 128, 256),
-        num_steps: int = 3,
-        step_size: float = 1.0,
-        num_control_points: Optional[int] = None,
-        interpolation: str = "constant",
-        norm: str = "instance",
-        activation: str = "relu",
-        kernel_std: Optional[float] = None,
-        reversible: bool = False,
-        init: str = "meganet",
-        final_connector: bool = True,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(num_classes=num_classes, **kwargs)
-        self.save_hyperparameters()
-        self.network = self.build_network()
 
 
 class ParabolicCNNModule(PDECNNModule):

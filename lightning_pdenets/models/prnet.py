@@ -61,7 +61,7 @@ class PRNetAlgorithmModule(ClassifierModule):
 
     Subclasses name a registered :attr:`architecture` whose network has a ``stem`` producing h(0), a
     :class:`PDEBlock` ``feature`` and a ``head`` (:class:`PRNetModule`, Chen et al.'s; and
-    ``PRNetMobileNetModule``, the isometric MobileNetV3's); their own arguments are the architecture's.
+    ``PRNetMobileNetModule``, the isometric MobileNetV3's), whose arguments are given as ``network``.
 
     Optimizers, in this order (``self.optimizers()``): task (theta + stem + head; the settings of
     :class:`ClassifierModule`: ``optimizer``, ``lr``, ``lr_scheduler``, ...), theta, query set H and alpha,
@@ -88,7 +88,7 @@ class PRNetAlgorithmModule(ClassifierModule):
         gradient_clip_val: Clip each sub-step's gradient norm to this value (None: no clipping).
         on_nonfinite: ``'raise'`` stops with an error naming the NaN/Inf loss term; ``'skip'``
             skips that sub-step (on all ranks) and counts it in ``train/skipped_steps``.
-        **kwargs: The task optimizer's settings and ``num_classes`` (:class:`ClassifierModule`).
+        **kwargs: ``network``, the data facts and the task optimizer's settings (:class:`ClassifierModule`).
     """
 
     optimizer_defaults: ClassVar[dict[str, dict[str, Any]]] = PRNET_OPTIMIZERS
@@ -110,8 +110,10 @@ class PRNetAlgorithmModule(ClassifierModule):
         on_nonfinite: str = "raise",
         **kwargs: Any,
     ) -> None:
-        super().__init__(**kwargs)
-        self.save_hyperparameters()  # with the subclass's arguments: the architecture's
+        if self.architecture is None:  # Algorithm 1 needs a network with a stem, a PDE block and a head
+            raise TypeError(f"{type(self).__name__} sets no `architecture` (a name registered with @register_architecture); "
+                            f"use PRNetModule or PRNetMobileNetModule, or a subclass naming such a network.")
+        super().__init__(**kwargs)  # saves every argument and builds the network
         self.automatic_optimization = False
         if isinstance(step_order, str) or not step_order or len(set(step_order)) != len(step_order) or any(
             s not in PRNET_STEPS for s in step_order
@@ -131,7 +133,6 @@ class PRNetAlgorithmModule(ClassifierModule):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise ValueError(f"`{name}` must be a number >= 0, got {value!r}.")
         self.step_order = tuple(step_order)
-        self.network = self.build_network()
         self.governing = GoverningEquation(
             PDEBlock.axes, max_power, max_derivative_order, l1_weight, print_threshold, variable="h"
         )
@@ -333,29 +334,12 @@ class PRNetAlgorithmModule(ClassifierModule):
         self.skipped_steps = checkpoint.get("prnet_skipped_steps", 0)
 
 
-
 class PRNetModule(PRNetAlgorithmModule):
     """PR-Net of Kim et al. (Table 2): Chen et al.'s stem and head around a PDE block, trained with Algorithm 1.
 
-    Args:
-        in_channels, num_classes, width, num_downsamples, image_size, activation, t_end, output_norm:
-            Architecture (see :func:`lightning_pdenets.architectures.prnet`).
-        **kwargs: Algorithm 1's settings (``max_power``, ``theta``, ``alpha``, ..., see
-            :class:`PRNetAlgorithmModule`) and the task optimizer's (``optimizer``, ``lr``, ...).
+    ``network``: ``width``, ``num_downsamples``, ``activation``, ``t_end``, ``output_norm``
+    (:func:`lightning_pdenets.architectures.prnet`); ``image_size``, taken from the datamodule, fixes the query
+    set H. Algorithm 1's settings (``max_power``, ``theta``, ``alpha``, ...) are :class:`PRNetAlgorithmModule`'s.
     """
 
     architecture = "prnet"
-
-    def __init__(
-        self,
-        in_channels: int = 1,
-        num_classes: int = 10,
-        width: int = 64,
-        num_downsamples: int = 2,
-        image_size: int = 28,
-        activation: str = "softplus",
-        t_end: float = 1.0,
-        output_norm: bool = False,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(num_classes=num_classes, **kwargs)

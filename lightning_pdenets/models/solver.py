@@ -17,7 +17,7 @@ from typing import Any, ClassVar, Optional
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from lightning_pdenets.protocols import find_ode_blocks
-from lightning_pdenets.solvers import SolverConfig
+from lightning_pdenets.solvers import SolverConfig, SolverOptions
 
 __all__ = ["ODESolverMixin"]
 
@@ -27,11 +27,22 @@ class ODESolverMixin:
 
     Subclasses set :attr:`solver_defaults`; the ``solver`` hyperparameter overrides them field by field, and the
     complete resolved configuration is stored in ``hparams.solver`` (so checkpoints say exactly how the model was
-    solved).
+    solved). The architecture receives it as its ``solver`` argument.
+
+    Args:
+        solver: ODE solver settings over :attr:`solver_defaults` (fields of
+            :class:`lightning_pdenets.solvers.SolverConfig`), e.g. ``{rtol: 1e-4, adjoint_options: {norm: seminorm}}``.
+        **kwargs: The settings of the model class that follows in the method resolution order.
     """
 
     solver_defaults: ClassVar[dict[str, Any]] = {}
     _trained_solver: Optional[dict[str, Any]] = None
+
+    def __init__(self, solver: Optional[SolverOptions] = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)  # type: ignore[call-arg]  (ClassifierModule saves `solver` and builds)
+
+    def network_arguments(self) -> dict[str, Any]:
+        return {**super().network_arguments(), "solver": self.resolve_solver()}  # type: ignore[misc]
 
     def resolve_solver(self) -> SolverConfig:
         """The :class:`SolverConfig` of ``hparams.solver`` over :attr:`solver_defaults`; stores the full dict back."""
