@@ -79,18 +79,20 @@ def register_architecture(
     return decorate
 
 
-def create_architecture(name: str, **kwargs: Any) -> nn.Module:
-    """Build the registered architecture ``name``; unknown names list the registered ones."""
+def _entry(name: str) -> ArchitectureEntry:
     if name not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {name!r}; registered: {sorted(ARCHITECTURES)}.")
-    return ARCHITECTURES[name].factory(**kwargs)
+    return ARCHITECTURES[name]
+
+
+def create_architecture(name: str, **kwargs: Any) -> nn.Module:
+    """Build the registered architecture ``name``; unknown names list the registered ones."""
+    return _entry(name).factory(**kwargs)
 
 
 def architecture_parameters(name: str) -> Mapping[str, inspect.Parameter]:
     """The parameters of the registered architecture ``name``'s factory (unknown names list the registered ones)."""
-    if name not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {name!r}; registered: {sorted(ARCHITECTURES)}.")
-    return inspect.signature(ARCHITECTURES[name].factory).parameters
+    return inspect.signature(_entry(name).factory).parameters
 
 
 def resolve_network_arguments(
