@@ -214,7 +214,7 @@ class PDENetsCLI(LightningCLI):
         if subcommand is None:
             return
         _name_log_folder(self.config[subcommand])
-        if self._resolve_ckpt_path(self.config[subcommand]):
+        if self._resolve_ckpt_path(self.config[subcommand], subcommand):
             return  # trusted pickled file: its hyperparameters are not merged, the config alone builds the model
         learning_rates = _learning_rates(self.config[subcommand]) if subcommand == "fit" else {}
         evaluation_solver = self._evaluation_solver()
@@ -236,7 +236,7 @@ class PDENetsCLI(LightningCLI):
         init_args = (self.config[subcommand].get("model") or {}).get("init_args")
         return init_args.get("solver") if hasattr(init_args, "get") else None
 
-    def _resolve_ckpt_path(self, config: Namespace) -> bool:
+    def _resolve_ckpt_path(self, config: Namespace, subcommand: str) -> bool:
         """Resolve ``last`` and check the checkpoint; True when it is a trusted file that needs unpickling."""
         ckpt_path = config.get("ckpt_path")
         if ckpt_path == "last":
@@ -249,7 +249,7 @@ class PDENetsCLI(LightningCLI):
                 )
             config["ckpt_path"] = ckpt_path = str(found)
             _continue_logger_version(config, found)
-            rank_zero_info(f"Resuming from {found}")
+            rank_zero_info(f"{'Resuming from' if subcommand == 'fit' else f'Running {subcommand} on'} {found}")
         if ckpt_path in (None, "best", "hpc", "registry") or str(ckpt_path).startswith("registry:"):
             return False
         # Lightning's own load runs with torch's default, which an environment variable can turn into unpickling.

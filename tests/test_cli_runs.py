@@ -52,6 +52,17 @@ def test_ckpt_path_last_resumes_this_configs_run_never_another_ones(tmp_path: Pa
     assert resumed.trainer.global_step == 6
 
 
+def test_ckpt_path_last_says_what_it_does_with_the_checkpoint(tmp_path: Path, caplog) -> None:
+    build_cli(["fit", *QUICK, "--trainer.max_epochs=1"])
+    caplog.set_level("INFO")
+    last = Path("logs/quickstart/version_0/checkpoints/last.ckpt")
+    build_cli(["test", *QUICK[:-1], "--trainer.limit_test_batches=1", "--ckpt_path=last"])
+    assert f"Running test on {last}" in caplog.text and "Resuming" not in caplog.text  # a test resumes nothing
+    caplog.clear()
+    build_cli(["fit", *QUICK, "--trainer.max_epochs=2", "--ckpt_path=last"])
+    assert f"Resuming from {last}" in caplog.text
+
+
 def test_ckpt_path_last_skips_an_unreadable_checkpoint_and_says_so(tmp_path: Path) -> None:
     """An interrupt checkpoint left empty by a full disk is the newest file; `last` must not choose it."""
     build_cli(["fit", *QUICK, "--trainer.max_epochs=1"])
