@@ -66,7 +66,7 @@ def worker(configs: list[str], steps: int, data_dir: str | None) -> None:
 def _takes_data_dir(config: str) -> bool:
     """Whether the config's datamodule reads files (and so takes ``data_dir``)."""
     class_path = (yaml.safe_load(Path(config).read_text()).get("data") or {}).get("class_path", "")
-    module, _, name = class_path.rpartition(".")
+    module, _, name = class_path.rpartition(".")  # not the package's import_class: older trees lack it
     return bool(module) and "data_dir" in inspect.signature(getattr(importlib.import_module(module), name)).parameters
 
 

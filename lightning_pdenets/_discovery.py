@@ -9,7 +9,17 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from typing import Any, Iterable
+from typing import Any, Iterable, Optional
+
+
+def import_class(class_path: str) -> Optional[type]:
+    """The class named by a dotted path such as ``lightning_pdenets.models.ODENetModule``, or None if there is none."""
+    module, _, name = class_path.rpartition(".")
+    try:
+        found = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return None
+    return found if isinstance(found, type) else None
 
 
 def export_submodules(package_name: str, package_path: Iterable[str]) -> dict[str, Any]:

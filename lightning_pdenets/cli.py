@@ -31,6 +31,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 import lightning_pdenets.callbacks  # noqa: F401  (makes callback class names resolvable in configs)
 import lightning_pdenets.data  # noqa: F401
 import lightning_pdenets.models  # noqa: F401
+from lightning_pdenets._discovery import import_class
 from lightning_pdenets.architectures.registry import ARCHITECTURES, DATA_FACTS, architecture_parameters
 from lightning_pdenets.checkpoints import AtomicCheckpointIO, check_checkpoint, find_resume_checkpoint, needs_unpickling
 from lightning_pdenets.migration import LegacyCheckpointError, check_layout
@@ -116,10 +117,8 @@ def _short_message(message: str) -> str:
 
 
 def _closest_arguments(class_path: str, given: str) -> str:
-    try:
-        module, name = class_path.rsplit(".", 1)
-        cls = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError):
+    cls = import_class(class_path)
+    if cls is None:
         return ""
     initializers = [klass.__init__ for klass in inspect.getmro(cls) if "__init__" in vars(klass)]
     arguments = {p for init in initializers for p in inspect.signature(init).parameters if p not in ("self", "args", "kwargs")}
@@ -303,18 +302,14 @@ class PDENetsCLI(LightningCLI):
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt_path)
 
 
-DATA_TO_MODEL_LINKS = DATA_FACTS
-"""Model arguments taken from the datamodule's attribute of the same name, so configs never repeat them (every
-model takes them; an architecture that does not use one ignores it)."""
-
-
 def _link_data_to_model(parser: LightningArgumentParser) -> None:
-    """Link the datamodule's data facts to the model's arguments (LightningCLI argument linking).
+    """Link the datamodule's data facts (``DATA_FACTS``) to the model's arguments of the same name.
 
-    Applied when the classes are instantiated; a datamodule without such an attribute leaves the model's
-    argument alone.
+    LightningCLI argument linking, applied when the classes are instantiated, so configs never repeat them. Every
+    model takes them (an architecture that does not use one ignores it); a datamodule without such an attribute
+    leaves the model's argument alone.
     """
-    for name in DATA_TO_MODEL_LINKS:
+    for name in DATA_FACTS:
         parser.link_arguments(f"data.{name}", f"model.init_args.{name}", apply_on="instantiate")
 
 
@@ -323,7 +318,7 @@ def _check_linked_values(model_config: Any, datamodule: Any) -> None:
     init_args = model_config.get("init_args") if hasattr(model_config, "get") else None
     if datamodule is None or not hasattr(init_args, "get"):
         return
-    for name in DATA_TO_MODEL_LINKS:
+    for name in DATA_FACTS:
         given, expected = init_args.get(name), getattr(datamodule, name, None)
         if given is None or expected is None or _same_fact(given, expected):
             continue

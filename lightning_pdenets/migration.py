@@ -24,7 +24,6 @@ which writes a copy with the hyperparameters in the current layout (weights unch
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import tempfile
 from pathlib import Path
@@ -33,6 +32,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 
 import lightning_pdenets
+from lightning_pdenets._discovery import import_class
 import lightning_pdenets.architectures  # noqa: F401  (registers every architecture)
 from lightning_pdenets.architectures.registry import (
     ARCHITECTURES,
@@ -108,13 +108,7 @@ def _has_flat_architecture(hparams: dict[str, Any]) -> bool:
 
 
 def _model_architecture(class_path: Optional[str]) -> Optional[str]:
-    if not class_path:
-        return None
-    module, _, name = class_path.rpartition(".")
-    try:
-        return getattr(getattr(importlib.import_module(module), name), "architecture", None)
-    except (ImportError, AttributeError, ValueError):
-        return None
+    return getattr(import_class(class_path), "architecture", None) if class_path else None
 
 
 def _group_architecture(hparams: dict[str, Any], model: Optional[str]) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import os
 from typing import Any, ClassVar, Optional, Sequence, Union
 
@@ -35,9 +34,9 @@ from lightning_pdenets.metric_logging import log_replicated, step_values_are_rea
 from lightning_pdenets.migration import VERSION_KEY, check_layout
 from lightning_pdenets.protocols import find_regularized_modules, pop_regularization
 from lightning_pdenets.architectures.registry import (
-    ARCHITECTURES,
     DATA_FACTS,
     NetworkOptions,
+    architecture_parameters,
     create_architecture,
     resolve_network_arguments,
 )
@@ -344,7 +343,7 @@ class ClassifierModule(pl.LightningModule):
 
     def architecture_arguments(self) -> dict[str, Any]:
         """Every argument the registered :attr:`architecture` was built with from the hyperparameters (``network`` and data facts)."""
-        names = inspect.signature(ARCHITECTURES[self.architecture].factory).parameters
+        names = architecture_parameters(self.architecture)
         facts = {name: self.hparams[name] for name in DATA_FACTS if name in names}
         return {**facts, **self.hparams["network"]}
 
