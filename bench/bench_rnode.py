@@ -2,7 +2,7 @@
 
 Each invocation trains one variant of ``configs/mnist/odenet.yaml`` (dopri5 at 1e-3, adjoint) with the
 one-epoch recipe of BENCHMARKS.md (Adam 1e-3 one-cycle, batch 32, no augmentation) plus the variant's
-``--override`` flags, from seed 0, and writes a JSON record: per training step the forward/backward NFE,
+``--override`` flags, from ``--seed`` (0), and writes a JSON record: per training step the forward/backward NFE,
 accepted/rejected solver steps and RNODE terms; test accuracy, test-time forward NFE per batch of 32, NFE and
 time of one batch of 1,000 test images; and the trained weights (for ``--swap-check`` and the torchode bench).
 ``--report`` turns the records into the Markdown tables of BENCHMARKS.md; ``--swap-check`` runs
@@ -18,12 +18,14 @@ time of one batch of 1,000 test images; and the trained weights (for ``--swap-ch
     python bench/bench_rnode.py --report plain rnode seminorm
     python bench/bench_rnode.py --first-step-check plain rnode --swap-batches 100 --first-steps 0 0.25 0.5 1
     python bench/bench_rnode.py --swap-report bench/rnode_runs/swap_plain_rnode.json
+    python bench/bench_rnode.py --local-error-check plain rnode --error-batches 10
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -80,8 +82,7 @@ def build(args: argparse.Namespace, overrides: list[str]):
 
 
 def train(args: argparse.Namespace) -> None:
-    pl.seed_everything(0)
-    model, datamodule = build(args, args.override)
+    model, datamodule = build(args, [f"--seed_everything={args.seed}", *args.override])
     recorder = StepRecorder()
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=1, max_steps=args.max_steps or -1,
                          limit_val_batches=0, logger=False, enable_checkpointing=False, enable_model_summary=False,
@@ -91,7 +92,7 @@ def train(args: argparse.Namespace) -> None:
     train_seconds = time.perf_counter() - start
     RESULTS.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), RESULTS / f"{args.name}.pt")
-    record = {"name": args.name, "overrides": args.override, "max_steps": args.max_steps, "steps": recorder.steps,
+    record = {"name": args.name, "overrides": args.override, "seed": args.seed, "max_steps": args.max_steps, "steps": recorder.steps,
               "train_minutes": train_seconds / 60, "command": "python bench/bench_rnode.py " + " ".join(sys.argv[1:])}
     if not args.max_steps:
         record.update(evaluate(model, datamodule, trainer))
@@ -158,6 +159,56 @@ def first_step_check(args: argparse.Namespace) -> None:
                          f"{metrics['test/nfe_forward']:.1f} |")
             print(lines[-1], flush=True)
     print(f"\nfirst {args.swap_batches} test batches of 32; command: python bench/bench_rnode.py "
+          + " ".join(sys.argv[1:]) + "\n\n" + "\n".join(lines))
+
+
+def local_error_check(args: argparse.Namespace) -> None:
+    """dopri5's error ratio for one step of each size from t = 0, on each named run's trained weights.
+
+    The error ratio is torchdiffeq's (RMS of the embedded error estimate over atol + rtol·|y|, rtol = atol = 1e-3;
+    a step is accepted at ≤ 1), for the states entering the ODE block on the first ``--error-batches`` test batches
+    (median over batches). Its growth with the step size h is the local order the step-size controller meets: the
+    controller assumes h^5 and grows the next step by 0.9·ratio^(-1/5), at most 10×.
+    """
+    from torchdiffeq._impl.dopri5 import _DORMAND_PRINCE_SHAMPINE_TABLEAU
+    from torchdiffeq._impl.rk_common import _ButcherTableau, _runge_kutta_step
+
+    tableau = _DORMAND_PRINCE_SHAMPINE_TABLEAU  # cast as torchdiffeq's solver does: nodes in float64, weights as y
+    tableau = _ButcherTableau(alpha=tableau.alpha.double(), beta=[b.float() for b in tableau.beta],
+                              c_sol=tableau.c_sol.float(), c_error=tableau.c_error.float())
+
+    sizes = args.step_sizes
+    lines = ["| run | " + " | ".join(f"h = {h:g}" for h in sizes) + " | local order (slope of log ratio over log h) |",
+             "|---" * (len(sizes) + 2) + "|"]
+    for name in args.local_error_check:
+        record = json.loads((RESULTS / f"{name}.json").read_text())
+        model, datamodule = build(args, record["overrides"])
+        model.load_state_dict(torch.load(RESULTS / f"{name}.pt", weights_only=True))
+        model.eval()
+        (block,) = find_ode_blocks(model)
+        states: list[torch.Tensor] = []
+        hook = block.register_forward_pre_hook(lambda module, inputs: states.append(inputs[0]))
+        datamodule.setup("test")
+        with torch.no_grad():
+            for _, (images, _) in zip(range(args.error_batches), datamodule.test_dataloader()):
+                model(images)
+        hook.remove()
+        field = lambda t, y, perturb=None: block.vector_field(t.to(y.dtype), y)  # noqa: E731
+        ratios = {h: [] for h in sizes}
+        t0 = torch.zeros((), dtype=torch.float64)
+        with torch.no_grad():
+            for y0 in states:
+                f0 = field(t0, y0)
+                for h in sizes:
+                    dt = torch.tensor(h, dtype=torch.float64)
+                    y1, _, error, _ = _runge_kutta_step(field, y0, f0, t0, dt, t0 + dt, tableau)
+                    scale = 1e-3 + 1e-3 * torch.maximum(y0.abs(), y1.abs())
+                    ratios[h].append(float((error / scale).pow(2).mean().sqrt()))
+        medians = [statistics.median(ratios[h]) for h in sizes]
+        slope = statistics.linear_regression([math.log(h) for h in sizes], [math.log(r) for r in medians]).slope
+        lines.append(f"| {name} | " + " | ".join(f"{r:.2e}" for r in medians) + f" | {slope:.2f} |")
+        print(lines[-1], flush=True)
+    print(f"\nfirst {args.error_batches} test batches of 32; command: python bench/bench_rnode.py "
           + " ".join(sys.argv[1:]) + "\n\n" + "\n".join(lines))
 
 
@@ -265,12 +316,17 @@ def main() -> None:
     parser.add_argument("--name", help="name of the run (its records go to bench/rnode_runs/NAME.json/.pt)")
     parser.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"))
     parser.add_argument("--override", action="append", default=[], help="CLI arguments of this variant")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the initial weights and the batch order")
     parser.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: one epoch, then test)")
     parser.add_argument("--swap-check", nargs="+", metavar="NAME", help="run SolverSwapCheck on these runs' weights")
     parser.add_argument("--swap-batches", type=int, default=20)
     parser.add_argument("--first-step-check", nargs="+", metavar="NAME",
                         help="test these runs' weights with dopri5's first step fixed at each of --first-steps")
     parser.add_argument("--first-steps", type=float, nargs="+", default=[0.0, 0.25, 0.5, 1.0])
+    parser.add_argument("--local-error-check", nargs="+", metavar="NAME",
+                        help="dopri5's error ratio for one step of each of --step-sizes on these runs' weights")
+    parser.add_argument("--step-sizes", type=float, nargs="+", default=[0.03, 0.06, 0.12, 0.25, 0.5, 1.0])
+    parser.add_argument("--error-batches", type=int, default=10)
     parser.add_argument("--seminorm-check", action="store_true",
                         help="backward NFE of the weights of --name with and without the seminorm adjoint")
     parser.add_argument("--seminorm-batches", type=int, default=20)
@@ -287,6 +343,8 @@ def main() -> None:
         swap_check(args)
     elif args.first_step_check:
         first_step_check(args)
+    elif args.local_error_check:
+        local_error_check(args)
     elif args.seminorm_check:
         seminorm_check(args)
     else:

@@ -37,7 +37,7 @@ def error_of(args: list[str], capsys) -> str:
                                               r"Closest valid classes: lightning\.pytorch\.callbacks\.EarlyStopping\.$"),
         ("--model.init_args.network.widht=8",
          r"error: RKNetModule: `network` \(architecture 'odenet_chen'\): unknown `network` setting\(s\) 'widht' "
-         r"\(did you mean 'width'\?\); valid names are \['width', 'num_downsamples'\]\.$"),
+         r"\(did you mean 'width'\?\); valid names are \['width', 'num_downsamples', 'activation'\]\.$"),
         ("--model.init_args.lr_schedular=cosine", r"error: --model: lightning_pdenets\.models\.RKNetModule has no argument "
                                                   r"'lr_schedular'\. Closest valid arguments: lr_scheduler\.$"),
         ("--trainer.max_epochs=x", r"error: --trainer\.max_epochs: expected int \(got 'x'\)$"),

@@ -79,7 +79,7 @@ def test_the_model_builds_exactly_the_factorys_network() -> None:
 
 
 @pytest.mark.parametrize(("network", "message"), [
-    ({"widht": 8}, r"unknown `network` setting\(s\) 'widht' \(did you mean 'width'\?\); valid names are \['width', 'num_downsamples'\]"),
+    ({"widht": 8}, r"unknown `network` setting\(s\) 'widht' \(did you mean 'width'\?\); valid names are \['width', 'num_downsamples', 'activation'\]"),
     ({"width": "wide"}, r"`network.width` expected int, got 'wide'"),
     ({"in_channels": 3}, r"'in_channels' describes the data; set `model.init_args.in_channels` instead"),
     ({"solver": {"method": "rk4"}}, r"'solver' is set by its own model argument `solver`"),
@@ -99,14 +99,14 @@ def test_image_size_pairs_must_be_square_for_architectures_that_take_it() -> Non
 def test_network_settings_from_the_command_line_and_yaml_reach_the_architecture(tmp_path: Path) -> None:
     cli = build_cli(["--config", str(REPO_ROOT / "configs/quickstart.yaml"), "--model.init_args.network.width", "6"],
                     run=False)
-    assert cli.model.hparams.network == {"width": 6, "num_downsamples": 1}  # the config's num_downsamples kept
+    assert cli.model.hparams.network == {"width": 6, "num_downsamples": 1, "activation": "relu"}  # the config's num_downsamples kept
     assert cli.model.network.head[-1].in_features == 6
     assert (cli.model.hparams.in_channels, cli.model.hparams.num_classes, cli.model.hparams.image_size) == (1, 10, (8, 8))
 
     override = tmp_path / "override.yaml"
     override.write_text("model:\n  init_args:\n    network: {width: 5, num_downsamples: 0}\n")
     cli = build_cli(["--config", str(REPO_ROOT / "configs/quickstart.yaml"), "--config", str(override)], run=False)
-    assert cli.model.hparams.network == {"width": 5, "num_downsamples": 0}
+    assert cli.model.hparams.network == {"width": 5, "num_downsamples": 0, "activation": "relu"}
 
 
 def test_a_misspelled_network_setting_on_the_command_line_is_one_line(capsys) -> None:

@@ -10,11 +10,13 @@ from __future__ import annotations
 import lightning.pytorch as pl
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_pdenets.blocks import ODEBlock
-from lightning_pdenets.models import VectorODEClassifierModule
+from lightning_pdenets.dynamics.conv import ConvODEFunc
+from lightning_pdenets.models import ODENetModule, VectorODEClassifierModule
 from lightning_pdenets.protocols import RegularizedModule, find_regularized_modules, pop_regularization
 from lightning_pdenets.solvers import SolverConfig
 
@@ -225,3 +227,54 @@ def test_fixed_step_adjoint_counts_its_backward_steps_and_solvers_do_not_warn(re
     block(torch.ones(2, dtype=torch.float64, requires_grad=True)).sum().backward()
     assert (block.steps_accepted_forward, block.steps_accepted_backward) == (4, 4)
     assert not [w for w in recwarn if "does not support callbacks" in str(w.message)]
+
+
+def _dopri5_error_estimates(activation: str, seed: int, steps: tuple[float, ...]) -> list[float]:
+    """Norm of dopri5's embedded error estimate for one step of each size from t = 0 (float64, ConvODEFunc)."""
+    from torchdiffeq._impl.dopri5 import _DORMAND_PRINCE_SHAMPINE_TABLEAU
+    from torchdiffeq._impl.rk_common import _runge_kutta_step
+
+    torch.manual_seed(seed)
+    field = ConvODEFunc(8, activation).double()
+    y0 = torch.randn(2, 8, 6, 6, dtype=torch.float64)
+    func = lambda t, y, perturb=None: field(t, y)  # noqa: E731 (torchdiffeq passes `perturb`)
+    t0 = torch.zeros((), dtype=torch.float64)
+    f0 = func(t0, y0)
+    errors = []
+    for h in steps:
+        dt = torch.tensor(h, dtype=torch.float64)
+        _, _, error, _ = _runge_kutta_step(func, y0, f0, t0, dt, t0 + dt, _DORMAND_PRINCE_SHAMPINE_TABLEAU)
+        errors.append(error.norm().item())
+    return errors
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_smooth_activation_gives_dopri5_its_fifth_order_local_error(seed: int) -> None:
+    # Halving h divides dopri5's error estimate by 2^5 = 32 when f is smooth; ReLU's kinks break that order, which
+    # is why the step-size controller (it assumes h^5) grows ReLU-field steps timidly.
+    steps = (0.4, 0.2, 0.1, 0.05)
+    smooth = _dopri5_error_estimates("softplus", seed, steps)
+    kinked = _dopri5_error_estimates("relu", seed, steps)
+    assert smooth[-2] / smooth[-1] == pytest.approx(32, rel=0.15)
+    assert max(a / b for a, b in zip(kinked, kinked[1:])) < 16
+
+
+def test_odenet_activation_is_a_network_setting_and_relu_stays_chens() -> None:
+    torch.manual_seed(0)
+    model = ODENetModule(network={"width": 8, "activation": "softplus"}, solver={"method": "rk4", "step_size": 0.5})
+    field = model.network.feature.field
+    assert model.hparams.network["activation"] == "softplus" and field.activation == "softplus"
+    y = torch.randn(2, 8, 4, 4)
+    t = torch.tensor(0.3)
+    expected = field.conv2(t, F.softplus(field.norm2(field.conv1(t, F.softplus(field.norm1(y))))))
+    assert torch.equal(field(t, y), field.norm3(expected))
+    relu_field = ODENetModule(network={"width": 8}).network.feature.field
+    assert relu_field.activation == "relu"
+    relu_field.load_state_dict(field.state_dict())  # no new parameters: older checkpoints load unchanged
+    expected = relu_field.conv2(t, torch.relu(relu_field.norm2(relu_field.conv1(t, torch.relu(relu_field.norm1(y))))))
+    assert torch.equal(relu_field(t, y), relu_field.norm3(expected))
+
+
+def test_an_unknown_activation_lists_the_valid_names() -> None:
+    with pytest.raises(ValueError, match=r"`activation` must be one of \['elu', 'relu', 'silu', 'softplus', 'tanh'\], got 'gelu'"):
+        ODENetModule(network={"width": 8, "activation": "gelu"})

@@ -103,14 +103,17 @@ def odenet_chen(
     width: int = 64,
     num_downsamples: int = 2,
     solver: Union[SolverConfig, Mapping[str, Any], None] = None,
+    activation: str = "relu",
 ) -> StemFeatureHeadClassifier:
     """ODE-Net or RK-Net: stem, one ODE block, head.
 
     Args:
         solver: How the ODE block integrates (a :class:`SolverConfig` or a dict of its fields, over
             :data:`ODENET_SOLVER`, Chen et al.'s dopri5 with the adjoint method); RK-Net is ``{method: rk4, step_size: 0.25}``.
+        activation: The vector field's activation, one of :data:`~lightning_pdenets.dynamics.activations.ACTIVATIONS`
+            (Chen et al.'s ``relu``; ``silu`` or ``softplus`` make f smooth, which adaptive solvers step through faster).
         Others: as in :func:`resnet_chen`.
     """
     check_positive_int(width, "width")
-    block = ODEBlock(ConvODEFunc(width), SolverConfig.from_options(solver, defaults=ODENET_SOLVER))
+    block = ODEBlock(ConvODEFunc(width, activation), SolverConfig.from_options(solver, defaults=ODENET_SOLVER))
     return StemFeatureHeadClassifier(block, in_channels, num_classes, width, num_downsamples)

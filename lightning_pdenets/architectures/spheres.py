@@ -16,7 +16,8 @@ from torch import nn
 
 from lightning_pdenets.architectures.registry import register_architecture
 from lightning_pdenets.blocks.ode import ODEBlock
-from lightning_pdenets.dynamics.mlp import MLPODEFunc, check_activation
+from lightning_pdenets.dynamics.activations import check_activation
+from lightning_pdenets.dynamics.mlp import MLPODEFunc
 from lightning_pdenets.solvers import SolverConfig
 from lightning_pdenets.validation import check_positive_int
 
@@ -54,7 +55,7 @@ class ConvBottleneckODEFunc(nn.Module):
     Args:
         channels: Channels of the state (3 for raw RGB images).
         hidden_channels: Channels inside the bottleneck.
-        activation: Activation name (see :data:`lightning_pdenets.dynamics.mlp.MLP_ACTIVATIONS`).
+        activation: Activation name (see :data:`lightning_pdenets.dynamics.activations.ACTIVATIONS`).
     """
 
     def __init__(self, channels: int = 3, hidden_channels: int = 64, activation: str = "relu") -> None:

@@ -2,12 +2,16 @@
 
 Chen, Rubanova, Bettencourt & Duvenaud, "Neural Ordinary Differential Equations", NeurIPS 2018
 (the ``ODEfunc`` of their MNIST experiment): norm → ReLU → conv([y, t]) → norm → ReLU → conv([y, t]) → norm.
+The activation may be a smooth one instead (``activation: silu``; see :mod:`lightning_pdenets.dynamics.activations`
+for why adaptive solvers take larger steps on smooth fields).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from lightning_pdenets.dynamics.activations import check_activation
 
 __all__ = ["ConcatConv2d", "ConvODEFunc", "group_norm"]
 
@@ -30,10 +34,17 @@ class ConcatConv2d(nn.Module):
 
 
 class ConvODEFunc(nn.Module):
-    """f(t, y) for feature maps of shape (N, channels, H, W); the output has the input's shape."""
+    """f(t, y) for feature maps of shape (N, channels, H, W); the output has the input's shape.
 
-    def __init__(self, channels: int) -> None:
+    Args:
+        channels: Channels of the state (and of every layer).
+        activation: One of :data:`~lightning_pdenets.dynamics.activations.ACTIVATIONS` (Chen et al.: ``relu``).
+    """
+
+    def __init__(self, channels: int, activation: str = "relu") -> None:
         super().__init__()
+        self.activation = activation
+        self.act = check_activation(activation)()
         self.norm1 = group_norm(channels)
         self.conv1 = ConcatConv2d(channels, channels)
         self.norm2 = group_norm(channels)
@@ -41,6 +52,7 @@ class ConvODEFunc(nn.Module):
         self.norm3 = group_norm(channels)
 
     def forward(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        out = self.conv1(t, torch.relu(self.norm1(y)))
-        out = self.conv2(t, torch.relu(self.norm2(out)))
+        out = self.conv1(t, self.act(self.norm1(y)))
+        out = self.conv2(t, self.act(self.norm2(out)))
         return self.norm3(out)
+

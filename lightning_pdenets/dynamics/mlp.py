@@ -9,19 +9,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lightning_pdenets.dynamics.activations import ACTIVATIONS, check_activation
 from lightning_pdenets.validation import check_positive_int
 
 __all__ = ["MLPODEFunc", "MLP_ACTIVATIONS"]
 
-MLP_ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "tanh": nn.Tanh, "softplus": nn.Softplus, "elu": nn.ELU}
-"""Activation names accepted by :class:`MLPODEFunc`."""
-
-
-def check_activation(activation: str) -> type[nn.Module]:
-    """Return the activation class for ``activation`` or raise a ``ValueError`` listing the names."""
-    if activation not in MLP_ACTIVATIONS:
-        raise ValueError(f"`activation` must be one of {sorted(MLP_ACTIVATIONS)}, got {activation!r}.")
-    return MLP_ACTIVATIONS[activation]
+MLP_ACTIVATIONS = ACTIVATIONS
+"""Activation names accepted by :class:`MLPODEFunc` (those of :mod:`lightning_pdenets.dynamics.activations`)."""
 
 
 class MLPODEFunc(nn.Module):

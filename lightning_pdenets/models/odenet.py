@@ -26,7 +26,7 @@ class ResNetModule(ClassifierModule):
 class ODENetModule(ODESolverMixin, ClassifierModule):
     """ODE-Net of Chen et al. 2018: one ODE block solved with dopri5 and the adjoint method.
 
-    ``network``: ``width``, ``num_downsamples`` (:func:`~lightning_pdenets.architectures.chen.odenet_chen`);
+    ``network``: ``width``, ``num_downsamples``, ``activation`` (:func:`~lightning_pdenets.architectures.chen.odenet_chen`);
     ``solver``: fields of :class:`~lightning_pdenets.solvers.SolverConfig` over :data:`ODENET_SOLVER`.
     """
 
