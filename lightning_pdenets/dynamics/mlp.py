@@ -9,13 +9,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lightning_pdenets.dynamics.activations import ACTIVATIONS, check_activation
+from lightning_pdenets.dynamics.activations import check_activation
 from lightning_pdenets.validation import check_positive_int
 
-__all__ = ["MLPODEFunc", "MLP_ACTIVATIONS"]
-
-MLP_ACTIVATIONS = ACTIVATIONS
-"""Activation names accepted by :class:`MLPODEFunc` (those of :mod:`lightning_pdenets.dynamics.activations`)."""
+__all__ = ["MLPODEFunc"]
 
 
 class MLPODEFunc(nn.Module):
@@ -25,7 +22,7 @@ class MLPODEFunc(nn.Module):
         dim: Size of the state y.
         hidden_width: Units of each hidden layer.
         num_hidden_layers: Hidden layers (>= 1).
-        activation: One of :data:`MLP_ACTIVATIONS`.
+        activation: One of :data:`~lightning_pdenets.dynamics.activations.ACTIVATIONS`.
         time_dependent: Append t to the input of the first layer.
     """
 
