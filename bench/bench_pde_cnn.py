@@ -243,7 +243,7 @@ def main() -> None:
                    for d in ("parabolic", "hamiltonian", "second_order")]
         results = run_isolated(smoke_run, configs, "smoke runs")
         lines += [
-            f"## Smoke run: `pdenets fit --config configs/stl10/<dynamics>.yaml` on fabricated STL-10 files",
+            "## Smoke run: `pdenets fit --config configs/stl10/<dynamics>.yaml` on fabricated STL-10 files",
             "",
             f"Paper-size network and optimizer settings; CPU-sized data: 160 fabricated training images, batch 16, "
             f"{args.smoke_batches} SGD steps (lr 0.1), TV-in-time and box projection callbacks active.",

@@ -15,7 +15,6 @@ import os
 import socket
 import subprocess
 import sys
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl

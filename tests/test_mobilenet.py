@@ -141,3 +141,15 @@ def test_prnet_variant_fine_tunes_from_a_prnet_checkpoint(tmp_path):
     assert target.network.classifier.out_features == 3
     with pytest.raises(ValueError, match="different architecture"):
         PRNetMobileNetModule(num_classes=3, pretrained_checkpoint=str(path), network=dict(TINY, expanded_channels=48))
+
+
+def test_odenet_mobilenet_activation_reaches_its_vector_field_and_bad_names_list_the_valid_ones():
+    silu = odenet_mobilenet(activation="silu", num_classes=10, **TINY)
+    relu = odenet_mobilenet(num_classes=10, **TINY)
+    assert silu.blocks[-1].field.activation == "silu" and isinstance(silu.blocks[-1].field.act, torch.nn.SiLU)
+    assert relu.blocks[-1].field.activation == "relu"  # Chen et al.'s field stays the default
+    with pytest.raises(ValueError, match=r"`activation` must be one of \['elu', 'relu', 'silu', 'softplus', 'tanh'\], got 'gelu'"):
+        odenet_mobilenet(activation="gelu", num_classes=10, **TINY)
+    module = ODEMobileNetModule(network=dict(TINY, activation="silu"), num_classes=10, image_size=64,
+                                solver={"method": "rk4", "step_size": 0.5, "adjoint": False})
+    assert find_ode_blocks(module)[0].field.activation == "silu"

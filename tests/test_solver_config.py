@@ -213,6 +213,13 @@ def test_checkpoint_of_the_previous_layout_fails_with_the_release_and_the_upgrad
     assert upgrade_checkpoint(upgraded)["hyper_parameters"] == upgraded["hyper_parameters"]  # idempotent
 
 
+def test_description_names_the_step_bounds_that_change_an_adaptive_solve() -> None:
+    """A test-time `first_step` must be visible in "trained with ...; evaluated with ...", not only in `changed`."""
+    assert SolverConfig().describe() == "dopri5, rtol=0.001, atol=0.001"
+    assert SolverConfig(first_step=1.0, max_step=0.5).describe() == "dopri5, rtol=0.001, atol=0.001, first_step=1, max_step=0.5"
+    assert SolverConfig(method="rk4", step_size=0.25).describe() == "rk4, step_size=0.25"
+
+
 def test_solver_config_is_frozen() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         SolverConfig().rtol = 1.0  # type: ignore[misc]

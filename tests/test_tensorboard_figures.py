@@ -9,7 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning.pytorch as pl
-import pytest
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -241,15 +241,22 @@ def odenet_mobilenet(
     head_expansion: int = 6,
     dropout: float = 0.2,
     solver: Union[SolverConfig, Mapping[str, Any], None] = None,
+    activation: str = "relu",
 ) -> IsometricMobileNetV3:
     """ODE-Net on the isometric MobileNetV3: the last of ``num_blocks`` blocks is an ODE block.
 
     The ODE block integrates Chen et al.'s convolutional vector field (:class:`ConvODEFunc`) at the
-    network's width. ``solver`` (a :class:`SolverConfig` or a dict of its
-    fields) overrides Chen et al.'s dopri5 with the adjoint method (:data:`ODENET_SOLVER`); the other arguments as in :func:`mobilenetv3_isometric`.
+    network's width.
+
+    Args:
+        solver: How the ODE block integrates (a :class:`SolverConfig` or a dict of its fields, over
+            :data:`ODENET_SOLVER`, Chen et al.'s dopri5 with the adjoint method).
+        activation: The vector field's activation, one of :data:`~lightning_pdenets.dynamics.activations.ACTIVATIONS`
+            (Chen et al.'s ``relu``; ``silu`` or ``softplus`` make f smooth, which adaptive solvers step through faster).
+        Others: as in :func:`mobilenetv3_isometric`.
     """
     def ode_block(width: int) -> ODEBlock:
-        return ODEBlock(ConvODEFunc(width), SolverConfig.from_options(solver, defaults=ODENET_SOLVER))
+        return ODEBlock(ConvODEFunc(width, activation), SolverConfig.from_options(solver, defaults=ODENET_SOLVER))
 
     return _build(ode_block, in_channels, num_classes, width_multiplier, channels, num_blocks, expanded_channels,
                   kernel_size, patch_size, head_expansion, dropout)

@@ -169,7 +169,8 @@ def check_finetune_settings(finetune: str, unfreeze_backbone_at_epoch: int, back
 class ODEMobileNetModule(ODESolverMixin, IsometricMobileNetModule):
     """ODE-Net on the isometric MobileNetV3 (Kim et al. Table 3: 3 mobile blocks + 1 ODE block).
 
-    ``network`` and fine-tuning: as :class:`IsometricMobileNetModule`'s; ``solver``: over Chen et al.'s dopri5
+    ``network`` and fine-tuning: as :class:`IsometricMobileNetModule`'s, and the ODE block's ``activation``
+    (:func:`lightning_pdenets.architectures.odenet_mobilenet`); ``solver``: over Chen et al.'s dopri5
     with the adjoint method (fields of :class:`lightning_pdenets.solvers.SolverConfig`).
     """
 
