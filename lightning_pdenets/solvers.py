@@ -231,9 +231,9 @@ class SolverConfig:
         """A short human-readable summary, e.g. ``rk4, step_size=0.25`` or ``dopri5, rtol=0.001, atol=0.001, adjoint``."""
         if self.is_adaptive:
             text = f"{self.method}, rtol={self.rtol:g}, atol={self.atol:g}"
-            for name in ("first_step", "max_step"):
-                if getattr(self, name) is not None:
-                    text += f", {name}={getattr(self, name):g}"
+            for name, value in (("first_step", self.first_step), ("max_step", self.max_step)):
+                if value is not None:
+                    text += f", {name}={value:g}"
         else:
             text = f"{self.method}, step_size={self.step_size:g}"
         if self.adjoint:

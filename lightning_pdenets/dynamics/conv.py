@@ -55,4 +55,3 @@ class ConvODEFunc(nn.Module):
         out = self.conv1(t, self.act(self.norm1(y)))
         out = self.conv2(t, self.act(self.norm2(out)))
         return self.norm3(out)
-
