@@ -35,6 +35,7 @@ from lightning_pdenets._discovery import import_class
 from lightning_pdenets.architectures.registry import ARCHITECTURES, DATA_FACTS, architecture_parameters
 from lightning_pdenets.checkpoints import AtomicCheckpointIO, check_checkpoint, find_resume_checkpoint, needs_unpickling
 from lightning_pdenets.migration import LegacyCheckpointError, check_layout
+from lightning_pdenets.pretrained import PRETRAINED_PREFIX, resolve_ckpt_path as resolve_pretrained
 from lightning_pdenets.errors import (
     CheckpointMismatchError,
     CheckpointNotFoundError,
@@ -249,6 +250,8 @@ class PDENetsCLI(LightningCLI):
             config["ckpt_path"] = ckpt_path = str(found)
             _continue_logger_version(config, found)
             rank_zero_info(f"{'Resuming from' if subcommand == 'fit' else f'Running {subcommand} on'} {found}")
+        if str(ckpt_path).startswith(PRETRAINED_PREFIX):  # a named pretrained model: its file, SHA-256 verified
+            config["ckpt_path"] = ckpt_path = resolve_pretrained(ckpt_path)
         if ckpt_path in (None, "best", "hpc", "registry") or str(ckpt_path).startswith("registry:"):
             return False
         # Lightning's own load runs with torch's default, which an environment variable can turn into unpickling.
