@@ -2,17 +2,18 @@
 
 ``pdenets fit --config configs/quickstart.yaml`` trains, then (unless ``--test_after_fit false``)
 tests the best checkpoint, so one command reports test accuracy. Each config logs into a folder of
-its own, ``logs/<config path under configs/>/version_N`` (``logs/quickstart/version_0``).
+its own, ``logs/<config path under configs/>/version_N`` (``logs/quickstart/version_0``; a config outside
+``configs/`` adds a hash of its path to its stem); ``--trainer.default_root_dir DIR`` puts it under ``DIR`` instead.
 """
 
 from __future__ import annotations
 
 import difflib
+import hashlib
 import importlib
 import inspect
 import os
 import re
-import signal
 import sys
 import typing
 import warnings
@@ -34,6 +35,7 @@ import lightning_pdenets.models  # noqa: F401
 from lightning_pdenets._discovery import import_class
 from lightning_pdenets.architectures.registry import ARCHITECTURES, DATA_FACTS, architecture_parameters
 from lightning_pdenets.checkpoints import AtomicCheckpointIO, check_checkpoint, find_resume_checkpoint, needs_unpickling
+from lightning_pdenets.interruption import EXIT_SIGTERM, StopWatchdog
 from lightning_pdenets.migration import LegacyCheckpointError, check_layout
 from lightning_pdenets.pretrained import PRETRAINED_PREFIX, resolve_ckpt_path as resolve_pretrained
 from lightning_pdenets.errors import (
@@ -45,6 +47,9 @@ from lightning_pdenets.errors import (
     UntrustedCheckpointError,
 )
 
+DEFAULT_LOG_DIR = "logs"
+"""Folder of the logs and checkpoints of every run, unless ``--trainer.default_root_dir`` names another."""
+
 DEFAULT_EXPERIMENT_NAME = "pdenets"
 """Log folder name under ``logs/`` of a run without a config file that sets the model."""
 
@@ -54,8 +59,7 @@ EXIT_USAGE = 2
 EXIT_MODEL_FAILURE = 1
 """Exit status when the model failed (a NaN loss, a solver that could not integrate): a run that did not succeed."""
 
-EXIT_SIGTERM = 128 + signal.SIGTERM
-"""Exit status after SIGTERM, as a shell reports a process that SIGTERM ended."""
+SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 # Errors of the user's input that reach the user as one message, not a traceback.
 USER_ERRORS = (
@@ -182,7 +186,8 @@ class PDENetsCLI(LightningCLI):
                 "trainer.logger": {
                     "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                     # name null: named after the config file (see _name_log_folder)
-                    "init_args": {"save_dir": "logs", "name": None},
+                    # save_dir: --trainer.default_root_dir replaces it when given (see _name_log_folder)
+                    "init_args": {"save_dir": DEFAULT_LOG_DIR, "name": None},
                 },
                 "trainer.callbacks": [
                     {
@@ -198,6 +203,7 @@ class PDENetsCLI(LightningCLI):
                     },
                     {"class_path": "lightning.pytorch.callbacks.LearningRateMonitor"},
                     {"class_path": "lightning_pdenets.callbacks.CheckpointOnInterrupt"},
+                    {"class_path": "lightning_pdenets.callbacks.SigtermFlagOnly"},
                     {"class_path": "lightning_pdenets.callbacks.NFEMonitor"},
                     {"class_path": "lightning_pdenets.callbacks.PredictionWriter"},
                 ],
@@ -246,6 +252,7 @@ class PDENetsCLI(LightningCLI):
                 raise CheckpointNotFoundError(
                     f"--ckpt_path last: no readable last.ckpt or interrupted.ckpt under {str(log_root)!r}, the log "
                     f"folder of this config. Pass a checkpoint path, or run without --ckpt_path to start afresh."
+                    f"{_older_log_folder_note(log_root)}"
                 )
             config["ckpt_path"] = ckpt_path = str(found)
             _continue_logger_version(config, found)
@@ -262,6 +269,7 @@ class PDENetsCLI(LightningCLI):
         class_path = model.get("class_path") if isinstance(model, Namespace) else None
         checkpoint = check_checkpoint(ckpt_path, class_path, trusted=trusted)
         check_layout(checkpoint, ckpt_path, model=class_path)
+        _check_checkpoint_settings(checkpoint, ckpt_path, config, subcommand)
         if trusted and needs_unpickling(ckpt_path):
             rank_zero_info(f"{ckpt_path} needs unpickling, trusted by --weights_only false; the model is built from "
                            f"the config alone, not from the hyperparameters stored in the file.")
@@ -351,7 +359,10 @@ def experiment_name(config_files: Sequence[Any]) -> str:
     """Log folder name of a run: the path of its model's config file under ``configs/``, without the suffix.
 
     ``configs/mnist/odenet.yaml`` gives ``mnist/odenet`` (stems alone collide across datasets), a file
-    outside a ``configs`` folder its stem. The first config file that sets ``model`` counts, so that
+    outside a ``configs`` folder its stem and a short hash of its resolved path (``quickstart-1a2b3c4d``): stems
+    alone let ``a/quickstart.yaml`` resume ``b/quickstart.yaml``'s run, and a path relative to the working
+    directory would still collide across working directories sharing one ``default_root_dir``. The first
+    config file that sets ``model`` counts, so that
     trainer and callback presets added with more ``--config`` do not rename the experiment; without
     one, the first config file, and without any, ``pdenets``.
     """
@@ -363,7 +374,21 @@ def experiment_name(config_files: Sequence[Any]) -> str:
     if "configs" in parts[:-1]:
         last = len(parts) - 1 - parts[::-1].index("configs")
         return "/".join(parts[last + 1:])
-    return chosen.stem
+    return f"{chosen.stem}-{_path_digest(chosen)}"
+
+
+def _older_log_folder_note(log_root: Path) -> str:
+    """A note naming the folder where releases up to 0.3.0 logged this config's runs (its stem alone), if it holds any."""
+    older = re.sub(r"-[0-9a-f]{8}$", "", log_root.name)
+    if older == log_root.name or not any((log_root.parent / older).glob("**/*.ckpt")):
+        return ""
+    return (f" (Runs logged by lightning_pdenets 0.3.0 and earlier are in {str(log_root.parent / older)!r}, shared by every "
+            f"config named {older}.yaml: pass one of their checkpoints as --ckpt_path PATH.)")
+
+
+def _path_digest(path: Path) -> str:
+    """8 hex digits naming the resolved ``path``: two files of the same name in different folders never share one."""
+    return hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:8]
 
 
 def _sets_model(config_file: Path) -> bool:
@@ -375,11 +400,35 @@ def _sets_model(config_file: Path) -> bool:
 
 
 def _name_log_folder(config: Namespace) -> None:
-    """Give a TensorBoard/CSV logger left without a ``name`` the experiment's name (see :func:`experiment_name`)."""
-    logger = config.get("trainer", {}).get("logger")
+    """Give a TensorBoard/CSV logger left without a ``name`` the experiment's name (see :func:`experiment_name`),
+    and place it under ``--trainer.default_root_dir`` when one is given (instead of ``logs``)."""
+    trainer = config.get("trainer") or Namespace()
+    root = trainer.get("default_root_dir")
+    if root is not None:
+        _check_folder(root, "--trainer.default_root_dir")
+    logger = trainer.get("logger")
     init_args = logger.get("init_args") if isinstance(logger, Namespace) else None
     if init_args is not None and "name" in init_args and init_args.get("name") is None:
         init_args["name"] = experiment_name(config.get("config") or [])
+    if init_args is not None and init_args.get("save_dir") is not None:
+        if root is not None and str(init_args["save_dir"]) == DEFAULT_LOG_DIR:
+            init_args["save_dir"] = str(root)
+        _check_folder(init_args["save_dir"], "--trainer.logger.init_args.save_dir")
+
+
+def _check_folder(path: Any, option: str) -> None:
+    """Refuse a log folder that names a file, lies under one, or cannot be created (before anything is written)."""
+    path = Path(str(path)).expanduser()
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing == path and not path.is_dir():
+        raise ConfigurationError(f"{option} {str(path)!r} is a file, not a folder: logs and checkpoints are written "
+                                 f"into it. Pass a folder (a missing one is created).")
+    if existing is not None and existing != path and not existing.is_dir():
+        raise ConfigurationError(f"{option} {str(path)!r} cannot be created: {str(existing)!r} is a file. Pass a "
+                                 f"folder path (a missing one is created).")
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigurationError(f"{option} {str(path)!r}: {str(existing)!r} is not writable. Pass a folder you can "
+                                 f"write to.")
 
 
 def _is_learning_rate(key: str) -> bool:
@@ -447,6 +496,67 @@ def _traceback_frames(error: BaseException):
         traceback = traceback.tb_next
 
 
+DATA_SETTINGS_FREE_TO_CHANGE = ("data_dir", "download", "num_workers")
+"""Datamodule arguments a resumed fit may change: where the files are and how they are read, not what is trained on."""
+
+
+def _check_checkpoint_settings(checkpoint: dict, ckpt_path: Any, config: Namespace, subcommand: str) -> None:
+    """Refuse a checkpoint whose ``network`` (or, for ``fit``, datamodule) settings contradict the resolved config.
+
+    Lightning takes the checkpoint's model arguments over the config's, so a contradicting ``network`` would
+    be dropped silently (or fail as a wall of ``size mismatch`` lines); a resumed fit on other data would
+    continue another experiment's curves.
+    """
+    stored = checkpoint.get("hyper_parameters") or {}
+    model = config.get("model")
+    class_path = (model.get("class_path") if isinstance(model, Namespace) else None) or stored.get("_class_path")
+    init_args = model.get("init_args") if isinstance(model, Namespace) else None
+    differences = []
+    architecture = getattr(import_class(class_path), "architecture", None) if isinstance(class_path, str) else None
+    if architecture in ARCHITECTURES and isinstance(stored.get("network"), dict) and hasattr(init_args, "get"):
+        given = _plain(init_args.get("network") or {})
+        defaults = {name: parameter.default for name, parameter in architecture_parameters(architecture).items()
+                    if parameter.default is not inspect.Parameter.empty}
+        for key, trained in stored["network"].items():
+            value = given.get(key, defaults.get(key, trained))
+            if _plain(value) != _plain(trained):
+                differences.append(f"network.{key} (checkpoint {trained!r}, config {value!r})")
+    stored_data = checkpoint.get("datamodule_hyper_parameters")
+    data = config.get("data")
+    if subcommand == "fit" and isinstance(stored_data, dict) and isinstance(data, Namespace):
+        data_class, data_args = data.get("class_path"), data.get("init_args")
+        if stored_data.get("_class_path") not in (None, data_class):
+            differences.append(f"data (checkpoint {stored_data['_class_path']}, config {data_class})")
+        elif hasattr(data_args, "get"):
+            for key, trained in stored_data.items():
+                if key.startswith("_") or key in DATA_SETTINGS_FREE_TO_CHANGE or key not in data_args:
+                    continue
+                if _plain(data_args.get(key)) != _plain(trained):
+                    differences.append(f"data.{key} (checkpoint {trained!r}, config {_plain(data_args.get(key))!r})")
+    if not differences:
+        return
+    config_file = Path(str(ckpt_path)).parent.parent / "config.yaml"
+    source = f" (saved in {str(config_file)!r})" if config_file.is_file() else ""
+    action = ("resume it with the settings it was trained with" if subcommand == "fit"
+              else f"{subcommand} it with the settings it was trained with")
+    raise CheckpointMismatchError(
+        f"checkpoint {str(ckpt_path)!r} was trained with other settings than this config gives: "
+        f"{'; '.join(differences)}. Either {action}: drop the overrides, or pass its config{source}; or start a fresh "
+        f"run without --ckpt_path."
+    )
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with Namespaces as dicts and tuples as lists, so a config value compares equal to a stored one."""
+    if isinstance(value, Namespace):
+        value = value.as_dict()
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    return value
+
+
 def _continue_logger_version(config, checkpoint: Path) -> None:
     """Log into the resumed run's version folder, so its curves continue and new checkpoints land beside it."""
     logger = config.get("trainer", {}).get("logger")
@@ -477,13 +587,19 @@ def main(args: Optional[list[str]] = None) -> None:
     Exits with 2 for bad arguments and checkpoints (one message, no traceback), with 1 when the model fails
     (a NaN loss, a solver failure: the message with its remedies, no traceback; the last good checkpoint is
     kept), and with 143 after SIGTERM (Lightning stops cleanly but would exit 0, which a scheduler or ``&&``
-    reads as success). ``JSONARGPARSE_DEBUG=true`` shows the tracebacks.
+    reads as success). A process that cannot stop by itself within ``$PDENETS_STOP_GRACE_SECONDS`` (20 s) of
+    SIGTERM, e.g. one blocked in a collective that another DDP process never joined, is ended by
+    :class:`~lightning_pdenets.interruption.StopWatchdog` with 143 and one line. ``JSONARGPARSE_DEBUG=true``
+    shows the tracebacks.
     """
+    subcommand = _subcommand(sys.argv[1:] if args is None else args)
+    watchdog = StopWatchdog(describe=lambda: _after_sigterm_advice(subcommand)).start()
     try:
         build_cli(args)
-    except SIGTERMException:
-        sys.stderr.write(f"pdenets: stopped by SIGTERM (exit code {EXIT_SIGTERM}). An interrupted fit resumes with "
-                         f"the same command and --ckpt_path last.\n")
+    except SIGTERMException as error:
+        what = f" during {error}" if str(error) else ""
+        sys.stderr.write(f"pdenets: {subcommand or 'the run'} stopped by SIGTERM{what} (exit code {EXIT_SIGTERM}). "
+                         f"{_after_sigterm_advice(subcommand)}\n")
         sys.exit(EXIT_SIGTERM)
     except USER_ERRORS as error:
         if _debugging():
@@ -495,6 +611,23 @@ def main(args: Optional[list[str]] = None) -> None:
             raise
         sys.stderr.write(f"error: {type(error).__name__}: {error}\n")
         sys.exit(EXIT_MODEL_FAILURE)
+    finally:
+        watchdog.stop()
+
+
+def _subcommand(args: Sequence[str]) -> Optional[str]:
+    """The subcommand (``fit``, ``test``, ...) among the command-line arguments, or ``None``."""
+    return next((arg for arg in args if arg in SUBCOMMANDS), None)
+
+
+def _after_sigterm_advice(subcommand: Optional[str]) -> str:
+    """What to do after SIGTERM stopped ``subcommand``: resume a fit, rerun an evaluation."""
+    if subcommand == "fit":
+        return ("The last good checkpoint is kept; the fit resumes with the same command and --ckpt_path last "
+                "(on any number of processes).")
+    if subcommand in ("test", "validate", "predict"):
+        return f"Nothing of this {subcommand} run was written; run the same command again to {subcommand} from the start."
+    return ""
 
 
 if __name__ == "__main__":

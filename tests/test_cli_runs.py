@@ -36,7 +36,7 @@ def test_last_checkpoint_holds_the_last_epoch_when_the_best_is_earlier(tmp_path:
 def test_each_config_logs_into_a_folder_named_after_it() -> None:
     assert experiment_name([REPO_ROOT / "configs/mnist/odenet.yaml"]) == "mnist/odenet"
     assert experiment_name([REPO_ROOT / "configs/trainer/cpu.yaml", QUICKSTART]) == "quickstart"  # the model's config
-    assert experiment_name([Path("/elsewhere/my_run.yaml")]) == "my_run"
+    assert re.fullmatch(r"my_run-[0-9a-f]{8}", experiment_name([Path("/elsewhere/my_run.yaml")]))  # stem + path hash
     assert experiment_name([]) == "pdenets"
 
 

@@ -1,0 +1,99 @@
+"""Issue 28, item 1: ``--ckpt_path`` never continues another experiment, and says which settings differ."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lightning_pdenets.cli import experiment_name, main
+from tests.conftest import REPO_ROOT
+
+QUICKSTART = REPO_ROOT / "configs/quickstart.yaml"
+TINY = [
+    "--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1",
+    "--trainer.limit_test_batches=1", "--trainer.enable_progress_bar=false", "--test_after_fit=false",
+]
+
+
+def run(args: list[str], capsys) -> tuple[int, str]:
+    """``pdenets ARGS`` in this process: (exit code, stderr)."""
+    capsys.readouterr()
+    try:
+        main(args)
+        code = 0
+    except SystemExit as stop:
+        code = stop.code
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return code, err
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def quickstart_copy(folder: Path, width: int) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "quickstart.yaml"
+    path.write_text(QUICKSTART.read_text().replace("width: 64 ", f"width: {width} "))
+    return path
+
+
+def test_configs_of_one_name_in_two_folders_log_apart_and_last_never_resumes_the_other(tmp_path: Path, capsys) -> None:
+    a, b = quickstart_copy(tmp_path / "a", 16), quickstart_copy(tmp_path / "b", 8)
+    assert experiment_name([a]) != experiment_name([b])
+    assert experiment_name([QUICKSTART]) == "quickstart"  # configs/ keeps its names: users have runs there
+    assert run(["fit", "--config", str(a), *TINY], capsys)[0] == 0
+    before = snapshot(tmp_path / "logs")
+
+    code, err = run(["fit", "--config", str(b), *TINY, "--ckpt_path", "last"], capsys)
+    assert code == 2
+    assert err.startswith("error: --ckpt_path last: no readable last.ckpt") and "start afresh" in err
+    assert snapshot(tmp_path / "logs") == before  # a's run untouched, no folder for b
+
+
+@pytest.fixture
+def width8_run(tmp_path: Path, capsys) -> Path:
+    """A quickstart run at width 8; its folder."""
+    assert run(["fit", "--config", str(QUICKSTART), "--model.init_args.network.width=8", *TINY], capsys)[0] == 0
+    return tmp_path / "logs" / "quickstart"
+
+
+def test_last_refuses_a_checkpoint_of_another_network_and_names_the_keys(width8_run: Path, capsys) -> None:
+    before = snapshot(width8_run)
+    code, err = run(["fit", "--config", str(QUICKSTART), "--model.init_args.network.width=16",
+                     "--model.init_args.network.activation=silu", *TINY, "--trainer.max_epochs=2",
+                     "--ckpt_path", "last"], capsys)
+    assert code == 2
+    assert len(err.strip().splitlines()) <= 2
+    assert "network.width (checkpoint 8, config 16)" in err and "network.activation (checkpoint 'relu', config 'silu')" in err
+    assert "drop the overrides" in err and "start a fresh run without --ckpt_path" in err
+    assert snapshot(width8_run) == before
+
+
+def test_a_resumed_fit_refuses_other_data_settings(width8_run: Path, capsys) -> None:
+    before = snapshot(width8_run)
+    code, err = run(["fit", "--config", str(QUICKSTART), "--model.init_args.network.width=8", *TINY,
+                     "--trainer.max_epochs=2", "--data.init_args.batch_size=32", "--ckpt_path", "last"], capsys)
+    assert code == 2
+    assert "data.batch_size (checkpoint 64, config 32)" in err
+    assert snapshot(width8_run) == before
+
+
+@pytest.mark.parametrize("subcommand", ["test", "fit"])
+def test_an_explicit_checkpoint_that_contradicts_the_network_is_a_short_error(subcommand: str, width8_run: Path,
+                                                                              capsys) -> None:
+    """Before: `test` silently used the checkpoint's width; `fit` ended in a wall of `size mismatch` lines."""
+    checkpoint = width8_run / "version_0" / "checkpoints" / "last.ckpt"
+    code, err = run([subcommand, "--config", str(QUICKSTART), "--model.init_args.network.width=32", *TINY,
+                     "--trainer.max_epochs=2", f"--ckpt_path={checkpoint}"], capsys)
+    assert code == 2
+    assert "network.width (checkpoint 8, config 32)" in err and "size mismatch" not in err
+
+
+def test_the_same_settings_still_resume(width8_run: Path, capsys) -> None:
+    code, err = run(["fit", "--config", str(QUICKSTART), "--model.init_args.network.width=8", *TINY,
+                     "--trainer.max_epochs=2", "--ckpt_path", "last"], capsys)
+    assert code == 0, err
+    assert not (width8_run / "version_1").exists()
