@@ -4,6 +4,8 @@ Goodfellow, Shlens & Szegedy, "Explaining and Harnessing Adversarial Examples", 
 Madry et al., "Towards Deep Learning Models Resistant to Adversarial Attacks", ICLR 2018 (PGD);
 Uesato, O'Donoghue, van den Oord & Kohli, "Adversarial Risk and the Dangers of Evaluating Against Weak
 Attacks", ICML 2018 (SPSA, gradient-free);
+Croce & Hein, "Reliable evaluation of adversarial robustness with an ensemble of diverse parameter-free
+attacks", ICML 2020 (AutoAttack: APGD-CE, APGD-T, FAB-T, Square; through torchattacks, an optional extra);
 Huang, Yu, Zhang & Chen (MSML 2022): adaptive-step neural ODEs can mask gradients, so that PGD fails where
 black-box attacks succeed;
 the evaluation protocol of Kim et al.'s PR-Net paper, Table 4 (ε = 0.5/255, 1/255, 3/255).
@@ -40,7 +42,11 @@ __all__ = ["AdversarialEvaluation", "PixelSpace", "normalization_of", "parse_eps
 
 WHITE_BOX_ATTACKS = ("fgsm", "pgd")
 BLACK_BOX_ATTACKS = ("spsa",)
-ATTACKS = WHITE_BOX_ATTACKS + BLACK_BOX_ATTACKS
+ENSEMBLE_ATTACKS = ("autoattack",)
+"""Croce & Hein's AutoAttack (standard): three gradient-based stages, then the gradient-free Square."""
+ATTACKS = WHITE_BOX_ATTACKS + BLACK_BOX_ATTACKS + ENSEMBLE_ATTACKS
+AUTOATTACK_GRADIENT_KEY = "autoattack-fab-t"
+"""Metric key of AutoAttack's robust set after its gradient-based stages (APGD-CE, APGD-T, FAB-T)."""
 
 
 def parse_epsilon(value: Union[float, int, str]) -> float:
@@ -102,6 +108,19 @@ class AdversarialEvaluation(Callback):
       same batches, by more than ``masking_margin``, ``adv/gradient_masking_eps<ε·255>`` is logged as 1 (else
       0) and a warning is given once per run.
 
+    **AutoAttack.** ``"autoattack"`` in ``attacks`` runs the standard L∞ AutoAttack of Croce & Hein (ICML 2020)
+    through torchattacks 3.5.1 (the optional extra ``pip install "lightning_pdenets[autoattack]"``; without it
+    the constructor raises ``ImportError`` naming that command): APGD-CE, APGD-T and FAB-T (``autoattack_steps``
+    iterations each, the paper's 100 by default; torchattacks' own ``AutoAttack`` would use 10), then the
+    gradient-free Square (``autoattack_queries``), each stage on the images the earlier ones left correctly
+    classified. It logs ``adv/autoattack_eps<ε·255>/top1`` (AutoAttack's robust accuracy) and the accuracy
+    after each gradient-based stage, ``adv/autoattack-apgd-ce_…``, ``adv/autoattack-apgd-t_…`` and
+    ``adv/autoattack-fab-t_…``. Its gradient-based stages differentiate through ``gradient_solver`` like FGSM
+    and PGD; Square queries the model's own solver. When Square fools more than ``masking_margin`` of the
+    images that every gradient-based stage left robust (AutoAttack's own sign of masked gradients), the
+    masking flag is raised too; the accuracy after the gradient-based stages also counts as a white-box
+    accuracy in the SPSA comparison.
+
     Logs ``adv/clean/top1``, ``adv/<attack>_eps<ε·255>/top1`` (and ``top5`` with more than 5 classes),
     e.g. ``adv/fgsm_eps1/top1`` (SPSA: on its batches only), the robust accuracy and masking flag above, and
     with a TensorBoard logger a figure of accuracy against ε. With ``every_n_val_epochs`` the same runs on
@@ -109,7 +128,7 @@ class AdversarialEvaluation(Callback):
 
     Args:
         epsilons: Attack budgets in [0, 1] pixel units; numbers or strings like ``"1/255"``.
-        attacks: Subset of ``("fgsm", "pgd", "spsa")``.
+        attacks: Subset of ``("fgsm", "pgd", "spsa", "autoattack")``.
         pgd_steps: Iterations of PGD.
         pgd_step_size: PGD step in pixel units; ``None`` uses 2.5·ε / ``pgd_steps`` (Madry et al.).
         pgd_random_init: Start PGD from a uniform random point of the ε-ball.
@@ -129,6 +148,12 @@ class AdversarialEvaluation(Callback):
             through which the white-box attacks take their gradients; ``None``: the model's own solver.
         masking_margin: How much lower than every white-box accuracy a black-box accuracy must be to flag
             gradient masking, in [0, 1).
+        autoattack_steps: Iterations of AutoAttack's APGD-CE, APGD-T and FAB-T (Croce & Hein: 100).
+        autoattack_queries: Queries of AutoAttack's Square attack (Croce & Hein: 5,000).
+
+    Raises:
+        ValueError: on an argument outside its allowed values (the message names it).
+        ImportError: when ``attacks`` holds ``"autoattack"`` and torchattacks is not installed.
     """
 
     def __init__(
@@ -151,6 +176,8 @@ class AdversarialEvaluation(Callback):
         spsa_lr: Optional[float] = None,
         gradient_solver: Optional[SolverOptions] = None,
         masking_margin: float = 0.0,
+        autoattack_steps: int = 100,
+        autoattack_queries: int = 5000,
     ) -> None:
         super().__init__()
         if isinstance(epsilons, (str, bytes)) or not isinstance(epsilons, Sequence) or not epsilons:
@@ -175,11 +202,17 @@ class AdversarialEvaluation(Callback):
         check_positive(spsa_lr, "spsa_lr", allow_none=True)
         if gradient_solver is not None:
             SolverConfig.from_options(gradient_solver, argument="gradient_solver")  # raises naming the bad setting
-            if not any(a in WHITE_BOX_ATTACKS for a in self.attacks):
+            if not any(a in WHITE_BOX_ATTACKS + ENSEMBLE_ATTACKS for a in self.attacks):
                 raise ValueError(
                     f"`gradient_solver` sets the solver that white-box attacks differentiate through, but `attacks` "
-                    f"{self.attacks} has none; add 'fgsm' or 'pgd', or drop `gradient_solver`."
+                    f"{self.attacks} has none; add 'fgsm', 'pgd' or 'autoattack', or drop `gradient_solver`."
                 )
+        check_positive_int(autoattack_steps, "autoattack_steps")
+        check_positive_int(autoattack_queries, "autoattack_queries")
+        if "autoattack" in self.attacks:
+            from lightning_pdenets._compat.torchattacks import import_torchattacks
+
+            import_torchattacks()  # fails now, with the install command, rather than at the first test batch
         if isinstance(masking_margin, bool) or not isinstance(masking_margin, (int, float)) or not 0 <= masking_margin < 1:
             raise ValueError(f"`masking_margin` must be an accuracy difference in [0, 1), got {masking_margin!r}.")
         self.pgd_steps = pgd_steps
@@ -197,6 +230,8 @@ class AdversarialEvaluation(Callback):
         self.spsa_lr = spsa_lr
         self.gradient_solver = dict(gradient_solver) if gradient_solver is not None else None
         self.masking_margin = float(masking_margin)
+        self.autoattack_steps = autoattack_steps
+        self.autoattack_queries = autoattack_queries
         self._metrics: dict[str, MetricCollection] = {}
         self._black_box_batch_metrics: dict[str, MetricCollection] = {}
         self._warned_raw_pixels = False
@@ -237,13 +272,41 @@ class AdversarialEvaluation(Callback):
             )
         return configured_solvers(blocks, **self.gradient_solver)
 
+    def autoattack(
+        self, model: nn.Module, pixel_model: nn.Module, pixels: torch.Tensor, labels: torch.Tensor, epsilon: float,
+        seed: int = 0,
+    ) -> dict[tuple[str, float], torch.Tensor]:
+        """Standard AutoAttack (Croce & Hein, ICML 2020) on ``pixel_model`` at ε; adversarial pixels per stage.
+
+        Keys ``("autoattack-apgd-ce", ε)``, ``("autoattack-apgd-t", ε)``, ``("autoattack-fab-t", ε)`` (the images
+        after that stage and the earlier ones) and ``("autoattack", ε)`` (after Square: AutoAttack's result).
+        The gradient-based stages differentiate ``model``'s ODE blocks through ``gradient_solver`` when it is set.
+        Call it inside the evaluation pass of :meth:`attack_batch` (autograd on, parameters frozen).
+        """
+        from lightning_pdenets._compat.torchattacks import run_autoattack
+
+        with torch.no_grad():
+            num_classes = pixel_model(pixels[:1]).shape[-1]
+        if num_classes < 3:
+            raise ValueError(
+                f"AutoAttack's APGD-T and FAB-T need at least 3 classes (the DLR loss compares the top three "
+                f"logits), but the model returns {num_classes}; drop 'autoattack' from `attacks` for this model."
+            )
+        stages = run_autoattack(
+            pixel_model, pixels, labels, epsilon, num_classes, seed=seed, steps=self.autoattack_steps,
+            queries=self.autoattack_queries, gradient_context=lambda: self._gradient_solver(model),
+        )
+        return {("autoattack" if stage == "square" else f"autoattack-{stage}", epsilon): images
+                for stage, images in stages.items()}
+
     def attack_batch(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, trainer: Optional["pl.Trainer"] = None, seed: int = 0,
         black_box: bool = True,
     ) -> dict[str, torch.Tensor]:
         """Logits on the clean batch, under every attack and in the worst case over the attacks, per ε.
 
-        Keys: ``clean``, ``<attack>_eps<ε·255>`` and ``robust_eps<ε·255>`` (:func:`worst_case_logits`).
+        Keys: ``clean``, ``<attack>_eps<ε·255>`` and ``robust_eps<ε·255>`` (:func:`worst_case_logits`), and with
+        AutoAttack also ``autoattack-<stage>_eps<ε·255>`` after its gradient-based stages (:meth:`autoattack`).
         ``x`` carries the model's input normalization; the model is restored as described above.
         ``black_box=False`` skips the black-box attacks.
         """
@@ -275,6 +338,9 @@ class AdversarialEvaluation(Callback):
             for name in (a for a in attacks if a in BLACK_BOX_ATTACKS):  # they query the model's own solver
                 for epsilon in self.epsilons:
                     craft(name, epsilon)
+            for epsilon in self.epsilons if "autoattack" in attacks else ():
+                with torch.random.fork_rng(devices=devices):
+                    adversarial.update(self.autoattack(model, pixel_model, pixels, labels, epsilon, seed))
             with torch.no_grad():
                 outputs = {"clean": pixel_model(pixels)}
                 outputs.update({f"{name}_{_label(eps)}": pixel_model(inputs) for (name, eps), inputs in adversarial.items()})
@@ -293,7 +359,8 @@ class AdversarialEvaluation(Callback):
         outputs = self.attack_batch(pl_module, x, y, trainer, seed=self.seed + batch_idx, black_box=black_box)
         for key, logits in outputs.items():
             self._accumulate(self._metrics, key, logits, y)
-            if black_box and key.split("_")[0] in ATTACKS:  # white- and black-box attacks on the same samples
+            # every attack (and AutoAttack's stages, "autoattack-<stage>") on the samples SPSA also attacked
+            if black_box and key.split("_")[0].partition("-")[0] in ATTACKS:
                 self._accumulate(self._black_box_batch_metrics, key, logits, y)
 
     @staticmethod
@@ -334,43 +401,66 @@ class AdversarialEvaluation(Callback):
             self._log(trainer, pl_module, "val_adv")
 
     def _log(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", prefix: str) -> None:
-        if not self._metrics:
-            return
-        results = {key: {k: float(v) for k, v in metrics.compute().items()} for key, metrics in self._metrics.items()}
-        metrics = {f"{prefix}/{key}/{k}": value for key, accuracies in results.items() for k, value in accuracies.items()}
-        metrics.update({f"{prefix}/gradient_masking_{_label(eps)}": float(flag)
-                        for eps, flag in self.gradient_masking().items()})
-        log_replicated(pl_module, metrics)
+        # every rank computes, even one that attacked no batch: compute() is a collective
+        results = compute_on_every_rank(trainer, self._metrics, pl_module.device)
+        black_box = compute_on_every_rank(trainer, self._black_box_batch_metrics, pl_module.device)
         self._metrics.clear()
         self._black_box_batch_metrics.clear()
+        if not results:
+            return
+        metrics = {f"{prefix}/{key}/{k}": value for key, accuracies in results.items() for k, value in accuracies.items()}
+        metrics.update({f"{prefix}/gradient_masking_{_label(eps)}": float(flag)
+                        for eps, flag in self.gradient_masking(results, black_box).items()})
+        log_replicated(pl_module, metrics)
         if self.log_figure:
             add_figure(trainer, f"{prefix}/accuracy_vs_eps", lambda: self.figure(results))
 
-    def gradient_masking(self) -> dict[float, bool]:
-        """Per ε, whether a black-box attack beat every white-box attack on the batches both attacked.
+    def gradient_masking(
+        self, results: Optional[dict[str, dict[str, float]]] = None,
+        black_box_results: Optional[dict[str, dict[str, float]]] = None,
+    ) -> dict[float, bool]:
+        """Per ε, whether a gradient-free attack fooled images that the gradient-based attacks could not.
 
-        Reads the accuracies accumulated since the epoch started (all ranks together) and warns once per run
-        (Huang et al., MSML 2022); empty when black-box and white-box attacks did not both run.
+        Two signs, either raises the flag (Huang et al., MSML 2022; Croce & Hein, ICML 2020, section 5):
+
+        * SPSA's top-1 accuracy is lower than every white-box attack's (FGSM, PGD, and AutoAttack after its
+          gradient-based stages), on the batches SPSA attacked, by more than ``masking_margin``;
+        * AutoAttack's Square lowers the accuracy that APGD-CE, APGD-T and FAB-T left by more than
+          ``masking_margin``, on all attacked batches.
+
+        Reads ``results`` and ``black_box_results`` (all ranks together, from the epoch's end), or without them the
+        accuracies this process accumulated since the epoch started; warns once per run;
+        empty when neither check could run (no black-box attack beside a white-box one, and no AutoAttack).
         """
-        if not self._black_box_batch_metrics:
-            return {}
-        top1 = {key: float(metrics.compute()["top1"]) for key, metrics in self._black_box_batch_metrics.items()}
+        if results is None or black_box_results is None:  # accumulated so far, on this process
+            results = compute_on_every_rank(None, self._metrics, torch.device("cpu"))
+            black_box_results = compute_on_every_rank(None, self._black_box_batch_metrics, torch.device("cpu"))
+        top1 = {key: values["top1"] for key, values in black_box_results.items()}
+        ensemble = {key: values["top1"] for key, values in results.items() if key.startswith("autoattack")}
         flags: dict[float, bool] = {}
         for epsilon in self.epsilons:
-            white = [top1[k] for a in WHITE_BOX_ATTACKS if (k := f"{a}_{_label(epsilon)}") in top1]
-            black = {a: top1[k] for a in BLACK_BOX_ATTACKS if (k := f"{a}_{_label(epsilon)}") in top1}
-            if not white or not black:
+            label = _label(epsilon)
+            causes: list[str] = []
+            white = [top1[k] for a in WHITE_BOX_ATTACKS + (AUTOATTACK_GRADIENT_KEY,) if (k := f"{a}_{label}") in top1]
+            black = {a: top1[k] for a in BLACK_BOX_ATTACKS if (k := f"{a}_{label}") in top1}
+            gradient, final = ensemble.get(f"{AUTOATTACK_GRADIENT_KEY}_{label}"), ensemble.get(f"autoattack_{label}")
+            if not (white and black) and (gradient is None or final is None):
                 continue
-            name, accuracy = min(black.items(), key=lambda item: item[1])
-            flags[epsilon] = accuracy < min(white) - self.masking_margin
-            if flags[epsilon] and not self._warned_masking:
+            if white and black:
+                name, accuracy = min(black.items(), key=lambda item: item[1])
+                if accuracy < min(white) - self.masking_margin:
+                    causes.append(f"the black-box attack {name.upper()} brings top-1 accuracy down to {accuracy:.3f} "
+                                  f"at ε={epsilon:.4g}, below every white-box attack ({min(white):.3f})")
+            if gradient is not None and final is not None and final < gradient - self.masking_margin:
+                causes.append(f"AutoAttack's gradient-free Square attack brings top-1 accuracy from {gradient:.3f} "
+                              f"(after APGD-CE, APGD-T and FAB-T) down to {final:.3f} at ε={epsilon:.4g}")
+            flags[epsilon] = bool(causes)
+            if causes and not self._warned_masking:
                 self._warned_masking = True
                 rank_zero_warn(
-                    f"AdversarialEvaluation: the black-box attack {name.upper()} brings top-1 accuracy down to "
-                    f"{accuracy:.3f} at ε={epsilon:.4g}, below every white-box attack ({min(white):.3f}): the model's "
-                    f"gradients may be masked (Huang et al., MSML 2022), so white-box accuracy overstates its "
-                    f"robustness. Report the robust accuracy (adv/robust_*), and for ODE models try `gradient_solver` "
-                    f"(e.g. {{method: rk4, step_size: 0.1}})."
+                    f"AdversarialEvaluation: {'; '.join(causes)}: the model's gradients may be masked (Huang et al., "
+                    f"MSML 2022), so white-box accuracy overstates its robustness. Report the robust accuracy "
+                    f"(adv/robust_*), and for ODE models try `gradient_solver` (e.g. {{method: rk4, step_size: 0.1}})."
                 )
         return flags
 
