@@ -22,7 +22,13 @@ import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
+try:  # Lightning >= 2.6
+    from lightning.pytorch.callbacks import WeightAveraging
+except ImportError:  # earlier releases have no weight-averaging callback of this kind to refuse
+    WeightAveraging = None
+
 from lightning_pdenets.blocks.governing import GoverningEquation, ProximalSGD
+from lightning_pdenets.errors import ConfigurationError
 from lightning_pdenets.blocks.pde import PDEBlock
 from lightning_pdenets.metric_logging import log_replicated, step_values_are_read
 from lightning_pdenets.models.base import ClassifierModule
@@ -180,6 +186,26 @@ class PRNetAlgorithmModule(ClassifierModule):
         for name, config in zip(PRNET_STEPS, self.trainer.lr_scheduler_configs):
             if name in self.step_order and config.interval == interval:  # optimizers outside step_order never step
                 config.scheduler.step()
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        self._refuse_weight_averaging()
+
+    def _refuse_weight_averaging(self) -> None:
+        """Refuse Lightning's ``WeightAveraging`` callbacks (e.g. ``callbacks/ema.yaml``), which Algorithm 1 breaks."""
+        averaging = [type(c).__name__ for c in self.trainer.callbacks
+                     if WeightAveraging is not None and isinstance(c, WeightAveraging)]
+        if not averaging:
+            return
+        raise ConfigurationError(
+            f"{type(self).__name__} cannot train with {averaging[0]}: PR-Net's Algorithm 1 (manual optimization) "
+            f"takes {len(self.step_order)} optimizer steps per batch ({', '.join(self.step_order)}), and Lightning's "
+            f"weight averaging counts each of them in trainer.global_step, so update_every_n_steps and "
+            f"update_starting_at_step would count sub-steps (with 4 sub-steps an even update_every_n_steps never "
+            f"updates); and it would average alpha, whose proximal step makes exact zeros, into small non-zero "
+            f"coefficients, so the learned governing equation would lose its sparsity. Remove the weight-averaging "
+            f"callback (callbacks/ema.yaml) from PR-Net runs; the other models take it."
+        )
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         self._step_schedulers("step")
