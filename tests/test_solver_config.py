@@ -47,6 +47,7 @@ NON_DEFAULT = {
     "kinetic_weight": 0.01,
     "jacobian_weight": 0.02,
     "hutchinson_noise": "rademacher",
+    "backend": "torchdiffeq",
 }
 """A valid value different from the default for every field (the first test keeps this list complete)."""
 

@@ -1,9 +1,9 @@
-"""ODE block: integrates a vector field with torchdiffeq, counts function evaluations and solver steps, and
-integrates RNODE's regularization terms along the solve when asked to."""
+"""ODE block: integrates a vector field (with the native Runge–Kutta loops or torchdiffeq), counts function
+evaluations and solver steps, and integrates RNODE's regularization terms along the solve when asked to."""
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -12,6 +12,7 @@ from torchdiffeq._impl.misc import _rms_norm
 
 from lightning_pdenets.errors import SolverFailedError, is_solver_failure
 from lightning_pdenets.solvers import SOLVERS, SolverConfig
+from lightning_pdenets.solvers.runge_kutta import AdjointPlan, adjoint_solve, solve
 
 __all__ = ["ODEBlock", "SolverConfig", "explain_solver_failure"]
 
@@ -19,9 +20,11 @@ __all__ = ["ODEBlock", "SolverConfig", "explain_solver_failure"]
 class ODEBlock(nn.Module):
     """Solve dy/dt = f(t, y) on [t0, t1] from the input y(t0) and return y(t1).
 
-    Chen et al., "Neural Ordinary Differential Equations", NeurIPS 2018. The solver is
-    torchdiffeq's ``odeint`` (or ``odeint_adjoint`` with ``adjoint=True``), configured by one
-    :class:`~lightning_pdenets.solvers.SolverConfig`. The block follows
+    Chen et al., "Neural Ordinary Differential Equations", NeurIPS 2018. The solver is configured by one
+    :class:`~lightning_pdenets.solvers.SolverConfig`: with ``backend: native`` (the default) it is the explicit
+    Runge–Kutta loop of :mod:`lightning_pdenets.solvers.runge_kutta` (backpropagated through, or by its adjoint
+    with ``adjoint=True``); with ``backend: torchdiffeq``, and for the methods the native loop leaves to it,
+    torchdiffeq's ``odeint`` (or ``odeint_adjoint``). The block follows
     :class:`lightning_pdenets.protocols.ODESolverBlock`, so solver callbacks can change its
     settings between steps, and it stores those settings in its ``state_dict`` so that an
     adapted step size or tolerance survives a checkpoint.
@@ -64,8 +67,8 @@ class ODEBlock(nn.Module):
         if not isinstance(vector_field, nn.Module):
             raise TypeError(f"`vector_field` must be an nn.Module computing f(t, y), got {type(vector_field).__name__}.")
         self.field = vector_field
-        base = solver.as_options() if isinstance(solver, SolverConfig) else solver
-        self.solver = SolverConfig.from_options(options, defaults=base)
+        config = SolverConfig.from_options(solver)  # a SolverConfig is taken as it is
+        self.solver = config.replace(**options) if options else config
         self.nfe_forward = 0
         self.nfe_backward = 0
         self.steps_accepted_forward = 0
@@ -127,6 +130,50 @@ class ODEBlock(nn.Module):
         return self.solver.describe()
 
     def _solve(self, y0: torch.Tensor) -> torch.Tensor:
+        if self.solver.uses_native:
+            return self._solve_native(y0)
+        return self._solve_torchdiffeq(y0)
+
+    def _solve_native(self, y0: torch.Tensor) -> torch.Tensor:
+        s = self.solver
+        regularized = s.is_regularized and self.training and torch.is_grad_enabled()
+        dynamics = _SolveDynamics(self, y0, regularized)
+        state: tuple[torch.Tensor, ...] = (y0,)
+        controlled = None
+        if regularized:
+            per_sample = torch.zeros(y0.shape[:1] if y0.dim() > 1 else (), dtype=y0.dtype, device=y0.device)
+            state, controlled = (y0, per_sample, per_sample), (0,)  # the integrals follow the steps chosen for y
+            field = dynamics
+        else:
+            def field(t: torch.Tensor, y: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+                return (dynamics(t, y[0]),)
+        forward_observer = dynamics.observer(backward=False)
+        self._solving_forward = True
+        try:
+            if s.adjoint:
+                plan = AdjointPlan(
+                    field, s.t0, s.t1, s.step_control(), s.step_control(backward=True), controlled,
+                    seminorm=(s.adjoint_options or {}).get("norm") == "seminorm",
+                    forward_observer=forward_observer, backward_observer=dynamics.observer(backward=True))
+                solution = adjoint_solve(plan, state, tuple(self.field.parameters()))
+            else:
+                solution = solve(field, state, s.t0, s.t1, s.step_control(), controlled, forward_observer)
+        finally:
+            self._solving_forward = False
+            self.last_step_sizes = dynamics.step_sizes()
+        if regularized:
+            self._collect_regularization(solution[1], solution[2])
+        return solution[0]
+
+    def _collect_regularization(self, kinetic: torch.Tensor, jacobian: torch.Tensor) -> None:
+        s = self.solver
+        for name, weight, integral in (("kinetic_energy", s.kinetic_weight, kinetic),
+                                       ("jacobian_frobenius", s.jacobian_weight, jacobian)):
+            if weight > 0:
+                term = weight * integral.mean()
+                self._regularization[name] = self._regularization[name] + term if name in self._regularization else term
+
+    def _solve_torchdiffeq(self, y0: torch.Tensor) -> torch.Tensor:
         s = self.solver
         times = torch.tensor([s.t0, s.t1], dtype=y0.dtype, device=y0.device)
         kwargs = s.odeint_kwargs()
@@ -149,11 +196,7 @@ class ODEBlock(nn.Module):
             self.last_step_sizes = dynamics.step_sizes()
         if not regularized:
             return solution[-1]
-        for name, weight, integral in (("kinetic_energy", s.kinetic_weight, solution[1][-1]),
-                                       ("jacobian_frobenius", s.jacobian_weight, solution[2][-1])):
-            if weight > 0:
-                term = weight * integral.mean()
-                self._regularization[name] = self._regularization[name] + term if name in self._regularization else term
+        self._collect_regularization(solution[1][-1], solution[2][-1])
         return solution[0][-1]
 
     def _loosened(self) -> Optional[SolverConfig]:
@@ -201,7 +244,7 @@ class _SolveDynamics:
                 self.probe = torch.randint_like(y0, 2) * 2 - 1
             else:
                 self.probe = torch.randn_like(y0)
-        self._step_sizes: list[torch.Tensor] = []
+        self._step_sizes: list[Union[torch.Tensor, float]] = []
         self._set_callbacks("", solver.is_adaptive)
         if solver.adjoint:
             self._set_callbacks("_adjoint", SOLVERS[solver.adjoint_method or solver.method].adaptive)
@@ -214,7 +257,7 @@ class _SolveDynamics:
         else:
             setattr(self, "callback_step" + suffix, lambda t0, y0, dt: self._step(backward, True, dt))
 
-    def _step(self, backward: bool, accepted: bool, dt: torch.Tensor) -> None:
+    def _step(self, backward: bool, accepted: bool, dt: Union[torch.Tensor, float]) -> None:
         block = self.block
         if backward:
             if accepted:
@@ -223,13 +266,19 @@ class _SolveDynamics:
                 block.steps_rejected_backward += 1
         elif accepted:
             block.steps_accepted_forward += 1
-            self._step_sizes.append(dt.detach())
+            self._step_sizes.append(dt.detach() if isinstance(dt, torch.Tensor) else dt)
         else:
             block.steps_rejected_forward += 1
 
+    def observer(self, backward: bool) -> Callable[[bool, float], None]:
+        """The native solver's step observer for the forward or the backward (adjoint) solve."""
+        return lambda accepted, dt: self._step(backward, accepted, dt)
+
     def step_sizes(self) -> torch.Tensor:
-        """The accepted forward step sizes of this solve, in order."""
-        return torch.stack(self._step_sizes) if self._step_sizes else torch.empty(0)
+        """The accepted forward step sizes of this solve, in order (float64)."""
+        if not self._step_sizes:
+            return torch.empty(0)
+        return torch.stack([torch.as_tensor(dt, dtype=torch.float64) for dt in self._step_sizes])
 
     def __call__(self, t: torch.Tensor, state: Any) -> Any:
         if not self.regularized:

@@ -9,6 +9,11 @@ take a :class:`SolverConfig`, and LightningModules take the same fields as one p
 command line as ``--model.init_args.solver.min_step 1e-4``. Adding a solver setting means adding a
 field to :class:`SolverConfig` (and, if torchdiffeq needs it, one line in :meth:`SolverConfig.odeint_kwargs`):
 the YAML and command-line forms follow from the field list.
+
+Two backends integrate: ``native`` (the default), the explicit Runge–Kutta loops of
+:mod:`lightning_pdenets.solvers.runge_kutta`, and ``torchdiffeq``, the reference (``solver: {backend:
+torchdiffeq}``). Methods that the native backend does not write out (:data:`TORCHDIFFEQ_ONLY`) are solved by
+torchdiffeq under either backend.
 """
 
 from __future__ import annotations
@@ -20,10 +25,13 @@ from typing import Any, Mapping, Optional, TypedDict, Union, get_type_hints
 
 from torchdiffeq._impl.odeint import SOLVERS as _TORCHDIFFEQ_SOLVERS
 
+from lightning_pdenets.solvers.runge_kutta import NATIVE_METHODS, StepControl
 from lightning_pdenets.validation import check_positive, check_positive_int, check_setting_names
 
 __all__ = [
     "ADAPTIVE_SOLVERS",
+    "BACKENDS",
+    "TORCHDIFFEQ_ONLY",
     "FIXED_STEP_SOLVERS",
     "SOLVERS",
     "SolverConfig",
@@ -68,6 +76,12 @@ ADAPTIVE_SOLVERS = tuple(name for name, info in SOLVERS.items() if info.adaptive
 _missing = set(SOLVERS) - set(_TORCHDIFFEQ_SOLVERS)
 if _missing:  # pragma: no cover - guards against a torchdiffeq release renaming solvers
     raise ImportError(f"the installed torchdiffeq lacks solvers {sorted(_missing)}; install torchdiffeq>=0.2.3")
+
+BACKENDS = ("native", "torchdiffeq")
+"""Values of :attr:`SolverConfig.backend`: the hand-written Runge–Kutta loops, or torchdiffeq (the reference)."""
+
+TORCHDIFFEQ_ONLY = tuple(name for name in SOLVERS if name not in NATIVE_METHODS)
+"""Methods the native backend leaves to torchdiffeq (``dopri8`` and the Adams methods)."""
 
 ADJOINT_OPTION_NAMES = ("norm", "step_size", "max_num_steps", "min_step", "max_step", "first_step", "safety",
                         "ifactor", "dfactor")
@@ -136,6 +150,9 @@ class SolverConfig:
             estimator; 0: off.
         hutchinson_noise: Distribution of the Hutchinson probe ε (one draw per solve): ``gaussian`` (the paper's)
             or ``rademacher`` (±1, lower variance).
+        backend: ``native`` (the explicit Runge–Kutta loops of :mod:`~lightning_pdenets.solvers.runge_kutta`, 2×
+            faster on ODE-Net; methods in :data:`TORCHDIFFEQ_ONLY` still go to torchdiffeq) or ``torchdiffeq`` (the
+            reference). Checkpoints written before this field existed load with the default.
     """
 
     method: str = "dopri5"
@@ -162,6 +179,7 @@ class SolverConfig:
     kinetic_weight: float = 0.0
     jacobian_weight: float = 0.0
     hutchinson_noise: str = "gaussian"
+    backend: str = "native"
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
@@ -175,8 +193,8 @@ class SolverConfig:
         """Build and validate a configuration from a dict of settings over ``defaults``.
 
         Args:
-            options: A :class:`SolverConfig`, a mapping of some of its fields (the YAML/command-line form), or
-                ``None`` for the defaults alone.
+            options: A :class:`SolverConfig` (returned as it is: it holds every field), a mapping of some of its
+                fields (the YAML/command-line form), or ``None`` for the defaults alone.
             defaults: Settings that ``options`` overrides (e.g. a model's ``{method: dopri5, adjoint: true}``).
             argument: Name used in error messages.
 
@@ -185,7 +203,7 @@ class SolverConfig:
             ValueError: on an unknown setting (with the closest valid names) or an invalid value.
         """
         if isinstance(options, SolverConfig):
-            options = options.as_options()
+            return options  # complete and validated already: taken as it is, over no defaults
         if options is not None and not isinstance(options, Mapping):
             raise TypeError(
                 f"`{argument}` must be a mapping of solver settings such as {{'method': 'rk4', 'step_size': 0.25}}, "
@@ -241,6 +259,8 @@ class SolverConfig:
             text += ", adjoint" + (f" ({norm})" if norm else "")
         if self.is_regularized:
             text += f", RNODE (kinetic {self.kinetic_weight:g}, jacobian {self.jacobian_weight:g})"
+        if self.backend != "native":
+            text += f", {self.backend}"
         return text
 
     # -- validation -----------------------------------------------------------------------------
@@ -277,6 +297,8 @@ class SolverConfig:
             value = getattr(self, name)
             if not _is_number(value) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"`{argument}.{name}` must be a finite number >= 0 (0 turns the term off), got {value!r}.")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"`{argument}.backend` must be one of {list(BACKENDS)}, got {self.backend!r}.")
         if self.hutchinson_noise not in HUTCHINSON_NOISES:
             raise ValueError(
                 f"`{argument}.hutchinson_noise` must be one of {list(HUTCHINSON_NOISES)}, got {self.hutchinson_noise!r}."
@@ -312,6 +334,34 @@ class SolverConfig:
                 f"`{argument}.adjoint_options.norm` must be 'seminorm' (or left out for the default norm), "
                 f"got {options['norm']!r}."
             )
+
+    # -- native backend --------------------------------------------------------------------------
+    @property
+    def uses_native(self) -> bool:
+        """Whether the native backend integrates both solves (forward, and the adjoint's backward if any)."""
+        if self.backend != "native" or self.method not in NATIVE_METHODS:
+            return False
+        return not self.adjoint or (self.adjoint_method or self.method) in NATIVE_METHODS
+
+    def step_control(self, backward: bool = False) -> StepControl:
+        """The :class:`~lightning_pdenets.solvers.runge_kutta.StepControl` of the forward or the adjoint solve."""
+        if not backward:
+            method, rtol, atol, overrides = self.method, self.rtol, self.atol, {}
+        else:
+            method = self.adjoint_method or self.method
+            rtol = self.adjoint_rtol if self.adjoint_rtol is not None else self.rtol
+            atol = self.adjoint_atol if self.adjoint_atol is not None else self.atol
+            overrides = {k: v for k, v in (self.adjoint_options or {}).items() if k != "norm"}
+        settings: dict[str, Any] = dict(
+            step_size=self.step_size, first_step=self.first_step, min_step=self.min_step,
+            max_step=math.inf if self.max_step is None else self.max_step, safety=self.safety, ifactor=self.ifactor,
+            dfactor=self.dfactor, max_num_steps=self.max_num_steps)
+        settings.update(overrides)
+        if settings["max_step"] is None:
+            settings["max_step"] = math.inf
+        if SOLVERS[method].adaptive:
+            settings["step_size"] = None
+        return StepControl(method=method, rtol=rtol, atol=atol, **settings)
 
     # -- torchdiffeq ----------------------------------------------------------------------------
     def step_options(self, method: str) -> dict[str, Any]:
