@@ -196,6 +196,33 @@ def training(model, y0: torch.Tensor, rounds: int) -> list[str]:
     return lines
 
 
+def accuracy(models: dict, data_dir: str) -> list[str]:
+    """Test accuracy of the committed checkpoints on the 10,000 MNIST test images with each backend."""
+    data = MNISTDataModule(data_dir=data_dir, download=False)
+    data.setup("test")
+    loader = torch.utils.data.DataLoader(data.test_set, batch_size=1000)
+    lines = ["| model | backend | test accuracy | forward NFE per 1,000-image batch | predictions agree |", "|---|---|---|---|---|"]
+    for name, model in models.items():
+        (block,) = find_ode_blocks(model)
+        predictions: dict[str, torch.Tensor] = {}
+        for backend in ("torchdiffeq", "native"):
+            block.configure_solver(backend=backend)
+            correct, nfe, batches, preds = 0, 0, 0, []
+            with torch.no_grad():
+                for images, labels in loader:
+                    before = block.nfe_forward
+                    pred = model(images).argmax(1)
+                    nfe += block.nfe_forward - before
+                    batches += 1
+                    correct += int((pred == labels).sum())
+                    preds.append(pred)
+            predictions[backend] = torch.cat(preds)
+            agree = (predictions[backend] == predictions["torchdiffeq"]).float().mean().item()
+            lines.append(f"| {name} | {backend} | {correct / len(data.test_set):.4f} | {nfe / batches:.1f} | {agree:.4f} |")
+        block.configure_solver(backend="native")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"))
@@ -203,7 +230,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--parts", nargs="+", default=["inference", "training"], choices=["inference", "training"])
+    parser.add_argument("--parts", nargs="+", default=["inference", "training"], choices=["inference", "training", "accuracy"])
     parser.add_argument("--no-torchode", action="store_true")
     args = parser.parse_args()
     checkpoints = REPO / "bench" / "checkpoints" / "mnist"
@@ -214,6 +241,10 @@ def main() -> None:
         train_y0 = models["ODE-Net"].network.stem(images[:args.batch])
     print(f"torch {torch.__version__}, torchode {getattr(torchode, '__version__', 'not installed')}, "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n")
+    if "accuracy" in args.parts:
+        torch.set_num_threads(args.threads[0])
+        print("#### Committed checkpoints on the 10,000 MNIST test images\n")
+        print("\n".join(accuracy(models, args.data_dir)) + "\n")
     for threads in args.threads:
         torch.set_num_threads(threads)
         if "inference" in args.parts:
