@@ -1,40 +1,54 @@
-"""Equation identification with GoverningEquation (issue 17): exact derivatives, then noisy samples.
+"""Equation identification with GoverningEquation (issues 17 and 30): exact derivatives, then noisy samples.
 
 1. Defaults on exact derivatives: heat, Burgers and KdV (tests/closed_form_pdes.py), the paper's
    16-term library, ``fit_coefficients()`` with no arguments, on several point sets; beside it the
    old fit (5,000 ISTA steps with momentum 0.9 on the raw library) for reference.
 2. Samples on a grid (256 x 101; KdV 512 x 201) with multiplicative noise h (1 + sigma N(0, 1)), sigma = 0, 0.1%,
-   1%, 5%: ``library_from_samples`` (Savitzky-Golay) and ``fit_coefficients(threshold=0.05)``;
-   median and worst coefficient error over the seeds, and the figure bench/identification_noise.png.
-3. With ``--pysindy`` (optional, if PySINDy imports): PySINDy's PDELibrary + STLSQ on the same noisy
-   Burgers data, coefficients side by side.
+   1%, 5%: ``library_from_samples`` in the weak form (the default since issue 30) and in the pointwise
+   (Savitzky-Golay) form, then ``fit_coefficients(threshold=0.05)``; median and worst coefficient error over
+   the seeds, and the figure bench/identification_noise.png. With ``--additive``, also KdV with PDE-FIND's
+   noise, additive with standard deviation sigma * std(h) (Rudy et al. 2017).
+3. With ``--pysindy`` (optional, if PySINDy imports in this interpreter): PySINDy's PDELibrary + STLSQ on the
+   same noisy Burgers data, coefficients side by side.
+4. With ``--pysindy-python PYTHON`` (an interpreter of a separate venv with PySINDy; never a dependency here):
+   PySINDy's WeakPDELibrary and EnsembleOptimizer on the same noisy samples of all three PDEs
+   (bench/pysindy_reference.py), worst errors beside ours, and drawn in the figure.
 
     python bench/bench_identification.py --seeds 10 --pysindy --output bench/results_identification.md
+    python -m venv /tmp/sindyvenv && /tmp/sindyvenv/bin/pip install pysindy
+    OMP_NUM_THREADS=1 python bench/bench_identification.py --seeds 10 --skip-exact --additive \
+        --pysindy-python /tmp/sindyvenv/bin/python --pysindy-seeds 5 --output bench/results_identification_weak.md
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import math
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from lightning_pdenets.blocks.governing import GoverningEquation, ProximalSGD  # noqa: E402
-from tests.closed_form_pdes import ONE_DIMENSIONAL, sampled  # noqa: E402
+from tests.closed_form_pdes import ONE_DIMENSIONAL, grid, sampled  # noqa: E402
 
 NOISE_LEVELS = (0.0, 0.001, 0.01, 0.05)
-# name: (grid nx x nt, [(window, degree), ...]); the KdV solitons need a finer grid and shorter windows
-SETUPS = {"burgers": ((256, 101), [(21, 4), (31, 5)]), "heat": ((256, 101), [(21, 4), (31, 5)]),
-          "kdv": ((512, 201), [(15, 5), (21, 5)])}
+WEAK = ("weak", None, None)  # the defaults: boxes of an eighth of the grid, test functions (1 - s^2)^6
+# name: (grid nx x nt, [(form, window, degree), ...]); the KdV solitons need a finer grid and shorter windows
+SETUPS = {"burgers": ((256, 101), [WEAK, ("pointwise", 21, 4), ("pointwise", 31, 5)]),
+          "heat": ((256, 101), [WEAK, ("pointwise", 21, 4), ("pointwise", 31, 5)]),
+          "kdv": ((512, 201), [WEAK, ("pointwise", 15, 5), ("pointwise", 21, 5)])}
 
 
 def errors(equation: GoverningEquation, expected: dict[str, float]) -> tuple[float, float]:
@@ -88,56 +102,131 @@ def exact_table() -> list[str]:
     return rows
 
 
-def noisy(samples: torch.Tensor, sigma: float, seed: int) -> torch.Tensor:
-    return samples * (1 + sigma * torch.randn(samples.shape, generator=torch.Generator().manual_seed(seed)))
+def noisy(samples: torch.Tensor, sigma: float, seed: int, additive: bool = False) -> torch.Tensor:
+    """Multiplicative noise h (1 + sigma N(0, 1)) (issue 17's convention), or PDE-FIND's additive
+    h + sigma std(h) N(0, 1); the same draws N(0, 1) for both."""
+    draws = torch.randn(samples.shape, generator=torch.Generator().manual_seed(seed))
+    return samples + sigma * samples.std() * draws if additive else samples * (1 + sigma * draws)
 
 
-def noise_table(seeds: int) -> tuple[list[str], dict]:
-    rows = ["| PDE, grid | window, degree | " + " | ".join(f"noise {s:.1%}" for s in NOISE_LEVELS) + " |",
+def identify(samples: torch.Tensor, spacing, form: str, window, degree) -> tuple[GoverningEquation, tuple]:
+    """``library_from_samples`` (weak defaults, or pointwise with window and degree), STLSQ threshold 0.05."""
+    equation = GoverningEquation(("x",))
+    options = {"form": "weak"} if form == "weak" else {"form": form, "window_length": window, "polyorder": degree}
+    library, h_t = equation.library_from_samples(samples, spacing, **options)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        fit = equation.fit_coefficients(library, h_t, threshold=0.05)
+    return equation, fit.support
+
+
+def setup_label(form: str, window, degree) -> str:
+    return "weak (defaults)" if form == "weak" else f"pointwise {window}, {degree}" + (
+        " (old default)" if (window, degree) == (21, 4) else "")
+
+
+def noise_table(seeds: int, additive: bool = False, names=None) -> tuple[list[str], dict]:
+    rows = ["| PDE, grid | form, window, degree | " + " | ".join(f"noise {s:.1%}" for s in NOISE_LEVELS) + " |",
             "| --- | --- |" + " --- |" * len(NOISE_LEVELS)]
     curves = {}
-    for name, (shape, filters) in SETUPS.items():
+    for name, (shape, setups) in SETUPS.items():
+        if names and name not in names:
+            continue
         expected = ONE_DIMENSIONAL[name][1]
         samples, spacing = sampled(name, *shape)
-        for window, degree in filters:
-            cells, medians = [], []
+        for form, window, degree in setups:
+            cells, medians, worsts = [], [], []
             for sigma in NOISE_LEVELS:
                 worst, wrong_support = [], 0
                 for seed in range(seeds if sigma > 0 else 1):
-                    equation = GoverningEquation(("x",))
-                    library, h_t = equation.library_from_samples(noisy(samples, sigma, seed), spacing, window, degree)
-                    with warnings.catch_warnings():
-                        warnings.simplefilter("ignore", RuntimeWarning)
-                        fit = equation.fit_coefficients(library, h_t, threshold=0.05)
+                    equation, support = identify(noisy(samples, sigma, seed, additive), spacing, form, window, degree)
                     worst.append(errors(equation, expected)[0])
-                    wrong_support += set(fit.support) != set(expected)
+                    wrong_support += set(support) != set(expected)
                 medians.append(statistics.median(worst))
+                worsts.append(max(worst))
                 cells.append(f"{statistics.median(worst):.2%} / {max(worst):.2%}"
                              + (f" ({wrong_support} wrong support)" if wrong_support else ""))
-            curves[f"{name}, window {window}, degree {degree}"] = medians
-            rows.append(f"| {name} {shape[0]} x {shape[1]} | {window}, {degree} | " + " | ".join(cells) + " |")
+            curves[(name, form, window, degree)] = (medians, worsts)
+            rows.append(f"| {name} {shape[0]} x {shape[1]} | {setup_label(form, window, degree)} | "
+                        + " | ".join(cells) + " |")
     return rows, curves
 
 
-def figure(curves: dict, path: Path) -> None:
+def figure(curves: dict, references: dict, path: Path) -> None:
+    """Median worst error against noise, one panel per PDE: weak (ours, solid), pointwise (dashed), PySINDy (markers)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
     levels = [max(s, 1e-4) for s in NOISE_LEVELS]
-    for label, medians in curves.items():
-        ax.plot(levels, [max(m, 1e-5) for m in medians], marker="o", label=label)
-    ax.axhline(0.05, color="grey", linestyle=":", label="target 5% (at 1% noise)")
-    ax.axhline(0.02, color="grey", linestyle="--", label="PDE-FIND 2% (at 1% noise)")
-    ax.set(xscale="log", yscale="log", xlabel="multiplicative noise sigma (0 drawn at 1e-4)",
-           ylabel="worst true-coefficient error (median over seeds)",
-           title="Identification from noisy samples (Savitzky-Golay, threshold 0.05)")
-    ax.set_xticks(levels, ["0", "0.1%", "1%", "5%"])
-    ax.legend(fontsize=7)
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4.2), sharey=True)
+    for ax, name in zip(axes, SETUPS):
+        pointwise = 0
+        for (pde, form, window, degree), (medians, worsts) in curves.items():
+            if pde != name:
+                continue
+            pointwise += form != "weak"
+            style = (dict(linestyle="-", linewidth=2.2, color="C0") if form == "weak"
+                     else dict(linestyle="--", color=f"C{pointwise}"))
+            ax.plot(levels, [max(m, 1e-5) for m in medians], marker="o", label=setup_label(form, window, degree),
+                    **style)
+            if form == "weak":
+                ax.fill_between(levels, [max(m, 1e-5) for m in medians], [max(w, 1e-5) for w in worsts],
+                                color="C0", alpha=0.15, label="weak: median to worst draw")
+        for index, (method, by_level) in enumerate(references.get(name, {}).items()):
+            ax.plot([max(s, 1e-4) for s in by_level], [max(statistics.median(v), 1e-5) for v in by_level.values()],
+                    marker="xs^"[index % 3], linestyle=":", color=f"C{5 + index}", label=f"PySINDy {method}")
+        ax.axhline(0.05, color="grey", linestyle=":", linewidth=1)
+        ax.axhline(0.02, color="grey", linestyle="--", linewidth=1)
+        ax.set(xscale="log", yscale="log", title=name,
+               xlabel="multiplicative noise sigma (0 drawn at 1e-4; errors below 1e-5 at 1e-5)")
+        ax.set_xticks(levels, ["0", "0.1%", "1%", "5%"])
+        ax.legend(fontsize=6.5, loc="upper left")
+    axes[0].set_ylabel("worst true-coefficient error (median over draws)")
+    fig.suptitle("Identification from noisy samples, threshold 0.05 (grey: 5% target, 2% goal at 1% noise)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
+
+
+def pysindy_references(python: str, seeds: int) -> tuple[list[str], dict, str]:
+    """PySINDy's WeakPDELibrary and EnsembleOptimizer (bench/pysindy_reference.py, run by ``python``)."""
+    arrays = {}
+    for name, (shape, _) in SETUPS.items():
+        samples, _ = sampled(name, *shape)
+        x, t = grid(*ONE_DIMENSIONAL[name][2:], *shape)
+        arrays[f"x/{name}"], arrays[f"t/{name}"] = x.numpy(), t.numpy()
+        for sigma in NOISE_LEVELS:
+            for seed in range(seeds if sigma > 0 else 1):
+                arrays[f"samples/{name}/{sigma}/{seed}"] = noisy(samples, sigma, seed).numpy()
+    with tempfile.TemporaryDirectory() as folder:
+        cases = Path(folder) / "cases.npz"
+        np.savez(cases, **arrays)
+        done = subprocess.run([python, str(REPO / "bench" / "pysindy_reference.py"), str(cases)],
+                              capture_output=True, text=True, check=True)
+    output = json.loads(done.stdout)
+    by_method: dict = {}
+    for case, methods in output["results"].items():
+        name, sigma, _ = case.split("/")
+        expected = ONE_DIMENSIONAL[name][1]
+        for method, coefficients in methods.items():
+            worst = max(abs(coefficients.get(term, 0.0) / value - 1) for term, value in expected.items())
+            wrong = {t for t, v in coefficients.items() if v != 0} != set(expected)
+            by_method.setdefault(name, {}).setdefault(method, {}).setdefault(float(sigma), []).append((worst, wrong))
+    rows = ["| PDE | PySINDy method | " + " | ".join(f"noise {s:.1%}" for s in NOISE_LEVELS) + " |",
+            "| --- | --- |" + " --- |" * len(NOISE_LEVELS)]
+    references: dict = {}
+    for name, methods in by_method.items():
+        for method, by_level in methods.items():
+            cells = []
+            for sigma in NOISE_LEVELS:
+                runs = by_level[sigma]
+                wrong = sum(w for _, w in runs)
+                cells.append(f"{statistics.median(e for e, _ in runs):.2%} / {max(e for e, _ in runs):.2%}"
+                             + (f" ({wrong} wrong support)" if wrong else ""))
+            references.setdefault(name, {})[method] = {s: [e for e, _ in by_level[s]] for s in NOISE_LEVELS}
+            rows.append(f"| {name} | {method} | " + " | ".join(cells) + " |")
+    return rows, references, output["version"]
 
 
 def pysindy_table(seeds: int) -> list[str]:
@@ -149,7 +238,7 @@ def pysindy_table(seeds: int) -> list[str]:
     expected = ONE_DIMENSIONAL["burgers"][1]
     samples, (dx, dt) = sampled("burgers")
     x = (torch.arange(samples.shape[0]) * dx).numpy()
-    h_t_rms = float(GoverningEquation(("x",)).library_from_samples(samples, (dx, dt))[1].pow(2).mean().sqrt())
+    h_t_rms = float(GoverningEquation(("x",)).library_from_samples(samples, (dx, dt), form="pointwise")[1].pow(2).mean().sqrt())
     # PySINDy normalizes columns by their 2-norm and not the target: our threshold 0.05 in its units
     threshold = 0.05 * h_t_rms * math.sqrt(samples.numel())
     smoothing = {"smoother_kws": {"window_length": 21, "polyorder": 4}}
@@ -198,20 +287,33 @@ def pysindy_table(seeds: int) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--seeds", type=int, default=10, help="noise draws per level")
+    parser.add_argument("--skip-exact", action="store_true", help="leave out section 1 (exact derivatives)")
+    parser.add_argument("--additive", action="store_true", help="add KdV with PDE-FIND's additive noise")
     parser.add_argument("--pysindy", action="store_true", help="add PySINDy on the same noisy Burgers data")
+    parser.add_argument("--pysindy-python", help="interpreter with PySINDy for its weak and ensemble references")
+    parser.add_argument("--pysindy-seeds", type=int, default=5, help="noise draws per level for PySINDy")
     parser.add_argument("--figure", type=Path, default=REPO / "bench" / "identification_noise.png")
     parser.add_argument("--output", type=Path, help="also write the tables to this markdown file")
     args = parser.parse_args()
     torch.set_default_dtype(torch.float64)
     torch.manual_seed(0)
     torch.set_num_threads(1)
-    lines = [f"# Equation identification ({datetime.date.today()}, {args.seeds} seeds)", "",
-             "## 1. Defaults, exact derivatives (16-term library, `fit_coefficients()`)", "", *exact_table(), "",
-             "## 2. Samples with multiplicative noise (median / max worst true-coefficient error, wrong supports)",
-             ""]
+    lines = [f"# Equation identification ({datetime.date.today()}, {args.seeds} seeds)", ""]
+    if not args.skip_exact:
+        lines += ["## 1. Defaults, exact derivatives (16-term library, `fit_coefficients()`)", "", *exact_table(), ""]
+    start = time.perf_counter()
     rows, curves = noise_table(args.seeds)
-    lines += [*rows, ""]
-    figure(curves, args.figure)
+    lines += ["## 2. Samples with multiplicative noise h (1 + sigma N(0, 1)) (median / max worst true-coefficient "
+              "error, wrong supports)", "", *rows, "", f"({time.perf_counter() - start:.0f} s)", ""]
+    if args.additive:
+        rows, _ = noise_table(args.seeds, additive=True, names=("kdv",))
+        lines += ["### KdV with PDE-FIND's additive noise h + sigma std(h) N(0, 1)", "", *rows, ""]
+    references: dict = {}
+    if args.pysindy_python:
+        rows, references, version = pysindy_references(args.pysindy_python, args.pysindy_seeds)
+        lines += [f"## 4. PySINDy {version} references on the same multiplicative-noise samples "
+                  f"({args.pysindy_seeds} draws per level; bench/pysindy_reference.py)", "", *rows, ""]
+    figure(curves, references, args.figure)
     if args.pysindy:
         lines += ["## 3. PySINDy on the same noisy Burgers data", "", *pysindy_table(args.seeds), ""]
     text = "\n".join(lines)

@@ -115,6 +115,17 @@ def test_identifies_heat_from_samples_with_one_percent_noise_at_the_defaults(see
     assert worst_error(equation, ONE_DIMENSIONAL["heat"][1]) < 0.01
 
 
+def test_default_boxes_keep_enough_points_on_short_grids():
+    """21 time steps: an eighth would be boxes of 5 points (heat 5% off); the floor of 11 points gives 0.1%."""
+    samples, spacing = sampled("heat", 64, 21)
+    equation = GoverningEquation(("x",))
+    library, h_t = equation.library_from_samples(noisy(samples, 0.01, 0), spacing, window_length=11)
+    assert library.shape == (16, 64 - 2 * 8, 21 - 2 * 5)
+    fit = equation.fit_coefficients(library, h_t, threshold=0.05)
+    assert fit.support == ("h_xx",)
+    assert worst_error(equation, ONE_DIMENSIONAL["heat"][1]) < 0.01
+
+
 def test_identifies_two_dimensional_heat_with_one_percent_noise():
     """Two axes: each family integrates by parts along its own axis (28 terms, h_t = 0.3 (h_xx + h_yy))."""
     x = torch.linspace(0, 2 * math.pi, 41)[:-1]

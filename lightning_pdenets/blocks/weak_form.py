@@ -39,15 +39,20 @@ from scipy.ndimage import correlate1d
 
 from lightning_pdenets.blocks.sampled import IntPerAxis, _grid_steps, _per_axis, savgol_derivatives
 
-__all__ = ["DEFAULT_BOX_FRACTION", "MAX_WEAK_ORDER", "quadrature_weights", "weak_form_library"]
+__all__ = ["DEFAULT_BOX_FRACTION", "MAX_WEAK_ORDER", "MIN_DEFAULT_HALF_WIDTH", "quadrature_weights", "weak_form_library"]
 
 MAX_WEAK_ORDER = 3
 """Highest spatial derivative order that :func:`weak_form_library` rewrites (PR-Net's library has 3)."""
 
 DEFAULT_BOX_FRACTION = 8
 """Default half-width of the test functions' boxes: the grid's points along a dimension divided by this.
-Boxes a quarter of the grid wide identify heat, Burgers and KdV at 5% noise within 1.3%, and each
-halving or doubling of the boxes loses accuracy on one of them (BENCHMARKS.md, issue 30 item 3)."""
+Boxes a quarter of the grid wide identify heat, Burgers and KdV with 5% noise within 1.3% and with the
+right terms; half as wide, heat with 5% noise is 7% off; twice as wide, spurious terms appear at 5%
+(a scan over two noise draws, BENCHMARKS.md, issue 30 item 3)."""
+
+MIN_DEFAULT_HALF_WIDTH = 5
+"""Smallest default half-width (where the grid allows): the sums over fewer than 11 points integrate the
+test functions' derivatives poorly (heat on 21 time steps: 5% off with boxes of 5 points, 0.02% with 11)."""
 
 
 class Term(Protocol):
@@ -92,7 +97,8 @@ def weak_form_library(
             orders up to :data:`MAX_WEAK_ORDER`.
         half_width: Half-width m of the test functions' boxes in grid points, one for all or one per
             axis and the time; boxes span 2 m + 1 points. None: an eighth of the grid along every
-            dimension (:data:`DEFAULT_BOX_FRACTION`). Wider boxes average more noise but must stay
+            dimension (:data:`DEFAULT_BOX_FRACTION`), at least :data:`MIN_DEFAULT_HALF_WIDTH` where
+            the grid allows. Wider boxes average more noise but must stay
             narrower than the solution's features (KdV's solitons, say).
         degree: Exponent p of the test functions (1 - s^2)^p; above the highest derivative order,
             so that the boundary terms of the integrations by parts vanish.
@@ -120,7 +126,8 @@ def weak_form_library(
         raise ValueError(f"`spacing` must hold one grid step > 0 per dimension {list(dims)}, got {spacing!r}.")
     grid_shape = samples.shape[samples.ndim - len(dims):]
     if half_width is None:
-        half_width = [max(1, size // DEFAULT_BOX_FRACTION) for size in grid_shape]
+        half_width = [max(1, min((size - 1) // 2, max(size // DEFAULT_BOX_FRACTION, MIN_DEFAULT_HALF_WIDTH)))
+                      for size in grid_shape]
     widths = _per_axis(half_width, dims, "half_width", 1, 10_000)
     strides = _per_axis(stride, dims, "stride", 1, 10_000)
     highest = max((term.order for term in terms), default=0)
