@@ -159,6 +159,7 @@ def test_trajectories_are_integrated_separately():
         (dict(test_degree=3), r"`degree` .* above the highest derivative order 3 .* got 3"),
         (dict(test_degree=True), r"`degree` .* got True"),
         (dict(spacing=(0.1, 0.0)), r"`spacing` must hold one grid step > 0"),
+        (dict(window_length=41), r"the weak form takes h_x of the terms .* Savitzky-Golay .* along 't' \(40 points"),
     ],
 )
 def test_bad_weak_form_settings_are_explained(kwargs, message):

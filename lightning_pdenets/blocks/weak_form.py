@@ -174,7 +174,13 @@ def weak_form_library(
     needs_slope = {term.axis for term in terms if term.order >= 2 and term.power >= 1}
     slopes = {}
     for axis in needs_slope:
-        derivatives = savgol_derivatives(samples, spacing, axes, {axis: 1}, window_length, polyorder, trim=False)
+        try:
+            derivatives = savgol_derivatives(samples, spacing, axes, {axis: 1}, window_length, polyorder, trim=False)
+        except ValueError as error:
+            raise ValueError(
+                f"the weak form takes h_{axis} of the terms h^i d^j h with i >= 1, j >= 2 from a Savitzky-Golay fit "
+                f"(`window_length`, `polyorder`): {error}"
+            ) from error
         slopes[axis] = derivatives.spatial[axis][0].detach().cpu().double().numpy()
 
     def weak_term(term: Term) -> np.ndarray:
