@@ -238,7 +238,8 @@ def pysindy_table(seeds: int) -> list[str]:
     expected = ONE_DIMENSIONAL["burgers"][1]
     samples, (dx, dt) = sampled("burgers")
     x = (torch.arange(samples.shape[0]) * dx).numpy()
-    h_t_rms = float(GoverningEquation(("x",)).library_from_samples(samples, (dx, dt), form="pointwise")[1].pow(2).mean().sqrt())
+    pointwise_h_t = GoverningEquation(("x",)).library_from_samples(samples, (dx, dt), form="pointwise")[1]
+    h_t_rms = float(pointwise_h_t.pow(2).mean().sqrt())
     # PySINDy normalizes columns by their 2-norm and not the target: our threshold 0.05 in its units
     threshold = 0.05 * h_t_rms * math.sqrt(samples.numel())
     smoothing = {"smoother_kws": {"window_length": 21, "polyorder": 4}}

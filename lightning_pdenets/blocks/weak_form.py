@@ -26,6 +26,10 @@ phi = prod_d (1 - ((s_d - c_d) / r_d)^2)^p on boxes of half-width r_d = m_d grid
 every grid point at least m_d points from the edges (a "valid" correlation). The integrals are sums
 over the grid points times the steps: for a test function that vanishes with its first p - 1
 derivatives at both ends this trapezoid rule is accurate to high order (Euler-Maclaurin).
+
+Written here rather than taken from PySINDy's ``WeakPDELibrary`` (the reference implementation, used
+in bench/bench_identification.py): PySINDy may not become a dependency, and its library is made of
+derivatives of functions of h, not PR-Net's terms h^i d^j h. SciPy does the correlations.
 """
 
 from __future__ import annotations
@@ -39,7 +43,9 @@ from scipy.ndimage import correlate1d
 
 from lightning_pdenets.blocks.sampled import IntPerAxis, _grid_steps, _per_axis, savgol_derivatives
 
-__all__ = ["DEFAULT_BOX_FRACTION", "MAX_WEAK_ORDER", "MIN_DEFAULT_HALF_WIDTH", "quadrature_weights", "weak_form_library"]
+__all__ = [
+    "DEFAULT_BOX_FRACTION", "MAX_WEAK_ORDER", "MIN_DEFAULT_HALF_WIDTH", "quadrature_weights", "weak_form_library",
+]
 
 MAX_WEAK_ORDER = 3
 """Highest spatial derivative order that :func:`weak_form_library` rewrites (PR-Net's library has 3)."""
@@ -56,7 +62,7 @@ test functions' derivatives poorly (heat on 21 time steps: 5% off with boxes of 
 
 
 class Term(Protocol):
-    """A library term h^power * d^order h / d axis^order (:class:`~lightning_pdenets.blocks.governing.LibraryTerm`)."""
+    """A library term h^power d^order h / d axis^order, e.g. a governing.LibraryTerm."""
 
     power: int
     axis: Optional[str]
