@@ -1,29 +1,62 @@
-"""Logging of values that every DDP process already holds identically."""
+"""Logging of values that every DDP process already holds identically, and the one rule for collectives.
+
+**The collective rule.** Under DDP every rank must enter every collective (an all-reduce, all-gather,
+broadcast or barrier) in the same order, whatever its rank-local state: the progress bar (Lightning shows it
+on rank 0 only), the loggers (rank 0 writes), rank-zero-only callbacks, and the number of evaluation batches
+(ranks may hold different numbers). In this package that means:
+
+1. Reduce explicitly, at a point every rank reaches unconditionally (``trainer.strategy.reduce``,
+   ``reduce_boolean_decision``, a torchmetrics ``compute()``), and decide *after* the collective, never
+   before it from rank-local state (``if not self._metrics: return`` before a ``compute()`` is the bug).
+2. Log the reduced value with :func:`log_replicated`, which is no collective. Never hand Lightning an
+   epoch-level value with ``sync_dist=True`` (or a torchmetrics object) from a training-epoch hook:
+   Lightning syncs it lazily, when something first reads it, and the first reader is the progress bar's
+   ``on_train_epoch_end`` on rank 0 only; the other ranks meanwhile enter the next collective of the
+   epoch's end, and the job deadlocks (issue 26).
+3. Step-level ``sync_dist=True`` values are synced when logged, so they are safe as long as whether they
+   are logged depends on the configuration only (:func:`step_values_are_read`), never on the rank.
+4. A stop request (SIGTERM) is checked rank-locally and ends the rank without another collective
+   (:func:`lightning_pdenets.interruption.stop_requested`).
+
+``tests/test_ddp_cli.py`` runs the ``pdenets`` CLI as users do (progress bar, TensorBoard, every callback
+preset) on 2 gloo processes, so a break of this rule fails there with every rank's stack.
+"""
 
 from __future__ import annotations
 
+import re
+import warnings
 from typing import Any, Mapping
 
 import lightning.pytorch as pl
+from lightning.fabric.utilities.warnings import PossibleUserWarning
 
 __all__ = ["log_occasional_step_values", "log_replicated", "step_values_are_read"]
+
+_SILENCED_NAMES: set[str] = set()
 
 
 def log_replicated(module: pl.LightningModule, metrics: Mapping[str, Any], **log_kwargs: Any) -> None:
     """Log epoch-level values that are the same on every rank, e.g. a computed torchmetrics result or a parameter.
 
-    Lightning warns ("It is recommended to use sync_dist=True ...") about every epoch-level value logged
-    without ``sync_dist`` under DDP, although these values need no averaging. Syncing them with a max
-    reduction silences the warning, keeps the value exact (a mean over ranks could round it) and costs one
-    small all-reduce per value. Like any ``sync_dist`` logging it is a collective: every rank must call it
-    with the same names, as the epoch-end hooks that use it do.
+    No collective: the values are already reduced (or replicated, like parameters), so nothing is synced,
+    now or when Lightning later reads them (see the collective rule above). Lightning would warn that such
+    values should use ``sync_dist=True``; that advice is wrong here and is silenced for exactly these names.
 
     Args:
         module: The LightningModule to log through.
         metrics: Names and values (numbers or scalar tensors); logged once per epoch.
         **log_kwargs: Further arguments of :meth:`LightningModule.log_dict` (``prog_bar``, ...).
     """
-    module.log_dict(dict(metrics), on_step=False, on_epoch=True, sync_dist=True, reduce_fx="max", **log_kwargs)
+    for name in metrics:
+        if name not in _SILENCED_NAMES:
+            _SILENCED_NAMES.add(name)
+            # Lightning 2.x's text (logger_connector/result.py); tests/test_ddp_cli.py fails if it changes
+            warnings.filterwarnings(
+                "ignore", message=re.escape(f"It is recommended to use `self.log({name!r}, ..., sync_dist=True)`"),
+                category=PossibleUserWarning,
+            )
+    module.log_dict(dict(metrics), on_step=False, on_epoch=True, sync_dist=False, reduce_fx="max", **log_kwargs)
 
 
 def step_values_are_read(trainer: "pl.Trainer", progress_bar: bool = False) -> bool:

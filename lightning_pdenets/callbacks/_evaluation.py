@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
@@ -31,6 +32,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_pdenets.errors import SolverFailedError, is_solver_failure
+from lightning_pdenets.interruption import raise_if_stop_requested
 from lightning_pdenets.protocols import find_ode_blocks
 
 if TYPE_CHECKING:
@@ -164,6 +166,42 @@ def accuracy_metrics(num_classes: int, device: torch.device) -> MetricCollection
     if num_classes > 5:
         metrics["top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
     return MetricCollection(metrics).to(device)
+
+
+def compute_on_every_rank(
+    trainer: Optional["pl.Trainer"], metrics: dict[str, MetricCollection], device: torch.device,
+) -> dict[str, dict[str, float]]:
+    """Compute the accuracy collections of ``metrics`` with the same collectives, in the same order, on every rank.
+
+    Callbacks create a collection on a rank's first batch of its kind, so a rank that attacked or perturbed
+    fewer batches (fewer evaluation batches than ``num_batches``, or none) holds fewer collections than its
+    peers, and skipping their ``compute()`` (a collective) would leave the peers waiting forever. Here the
+    ranks first exchange which keys they updated and the number of classes (one gather, on every rank); then
+    every rank creates the missing collections empty and computes all keys in sorted order.
+
+    Args:
+        trainer: The running trainer (``None``: a single process).
+        metrics: Collections from :func:`accuracy_metrics`, by key; completed in place.
+        device: Where to create missing collections.
+
+    Returns:
+        ``{key: {"top1": ..., "top5": ...}}`` for every key some rank updated, the same on every rank
+        (empty when no rank updated any).
+    """
+    local = (next((int(c["top1"].num_classes) for c in metrics.values()), 0),
+             sorted(key for key, collection in metrics.items() if collection["top1"].update_called))
+    gathered = [local]
+    if trainer is not None and trainer.world_size > 1 and torch.distributed.is_initialized():
+        gathered = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(gathered, local)  # on every rank, whatever it holds
+    num_classes = max(classes for classes, _ in gathered)
+    results = {}
+    for key in sorted({key for _, keys in gathered for key in keys}):
+        collection = metrics.setdefault(key, accuracy_metrics(num_classes, device))
+        with warnings.catch_warnings():  # an empty collection of this rank: its zeros join the others' sums
+            warnings.filterwarnings("ignore", message=r".*was called before the ``update`` method.*")
+            results[key] = {name: float(value) for name, value in collection.compute().items()}
+    return results
 
 
 def add_figure(trainer: "pl.Trainer", tag: str, make_figure: Callable[[], "Figure"]) -> None:
@@ -322,16 +360,20 @@ def configured_solvers(blocks: Sequence[nn.Module], **changes: Any) -> Iterator[
 
 
 def evaluate_batches(
-    trainer: "pl.Trainer", pl_module: nn.Module, blocks: Sequence[nn.Module], batches: Iterator[Any]
+    trainer: "pl.Trainer", pl_module: nn.Module, blocks: Sequence[nn.Module], batches: Iterator[Any],
+    owner: str = "a solver check",
 ) -> tuple[float, float, bool]:
     """Accuracy and mean forward NFE per batch over ``batches``, all-reduced over ranks.
 
-    A solver failure on any rank makes ``failed`` True on every rank (its accuracy is then NaN).
+    A solver failure on any rank makes ``failed`` True on every rank (its accuracy is then NaN). SIGTERM stops
+    the pass before the next batch with :class:`~lightning_pdenets.interruption.RunInterrupted`, naming
+    ``owner`` and the solver being evaluated.
     """
     correct = total = nfe = 0.0
     num_batches = 0
     failed = False
     for batch in batches:
+        raise_if_stop_requested(trainer, lambda: f"{owner} (evaluating with {_solver_text(blocks)})")
         inputs, targets = split_batch(batch, "the solver callbacks")
         before = sum(b.nfe_forward for b in blocks)
         try:
@@ -352,6 +394,13 @@ def evaluate_batches(
     if failures > 0 or total == 0:
         return math.nan, nfe / max(num_batches, 1), True
     return correct / total, nfe / num_batches, False
+
+
+def _solver_text(blocks: Sequence[nn.Module]) -> str:
+    settings = blocks[0].solver_settings() if blocks else {}
+    method = settings.get("method", "?")
+    detail = f"step {settings['step_size']:g}" if settings.get("step_size") else f"tol {settings.get('rtol', float('nan')):g}"
+    return f"{method}, {detail}"
 
 
 # -- adaptation ----------------------------------------------------------------------------------------------------

@@ -22,17 +22,20 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torchmetrics import MetricCollection
+from tqdm.auto import tqdm
 
 from lightning_pdenets.callbacks._evaluation import (
     PixelSpace,
     accuracy_metrics,
     add_figure,
     check_channel_stats,
+    compute_on_every_rank,
     configured_solvers,
     evaluation_pass,
     normalization_of,
     split_batch,
 )
+from lightning_pdenets.interruption import raise_if_stop_requested
 from lightning_pdenets.metric_logging import log_replicated
 from lightning_pdenets.protocols import find_ode_blocks
 from lightning_pdenets.solvers import SolverConfig, SolverOptions, check_positive
@@ -320,16 +323,32 @@ class AdversarialEvaluation(Callback):
         devices = [x.device.index or 0] if x.device.type == "cuda" else []
         attacks = [a for a in self.attacks if black_box or a not in BLACK_BOX_ATTACKS]
         adversarial: dict[tuple[str, float], torch.Tensor] = {}
-        with evaluation_pass(model, input_gradients=True):  # tensors made here are usable by autograd
+        # one line per batch under the trainer's own bar (rank 0, when the trainer shows bars): an attack grid
+        # of a batch can take minutes
+        show = trainer is not None and trainer.is_global_zero and trainer.progress_bar_callback is not None
+        crafts = sum(len(self.epsilons) for a in attacks if a in WHITE_BOX_ATTACKS + BLACK_BOX_ATTACKS)
+        progress = tqdm(total=crafts, desc="AdversarialEvaluation", unit="attack", leave=False, disable=not show,
+                        dynamic_ncols=True)
+        with progress, evaluation_pass(model, input_gradients=True):  # tensors made here are usable by autograd
             pixel_model = PixelSpace.for_batch(model, x, stats)
             pixels = pixel_model.to_pixels(x.detach().clone())
             labels = y.detach().clone()
 
             def craft(name: str, epsilon: float) -> None:
-                attack = self.build_attack(name, pixel_model, epsilon)
+                def interrupted() -> str:
+                    return f"AdversarialEvaluation's {name.upper()} attack at ε={epsilon:.4g} (batch seed {seed})"
+
+                def predict(inputs: torch.Tensor) -> torch.Tensor:
+                    # checked on every query: one SPSA or PGD run makes hundreds, and may take minutes
+                    raise_if_stop_requested(trainer, interrupted)
+                    return pixel_model(inputs)
+
+                attack = self.build_attack(name, predict, epsilon)
+                progress.set_postfix_str(f"{name.upper()} ε={epsilon:.4g}")
                 with torch.random.fork_rng(devices=devices):
                     torch.manual_seed(seed)
                     adversarial[name, epsilon] = attack.perturb(pixels, labels).detach()
+                progress.update()
 
             with self._gradient_solver(model):
                 for name in (a for a in attacks if a in WHITE_BOX_ATTACKS):

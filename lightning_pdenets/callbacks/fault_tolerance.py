@@ -10,6 +10,7 @@ from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from lightning_pdenets.callbacks.sigterm import set_received_sigterm
 from lightning_pdenets.errors import ModelFailure, is_peer_crash
 
 __all__ = ["CheckpointOnInterrupt"]
@@ -74,13 +75,13 @@ class CheckpointOnInterrupt(Checkpoint):
         # resumes as if the validation had finished: its metrics and the epoch's end would be lost. So the
         # validation runs to its end first, and the run stops right after it (a state Lightning resumes exactly).
         if trainer.received_sigterm and trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
-            trainer._signal_connector.received_sigterm = False  # noqa: SLF001 (no public way to defer it)
+            set_received_sigterm(trainer, False)  # no public way to defer it
             self._deferred_sigterm = True
 
     def on_validation_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if self._deferred_sigterm:
             self._deferred_sigterm = False
-            trainer._signal_connector.received_sigterm = True  # noqa: SLF001
+            set_received_sigterm(trainer, True)
 
     def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
         steps_at_start, self._steps_at_train_start = self._steps_at_train_start, None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any, Optional
 
@@ -10,6 +11,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from lightning_pdenets.callbacks._evaluation import evaluation_pass, split_batch
+from lightning_pdenets.metric_logging import log_replicated
 
 __all__ = ["InferenceTimer"]
 
@@ -87,11 +89,18 @@ class InferenceTimer(Callback):
     def on_test_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         images = self.timing_batch()
         self._images = []
-        if images is None:
-            return
-        self.last_times = self.time_model(pl_module, images.to(pl_module.device))
-        seconds = sorted(self.last_times)[len(self.last_times) // 2]
-        # under DDP every rank times its own copy; the logged value is the mean over the ranks (batch_size=1:
-        # otherwise Lightning weights each rank by the size of its last test batch, which may differ)
-        pl_module.log("inference/seconds_per_batch", seconds, sync_dist=True, batch_size=1)
-        pl_module.log("inference/images_per_second", self.batch_size / seconds, sync_dist=True, batch_size=1)
+        seconds = math.nan
+        if images is not None:
+            self.last_times = self.time_model(pl_module, images.to(pl_module.device))
+            seconds = sorted(self.last_times)[len(self.last_times) // 2]
+        # under DDP every rank times its own copy, and the mean over the ranks that had test images is logged;
+        # every rank enters the reduction, also one that saw no test batch
+        total = torch.tensor([0.0 if math.isnan(seconds) else seconds, float(not math.isnan(seconds))],
+                             dtype=torch.float64, device=pl_module.device)
+        if trainer.world_size > 1:
+            total = trainer.strategy.reduce(total, reduce_op="sum")
+        seconds_sum, timed_ranks = total.tolist()
+        if timed_ranks:
+            seconds = seconds_sum / timed_ranks
+            log_replicated(pl_module, {"inference/seconds_per_batch": seconds,
+                                       "inference/images_per_second": self.batch_size / seconds})

@@ -22,6 +22,7 @@ from lightning_pdenets.callbacks._evaluation import (
     accuracy_metrics,
     add_figure,
     check_channel_stats,
+    compute_on_every_rank,
     evaluation_pass,
     normalization_of,
     split_batch,
@@ -163,11 +164,10 @@ class OODEvaluation(Callback):
             self._metrics[name].update(logits, y)
 
     def on_test_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        results: dict[str, dict[str, float]] = {}
-        for name, metrics in self._metrics.items():
-            results[name] = {k: float(value) for k, value in metrics.compute().items()}
-            log_replicated(pl_module, {f"ood/{name}/{k}": value for k, value in results[name].items()})
+        # every rank computes, even one that perturbed no batch: compute() is a collective
+        results = compute_on_every_rank(trainer, self._metrics, pl_module.device)
         self._metrics.clear()
+        log_replicated(pl_module, {f"ood/{name}/{k}": value for name, values in results.items() for k, value in values.items()})
         if results:
             add_figure(trainer, "ood/accuracy_per_perturbation", lambda: self.figure(results))
 

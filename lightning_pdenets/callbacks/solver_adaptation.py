@@ -225,7 +225,7 @@ class _SolverAdaptation(Callback):
         method: str, step_size: Optional[float] = None, tol: Optional[float] = None,
     ) -> tuple[float, float, bool]:
         configure_blocks(blocks, method, step_size=step_size, tol=tol)
-        return evaluate_batches(trainer, pl_module, blocks, iter([batch]))
+        return evaluate_batches(trainer, pl_module, blocks, iter([batch]), type(self).__name__)
 
     # -- the check ------------------------------------------------------------------------------
     def _agree(self, record: Optional[dict[str, Any]]) -> bool:

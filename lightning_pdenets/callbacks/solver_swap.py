@@ -148,13 +148,13 @@ class SolverSwapCheck(Callback):
                         disable=not show, dynamic_ncols=True)
         with progress, evaluation_pass(pl_module), restored_solvers(blocks):
             progress.set_postfix_str(f"{method} (training solver)")
-            train_acc, train_nfe, _ = evaluate_batches(trainer, pl_module, blocks, self._batches(trainer, dataloaders))
+            train_acc, train_nfe, _ = evaluate_batches(trainer, pl_module, blocks, self._batches(trainer, dataloaders), "SolverSwapCheck")
             progress.update()
             for solver, factor, value in grid:
                 progress.set_postfix_str(f"{solver} x{factor:g}")
                 is_adaptive = SOLVERS[solver].adaptive
                 configure_blocks(blocks, solver, step_size=None if is_adaptive else value, tol=value if is_adaptive else None)
-                acc, nfe, _ = evaluate_batches(trainer, pl_module, blocks, self._batches(trainer, dataloaders))
+                acc, nfe, _ = evaluate_batches(trainer, pl_module, blocks, self._batches(trainer, dataloaders), "SolverSwapCheck")
                 combos[(solver, factor)] = {"accuracy": acc, "nfe": nfe, "value": value}
                 progress.update()
         drops = [train_acc - c["accuracy"] for c in combos.values() if not math.isnan(c["accuracy"])]

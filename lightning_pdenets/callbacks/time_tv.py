@@ -27,6 +27,7 @@ from lightning.pytorch.callbacks import Callback
 from torch.optim import Optimizer
 
 from lightning_pdenets.errors import NonFiniteLossError
+from lightning_pdenets.metric_logging import log_replicated
 from lightning_pdenets.protocols import find_time_dependent_weights
 
 __all__ = ["TimeTVRegularization", "time_total_variation", "collect_time_dependent_parameters"]
@@ -133,9 +134,10 @@ class TimeTVRegularization(Callback):
 
     def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         # Kept here rather than by Lightning's on_epoch aggregation, which a mid-epoch resume restarts from zero.
+        # the term is a function of the (replicated) weights only, so every rank holds the same mean: no sync
         if self._epoch_count:
             mean = torch.as_tensor(self._epoch_sum, device=pl_module.device) / self._epoch_count
-            pl_module.log(f"{self.log_name}_epoch", mean, on_step=False, on_epoch=True, sync_dist=True)
+            log_replicated(pl_module, {f"{self.log_name}_epoch": mean})
         self._epoch_sum, self._epoch_count = 0.0, 0
 
     def state_dict(self) -> dict[str, Any]:

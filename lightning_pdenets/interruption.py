@@ -1,0 +1,187 @@
+"""Ending a run on SIGTERM: a collective stop decision between batches, and a watchdog for stuck processes.
+
+Lightning turns SIGTERM into :class:`~lightning.pytorch.utilities.exceptions.SIGTERMException` between training
+and evaluation batches. Two cases it does not cover:
+
+- **Long work inside one batch or one hook** (an attack, a solver-swap or step-adaptation grid): the callbacks
+  call :func:`raise_if_stop_requested` between their units of work and raise :class:`RunInterrupted`, which
+  names what was interrupted.
+- **A process blocked in a collective** that a peer never joins: Python runs signal handlers only between
+  bytecodes, so the blocked main thread never sees SIGTERM until the collective times out.
+  :class:`StopWatchdog` notices the signal from a thread (through :func:`signal.set_wakeup_fd`, written by the C
+  handler even while the main thread blocks), forwards it to the launched worker processes, and, if the
+  process has not ended ``grace_seconds`` later, prints one line and exits with code 143. The files on disk are
+  complete: checkpoints are written to a temporary file and renamed (:mod:`lightning_pdenets.checkpoints`), so
+  the last good checkpoint stays the newest readable one.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from typing import Callable, Optional
+
+import lightning.pytorch as pl
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+__all__ = [
+    "EXIT_SIGTERM", "GRACE_ENVIRONMENT_VARIABLE", "RunInterrupted", "StopWatchdog", "raise_if_stop_requested",
+    "stop_requested",
+]
+
+EXIT_SIGTERM = 128 + signal.SIGTERM
+"""Exit status after SIGTERM, as a shell reports a process that SIGTERM ended."""
+
+GRACE_ENVIRONMENT_VARIABLE = "PDENETS_STOP_GRACE_SECONDS"
+"""Seconds a process may take to stop cleanly after SIGTERM before the watchdog ends it (default 20)."""
+
+DEFAULT_GRACE_SECONDS = 20.0
+
+
+class RunInterrupted(SIGTERMException):
+    """SIGTERM stopped long work inside a batch or hook; the message says what was interrupted."""
+
+
+def stop_requested(trainer: Optional["pl.Trainer"]) -> bool:
+    """Whether this process received SIGTERM (Lightning's flag); ``False`` outside a trainer.
+
+    Rank-local on purpose, and no collective: evaluation ranks may hold different numbers of batches, so a
+    per-batch collective would itself break the collective rule (:mod:`lightning_pdenets.metric_logging`). A
+    rank that stops leaves without entering another collective; its peers stop too (the scheduler, torchrun
+    and :class:`StopWatchdog` signal every process), or their next collective fails at once because the
+    stopped process closed its connections.
+    """
+    return bool(getattr(trainer, "received_sigterm", False)) if trainer is not None else False
+
+
+def raise_if_stop_requested(trainer: Optional["pl.Trainer"], describe: Callable[[], str]) -> None:
+    """Raise :class:`RunInterrupted`, with ``describe()`` as its message, when :func:`stop_requested`."""
+    if stop_requested(trainer):
+        raise RunInterrupted(describe())
+
+
+class StopWatchdog:
+    """After SIGTERM, end this process if it has not stopped by itself within ``grace_seconds``.
+
+    Start it once, in the main thread, before the work (``pdenets`` does). It keeps whatever SIGTERM handler is
+    installed (Lightning's, which stops the run cleanly between batches): it only watches. On SIGTERM it sends
+    SIGTERM on to this process's child processes (the DDP workers Lightning launched, which a ``kill`` of the
+    parent alone would not reach), then waits. A process still alive after the grace period is blocked (in a
+    collective a peer never joined, in a long C call): it prints one line naming the cause and the last good
+    checkpoint's folder, and exits with :data:`EXIT_SIGTERM` without running further Python code.
+
+    Args:
+        grace_seconds: Seconds to wait after SIGTERM (default: ``$PDENETS_STOP_GRACE_SECONDS`` or 20).
+        describe: Returns the advice printed when the watchdog ends the process (e.g. how to resume).
+    """
+
+    def __init__(self, grace_seconds: Optional[float] = None, describe: Optional[Callable[[], str]] = None) -> None:
+        if grace_seconds is None:
+            grace_seconds = _grace_from_environment()
+        if isinstance(grace_seconds, bool) or not isinstance(grace_seconds, (int, float)) or not grace_seconds > 0:
+            raise ValueError(f"`grace_seconds` must be a positive number of seconds, got {grace_seconds!r}.")
+        self.grace_seconds = float(grace_seconds)
+        self.describe = describe or (lambda: "")
+        self._reader: Optional[socket.socket] = None
+        self._writer: Optional[socket.socket] = None
+        self._thread: Optional[threading.Thread] = None
+        self._previous_handler: object = None
+
+    def start(self) -> "StopWatchdog":
+        """Start watching (main thread only; a no-op where signals cannot be watched)."""
+        if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "set_wakeup_fd"):
+            return self
+        self._previous_handler = signal.getsignal(signal.SIGTERM)
+        if self._previous_handler in (signal.SIG_DFL, None):
+            # the C-level handler writes the wakeup fd only for signals with a Python handler; until Lightning
+            # installs its own, this one ends the run at once, as the default disposition would
+            signal.signal(signal.SIGTERM, _exit_on_sigterm)
+        self._reader, self._writer = socket.socketpair()
+        self._reader.setblocking(True)
+        self._writer.setblocking(False)
+        signal.set_wakeup_fd(self._writer.fileno(), warn_on_full_buffer=False)
+        self._thread = threading.Thread(target=self._watch, name="pdenets-stop-watchdog", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop watching and restore the SIGTERM handler found at :meth:`start` (for callers that go on running)."""
+        if self._writer is None or threading.current_thread() is not threading.main_thread():
+            return
+        signal.set_wakeup_fd(-1)
+        if self._previous_handler in (signal.SIG_DFL, None):
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        self._writer.close()  # the watching thread reads the end of the stream and returns
+        self._writer = None
+
+    def _watch(self) -> None:
+        assert self._reader is not None  # noqa: S101 (set in start, before the thread)
+        while True:
+            try:
+                received = self._reader.recv(64)
+            except OSError:
+                return
+            if not received:
+                self._reader.close()
+                return
+            if signal.SIGTERM in received:
+                break
+        _forward_to_children(signal.SIGTERM)
+        time.sleep(self.grace_seconds)
+        advice = self.describe()
+        sys.stderr.write(
+            f"pdenets: rank {os.environ.get('RANK', os.environ.get('LOCAL_RANK', '0'))} did not stop within "
+            f"{self.grace_seconds:g} s of SIGTERM (blocked, e.g. in a collective operation another process never "
+            f"joined); ended with exit code {EXIT_SIGTERM}.{(' ' + advice) if advice else ''}\n"
+        )
+        sys.stderr.flush()
+        os._exit(EXIT_SIGTERM)
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(EXIT_SIGTERM)
+
+
+def _grace_from_environment() -> float:
+    text = os.environ.get(GRACE_ENVIRONMENT_VARIABLE)
+    if not text:
+        return DEFAULT_GRACE_SECONDS
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:
+        raise ValueError(f"${GRACE_ENVIRONMENT_VARIABLE} must be a positive number of seconds, got {text!r}.")
+    return value
+
+
+def _forward_to_children(signum: int) -> None:
+    """Send ``signum`` to this process's children (read from ``/proc``; elsewhere nothing is forwarded)."""
+    for pid in _child_pids(os.getpid()):
+        try:
+            os.kill(pid, signum)
+        except OSError:
+            continue
+
+
+def _child_pids(parent: int) -> list[int]:
+    children = []
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return children
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as stat:
+                fields = stat.read().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if len(fields) > 1 and int(fields[1]) == parent:
+            children.append(int(entry))
+    return children

@@ -1,0 +1,131 @@
+"""SIGTERM handling: the watchdog that ends a blocked process, the flag-only handler, rank-symmetric metric sync."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from lightning_pdenets.callbacks._evaluation import accuracy_metrics, compute_on_every_rank
+from lightning_pdenets.callbacks.sigterm import SigtermFlagOnly, set_received_sigterm
+from lightning_pdenets.interruption import RunInterrupted, StopWatchdog, raise_if_stop_requested
+from tests.conftest import REPO_ROOT
+
+
+def test_setting_the_stop_flag_reaches_lightnings_loops() -> None:
+    trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    assert not trainer.received_sigterm
+    set_received_sigterm(trainer)
+    assert trainer.received_sigterm, (
+        "Lightning moved the flag behind Trainer.received_sigterm: update "
+        "lightning_pdenets.callbacks.sigterm.set_received_sigterm"
+    )
+    with pytest.raises(RunInterrupted, match="the grid, at step 3"):
+        raise_if_stop_requested(trainer, lambda: "the grid, at step 3")
+    set_received_sigterm(trainer, False)
+    raise_if_stop_requested(trainer, lambda: "never")
+
+
+def test_flag_only_handler_marks_the_trainer_and_runs_no_collective() -> None:
+    trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    callback = SigtermFlagOnly()
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        callback.on_test_start(trainer, None)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)  # the handler runs between bytecodes
+        assert trainer.received_sigterm
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@pytest.mark.parametrize("grace", [0, -1, "5", True])
+def test_watchdog_grace_must_be_a_positive_number(grace) -> None:
+    with pytest.raises(ValueError, match="`grace_seconds` must be a positive number of seconds"):
+        StopWatchdog(grace_seconds=grace)
+
+
+def test_watchdog_grace_from_the_environment_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PDENETS_STOP_GRACE_SECONDS", "soon")
+    with pytest.raises(ValueError, match=r"\$PDENETS_STOP_GRACE_SECONDS must be a positive number of seconds, got 'soon'"):
+        StopWatchdog()
+
+
+def test_watchdog_ends_a_process_that_ignores_sigterm_with_one_line(tmp_path: Path) -> None:
+    """A handler that only sets a flag, and a main thread that never looks at it: ended after the grace."""
+    script = tmp_path / "stuck.py"
+    script.write_text(textwrap.dedent("""
+        import signal, sys, time
+        from lightning_pdenets.interruption import StopWatchdog
+        signal.signal(signal.SIGTERM, lambda *_: None)   # like Lightning's: marks, does not exit
+        StopWatchdog(grace_seconds=1.0, describe=lambda: "Resume with --ckpt_path last.").start()
+        print("ready", flush=True)
+        while True:
+            time.sleep(0.1)
+    """))
+    process = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    assert process.stdout.readline().strip() == "ready"
+    sent = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=30)
+    assert 0.9 < time.monotonic() - sent < 10
+    assert process.returncode == 143
+    assert stderr.strip().splitlines() == [
+        "pdenets: rank 0 did not stop within 1 s of SIGTERM (blocked, e.g. in a collective operation another process "
+        "never joined); ended with exit code 143. Resume with --ckpt_path last."
+    ]
+
+
+def test_watchdog_stop_restores_the_default_handler() -> None:
+    previous = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        watchdog = StopWatchdog(grace_seconds=5).start()
+        assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+        watchdog.stop()
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_compute_on_every_rank_in_one_process() -> None:
+    metrics = {"clean": accuracy_metrics(3, torch.device("cpu")), "fgsm": accuracy_metrics(3, torch.device("cpu"))}
+    metrics["clean"].update(torch.tensor([[2.0, 0.0, 0.0], [0.0, 2.0, 0.0]]), torch.tensor([0, 0]))
+    assert compute_on_every_rank(None, metrics, torch.device("cpu")) == {"clean": {"top1": 0.5}}
+    assert compute_on_every_rank(None, {}, torch.device("cpu")) == {}
+
+
+def _rank_with_and_rank_without_batches(rank: int, port: int, out: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+
+    trainer = type("FakeTrainer", (), {"world_size": 2})()
+    metrics = {}
+    if rank == 0:  # rank 1 evaluated no batch at all (fewer evaluation batches than ranks)
+        metrics["fgsm_eps25"] = accuracy_metrics(10, torch.device("cpu"))
+        metrics["fgsm_eps25"].update(torch.eye(10)[:4], torch.tensor([0, 1, 2, 0]))
+    results = compute_on_every_rank(trainer, metrics, torch.device("cpu"))
+    torch.save(results, f"{out}/rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.ddp
+@pytest.mark.timeout(120)
+def test_compute_on_every_rank_when_one_rank_saw_no_batch(tmp_path: Path) -> None:
+    """Before issue 26 a rank without batches skipped compute(), and the other waited in its all-gather forever."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_rank_with_and_rank_without_batches, args=(port, str(tmp_path)), nprocs=2, join=True)
+    first, second = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert first == second and list(first) == ["fgsm_eps25"] and first["fgsm_eps25"]["top1"] == 0.75
