@@ -57,7 +57,28 @@ def test_trainer_presets_validate_against_the_trainer_signature(preset: Path) ->
     parser.add_lightning_class_args(pl.Trainer, "trainer")
     config = parser.parse_path(str(preset))
     expected = yaml.safe_load(preset.read_text())["trainer"]
-    assert {key: config.trainer[key] for key in expected} == expected
+    for key, value in expected.items():
+        parsed = config.trainer[key]
+        if isinstance(value, dict):  # a class: its path, and the given init_args over the class's defaults
+            assert parsed.class_path == value["class_path"]
+            assert {name: str(parsed.init_args[name]) for name in value["init_args"]} == {
+                name: str(given) for name, given in value["init_args"].items()}
+        else:
+            assert parsed == value, key
+
+
+@pytest.mark.parametrize("name", ["ddp.yaml", "ddp_cpu.yaml", "multinode.yaml"])
+def test_ddp_presets_bound_the_wait_in_a_collective(name: str) -> None:
+    """A collective one rank never joins fails after the preset's timeout instead of hanging (issue 26)."""
+    strategy = yaml.safe_load((REPO_ROOT / "configs" / "trainer" / name).read_text())["trainer"]["strategy"]
+    hours, minutes, seconds = (int(part) for part in strategy["init_args"]["timeout"].split(":"))
+    assert 0 < hours * 3600 + minutes * 60 + seconds <= 30 * 60
+
+
+def test_cpu_ddp_preset_sets_the_collective_timeout() -> None:
+    cli = build_cli(["--config", str(REPO_ROOT / "configs/quickstart.yaml"), "--config",
+                     str(REPO_ROOT / "configs/trainer/ddp_cpu.yaml")], run=False)
+    assert cli.trainer.strategy._timeout.total_seconds() == 180  # noqa: SLF001 (no public getter)
 
 
 def test_cpu_ddp_preset_instantiates() -> None:
