@@ -27,6 +27,7 @@ __all__ = [
     "find_resume_checkpoint",
     "load_checkpoint",
     "needs_unpickling",
+    "new_file_mode",
     "unreadable_reason",
 ]
 
@@ -163,6 +164,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         path.parent.mkdir(parents=True, exist_ok=True)
         descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
+            os.fchmod(descriptor, new_file_mode())  # mkstemp's 0600 would make checkpoints unlike every other output
             with os.fdopen(descriptor, "wb") as file:
                 torch.save(checkpoint, file)
                 file.flush()
@@ -171,6 +173,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         except BaseException:
             Path(temporary).unlink(missing_ok=True)
             raise
+
+
+def new_file_mode() -> int:
+    """The mode ``open()`` gives a new file under the process's umask (0644 under the usual 022)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def needs_unpickling(path: Union[str, Path]) -> bool:
@@ -193,10 +202,11 @@ def _first_line(error: BaseException) -> str:
 def _corrupt_message(path: Path, reason: str) -> str:
     readable, skipped = [], []
     for other in sorted((p for p in path.parent.glob("*.ckpt") if p != path), key=lambda p: -p.stat().st_mtime):
-        (skipped if unreadable_reason(other) else readable).append(str(other))
-    hint = f" Readable checkpoints in that folder, newest first: {readable[:5]}." if readable else ""
+        # a file that needs unpickling would be refused: it is no way out
+        (skipped if unreadable_reason(other) or needs_unpickling(other) else readable).append(str(other))
+    hint = f" Checkpoints in that folder that load, newest first: {readable[:5]}." if readable else ""
     if skipped:
-        hint += f" Unreadable, skipped: {skipped[:5]}."
+        hint += f" Unreadable or refused, skipped: {skipped[:5]}."
     return (
         f"checkpoint {str(path)!r} is corrupt: {reason}. It was probably truncated by a crash or a full disk.{hint} "
         f"Resume from one of those with --ckpt_path PATH, or start afresh without --ckpt_path."

@@ -14,6 +14,7 @@ import importlib
 import inspect
 import os
 import re
+import shutil
 import sys
 import typing
 import warnings
@@ -56,6 +57,9 @@ DEFAULT_EXPERIMENT_NAME = "pdenets"
 EXIT_USAGE = 2
 """Exit status of bad arguments, as argparse uses."""
 
+EXIT_INTERRUPTED = 130
+"""Exit status after Ctrl-C, as a shell reports a process that SIGINT ended."""
+
 EXIT_MODEL_FAILURE = 1
 """Exit status when the model failed (a NaN loss, a solver that could not integrate): a run that did not succeed."""
 
@@ -90,6 +94,15 @@ class PDENetsArgumentParser(LightningArgumentParser):
         prog = parser.prog.replace(" [options]", "")
         sys.stderr.write(f"tip: `{prog} --help` lists every option and its default.\nerror: {_short_message(message)}\n")
         self.exit(EXIT_USAGE)
+
+    def parse_path(self, path: Any, *args: Any, **kwargs: Any) -> Namespace:
+        """jsonargparse's, with a file that is not text (an image, a checkpoint) refused in one line."""
+        try:
+            return super().parse_path(path, *args, **kwargs)
+        except UnicodeDecodeError as error:
+            raise TypeError(f'Parser key "config": {str(path)!r} is not a text file (byte {error.start} is '
+                            f'{error.object[error.start:error.start + 1]!r}), so not a YAML or JSON config; pass a '
+                            f'.yaml config file (a checkpoint goes to --ckpt_path).') from None
 
 
 def _debugging() -> bool:
@@ -270,6 +283,7 @@ class PDENetsCLI(LightningCLI):
         checkpoint = check_checkpoint(ckpt_path, class_path, trusted=trusted)
         check_layout(checkpoint, ckpt_path, model=class_path)
         _check_checkpoint_settings(checkpoint, ckpt_path, config, subcommand)
+        self._checkpoint_facts = (str(ckpt_path), _stored_facts(checkpoint))
         if trusted and needs_unpickling(ckpt_path):
             rank_zero_info(f"{ckpt_path} needs unpickling, trusted by --weights_only false; the model is built from "
                            f"the config alone, not from the hyperparameters stored in the file.")
@@ -291,6 +305,14 @@ class PDENetsCLI(LightningCLI):
         trainer = super().instantiate_trainer(**kwargs)
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        save_checkpoint = trainer.save_checkpoint
+
+        def save_full_checkpoint(filepath: Any, weights_only: Optional[bool] = None, storage_options: Any = None) -> None:
+            # A save that leaves weights_only unset (CheckpointOnInterrupt's) is a full one, as Lightning defaults to;
+            # saying so keeps Lightning's "`weights_only` was not set" line out of an interrupted run's output.
+            save_checkpoint(filepath, weights_only=bool(weights_only), storage_options=storage_options)
+
+        trainer.save_checkpoint = save_full_checkpoint
         return trainer
 
     def before_instantiate_classes(self) -> None:
@@ -300,7 +322,27 @@ class PDENetsCLI(LightningCLI):
     def after_instantiate_classes(self) -> None:
         super().after_instantiate_classes()
         config = self.config[self.subcommand] if self.subcommand else self.config
-        _check_linked_values(config.get("model"), self.datamodule)
+        _check_linked_values(config.get("model"), self.datamodule, *getattr(self, "_checkpoint_facts", (None, {})))
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        """Run the subcommand as Lightning does; a bad input found before the first step leaves no version folder
+        behind, and Ctrl-C ends with one line and exit code 130, as shells report SIGINT (Lightning exits 1)."""
+        folders = _NewLogFolders(_log_root(self.config[subcommand]))
+        try:
+            super()._run_subcommand(subcommand)
+        except USER_ERRORS:
+            if self.trainer.global_step == 0:  # stopped before training: its event files hold no curve
+                folders.remove_unused()
+            raise
+        except (KeyboardInterrupt, SystemExit) as stop:
+            interrupted = isinstance(stop, KeyboardInterrupt) or (
+                stop.code == 1 and isinstance(stop.__context__, KeyboardInterrupt))  # Lightning's sys.exit(1)
+            if not interrupted:
+                raise
+            advice = ("The fit resumes with the same command and --ckpt_path last." if subcommand == "fit"
+                      else f"Run the same command again to {subcommand} from the start.")
+            sys.stderr.write(f"pdenets: {subcommand} interrupted by Ctrl-C (exit code {EXIT_INTERRUPTED}). {advice}\n")
+            raise SystemExit(EXIT_INTERRUPTED) from None
 
     def after_fit(self) -> None:
         if not self.config.fit.get("test_after_fit", True) or self.trainer.fast_dev_run:
@@ -310,7 +352,36 @@ class PDENetsCLI(LightningCLI):
         best = [c for c in self.trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint) and c.best_model_path]
         best.sort(key=lambda c: c.monitor is None)  # a monitored best before the unmonitored last.ckpt
         ckpt_path: Optional[str] = best[0].best_model_path if best else None
-        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt_path)
+        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt_path, weights_only=True)
+
+
+class _NewLogFolders:
+    """The version folders a run adds under its log folder, to remove when a bad input stops it before it logged."""
+
+    UNUSED_FILES = re.compile(r"config\.yaml|hparams\.yaml|events\.out\.tfevents\..*")
+    """What such a folder holds when the run stopped before its first step (a checkpoint is always kept)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.versions = set(os.listdir(root)) if root.is_dir() else set()
+        missing = [folder for folder in (root, *root.parents) if not folder.exists()]
+        self.created_from = missing[-1] if missing else None  # the top folder this run will create
+
+    def remove_unused(self) -> None:
+        if not self.root.is_dir():
+            return
+        for name in set(os.listdir(self.root)) - self.versions:
+            folder = self.root / name
+            if folder.is_dir() and all(self.UNUSED_FILES.fullmatch(f.name) for f in folder.rglob("*") if f.is_file()):
+                shutil.rmtree(folder, ignore_errors=True)
+        if self.created_from is not None:
+            for folder in (self.root, *self.root.parents):
+                try:
+                    folder.rmdir()  # only if empty
+                except OSError:
+                    break
+                if folder == self.created_from:
+                    break
 
 
 def _link_data_to_model(parser: LightningArgumentParser) -> None:
@@ -324,8 +395,19 @@ def _link_data_to_model(parser: LightningArgumentParser) -> None:
         parser.link_arguments(f"data.{name}", f"model.init_args.{name}", apply_on="instantiate")
 
 
-def _check_linked_values(model_config: Any, datamodule: Any) -> None:
-    """Refuse a config value that contradicts the datamodule: linking would drop it silently."""
+def _stored_facts(checkpoint: dict) -> dict[str, Any]:
+    """The data facts (``image_size``, ...) a checkpoint's model was trained with."""
+    stored = checkpoint.get("hyper_parameters") or {}
+    return {name: stored[name] for name in DATA_FACTS if isinstance(stored, dict) and stored.get(name) is not None}
+
+
+def _check_linked_values(model_config: Any, datamodule: Any, ckpt_path: Optional[str] = None,
+                         checkpoint_facts: Optional[dict[str, Any]] = None) -> None:
+    """Refuse a config value that contradicts the datamodule: linking would drop it silently.
+
+    A value that came from ``ckpt_path`` (Lightning merges the checkpoint's arguments into the config) is the
+    trained model's, so the message says so instead of advising to edit the config.
+    """
     init_args = model_config.get("init_args") if hasattr(model_config, "get") else None
     if datamodule is None or not hasattr(init_args, "get"):
         return
@@ -333,6 +415,13 @@ def _check_linked_values(model_config: Any, datamodule: Any) -> None:
         given, expected = init_args.get(name), getattr(datamodule, name, None)
         if given is None or expected is None or _same_fact(given, expected):
             continue
+        if name in (checkpoint_facts or {}) and _same_fact(given, checkpoint_facts[name]):
+            raise ConfigurationError(
+                f"checkpoint {ckpt_path!r} holds a model trained with `{name}` {checkpoint_facts[name]!r}, but "
+                f"{type(datamodule).__name__} gives {expected!r}, which it cannot take. Use data with {name} "
+                f"{checkpoint_facts[name]!r} (the datamodule it was trained on), or train a model for this data: a "
+                f"fresh run without --ckpt_path."
+            )
         raise ConfigurationError(
             f"`model.init_args.{name}` is {given!r}, but {type(datamodule).__name__} gives {expected!r}: it is taken "
             f"from the datamodule, so remove it from the model's config."

@@ -40,6 +40,14 @@ class ConfigurationError(ValueError):
     """Settings that are valid one by one but cannot work together (e.g. a schedule without a horizon)."""
 
 
+class DatasetNotFoundError(ConfigurationError, FileNotFoundError):
+    """A dataset's files are not where its datamodule looks for them (``data_dir`` and ``download`` say what to do)."""
+
+
+class CorruptDatasetError(ConfigurationError):
+    """A dataset file is present but cannot be read (truncated, corrupt, or another format)."""
+
+
 class DatasetDownloadError(ConnectionError):
     """A dataset could not be downloaded (no network, a failing mirror, an unwritable folder)."""
 

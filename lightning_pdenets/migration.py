@@ -40,6 +40,8 @@ from lightning_pdenets.architectures.registry import (
     MODEL_SUPPLIED_ARGUMENTS,
     architecture_parameters,
 )
+from lightning_pdenets.checkpoints import load_checkpoint, new_file_mode
+from lightning_pdenets.errors import CorruptCheckpointError, UntrustedCheckpointError
 from lightning_pdenets.solvers import SolverConfig
 
 __all__ = ["UPGRADED_FROM_KEY", "VERSION_KEY", "LegacyCheckpointError", "check_layout", "upgrade_checkpoint", "written_by"]
@@ -181,6 +183,7 @@ def upgrade_checkpoint(checkpoint: dict[str, Any], model: Optional[str] = None) 
 
 def _save_atomically(obj: Any, path: Path) -> None:
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(handle, new_file_mode())  # like any other output, not mkstemp's 0600
     os.close(handle)
     try:
         torch.save(obj, temporary)
@@ -202,7 +205,21 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         parser.error("target must differ from source: the original is kept unchanged")
     if not args.source.is_file():
         parser.error(f"{args.source} does not exist")
-    checkpoint = torch.load(args.source, map_location="cpu", weights_only=True)
+    if not args.target.parent.is_dir():
+        parser.error(f"the folder of target {str(args.target)!r} does not exist; create it or write elsewhere")
+    try:
+        checkpoint = load_checkpoint(args.source, how_to_trust="a script of your own (the migration never unpickles)")
+    except CorruptCheckpointError as error:
+        cause = error.__cause__
+        reason = f"{type(cause).__name__}: {str(cause).strip().splitlines()[0]}" if cause and str(cause).strip() else error
+        parser.error(f"{args.source} cannot be read as a checkpoint ({reason}); it was probably truncated by a crash "
+                     f"or a full disk. Upgrade an intact copy of it.")
+    except UntrustedCheckpointError as error:
+        parser.error(str(error))
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("hyper_parameters") or {}, dict) \
+            or "state_dict" not in checkpoint:
+        parser.error(f"{args.source} is not a Lightning checkpoint (no `state_dict` and hyperparameters); pass the "
+                     f".ckpt file of a run.")
     try:
         upgraded = upgrade_checkpoint(checkpoint, args.model)
     except LegacyCheckpointError as error:

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import transforms as T
 
 from lightning_pdenets.data.loading import check_global_batch_size, make_loader
-from lightning_pdenets.errors import DatasetDownloadError
+from lightning_pdenets.errors import CorruptDatasetError, DatasetDownloadError, DatasetNotFoundError
 from lightning_pdenets.validation import check_positive_int
 
 __all__ = ["ClassificationDataModule", "VisionDataModule", "seeded_split", "split_sizes"]
@@ -177,12 +177,42 @@ class VisionDataModule(ClassificationDataModule):
             steps.append(T.Normalize(self.channel_mean, self.channel_std))
         return T.Compose(steps)
 
-    def missing_data_error(self, detail: str = "") -> FileNotFoundError:
-        return FileNotFoundError(
+    def missing_data_error(self, detail: str = "") -> DatasetNotFoundError:
+        """The error for files that are not there (``detail`` names what was expected)."""
+        return DatasetNotFoundError(
             f"{self.name} was not found under {os.path.abspath(self.data_dir)!r}{detail}. Either set "
             f"`download: true` in the data section (CLI: --data.download true) to fetch it in prepare_data, "
             f"or point `data_dir` (--data.data_dir PATH) to a folder that already holds it."
         )
+
+    def unreadable_data_error(self, path: Optional[Union[str, Path]], error: BaseException) -> CorruptDatasetError:
+        """The error for a file that is there but does not read; ``path`` is the file (``None``: not known)."""
+        cause = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        where = (f"file {os.path.abspath(path)!r} is present but unreadable" if path is not None
+                 else f"files under {os.path.abspath(self.data_dir)!r} are present but one is unreadable")
+        removal = "Delete that file" if path is not None else "Delete the dataset's folder"
+        return CorruptDatasetError(
+            f"{self.name} {where} ({type(error).__name__}: {cause}): it is truncated or corrupt, e.g. by an "
+            f"interrupted download or copy. {removal} and fetch it again with --data.download true, or copy an "
+            f"intact one there."
+        )
+
+    def unreadable_file(self, train: bool, error: BaseException) -> Optional[Path]:
+        """Which file made :meth:`load_dataset` fail with ``error`` (``None``: not known); subclasses narrow it down."""
+        filename = getattr(error, "filename", None)
+        return Path(filename) if isinstance(filename, (str, os.PathLike)) and os.path.isfile(filename) else None
+
+    def load_checked(self, train: bool, transform: Callable) -> Dataset:
+        """:meth:`load_dataset`, telling missing files (:class:`DatasetNotFoundError`) from unreadable ones
+        (:class:`CorruptDatasetError`, naming the file), each a short message instead of a library's traceback."""
+        try:
+            return self.load_dataset(train=train, transform=transform)
+        except (DatasetNotFoundError, CorruptDatasetError):
+            raise
+        except FileNotFoundError as error:  # a part of the layout is missing
+            raise self.missing_data_error(f" ({error})") from error
+        except Exception as error:  # numpy, pickle, scipy and torchvision raise many types for a damaged file
+            raise self.unreadable_data_error(self.unreadable_file(train, error), error) from error
 
     # -- LightningDataModule hooks -------------------------------------------------------------
     def prepare_data(self) -> None:
@@ -203,9 +233,9 @@ class VisionDataModule(ClassificationDataModule):
 
     def setup(self, stage: Optional[str] = None) -> None:
         if stage in (None, "fit", "validate") and self.train_set is None:
-            train_view = self.load_dataset(train=True, transform=self.transform(train=True))
-            eval_view = self.load_dataset(train=True, transform=self.transform(train=False))
+            train_view = self.load_checked(train=True, transform=self.transform(train=True))
+            eval_view = self.load_checked(train=True, transform=self.transform(train=False))
             train_idx, val_idx = seeded_split(len(train_view), self.val_size, self.seed)
             self.train_set, self.val_set = Subset(train_view, train_idx), Subset(eval_view, val_idx)
         if stage in (None, "test", "predict") and self.test_set is None:
-            self.test_set = self.load_dataset(train=False, transform=self.transform(train=False))
+            self.test_set = self.load_checked(train=False, transform=self.transform(train=False))

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 import pickle
-from typing import Callable
+from pathlib import Path
+from typing import Callable, Optional
 
 from torch.utils.data import Dataset
 from torchvision import datasets
@@ -65,10 +66,22 @@ class CIFAR10DataModule(VisionDataModule):
         folder = os.path.join(self.data_dir, loader.base_folder)
         if not os.path.isdir(folder):
             raise self.missing_data_error(f" (expected {loader.base_folder}/)")
-        try:
-            return loader(self.data_dir, train=train, transform=transform, download=False)
-        except RuntimeError as error:
-            raise self.missing_data_error(f" (incomplete {loader.base_folder}/)") from error
+        names = [name for name, _ in loader.train_list + loader.test_list] + [loader.meta["filename"]]
+        missing = [name for name in names if not os.path.isfile(os.path.join(folder, name))]
+        if missing:
+            raise self.missing_data_error(f" (incomplete {loader.base_folder}/: no {', '.join(missing)})")
+        return loader(self.data_dir, train=train, transform=transform, download=False)
+
+    def unreadable_file(self, train: bool, error: BaseException) -> Optional[Path]:
+        loader = self.torchvision_class
+        folder = Path(self.data_dir) / loader.base_folder
+        for name in [name for name, _ in (loader.train_list if train else loader.test_list)] + [loader.meta["filename"]]:
+            try:
+                with open(folder / name, "rb") as handle:
+                    pickle.load(handle, encoding="latin1")
+            except Exception:  # the file torchvision could not unpickle
+                return folder / name
+        return None
 
 
 class CIFAR100DataModule(CIFAR10DataModule):

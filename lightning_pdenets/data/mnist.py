@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from pathlib import Path
+from typing import Callable, Optional
 
 from torch.utils.data import Dataset
 from torchvision import datasets
+from torchvision.datasets.mnist import read_image_file, read_label_file
 from torchvision import transforms as T
 
 from lightning_pdenets.data.base import VisionDataModule
@@ -30,8 +32,23 @@ class MNISTDataModule(VisionDataModule):
     def augmentations(self) -> list[Callable]:
         return [T.RandomCrop(28, padding=4)]
 
+    def raw_files(self, train: bool) -> list[Path]:
+        """The split's image and label files in torchvision's layout."""
+        prefix = "train" if train else "t10k"
+        raw = Path(self.data_dir) / "MNIST" / "raw"
+        return [raw / f"{prefix}-images-idx3-ubyte", raw / f"{prefix}-labels-idx1-ubyte"]
+
     def load_dataset(self, train: bool, transform: Callable) -> Dataset:
-        try:
-            return datasets.MNIST(self.data_dir, train=train, transform=transform, download=False)
-        except RuntimeError as error:
-            raise self.missing_data_error(" (expected MNIST/raw/*-idx?-ubyte files)") from error
+        # torchvision refuses either split unless the files of both are present
+        missing = [path.name for path in self.raw_files(True) + self.raw_files(False) if not path.is_file()]
+        if missing:
+            raise self.missing_data_error(f" (expected MNIST/raw/ with {', '.join(missing)})")
+        return datasets.MNIST(self.data_dir, train=train, transform=transform, download=False)
+
+    def unreadable_file(self, train: bool, error: BaseException) -> Optional[Path]:
+        for path in self.raw_files(train):
+            try:
+                (read_image_file if "images" in path.name else read_label_file)(str(path))
+            except Exception:  # the file torchvision could not read
+                return path
+        return None

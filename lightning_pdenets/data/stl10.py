@@ -8,6 +8,7 @@ Partial Differential Equations" (accuracy against the amount of training data, 1
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
 import numpy as np
@@ -100,10 +101,15 @@ class STL10DataModule(VisionDataModule):
             raise self.missing_data_error(f" (expected {_LabeledSTL10.base_folder}/ with {', '.join(missing)})")
         return _LabeledSTL10(self.data_dir, split="train" if train else "test", transform=transform, download=False)
 
+    def unreadable_file(self, train: bool, error: BaseException) -> Optional[Path]:
+        folder = Path(self.data_dir) / _LabeledSTL10.base_folder
+        images, labels = (folder / f"{'train' if train else 'test'}_{part}.bin" for part in ("X", "y"))
+        return images if images.stat().st_size % (3 * 96 * 96) else labels  # whole 96x96x3 images, or the labels
+
     def setup(self, stage: Optional[str] = None) -> None:
         if stage in (None, "fit", "validate") and self.train_set is None:
-            train_view = self.load_dataset(train=True, transform=self.transform(train=True))
-            eval_view = self.load_dataset(train=True, transform=self.transform(train=False))
+            train_view = self.load_checked(train=True, transform=self.transform(train=True))
+            eval_view = self.load_checked(train=True, transform=self.transform(train=False))
             labels = np.asarray(train_view.labels)
             train_idx, val_idx = stratified_split(labels, self.val_size, self.train_fraction, self.seed)
             self.train_set, self.val_set = Subset(train_view, train_idx), Subset(eval_view, val_idx)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from typing import Callable
+from pathlib import Path
+from typing import Callable, Optional
 
 from torch.utils.data import Dataset
 from torchvision import datasets
@@ -39,6 +40,9 @@ class SVHNDataModule(VisionDataModule):
         # torchvision verifies the official file's MD5 before loading, which only the real file passes;
         # the path check above already gives the actionable error, so load the .mat directly.
         return _SVHNMat(self.data_dir, split=split, transform=transform)
+
+    def unreadable_file(self, train: bool, error: BaseException) -> Optional[Path]:
+        return Path(self.data_dir) / f"{'train' if train else 'test'}_32x32.mat"
 
 
 class _SVHNMat(datasets.SVHN):

@@ -79,7 +79,10 @@ class _TorchvisionTransfer(_ResizedTransfer, VisionDataModule):
         try:
             return make()
         except (RuntimeError, OSError, KeyError) as error:
-            raise self.missing_data_error(f" (incomplete {self.folder}/: {error})") from error
+            # torchvision's own presence check says "not found"; anything else read a file and failed
+            if isinstance(error, FileNotFoundError) or "not found" in str(error).lower():
+                raise self.missing_data_error(f" (incomplete {self.folder}/: {error})") from error
+            raise
 
 
 class FGVCAircraftDataModule(_TorchvisionTransfer):

@@ -11,6 +11,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence, TypedDict
 
 import torch
 from torch.optim import Optimizer
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.optim.lr_scheduler import LRScheduler
 
 from lightning_pdenets.errors import ConfigurationError
@@ -150,17 +151,81 @@ def build_scheduler(
                 "set trainer.max_epochs or trainer.max_steps."
             )
         peak = [group["lr"] for group in optimizer.param_groups]
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=peak, total_steps=int(total_steps))
+        return RunLengthOneCycleLR(optimizer, max_lr=peak, total_steps=int(total_steps))
     if lr_scheduler == "cosine":
         if max_epochs is not None and max_epochs < 1:
+            meaning = "no limit" if max_epochs == -1 else "no epoch to train"
             raise ConfigurationError(
-                f"`lr_scheduler='cosine'` anneals over trainer.max_epochs, but it is {max_epochs} (no limit). Set "
-                f"--trainer.max_epochs N, or choose another lr_scheduler ('multistep' or 'none' run open-ended)."
+                f"`lr_scheduler='cosine'` anneals over trainer.max_epochs, but it is {max_epochs} ({meaning}). Set "
+                f"--trainer.max_epochs N (N >= 1), or choose another lr_scheduler ('multistep' or 'none' run "
+                f"open-ended)."
             )
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, max_epochs or 1))
+        return RunLengthCosineAnnealingLR(optimizer, T_max=max(1, max_epochs or 1))
     if lr_scheduler == "multistep":
         return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(lr_milestones), gamma=lr_gamma)
     return None
+
+
+class RunLengthCosineAnnealingLR(torch.optim.lr_scheduler.CosineAnnealingLR):
+    """torch's cosine schedule over this run's ``max_epochs``, kept when a checkpoint's state is restored.
+
+    A run resumed with another ``--trainer.max_epochs`` would otherwise keep the checkpoint's horizon: longer,
+    its extra epochs would train at learning rate 0 and then rise again. The schedule continues as if it had
+    been planned over the new horizon from the start, and says so.
+    """
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        horizon = self.T_max
+        super().load_state_dict(state_dict)
+        restored, self.T_max = self.T_max, horizon
+        if restored == horizon:
+            return
+        epoch = min(self.last_epoch, horizon)
+        was = [group["lr"] for group in self.optimizer.param_groups]
+        # the closed form: torch's recursive step would stay at 0 from a finished schedule
+        rates = [self.eta_min + (base - self.eta_min) * (1 + math.cos(math.pi * epoch / horizon)) / 2
+                 for base in self.base_lrs]
+        _set_rates(self, rates)
+        rank_zero_info(
+            f"lr_scheduler 'cosine': the checkpoint's schedule annealed over {restored} epochs, this run has "
+            f"max_epochs {horizon}, so it now anneals over {horizon}: learning rate {_rates(rates)} at epoch {epoch} "
+            f"(was {_rates(was)})."
+        )
+
+
+class RunLengthOneCycleLR(torch.optim.lr_scheduler.OneCycleLR):
+    """torch's one-cycle schedule over this run's optimizer steps, kept when a checkpoint's state is restored.
+
+    A run resumed with more epochs would otherwise fail after the checkpoint's last step (torch: "Tried to step
+    N times"); the cycle is stretched over the new number of steps from the restored step on, and says so.
+    """
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        total_steps, phases = self.total_steps, self._schedule_phases
+        super().load_state_dict(state_dict)
+        restored = self.total_steps
+        self.total_steps, self._schedule_phases = total_steps, phases
+        if restored == total_steps or self.last_epoch > total_steps:
+            return  # nothing to stretch; a run already past its end trains no step
+        was = [group["lr"] for group in self.optimizer.param_groups]
+        with torch.optim.lr_scheduler._enable_get_lr_call(self):  # noqa: SLF001 (torch warns outside step())
+            rates = self.get_lr()
+        _set_rates(self, rates)
+        rank_zero_info(
+            f"lr_scheduler 'onecycle': the checkpoint's cycle spanned {restored} optimizer steps, this run has "
+            f"{total_steps}, so the cycle is stretched over {total_steps}: learning rate {_rates(rates)} at step "
+            f"{self.last_epoch} (was {_rates(was)})."
+        )
+
+
+def _set_rates(scheduler: LRScheduler, rates: list[float]) -> None:
+    for group, rate in zip(scheduler.optimizer.param_groups, rates):
+        group["lr"] = rate
+    scheduler._last_lr = list(rates)  # noqa: SLF001 (what get_last_lr() and LearningRateMonitor read)
+
+
+def _rates(rates: Sequence[float]) -> str:
+    return ", ".join(f"{float(rate):.3g}" for rate in rates)
 
 
 def build_schedule(optimizer: Optimizer, settings: dict[str, Any], trainer: Optional[Any]) -> Optional[dict[str, Any]]:
