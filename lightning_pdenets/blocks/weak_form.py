@@ -52,9 +52,9 @@ MAX_WEAK_ORDER = 3
 
 DEFAULT_BOX_FRACTION = 8
 """Default half-width of the test functions' boxes: the grid's points along a dimension divided by this.
-Boxes a quarter of the grid wide identify heat, Burgers and KdV with 5% noise within 1.3% and with the
-right terms; half as wide, heat with 5% noise is 7% off; twice as wide, spurious terms appear at 5%
-(a scan over two noise draws, BENCHMARKS.md, issue 30 item 3)."""
+Boxes a quarter of the grid wide identify heat, Burgers and KdV with 5% noise within 1.5% (worst of five
+draws); narrower ones (a sixth, an eighth of the grid) leave heat with 5% noise 3-7% off, wider ones (half
+the grid) keep spurious terms in 3 of 5 draws (bench/results_identification_boxes.md)."""
 
 MIN_DEFAULT_HALF_WIDTH = 5
 """Smallest default half-width (where the grid allows): the sums over fewer than 11 points integrate the
