@@ -1,0 +1,380 @@
+"""Ott et al. (ICLR 2021), "ResNet After All", on real MNIST (issue 30 item 1): test-solver grid of trained RK-Nets.
+
+Each training setting is a committed config under ``configs/mnist/ott/`` (trained with ``pdenets fit``, see the
+config's header). This script loads each run's ``last.ckpt`` (weights-only load), and measures test accuracy and
+forward NFE with Euler, midpoint and RK4 at test step sizes h/8 ... 2h (h: the training step) and with dopri5 at
+rtol = atol = 1e-4, through :class:`lightning_pdenets.callbacks.SolverSwapCheck` (its grid, its tqdm progress bar).
+For the step-adaptation run, h is the step the StepSizeAdaptation callback ended training with (read from the
+checkpoint's callback state).
+
+A training setting "behaves as an ODE" when no finer (step <= h, same order) or higher-order test solver, nor
+dopri5 at 1e-4, loses more than 1 percentage point against the training solver at h. The critical step size of
+a training solver lies between the largest h that behaves as an ODE and the smallest h that does not.
+
+    python bench/bench_ott_mnist.py --test-size 10000          # evaluate every finished run (cached per run)
+    python bench/bench_ott_mnist.py --report-only               # table + figure from the cache
+
+Writes ``bench/results_ott_mnist.md`` and ``bench/ott_mnist_accuracy_vs_step.png``; per-run results are cached
+as JSON under ``logs/ott/grid/`` (git-ignored) so that an interrupted evaluation resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import re
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+LOG_ROOT = ROOT / "logs" / "mnist" / "ott"
+CACHE = ROOT / "logs" / "ott" / "grid"
+TRAIN_LOGS = ROOT / "logs" / "ott"
+
+# (run name = config stem, label, training solver, training step or None when adapted)
+RUNS: list[tuple[str, str, str, Optional[float]]] = [
+    ("euler_h1", "Euler, h = 1", "euler", 1.0),
+    ("euler_h1_2", "Euler, h = 1/2", "euler", 0.5),
+    ("euler_h1_4", "Euler, h = 1/4", "euler", 0.25),
+    ("euler_h1_8", "Euler, h = 1/8", "euler", 0.125),
+    ("rk4_h1", "RK4, h = 1", "rk4", 1.0),
+    ("rk4_h1_2", "RK4, h = 1/2", "rk4", 0.5),
+    ("euler_adaptive", "Euler, step adaptation", "euler", None),
+]
+STEP_FACTORS = (0.125, 0.25, 0.5, 1.0, 2.0)
+FIXED_SOLVERS = ("euler", "midpoint", "rk4")
+ORDER = {"euler": 1, "midpoint": 2, "rk4": 4}
+DOPRI5_TOL = 1e-4
+DROP = 0.01  # 1 percentage point
+
+
+def checkpoint_of(name: str) -> Optional[Path]:
+    found = sorted(LOG_ROOT.glob(f"{name}/version_*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+    return found[-1] if found else None
+
+
+def full_test_accuracy(name: str) -> Optional[float]:
+    """test/acc_top1 printed by `pdenets fit` (test after fit, full 10,000 images, training solver)."""
+    log = TRAIN_LOGS / f"{name}.log"
+    if not log.exists():
+        return None
+    text = re.sub(r"\x1b\[[0-9;]*m", "", log.read_text(errors="replace"))
+    found = re.findall(r"test/acc_top1[\s│|]+([0-9.]+)", text)
+    return float(found[-1]) if found else None
+
+
+def adapted_history(checkpoint: dict[str, Any]) -> Optional[dict[str, Any]]:
+    for key, state in checkpoint.get("callbacks", {}).items():
+        if "StepSizeAdaptation" in key:
+            return state
+    return None
+
+
+def evaluate(name: str, test_size: int, batch_size: int, data_dir: str) -> dict[str, Any]:
+    import lightning.pytorch as pl
+
+    from lightning_pdenets.callbacks import SolverSwapCheck
+    from lightning_pdenets.callbacks._evaluation import configure_blocks
+    from lightning_pdenets.data import MNISTDataModule
+    from lightning_pdenets.models import RKNetModule
+    from lightning_pdenets.protocols import find_ode_blocks
+
+    path = checkpoint_of(name)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    model = RKNetModule.load_from_checkpoint(path, map_location="cpu", weights_only=True).eval()
+    blocks = find_ode_blocks(model)
+    settings = blocks[0].solver_settings()
+    adaptation = adapted_history(state)
+    if adaptation is not None:  # the step the callback ended training with (hparams keep the initial one)
+        configure_blocks(blocks, settings["method"], step_size=adaptation["step_size"])
+        settings = blocks[0].solver_settings()
+    check = SolverSwapCheck(solvers=(*FIXED_SOLVERS, "dopri5"), step_factors=STEP_FACTORS,
+                            tolerance_factors=(DOPRI5_TOL / settings["rtol"],), max_batches=math.ceil(test_size / batch_size),
+                            log_figure=False)
+    data = MNISTDataModule(data_dir=data_dir, download=False, batch_size=batch_size, val_size=5000)
+    tester = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, callbacks=[check],
+                        enable_model_summary=False, enable_progress_bar=True, limit_test_batches=1)
+    start = time.perf_counter()
+    tester.test(model, datamodule=data, verbose=False)
+    seconds = time.perf_counter() - start
+    result = check.results["test"]
+    return {
+        "name": name,
+        "checkpoint": str(path.relative_to(ROOT)),
+        "train_solver": result["train_solver"],
+        "train_step_size": result["train_step_size"],
+        "train_solver_acc": result["train_solver_acc"],
+        "train_solver_nfe": result["train_solver_nfe"],
+        "combinations": [{"solver": s, "factor": f, **c} for (s, f), c in result["combinations"].items()],
+        "full_test_acc_train_solver": full_test_accuracy(name),
+        "adaptation": None if adaptation is None else {
+            "step_size": adaptation["step_size"],
+            "history": [{k: v for k, v in r.items() if isinstance(v, (int, float, str))} for r in adaptation["history"]],
+        },
+        "test_size": test_size,
+        "seconds": seconds,
+        "threads": torch.get_num_threads(),
+    }
+
+
+# -- analysis -----------------------------------------------------------------------------------------------------
+def comparisons(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Finer (same order, step <= h) or higher-order (step <= h) test solvers, and dopri5: the ODE criterion."""
+    h, order = result["train_step_size"], ORDER[result["train_solver"]]
+    chosen = []
+    for c in result["combinations"]:
+        if c["solver"] == "dopri5":
+            chosen.append(c)
+        elif c["value"] <= h * (1 + 1e-9) and ORDER[c["solver"]] >= order and not (
+                c["solver"] == result["train_solver"] and abs(c["value"] - h) < 1e-12):
+            chosen.append(c)
+    return chosen
+
+
+def ode_drop(result: dict[str, Any]) -> tuple[float, str]:
+    """Largest accuracy drop against the training solver over :func:`comparisons`, and where."""
+    worst = max(comparisons(result), key=lambda c: result["train_solver_acc"] - (c["accuracy"] if not math.isnan(
+        c["accuracy"]) else -1.0))
+    acc = worst["accuracy"] if not math.isnan(worst["accuracy"]) else 0.0
+    where = f"dopri5 {worst['value']:.0e}" if worst["solver"] == "dopri5" else f"{worst['solver']} h={worst['value']:g}"
+    return result["train_solver_acc"] - acc, where
+
+
+def critical_steps(results: dict[str, dict[str, Any]]) -> dict[str, tuple[Optional[float], Optional[float]]]:
+    """Per training solver: (largest fixed h that behaves as an ODE, smallest fixed h that does not)."""
+    out = {}
+    for solver in ("euler", "rk4"):
+        fixed = [(r["train_step_size"], ode_drop(r)[0]) for n, r in results.items()
+                 if r["train_solver"] == solver and r["adaptation"] is None]
+        valid = [h for h, d in fixed if d <= DROP]
+        invalid = [h for h, d in fixed if d > DROP]
+        if fixed:
+            out[solver] = (max(valid) if valid else None, min(invalid) if invalid else None)
+    return out
+
+
+def frac(h: float) -> str:
+    if h >= 1 or abs(h - round(h)) < 1e-12:
+        return f"{h:g}"
+    inverse = 1 / h
+    return f"1/{inverse:g}" if abs(inverse - round(inverse)) < 1e-9 else f"{h:.3g}"
+
+
+def label_of(name: str, result: dict[str, Any]) -> str:
+    label = dict((n, l) for n, l, _, _ in RUNS)[name]
+    if result["adaptation"] is not None:
+        label += f" (final h = {result['train_step_size']:.3g})"
+    return label
+
+
+def write_markdown(results: dict[str, dict[str, Any]], out: Path, figure: Path, command: str) -> None:
+    sizes = sorted({r["test_size"] for r in results.values()})
+    lines = [
+        "# ResNet After All on MNIST (Ott et al., ICLR 2021; issue 30 item 1)",
+        "",
+        f"Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC. Machine: {platform.machine()} CPU, "
+        f"{os.cpu_count()} cores visible, shared with other jobs; torch {torch.__version__}, 1 thread per process.",
+        f"Test images: the first {', '.join(f'{s:,}' for s in sizes)} of the 10,000 MNIST test images "
+        "(the 'full test acc' column: all 10,000, training solver, from `pdenets fit`'s test after fit).",
+        "Training: `pdenets fit --config configs/mnist/ott/<run>.yaml --data.data_dir /work/shared/data "
+        "--data.download false` (RK-Net of Chen et al., one ODE block over t in [0, 1]; Adam one-cycle peak 1e-3, "
+        "batch 32, no augmentation, 1 epoch on 55,000 images).",
+        f"Evaluation: `{command}` (SolverSwapCheck grid: Euler, midpoint, RK4 at h/8 ... 2h; dopri5 at rtol = atol "
+        f"= {DOPRI5_TOL:g}). A step larger than the interval [0, 1] is clipped to it, so 2h = h for h = 1.",
+        f"Figure: `{figure.relative_to(ROOT) if figure.is_relative_to(ROOT) else figure}`.",
+        "",
+        "NFE: forward function evaluations per test batch of the ODE block (fixed-step solvers: steps x stages; "
+        "dopri5: mean over batches of 500 images).",
+        "",
+        "## Training settings and the ODE criterion",
+        "",
+        "'ODE drop': accuracy with the training solver at h minus the lowest accuracy over finer (step <= h) or "
+        "higher-order fixed-step test solvers and dopri5 at 1e-4; the model behaves as an ODE when it is <= 1 pp.",
+        "",
+        "| training setting | train NFE | full test acc (train solver) | test acc (train solver) | dopri5 1e-4 acc (NFE) "
+        "| ODE drop | worst at | behaves as ODE |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in results.items():
+        drop, where = ode_drop(r)
+        dopri = next(c for c in r["combinations"] if c["solver"] == "dopri5")
+        full = r["full_test_acc_train_solver"]
+        lines.append(
+            f"| {label_of(name, r)} | {r['train_solver_nfe']:.0f} | {'—' if full is None else f'{full:.4f}'} "
+            f"| {r['train_solver_acc']:.4f} | {dopri['accuracy']:.4f} ({dopri['nfe']:.0f}) | {100 * drop:+.2f} pp "
+            f"| {where} | {'yes' if drop <= DROP else 'no'} |")
+    crit = critical_steps(results)
+    lines += ["", "Critical training step size (largest h that behaves as an ODE, smallest h that does not):", ""]
+    for solver, (valid, invalid) in crit.items():
+        lines.append(f"- {solver}: valid up to h = {frac(valid) if valid else '— (none)'}; "
+                     f"not valid from h = {frac(invalid) if invalid else '— (none trained)'}")
+    lines += ["", "## Test accuracy (forward NFE) against test solver and test step", "",
+              "| training setting | test solver | h/8 | h/4 | h/2 | h | 2h |", "|---|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        h = r["train_step_size"]
+        for solver in FIXED_SOLVERS:
+            cells = []
+            for f in STEP_FACTORS:
+                c = next(c for c in r["combinations"] if c["solver"] == solver and abs(c["factor"] - f) < 1e-12)
+                mark = "**" if solver == r["train_solver"] and f == 1.0 else ""
+                cells.append(f"{mark}{c['accuracy']:.4f}{mark} ({c['nfe']:.0f})")
+            lines.append(f"| {label_of(name, r)} (h = {frac(h)}) | {solver} | " + " | ".join(cells) + " |")
+    lines += ["", "Bold: the training solver at the training step. Evaluation wall time per run (s): "
+              + ", ".join(f"{n} {r['seconds']:.0f}" for n, r in results.items()) + "."]
+    adaptive = [(n, r) for n, r in results.items() if r["adaptation"] is not None]
+    lines += table_one(results, crit)
+    if adaptive:
+        lines += ["", "## Step adaptation: history of the StepSizeAdaptation checks", ""]
+        for name, r in adaptive:
+            hist = r["adaptation"]["history"]
+            steps = " → ".join(f"{e['step_size']:.3g}@{e['step']}" for e in hist
+                               if e.get("decision") in ("initial", "shrink", "grow") or e is hist[-1])
+            lines.append(f"- {name}: h@training step (initial, after each shrink/grow): {steps}; "
+                         f"{len(hist) - 1} checks; final h = {r['adaptation']['step_size']:.4g}; "
+                         f"mean forward NFE per training batch {mean_training_nfe(hist):.2f} (from the history)")
+    out.write_text("\n".join(lines) + "\n")
+
+
+def mean_training_nfe(history: list[dict[str, Any]], total_steps: int = 1719) -> float:
+    """Mean Euler steps per training batch implied by the adaptation history (h from each check to the next)."""
+    points = sorted((e["step"], e["step_size"]) for e in history)
+    nfe = 0.0
+    for (start, h), (end, _) in zip(points, points[1:] + [(total_steps, None)]):
+        nfe += (end - start) * math.ceil(1 / h - 1e-9)
+    return nfe / max(total_steps - points[0][0], 1)
+
+
+def table_one(results: dict[str, dict[str, Any]], crit: dict[str, tuple[Optional[float], Optional[float]]]) -> list[str]:
+    """Ott et al.'s Table 1 format: the cheapest fixed Euler step that behaves as an ODE (grid search) against
+    step adaptation, with accuracy and NFE."""
+    lines = ["", "## Table 1 format: grid search against step adaptation (Euler training)", "",
+             "Grid search: the largest fixed Euler h trained here that behaves as an ODE. NFE: forward evaluations "
+             "of the ODE block per image at test (training solver at the training or final h). 'acc (dopri5)': the "
+             "same model under dopri5 at 1e-4.", "",
+             "| method | h | test acc (full, train solver) | test acc (train solver) | acc (dopri5 1e-4) | ODE drop | NFE |",
+             "|---|---|---|---|---|---|---|"]
+    rows = []
+    valid, _ = crit.get("euler", (None, None))
+    grid = [(n, r) for n, r in results.items() if r["train_solver"] == "euler" and r["adaptation"] is None
+            and valid is not None and abs(r["train_step_size"] - valid) < 1e-12]
+    rows += [("grid search", n, r) for n, r in grid]
+    if valid is None:
+        lines.append("| grid search | none of the fixed Euler steps trained here behaves as an ODE | | | | | |")
+    rows += [("step adaptation", n, r) for n, r in results.items() if r["adaptation"] is not None]
+    for method, name, r in rows:
+        dopri = next(c for c in r["combinations"] if c["solver"] == "dopri5")
+        full = r["full_test_acc_train_solver"]
+        lines.append(f"| {method} ({name}) | {r['train_step_size']:.4g} | {'—' if full is None else f'{full:.4f}'} | "
+                     f"{r['train_solver_acc']:.4f} | {dopri['accuracy']:.4f} | {100 * ode_drop(r)[0]:+.2f} pp | "
+                     f"{r['train_solver_nfe']:.0f} |")
+    return lines
+
+
+def plot(results: dict[str, dict[str, Any]], figure_path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    crit = critical_steps(results)
+    fig, axes = plt.subplots(2, 4, figsize=(19, 8.5), gridspec_kw={"width_ratios": [1, 1, 1, 0.8]})
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for col, solver in enumerate(FIXED_SOLVERS):
+        for row in range(2):
+            ax = axes[row, col]
+            for i, (name, r) in enumerate(results.items()):
+                pts = sorted((c["value"], c["accuracy"]) for c in r["combinations"] if c["solver"] == solver)
+                xs, ys = zip(*pts)
+                style = "--" if r["train_solver"] == "rk4" else ("-." if r["adaptation"] else "-")
+                ax.plot(xs, ys, style, marker="o", ms=4, color=colors[i % len(colors)], label=label_of(name, r))
+                low = [(x, y) for x, y in pts if y < r["train_solver_acc"] - DROP]
+                if low:
+                    ax.scatter(*zip(*low), s=70, facecolors="none", edgecolors=colors[i % len(colors)], zorder=3)
+                if solver == r["train_solver"]:
+                    ax.scatter([r["train_step_size"]], [r["train_solver_acc"]], marker="*", s=220,
+                               color=colors[i % len(colors)], edgecolors="k", zorder=4)
+            for train_solver, ls in (("euler", ":"), ("rk4", "-.")):
+                valid, invalid = crit.get(train_solver, (None, None))
+                if invalid is not None:
+                    ax.axvline(invalid, color="k" if train_solver == "euler" else "grey", ls=ls, lw=1.2,
+                               label=f"critical h ({train_solver} training): valid ≤ {frac(valid) if valid else '—'}, "
+                                     f"not from {frac(invalid)}" if (row, col) == (0, 0) else None)
+            ax.set_xscale("log", base=2)
+            ax.grid(alpha=0.3)
+            if row == 0:
+                ax.set_title(f"test solver: {solver}")
+                ax.set_ylim(0, 1.01)
+            else:
+                ax.set_ylim(0.95, 1.0)
+                ax.set_xlabel("test step size")
+            if col == 0:
+                ax.set_ylabel("test accuracy" + (" (zoom)" if row else ""))
+    names = list(results)
+    for row in range(2):  # dopri5 at 1e-4 against the training solver, per training setting
+        ax = axes[row, 3]
+        xs = range(len(names))
+        ax.bar([x - 0.2 for x in xs], [results[n]["train_solver_acc"] for n in names], 0.4, label="training solver at h",
+               color=[colors[i % len(colors)] for i in xs])
+        ax.bar([x + 0.2 for x in xs], [next(c["accuracy"] for c in results[n]["combinations"] if c["solver"] == "dopri5")
+                                       for n in names], 0.4, label=f"dopri5 {DOPRI5_TOL:g}", color="none",
+               edgecolor=[colors[i % len(colors)] for i in xs], hatch="//")
+        ax.set_xticks(list(xs))
+        ax.set_xticklabels([n.replace("_", " ") for n in names], rotation=45, ha="right", fontsize=8)
+        ax.set_ylim((0, 1.01) if row == 0 else (0.95, 1.0))
+        ax.grid(alpha=0.3, axis="y")
+        if row == 0:
+            ax.set_title(f"training solver vs dopri5 {DOPRI5_TOL:g}")
+            ax.legend(fontsize=7, loc="lower left")
+    axes[0, 0].legend(fontsize=7, loc="lower left")
+    fig.suptitle("RK-Net on MNIST (Ott et al. 2021): test accuracy vs test step size; ★ training solver at its h; "
+                 "open circles: > 1 pp below it", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(figure_path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", nargs="+", default=[n for n, *_ in RUNS])
+    parser.add_argument("--test-size", type=int, default=1000)
+    parser.add_argument("--batch-size", type=int, default=500)
+    parser.add_argument("--data-dir", default="/work/shared/data")
+    parser.add_argument("--report-only", action="store_true", help="no evaluation: table and figure from the cache")
+    parser.add_argument("--force", action="store_true", help="re-evaluate cached runs")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results_ott_mnist.md")
+    parser.add_argument("--figure", type=Path, default=ROOT / "bench" / "ott_mnist_accuracy_vs_step.png")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    CACHE.mkdir(parents=True, exist_ok=True)
+    for name in args.runs:
+        cache = CACHE / f"{name}.json"
+        if args.report_only or (cache.exists() and not args.force):
+            continue
+        if checkpoint_of(name) is None:
+            print(f"{name}: no checkpoint yet, skipped", flush=True)
+            continue
+        result = evaluate(name, args.test_size, args.batch_size, args.data_dir)
+        cache.write_text(json.dumps(result, indent=1))
+        print(f"{name}: train solver acc {result['train_solver_acc']:.4f}, ODE drop {ode_drop(result)[0]:+.4f} "
+              f"({result['seconds']:.0f} s)", flush=True)
+    results = {n: json.loads((CACHE / f"{n}.json").read_text()) for n, *_ in RUNS if (CACHE / f"{n}.json").exists()}
+    if not results:
+        return
+    for name, result in results.items():  # the fit log may have been read before its test finished
+        result["full_test_acc_train_solver"] = full_test_accuracy(name) or result["full_test_acc_train_solver"]
+    command = "python bench/bench_ott_mnist.py " + " ".join(a for a in sys.argv[1:] if a != "--report-only")
+    write_markdown(results, args.out, args.figure, command.strip())
+    plot(results, args.figure)
+    print(f"wrote {args.out} and {args.figure}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
