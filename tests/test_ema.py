@@ -39,7 +39,7 @@ def _parameters(state: dict[str, torch.Tensor], names) -> dict[str, torch.Tensor
 def test_the_saved_and_evaluated_weights_are_the_moving_average(tmp_path: Path) -> None:
     cli = build_cli([*QUICKSTART_EMA, *TINY], run=False)
     ema = [c for c in cli.trainer.callbacks if isinstance(c, EMAWeights)]
-    assert len(ema) == 1 and cli.config.trainer.callbacks[-1].init_args.decay == DECAY
+    assert len(ema) == 1 and ema[0].decay == DECAY
     raw = RawWeights()
     cli.trainer.callbacks.append(raw)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
@@ -102,3 +102,9 @@ def test_prnet_refuses_weight_averaging_saying_why(capsys) -> None:
     assert "PRNetModule cannot train with EMAWeights" in message
     assert "optimizer steps per batch" in message and "alpha" in message and "callbacks/ema.yaml" in message
     assert not list(Path("logs").glob("**/*.ckpt"))  # refused before any training step
+
+
+@pytest.mark.parametrize("decay", [1.5, -0.1, "0.9", True])
+def test_the_decay_is_checked(decay) -> None:
+    with pytest.raises(ValueError, match=r"`decay` must be a number in \[0, 1\], got"):
+        EMAWeights(decay=decay)

@@ -12,9 +12,10 @@ callback unchanged.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional, Union
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import EMAWeightAveraging
 
 __all__ = ["EMAWeights"]
@@ -23,10 +24,34 @@ __all__ = ["EMAWeights"]
 class EMAWeights(EMAWeightAveraging):
     """Exponential moving average of the weights; the averaged weights are validated, saved and tested.
 
-    The arguments are those of Lightning's ``EMAWeightAveraging`` (``decay`` 0.999 averages over about 1,000
-    optimizer steps; ``update_every_n_steps``, ``update_starting_at_step``, ``update_starting_at_epoch``,
-    ``device``, ``use_buffers``). Preset: ``callbacks/ema.yaml``.
+    Preset: ``callbacks/ema.yaml``. The arguments are those of Lightning's ``EMAWeightAveraging``.
+
+    Args:
+        device: Where the averaged copy lives (default: the model's device).
+        use_buffers: Average the buffers too (e.g. batch-norm statistics), not only the parameters.
+        decay: Weight of the average at each update; 0.999 averages over about 1,000 updates.
+        update_every_n_steps: Update after every n-th optimizer step.
+        update_starting_at_step: First optimizer step that updates (None: from the first).
+        update_starting_at_epoch: Also update at the end of each epoch from this one on (None: never).
+        **kwargs: Passed to :class:`torch.optim.swa_utils.AveragedModel`.
     """
+
+    def __init__(
+        self,
+        device: Optional[Union[torch.device, str, int]] = None,
+        use_buffers: bool = True,
+        decay: float = 0.999,
+        update_every_n_steps: int = 1,
+        update_starting_at_step: Optional[int] = None,
+        update_starting_at_epoch: Optional[int] = None,
+        **kwargs: Any,
+    ) -> None:
+        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay <= 1.0:
+            raise ValueError(f"`decay` must be a number in [0, 1], got {decay!r}.")
+        super().__init__(device=device, use_buffers=use_buffers, decay=decay, update_every_n_steps=update_every_n_steps,
+                         update_starting_at_step=update_starting_at_step,
+                         update_starting_at_epoch=update_starting_at_epoch, **kwargs)
+        self.decay = decay
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().teardown(trainer, pl_module, stage)
