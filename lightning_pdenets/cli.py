@@ -28,7 +28,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 import lightning_pdenets.callbacks  # noqa: F401  (makes callback class names resolvable in configs)
 import lightning_pdenets.data  # noqa: F401
@@ -44,6 +44,8 @@ from lightning_pdenets.errors import (
     CheckpointNotFoundError,
     ConfigurationError,
     CorruptCheckpointError,
+    DatasetDownloadError,
+    DivergedError,
     ModelFailure,
     UntrustedCheckpointError,
 )
@@ -68,7 +70,7 @@ SUBCOMMANDS = ("fit", "validate", "test", "predict")
 # Errors of the user's input that reach the user as one message, not a traceback.
 USER_ERRORS = (
     ConfigurationError, CheckpointMismatchError, CheckpointNotFoundError, CorruptCheckpointError, UntrustedCheckpointError,
-    LegacyCheckpointError,
+    LegacyCheckpointError, DatasetDownloadError,
 )
 
 
@@ -192,6 +194,13 @@ class PDENetsCLI(LightningCLI):
             type=bool,
             default=True,
             help="After `fit`, run `test` on the best checkpoint (the last one if none was kept).",
+        )
+        parser.add_argument(
+            "--allow_divergence",
+            type=bool,
+            default=False,
+            help="Let a `fit` whose model diverged (a loss that exploded or is not finite, accuracy at chance after "
+                 "the first epochs) end with a warning and exit code 0 instead of an error and exit code 1.",
         )
         _link_data_to_model(parser)
         parser.set_defaults(
@@ -345,14 +354,25 @@ class PDENetsCLI(LightningCLI):
             raise SystemExit(EXIT_INTERRUPTED) from None
 
     def after_fit(self) -> None:
-        if not self.config.fit.get("test_after_fit", True) or self.trainer.fast_dev_run:
+        if getattr(self.trainer, "interrupted", False) or self.trainer.fast_dev_run:
             return
-        if getattr(self.trainer, "interrupted", False):
+        self._check_divergence()
+        if not self.config.fit.get("test_after_fit", True):
             return
         best = [c for c in self.trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint) and c.best_model_path]
         best.sort(key=lambda c: c.monitor is None)  # a monitored best before the unmonitored last.ckpt
         ckpt_path: Optional[str] = best[0].best_model_path if best else None
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt_path, weights_only=True)
+
+    def _check_divergence(self) -> None:
+        """End a fit whose model diverged with :class:`DivergedError` (exit code 1), unless ``--allow_divergence``."""
+        symptom = getattr(self.model, "divergence_symptom", lambda: None)()
+        if symptom is None:
+            return
+        if self.config.fit.get("allow_divergence", False):
+            rank_zero_warn(f"The model diverged: {symptom}. Accepted by --allow_divergence true.")
+            return
+        raise DivergedError(f"the model diverged: {symptom}. {self.model.divergence_advice(symptom)}")
 
 
 class _NewLogFolders:
@@ -614,7 +634,8 @@ def _check_checkpoint_settings(checkpoint: dict, ckpt_path: Any, config: Namespa
     data = config.get("data")
     if subcommand == "fit" and isinstance(stored_data, dict) and isinstance(data, Namespace):
         data_class, data_args = data.get("class_path"), data.get("init_args")
-        if stored_data.get("_class_path") not in (None, data_class):
+        if stored_data.get("_class_path") not in (None, data_class) and \
+                import_class(stored_data["_class_path"]) is not import_class(data_class):
             differences.append(f"data (checkpoint {stored_data['_class_path']}, config {data_class})")
         elif hasattr(data_args, "get"):
             for key, trained in stored_data.items():

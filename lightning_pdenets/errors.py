@@ -16,6 +16,10 @@ class NonFiniteLossError(ModelFailure, FloatingPointError):
     """A loss term became NaN or Inf."""
 
 
+class DivergedError(ModelFailure, ArithmeticError):
+    """A fit ended without errors but its model diverged (a loss exploded, or accuracy stayed at chance)."""
+
+
 class PeerFailedError(ModelFailure, RuntimeError):
     """Another DDP process hit a model failure in this step; every rank stops together instead of hanging."""
 

@@ -67,3 +67,19 @@ def test_an_unreadable_file_is_told_from_a_missing_one(datamodule_class, fabrica
     with pytest.raises(CorruptDatasetError) as error:
         datamodule_class(**settings).setup("fit")
     assert f"{str(tmp_path / file)!r} is present but unreadable" in str(error.value)
+
+
+def test_following_the_advice_offline_ends_in_one_line_too(tmp_path: Path, capsys, monkeypatch) -> None:
+    """`--data.download true` on a machine without network: torchvision's report spans a line per mirror."""
+
+    def offline(self) -> None:
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:\nTried https://a/, got:\n"
+                           "<urlopen error [Errno -2] Name or service not known>\n")
+
+    monkeypatch.setattr(MNISTDataModule, "download", offline)
+    code, err = run(["fit", *MNIST, "--data.init_args.data_dir", str(tmp_path / "data"),
+                     "--data.init_args.download=true"], capsys)
+    assert code == 2
+    assert len(err.strip().splitlines()) <= 2
+    assert "could not be downloaded" in err and "Name or service not known" in err and "--data.data_dir" in err
+    assert_nothing_written(tmp_path)

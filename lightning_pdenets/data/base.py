@@ -225,8 +225,9 @@ class VisionDataModule(ClassificationDataModule):
         except FileNotFoundError:
             raise  # a dataset that cannot be downloaded at all says so itself
         except (OSError, RuntimeError) as error:  # URLError, timeouts, torchvision's "Error downloading ..."
+            reason = " ".join(str(error).split())  # torchvision's report spans lines, one per mirror
             raise DatasetDownloadError(
-                f"{self.name} could not be downloaded into {target!r}: {error}. Check the network connection; on a "
+                f"{self.name} could not be downloaded into {target!r}: {reason}. Check the network connection; on a "
                 f"machine without one, fetch the dataset elsewhere (torchvision's own download makes the expected "
                 f"layout), copy it into a folder here and run with --data.download false --data.data_dir FOLDER."
             ) from error

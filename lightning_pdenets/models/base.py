@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any, ClassVar, Optional, Sequence, Union
 
@@ -53,6 +54,21 @@ def accuracy_metrics(num_classes: int, prefix: str) -> MetricCollection:
 
 
 TRAIN_EPOCH_STATE_KEY = "train_epoch_metrics"
+START_LOSS_KEY = "train_start_loss"
+"""Checkpoint key of the run's first training loss, so that a resumed run measures divergence from the same start."""
+
+EXPLODED_FACTOR = 100.0
+"""A training loss this many times its start (two orders of magnitude) has diverged."""
+
+CHANCE_MARGIN = 0.05
+"""Validation accuracy at most this far above chance (1 / classes) counts as chance."""
+
+CHANCE_AFTER_EPOCHS, CHANCE_AFTER_STEPS = 3, 50
+"""Accuracy at chance counts as divergence only after this many epochs and optimizer steps (short test runs
+and the first epochs of a slow start are left alone)."""
+
+SAFE_LEARNING_RATE = 1e-3
+"""The learning rate the advice after a divergence proposes (the models' default, which trains every shipped config)."""
 
 DEFAULT_NUM_CLASSES = 10
 """Classes of a model whose architecture does not say (no registered architecture, no ``num_classes`` given)."""
@@ -147,6 +163,7 @@ class ClassifierModule(pl.LightningModule):
         self.val_metrics = accuracy_metrics(self.num_classes, "val/")
         self.test_metrics = accuracy_metrics(self.num_classes, "test/")
         self._regularized_modules: Optional[list[nn.Module]] = None  # found once per fit
+        self._start_loss: Optional[float] = None  # the first training loss of the run (kept in checkpoints)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.network(x)
@@ -200,6 +217,8 @@ class ClassifierModule(pl.LightningModule):
         if self._trainer is None or step_values_are_read(self._trainer, progress_bar=prog_bar):
             self.log(f"{name}_step", value, on_step=True, on_epoch=False, prog_bar=prog_bar, sync_dist=True)
         self._epoch_mean("train_means", name.replace(".", "_")).update(value.detach(), 1.0)
+        if name == "train/loss" and self._start_loss is None:
+            self._start_loss = float(value.detach())  # what divergence_symptom() compares the end with
 
     def on_train_epoch_end(self) -> None:
         """Log the epoch means of the training terms and the training accuracy, each computed once, then reset them.
@@ -248,6 +267,7 @@ class ClassifierModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Record the release, and store the training-epoch metric states summed over the ranks (every rank runs this)."""
         checkpoint[VERSION_KEY] = lightning_pdenets.__version__
+        checkpoint[START_LOSS_KEY] = self._start_loss
         if self._trainer is None:
             return
         states = {}
@@ -266,6 +286,7 @@ class ClassifierModule(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._pending_train_epoch_state = checkpoint.get(TRAIN_EPOCH_STATE_KEY)
+        self._start_loss = checkpoint.get(START_LOSS_KEY, self._start_loss)
 
     def on_fit_start(self) -> None:
         # Lightning has configured the optimizers before this hook and restores a checkpoint's state after it.
@@ -424,6 +445,57 @@ class ClassifierModule(pl.LightningModule):
                 f"--ckpt_path last {lower_lr} (a learning rate given for the resumed run replaces the checkpoint's in "
                 f"its optimizers and schedules), optionally with --trainer.gradient_clip_val 1.0. A smaller step_size "
                 f"or tighter rtol/atol needs a fresh run: the checkpoint restores its solver settings.")
+
+    # -- divergence ---------------------------------------------------------------------------
+    def divergence_symptom(self) -> Optional[str]:
+        """What shows that the finished fit diverged, measured; ``None`` when it did not.
+
+        Read at the end of fit from the epoch values every rank holds alike (``train/loss_epoch``,
+        ``val/loss``, ``val/acc_top1``) and rank 0's first training loss: a non-finite loss; a training loss
+        :data:`EXPLODED_FACTOR` times its start; or, after :data:`CHANCE_AFTER_EPOCHS` epochs and
+        :data:`CHANCE_AFTER_STEPS` steps, validation accuracy at chance with a training loss still at the level of
+        guessing (ln of the number of classes).
+        """
+        if self._trainer is None:
+            return None
+        metrics = self.trainer.callback_metrics
+        value = lambda name: float(metrics[name]) if name in metrics else None  # noqa: E731
+        train_loss, val_loss, val_acc = value("train/loss_epoch"), value("val/loss"), value("val/acc_top1")
+        start = self.trainer.strategy.broadcast(self._start_loss, src=0)
+        for name, loss in (("training", train_loss), ("validation", val_loss)):
+            if loss is not None and not math.isfinite(loss):
+                return f"the {name} loss of the last epoch is {loss}"
+        if train_loss is not None and start and train_loss > EXPLODED_FACTOR * start:
+            return (f"the training loss rose from {start:.3g} at the first step to {train_loss:.3g} in the last epoch "
+                    f"({train_loss / start:.2g}x)")
+        chance = 1.0 / self.num_classes
+        guessing = math.log(self.num_classes)
+        if (val_acc is not None and train_loss is not None and self.trainer.current_epoch >= CHANCE_AFTER_EPOCHS
+                and self.trainer.global_step >= CHANCE_AFTER_STEPS and val_acc <= chance + CHANCE_MARGIN
+                and train_loss >= 0.9 * guessing):
+            return (f"after {self.trainer.current_epoch} epochs the validation accuracy is {val_acc:.3f}, chance for "
+                    f"{self.num_classes} classes ({chance:.3f}), and the training loss {train_loss:.3g} is still that "
+                    f"of guessing (ln {self.num_classes} = {guessing:.3g})")
+        return None
+
+    def divergence_advice(self, symptom: str) -> str:
+        """How to get a run that learns after ``symptom`` (of :meth:`divergence_symptom`): a fresh run at another rate.
+
+        The rate is :data:`SAFE_LEARNING_RATE`; after a loss that exploded at or below it, a tenth of the rate; at
+        chance with that very rate, a tenth of it too.
+        """
+        at_chance = "chance" in symptom
+        rates = {}
+        for name, rate in self.learning_rate_options().items():
+            safe = rate != SAFE_LEARNING_RATE if at_chance else rate > SAFE_LEARNING_RATE
+            rates[name] = SAFE_LEARNING_RATE if safe else rate / 10
+        changed = " ".join(f"--model.init_args.{name} {rate:g}" for name, rate in rates.items())
+        return (f"Its checkpoints hold the diverged weights, so do not resume from them: start a fresh run, i.e. the "
+                f"same command without --ckpt_path, with {changed}. (--allow_divergence true accepts such a run.)")
+
+    def learning_rate_options(self) -> dict[str, float]:
+        """The model's learning-rate arguments by command-line name (``lr``; PR-Net: ``theta.lr``, ...)."""
+        return {"lr": self.optimization["lr"]}
 
     # -- optimization -----------------------------------------------------------------------
     def configure_optimizers(self) -> Any:

@@ -350,6 +350,9 @@ class PRNetAlgorithmModule(ClassifierModule):
         figure.tight_layout()
         return figure
 
+    def learning_rate_options(self) -> dict[str, float]:
+        return {f"{group}.lr": self.hparams[group]["lr"] for group in self.optimizer_defaults}
+
     # -- checkpoints --------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
