@@ -141,8 +141,8 @@ PRETRAINED: dict[str, PretrainedModel] = {
             config="configs/quickstart.yaml", model="lightning_pdenets.models.RKNetModule",
             dataset="scikit-learn digits (bundled, offline)", test_accuracy=0.9852,
             source='BENCHMARKS.md, "Pretrained models"',
-            description="The offline quickstart's RK-Net (width 64, rk4 with step 0.25), best validation epoch of 15 (index 8) on 8x8 "
-                        "digits: 266 of the 270 test images.",
+            description="The offline quickstart's RK-Net (width 64, rk4 with step 0.25), best validation epoch "
+                        "(the 9th of 15) on 8x8 digits: 266 of the 270 test images.",
         ),
     )
 }

@@ -108,3 +108,16 @@ def test_prnet_refuses_weight_averaging_saying_why(capsys) -> None:
 def test_the_decay_is_checked(decay) -> None:
     with pytest.raises(ValueError, match=r"`decay` must be a number in \[0, 1\], got"):
         EMAWeights(decay=decay)
+
+
+def test_without_lightning_26_the_package_imports_and_ema_says_what_it_needs() -> None:
+    """setup.cfg allows Lightning 2.4, which has no EMAWeightAveraging: only building the callback fails."""
+    import subprocess
+    import sys
+
+    code = ("import lightning.pytorch.callbacks as c; del c.EMAWeightAveraging\n"
+            "import lightning_pdenets.callbacks as p, lightning_pdenets.models\n"
+            "try:\n    p.EMAWeights()\nexcept ImportError as e:\n    print(e)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "EMAWeights (callbacks/ema.yaml) needs Lightning >= 2.6" in result.stdout

@@ -16,7 +16,15 @@ from typing import Any, Optional, Union
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import EMAWeightAveraging
+
+try:
+    from lightning.pytorch.callbacks import EMAWeightAveraging
+except ImportError:  # Lightning < 2.6 (setup.cfg allows 2.4): the package imports, EMAWeights refuses to be built
+
+    class EMAWeightAveraging(pl.Callback):  # type: ignore[no-redef]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            raise ImportError(f"EMAWeights (callbacks/ema.yaml) needs Lightning >= 2.6, whose EMAWeightAveraging it "
+                              f"extends; this is Lightning {pl.__version__}. Upgrade: pip install 'lightning>=2.6,<2.7'.")
 
 __all__ = ["EMAWeights"]
 
