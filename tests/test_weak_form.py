@@ -151,14 +151,23 @@ def test_trajectories_are_integrated_separately():
     torch.testing.assert_close(h_t[1], alone_h_t)
 
 
+def test_stride_keeps_every_other_box():
+    samples, spacing = sampled("burgers", 64, 31)
+    terms = GoverningEquation(("x",)).terms
+    every, h_t = weak_form_library(samples, spacing, ("x",), terms, window_length=11)
+    sparse, sparse_h_t = weak_form_library(samples, spacing, ("x",), terms, stride=(2, 3), window_length=11)
+    torch.testing.assert_close(sparse, every[:, ::2, ::3])
+    torch.testing.assert_close(sparse_h_t, h_t[::2, ::3])
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
         (dict(form="strong"), r"`form` must be 'weak' or 'pointwise', got 'strong'"),
         (dict(half_width=(30, 5)), r"along 'x' \(50 points\) the test functions' boxes .* half_width=30"),
         (dict(half_width=(3, 3, 3)), r"`half_width` must be an integer or one integer per axis \['x', 't'\]"),
-        (dict(test_degree=3), r"`degree` .* above the highest derivative order 3 .* got 3"),
-        (dict(test_degree=True), r"`degree` .* got True"),
+        (dict(test_degree=3), r"`test_degree` .* above the highest derivative order 3 .* got 3"),
+        (dict(test_degree=True), r"`test_degree` .* got True"),
         (dict(spacing=(0.1, 0.0)), r"`spacing` must hold one grid step > 0"),
         (dict(window_length=41), r"the weak form takes h_x of the terms .* Savitzky-Golay .* along 't' \(40 points"),
     ],

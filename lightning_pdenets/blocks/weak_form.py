@@ -87,7 +87,7 @@ def weak_form_library(
     axes: Sequence[str],
     terms: Sequence[Term],
     half_width: Optional[IntPerAxis] = None,
-    degree: int = 6,
+    test_degree: int = 6,
     stride: IntPerAxis = 1,
     window_length: IntPerAxis = 21,
     polyorder: IntPerAxis = 4,
@@ -106,7 +106,7 @@ def weak_form_library(
             dimension (:data:`DEFAULT_BOX_FRACTION`), at least :data:`MIN_DEFAULT_HALF_WIDTH` where
             the grid allows. Wider boxes average more noise but must stay
             narrower than the solution's features (KdV's solitons, say).
-        degree: Exponent p of the test functions (1 - s^2)^p; above the highest derivative order,
+        test_degree: Exponent p of the test functions (1 - s^2)^p; above the highest derivative order,
             so that the boundary terms of the integrations by parts vanish.
         stride: Distance between neighbouring box centres in grid points, one for all or per dimension.
         window_length: Savitzky-Golay window for h_a, needed only by terms h^i d^j h with i >= 1
@@ -142,10 +142,10 @@ def weak_form_library(
             f"the weak form rewrites derivative orders up to {MAX_WEAK_ORDER} along the axes {list(axes)}; got terms "
             f"with orders up to {highest}. Lower `max_derivative_order` or use the pointwise (Savitzky-Golay) library."
         )
-    if isinstance(degree, bool) or not isinstance(degree, int) or not max(highest, 1) < degree <= 32:
+    if isinstance(test_degree, bool) or not isinstance(test_degree, int) or not max(highest, 1) < test_degree <= 32:
         raise ValueError(
-            f"`degree` (the test functions' exponent p) must be an integer above the highest derivative order "
-            f"{max(highest, 1)} and at most 32, got {degree!r}."
+            f"`test_degree` (the test functions' exponent p) must be an integer above the highest derivative order "
+            f"{max(highest, 1)} and at most 32, got {test_degree!r}."
         )
     for dim, size, width in zip(dims, grid_shape, widths):
         if 2 * width + 1 > size:
@@ -161,7 +161,7 @@ def weak_form_library(
             "drop or interpolate them before building the library."
         )
     first_dim = samples.ndim - len(dims)
-    kernels = [quadrature_weights(w, s, degree, highest if d != "t" else 1) for d, w, s in zip(dims, widths, steps)]
+    kernels = [quadrature_weights(w, s, test_degree, highest if d != "t" else 1) for d, w, s in zip(dims, widths, steps)]
     keep = [slice(None)] * first_dim + [
         slice(w, size - w, k) for w, size, k in zip(widths, grid_shape, strides)
     ]
