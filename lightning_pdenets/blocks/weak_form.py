@@ -29,7 +29,7 @@ derivatives at both ends this trapezoid rule is accurate to high order (Euler-Ma
 
 Written here rather than taken from PySINDy's ``WeakPDELibrary`` (the reference implementation, used
 in bench/bench_identification.py): PySINDy may not become a dependency, and its library is made of
-derivatives of functions of h, not PR-Net's terms h^i d^j h. SciPy does the correlations.
+derivatives of functions of h, not PR-Net's terms h^i d^j h. SciPy does the correlations (overlap-add FFT convolutions).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from typing import Optional, Protocol, Sequence
 import numpy as np
 import torch
 from numpy.polynomial import Polynomial
-from scipy.ndimage import correlate1d
+from scipy.signal import oaconvolve
 
 from lightning_pdenets.blocks.sampled import IntPerAxis, _grid_steps, _per_axis, savgol_derivatives
 
@@ -162,16 +162,18 @@ def weak_form_library(
         )
     first_dim = samples.ndim - len(dims)
     kernels = [quadrature_weights(w, s, test_degree, highest if d != "t" else 1) for d, w, s in zip(dims, widths, steps)]
-    keep = [slice(None)] * first_dim + [
-        slice(w, size - w, k) for w, size, k in zip(widths, grid_shape, strides)
-    ]
+    keep = tuple([slice(None)] * first_dim + [slice(None, None, k) for k in strides])
 
     def integral(values: np.ndarray, axis_index: int = -1, order: int = 0) -> np.ndarray:
-        """The integral of phi^(order along dimension axis_index) * values over every box."""
+        """The integral of phi^(order along dimension axis_index) * values over every box that fits."""
         for index, weights in enumerate(kernels):
-            values = correlate1d(values, weights[order if index == axis_index else 0], axis=first_dim + index,
-                                 mode="constant")
-        return values[tuple(keep)]
+            # a correlation is a convolution with the reversed weights; overlap-add FFTs, one dimension at a
+            # time (phi is separable), are ~5x faster than direct sums for boxes of 50-130 points
+            shape = [1] * values.ndim
+            shape[first_dim + index] = -1
+            kernel = weights[order if index == axis_index else 0][::-1].reshape(shape)
+            values = oaconvolve(values, kernel, mode="valid", axes=first_dim + index)
+        return values[keep]
 
     h = samples.detach().cpu().double().numpy()
     powers = [np.ones_like(h)]
