@@ -394,7 +394,8 @@ class GoverningEquation(nn.Module):
                 fits are one-sided.
             form: ``"weak"`` or ``"pointwise"``.
             half_width: ``"weak"`` only: half-width of the test functions' boxes in grid points, one
-                for all or one per axis and the time; None is an eighth of the grid per dimension.
+                for all or one per axis and the time; None is an eighth of the grid per dimension, at
+                least 5 points where the grid allows.
             test_degree: ``"weak"`` only: exponent p of the test functions (1 - s^2)^p, above the
                 highest derivative order.
 
