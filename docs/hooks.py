@@ -1,10 +1,12 @@
 """mkdocs hooks: one generated page per callback class exported by ``lightning_pdenets.callbacks`` (with its preset
 from ``callbacks/*.yaml``), listed under the "Callbacks" section of the navigation, so a new callback gets its page
-without editing ``mkdocs.yml``."""
+without editing ``mkdocs.yml``; and the repository files that README.md and BENCHMARKS.md link to (figures, result
+tables), published at the same relative paths so that those links work on the site."""
 
 from __future__ import annotations
 
 import inspect
+import re
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +14,9 @@ from mkdocs.structure.files import File
 
 REPO = Path(__file__).resolve().parents[1]
 SECTION = "Callbacks"
+INCLUDED = ("README.md", "BENCHMARKS.md")
+"""Repository files included whole into pages at the top of docs/ (index.md, BENCHMARKS.md)."""
+LINK = re.compile(r"\]\(([^)\s#]+)(?:#[^)\s]*)?\)")
 
 
 def exported_callbacks() -> dict[str, str]:
@@ -69,7 +74,21 @@ def on_config(config: Any) -> Any:
     return config
 
 
+def linked_repository_files(docs_files: set[str]) -> list[str]:
+    """Relative paths of the repository files README.md and BENCHMARKS.md link to, other than documentation pages."""
+    found = set()
+    for name in INCLUDED:
+        for target in LINK.findall((REPO / name).read_text()):
+            if "://" in target or target.startswith(("/", "..", "mailto:")) or target in docs_files:
+                continue
+            if (REPO / target).is_file():
+                found.add(target)
+    return sorted(found)
+
+
 def on_files(files: Any, config: Any) -> Any:
     for name, module in exported_callbacks().items():
         files.append(File.generated(config, f"callbacks/{name}.md", content=page(name, module)))
+    for target in linked_repository_files({file.src_uri for file in files}):
+        files.append(File.generated(config, target, abs_src_path=str(REPO / target)))
     return files
