@@ -314,14 +314,6 @@ class PDENetsCLI(LightningCLI):
         trainer = super().instantiate_trainer(**kwargs)
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
-        save_checkpoint = trainer.save_checkpoint
-
-        def save_full_checkpoint(filepath: Any, weights_only: Optional[bool] = None, storage_options: Any = None) -> None:
-            # A save that leaves weights_only unset (CheckpointOnInterrupt's) is a full one, as Lightning defaults to;
-            # saying so keeps Lightning's "`weights_only` was not set" line out of an interrupted run's output.
-            save_checkpoint(filepath, weights_only=bool(weights_only), storage_options=storage_options)
-
-        trainer.save_checkpoint = save_full_checkpoint
         return trainer
 
     def before_instantiate_classes(self) -> None:

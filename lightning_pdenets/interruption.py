@@ -22,7 +22,6 @@ import signal
 import socket
 import sys
 import threading
-import time
 from typing import Callable, Optional
 
 import lightning.pytorch as pl
@@ -90,6 +89,7 @@ class StopWatchdog:
         self._writer: Optional[socket.socket] = None
         self._thread: Optional[threading.Thread] = None
         self._previous_handler: object = None
+        self._stopped = threading.Event()
 
     def start(self) -> "StopWatchdog":
         """Start watching (main thread only; a no-op where signals cannot be watched)."""
@@ -110,6 +110,7 @@ class StopWatchdog:
 
     def stop(self) -> None:
         """Stop watching and restore the SIGTERM handler found at :meth:`start` (for callers that go on running)."""
+        self._stopped.set()
         if self._writer is None or threading.current_thread() is not threading.main_thread():
             return
         signal.set_wakeup_fd(-1)
@@ -131,7 +132,8 @@ class StopWatchdog:
             if signal.SIGTERM in received:
                 break
         _forward_to_children(signal.SIGTERM)
-        time.sleep(self.grace_seconds)
+        if self._stopped.wait(self.grace_seconds):
+            return  # the work ended by itself within the grace period (its caller handles the exit)
         advice = self.describe()
         sys.stderr.write(
             f"pdenets: rank {os.environ.get('RANK', os.environ.get('LOCAL_RANK', '0'))} did not stop within "

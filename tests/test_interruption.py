@@ -87,6 +87,25 @@ def test_watchdog_ends_a_process_that_ignores_sigterm_with_one_line(tmp_path: Pa
     ]
 
 
+def test_watchdog_stopped_after_a_handled_sigterm_leaves_the_process_alone(tmp_path: Path) -> None:
+    """``pdenets`` called in-process (tests, notebooks) stops the watchdog when it returns; the caller lives on."""
+    script = tmp_path / "handled.py"
+    script.write_text(textwrap.dedent("""
+        import os, signal, time
+        from lightning_pdenets.interruption import StopWatchdog
+        signal.signal(signal.SIGTERM, lambda *_: None)
+        watchdog = StopWatchdog(grace_seconds=0.5).start()
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.1)
+        watchdog.stop()          # the run stopped cleanly within the grace period
+        time.sleep(1.5)
+        print("alive", flush=True)
+    """))
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    assert (result.returncode, result.stdout.strip(), result.stderr) == (0, "alive", "")
+
+
 def test_watchdog_stop_restores_the_default_handler() -> None:
     previous = signal.getsignal(signal.SIGTERM)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)

@@ -96,7 +96,8 @@ class CheckpointOnInterrupt(Checkpoint):
         self._follow_model_checkpoint(trainer)
         self._saving = True
         try:
-            trainer.save_checkpoint(self.ckpt_path)
+            # a full checkpoint (optimizers, loops), said explicitly: Lightning warns when weights_only is unset
+            trainer.save_checkpoint(self.ckpt_path, weights_only=False)
         except Exception as save_error:  # e.g. a full disk: the exception that stopped the run stays the news
             rank_zero_warn(
                 f"CheckpointOnInterrupt: the run stopped with {type(exception).__name__}: {exception}; writing "
