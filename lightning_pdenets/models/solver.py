@@ -66,7 +66,8 @@ class ODESolverMixin:
 
     def _describe_blocks(self) -> str:
         blocks = find_ode_blocks(self)  # type: ignore[arg-type]
-        texts = sorted({SolverConfig.from_options(b.solver_settings()).describe() for b in blocks})
+        texts = sorted({(b.solver if isinstance(getattr(b, "solver", None), SolverConfig)
+                         else SolverConfig.from_options(b.solver_settings())).describe() for b in blocks})
         return "; ".join(texts) or "no ODE block"
 
     def _evaluate_with_configured_solver(self) -> None:
