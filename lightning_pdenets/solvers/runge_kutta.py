@@ -2,9 +2,9 @@
 
 Why this module exists (issue 27): torchdiffeq stores the stages of a step along a new last axis and combines
 them with ``torch.sum(k * coefficients, dim=-1)``, which on ODE-Net's feature maps costs about as much as the
-convolutions of the vector field (2.1–2.7× the time of the NFE evaluations of f). None of the libraries reached
-the target of 1.15× (BENCHMARKS.md, issue 27 section: torchdiffeq's options, torchode with and without
-``torch.compile``). Here each stage is one chain of ``torch.add(..., alpha=...)``/``add_`` over the stages with a
+convolutions of the vector field (1.8–2.5× the time of the NFE evaluations of f). No library reached the target
+of 1.15× at both 1 and 2 threads (BENCHMARKS.md, issue 27 section: torchdiffeq has no option for it; torchode took
+1.30× and 1.15×; under ``torch.compile`` it compiled for minutes per shape on a CPU). Here each stage is one chain of ``torch.add(..., alpha=...)``/``add_`` over the stages with a
 nonzero coefficient, in the state's own layout, so the solve costs little more than its evaluations of f.
 
 What is kept from torchdiffeq, so that trained models behave the same:
