@@ -274,6 +274,16 @@ def test_torchrun_two_nodes_matches_two_processes_on_one_node(tmp_path: Path) ->
         torch.testing.assert_close(multinode[name], reference[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
+def _epoch_curves(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    """The epoch-level TensorBoard scalars of a run's version folder (every event file, resumed runs included)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder / "logs" / "quickstart" / "version_0"), size_guidance={"scalars": 0})
+    events.Reload()
+    return {tag: [(event.step, event.value) for event in events.Scalars(tag)] for tag in events.Tags()["scalars"]
+            if tag.startswith("val/") or tag.endswith("_epoch")}
+
+
 # -- resume across world sizes ---------------------------------------------------------------------------------
 def test_sigterm_stopped_ddp_fit_resumes_on_two_ranks_and_on_one(tmp_path: Path) -> None:
     fit = ["fit", "--config", QUICKSTART, "--trainer.max_epochs", "3", *SHORT, "--test_after_fit", "false"]
@@ -301,6 +311,11 @@ def test_sigterm_stopped_ddp_fit_resumes_on_two_ranks_and_on_one(tmp_path: Path)
     finals, expected = _final_weights(stopped), _final_weights(reference)
     for name in expected:
         torch.testing.assert_close(finals[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
+    logged, uninterrupted = _epoch_curves(stopped), _epoch_curves(reference)
+    assert logged.keys() == uninterrupted.keys() and "val/acc_top1" in logged
+    for tag, points in uninterrupted.items():  # the same values at the same steps, none twice
+        assert [step for step, _ in logged[tag]] == [step for step, _ in points], tag
+        assert [value for _, value in logged[tag]] == pytest.approx([value for _, value in points], rel=1e-4, abs=1e-6), tag
 
     single = pdenets([*fit, "--trainer.devices", "1", "--trainer.strategy", "auto", "--ckpt_path", "last"], on_one)
     assert_ok(single)
