@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from lightning_pdenets.dynamics.symmetric import SymmetricLayer, check_positive_int
-from lightning_pdenets.solvers import check_positive
+from lightning_pdenets.validation import check_positive
 
 __all__ = ["SymmetricPDEBlock", "ParabolicBlock", "HamiltonianBlock", "SecondOrderBlock", "ReversibleIntegration"]
 

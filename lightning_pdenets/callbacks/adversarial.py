@@ -38,8 +38,8 @@ from lightning_pdenets.callbacks._evaluation import (
 from lightning_pdenets.interruption import raise_if_stop_requested
 from lightning_pdenets.metric_logging import log_replicated
 from lightning_pdenets.protocols import find_ode_blocks
-from lightning_pdenets.solvers import SolverConfig, SolverOptions, check_positive
-from lightning_pdenets.validation import check_positive_int
+from lightning_pdenets.solvers import SolverConfig, SolverOptions
+from lightning_pdenets.validation import check_positive, check_positive_int
 
 __all__ = ["AdversarialEvaluation", "PixelSpace", "normalization_of", "parse_epsilon", "worst_case_logits"]
 

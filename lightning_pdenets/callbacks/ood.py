@@ -28,7 +28,7 @@ from lightning_pdenets.callbacks._evaluation import (
     split_batch,
 )
 from lightning_pdenets.metric_logging import log_replicated
-from lightning_pdenets.solvers import check_positive
+from lightning_pdenets.validation import check_positive
 
 __all__ = ["OODEvaluation", "PERTURBATIONS", "perturb_pixels"]
 

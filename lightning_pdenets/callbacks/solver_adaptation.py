@@ -43,8 +43,8 @@ from lightning_pdenets.callbacks._evaluation import (
 )
 from lightning_pdenets.metric_logging import log_occasional_step_values
 from lightning_pdenets.protocols import find_ode_blocks
-from lightning_pdenets.solvers import SOLVERS, check_positive, check_solver_name
-from lightning_pdenets.validation import check_positive_int
+from lightning_pdenets.solvers import SOLVERS, check_solver_name
+from lightning_pdenets.validation import check_positive, check_positive_int
 
 __all__ = [
     "StepSizeAdaptation",

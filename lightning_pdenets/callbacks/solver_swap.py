@@ -27,8 +27,8 @@ from lightning_pdenets.callbacks._evaluation import (
     restored_solvers,
 )
 from lightning_pdenets.metric_logging import log_replicated
-from lightning_pdenets.solvers import SOLVERS, check_positive, check_solver_name
-from lightning_pdenets.validation import check_positive_int
+from lightning_pdenets.solvers import SOLVERS, check_solver_name
+from lightning_pdenets.validation import check_positive, check_positive_int
 
 __all__ = ["SolverSwapCheck"]
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_pdenets.solvers import check_positive
+from lightning_pdenets.validation import check_positive
 
 __all__ = ["WEIGHT_INTERPOLATIONS", "SYMMETRIC_NORMS", "SYMMETRIC_ACTIVATIONS", "TimeDependentWeight", "SymmetricLayer"]
 
