@@ -37,7 +37,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 LOG_ROOT = ROOT / "logs" / "mnist" / "ott"
-CACHE = ROOT / "logs" / "ott" / "grid"
+CACHE = Path(os.environ.get("OTT_GRID_CACHE", ROOT / "logs" / "ott" / "grid"))
 TRAIN_LOGS = ROOT / "logs" / "ott"
 
 # (run name = config stem, label, training solver, training step or None when adapted)
@@ -467,7 +467,9 @@ def main() -> None:
         result["full_test_acc_train_solver"] = full_test_accuracy(name) or result["full_test_acc_train_solver"]
     command = "python bench/bench_ott_mnist.py " + " ".join(a for a in sys.argv[1:] if a != "--report-only")
     if args.report_only:
-        command = "python bench/bench_ott_mnist.py --test-size 1000 --full-check 10000 (run per model as each training ended)"
+        sizes = "/".join(str(n) for n in sorted({r["test_size"] for r in results.values()}))
+        command = (f"python bench/bench_ott_mnist.py --runs <run> --test-size {sizes} --full-check 10000 "
+                   "(per run, as each training ended), then --report-only")
     write_markdown(results, args.out, args.figure, command.strip())
     plot(results, args.figure)
     print(f"wrote {args.out} and {args.figure}", flush=True)
