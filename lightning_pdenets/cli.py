@@ -660,11 +660,20 @@ def _plain(value: Any) -> Any:
 
 
 def _continue_logger_version(config, checkpoint: Path) -> None:
-    """Log into the resumed run's version folder, so its curves continue and new checkpoints land beside it."""
+    """Log into the resumed run's version folder, so its curves continue and new checkpoints land beside it.
+
+    Not with a CSVLogger: Lightning's CSV writer deletes the ``metrics.csv`` of an existing folder, so the
+    resumed run logs into a new version folder instead, and the first run's rows stay.
+    """
     logger = config.get("trainer", {}).get("logger")
     version = checkpoint.parent.parent.name
-    if hasattr(logger, "get") and version.startswith("version_") and logger.get("init_args") is not None:
-        logger["init_args"]["version"] = int(version.removeprefix("version_"))
+    if not (hasattr(logger, "get") and version.startswith("version_") and logger.get("init_args") is not None):
+        return
+    if str(logger.get("class_path", "")).endswith("CSVLogger"):
+        rank_zero_info(f"CSVLogger rewrites metrics.csv in an existing folder, so the resumed run logs into a new "
+                       f"version folder beside {version} (whose metrics.csv keeps the rows before the resume).")
+        return
+    logger["init_args"]["version"] = int(version.removeprefix("version_"))
 
 
 def build_cli(args: Optional[list[str]] = None, run: bool = True) -> PDENetsCLI:

@@ -37,6 +37,11 @@ def test_csv_logger_records_hyperparameters_and_metrics_in_the_config_named_fold
                          "--ckpt_path", "last", "--test_after_fit=false"])
     assert Path(resumed.config.fit.ckpt_path) == Path("logs/quickstart/version_0/checkpoints/last.ckpt")
     assert resumed.trainer.current_epoch == 3
+    # Lightning's CSV writer deletes metrics.csv in an existing folder: the first run's rows must survive the resume
+    kept = list(csv.DictReader((run / "metrics.csv").open()))
+    assert [int(row["epoch"]) for row in kept if row.get("val/acc_top1")] == [0, 1]
+    continued = list(csv.DictReader((run.parent / "version_1" / "metrics.csv").open()))
+    assert [int(row["epoch"]) for row in continued if row.get("val/acc_top1")] == [2]
 
 
 @pytest.fixture
