@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -130,6 +131,9 @@ def noise_table(seeds: int, additive: bool = False, names=None) -> tuple[list[st
     rows = ["| PDE, grid | form, window, degree | " + " | ".join(f"noise {s:.1%}" for s in NOISE_LEVELS) + " |",
             "| --- | --- |" + " --- |" * len(NOISE_LEVELS)]
     curves = {}
+    fits = sum(len(setups) * sum(seeds if sigma > 0 else 1 for sigma in NOISE_LEVELS)
+               for name, (_, setups) in SETUPS.items() if not names or name in names)
+    progress = tqdm(total=fits, desc="noise table", unit="fit")
     for name, (shape, setups) in SETUPS.items():
         if names and name not in names:
             continue
@@ -141,6 +145,7 @@ def noise_table(seeds: int, additive: bool = False, names=None) -> tuple[list[st
                 worst, wrong_support = [], 0
                 for seed in range(seeds if sigma > 0 else 1):
                     equation, support = identify(noisy(samples, sigma, seed, additive), spacing, form, window, degree)
+                    progress.update()
                     worst.append(errors(equation, expected)[0])
                     wrong_support += set(support) != set(expected)
                 medians.append(statistics.median(worst))
@@ -150,6 +155,7 @@ def noise_table(seeds: int, additive: bool = False, names=None) -> tuple[list[st
             curves[(name, form, window, degree)] = (medians, worsts)
             rows.append(f"| {name} {shape[0]} x {shape[1]} | {setup_label(form, window, degree)} | "
                         + " | ".join(cells) + " |")
+    progress.close()
     return rows, curves
 
 
@@ -157,6 +163,7 @@ def box_scan(seeds: int, fractions=(4, 8, 12, 16), levels=(0.01, 0.05)) -> list[
     """Weak form with boxes of half-width grid / fraction (the default: 8) at 1% and 5% noise."""
     rows = ["| PDE, grid | half-width | " + " | ".join(f"noise {s:.0%}" for s in levels) + " |",
             "| --- | --- |" + " --- |" * len(levels)]
+    progress = tqdm(total=len(SETUPS) * len(fractions) * len(levels) * seeds, desc="box scan", unit="fit")
     for name, (shape, _) in SETUPS.items():
         expected = ONE_DIMENSIONAL[name][1]
         samples, spacing = sampled(name, *shape)
@@ -172,12 +179,14 @@ def box_scan(seeds: int, fractions=(4, 8, 12, 16), levels=(0.01, 0.05)) -> list[
                     with warnings.catch_warnings():
                         warnings.simplefilter("ignore", RuntimeWarning)
                         fit = equation.fit_coefficients(library, h_t, threshold=0.05)
+                    progress.update()
                     worst.append(errors(equation, expected)[0])
                     wrong += set(fit.support) != set(expected)
                 cells.append(f"{statistics.median(worst):.2%} / {max(worst):.2%}"
                              + (f" ({wrong} wrong support)" if wrong else ""))
             rows.append(f"| {name} {shape[0]} x {shape[1]} | grid / {fraction} = {half_width}"
                         + (" (default)" if fraction == 8 else "") + " | " + " | ".join(cells) + " |")
+    progress.close()
     return rows
 
 

@@ -323,9 +323,9 @@ class AdversarialEvaluation(Callback):
         devices = [x.device.index or 0] if x.device.type == "cuda" else []
         attacks = [a for a in self.attacks if black_box or a not in BLACK_BOX_ATTACKS]
         adversarial: dict[tuple[str, float], torch.Tensor] = {}
-        # one line per batch under the trainer's own bar (rank 0, when the trainer shows bars): an attack grid
-        # of a batch can take minutes
-        show = trainer is not None and trainer.is_global_zero and trainer.progress_bar_callback is not None
+        # one line per batch under the trainer's own bar (rank 0, when the trainer shows bars), or on its own outside
+        # a trainer (a bench script): an attack grid of a batch can take minutes
+        show = trainer is None or (trainer.is_global_zero and trainer.progress_bar_callback is not None)
         crafts = sum(len(self.epsilons) for a in attacks if a in WHITE_BOX_ATTACKS + BLACK_BOX_ATTACKS)
         progress = tqdm(total=crafts, desc="AdversarialEvaluation", unit="attack", leave=False, disable=not show,
                         dynamic_ncols=True)
