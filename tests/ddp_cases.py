@@ -245,15 +245,8 @@ CASES: dict[str, DDPCase] = {
     "inference_timer": DDPCase(("InferenceTimer",), rknet, test=True,
                                callbacks=lambda: [cb.InferenceTimer(batch_size=16, num_warmup=0, num_repeats=1)],
                                rank_only_metrics=("inference/",)),
-    # one test sample: rank 1 evaluates no batch at all, yet must enter the attack metrics' sync (issue 26)
-    "adversarial_one_rank_without_test_batches": DDPCase(
-        ("AdversarialEvaluation",),
-        lambda: models.VectorODEClassifierModule(solver=dict(method="rk4", step_size=0.25), input_dim=2,
-                                                 network=dict(hidden_width=16), lr=0.1, **SGD),
-        data=lambda batch: ConcentricSpheresDataModule(dim=2, num_train=96, num_val=17, num_test=1, batch_size=batch),
-        test=True, callbacks=lambda: [cb.AdversarialEvaluation(epsilons=[0.1], attacks=["fgsm"], log_figure=False)],
-    ),
     "sigterm_flag_only": DDPCase(("SigtermFlagOnly",), rknet, test=True, callbacks=lambda: [cb.SigtermFlagOnly()]),
+    "ema": DDPCase(("EMAWeights",), rknet, test=True, callbacks=lambda: [cb.EMAWeights(decay=0.9)]),
     "prediction_writer": DDPCase(("PredictionWriter",), rknet, predict=True,
                                  callbacks=lambda: [cb.PredictionWriter(output_dir="predictions")]),
     "checkpoint_on_interrupt": DDPCase(

@@ -81,6 +81,21 @@ def worst_case_logits(logits: Sequence[torch.Tensor], targets: torch.Tensor) -> 
     return stacked[worst, torch.arange(stacked.shape[1], device=stacked.device)]
 
 
+class _StopChecked(nn.Module):
+    """``model`` that checks for SIGTERM before every query: one PGD, SPSA or AutoAttack run makes hundreds of them
+    and may take minutes, so a stop request ends it at the next query and names the attack."""
+
+    def __init__(self, model: nn.Module, trainer: Optional["pl.Trainer"], attack: str, epsilon: float, seed: int) -> None:
+        super().__init__()
+        self.model = model
+        self._trainer, self._attack, self._epsilon, self._seed = trainer, attack, epsilon, seed
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        raise_if_stop_requested(self._trainer, lambda: (
+            f"AdversarialEvaluation's {self._attack.upper()} attack at ε={self._epsilon:.4g} (batch seed {self._seed})"))
+        return self.model(inputs)
+
+
 def _label(epsilon: float) -> str:
     return f"eps{round(epsilon * 255, 4):g}"
 
@@ -326,7 +341,7 @@ class AdversarialEvaluation(Callback):
         # one line per batch under the trainer's own bar (rank 0, when the trainer shows bars), or on its own outside
         # a trainer (a bench script): an attack grid of a batch can take minutes
         show = trainer is None or (trainer.is_global_zero and trainer.progress_bar_callback is not None)
-        crafts = sum(len(self.epsilons) for a in attacks if a in WHITE_BOX_ATTACKS + BLACK_BOX_ATTACKS)
+        crafts = len(self.epsilons) * len(attacks)  # every attack, AutoAttack too, once per ε
         progress = tqdm(total=crafts, desc="AdversarialEvaluation", unit="attack", leave=False, disable=not show,
                         dynamic_ncols=True)
         with progress, evaluation_pass(model, input_gradients=True):  # tensors made here are usable by autograd
@@ -335,15 +350,7 @@ class AdversarialEvaluation(Callback):
             labels = y.detach().clone()
 
             def craft(name: str, epsilon: float) -> None:
-                def interrupted() -> str:
-                    return f"AdversarialEvaluation's {name.upper()} attack at ε={epsilon:.4g} (batch seed {seed})"
-
-                def predict(inputs: torch.Tensor) -> torch.Tensor:
-                    # checked on every query: one SPSA or PGD run makes hundreds, and may take minutes
-                    raise_if_stop_requested(trainer, interrupted)
-                    return pixel_model(inputs)
-
-                attack = self.build_attack(name, predict, epsilon)
+                attack = self.build_attack(name, _StopChecked(pixel_model, trainer, name, epsilon, seed), epsilon)
                 progress.set_postfix_str(f"{name.upper()} ε={epsilon:.4g}")
                 with torch.random.fork_rng(devices=devices):
                     torch.manual_seed(seed)
@@ -358,8 +365,11 @@ class AdversarialEvaluation(Callback):
                 for epsilon in self.epsilons:
                     craft(name, epsilon)
             for epsilon in self.epsilons if "autoattack" in attacks else ():
+                progress.set_postfix_str(f"AutoAttack ε={epsilon:.4g}")
+                checked = _StopChecked(pixel_model, trainer, "autoattack", epsilon, seed)
                 with torch.random.fork_rng(devices=devices):
-                    adversarial.update(self.autoattack(model, pixel_model, pixels, labels, epsilon, seed))
+                    adversarial.update(self.autoattack(model, checked, pixels, labels, epsilon, seed))
+                progress.update()
             with torch.no_grad():
                 outputs = {"clean": pixel_model(pixels)}
                 outputs.update({f"{name}_{_label(eps)}": pixel_model(inputs) for (name, eps), inputs in adversarial.items()})
