@@ -13,6 +13,8 @@ from lightning_pdenets.errors import CheckpointMismatchError, UntrustedCheckpoin
 from lightning_pdenets.models import IsometricMobileNetModule
 from tests.conftest import REPO_ROOT
 
+pytestmark = pytest.mark.cli
+
 QUICK = [
     "--config", str(REPO_ROOT / "configs/quickstart.yaml"), "--model.init_args.network.width=8",
     "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1", "--trainer.limit_test_batches=1",

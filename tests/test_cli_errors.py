@@ -9,6 +9,8 @@ import pytest
 from lightning_pdenets.cli import main
 from tests.conftest import REPO_ROOT
 
+pytestmark = pytest.mark.cli
+
 QUICK = ["fit", "--config", str(REPO_ROOT / "configs/quickstart.yaml"), "--trainer.enable_progress_bar=false"]
 
 

@@ -16,6 +16,8 @@ from lightning_pdenets.errors import NonFiniteLossError
 from lightning_pdenets.models import RKNetModule
 from tests.conftest import REPO_ROOT
 
+pytestmark = pytest.mark.cli
+
 QUICKSTART = str(REPO_ROOT / "configs/quickstart.yaml")
 TINY = [
     "--model.init_args.network.width=8", "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=1",

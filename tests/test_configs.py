@@ -16,6 +16,8 @@ from lightning_pdenets.cli import build_cli
 from tests.conftest import REPO_ROOT
 from tests.fakedata import load_all
 
+pytestmark = pytest.mark.cli
+
 FAKE_DATASETS = load_all()
 RUN_CONFIGS = sorted(p for p in (REPO_ROOT / "configs").rglob("*.yaml") if p.parent.name != "trainer")
 TRAINER_PRESETS = sorted((REPO_ROOT / "configs" / "trainer").glob("*.yaml"))

@@ -13,6 +13,8 @@ from lightning_pdenets.callbacks import EMAWeights
 from lightning_pdenets.cli import build_cli, main
 from tests.conftest import REPO_ROOT
 
+pytestmark = pytest.mark.cli
+
 pytest.importorskip("lightning.pytorch.callbacks.weight_averaging")
 
 DECAY = 0.5  # far from 1, so the average and the raw weights differ after a few steps

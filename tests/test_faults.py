@@ -20,6 +20,8 @@ from lightning_pdenets.models import ODENetModule, RKNetModule
 from tests.conftest import REPO_ROOT
 from tests.ddp_cases import RaiseAtStep, StiffInBackwardOnRank
 
+pytestmark = pytest.mark.cli
+
 QUICK = [
     "--config", str(REPO_ROOT / "configs/quickstart.yaml"), "--config", str(REPO_ROOT / "configs/trainer/cpu.yaml"),
     "--model.init_args.network.width=8", "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=2",

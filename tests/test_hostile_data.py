@@ -13,6 +13,8 @@ from tests.fakedata.stl10 import fake_stl10
 from tests.fakedata.torchvision_sets import fake_cifar10, fake_mnist, fake_svhn
 from tests.test_hostile_resume import TINY, run
 
+pytestmark = pytest.mark.cli
+
 MNIST = ["--config", str(REPO_ROOT / "configs/quickstart.yaml"), "--model.init_args.network.width=8",
          "--data=lightning_pdenets.data.MNISTDataModule", *TINY]
 

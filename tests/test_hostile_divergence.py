@@ -11,6 +11,8 @@ from lightning_pdenets.cli import build_cli
 from tests.conftest import REPO_ROOT
 from tests.test_hostile_resume import run, snapshot
 
+pytestmark = pytest.mark.cli
+
 QUICKSTART = ["--config", str(REPO_ROOT / "configs/quickstart.yaml"), "--trainer.enable_progress_bar=false"]
 EXPLODING = [*QUICKSTART, "--model.init_args.lr=1e6"]  # the case: Adam at 1e6, loss 1.9e12, accuracy 0.10
 

@@ -17,6 +17,8 @@ from tests.conftest import REPO_ROOT
 from tests.fakedata.torchvision_sets import fake_mnist
 from tests.test_hostile_resume import TINY, run, snapshot
 
+pytestmark = pytest.mark.cli
+
 QUICK = ["--config", str(REPO_ROOT / "configs/quickstart.yaml"), "--model.init_args.network.width=8", *TINY]
 
 

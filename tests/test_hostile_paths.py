@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from tests.conftest import REPO_ROOT
 from tests.test_hostile_resume import TINY, run, snapshot
+
+pytestmark = pytest.mark.cli
 
 QUICK = ["--config", str(REPO_ROOT / "configs/quickstart.yaml"), "--model.init_args.network.width=8", *TINY]
 

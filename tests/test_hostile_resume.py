@@ -9,6 +9,8 @@ import pytest
 from lightning_pdenets.cli import experiment_name, main
 from tests.conftest import REPO_ROOT
 
+pytestmark = pytest.mark.cli
+
 QUICKSTART = REPO_ROOT / "configs/quickstart.yaml"
 TINY = [
     "--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1",

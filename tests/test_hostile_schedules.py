@@ -11,6 +11,8 @@ import torch
 from tests.conftest import REPO_ROOT
 from tests.test_hostile_resume import TINY, run
 
+pytestmark = pytest.mark.cli
+
 QUICK = ["--config", str(REPO_ROOT / "configs/quickstart.yaml"), "--model.init_args.network.width=8", *TINY]
 LR = 0.003  # the quickstart's
 

@@ -14,6 +14,8 @@ from lightning.pytorch.core.saving import load_hparams_from_yaml
 from lightning_pdenets.cli import build_cli
 from tests.conftest import REPO_ROOT
 
+pytestmark = pytest.mark.cli
+
 TINY = ["--config", str(REPO_ROOT / "configs/quickstart.yaml"), "--trainer.enable_progress_bar=false",
         "--model.init_args.network.width=8", "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=1",
         "--trainer.limit_test_batches=1"]

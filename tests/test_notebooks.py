@@ -19,6 +19,8 @@ import pytest
 
 from tests.conftest import REPO_ROOT
 
+pytestmark = pytest.mark.notebooks
+
 nbformat = pytest.importorskip("nbformat", reason="install the notebook extras: pip install -e '.[notebooks]'")
 NotebookClient = pytest.importorskip("nbclient", reason="install the notebook extras: pip install -e '.[notebooks]'").NotebookClient
 

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from lightning_pdenets.cli import build_cli
 from tests.conftest import REPO_ROOT
 
+pytestmark = pytest.mark.cli
 
 def test_quickstart_reaches_the_documented_accuracy_and_writes_logs(tmp_path: Path) -> None:
     cli = build_cli(["fit", "--config", str(REPO_ROOT / "configs" / "quickstart.yaml"),

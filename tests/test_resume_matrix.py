@@ -22,6 +22,8 @@ from lightning_pdenets.callbacks import CheckpointOnInterrupt
 from lightning_pdenets.protocols import find_ode_blocks
 from tests.ddp_cases import CASES, DDPCase
 
+pytestmark = pytest.mark.cli
+
 BATCH_SIZE = 16
 EPOCHS = 2
 RESUMABLE = [name for name, case in CASES.items() if not (case.expect_error or case.rank_errors)]

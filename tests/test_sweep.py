@@ -10,6 +10,8 @@ import pytest
 
 from tests.conftest import REPO_ROOT
 
+pytestmark = pytest.mark.cli
+
 optuna = pytest.importorskip("optuna")
 pytest.importorskip("optuna_integration")
 
