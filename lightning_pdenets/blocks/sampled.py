@@ -18,7 +18,7 @@ from scipy.signal import savgol_filter
 
 from lightning_pdenets.blocks.pde import CoordinateDerivatives
 
-__all__ = ["savgol_derivatives"]
+__all__ = ["check_finite_samples", "check_sample_grid", "savgol_derivatives"]
 
 IntPerAxis = Union[int, Sequence[int]]
 
@@ -48,6 +48,37 @@ def _grid_steps(spacing: object, count: int) -> Optional[tuple[float, ...]]:
             return None
         steps.append(float(step))
     return tuple(steps) if all(math.isfinite(s) and s > 0 for s in steps) else None
+
+
+def check_sample_grid(samples: object, axes: Sequence[str], spacing: object) -> tuple[tuple[str, ...], tuple[float, ...]]:
+    """The grid's dimensions (``axes`` then ``"t"``) and steps, after checking ``samples`` and ``spacing`` fit them.
+
+    Raises:
+        ValueError: on samples that are not a tensor with one trailing dimension per axis and time, or a
+            spacing without one finite step > 0 per dimension.
+    """
+    dims = (*axes, "t")
+    if not isinstance(samples, torch.Tensor) or samples.ndim < len(dims):
+        shape = tuple(samples.shape) if isinstance(samples, torch.Tensor) else type(samples).__name__
+        raise ValueError(
+            f"`samples` must be a tensor of shape (..., {', '.join(dims)}): one grid dimension per axis, then "
+            f"the time; got {shape}."
+        )
+    steps = _grid_steps(spacing, len(dims))
+    if steps is None:
+        raise ValueError(f"`spacing` must hold one grid step > 0 per dimension {list(dims)}, got {spacing!r}.")
+    return dims, steps
+
+
+def check_finite_samples(samples: torch.Tensor) -> None:
+    """Raise a ValueError naming the first non-finite entries of ``samples``, if any."""
+    not_finite = ~torch.isfinite(samples)
+    if not_finite.any():
+        first = [tuple(int(i) for i in index) for index in not_finite.nonzero()[:3].tolist()]
+        raise ValueError(
+            f"`samples` has {int(not_finite.sum())} non-finite values, e.g. at indices {first}; "
+            "drop or interpolate them before building the library."
+        )
 
 
 def savgol_derivatives(
@@ -85,16 +116,7 @@ def savgol_derivatives(
     Raises:
         ValueError: on a shape, spacing, window or degree that does not fit, or non-finite samples.
     """
-    dims = (*axes, "t")
-    if not isinstance(samples, torch.Tensor) or samples.ndim < len(dims):
-        shape = tuple(samples.shape) if isinstance(samples, torch.Tensor) else type(samples).__name__
-        raise ValueError(
-            f"`samples` must be a tensor of shape (..., {', '.join(dims)}): one grid dimension per axis, then "
-            f"the time; got {shape}."
-        )
-    steps = _grid_steps(spacing, len(dims))
-    if steps is None:
-        raise ValueError(f"`spacing` must hold one grid step > 0 per dimension {list(dims)}, got {spacing!r}.")
+    dims, steps = check_sample_grid(samples, axes, spacing)
     windows = _per_axis(window_length, dims, "window_length", 3, 10_001)
     degrees = _per_axis(polyorder, dims, "polyorder", 1, 12)
     grid_shape = samples.shape[samples.ndim - len(dims):]
@@ -106,13 +128,7 @@ def savgol_derivatives(
                 f"at most {size}, with {needed} <= polyorder < window; got window_length={window}, polyorder={degree}."
             )
     values = samples.detach().cpu().double().numpy()
-    not_finite = ~torch.isfinite(samples)
-    if not_finite.any():
-        first = [tuple(int(i) for i in index) for index in not_finite.nonzero()[:3].tolist()]
-        raise ValueError(
-            f"`samples` has {int(not_finite.sum())} non-finite values, e.g. at indices {first}; "
-            "drop or interpolate them before building the library."
-        )
+    check_finite_samples(samples)
     first_dim = samples.ndim - len(dims)
     keep = [slice(None)] * samples.ndim
     if trim:

@@ -41,7 +41,13 @@ import torch
 from numpy.polynomial import Polynomial
 from scipy.signal import oaconvolve
 
-from lightning_pdenets.blocks.sampled import IntPerAxis, _grid_steps, _per_axis, savgol_derivatives
+from lightning_pdenets.blocks.sampled import (
+    IntPerAxis,
+    _per_axis,
+    check_finite_samples,
+    check_sample_grid,
+    savgol_derivatives,
+)
 
 __all__ = [
     "DEFAULT_BOX_FRACTION", "MAX_WEAK_ORDER", "MIN_DEFAULT_HALF_WIDTH", "quadrature_weights", "weak_form_library",
@@ -120,16 +126,7 @@ def weak_form_library(
     Raises:
         ValueError: on a shape, spacing, box, degree or term that does not fit, or non-finite samples.
     """
-    dims = (*axes, "t")
-    if not isinstance(samples, torch.Tensor) or samples.ndim < len(dims):
-        shape = tuple(samples.shape) if isinstance(samples, torch.Tensor) else type(samples).__name__
-        raise ValueError(
-            f"`samples` must be a tensor of shape (..., {', '.join(dims)}): one grid dimension per axis, then "
-            f"the time; got {shape}."
-        )
-    steps = _grid_steps(spacing, len(dims))
-    if steps is None:
-        raise ValueError(f"`spacing` must hold one grid step > 0 per dimension {list(dims)}, got {spacing!r}.")
+    dims, steps = check_sample_grid(samples, axes, spacing)
     grid_shape = samples.shape[samples.ndim - len(dims):]
     if half_width is None:
         half_width = [max(1, min((size - 1) // 2, max(size // DEFAULT_BOX_FRACTION, MIN_DEFAULT_HALF_WIDTH)))
@@ -153,13 +150,7 @@ def weak_form_library(
                 f"along {dim!r} ({size} points) the test functions' boxes of 2 * half_width + 1 points must fit the "
                 f"grid; got half_width={width}."
             )
-    not_finite = ~torch.isfinite(samples)
-    if not_finite.any():
-        first = [tuple(int(i) for i in index) for index in not_finite.nonzero()[:3].tolist()]
-        raise ValueError(
-            f"`samples` has {int(not_finite.sum())} non-finite values, e.g. at indices {first}; "
-            "drop or interpolate them before building the library."
-        )
+    check_finite_samples(samples)
     first_dim = samples.ndim - len(dims)
     kernels = [quadrature_weights(w, s, test_degree, highest if d != "t" else 1) for d, w, s in zip(dims, widths, steps)]
     keep = tuple([slice(None)] * first_dim + [slice(None, None, k) for k in strides])
