@@ -82,7 +82,7 @@ def pop_regularization(modules: list[nn.Module]) -> dict[str, torch.Tensor]:
     return total
 
 
-# -- time-dependent weights (PDE-motivated CNNs; appended for issue 5) ---------------------------
+# -- time-dependent weights (PDE-motivated CNNs) -----------------------------------------------------
 @runtime_checkable
 class TimeDependentWeights(Protocol):
     """Structural type of a module holding weights θ(t) sampled on a uniform grid in time.

@@ -31,7 +31,7 @@ def model_arguments(factory_kwargs: dict) -> dict:
 def test_forward_backward_no_nan(name: str) -> None:
     entry = ARCHITECTURES[name]
     torch.manual_seed(0)
-    model = entry.factory(**{**entry.tiny_kwargs, entry.num_classes_kwarg: 10})
+    model = entry.factory(**{**entry.tiny_kwargs, "num_classes": 10})
     x = torch.randn(2, *entry.input_shape)
     logits = model(x)
     assert logits.shape == (2, 10)

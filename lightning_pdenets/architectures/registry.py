@@ -53,13 +53,11 @@ class ArchitectureEntry:
         factory: Callable returning the ``nn.Module``.
         input_shape: Per-sample input shape (C, H, W) or (D,) used by the registry test.
         tiny_kwargs: Keyword arguments giving a small instance for fast tests.
-        num_classes_kwarg: Name of the argument holding the number of classes, if any.
     """
 
     factory: Callable[..., nn.Module]
     input_shape: tuple[int, ...]
     tiny_kwargs: dict[str, Any] = field(default_factory=dict)
-    num_classes_kwarg: str = "num_classes"
 
 
 ARCHITECTURES: dict[str, ArchitectureEntry] = {}

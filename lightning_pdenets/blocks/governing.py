@@ -561,12 +561,6 @@ class GoverningEquation(nn.Module):
             RuntimeWarning, stacklevel=3,
         )
 
-    # -- sparsity ---------------------------------------------------------------------------------
-    @torch.no_grad()
-    def soft_threshold_(self, threshold: float) -> None:
-        """Apply the L1 proximal step in place: coefficients with |alpha| <= threshold become exactly 0."""
-        self.alpha.copy_(soft_threshold(self.alpha, threshold))
-
     def coefficients(self) -> dict[str, float]:
         """``{term label: alpha}`` for every term of the library."""
         return {term.label(self.variable): float(a) for term, a in zip(self.terms, self.alpha.detach().cpu())}
