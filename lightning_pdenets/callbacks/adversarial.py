@@ -40,6 +40,7 @@ from lightning_pdenets.metric_logging import log_replicated
 from lightning_pdenets.protocols import find_ode_blocks
 from lightning_pdenets.solvers import SolverConfig, SolverOptions
 from lightning_pdenets.validation import check_positive, check_positive_int
+from typing_extensions import override
 
 __all__ = ["AdversarialEvaluation", "PixelSpace", "normalization_of", "parse_epsilon", "worst_case_logits"]
 
@@ -403,28 +404,34 @@ class AdversarialEvaluation(Callback):
             return False
         return (trainer.current_epoch + 1) % self.every_n_val_epochs == 0
 
+    @override
     def on_test_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._metrics.clear()
         self._black_box_batch_metrics.clear()
 
+    @override
     def on_validation_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._metrics.clear()
         self._black_box_batch_metrics.clear()
 
+    @override
     def on_test_batch_end(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
         self._update(trainer, pl_module, batch, batch_idx)
 
+    @override
     def on_validation_batch_end(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
         if self._val_epoch_selected(trainer):
             self._update(trainer, pl_module, batch, batch_idx)
 
+    @override
     def on_test_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._log(trainer, pl_module, "adv")
 
+    @override
     def on_validation_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if self._val_epoch_selected(trainer):
             self._log(trainer, pl_module, "val_adv")

@@ -18,6 +18,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from lightning_pdenets.protocols import find_time_dependent_weights
+from typing_extensions import override
 
 __all__ = ["WeightBoxProjection"]
 
@@ -79,6 +80,7 @@ class WeightBoxProjection(Callback):
             for parameter in self._parameters:
                 parameter.clamp_(self.lower, self.upper)
 
+    @override
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._parameters = self.select_parameters(pl_module)
         if not self._parameters:
@@ -93,9 +95,11 @@ class WeightBoxProjection(Callback):
         if self.project_on_start:
             self.project()
 
+    @override
     def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._remove_hooks()
 
+    @override
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         self._remove_hooks()
 

@@ -16,6 +16,7 @@ from typing import Any, Optional, Union
 
 import lightning.pytorch as pl
 import torch
+from typing_extensions import override
 
 try:
     from lightning.pytorch.callbacks import EMAWeightAveraging
@@ -61,11 +62,13 @@ class EMAWeights(EMAWeightAveraging):
                          update_starting_at_epoch=update_starting_at_epoch, **kwargs)
         self.decay = decay
 
+    @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().teardown(trainer, pl_module, stage)
         if stage == "fit":
             self._average_model = None  # the model holds the average now; evaluations read checkpoints' state_dict
 
+    @override
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         if self._average_model is None:
             return  # evaluating: the checkpoint's state_dict, already loaded, holds the averaged weights

@@ -12,6 +12,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_pdenets.callbacks.sigterm import set_received_sigterm
 from lightning_pdenets.errors import ModelFailure, is_peer_crash
+from typing_extensions import override
 
 __all__ = ["CheckpointOnInterrupt"]
 
@@ -66,10 +67,12 @@ class CheckpointOnInterrupt(Checkpoint):
         """Where the checkpoint is (or would be) written."""
         return os.path.join(self.dirpath, self.filename + self.FILE_EXTENSION)
 
+    @override
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._steps_at_train_start = trainer.global_step  # after a checkpoint was restored
         self._deferred_sigterm = False
 
+    @override
     def on_validation_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", *args: Any) -> None:
         # Lightning stops a validation inside fit at the next batch on SIGTERM. A checkpoint of that state
         # resumes as if the validation had finished: its metrics and the epoch's end would be lost. So the
@@ -78,11 +81,13 @@ class CheckpointOnInterrupt(Checkpoint):
             set_received_sigterm(trainer, False)  # no public way to defer it
             self._deferred_sigterm = True
 
+    @override
     def on_validation_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if self._deferred_sigterm:
             self._deferred_sigterm = False
             set_received_sigterm(trainer, True)
 
+    @override
     def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
         steps_at_start, self._steps_at_train_start = self._steps_at_train_start, None
         if isinstance(exception, ModelFailure) or is_peer_crash(exception):
@@ -107,10 +112,12 @@ class CheckpointOnInterrupt(Checkpoint):
         finally:
             self._saving = False
 
+    @override
     def on_save_checkpoint(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", checkpoint: dict) -> None:
         if self._saving:
             _undo_logger_step_on_resume(checkpoint)
 
+    @override
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         # Lightning calls callback teardown only when the stage did not raise: after a completed fit an
         # interrupt checkpoint of this run is stale, and `--ckpt_path last` must not pick it up later.

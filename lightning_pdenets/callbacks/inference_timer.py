@@ -12,6 +12,7 @@ from lightning.pytorch.callbacks import Callback
 
 from lightning_pdenets.callbacks._evaluation import evaluation_pass, split_batch
 from lightning_pdenets.metric_logging import log_replicated
+from typing_extensions import override
 
 __all__ = ["InferenceTimer"]
 
@@ -47,9 +48,11 @@ class InferenceTimer(Callback):
         self._collected = 0
         self.last_times: list[float] = []
 
+    @override
     def on_test_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._images, self._collected = [], 0
 
+    @override
     def on_test_batch_end(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
@@ -86,6 +89,7 @@ class InferenceTimer(Callback):
                 times.append(time.perf_counter() - start)
         return times
 
+    @override
     def on_test_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         images = self.timing_batch()
         self._images = []

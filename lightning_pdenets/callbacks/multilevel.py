@@ -22,6 +22,7 @@ from lightning.pytorch.callbacks import Callback
 
 from lightning_pdenets.metric_logging import log_replicated
 from lightning_pdenets.protocols import find_time_stepping_blocks
+from typing_extensions import override
 
 __all__ = ["MultilevelTraining"]
 
@@ -76,6 +77,7 @@ class MultilevelTraining(Callback):
             return blocks
         return [(n, b) for n, b in blocks if any(fnmatch.fnmatchcase(n, p) for p in self.block_names)]
 
+    @override
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         if stage != "fit":
             return
@@ -101,19 +103,23 @@ class MultilevelTraining(Callback):
             for parameter in resized:
                 optimizer.state.pop(parameter, None)
 
+    @override
     def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         epoch = trainer.current_epoch
         if epoch in self.refine_epochs and epoch not in self.applied_epochs:
             self.refine(trainer, pl_module)
             self.applied_epochs.append(epoch)
 
+    @override
     def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         # logged here, not at epoch start: Lightning skips on_train_epoch_start when resuming mid-epoch
         steps = [b.num_time_steps for _, b in self.select_blocks(pl_module)]
         log_replicated(pl_module, {"train/num_time_steps": float(max(steps))})
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"applied_epochs": list(self.applied_epochs)}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.applied_epochs = list(state_dict.get("applied_epochs", []))

@@ -17,6 +17,7 @@ from lightning_pdenets.callbacks._evaluation import in_callback_pass
 from lightning_pdenets.metric_logging import log_replicated, step_values_are_read
 from lightning_pdenets.protocols import find_ode_blocks
 from lightning_pdenets.validation import check_positive_int
+from typing_extensions import override
 
 __all__ = ["NFEMonitor"]
 
@@ -97,6 +98,7 @@ class NFEMonitor(Callback):
         if self._collect_step_sizes:
             self._step_sizes.append(module.last_step_sizes.detach().flatten())
 
+    @override
     def setup(self, trainer: "pl.Trainer", pl_module: pl.LightningModule, stage: str) -> None:
         monitors = [c for c in trainer.callbacks if isinstance(c, NFEMonitor)]
         if len(monitors) > 1:
@@ -118,6 +120,7 @@ class NFEMonitor(Callback):
             self._handles.append(block.register_forward_pre_hook(self._pre_hook))
             self._handles.append(block.register_forward_hook(self._post_hook))
 
+    @override
     def teardown(self, trainer: "pl.Trainer", pl_module: pl.LightningModule, stage: str) -> None:
         for handle in self._handles:
             handle.remove()
@@ -168,13 +171,16 @@ class NFEMonitor(Callback):
             if hasattr(experiment, "add_histogram"):
                 experiment.add_histogram("train/log10_step_size", values, global_step=trainer.global_step)
 
+    @override
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._start(trainer, "train")
 
+    @override
     def on_before_backward(self, trainer, pl_module, loss) -> None:
         self._counting = False  # forward is over; what follows in this step is not the training forward
         self._backward_start = self._totals("backward")
 
+    @override
     def on_after_backward(self, trainer, pl_module) -> None:
         if not self._blocks:
             return
@@ -184,18 +190,23 @@ class NFEMonitor(Callback):
     def _totals(self, passage: str) -> dict[str, int]:
         return {name: sum(getattr(b, name) for b in self._blocks) for name in self._counters[passage]}
 
+    @override
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._end(trainer, pl_module, "train")
 
+    @override
     def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
         self._start(trainer, "val")
 
+    @override
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         self._end(trainer, pl_module, "val")
 
+    @override
     def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
         self._start(trainer, "test")
 
+    @override
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         self._end(trainer, pl_module, "test")
 
@@ -221,23 +232,28 @@ class NFEMonitor(Callback):
         self.epoch_history.append({"stage": stage, "epoch": trainer.current_epoch, **metrics})
         log_replicated(pl_module, metrics)  # the same on every rank: reduced per step (train) or above
 
+    @override
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         self._epoch_end(pl_module, "train", trainer)
         if self._histogram:
             self._draw_histogram(trainer)
 
+    @override
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         self._epoch_end(pl_module, "val", trainer)
 
+    @override
     def on_test_epoch_end(self, trainer, pl_module) -> None:
         self._epoch_end(pl_module, "test", trainer)
 
     # -- resume -------------------------------------------------------------------------------------
+    @override
     def state_dict(self) -> dict[str, Any]:
         """The NFE history and the running sums of the current training epoch (resumed mid-epoch alike)."""
         return {"epoch_history": list(self.epoch_history), "last_step": dict(self.last_step),
                 "train_sums": dict(self._sums["train"])}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.epoch_history = list(state_dict["epoch_history"])
         self.last_step = dict(state_dict["last_step"])

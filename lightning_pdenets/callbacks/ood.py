@@ -29,6 +29,7 @@ from lightning_pdenets.callbacks._evaluation import (
 )
 from lightning_pdenets.metric_logging import log_replicated
 from lightning_pdenets.validation import check_positive
+from typing_extensions import override
 
 __all__ = ["OODEvaluation", "PERTURBATIONS", "perturb_pixels"]
 
@@ -149,9 +150,11 @@ class OODEvaluation(Callback):
                 outputs[name] = pixel_model(perturbed)
         return outputs
 
+    @override
     def on_test_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._metrics.clear()
 
+    @override
     def on_test_batch_end(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
@@ -163,6 +166,7 @@ class OODEvaluation(Callback):
                 self._metrics[name] = accuracy_metrics(logits.shape[-1], logits.device)
             self._metrics[name].update(logits, y)
 
+    @override
     def on_test_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         # every rank computes, even one that perturbed no batch: compute() is a collective
         results = compute_on_every_rank(trainer, self._metrics, pl_module.device)

@@ -13,6 +13,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from lightning_pdenets.callbacks._evaluation import split_batch
+from typing_extensions import override
 
 __all__ = ["PredictionWriter"]
 
@@ -42,6 +43,7 @@ class PredictionWriter(BasePredictionWriter):
         self._parts: dict[str, list[torch.Tensor]] = {}
         self.written: list[Path] = []
 
+    @override
     def on_predict_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._parts = {"probabilities": [], "sample_index": [], "labels": []}
 
@@ -68,6 +70,7 @@ class PredictionWriter(BasePredictionWriter):
         if labels is not None:
             self._parts["labels"].append(labels.detach().cpu())
 
+    @override
     def on_predict_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         # every rank takes rank 0's folder: each rank's logger works out its own next version number
         folder = Path(trainer.strategy.broadcast(str(self._folder(trainer))))

@@ -45,6 +45,7 @@ from lightning_pdenets.metric_logging import log_occasional_step_values
 from lightning_pdenets.protocols import find_ode_blocks
 from lightning_pdenets.solvers import SOLVERS, check_solver_name
 from lightning_pdenets.validation import check_positive, check_positive_int
+from typing_extensions import override
 
 __all__ = [
     "StepSizeAdaptation",
@@ -176,15 +177,18 @@ class _SolverAdaptation(Callback):
         self.test_solver = self._check_solver_pair(self.train_solver, self.test_solver)
         return blocks
 
+    @override
     def setup(self, trainer: "pl.Trainer", pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             self._resolve(pl_module)
 
+    @override
     def on_train_start(self, trainer: "pl.Trainer", pl_module: pl.LightningModule) -> None:
         blocks = self._resolve(pl_module)
         if self.value is not None:  # resumed: the checkpointed value wins over the configured one
             self.apply(blocks, self.value)
 
+    @override
     def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         if self.value is not None:
             return
@@ -194,6 +198,7 @@ class _SolverAdaptation(Callback):
         self.apply(blocks, self.value)
         self.history.append({"step": trainer.global_step, self.quantity: self.value, "decision": "initial"})
 
+    @override
     def on_train_batch_end(
         self, trainer: "pl.Trainer", pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -276,9 +281,11 @@ class _SolverAdaptation(Callback):
         raise RuntimeError(f"{type(self).__name__}: a solver failed during the check at {self.quantity}={value:g}.")
 
     # -- checkpointing --------------------------------------------------------------------------
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {self.quantity: self.value, "history": list(self.history), "train_solver": self.train_solver}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.value = state_dict[self.quantity]
         self.history = list(state_dict["history"])
@@ -487,6 +494,7 @@ class ToleranceAdaptation(_SolverAdaptation):
     def _retrying_blocks(blocks: Sequence[nn.Module]) -> list[nn.Module]:
         return [block for block in blocks if set(RETRY_SETTINGS) <= set(block.solver_settings())]
 
+    @override
     def on_train_start(self, trainer: "pl.Trainer", pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
         blocks = find_ode_blocks(pl_module)
@@ -511,12 +519,15 @@ class ToleranceAdaptation(_SolverAdaptation):
             block.configure_solver(**settings)
         self._blocks_retry_settings = None
 
+    @override
     def on_train_end(self, trainer: "pl.Trainer", pl_module: pl.LightningModule) -> None:
         self._restore_retry_settings(pl_module)
 
+    @override
     def on_exception(self, trainer: "pl.Trainer", pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._restore_retry_settings(pl_module)
 
+    @override
     def on_save_checkpoint(self, trainer: "pl.Trainer", pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         """Store each block's state with its own retry settings, not the callback's."""
         state = checkpoint.get("state_dict")
@@ -550,10 +561,12 @@ class ToleranceAdaptation(_SolverAdaptation):
         self.value = loosest
         self.apply(blocks, self.value)
 
+    @override
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._adopt_backoffs(trainer, pl_module)
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
+    @override
     def on_validation_end(self, trainer: "pl.Trainer", pl_module: pl.LightningModule) -> None:
         if self._blocks_retry_settings is not None and not trainer.sanity_checking:  # validation inside fit
             self._adopt_backoffs(trainer, pl_module)
@@ -595,10 +608,12 @@ class ToleranceAdaptation(_SolverAdaptation):
         rank_zero_warn(f"ToleranceAdaptation: a solver failed during the check; loosening tol {tol:.3g} -> {new_tol:.3g}.")
         return {"decision": "backoff", self.quantity: new_tol}
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "nfe_history": list(self.nfe_history),
                 "blocks_retry_settings": self._blocks_retry_settings}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self.nfe_history = list(state_dict.get("nfe_history", []))

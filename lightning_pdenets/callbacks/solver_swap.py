@@ -29,6 +29,7 @@ from lightning_pdenets.callbacks._evaluation import (
 from lightning_pdenets.metric_logging import log_replicated
 from lightning_pdenets.solvers import SOLVERS, check_solver_name
 from lightning_pdenets.validation import check_positive, check_positive_int
+from typing_extensions import override
 
 __all__ = ["SolverSwapCheck"]
 
@@ -97,11 +98,13 @@ class SolverSwapCheck(Callback):
         self.results: dict[str, dict[str, Any]] = {}
 
     # -- hooks -------------------------------------------------------------------------------------
+    @override
     def on_validation_epoch_end(self, trainer: "pl.Trainer", pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs != 0:
             return
         self._run(trainer, pl_module, "val", trainer.val_dataloaders)
 
+    @override
     def on_test_epoch_end(self, trainer: "pl.Trainer", pl_module: pl.LightningModule) -> None:
         self._run(trainer, pl_module, "test", trainer.test_dataloaders)
 
@@ -184,10 +187,12 @@ class SolverSwapCheck(Callback):
         if self.log_figure:
             add_figure(trainer, f"solver_swap/{stage}", lambda: self.figure(result))
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         """The latest results per stage, so that they survive a resume."""
         return {"results": copy.deepcopy(self.results)}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.results = copy.deepcopy(state_dict.get("results", {}))
 

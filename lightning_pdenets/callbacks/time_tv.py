@@ -29,6 +29,7 @@ from torch.optim import Optimizer
 from lightning_pdenets.errors import NonFiniteLossError
 from lightning_pdenets.metric_logging import log_replicated
 from lightning_pdenets.protocols import find_time_dependent_weights
+from typing_extensions import override
 
 __all__ = ["TimeTVRegularization", "time_total_variation", "collect_time_dependent_parameters"]
 
@@ -98,6 +99,7 @@ class TimeTVRegularization(Callback):
         """α₁ · R(θ) of ``module``, differentiable with respect to its time-dependent parameters."""
         return self.alpha * time_total_variation(collect_time_dependent_parameters(module), self.epsilon)
 
+    @override
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         if stage == "fit" and not collect_time_dependent_parameters(pl_module):
             raise ValueError(
@@ -106,6 +108,7 @@ class TimeTVRegularization(Callback):
                 f"(see lightning_pdenets.protocols) or remove the callback."
             )
 
+    @override
     def on_before_optimizer_step(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", optimizer: Optimizer) -> None:
         stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
         pairs = [(t, h) for t, h in collect_time_dependent_parameters(pl_module) if id(t) in stepped and t.requires_grad]
@@ -132,6 +135,7 @@ class TimeTVRegularization(Callback):
         self._epoch_sum = self._epoch_sum + value.detach()  # a device tensor: no host sync per step
         self._epoch_count += 1
 
+    @override
     def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         # Kept here rather than by Lightning's on_epoch aggregation, which a mid-epoch resume restarts from zero.
         # the term is a function of the (replicated) weights only, so every rank holds the same mean: no sync
@@ -140,9 +144,11 @@ class TimeTVRegularization(Callback):
             log_replicated(pl_module, {f"{self.log_name}_epoch": mean})
         self._epoch_sum, self._epoch_count = 0.0, 0
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"epoch_sum": float(self._epoch_sum), "epoch_count": self._epoch_count}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._epoch_sum = float(state_dict.get("epoch_sum", 0.0))
         self._epoch_count = int(state_dict.get("epoch_count", 0))

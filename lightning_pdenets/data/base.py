@@ -20,6 +20,7 @@ from torchvision import transforms as T
 from lightning_pdenets.data.loading import check_global_batch_size, make_loader
 from lightning_pdenets.errors import CorruptDatasetError, DatasetDownloadError, DatasetNotFoundError
 from lightning_pdenets.validation import check_positive_int
+from typing_extensions import override
 
 __all__ = ["ClassificationDataModule", "VisionDataModule", "seeded_split", "split_sizes"]
 
@@ -89,15 +90,19 @@ class ClassificationDataModule(pl.LightningDataModule):
     def _completed_batches(self) -> int:
         return self.trainer.fit_loop.epoch_loop.batch_progress.current.completed if self.trainer is not None else 0
 
+    @override
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, train=True)
 
+    @override
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, train=False)
 
+    @override
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.test_set, train=False)
 
+    @override
     def predict_dataloader(self) -> DataLoader:
         return self._loader(self.test_set, train=False)
 
@@ -215,6 +220,7 @@ class VisionDataModule(ClassificationDataModule):
             raise self.unreadable_data_error(self.unreadable_file(train, error), error) from error
 
     # -- LightningDataModule hooks -------------------------------------------------------------
+    @override
     def prepare_data(self) -> None:
         if not self.download_enabled:
             return
@@ -232,6 +238,7 @@ class VisionDataModule(ClassificationDataModule):
                 f"layout), copy it into a folder here and run with --data.download false --data.data_dir FOLDER."
             ) from error
 
+    @override
     def setup(self, stage: Optional[str] = None) -> None:
         if stage in (None, "fit", "validate") and self.train_set is None:
             train_view = self.load_checked(train=True, transform=self.transform(train=True))

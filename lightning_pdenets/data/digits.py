@@ -11,6 +11,7 @@ from sklearn.model_selection import train_test_split
 from torch.utils.data import TensorDataset
 
 from lightning_pdenets.data.base import ClassificationDataModule
+from typing_extensions import override
 
 __all__ = ["DigitsDataModule"]
 
@@ -56,6 +57,7 @@ class DigitsDataModule(ClassificationDataModule):
         self.std: tuple[float, ...] = (1.0,)
         self.splits: dict[str, TensorDataset] = {}
 
+    @override
     def setup(self, stage: Optional[str] = None) -> None:
         if self.splits:
             return

@@ -15,6 +15,7 @@ from torch.utils.data import TensorDataset
 
 from lightning_pdenets.data.base import ClassificationDataModule
 from lightning_pdenets.validation import check_positive_int
+from typing_extensions import override
 
 __all__ = ["ConcentricSpheresDataModule", "SPHERES_VARIANTS", "sample_spheres"]
 
@@ -112,6 +113,7 @@ class ConcentricSpheresDataModule(ClassificationDataModule):
         self.sizes = {"train": num_train, "val": num_val, "test": num_test}
         self.splits: dict[str, TensorDataset] = {}
 
+    @override
     def setup(self, stage: Optional[str] = None) -> None:
         for offset, split in enumerate(("train", "val", "test")):
             if split not in self.splits:

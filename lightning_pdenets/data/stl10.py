@@ -18,6 +18,7 @@ from torchvision import datasets
 from torchvision import transforms as T
 
 from lightning_pdenets.data.base import VisionDataModule, split_sizes
+from typing_extensions import override
 
 __all__ = ["STL10DataModule", "stratified_split"]
 
@@ -106,6 +107,7 @@ class STL10DataModule(VisionDataModule):
         images, labels = (folder / f"{'train' if train else 'test'}_{part}.bin" for part in ("X", "y"))
         return images if images.stat().st_size % (3 * 96 * 96) else labels  # whole 96x96x3 images, or the labels
 
+    @override
     def setup(self, stage: Optional[str] = None) -> None:
         if stage in (None, "fit", "validate") and self.train_set is None:
             train_view = self.load_checked(train=True, transform=self.transform(train=True))

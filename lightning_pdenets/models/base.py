@@ -41,6 +41,7 @@ from lightning_pdenets.architectures.registry import (
     create_architecture,
     resolve_network_arguments,
 )
+from typing_extensions import override
 
 __all__ = ["ClassifierModule", "accuracy_metrics"]
 
@@ -165,6 +166,7 @@ class ClassifierModule(pl.LightningModule):
         self._regularized_modules: Optional[list[nn.Module]] = None  # found once per fit
         self._start_loss: Optional[float] = None  # the first training loss of the run (kept in checkpoints)
 
+    @override
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.network(x)
 
@@ -220,6 +222,7 @@ class ClassifierModule(pl.LightningModule):
         if name == "train/loss" and self._start_loss is None:
             self._start_loss = float(value.detach())  # what divergence_symptom() compares the end with
 
+    @override
     def on_train_epoch_end(self) -> None:
         """Log the epoch means of the training terms and the training accuracy, each computed once, then reset them.
 
@@ -264,6 +267,7 @@ class ClassifierModule(pl.LightningModule):
         means = {f"mean:{key}": metric for key, metric in self.train_means.items()}
         return {**means, **{f"accuracy:{key}": m for key, m in self.train_metrics.items(keep_base=True)}}
 
+    @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Record the release, and store the training-epoch metric states summed over the ranks (every rank runs this)."""
         checkpoint[VERSION_KEY] = lightning_pdenets.__version__
@@ -284,10 +288,12 @@ class ClassifierModule(pl.LightningModule):
                          model=f"{cls.__module__}.{cls.__qualname__}")
         return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
+    @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._pending_train_epoch_state = checkpoint.get(TRAIN_EPOCH_STATE_KEY)
         self._start_loss = checkpoint.get(START_LOSS_KEY, self._start_loss)
 
+    @override
     def on_fit_start(self) -> None:
         # Lightning has configured the optimizers before this hook and restores a checkpoint's state after it.
         self._configured_learning_rates = base_learning_rates(self.trainer.optimizers)
@@ -305,6 +311,7 @@ class ClassifierModule(pl.LightningModule):
                 f"restored optimizers and schedules are scaled to match."
             )
 
+    @override
     def on_train_start(self) -> None:
         self._regularized_modules = None  # found again: the network may have changed since the last fit
         self._apply_configured_learning_rates()
@@ -325,15 +332,19 @@ class ClassifierModule(pl.LightningModule):
                 setattr(metric, attribute, value.to(self.device))
             metric._update_count = max(metric._update_count, 1)  # noqa: SLF001 (compute() warns on 0)
 
+    @override
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         return self._shared_step(batch, "train", self.train_metrics)
 
+    @override
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self._shared_step(batch, "val", self.val_metrics)
 
+    @override
     def test_step(self, batch: Any, batch_idx: int) -> None:
         self._shared_step(batch, "test", self.test_metrics)
 
+    @override
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
         x = batch[0] if isinstance(batch, (list, tuple)) else batch
         return self(x).softmax(dim=-1)
@@ -373,6 +384,7 @@ class ClassifierModule(pl.LightningModule):
         return []
 
     # -- faults -----------------------------------------------------------------------------
+    @override
     def backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
         """``loss.backward()``, with a failure inside it turned into a model failure that says what to do.
 
@@ -498,6 +510,7 @@ class ClassifierModule(pl.LightningModule):
         return {"lr": self.optimization["lr"]}
 
     # -- optimization -----------------------------------------------------------------------
+    @override
     def configure_optimizers(self) -> Any:
         o = self.optimization
         # Frozen parameters stay out, so that BackboneFinetuning can add them later as their own group.

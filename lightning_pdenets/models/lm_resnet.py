@@ -16,6 +16,7 @@ from lightning.pytorch.strategies import DDPStrategy, Strategy
 from lightning_pdenets.architectures.lm_resnet import PreActResNet
 from lightning_pdenets.metric_logging import log_replicated
 from lightning_pdenets.models.base import ClassifierModule
+from typing_extensions import override
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -56,6 +57,7 @@ class ResNetCIFARModule(ClassifierModule):
             lr_scheduler=lr_scheduler, lr_milestones=lr_milestones, lr_gamma=lr_gamma, **kwargs,
         )
 
+    @override
     def setup(self, stage: str) -> None:
         if stage == "fit" and self._trainer is not None:
             network = self.hparams.network
@@ -78,10 +80,12 @@ class LMResNetModule(ResNetCIFARModule):
 
     architecture = "lm_resnet_cifar"
 
+    @override
     def on_train_start(self) -> None:
         super().on_train_start()
         self.log_lm_profile()
 
+    @override
     def on_train_epoch_end(self) -> None:
         super().on_train_epoch_end()
         log_replicated(self, {f"lm_k/{name}": k.detach().mean() for name, k in self.network.lm_coefficients().items()})

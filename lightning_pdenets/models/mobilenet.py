@@ -21,6 +21,7 @@ from lightning_pdenets.models.base import ClassifierModule
 from lightning_pdenets.models.prnet import PRNetAlgorithmModule
 from lightning_pdenets.models.solver import ODESolverMixin
 from lightning_pdenets.validation import check_positive, check_positive_int
+from typing_extensions import override
 
 __all__ = [
     "FINETUNE_MODES",
@@ -100,6 +101,7 @@ class IsometricMobileNetModule(ClassifierModule):
         """Load every weight but the classifier from the Lightning checkpoint at ``path`` (unpickled only if ``trusted``)."""
         load_pretrained_backbone(self.network, path, self.architecture_arguments(), type(self).__name__, trusted)
 
+    @override
     def configure_callbacks(self) -> list[Callback]:
         if self.hparams.finetune != "head_first":
             return []

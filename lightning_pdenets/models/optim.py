@@ -16,6 +16,7 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from lightning_pdenets.errors import ConfigurationError
 from lightning_pdenets.validation import check_positive, check_setting_names
+from typing_extensions import override
 
 __all__ = [
     "OPTIMIZERS", "LR_SCHEDULERS", "SCHEDULER_INTERVALS", "OptimizerOptions", "build_optimizer", "build_schedule",
@@ -174,6 +175,7 @@ class RunLengthCosineAnnealingLR(torch.optim.lr_scheduler.CosineAnnealingLR):
     been planned over the new horizon from the start, and says so.
     """
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         horizon = self.T_max
         super().load_state_dict(state_dict)
@@ -200,6 +202,7 @@ class RunLengthOneCycleLR(torch.optim.lr_scheduler.OneCycleLR):
     N times"); the cycle is stretched over the new number of steps from the restored step on, and says so.
     """
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         total_steps, phases = self.total_steps, self._schedule_phases
         super().load_state_dict(state_dict)

@@ -40,6 +40,7 @@ from lightning_pdenets.models.optim import (
     resolve_optimizer_options,
 )
 from lightning_pdenets.validation import check_positive, check_positive_int
+from typing_extensions import override
 
 __all__ = ["PRNET_OPTIMIZERS", "PRNET_STEPS", "PRNetAlgorithmModule", "PRNetModule"]
 
@@ -163,6 +164,7 @@ class PRNetAlgorithmModule(ClassifierModule):
         return dict(self.governing.max_derivative_order)
 
     # -- optimization -----------------------------------------------------------------------
+    @override
     def configure_optimizers(self) -> Any:
         hp = self.hparams
         groups = self.parameter_groups()
@@ -187,6 +189,7 @@ class PRNetAlgorithmModule(ClassifierModule):
             if name in self.step_order and config.interval == interval:  # optimizers outside step_order never step
                 config.scheduler.step()
 
+    @override
     def on_fit_start(self) -> None:
         super().on_fit_start()
         self._refuse_weight_averaging()
@@ -207,14 +210,17 @@ class PRNetAlgorithmModule(ClassifierModule):
             f"callback (callbacks/ema.yaml) from PR-Net runs; the other models take it."
         )
 
+    @override
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         self._step_schedulers("step")
 
+    @override
     def on_train_epoch_end(self) -> None:
         super().on_train_epoch_end()
         self._step_schedulers("epoch")
 
     # -- Algorithm 1 ---------------------------------------------------------------------------
+    @override
     def training_step(self, batch: Any, batch_idx: int) -> None:
         x, y = batch
         optimizers = dict(zip(PRNET_STEPS, self.optimizers()))
@@ -329,6 +335,7 @@ class PRNetAlgorithmModule(ClassifierModule):
         return all_finite
 
     # -- logging ------------------------------------------------------------------------------
+    @override
     def on_validation_epoch_end(self) -> None:
         log_replicated(self, {f"governing/alpha[{name}]": value for name, value in self.governing.coefficients().items()})
         if isinstance(self.logger, TensorBoardLogger) and self.trainer.is_global_zero:
@@ -354,10 +361,12 @@ class PRNetAlgorithmModule(ClassifierModule):
         return {f"{group}.lr": self.hparams[group]["lr"] for group in self.optimizer_defaults}
 
     # -- checkpoints --------------------------------------------------------------------------
+    @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint["prnet_skipped_steps"] = self.skipped_steps
 
+    @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
         self.skipped_steps = checkpoint.get("prnet_skipped_steps", 0)

@@ -18,6 +18,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from lightning_pdenets.protocols import find_ode_blocks
 from lightning_pdenets.solvers import SolverConfig, SolverOptions
+from typing_extensions import override
 
 __all__ = ["ODESolverMixin"]
 
@@ -53,6 +54,7 @@ class ODESolverMixin:
     def solver_failure_context(self) -> list[dict[str, Any]]:
         return [block.solver_settings() for block in find_ode_blocks(self)]  # type: ignore[arg-type]
 
+    @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)  # type: ignore[misc]
         self._trained_solver = checkpoint.get("hyper_parameters", {}).get("solver")
@@ -84,19 +86,23 @@ class ODESolverMixin:
         else:
             rank_zero_info(f"Solver: evaluated with the checkpoint's {trained}.")
 
+    @override
     def on_test_start(self) -> None:
         super().on_test_start()  # type: ignore[misc]
         self._evaluate_with_configured_solver()
 
+    @override
     def on_validation_start(self) -> None:
         super().on_validation_start()  # type: ignore[misc]
         if not self.trainer.training and not self.trainer.sanity_checking:  # type: ignore[attr-defined]
             self._evaluate_with_configured_solver()
 
+    @override
     def on_predict_start(self) -> None:
         super().on_predict_start()  # type: ignore[misc]
         self._evaluate_with_configured_solver()
 
+    @override
     def on_fit_start(self) -> None:
         super().on_fit_start()  # type: ignore[misc]  (the learning rates of a resumed run, ClassifierModule)
         if self._trained_solver is None:
