@@ -148,3 +148,13 @@ def test_compute_on_every_rank_when_one_rank_saw_no_batch(tmp_path: Path) -> Non
     mp.spawn(_rank_with_and_rank_without_batches, args=(port, str(tmp_path)), nprocs=2, join=True)
     first, second = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert first == second and list(first) == ["fgsm_eps25"] and first["fgsm_eps25"]["top1"] == 0.75
+
+
+def test_ood_evaluation_stops_before_a_batch_and_names_itself() -> None:
+    from lightning_pdenets.callbacks import OODEvaluation
+
+    trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    set_received_sigterm(trainer)
+    batch = (torch.rand(2, 1, 8, 8), torch.tensor([0, 1]))
+    with pytest.raises(RunInterrupted, match=r"^OODEvaluation \(test batch 3\)$"):
+        OODEvaluation().on_test_batch_end(trainer, None, None, batch, 3)

@@ -27,6 +27,7 @@ from lightning_pdenets.callbacks._evaluation import (
     normalization_of,
     split_batch,
 )
+from lightning_pdenets.interruption import raise_if_stop_requested
 from lightning_pdenets.metric_logging import log_replicated
 from lightning_pdenets.validation import check_positive
 from typing_extensions import override
@@ -160,6 +161,7 @@ class OODEvaluation(Callback):
     ) -> None:
         if self.num_batches is not None and batch_idx >= self.num_batches:
             return
+        raise_if_stop_requested(trainer, lambda: f"OODEvaluation (test batch {batch_idx})")
         x, y = split_batch(batch, type(self).__name__)
         for name, logits in self.evaluate_batch(pl_module, x, trainer, seed=self.seed + batch_idx).items():
             if name not in self._metrics:
