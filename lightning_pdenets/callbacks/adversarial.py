@@ -83,8 +83,10 @@ def worst_case_logits(logits: Sequence[torch.Tensor], targets: torch.Tensor) -> 
 
 
 class _StopChecked(nn.Module):
-    """``model`` that checks for SIGTERM before every query: one PGD, SPSA or AutoAttack run makes hundreds of them
-    and may take minutes, so a stop request ends it at the next query and names the attack."""
+    """``model``, checking for SIGTERM before every query and naming the attack when it stops.
+
+    One PGD, SPSA or AutoAttack run makes hundreds of queries and may take minutes.
+    """
 
     def __init__(self, model: nn.Module, trainer: Optional["pl.Trainer"], attack: str, epsilon: float, seed: int) -> None:
         super().__init__()

@@ -101,7 +101,8 @@ class CheckpointOnInterrupt(Checkpoint):
         self._follow_model_checkpoint(trainer)
         self._saving = True
         try:
-            # a full checkpoint (optimizers, loops), said explicitly: Lightning warns when weights_only is unset
+            # A save, not a load (nothing is unpickled): weights_only=False asks for the full checkpoint (optimizers,
+            # loops) explicitly, since Lightning warns when it is unset. Every load of it uses weights_only=True.
             trainer.save_checkpoint(self.ckpt_path, weights_only=False)
         except Exception as save_error:  # e.g. a full disk: the exception that stopped the run stays the news
             rank_zero_warn(

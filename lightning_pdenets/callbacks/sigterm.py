@@ -5,7 +5,7 @@ from __future__ import annotations
 import signal
 import threading
 from types import FrameType
-from typing import Any, Optional
+from typing import Optional
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
@@ -66,9 +66,6 @@ class SigtermFlagOnly(Callback):
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         self._trainer = None
 
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        return {}
 
 
 def set_received_sigterm(trainer: "pl.Trainer", value: bool = True) -> None:
