@@ -24,7 +24,7 @@ from torchvision import datasets
 from torchvision import transforms as T
 from tqdm import tqdm
 
-from lightning_pdenets.architectures.stl10 import PDE_CNN_DYNAMICS, PDECNN
+from lightning_pdenets.architectures.pde_cnn import PDE_CNN_DYNAMICS, PDECNN
 
 REPORT_EVERY = 25
 

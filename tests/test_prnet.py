@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_pdenets.architectures.chen import odenet_chen
+from lightning_pdenets.architectures.odenet import odenet_chen
 from lightning_pdenets.architectures.prnet import prnet, stem_output_size
 from lightning_pdenets.blocks.pde import CoordinateConvField, PDEBlock, coordinate_grid
 from lightning_pdenets.cli import build_cli, main

@@ -8,7 +8,7 @@ f(h(0), x, y, t; theta) queried at a learned set of coordinates (about 0.21M par
 from __future__ import annotations
 
 
-from lightning_pdenets.architectures.chen import StemFeatureHeadClassifier
+from lightning_pdenets.architectures.odenet import StemFeatureHeadClassifier
 from lightning_pdenets.architectures.registry import register_architecture
 from lightning_pdenets.blocks.pde import CoordinateConvField, PDEBlock
 from lightning_pdenets.validation import check_positive_int

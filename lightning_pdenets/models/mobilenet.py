@@ -15,7 +15,7 @@ from lightning.pytorch.callbacks import BackboneFinetuning, Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from lightning_pdenets.architectures.chen import ODENET_SOLVER
+from lightning_pdenets.architectures.odenet import ODENET_SOLVER
 from lightning_pdenets.checkpoints import load_checkpoint
 from lightning_pdenets.models.base import ClassifierModule
 from lightning_pdenets.models.prnet import PRNetAlgorithmModule

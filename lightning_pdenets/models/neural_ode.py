@@ -7,7 +7,7 @@ ICLR 2021. Pair them with the solver callbacks (``StepSizeAdaptation``, ``Tolera
 
 from __future__ import annotations
 
-from lightning_pdenets.architectures.spheres import OTT_SOLVER
+from lightning_pdenets.architectures.neural_ode import OTT_SOLVER
 from lightning_pdenets.models.base import ClassifierModule
 from lightning_pdenets.models.solver import ODESolverMixin
 
@@ -18,7 +18,7 @@ class VectorODEClassifierModule(ODESolverMixin, ClassifierModule):
     """Neural ODE with an MLP vector field on R^input_dim, then a linear classifier (concentric spheres).
 
     ``network``: ``hidden_width``, ``num_hidden_layers``, ``activation``, ``time_dependent``
-    (:func:`~lightning_pdenets.architectures.spheres.vector_odenet`); ``solver`` over Euler with step 0.1.
+    (:func:`~lightning_pdenets.architectures.neural_ode.vector_odenet`); ``solver`` over Euler with step 0.1.
     """
 
     architecture = "vector_odenet"
@@ -29,7 +29,7 @@ class ImageODEClassifierModule(ODESolverMixin, ClassifierModule):
     """Neural ODE on the raw image (1×1→3×3→1×1 conv field, no downsampling), then a linear classifier.
 
     Ott et al.'s CIFAR-10 model. ``network``: ``hidden_channels``, ``activation``
-    (:func:`~lightning_pdenets.architectures.spheres.image_odenet`); ``solver`` over Euler with step 0.1.
+    (:func:`~lightning_pdenets.architectures.neural_ode.image_odenet`); ``solver`` over Euler with step 0.1.
     """
 
     architecture = "image_odenet"

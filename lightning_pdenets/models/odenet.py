@@ -2,12 +2,12 @@
 
 Chen, Rubanova, Bettencourt & Duvenaud, "Neural Ordinary Differential Equations", NeurIPS 2018, Table 1.
 Each module names its registered architecture; ``network: {width: 64, num_downsamples: 2}`` sets its arguments
-(see :mod:`lightning_pdenets.architectures.chen`), and the optimization settings are :class:`ClassifierModule`'s.
+(see :mod:`lightning_pdenets.architectures.odenet`), and the optimization settings are :class:`ClassifierModule`'s.
 """
 
 from __future__ import annotations
 
-from lightning_pdenets.architectures.chen import ODENET_SOLVER, RKNET_SOLVER
+from lightning_pdenets.architectures.odenet import ODENET_SOLVER, RKNET_SOLVER
 from lightning_pdenets.models.base import ClassifierModule
 from lightning_pdenets.models.solver import ODESolverMixin
 
@@ -17,7 +17,7 @@ __all__ = ["ODENetModule", "RKNetModule", "ResNetModule"]
 class ResNetModule(ClassifierModule):
     """ResNet baseline of Chen et al. 2018 (six residual blocks after a downsampling stem).
 
-    ``network``: ``width``, ``num_downsamples``, ``num_blocks`` (:func:`~lightning_pdenets.architectures.chen.resnet_chen`).
+    ``network``: ``width``, ``num_downsamples``, ``num_blocks`` (:func:`~lightning_pdenets.architectures.odenet.resnet_chen`).
     """
 
     architecture = "resnet_chen"
@@ -26,7 +26,7 @@ class ResNetModule(ClassifierModule):
 class ODENetModule(ODESolverMixin, ClassifierModule):
     """ODE-Net of Chen et al. 2018: one ODE block solved with dopri5 and the adjoint method.
 
-    ``network``: ``width``, ``num_downsamples``, ``activation`` (:func:`~lightning_pdenets.architectures.chen.odenet_chen`);
+    ``network``: ``width``, ``num_downsamples``, ``activation`` (:func:`~lightning_pdenets.architectures.odenet.odenet_chen`);
     ``solver``: fields of :class:`~lightning_pdenets.solvers.SolverConfig` over :data:`ODENET_SOLVER`.
     """
 

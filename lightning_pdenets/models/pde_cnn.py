@@ -19,7 +19,7 @@ __all__ = ["PDECNNModule", "ParabolicCNNModule", "HamiltonianCNNModule", "Second
 class PDECNNModule(ClassifierModule):
     """Classifier over a :class:`PDECNN`; subclasses name the registered network of their dynamics (:attr:`architecture`).
 
-    ``network``: the arguments of :class:`lightning_pdenets.architectures.stl10.PDECNN` — ``widths`` (channels of
+    ``network``: the arguments of :class:`lightning_pdenets.architectures.pde_cnn.PDECNN` — ``widths`` (channels of
     the units: 16, 64, 128, 256 on STL-10), ``num_steps`` (3 in the paper), ``step_size`` (δ_t, 1 in the paper),
     ``num_control_points``, ``interpolation``, ``norm``, ``activation``, ``kernel_std``, ``reversible``, ``init``
     (``meganet``, the authors' published initialization, or ``he``) and ``final_connector`` (the normalized 1×1

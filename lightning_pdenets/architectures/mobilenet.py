@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torchvision.models.mobilenetv3 import InvertedResidual, InvertedResidualConfig
 
-from lightning_pdenets.architectures.chen import ODENET_SOLVER
+from lightning_pdenets.architectures.odenet import ODENET_SOLVER
 from lightning_pdenets.architectures.registry import register_architecture
 from lightning_pdenets.blocks.ode import ODEBlock
 from lightning_pdenets.dynamics.conv import ConvODEFunc
