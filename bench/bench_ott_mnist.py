@@ -103,7 +103,7 @@ def evaluate(name: str, test_size: int, batch_size: int, data_dir: str) -> dict[
     import lightning.pytorch as pl
 
     from lightning_pdenets.callbacks import SolverSwapCheck
-    from lightning_pdenets.callbacks._evaluation import configure_blocks
+    from lightning_pdenets.evaluation import configure_blocks
     from lightning_pdenets.data import MNISTDataModule
     from lightning_pdenets.models import RKNetModule
     from lightning_pdenets.protocols import find_ode_blocks
@@ -151,7 +151,7 @@ def full_check(name: str, result: dict[str, Any], size: int, batch_size: int, da
     import lightning.pytorch as pl
 
     from lightning_pdenets.callbacks import SolverSwapCheck
-    from lightning_pdenets.callbacks._evaluation import configure_blocks
+    from lightning_pdenets.evaluation import configure_blocks
     from lightning_pdenets.data import MNISTDataModule
     from lightning_pdenets.models import RKNetModule
     from lightning_pdenets.protocols import find_ode_blocks

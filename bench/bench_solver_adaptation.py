@@ -23,7 +23,7 @@ import lightning.pytorch as pl
 from tqdm import tqdm
 
 from lightning_pdenets.callbacks import NFEMonitor, SolverSwapCheck, StepSizeAdaptation, ToleranceAdaptation
-from lightning_pdenets.callbacks._evaluation import configure_blocks, evaluate_batches, evaluation_pass
+from lightning_pdenets.evaluation import configure_blocks, evaluate_batches, evaluation_pass
 from lightning_pdenets.data import ConcentricSpheresDataModule
 from lightning_pdenets.models import VectorODEClassifierModule
 

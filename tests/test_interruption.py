@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from lightning_pdenets.callbacks._evaluation import accuracy_metrics, compute_on_every_rank
+from lightning_pdenets.evaluation import accuracy_metrics, compute_on_every_rank
 from lightning_pdenets.callbacks.sigterm import SigtermFlagOnly, set_received_sigterm
 from lightning_pdenets.interruption import RunInterrupted, StopWatchdog, raise_if_stop_requested
 from tests.conftest import REPO_ROOT
@@ -119,7 +119,7 @@ def test_watchdog_stop_restores_the_default_handler() -> None:
 
 
 def test_compute_on_every_rank_in_one_process() -> None:
-    metrics = {"clean": accuracy_metrics(3, torch.device("cpu")), "fgsm": accuracy_metrics(3, torch.device("cpu"))}
+    metrics = {"clean": accuracy_metrics(3, device=torch.device("cpu")), "fgsm": accuracy_metrics(3, device=torch.device("cpu"))}
     metrics["clean"].update(torch.tensor([[2.0, 0.0, 0.0], [0.0, 2.0, 0.0]]), torch.tensor([0, 0]))
     assert compute_on_every_rank(None, metrics, torch.device("cpu")) == {"clean": {"top1": 0.5}}
     assert compute_on_every_rank(None, {}, torch.device("cpu")) == {}
@@ -131,7 +131,7 @@ def _rank_with_and_rank_without_batches(rank: int, port: int, out: str) -> None:
     trainer = type("FakeTrainer", (), {"world_size": 2})()
     metrics = {}
     if rank == 0:  # rank 1 evaluated no batch at all (fewer evaluation batches than ranks)
-        metrics["fgsm_eps25"] = accuracy_metrics(10, torch.device("cpu"))
+        metrics["fgsm_eps25"] = accuracy_metrics(10, device=torch.device("cpu"))
         metrics["fgsm_eps25"].update(torch.eye(10)[:4], torch.tensor([0, 1, 2, 0]))
     results = compute_on_every_rank(trainer, metrics, torch.device("cpu"))
     torch.save(results, f"{out}/rank{rank}.pt")

@@ -600,7 +600,7 @@ def test_step_adaptation_with_paper_interval_on_longer_training():
 
 # -- the callbacks' evaluation toolkit ------------------------------------------------------------------------------
 def test_split_batch_reads_tuples_dicts_and_bare_inputs_and_names_the_caller_when_targets_are_missing():
-    from lightning_pdenets.callbacks._evaluation import split_batch
+    from lightning_pdenets.evaluation import split_batch
 
     x, y = torch.zeros(2, 3), torch.tensor([0, 1])
     assert split_batch((x, y, "extra")) == (x, y)
@@ -612,7 +612,7 @@ def test_split_batch_reads_tuples_dicts_and_bare_inputs_and_names_the_caller_whe
 
 
 def test_configured_solvers_restores_exactly_also_when_a_block_rejects_the_change():
-    from lightning_pdenets.callbacks._evaluation import configured_solvers
+    from lightning_pdenets.evaluation import configured_solvers
 
     adaptive = VectorODEClassifierModule(solver=dict(method="dopri5", rtol=1e-5), network=dict(hidden_width=4))
     blocks = [ode_block(), adaptive.network.ode]

@@ -24,7 +24,7 @@ from torch import nn
 from torchmetrics import MetricCollection
 from tqdm.auto import tqdm
 
-from lightning_pdenets.callbacks._evaluation import (
+from lightning_pdenets.evaluation import (
     PixelSpace,
     accuracy_metrics,
     add_figure,
@@ -398,7 +398,7 @@ class AdversarialEvaluation(Callback):
     @staticmethod
     def _accumulate(metrics: dict[str, MetricCollection], key: str, logits: torch.Tensor, targets: torch.Tensor) -> None:
         if key not in metrics:
-            metrics[key] = accuracy_metrics(logits.shape[-1], logits.device)
+            metrics[key] = accuracy_metrics(logits.shape[-1], device=logits.device)
         metrics[key].update(logits, targets)
 
     def _val_epoch_selected(self, trainer: "pl.Trainer") -> bool:

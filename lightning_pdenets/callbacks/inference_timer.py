@@ -10,7 +10,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from lightning_pdenets.callbacks._evaluation import evaluation_pass, split_batch
+from lightning_pdenets.evaluation import evaluation_pass, split_batch
 from lightning_pdenets.metric_logging import log_replicated
 from typing_extensions import override
 

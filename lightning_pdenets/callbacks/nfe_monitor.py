@@ -13,7 +13,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
-from lightning_pdenets.callbacks._evaluation import in_callback_pass
+from lightning_pdenets.evaluation import in_callback_pass
 from lightning_pdenets.metric_logging import log_replicated, step_values_are_read
 from lightning_pdenets.protocols import find_ode_blocks
 from lightning_pdenets.validation import check_positive_int

@@ -17,7 +17,7 @@ from torchmetrics import MetricCollection
 from torchvision.transforms import v2 as T
 from torchvision.transforms.v2 import functional as TF
 
-from lightning_pdenets.callbacks._evaluation import (
+from lightning_pdenets.evaluation import (
     PixelSpace,
     accuracy_metrics,
     add_figure,
@@ -165,7 +165,7 @@ class OODEvaluation(Callback):
         x, y = split_batch(batch, type(self).__name__)
         for name, logits in self.evaluate_batch(pl_module, x, trainer, seed=self.seed + batch_idx).items():
             if name not in self._metrics:
-                self._metrics[name] = accuracy_metrics(logits.shape[-1], logits.device)
+                self._metrics[name] = accuracy_metrics(logits.shape[-1], device=logits.device)
             self._metrics[name].update(logits, y)
 
     @override

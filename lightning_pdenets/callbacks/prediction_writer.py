@@ -12,7 +12,7 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-from lightning_pdenets.callbacks._evaluation import split_batch
+from lightning_pdenets.evaluation import split_batch
 from typing_extensions import override
 
 __all__ = ["PredictionWriter"]

@@ -31,7 +31,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from lightning_pdenets.callbacks._evaluation import (
+from lightning_pdenets.evaluation import (
     configure_blocks,
     configured_solvers,
     evaluate_batches,
@@ -119,7 +119,7 @@ class _SolverAdaptation(Callback):
 
     Subclasses define the adapted quantity (``value``): how to apply it, its initial value, how the two solvers
     are compared at a value (:meth:`_compare`), and the shrunk and grown values; :meth:`check` decides with
-    :func:`~lightning_pdenets.callbacks._evaluation.shrink_grow_keep`.
+    :func:`~lightning_pdenets.evaluation.shrink_grow_keep`.
     """
 
     quantity = "value"

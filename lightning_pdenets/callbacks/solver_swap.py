@@ -18,7 +18,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from tqdm.auto import tqdm
 
-from lightning_pdenets.callbacks._evaluation import (
+from lightning_pdenets.evaluation import (
     add_figure,
     configure_blocks,
     evaluate_batches,

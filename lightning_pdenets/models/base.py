@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 from torchmetrics import Metric, MetricCollection
-from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_pdenets.blocks.ode import explain_solver_failure
 from lightning_pdenets.errors import (
@@ -31,6 +30,7 @@ from lightning_pdenets.models.optim import (
     rescale_learning_rates,
 )
 import lightning_pdenets
+from lightning_pdenets.evaluation import accuracy_metrics
 from lightning_pdenets.metric_logging import log_replicated, step_values_are_read
 from lightning_pdenets.migration import VERSION_KEY, check_layout
 from lightning_pdenets.protocols import find_regularized_modules, pop_regularization
@@ -43,15 +43,10 @@ from lightning_pdenets.architectures.registry import (
 )
 from typing_extensions import override
 
-__all__ = ["ClassifierModule", "accuracy_metrics"]
+__all__ = ["ClassifierModule"]
 
-
-def accuracy_metrics(num_classes: int, prefix: str) -> MetricCollection:
-    """Top-1 and top-5 accuracy (top-k capped at the number of classes), keys ``<prefix>acc_top{k}``."""
-    metrics = {"acc_top1": MulticlassAccuracy(num_classes, top_k=1, average="micro")}
-    if num_classes > 5:
-        metrics["acc_top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
-    return MetricCollection(metrics, prefix=prefix)
+ACCURACY_KEY = "acc_top{k}"
+"""The models' accuracy metrics: ``train/acc_top1``, ``val/acc_top5``, ... (:func:`~lightning_pdenets.evaluation.accuracy_metrics`)."""
 
 
 TRAIN_EPOCH_STATE_KEY = "train_epoch_metrics"
@@ -156,13 +151,13 @@ class ClassifierModule(pl.LightningModule):
         if self.architecture is not None:
             self.network = self.build_network()
         self.num_classes = self.hparams["num_classes"] = self.hparams.get("num_classes") or DEFAULT_NUM_CLASSES
-        self.train_metrics = accuracy_metrics(self.num_classes, "train/")
+        self.train_metrics = accuracy_metrics(self.num_classes, "train/", ACCURACY_KEY)
         self.train_means = nn.ModuleDict()  # epoch means of training terms (log_train_term), created on first use
         self.eval_means = nn.ModuleDict()  # epoch means of validation/test terms (log_eval_term), likewise
         self._pending_train_epoch_state: Optional[dict[str, Any]] = None
         self._configured_learning_rates: Optional[list[list[float]]] = None
-        self.val_metrics = accuracy_metrics(self.num_classes, "val/")
-        self.test_metrics = accuracy_metrics(self.num_classes, "test/")
+        self.val_metrics = accuracy_metrics(self.num_classes, "val/", ACCURACY_KEY)
+        self.test_metrics = accuracy_metrics(self.num_classes, "test/", ACCURACY_KEY)
         self._regularized_modules: Optional[list[nn.Module]] = None  # found once per fit
         self._start_loss: Optional[float] = None  # the first training loss of the run (kept in checkpoints)
 
@@ -417,10 +412,7 @@ class ClassifierModule(pl.LightningModule):
         one process stops all of them instead of leaving the others waiting in the gradient
         all-reduce. The failing rank raises its own error; the others raise :class:`PeerFailedError`.
         """
-        bad = [name for name, value in terms.items() if not torch.isfinite(value.detach()).all()]
-        all_ok = not bad and failure is None
-        if self._trainer is not None:
-            all_ok = self.trainer.strategy.reduce_boolean_decision(all_ok, all=True)
+        bad, all_ok = self.finite_on_every_rank(terms, ok_here=failure is None)
         if all_ok:
             return
         if failure is not None:
@@ -434,6 +426,17 @@ class ClassifierModule(pl.LightningModule):
             f"non-finite loss term(s) {bad} at global step {self.global_step}. Likely causes: a learning rate too "
             f"high for these dynamics, or an ODE solver whose step size is too large. {self._non_finite_advice()}"
         )
+
+    def finite_on_every_rank(self, terms: dict[str, torch.Tensor], ok_here: bool = True) -> tuple[list[str], bool]:
+        """The names of this rank's NaN/Inf ``terms``, and whether no rank has one (nor ``ok_here`` False).
+
+        One collective (``reduce_boolean_decision``) whatever the outcome, so every rank takes the same decision.
+        """
+        bad = [name for name, value in terms.items() if not torch.isfinite(value.detach()).all()]
+        all_ok = not bad and ok_here
+        if self._trainer is not None:
+            all_ok = self.trainer.strategy.reduce_boolean_decision(all_ok, all=True)
+        return bad, all_ok
 
     def _kept_checkpoint(self) -> Optional[str]:
         """The newest checkpoint of this run on disk (written, or resumed from), or ``None``."""

@@ -19,7 +19,6 @@ from typing import Any, ClassVar, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
 try:  # Lightning >= 2.6
@@ -29,6 +28,7 @@ except ImportError:  # earlier releases have no weight-averaging callback of thi
 
 from lightning_pdenets.blocks.governing import GoverningEquation, ProximalSGD
 from lightning_pdenets.errors import ConfigurationError
+from lightning_pdenets.evaluation import add_figure, add_text
 from lightning_pdenets.blocks.pde import PDEBlock
 from lightning_pdenets.metric_logging import log_replicated, step_values_are_read
 from lightning_pdenets.models.base import ClassifierModule
@@ -322,10 +322,7 @@ class PRNetAlgorithmModule(ClassifierModule):
         if self.hparams.on_nonfinite == "raise":
             self.check_finite(**terms)
             return True
-        bad = [name for name, value in terms.items() if not torch.isfinite(value.detach()).all()]
-        all_finite = not bad
-        if self._trainer is not None:
-            all_finite = self.trainer.strategy.reduce_boolean_decision(all_finite, all=True)
+        bad, all_finite = self.finite_on_every_rank(terms)
         if not all_finite:
             self.skipped_steps += 1
             rank_zero_warn(
@@ -338,9 +335,8 @@ class PRNetAlgorithmModule(ClassifierModule):
     @override
     def on_validation_epoch_end(self) -> None:
         log_replicated(self, {f"governing/alpha[{name}]": value for name, value in self.governing.coefficients().items()})
-        if isinstance(self.logger, TensorBoardLogger) and self.trainer.is_global_zero:
-            self.logger.experiment.add_text("governing/equation", self.governing.equation(), self.global_step)
-            self.logger.experiment.add_figure("governing/coefficients", self._coefficient_figure(), self.global_step)
+        add_text(self.trainer, "governing/equation", self.governing.equation())
+        add_figure(self.trainer, "governing/coefficients", self._coefficient_figure)
 
     def _coefficient_figure(self) -> Any:
         """Bar chart of alpha per library term: the sparsity pattern at a glance."""

@@ -25,7 +25,7 @@ from typing import Any, Mapping, Optional, TypedDict, Union, get_type_hints
 
 from torchdiffeq._impl.odeint import SOLVERS as _TORCHDIFFEQ_SOLVERS
 
-from lightning_pdenets.solvers.runge_kutta import NATIVE_METHODS, StepControl
+from lightning_pdenets.solvers.runge_kutta import NATIVE_METHODS, StepControl, fixed_step_count
 from lightning_pdenets.validation import check_positive, check_positive_int, check_setting_names
 
 __all__ = [
@@ -38,6 +38,7 @@ __all__ = [
     "SolverInfo",
     "SolverOptions",
     "check_solver_name",
+    "fixed_step_count",
 ]
 
 
@@ -238,7 +239,7 @@ class SolverConfig:
     @property
     def num_fixed_steps(self) -> int:
         """Number of steps a fixed-step solver takes over [t0, t1]."""
-        return math.ceil((self.t1 - self.t0) / self.step_size - 1e-9)
+        return fixed_step_count(self.t0, self.t1, self.step_size)
 
     @property
     def is_regularized(self) -> bool:

@@ -38,7 +38,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-__all__ = ["NATIVE_METHODS", "StepControl", "Tableau", "TABLEAUS", "adjoint_solve", "solve"]
+__all__ = ["NATIVE_METHODS", "StepControl", "Tableau", "TABLEAUS", "adjoint_solve", "fixed_step_count", "solve"]
 
 State = tuple[torch.Tensor, ...]
 Field = Callable[[torch.Tensor, State], State]
@@ -279,11 +279,20 @@ def solve(field: Field, y0: State, t0: float, t1: float, control: StepControl,
                            observer, time)
 
 
+def fixed_step_count(start: float, end: float, step_size: float) -> int:
+    """Steps of ``step_size`` from ``start`` to ``end`` on torchdiffeq's fixed grid, the last one possibly shorter.
+
+    A span within 1e-9 steps of a whole number of steps counts as that number, so rounding in ``end - start``
+    never adds a sliver of a step.
+    """
+    return math.ceil((end - start) / step_size - 1e-9)
+
+
 def _solve_fixed(field: Field, y: State, start: float, end: float, control: StepControl,
                  observer: Optional[StepObserver], time: Callable[[float], torch.Tensor]) -> State:
     """torchdiffeq's grid: steps of ``step_size`` from ``start``, the last one ending at ``end``."""
     tableau, h = control.tableau, control.step_size
-    num_steps = max(1, math.ceil((end - start) / h - 1e-9))
+    num_steps = max(1, fixed_step_count(start, end, h))
     for n in range(num_steps):
         t = start + n * h
         dt = (end if n == num_steps - 1 else start + (n + 1) * h) - t

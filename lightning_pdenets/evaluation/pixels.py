@@ -1,0 +1,84 @@
+"""Pixel space: attacks and perturbations on [0, 1] pixels, whatever normalization the inputs carry."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Callable, Optional
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+
+__all__ = ["PixelSpace", "check_channel_stats", "normalization_of"]
+
+
+def check_channel_stats(mean: Optional[Sequence[float]], std: Optional[Sequence[float]]) -> None:
+    """Raise ``ValueError`` unless ``mean`` and ``std`` are both ``None`` or per-channel lists with ``std > 0``."""
+    if (mean is None) != (std is None):
+        raise ValueError(f"give both `mean` and `std` or neither, got mean={mean!r}, std={std!r}.")
+    if mean is None:
+        return
+    if len(mean) != len(std) or len(mean) == 0:
+        raise ValueError(f"`mean` and `std` need one value per channel each, got mean={mean!r}, std={std!r}.")
+    if any(not s > 0 for s in std):
+        raise ValueError(f"`std` entries must be > 0, got {std!r}.")
+
+
+def normalization_of(
+    trainer: Optional["pl.Trainer"], mean: Optional[Sequence[float]], std: Optional[Sequence[float]]
+) -> Optional[tuple[tuple[float, ...], tuple[float, ...]]]:
+    """The per-channel (mean, std) the inputs were standardized with, or ``None`` for raw [0, 1] pixels.
+
+    Explicit ``mean``/``std`` win; otherwise ``trainer.datamodule.mean`` / ``.std`` are used when the
+    datamodule has them (every datamodule of :mod:`lightning_pdenets.data` does).
+    """
+    if mean is not None and std is not None:
+        return tuple(map(float, mean)), tuple(map(float, std))
+    datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
+    dm_mean, dm_std = getattr(datamodule, "mean", None), getattr(datamodule, "std", None)
+    if dm_mean is None or dm_std is None:
+        return None
+    return tuple(map(float, dm_mean)), tuple(map(float, dm_std))
+
+
+class PixelSpace(nn.Module):
+    """``model((x - mean) / std)``: a classifier on standardized inputs seen as one on [0, 1] pixels.
+
+    The wrapped model is referenced, not registered as a submodule, so that wrapping never moves,
+    copies or re-registers its parameters.
+    """
+
+    def __init__(
+        self,
+        model: Callable[[torch.Tensor], torch.Tensor],
+        mean: Sequence[float],
+        std: Sequence[float],
+        device: Optional[torch.device] = None,
+    ) -> None:
+        super().__init__()
+        self.__dict__["model"] = model
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1), persistent=False)
+
+    @classmethod
+    def for_batch(
+        cls, model: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor,
+        stats: Optional[tuple[Sequence[float], Sequence[float]]],
+    ) -> "PixelSpace":
+        """The pixel-space view of ``model`` for ``inputs`` normalized with ``stats`` (``None``: raw pixels)."""
+        channels = inputs.shape[1]
+        mean, std = stats if stats is not None else ((0.0,) * channels, (1.0,) * channels)
+        if len(mean) != channels:
+            raise ValueError(f"normalization has {len(mean)} channels but the batch has {channels}; fix `mean`/`std`.")
+        return cls(model, mean, std, device=inputs.device)
+
+    def to_pixels(self, x: torch.Tensor) -> torch.Tensor:
+        return (x * self.std.to(x) + self.mean.to(x)).clamp(0.0, 1.0)
+
+    def from_pixels(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean.to(x)) / self.std.to(x)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model(self.from_pixels(pixels))
