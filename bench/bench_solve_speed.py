@@ -35,6 +35,7 @@ sys.path.insert(0, str(REPO))
 from lightning_pdenets.checkpoints import checkpoint_class_path, load_checkpoint  # noqa: E402
 from lightning_pdenets.data import MNISTDataModule  # noqa: E402
 from lightning_pdenets.protocols import find_ode_blocks  # noqa: E402
+from lightning_pdenets.solvers import runge_kutta  # noqa: E402
 
 try:
     import torchode
@@ -68,26 +69,47 @@ def interleaved(variants: dict[str, Callable[[], object]], rounds: int) -> dict[
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def torchode_solver(block, compiled: bool):
-    """torchode's Dopri5 with one error norm over the batch (as torchdiffeq and the native loop control it)."""
+class _FlatField(torch.nn.Module):
+    """The block's vector field on torchode's flat ``(1, features)`` batch; a module, so that torchode's
+    ``BacksolveAdjoint`` finds the field's parameters through ``term.parameters()``."""
+
+    def __init__(self, block) -> None:
+        super().__init__()
+        self.field = block.field
+        self.shape: tuple[int, ...] = ()
+        self.calls = 0
+
+    def forward(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        # BacksolveAdjoint's augmented term vmaps over torchode's batch: t arrives 0-dim and y without that axis
+        time_point = t.reshape(-1)[0] if t.dim() else t
+        return self.field(time_point, y.reshape(self.shape)).reshape(y.shape)
+
+
+def torchode_solver(block, compiled: bool, adjoint: bool = False):
+    """torchode's Dopri5 with one error norm over the batch (as torchdiffeq and the native loop control it).
+
+    ``adjoint``: torchode's ``BacksolveAdjoint`` (the adjoint method); otherwise ``AutoDiffAdjoint``
+    (backpropagation through the solver).
+    """
     settings = block.solver_settings()
-    shape = None
-
-    def field(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return block.vector_field(t[0], y.view(shape)).view(1, -1)
-
+    field = _FlatField(block)
     term = torchode.ODETerm(field)
     controller = torchode.IntegralController(atol=settings["atol"], rtol=settings["rtol"], term=term)
-    solver = torchode.AutoDiffAdjoint(torchode.Dopri5(term=term), controller, max_steps=settings["max_num_steps"])
+    if adjoint:
+        solver = torchode.BacksolveAdjoint(term, torchode.Dopri5(term=term), controller)
+    else:
+        solver = torchode.AutoDiffAdjoint(torchode.Dopri5(term=term), controller, max_steps=settings["max_num_steps"])
     run = torch.compile(solver.solve) if compiled else solver.solve  # compiling the module would leave .solve eager
 
     def solve(y0: torch.Tensor) -> torch.Tensor:
-        nonlocal shape
-        shape = y0.shape
+        field.shape = tuple(y0.shape)
         problem = torchode.InitialValueProblem(y0=y0.reshape(1, -1), t_start=torch.zeros(1), t_end=torch.ones(1))
         solution = run(problem)
         solve.nfe = int(solution.stats["n_f_evals"].max())
-        return solution.ys[:, -1].view(shape)
+        return solution.ys[:, -1].view(y0.shape)
+
+    solve.field = field
 
     return solve
 
@@ -97,7 +119,8 @@ def field_times(block, y0: torch.Tensor, count: int) -> Callable[[], object]:
     return lambda: [block.vector_field(t, y0) for t in times]
 
 
-def inference(models: dict, y0s: dict, rounds: int, with_torchode: bool, torchode_compile: bool) -> list[str]:
+def inference(models: dict, y0s: dict, rounds: int, with_torchode: bool, torchode_compile: bool,
+              compile_combine: bool = False) -> list[str]:
     lines = ["| model | what | NFE | time (median) | vs f × NFE |", "|---|---|---|---|---|"]
     for name, model in models.items():
         (block,) = find_ode_blocks(model)
@@ -111,9 +134,26 @@ def inference(models: dict, y0s: dict, rounds: int, with_torchode: bool, torchod
                 block(y0)
                 nfe[backend] = block.nfe_forward - before
             variants[backend] = run
+        if compile_combine:
+            compiled_combine = torch.compile(runge_kutta._combine, dynamic=True)
+
+            def run_compiled(label="native + torch.compile(combine)"):
+                # bench-only swap of the project's own stage combination (inductor fuses the adds; f stays eager)
+                eager, runge_kutta._combine = runge_kutta._combine, compiled_combine
+                try:
+                    block.configure_solver(backend="native")
+                    before = block.nfe_forward
+                    block(y0)
+                    nfe[label] = block.nfe_forward - before
+                finally:
+                    runge_kutta._combine = eager
+            variants["native + torch.compile(combine)"] = run_compiled
         with torch.no_grad():
-            for run in list(variants.values()):
+            for label, run in list(variants.items()):
+                start = time.perf_counter()
                 run()
+                if "compile" in label:
+                    lines.append(f"| {name} | {label}: first call (compilation) {time.perf_counter() - start:.0f} s | | | |")
         variants["f × NFE"] = field_times(block, y0, nfe["native"])
         nfe["f × NFE"] = nfe["native"]
         if with_torchode and block.solver.is_adaptive:
@@ -122,7 +162,11 @@ def inference(models: dict, y0s: dict, rounds: int, with_torchode: bool, torchod
                 try:
                     solve = torchode_solver(block, compiled)
                     with torch.no_grad():
+                        start = time.perf_counter()
                         solve(y0)
+                        if compiled:
+                            lines.append(f"| {name} | {label}: first call (compilation) "
+                                         f"{time.perf_counter() - start:.0f} s | | | |")
                     variants[label] = lambda solve=solve: solve(y0)
                     nfe[label] = solve.nfe
                 except Exception as error:  # noqa: BLE001 - a peer that fails is reported, not fatal
@@ -136,8 +180,12 @@ def inference(models: dict, y0s: dict, rounds: int, with_torchode: bool, torchod
     return lines
 
 
-def training(model, y0: torch.Tensor, rounds: int) -> list[str]:
-    """Forward + backward of the ODE block with the adjoint and through the solver, against its parts."""
+def training(model, y0: torch.Tensor, rounds: int, with_torchode: bool = False) -> list[str]:
+    """Forward + backward of the ODE block with the adjoint and through the solver, against its parts.
+
+    ``with_torchode``: also torchode's Dopri5 with ``BacksolveAdjoint`` and with ``AutoDiffAdjoint``, its
+    evaluations counted by the wrapped field (backprop's backward evaluates no f: it shows 0).
+    """
     (block,) = find_ode_blocks(model)
     block.train()
     params = tuple(block.field.parameters())
@@ -158,6 +206,31 @@ def training(model, y0: torch.Tensor, rounds: int) -> list[str]:
                 counts[label] = (block.nfe_forward - f0, block.nfe_backward - b0)
                 return grads
             variants[label] = step
+
+    def seminorm_step(label="adjoint seminorm / native"):
+        block.configure_solver(backend="native", adjoint=True, adjoint_options={"norm": "seminorm"})
+        f0, b0 = block.nfe_forward, block.nfe_backward
+        try:
+            out = block(y0)
+            grads = torch.autograd.grad((out * weight).sum(), params)
+        finally:
+            block.configure_solver(adjoint_options={})
+        counts[label] = (block.nfe_forward - f0, block.nfe_backward - b0)
+        return grads
+    variants["adjoint seminorm / native"] = seminorm_step
+    if with_torchode:
+        for adjoint in (True, False):
+            label = f"{'adjoint' if adjoint else 'backprop'} / torchode"
+            solve = torchode_solver(block, compiled=False, adjoint=adjoint)
+
+            def torchode_step(solve=solve, label=label):
+                before = solve.field.calls
+                out = solve(y0)
+                middle = solve.field.calls
+                grads = torch.autograd.grad((out * weight).sum(), params)
+                counts[label] = (middle - before, solve.field.calls - middle)
+                return grads
+            variants[label] = torchode_step
     for run in variants.values():
         run()
     nfe_f, nfe_b = counts["adjoint / native"]
@@ -165,10 +238,12 @@ def training(model, y0: torch.Tensor, rounds: int) -> list[str]:
     t = torch.tensor(0.5)
     cotangent = torch.randn_like(y0)
 
-    def adjoint_parts():
+    def forward_evaluations():
         with torch.no_grad():
             for _ in range(nfe_f):
                 block.vector_field(t, y0)
+
+    def backward_evaluations():
         for _ in range(nfe_b):  # each backward evaluation: f, then its VJP with respect to y and the parameters
             y = y0.detach().requires_grad_(True)
             out = block.vector_field(t, y)
@@ -179,19 +254,23 @@ def training(model, y0: torch.Tensor, rounds: int) -> list[str]:
         for out in outs[:bp_b]:  # the backward of each evaluation whose output reaches the loss
             torch.autograd.grad(out, params, cotangent, retain_graph=False)
 
-    variants["adjoint parts"] = adjoint_parts
+    variants["f (no_grad)"] = forward_evaluations
+    variants["f + VJP"] = backward_evaluations
     variants["backprop parts"] = backprop_parts
     y0.requires_grad_(False)
     median = interleaved(variants, rounds)
     block.configure_solver(backend="native", adjoint=True)
+    per_f, per_vjp = median["f (no_grad)"] / nfe_f, median["f + VJP"] / nfe_b
     for label in [k for k in variants if "/" in k]:
-        parts = "adjoint parts" if label.startswith("adjoint") else "backprop parts"
         f, b = counts[label]
+        # each variant against the parts its own evaluation counts need (the adjoint's backward NFE differ)
+        parts = f * per_f + b * per_vjp if label.startswith("adjoint") else median["backprop parts"]
         lines.append(f"| {label.split(' / ')[0]} | {label.split(' / ')[1]} | {f} / {b} | {median[label] * 1e3:.0f} ms | "
-                     f"{median[parts] * 1e3:.0f} ms | {median[label] / median[parts]:.2f}× |")
+                     f"{parts * 1e3:.0f} ms | {median[label] / parts:.2f}× |")
     lines.append("")
-    lines.append(f"Parts: adjoint = {nfe_f} f (no_grad) + {nfe_b} × (f + VJP); backprop = {bp_f} f recording the graph "
-                 f"+ {bp_b} backward passes of f.")
+    lines.append(f"Parts: adjoint = forward NFE × f (no_grad, {per_f * 1e3:.1f} ms each) + backward NFE × (f + VJP, "
+                 f"{per_vjp * 1e3:.1f} ms each), each variant with its own counts; backprop = {bp_f} f recording the "
+                 f"graph + {bp_b} backward passes of f.")
     return lines
 
 
@@ -233,6 +312,8 @@ def main() -> None:
     parser.add_argument("--no-torchode", action="store_true")
     parser.add_argument("--torchode-compile", action="store_true",
                         help="also torchode under torch.compile (minutes of compilation on a CPU)")
+    parser.add_argument("--compile-combine", action="store_true",
+                        help="also the native loop with its stage combination under torch.compile (f stays eager)")
     args = parser.parse_args()
     checkpoints = REPO / "bench" / "checkpoints" / "mnist"
     models = {"ODE-Net": load_model(checkpoints / "odenet.ckpt"), "RK-Net": load_model(checkpoints / "rknet.ckpt")}
@@ -251,11 +332,12 @@ def main() -> None:
         if "inference" in args.parts:
             print(f"#### Inference, {args.images:,} test images, no_grad, {threads} thread(s), {args.rounds} rounds\n")
             print("\n".join(inference(models, y0s, args.rounds, torchode is not None and not args.no_torchode,
-                                       args.torchode_compile)) + "\n")
+                                       args.torchode_compile, args.compile_combine)) + "\n")
         if "training" in args.parts:
             print(f"#### ODE-Net training step of the ODE block, batch {args.batch}, {threads} thread(s), "
                   f"{args.rounds} rounds\n")
-            print("\n".join(training(models["ODE-Net"], train_y0.clone(), args.rounds)) + "\n")
+            print("\n".join(training(models["ODE-Net"], train_y0.clone(), args.rounds,
+                                      torchode is not None and not args.no_torchode)) + "\n")
     print("Command: python bench/bench_solve_speed.py " + " ".join(sys.argv[1:]))
 
 
