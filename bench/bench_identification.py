@@ -42,7 +42,8 @@ from tqdm import tqdm
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from lightning_pdenets.blocks.governing import GoverningEquation, ProximalSGD  # noqa: E402
+from lightning_pdenets.blocks.governing import GoverningEquation  # noqa: E402
+from lightning_pdenets.models.optim import ProximalSGD  # noqa: E402
 from tests.closed_form_pdes import ONE_DIMENSIONAL, grid, sampled  # noqa: E402
 
 NOISE_LEVELS = (0.0, 0.001, 0.01, 0.05)

@@ -13,7 +13,9 @@ import math
 import pytest
 import torch
 
-from lightning_pdenets.blocks.governing import GoverningEquation, LibraryTerm, ProximalSGD, soft_threshold
+from lightning_pdenets.blocks.governing import GoverningEquation, LibraryTerm
+from lightning_pdenets.blocks.lasso import soft_threshold
+from lightning_pdenets.models.optim import ProximalSGD
 from lightning_pdenets.blocks.pde import coordinate_derivatives
 from tests.closed_form_pdes import ONE_DIMENSIONAL, heat_2d
 from tests.closed_form_pdes import heat as heat_1d

@@ -7,7 +7,7 @@ Kim, Choi, Ham, Kim & Park, "PDE-regularized neural networks for image classific
 
 with one family of derivative terms per continuous axis (``x``, ``y``, ...). The coefficients
 alpha are learned with an L1 penalty, so that they describe a sparse, readable PDE; during
-training :class:`ProximalSGD` performs the soft-threshold (ISTA) step that sets small
+training :class:`~lightning_pdenets.models.optim.ProximalSGD` performs the soft-threshold (ISTA) step that sets small
 coefficients exactly to zero.
 
 The module also works on its own, as an equation-identification tool (PDE-FIND, Rudy et al.
@@ -28,19 +28,22 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import nn
 
+from lightning_pdenets.blocks.lasso import (
+    lasso,
+    lasso_objective,
+    least_squares_on_support,
+    sequential_threshold,
+)
 from lightning_pdenets.blocks.pde import CoordinateDerivatives, coordinate_derivatives
 from lightning_pdenets.blocks.sampled import IntPerAxis, _per_axis, savgol_derivatives
 from lightning_pdenets.blocks.weak_form import weak_form_library
 from lightning_pdenets.validation import check_positive, check_positive_int
 
-__all__ = ["GoverningEquation", "LibraryTerm", "ProximalSGD", "SparseFit", "soft_threshold"]
+__all__ = ["GoverningEquation", "LibraryTerm", "SparseFit"]
 
 ILL_CONDITIONED = 1e8
 """Condition number of the normalized Gram matrix above which :meth:`GoverningEquation.fit_coefficients`
 warns: some combination of terms is then below 1e-4 of their RMS, under 1% noise in the data."""
-
-POLISH_EVERY = 25
-"""FISTA steps between two attempts at the exact solution on the current support."""
 
 
 @dataclass(frozen=True)
@@ -63,11 +66,6 @@ class LibraryTerm:
         return " ".join(factors) or "1"
 
 
-def soft_threshold(values: torch.Tensor, threshold: float | torch.Tensor) -> torch.Tensor:
-    """The proximal operator of ``threshold * |.|_1`` (per entry if a tensor): sign(v) * max(|v| - threshold, 0)."""
-    return torch.sign(values) * torch.clamp(values.abs() - threshold, min=0.0)
-
-
 @dataclass(frozen=True)
 class SparseFit:
     """What :meth:`GoverningEquation.fit_coefficients` found.
@@ -85,96 +83,6 @@ class SparseFit:
     steps: int
     converged: bool
     support: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class _LassoSolution:
-    coefficients: torch.Tensor
-    objective: float
-    duality_gap: float
-    steps: int
-    converged: bool
-
-
-def _lasso_objective(gram: torch.Tensor, correlation: torch.Tensor, energy: torch.Tensor, weights: torch.Tensor,
-                     beta: torch.Tensor) -> float:
-    """mean((b - X beta)^2) + sum_k w_k |beta_k| in Gram form: G = X^T X / n, c = X^T b / n, energy = b^T b / n."""
-    return float(energy - 2 * correlation @ beta + beta @ gram @ beta + weights @ beta.abs())
-
-
-def _duality_gap(gram: torch.Tensor, correlation: torch.Tensor, energy: torch.Tensor, weights: torch.Tensor,
-                 beta: torch.Tensor) -> float:
-    """The Lasso duality gap at beta, with the scaled residual as dual point (as scikit-learn's coordinate
-    descent computes it), here for mean((b - X beta)^2) + sum_k w_k |beta_k| in Gram form."""
-    residual_energy = energy - 2 * correlation @ beta + beta @ gram @ beta
-    residual_correlation = energy - correlation @ beta  # b^T r / n
-    dual_norm = float(((correlation - gram @ beta).abs() / (weights / 2)).max())  # weighted |X^T r / n|_inf
-    scale = 1.0 if dual_norm <= 1 else 1 / dual_norm
-    return float(residual_energy * (1 + scale**2) + weights @ beta.abs() - 2 * scale * residual_correlation)
-
-
-def _least_squares_on_support(gram: torch.Tensor, correlation: torch.Tensor, support: torch.Tensor,
-                              offset: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Solve G_SS beta_S = c_S (- offset_S) on the support S; zero elsewhere."""
-    beta = torch.zeros_like(correlation)
-    index = support.nonzero().squeeze(1)
-    if index.numel():
-        rhs = correlation[index] if offset is None else correlation[index] - offset[index]
-        beta[index] = torch.linalg.lstsq(gram[index][:, index], rhs[:, None]).solution[:, 0]
-    return beta
-
-
-def _lasso(gram: torch.Tensor, correlation: torch.Tensor, energy: torch.Tensor, weights: torch.Tensor, tol: float,
-           max_steps: int) -> _LassoSolution:
-    """min_beta beta^T G beta - 2 c^T beta + energy + sum_k w_k |beta_k| by FISTA with adaptive restart.
-
-    FISTA (Beck & Teboulle 2009) with the gradient restart scheme of O'Donoghue & Candes (2015),
-    on a Gram matrix with unit diagonal (normalized columns; per-term weights carry any other
-    scaling), which keeps first-order steps fast on PDE libraries. Written by hand rather than
-    with scikit-learn's coordinate descent because it works on the num_terms^2 Gram matrix in
-    torch (any number of points), and because of the exact-solution polish: every
-    ``POLISH_EVERY`` steps the Lasso's KKT system on the current support and signs is solved
-    directly, which ends in a few hundred steps where first-order methods crawl. Stops when the
-    duality gap is below ``tol`` times the objective, floored at the rounding of the Gram form.
-    """
-    if not bool((weights > 0).any()):
-        beta = _least_squares_on_support(gram, correlation, torch.ones_like(correlation, dtype=torch.bool))
-        return _LassoSolution(beta, _lasso_objective(gram, correlation, energy, weights, beta), 0.0, 0, True)
-    step = 1.0 / max(2 * float(torch.linalg.eigvalsh(gram)[-1]), 1e-300)
-    rounding = 64 * torch.finfo(gram.dtype).eps * float(energy + correlation.abs().sum())
-    beta = torch.zeros_like(correlation)
-    extrapolated, momentum = beta, 1.0
-    for steps in range(1, max_steps + 1):
-        previous = beta
-        beta = soft_threshold(extrapolated - step * 2 * (gram @ extrapolated - correlation), step * weights)
-        if torch.dot(extrapolated - beta, beta - previous) > 0:  # the momentum points uphill: restart
-            extrapolated, momentum = beta, 1.0
-        else:
-            next_momentum = (1 + math.sqrt(1 + 4 * momentum**2)) / 2
-            extrapolated = beta + (momentum - 1) / next_momentum * (beta - previous)
-            momentum = next_momentum
-        if steps % POLISH_EVERY and steps != max_steps:
-            continue
-        polished = _least_squares_on_support(gram, correlation, beta != 0, weights / 2 * torch.sign(beta))
-        for candidate in (polished, beta):
-            objective = _lasso_objective(gram, correlation, energy, weights, candidate)
-            gap = _duality_gap(gram, correlation, energy, weights, candidate)
-            if gap <= max(tol * objective, rounding):
-                return _LassoSolution(candidate, objective, gap, steps, True)
-    return _LassoSolution(beta, objective, gap, max_steps, False)
-
-
-def _sequential_threshold(gram: torch.Tensor, correlation: torch.Tensor, beta: torch.Tensor,
-                          threshold: float) -> torch.Tensor:
-    """STLSQ (Brunton et al. 2016): drop |beta| < threshold, refit the rest by least squares, repeat."""
-    support = beta.abs() >= threshold
-    for _ in range(beta.numel()):  # the support only shrinks, so this ends
-        beta = _least_squares_on_support(gram, correlation, support)
-        smaller = support & (beta.abs() >= threshold)
-        if torch.equal(smaller, support):
-            break
-        support = smaller
-    return _least_squares_on_support(gram, correlation, support)
 
 
 def _first_line(error: BaseException) -> str:
@@ -518,12 +426,12 @@ class GoverningEquation(nn.Module):
         objective_scale = 1.0
         if not normalize:
             weights, objective_scale = weights / (target_scale * column_scale), float(energy)
-        solution = _lasso(gram, correlation, torch.ones((), dtype=torch.float64), weights, tol, max_steps)
+        solution = lasso(gram, correlation, torch.ones((), dtype=torch.float64), weights, tol, max_steps)
         beta = solution.coefficients
         if threshold > 0:
-            beta = _sequential_threshold(gram, correlation, beta, threshold)
+            beta = sequential_threshold(gram, correlation, beta, threshold)
         elif debias:
-            beta = _least_squares_on_support(gram, correlation, beta != 0)
+            beta = least_squares_on_support(gram, correlation, beta != 0)
         if not solution.converged:
             warnings.warn(
                 f"fit_coefficients stopped after max_steps={max_steps} with a relative duality gap of "
@@ -531,7 +439,7 @@ class GoverningEquation(nn.Module):
                 RuntimeWarning, stacklevel=2,
             )
         self.alpha.copy_((beta * target_scale / column_scale).to(self.alpha))
-        objective = _lasso_objective(gram, correlation, torch.ones((), dtype=torch.float64), weights, beta)
+        objective = lasso_objective(gram, correlation, torch.ones((), dtype=torch.float64), weights, beta)
         return SparseFit(
             objective=objective * objective_scale,
             duality_gap=solution.duality_gap * objective_scale,
@@ -586,53 +494,3 @@ class GoverningEquation(nn.Module):
 
     def __str__(self) -> str:
         return self.equation()
-
-
-class ProximalSGD(torch.optim.Optimizer):
-    """Proximal gradient (ISTA) step for an L1-penalized loss: gradient step, then soft threshold.
-
-    ``p <- soft_threshold(p - lr * grad, lr * l1_weight)``, the standard update for
-    ``smooth_loss(p) + l1_weight * |p|_1`` (Beck & Teboulle 2009). Unlike a subgradient step it
-    lands exactly on zero for coefficients whose gradient cannot outweigh the penalty. Pass only
-    the smooth loss's gradient: the penalty is applied by the step itself.
-
-    ISTA converges only for ``lr <= 1 / L`` (L: Lipschitz constant of the smooth gradient). When L
-    changes between steps, as for PR-Net's library of a network in training, set each group's
-    ``"max_lr"`` to ``1 / L`` before :meth:`step`: the step then uses ``min(lr, max_lr)``.
-
-    Args:
-        params: Parameters (typically ``GoverningEquation.alpha``).
-        lr: Step size; converges for lr <= 1 / Lipschitz constant of the smooth gradient.
-        l1_weight: Weight w of the L1 penalty.
-        momentum: Heavy-ball momentum on the gradient step (0 gives plain ISTA).
-    """
-
-    def __init__(self, params, lr: float = 1e-2, l1_weight: float = 1e-4, momentum: float = 0.0) -> None:
-        check_positive(lr, "lr")
-        if not isinstance(l1_weight, (int, float)) or l1_weight < 0:
-            raise ValueError(f"`l1_weight` must be a number >= 0, got {l1_weight!r}.")
-        if not isinstance(momentum, (int, float)) or not 0 <= momentum < 1:
-            raise ValueError(f"`momentum` must be in [0, 1), got {momentum!r}.")
-        super().__init__(params, dict(lr=lr, l1_weight=l1_weight, momentum=momentum))
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            lr = min(group["lr"], group.get("max_lr", math.inf))
-            weight, momentum = group["l1_weight"], group["momentum"]
-            for param in group["params"]:
-                if param.grad is None:
-                    continue
-                update = param.grad
-                if momentum > 0:
-                    state = self.state[param]
-                    buffer = state.get("momentum_buffer")
-                    buffer = update.clone() if buffer is None else buffer.mul_(momentum).add_(update)
-                    state["momentum_buffer"] = buffer
-                    update = buffer
-                param.copy_(soft_threshold(param - lr * update, lr * weight))
-        return loss

@@ -14,12 +14,14 @@ from torch.optim import Optimizer
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.optim.lr_scheduler import LRScheduler
 
+from lightning_pdenets.blocks.lasso import soft_threshold
 from lightning_pdenets.errors import ConfigurationError
 from lightning_pdenets.validation import check_positive, check_setting_names
 from typing_extensions import override
 
 __all__ = [
-    "OPTIMIZERS", "LR_SCHEDULERS", "SCHEDULER_INTERVALS", "OptimizerOptions", "build_optimizer", "build_schedule",
+    "OPTIMIZERS", "LR_SCHEDULERS", "SCHEDULER_INTERVALS", "OptimizerOptions", "ProximalSGD", "build_optimizer",
+    "build_schedule",
     "build_scheduler",
     "check_optimization_settings", "resolve_optimizer_options", "base_learning_rates", "rescale_learning_rates",
 ]
@@ -121,6 +123,56 @@ def build_optimizer(
     if optimizer in ("sgd", "rmsprop"):
         kwargs["momentum"] = momentum
     return OPTIMIZERS[optimizer](params, **kwargs)
+
+
+class ProximalSGD(torch.optim.Optimizer):
+    """Proximal gradient (ISTA) step for an L1-penalized loss: gradient step, then soft threshold.
+
+    ``p <- soft_threshold(p - lr * grad, lr * l1_weight)``, the standard update for
+    ``smooth_loss(p) + l1_weight * |p|_1`` (Beck & Teboulle 2009). Unlike a subgradient step it
+    lands exactly on zero for coefficients whose gradient cannot outweigh the penalty. Pass only
+    the smooth loss's gradient: the penalty is applied by the step itself.
+
+    ISTA converges only for ``lr <= 1 / L`` (L: Lipschitz constant of the smooth gradient). When L
+    changes between steps, as for PR-Net's library of a network in training, set each group's
+    ``"max_lr"`` to ``1 / L`` before :meth:`step`: the step then uses ``min(lr, max_lr)``.
+
+    Args:
+        params: Parameters (typically ``GoverningEquation.alpha``).
+        lr: Step size; converges for lr <= 1 / Lipschitz constant of the smooth gradient.
+        l1_weight: Weight w of the L1 penalty.
+        momentum: Heavy-ball momentum on the gradient step (0 gives plain ISTA).
+    """
+
+    def __init__(self, params, lr: float = 1e-2, l1_weight: float = 1e-4, momentum: float = 0.0) -> None:
+        check_positive(lr, "lr")
+        if not isinstance(l1_weight, (int, float)) or l1_weight < 0:
+            raise ValueError(f"`l1_weight` must be a number >= 0, got {l1_weight!r}.")
+        if not isinstance(momentum, (int, float)) or not 0 <= momentum < 1:
+            raise ValueError(f"`momentum` must be in [0, 1), got {momentum!r}.")
+        super().__init__(params, dict(lr=lr, l1_weight=l1_weight, momentum=momentum))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr = min(group["lr"], group.get("max_lr", math.inf))
+            weight, momentum = group["l1_weight"], group["momentum"]
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                update = param.grad
+                if momentum > 0:
+                    state = self.state[param]
+                    buffer = state.get("momentum_buffer")
+                    buffer = update.clone() if buffer is None else buffer.mul_(momentum).add_(update)
+                    state["momentum_buffer"] = buffer
+                    update = buffer
+                param.copy_(soft_threshold(param - lr * update, lr * weight))
+        return loss
 
 
 def build_scheduler(

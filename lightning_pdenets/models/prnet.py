@@ -26,7 +26,7 @@ try:  # Lightning >= 2.6
 except ImportError:  # earlier releases have no weight-averaging callback of this kind to refuse
     WeightAveraging = None
 
-from lightning_pdenets.blocks.governing import GoverningEquation, ProximalSGD
+from lightning_pdenets.blocks.governing import GoverningEquation
 from lightning_pdenets.errors import ConfigurationError
 from lightning_pdenets.evaluation import add_figure, add_text
 from lightning_pdenets.blocks.pde import PDEBlock
@@ -35,6 +35,7 @@ from lightning_pdenets.models.base import ClassifierModule
 from lightning_pdenets.models.optim import (
     OPTIMIZERS,
     OptimizerOptions,
+    ProximalSGD,
     build_optimizer,
     build_schedule,
     resolve_optimizer_options,
