@@ -8,21 +8,120 @@ with a seeded generator, so that every rank and every rerun sees the same split.
 
 from __future__ import annotations
 
+import errno
+import gzip
+import lzma
 import os
+import tarfile
+import zipfile
+import zlib
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import transforms as T
+from torchvision.datasets.folder import default_loader
 
 from lightning_pdenets.data.loading import check_global_batch_size, make_loader
 from lightning_pdenets.errors import CorruptDatasetError, DatasetDownloadError, DatasetNotFoundError
 from lightning_pdenets.validation import check_positive_int
 from typing_extensions import override
 
-__all__ = ["ClassificationDataModule", "VisionDataModule", "seeded_split", "split_sizes"]
+__all__ = [
+    "CheckedImageLoader",
+    "ClassificationDataModule",
+    "SampleNotFoundError",
+    "UnreadableSampleError",
+    "VisionDataModule",
+    "seeded_split",
+    "split_sizes",
+]
+
+# What a damaged archive raises while torchvision extracts it (gzip's is an OSError, so it is named before those).
+ARCHIVE_ERRORS = (tarfile.TarError, zipfile.BadZipFile, gzip.BadGzipFile, EOFError, lzma.LZMAError, zlib.error)
+ARCHIVE_SUFFIXES = (".zip", ".tar", ".tgz", ".gz", ".xz", ".bz2")
+# System limits, not the file's fault: these stay what they are.
+_RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM})
+
+
+def _own_message(message: str, error_class: type) -> str:
+    """``message`` without the worker traceback that torch's DataLoader puts around it.
+
+    torch re-raises an error of a worker process in the main process as ``type(error)(text)``, where the text is
+    "Caught X in DataLoader worker process N. Original Traceback ..." ending in ``module.X: <message>``; the
+    message alone is what the user needs (the CLI prints it as one line).
+    """
+    marker = f"{error_class.__module__}.{error_class.__qualname__}: "
+    if message.startswith("Caught ") and marker in message:
+        return message.rsplit(marker, 1)[1].strip()
+    return message
+
+
+class UnreadableSampleError(CorruptDatasetError):
+    """A sample's file is present but does not decode; raised while a (worker) process reads it, and still one
+    short message after the DataLoader re-raised it in the main process."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(_own_message(message, type(self)))
+
+
+class SampleNotFoundError(DatasetNotFoundError):
+    """A sample's file, listed by the dataset, is not on disk; one short message as :class:`UnreadableSampleError`."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(_own_message(message, type(self)))
+
+
+def unreadable_message(name: str, path: Optional[Union[str, Path]], error: BaseException, advice: str,
+                       where: str = "") -> str:
+    """``name``'s file ``path`` (``None``: one under ``where``) is present but unreadable, why, and ``advice``."""
+    cause = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    what = (f"file {os.path.abspath(path)!r} is present but unreadable" if path is not None
+            else f"files under {os.path.abspath(where)!r} are present but one is unreadable")
+    return (f"{name} {what} ({type(error).__name__}: {cause}): it is truncated or corrupt, e.g. by an interrupted "
+            f"download or copy. {advice}")
+
+
+class CheckedImageLoader:
+    """Decodes one image file as torchvision's ``default_loader`` does, naming the file when it cannot.
+
+    Image datasets (Tiny ImageNet, the transfer sets) read their files lazily, in DataLoader workers, so a damaged
+    file shows only when a batch needs it. Checking every file in ``setup`` would decode the whole dataset (100,000
+    JPEGs for Tiny ImageNet) before each run; here a happy path costs nothing and the file is checked by the very
+    decode that uses it. A file that does not decode raises :class:`UnreadableSampleError`, a vanished one
+    :class:`SampleNotFoundError`, each naming the file and what to do (``advice``); both reach the CLI as one line.
+    Picklable (plain strings), as spawned workers need.
+
+    Args:
+        dataset: The dataset's name in messages.
+        advice: What to do about a broken or missing file (how to fetch it again).
+        loader: The decoder (``torchvision.datasets.folder.default_loader``: a PIL RGB image).
+    """
+
+    RESUME = " A fit it stopped resumes with --ckpt_path last once the files are intact."
+
+    def __init__(self, dataset: str, advice: str, loader: Callable[[str], Any] = default_loader) -> None:
+        self.dataset = dataset
+        self.advice = advice
+        self.loader = loader
+
+    def __call__(self, path: str) -> Any:
+        try:
+            return self.loader(path)
+        except FileNotFoundError as error:
+            raise SampleNotFoundError(
+                f"{self.dataset} file {os.path.abspath(path)!r} is listed by the dataset but missing. {self.advice}"
+                f"{self.RESUME}"
+            ) from error
+        except MemoryError:
+            raise
+        except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, struct.error, ... for a damaged file
+            if isinstance(error, OSError) and error.errno in _RESOURCE_ERRNOS:
+                raise
+            message = unreadable_message(self.dataset, path, error, self.advice) + self.RESUME
+            raise UnreadableSampleError(message) from error
 
 
 def check_batch_and_workers(batch_size: int, num_workers: int) -> None:
@@ -182,24 +281,42 @@ class VisionDataModule(ClassificationDataModule):
             steps.append(T.Normalize(self.channel_mean, self.channel_std))
         return T.Compose(steps)
 
-    def missing_data_error(self, detail: str = "") -> DatasetNotFoundError:
-        """The error for files that are not there (``detail`` names what was expected)."""
-        return DatasetNotFoundError(
-            f"{self.name} was not found under {os.path.abspath(self.data_dir)!r}{detail}. Either set "
-            f"`download: true` in the data section (CLI: --data.download true) to fetch it in prepare_data, "
-            f"or point `data_dir` (--data.data_dir PATH) to a folder that already holds it."
+    def missing_data_error(self, detail: str = "", advice: str = "") -> DatasetNotFoundError:
+        """The error for files that are not there (``detail`` names what was expected; ``advice`` replaces the
+        default one, to set ``download`` or ``data_dir``)."""
+        advice = advice or (
+            "Either set `download: true` in the data section (CLI: --data.download true) to fetch it in "
+            "prepare_data, or point `data_dir` (--data.data_dir PATH) to a folder that already holds it."
         )
+        where = os.path.abspath(self.data_dir)
+        return DatasetNotFoundError(f"{self.name} was not found under {where!r}{detail}. {advice}")
+
+    def refetch_advice(self, path: Optional[Union[str, Path]]) -> str:
+        """How to replace the broken file ``path`` (``None``: not known); datasets whose download skips a folder
+        that exists say to delete the folder instead."""
+        removal = "Delete that file" if path is not None else "Delete the dataset's folder"
+        return f"{removal} and fetch it again with --data.download true, or copy an intact one there."
 
     def unreadable_data_error(self, path: Optional[Union[str, Path]], error: BaseException) -> CorruptDatasetError:
         """The error for a file that is there but does not read; ``path`` is the file (``None``: not known)."""
+        return CorruptDatasetError(unreadable_message(self.name, path, error, self.refetch_advice(path), self.data_dir))
+
+    def image_loader(self) -> CheckedImageLoader:
+        """The decoder of the dataset's image files, naming a file that is damaged or gone (see
+        :class:`CheckedImageLoader`)."""
+        return CheckedImageLoader(self.name, self.refetch_advice(None))
+
+    def archive_error(self, error: BaseException) -> CorruptDatasetError:
+        """The error for a downloaded archive that does not extract, naming the archives found under ``data_dir``."""
+        root = Path(self.data_dir)
+        found = sorted({str(path.resolve()) for pattern in ("*", "*/*", "*/*/*") for path in root.glob(pattern)
+                        if path.is_file() and path.name.lower().endswith(ARCHIVE_SUFFIXES)})
+        named = f"one of {found}" if len(found) > 1 else (repr(found[0]) if found else "the downloaded archive")
         cause = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        where = (f"file {os.path.abspath(path)!r} is present but unreadable" if path is not None
-                 else f"files under {os.path.abspath(self.data_dir)!r} are present but one is unreadable")
-        removal = "Delete that file" if path is not None else "Delete the dataset's folder"
         return CorruptDatasetError(
-            f"{self.name} {where} ({type(error).__name__}: {cause}): it is truncated or corrupt, e.g. by an "
-            f"interrupted download or copy. {removal} and fetch it again with --data.download true, or copy an "
-            f"intact one there."
+            f"{self.name} could not be extracted: {named} is truncated or corrupt ({type(error).__name__}: {cause}), "
+            f"e.g. by an interrupted download. Delete it and any folder it was partly extracted into, then run "
+            f"again with --data.download true to fetch it anew."
         )
 
     def unreadable_file(self, train: bool, error: BaseException) -> Optional[Path]:
@@ -230,6 +347,8 @@ class VisionDataModule(ClassificationDataModule):
             self.download()
         except FileNotFoundError:
             raise  # a dataset that cannot be downloaded at all says so itself
+        except ARCHIVE_ERRORS as error:  # downloaded (or found) but does not extract
+            raise self.archive_error(error) from error
         except (OSError, RuntimeError) as error:  # URLError, timeouts, torchvision's "Error downloading ..."
             reason = " ".join(str(error).split())  # torchvision's report spans lines, one per mirror
             raise DatasetDownloadError(

@@ -7,7 +7,8 @@ the test set (the official test images have no labels), as in Kim et al.'s PR-Ne
 from __future__ import annotations
 
 import os
-from typing import Callable
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
 
 from torch.utils.data import Dataset
 from torchvision import datasets
@@ -16,6 +17,7 @@ from torchvision.datasets.folder import default_loader
 from torchvision.datasets.utils import download_and_extract_archive
 
 from lightning_pdenets.data.base import VisionDataModule
+from lightning_pdenets.errors import CorruptDatasetError, DatasetNotFoundError
 
 __all__ = ["TinyImageNetDataModule", "TinyImageNetVal"]
 
@@ -33,9 +35,9 @@ def read_wnids(root: str) -> list[str]:
 class TinyImageNetTrain(datasets.ImageFolder):
     """``train/<wnid>/images/*.JPEG`` with the classes of ``wnids.txt`` (torchvision's ImageFolder)."""
 
-    def __init__(self, root: str, transform: Callable) -> None:
+    def __init__(self, root: str, transform: Callable, loader: Callable[[str], Any] = default_loader) -> None:
         self.wnids = read_wnids(root)
-        super().__init__(os.path.join(root, "train"), transform=transform)
+        super().__init__(os.path.join(root, "train"), transform=transform, loader=loader)
 
     def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
         folders = sorted(entry.name for entry in os.scandir(directory) if entry.is_dir())
@@ -51,10 +53,11 @@ class TinyImageNetTrain(datasets.ImageFolder):
 class TinyImageNetVal(Dataset):
     """``val/images/*.JPEG`` labelled by ``val/val_annotations.txt`` (file, wnid, bounding box per line)."""
 
-    def __init__(self, root: str, transform: Callable) -> None:
+    def __init__(self, root: str, transform: Callable, loader: Callable[[str], Any] = default_loader) -> None:
         self.classes = read_wnids(root)
         self.class_to_idx = {wnid: index for index, wnid in enumerate(self.classes)}
         self.transform = transform
+        self.loader = loader
         images = os.path.join(root, "val", "images")
         with open(os.path.join(root, "val", "val_annotations.txt")) as handle:
             rows = [line.split("\t") for line in handle if line.strip()]
@@ -66,7 +69,7 @@ class TinyImageNetVal(Dataset):
 
     def __getitem__(self, index: int):
         path, target = self.samples[index]
-        return self.transform(default_loader(path)), target
+        return self.transform(self.loader(path)), target
 
 
 class TinyImageNetDataModule(VisionDataModule):
@@ -98,9 +101,46 @@ class TinyImageNetDataModule(VisionDataModule):
     def augmentations(self) -> list[Callable]:
         return [T.RandomCrop(64, padding=4), T.RandomHorizontalFlip()]
 
+    def refetch_advice(self, path: Optional[Union[str, Path]]) -> str:
+        # download() skips a dataset whose wnids.txt exists, so a single file is not fetched again
+        return (f"Delete the folder {os.path.abspath(self.root)!r} and run with --data.download true to extract "
+                f"{os.path.basename(ARCHIVE_URL)} again (an intact copy of it in {os.path.abspath(self.data_dir)!r} "
+                f"is reused, else it is downloaded), or copy an intact file there.")
+
     def load_dataset(self, train: bool, transform: Callable) -> Dataset:
         required = ["wnids.txt", "train" if train else os.path.join("val", "val_annotations.txt")]
         for name in required:
             if not os.path.exists(os.path.join(self.root, name)):
                 raise self.missing_data_error(f" (expected {FOLDER}/{name})")
-        return TinyImageNetTrain(self.root, transform) if train else TinyImageNetVal(self.root, transform)
+        wnids_file = os.path.join(self.root, "wnids.txt")
+        try:
+            wnids = read_wnids(self.root)
+        except (UnicodeDecodeError, OSError) as error:
+            raise self.unreadable_data_error(wnids_file, error) from error
+        if train:
+            self._check_class_folders(wnids, wnids_file)
+            return TinyImageNetTrain(self.root, transform, self.image_loader())
+        annotations = os.path.join(self.root, "val", "val_annotations.txt")
+        try:
+            return TinyImageNetVal(self.root, transform, self.image_loader())
+        except (UnicodeDecodeError, IndexError, KeyError, OSError) as error:  # a cut or garbled line
+            raise self.unreadable_data_error(annotations, error) from error
+
+    def _check_class_folders(self, wnids: list[str], wnids_file: str) -> None:
+        """One folder per wnid in ``train/``: an unlisted folder means a damaged wnids.txt (a cut one also lists a
+        partial wnid, so this is checked first), an absent one missing data."""
+        train = os.path.join(self.root, "train")
+        folders = {entry.name for entry in os.scandir(train) if entry.is_dir()}
+        absent = sorted(set(wnids) - folders)
+        unlisted = sorted(folders - set(wnids))
+        if unlisted:
+            raise CorruptDatasetError(
+                f"{self.name} file {os.path.abspath(wnids_file)!r} lists {len(wnids)} classes but "
+                f"{os.path.abspath(train)!r} has {len(unlisted)} class folders it does not list (e.g. {unlisted[:3]}): "
+                f"wnids.txt is truncated or corrupt, or a stray folder is there. {self.refetch_advice(wnids_file)}"
+            )
+        if absent:
+            raise DatasetNotFoundError(
+                f"{self.name} is incomplete under {os.path.abspath(train)!r}: no class folder for {len(absent)} of "
+                f"the {len(wnids)} wnids in wnids.txt (e.g. {absent[:3]}). {self.refetch_advice(None)}"
+            )

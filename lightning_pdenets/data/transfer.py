@@ -11,8 +11,10 @@ statistics (Tiny ImageNet), which the pretrained stem was trained on.
 
 from __future__ import annotations
 
+import json
 import os
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
 
 from torch.utils.data import ConcatDataset, Dataset
 from torchvision import datasets
@@ -21,6 +23,7 @@ from torchvision import transforms as T
 from lightning_pdenets.data.base import VisionDataModule
 from lightning_pdenets.data.cifar import CIFAR10DataModule, CIFAR100DataModule
 from lightning_pdenets.data.tinyimagenet import TinyImageNetDataModule
+from lightning_pdenets.errors import DatasetNotFoundError
 from lightning_pdenets.validation import check_positive_int
 
 __all__ = [
@@ -66,23 +69,73 @@ class ResizedCIFAR100DataModule(_ResizedTransfer, CIFAR100DataModule):
 
 
 class _TorchvisionTransfer(_ResizedTransfer, VisionDataModule):
-    """A torchvision dataset found under ``<data_dir>/<folder>``; subclasses name the splits."""
+    """A torchvision dataset found under ``<data_dir>/<folder>``; subclasses name the splits and their annotation
+    files. Images are decoded by :meth:`image_loader`, which names a damaged one when a batch reads it."""
 
     folder = ""
 
+    @property
+    def dataset_folder(self) -> str:
+        """The folder torchvision's download extracts into and skips when it exists."""
+        return os.path.join(self.data_dir, self.folder)
+
+    def refetch_advice(self, path: Optional[Union[str, Path]]) -> str:
+        # torchvision's download returns early while the dataset's folder exists, so a single file is not fetched
+        return (f"Delete the folder {os.path.abspath(self.dataset_folder)!r} and run with --data.download true to "
+                f"extract the dataset again (its downloaded archive is reused), or copy an intact file there.")
+
+    def metadata_files(self, train: bool) -> list[Path]:
+        """The annotation files torchvision reads for the split (in the order it reads them)."""
+        return []
+
     def _require_folder(self) -> None:
-        if not os.path.isdir(os.path.join(self.data_dir, self.folder)):
+        if not os.path.isdir(self.dataset_folder):
             raise self.missing_data_error(f" (expected {self.folder}/)")
 
     def _load(self, make: Callable[[], Dataset]) -> Dataset:
         self._require_folder()
         try:
-            return make()
+            dataset = make()
         except (RuntimeError, OSError, KeyError) as error:
             # torchvision's own presence check says "not found"; anything else read a file and failed
             if isinstance(error, FileNotFoundError) or "not found" in str(error).lower():
-                raise self.missing_data_error(f" (incomplete {self.folder}/: {error})") from error
+                raise self.missing_data_error(
+                    f" (incomplete {self.folder}/: {error})",
+                    f"Delete the incomplete folder {os.path.abspath(self.dataset_folder)!r} and run with "
+                    f"--data.download true to fetch and extract it again, or point `data_dir` (--data.data_dir PATH) "
+                    f"to a folder that holds the whole dataset.",
+                ) from error
             raise
+        for part in dataset.datasets if isinstance(dataset, ConcatDataset) else [dataset]:
+            part.loader = self.image_loader()  # torchvision's __getitem__ decodes with self.loader
+        return dataset
+
+    def unreadable_file(self, train: bool, error: BaseException) -> Optional[Path]:
+        """The annotation file that made loading fail: the error's own file, or the first that does not parse."""
+        named = super().unreadable_file(train, error)
+        if named is not None:
+            return named
+        for path in self.metadata_files(train):
+            if path.is_file() and not _parses(path):
+                return path
+        return None
+
+
+def _parses(path: Path) -> bool:
+    """Whether an annotation file reads in its format (.mat, .json, or UTF-8 text that ends its last line)."""
+    try:
+        if path.suffix == ".mat":
+            import scipy.io
+
+            scipy.io.loadmat(str(path))
+            return True
+        text = path.read_bytes().decode("utf-8")
+        if path.suffix == ".json":
+            json.loads(text)
+            return True
+        return text.endswith("\n") or not text  # written line by line: a cut file ends inside a line
+    except Exception:  # scipy, json and the codec raise many types
+        return False
 
 
 class FGVCAircraftDataModule(_TorchvisionTransfer):
@@ -95,6 +148,10 @@ class FGVCAircraftDataModule(_TorchvisionTransfer):
 
     def download(self) -> None:
         datasets.FGVCAircraft(self.data_dir, split="trainval", download=True)
+
+    def metadata_files(self, train: bool) -> list[Path]:
+        data = Path(self.dataset_folder) / "data"
+        return [data / "variants.txt", data / f"images_variant_{'trainval' if train else 'test'}.txt"]
 
     def load_dataset(self, train: bool, transform: Callable) -> Dataset:
         split = "trainval" if train else "test"
@@ -111,6 +168,9 @@ class Food101DataModule(_TorchvisionTransfer):
 
     def download(self) -> None:
         datasets.Food101(self.data_dir, split="train", download=True)
+
+    def metadata_files(self, train: bool) -> list[Path]:
+        return [Path(self.dataset_folder) / "meta" / f"{'train' if train else 'test'}.json"]
 
     def load_dataset(self, train: bool, transform: Callable) -> Dataset:
         split = "train" if train else "test"
@@ -138,6 +198,10 @@ class DTDDataModule(_TorchvisionTransfer):
     def download(self) -> None:
         datasets.DTD(self.data_dir, split="train", download=True)
 
+    def metadata_files(self, train: bool) -> list[Path]:
+        labels = Path(self.dataset_folder) / "labels"
+        return [labels / f"{split}{self.partition}.txt" for split in (("train", "val") if train else ("test",))]
+
     def load_dataset(self, train: bool, transform: Callable) -> Dataset:
         def make(split: str) -> Dataset:
             return datasets.DTD(self.data_dir, split=split, partition=self.partition, transform=transform)
@@ -161,11 +225,20 @@ class StanfordCarsDataModule(_TorchvisionTransfer):
     def download(self) -> None:
         if os.path.isdir(os.path.join(self.data_dir, self.folder, "devkit")):
             return
-        raise FileNotFoundError(
+        raise DatasetNotFoundError(
             f"Stanford Cars cannot be downloaded any more (the official URL is broken) and was not found under "
             f"{os.path.abspath(os.path.join(self.data_dir, self.folder))!r}. Place devkit/, cars_train/, cars_test/ "
             f"and cars_test_annos_withlabels.mat there by hand, then set `download: false`."
         )
+
+    def refetch_advice(self, path: Optional[Union[str, Path]]) -> str:
+        return ("Replace it with an intact copy from where you fetched the dataset (there is no download), e.g. "
+                "the Kaggle mirror.")
+
+    def metadata_files(self, train: bool) -> list[Path]:
+        base = Path(self.dataset_folder)
+        annotations = base / "devkit" / "cars_train_annos.mat" if train else base / "cars_test_annos_withlabels.mat"
+        return [annotations, base / "devkit" / "cars_meta.mat"]
 
     def load_dataset(self, train: bool, transform: Callable) -> Dataset:
         split = "train" if train else "test"
