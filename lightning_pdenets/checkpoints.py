@@ -28,6 +28,7 @@ __all__ = [
     "load_checkpoint",
     "needs_unpickling",
     "new_file_mode",
+    "save_atomically",
     "unreadable_reason",
 ]
 
@@ -162,17 +163,27 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            os.fchmod(descriptor, new_file_mode())  # mkstemp's 0600 would make checkpoints unlike every other output
-            with os.fdopen(descriptor, "wb") as file:
-                torch.save(checkpoint, file)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(temporary, path)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
+        save_atomically(checkpoint, path)
+
+
+def save_atomically(obj: Any, path: Union[str, Path]) -> None:
+    """``torch.save(obj)`` to a temporary file in ``path``'s folder, flushed to disk, then renamed to ``path``.
+
+    A crash or a full disk leaves the old file or the new one, never a truncated one; the file gets the mode a
+    plain ``open()`` would give it.
+    """
+    path = Path(path)
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(descriptor, new_file_mode())  # mkstemp's 0600 would make checkpoints unlike every other output
+        with os.fdopen(descriptor, "wb") as file:
+            torch.save(obj, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
 
 
 def new_file_mode() -> int:

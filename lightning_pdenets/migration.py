@@ -24,12 +24,8 @@ which writes a copy with the hyperparameters in the current layout (weights unch
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
-
-import torch
 
 import lightning_pdenets
 from lightning_pdenets._discovery import import_class
@@ -40,7 +36,7 @@ from lightning_pdenets.architectures.registry import (
     MODEL_SUPPLIED_ARGUMENTS,
     architecture_parameters,
 )
-from lightning_pdenets.checkpoints import load_checkpoint, new_file_mode
+from lightning_pdenets.checkpoints import load_checkpoint, save_atomically
 from lightning_pdenets.errors import CorruptCheckpointError, UntrustedCheckpointError
 from lightning_pdenets.solvers import SolverConfig
 
@@ -181,18 +177,6 @@ def upgrade_checkpoint(checkpoint: dict[str, Any], model: Optional[str] = None) 
     return {**checkpoint, "hyper_parameters": hparams, VERSION_KEY: lightning_pdenets.__version__, **provenance}
 
 
-def _save_atomically(obj: Any, path: Path) -> None:
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.fchmod(handle, new_file_mode())  # like any other output, not mkstemp's 0600
-    os.close(handle)
-    try:
-        torch.save(obj, temporary)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-
-
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """``python -m lightning_pdenets.migration OLD.ckpt NEW.ckpt``: write an upgraded copy of a checkpoint."""
     parser = argparse.ArgumentParser(description=main.__doc__)
@@ -224,7 +208,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         upgraded = upgrade_checkpoint(checkpoint, args.model)
     except LegacyCheckpointError as error:
         parser.error(str(error))
-    _save_atomically(upgraded, args.target)
+    save_atomically(upgraded, args.target)
     print(f"wrote {args.target} (lightning_pdenets {lightning_pdenets.__version__} layout) from {args.source} "
           f"(written by {written_by(checkpoint)})")
 
