@@ -1,0 +1,125 @@
+"""What the CLI needs from jsonargparse and Lightning that their public APIs do not give, in one place.
+
+Each function below depends on a behaviour that neither library documents. ``tests/test_library_adapters.py``
+checks every one of them against the installed releases, and its failure message names the function here to
+update; no other module of the CLI reads error text, exception attributes or tracebacks of these libraries.
+
+* :func:`parse_error`: the wording of jsonargparse's error messages (it raises no structured errors).
+* :func:`failing_parser` and :func:`command_name`: the subcommand parser jsonargparse attaches to an error, and
+  the `` [options]`` it puts in a subcommand parser's ``prog``.
+* :func:`constructor_error`: how jsonargparse (and LightningCLI's instantiator) wrap the exception that a
+  class's constructor raised while the classes of a config are instantiated.
+* :func:`interrupted_by_ctrl_c`: how Lightning's Trainer ends on Ctrl-C (``SystemExit(1)`` raised while handling
+  the ``KeyboardInterrupt``).
+
+The CLI also relies on one documented behaviour at a point the documentation leaves open: LightningCLI merges the
+hyperparameters stored in ``--ckpt_path`` into the config after :meth:`LightningCLI.parse_arguments` returns and
+before :meth:`LightningCLI.before_instantiate_classes` runs. The same test file checks that ordering.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any, Iterator, Optional
+
+# Lines of jsonargparse's union-type report that say nothing about the user's mistake.
+_NOISE = re.compile(r"^\s*(- )?(Expected a <class 'NoneType'>|Given value type:|Given value:|Subtypes:|Errors:"
+                    r"|Does not validate against any of the Union subtypes)")
+
+_LIBRARY_MODULES = ("jsonargparse", "lightning.pytorch.cli", "pytorch_lightning.cli")
+"""Modules whose frames raise the wrappers around a constructor's error, not the error itself."""
+
+
+@dataclass(frozen=True)
+class ArgumentProblem:
+    """What a jsonargparse error message says, as far as the CLI rewrites it.
+
+    Attributes:
+        key: The option the message is about, without dashes (``model``, ``trainer.callbacks``), or ``None``.
+        class_path: A class path that names no class (``missing_class``) or whose class lacks an argument.
+        unknown_argument: The argument name the class of ``class_path`` does not take, or ``None``.
+        missing_class: Whether ``class_path`` names no importable class.
+        summary: The whole message on one line without jsonargparse's union-type noise, keys written as ``--key:``,
+            the value given appended as ``(got '...')``.
+    """
+
+    key: Optional[str]
+    class_path: Optional[str] = None
+    unknown_argument: Optional[str] = None
+    missing_class: bool = False
+    summary: str = ""
+
+
+def parse_error(message: str) -> ArgumentProblem:
+    """Read jsonargparse's error ``message`` (the text it passes to ``ArgumentParser.error``)."""
+    key_match = re.search(r'Parser key "([^"]+)"', message)
+    key = key_match.group(1) if key_match else None
+    class_problem = re.search(r"Problem with given class_path '([^']+)':\s*\n?\s*(.+)", message)
+    if key and class_problem:
+        class_path, detail = class_problem.group(1), class_problem.group(2).strip()
+        unknown_option = re.match(r"Option '([^']+)' is not accepted", detail) or \
+            re.match(r"unrecognized arguments: --([A-Za-z_]\w*)", detail)  # a nested key under an unknown name
+        if unknown_option:
+            return ArgumentProblem(key, class_path, unknown_argument=unknown_option.group(1))
+        if "has no attribute" in detail or "No module named" in detail:
+            return ArgumentProblem(key, class_path, missing_class=True)
+    bad_name = re.search(r"Expected a dot import path string: (\S+)", message)
+    if key and bad_name:
+        return ArgumentProblem(key, bad_name.group(1), missing_class=True)
+    lines = [line.strip() for line in message.splitlines() if line.strip() and not _NOISE.match(line)]
+    given = re.search(r"^\s*Given value: (?!NestedArg)(.*)$", message, flags=re.M)
+    if given:
+        lines.append(f"(got {given.group(1)!r})")
+    summary = re.sub(r'Parser key "([^"]+)":', r"--\1:", " ".join(lines))
+    return ArgumentProblem(key, summary=re.sub(r"- Expected a <class '([^']+)'>", r"expected \1", summary))
+
+
+def failing_parser(parser: Any, error: Optional[BaseException]) -> Any:
+    """The parser an error belongs to: the subcommand's parser jsonargparse attached to ``error``, else ``parser``."""
+    return getattr(error, "subcommand_parser", None) or parser
+
+
+def command_name(parser: Any) -> str:
+    """The command a parser reads, as a user types it (``pdenets fit``; jsonargparse's prog is ``pdenets [options] fit``)."""
+    return parser.prog.replace(" [options]", "")
+
+
+def constructor_error(error: Optional[BaseException]) -> Optional[tuple[Optional[str], BaseException]]:
+    """The exception a class's constructor raised behind jsonargparse's wrapping, with the name of that class.
+
+    Follows ``error``'s chain (``__cause__``, else ``__context__``) to the first exception raised outside
+    jsonargparse and LightningCLI; its class is that of the ``self`` of the outermost ``__init__`` in its
+    traceback (the class the config names, also when a base class's ``__init__`` raised). ``None`` when every
+    exception of the chain is the libraries' own (a bad value that parsing did not catch).
+    """
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        frames = list(_traceback_frames(error))
+        raised_in = str(frames[-1].f_globals.get("__name__", "")) if frames else ""
+        if not any(raised_in == module or raised_in.startswith(f"{module}.") for module in _LIBRARY_MODULES):
+            owner = next((type(frame.f_locals["self"]).__name__ for frame in frames
+                          if frame.f_code.co_name == "__init__" and "self" in frame.f_locals), None)
+            return owner, error
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _traceback_frames(error: BaseException) -> Iterator[FrameType]:
+    traceback = error.__traceback__
+    while traceback is not None:
+        yield traceback.tb_frame
+        traceback = traceback.tb_next
+
+
+def interrupted_by_ctrl_c(stop: BaseException) -> bool:
+    """Whether ``stop`` ends a run that Ctrl-C interrupted.
+
+    Lightning's Trainer catches the ``KeyboardInterrupt``, tears the run down and calls ``sys.exit(1)``, so the
+    ``SystemExit`` carries the interrupt as its context; outside the Trainer the interrupt arrives as itself.
+    """
+    if isinstance(stop, KeyboardInterrupt):
+        return True
+    return isinstance(stop, SystemExit) and stop.code == 1 and isinstance(stop.__context__, KeyboardInterrupt)

@@ -1,0 +1,204 @@
+"""``PDENetsCLI``: LightningCLI with the framework's defaults, wired to the checks of this package's other modules.
+
+Only public LightningCLI hooks are overridden. The order the CLI relies on (checked by
+``tests/test_library_adapters.py``): :meth:`PDENetsCLI.parse_arguments` names the log folder and checks the
+checkpoint; Lightning then merges the checkpoint's hyperparameters into the config; then
+:meth:`PDENetsCLI.before_instantiate_classes` puts back what this run gives (:mod:`.overrides`).
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from typing_extensions import override
+
+import lightning_pdenets.callbacks  # noqa: F401  (makes callback class names resolvable in configs)
+import lightning_pdenets.data  # noqa: F401
+import lightning_pdenets.models  # noqa: F401
+from lightning_pdenets.checkpoints import AtomicCheckpointIO
+from lightning_pdenets.cli._library_adapters import command_name, constructor_error, interrupted_by_ctrl_c
+from lightning_pdenets.cli.arguments import PDENetsArgumentParser, debugging, short_message, usage_error
+from lightning_pdenets.cli.data_facts import check_linked_values, link_data_to_model
+from lightning_pdenets.cli.exit_codes import EXIT_INTERRUPTED, USER_ERRORS, after_ctrl_c_advice
+from lightning_pdenets.cli.log_folders import DEFAULT_LOG_DIR, NewLogFolders, log_root, name_log_folder
+from lightning_pdenets.cli.overrides import GivenSettings
+from lightning_pdenets.cli.resume import CheckedCheckpoint, resolve_ckpt_path
+from lightning_pdenets.errors import CorruptCheckpointError, DivergedError, UntrustedCheckpointError
+
+
+class PDENetsCLI(LightningCLI):
+    """LightningCLI with the framework's defaults: TensorBoard, best/last checkpoints, LR monitor, prediction files.
+
+    On top of Lightning's: each config logs into a folder of its own (:mod:`.log_folders`), a checkpoint is checked
+    before anything loads it (:mod:`.resume`), learning rates and an evaluation solver given for this run win over
+    the checkpoint's (:mod:`.overrides`), a constructor's argument error ends as one line with exit code 2, a bad
+    input found before the first step leaves no version folder behind, Ctrl-C ends with exit code 130, and a fit
+    whose model diverged fails (unless ``--allow_divergence``) before the best checkpoint is tested.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._checked = CheckedCheckpoint()
+        self._given: Optional[GivenSettings] = None
+        self._hidden_ckpt_path: Any = None
+        self._new_folders: Optional[NewLogFolders] = None  # set when the subcommand starts to run
+        try:
+            super().__init__(*args, **kwargs)
+        except USER_ERRORS:
+            if self._new_folders is not None and self.trainer.global_step == 0:  # its event files hold no curve
+                self._new_folders.remove_unused()
+            raise
+        except (KeyboardInterrupt, SystemExit) as stop:
+            if self._new_folders is None or not interrupted_by_ctrl_c(stop):
+                raise
+            sys.stderr.write(f"pdenets: {self.subcommand} interrupted by Ctrl-C (exit code {EXIT_INTERRUPTED}). "
+                             f"{after_ctrl_c_advice(self.subcommand)}\n")
+            raise SystemExit(EXIT_INTERRUPTED) from None
+
+    @override
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(
+            "--test_after_fit",
+            type=bool,
+            default=True,
+            help="After `fit`, run `test` on the best checkpoint (the last one if none was kept).",
+        )
+        parser.add_argument(
+            "--allow_divergence",
+            type=bool,
+            default=False,
+            help="Let a `fit` whose model diverged (a loss that exploded or is not finite, accuracy at chance after "
+                 "the first epochs) end with a warning and exit code 0 instead of an error and exit code 1.",
+        )
+        link_data_to_model(parser)
+        parser.set_defaults(
+            {
+                "trainer.logger": {
+                    "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                    # name null: named after the config file (see log_folders.name_log_folder)
+                    # save_dir: --trainer.default_root_dir replaces it when given (see log_folders.name_log_folder)
+                    "init_args": {"save_dir": DEFAULT_LOG_DIR, "name": None},
+                },
+                "trainer.callbacks": [
+                    {
+                        "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                        "init_args": {"monitor": "val/acc_top1", "mode": "max", "filename": "best-{epoch:02d}"},
+                    },
+                    {
+                        # last.ckpt at the end of every training epoch (after its validation). Lightning 2.6's
+                        # save_last=True rewrites it only when a new best checkpoint is saved.
+                        "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                        "init_args": {"filename": "last", "save_top_k": 1, "enable_version_counter": False,
+                                      "save_on_train_epoch_end": True},
+                    },
+                    {"class_path": "lightning.pytorch.callbacks.LearningRateMonitor"},
+                    {"class_path": "lightning_pdenets.callbacks.CheckpointOnInterrupt"},
+                    {"class_path": "lightning_pdenets.callbacks.SigtermFlagOnly"},
+                    {"class_path": "lightning_pdenets.callbacks.NFEMonitor"},
+                    {"class_path": "lightning_pdenets.callbacks.PredictionWriter"},
+                ],
+            }
+        )
+
+    @override
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Parse as Lightning does; then name the log folder, resolve ``--ckpt_path last`` in it, and check the
+        checkpoint before anything loads it (Lightning reads its hyperparameters next, and would fail on a corrupt
+        file with a bare torch error)."""
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        config = self.config[subcommand] if subcommand is not None else self.config
+        name_log_folder(config)
+        if subcommand is None:
+            return
+        self._checked = resolve_ckpt_path(config, subcommand)
+        if self._checked.config_alone:  # trusted pickled file: the config alone builds the model
+            self._hidden_ckpt_path, config["ckpt_path"] = config["ckpt_path"], None  # Lightning would load it
+            return
+        self._given = GivenSettings.read(config, subcommand)
+
+    @override
+    def before_instantiate_classes(self) -> None:
+        """Give back the checkpoint path hidden from Lightning's hyperparameter merge, or put this run's learning
+        rates and evaluation solver over the merged ones."""
+        subcommand = self.config.get("subcommand")
+        if subcommand is None:
+            return
+        if self._hidden_ckpt_path is not None:
+            self.config[subcommand]["ckpt_path"] = self._hidden_ckpt_path
+        if self._given is not None:
+            self._given.apply(self.config[subcommand])
+
+    @override
+    def instantiate_classes(self) -> None:
+        """Instantiate as Lightning does; a constructor's argument error ends as a short message with exit code 2."""
+        try:
+            super().instantiate_classes()
+        except (ValueError, FileNotFoundError, UntrustedCheckpointError, CorruptCheckpointError) as error:
+            found = constructor_error(error)
+            if found is None or not self.parser.exit_on_error or debugging():
+                raise
+            owner, cause = found
+            subcommand = self.config.get("subcommand")
+            command = command_name(self.parser) + (f" {subcommand}" if subcommand else "")
+            usage_error(command, short_message(f"{owner}: {cause}" if owner else str(cause)))
+
+    @override
+    def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
+        """Lightning's trainer, writing checkpoints through :class:`AtomicCheckpointIO` unless a plugin says otherwise."""
+        trainer = super().instantiate_trainer(**kwargs)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        return trainer
+
+    @override
+    def after_instantiate_classes(self) -> None:
+        super().after_instantiate_classes()
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        check_linked_values(config.get("model"), self.datamodule, self._checked.path, self._checked.data_facts)
+        if self.subcommand:  # what the run adds from now on is removed if a bad input stops it before its first step
+            self._new_folders = NewLogFolders(log_root(self.config[self.subcommand]))
+
+    def after_fit(self) -> None:
+        """Fail a diverged fit (see :meth:`_check_divergence`), then test the best checkpoint (``--test_after_fit``)."""
+        if getattr(self.trainer, "interrupted", False) or self.trainer.fast_dev_run:
+            return
+        self._check_divergence()
+        if not self.config.fit.get("test_after_fit", True):
+            return
+        best = [c for c in self.trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint) and c.best_model_path]
+        best.sort(key=lambda c: c.monitor is None)  # a monitored best before the unmonitored last.ckpt
+        ckpt_path: Optional[str] = best[0].best_model_path if best else None
+        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt_path, weights_only=True)
+
+    def _check_divergence(self) -> None:
+        """End a fit whose model diverged with :class:`DivergedError` (exit code 1), unless ``--allow_divergence``."""
+        symptom = getattr(self.model, "divergence_symptom", lambda: None)()
+        if symptom is None:
+            return
+        if self.config.fit.get("allow_divergence", False):
+            rank_zero_warn(f"The model diverged: {symptom}. Accepted by --allow_divergence true.")
+            return
+        raise DivergedError(f"the model diverged: {symptom}. {self.model.divergence_advice(symptom)}")
+
+
+def build_cli(args: Optional[list[str]] = None, run: bool = True) -> PDENetsCLI:
+    """Parse ``args`` (default: ``sys.argv``) and, with ``run=True``, execute the subcommand."""
+    warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+    return PDENetsCLI(
+        pl.LightningModule,
+        pl.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        args=args,
+        save_config_kwargs={"overwrite": True},
+        run=run,
+        parser_class=PDENetsArgumentParser,
+        parser_kwargs={"prog": "pdenets"},
+    )

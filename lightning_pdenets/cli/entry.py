@@ -1,0 +1,59 @@
+"""``main``: the ``pdenets`` console script and ``python -m lightning_pdenets``, which turns errors into exit codes.
+
+Kept apart from :mod:`lightning_pdenets.cli.exit_codes` (the table of statuses and advice), which the CLI class
+reads too: ``main`` builds the CLI, so the table cannot live beside it without an import cycle.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from lightning_pdenets.cli.app import build_cli
+from lightning_pdenets.cli.arguments import debugging
+from lightning_pdenets.cli.exit_codes import (
+    EXIT_MODEL_FAILURE,
+    EXIT_SIGTERM,
+    EXIT_USAGE,
+    USER_ERRORS,
+    after_sigterm_advice,
+    subcommand_of,
+)
+from lightning_pdenets.errors import ModelFailure
+from lightning_pdenets.interruption import StopWatchdog
+
+
+def main(args: Optional[list[str]] = None) -> None:
+    """Entry point of ``pdenets`` and ``python -m lightning_pdenets``.
+
+    Exits with 2 for bad arguments and checkpoints (one message, no traceback), with 1 when the model fails
+    (a NaN loss, a solver failure: the message with its remedies, no traceback; the last good checkpoint is
+    kept), and with 143 after SIGTERM (Lightning stops cleanly but would exit 0, which a scheduler or ``&&``
+    reads as success). A process that cannot stop by itself within ``$PDENETS_STOP_GRACE_SECONDS`` (20 s) of
+    SIGTERM, e.g. one blocked in a collective that another DDP process never joined, is ended by
+    :class:`~lightning_pdenets.interruption.StopWatchdog` with 143 and one line. ``JSONARGPARSE_DEBUG=true``
+    shows the tracebacks.
+    """
+    subcommand = subcommand_of(sys.argv[1:] if args is None else args)
+    watchdog = StopWatchdog(describe=lambda: after_sigterm_advice(subcommand)).start()
+    try:
+        build_cli(args)
+    except SIGTERMException as error:
+        what = f" during {error}" if str(error) else ""
+        sys.stderr.write(f"pdenets: {subcommand or 'the run'} stopped by SIGTERM{what} (exit code {EXIT_SIGTERM}). "
+                         f"{after_sigterm_advice(subcommand)}\n")
+        sys.exit(EXIT_SIGTERM)
+    except USER_ERRORS as error:
+        if debugging():
+            raise
+        sys.stderr.write(f"error: {error}\n")
+        sys.exit(EXIT_USAGE)
+    except ModelFailure as error:
+        if debugging():
+            raise
+        sys.stderr.write(f"error: {type(error).__name__}: {error}\n")
+        sys.exit(EXIT_MODEL_FAILURE)
+    finally:
+        watchdog.stop()
