@@ -30,16 +30,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import jvp
 
+from lightning_pdenets.dynamics.activations import ACTIVATIONS, check_activation
 from lightning_pdenets.dynamics.conv import group_norm
+from lightning_pdenets.validation import check_positive
 
 __all__ = ["CoordinateConvField", "CoordinateDerivatives", "PDEBlock", "coordinate_derivatives", "FIELD_ACTIVATIONS"]
 
-FIELD_ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
-    "softplus": nn.Softplus,
-    "tanh": nn.Tanh,
-    "relu": nn.ReLU,
-}
-"""Activations of the regression network; smooth ones give non-trivial higher derivatives."""
+FIELD_ACTIVATIONS: dict[str, type[nn.Module]] = {name: ACTIVATIONS[name] for name in ("softplus", "tanh", "relu")}
+"""Activations of the regression network (those :class:`CoordinateConvField` differentiates in closed form);
+smooth ones give non-trivial higher derivatives."""
 
 
 @dataclass
@@ -222,8 +221,7 @@ class CoordinateConvField(nn.Module):
         self, channels: int, num_coordinates: int = 3, activation: str = "softplus", output_norm: bool = False
     ) -> None:
         super().__init__()
-        if activation not in FIELD_ACTIVATIONS:
-            raise ValueError(f"`activation` must be one of {sorted(FIELD_ACTIVATIONS)}, got {activation!r}.")
+        check_activation(activation, FIELD_ACTIVATIONS)
         self.channels = channels
         self.norm1 = group_norm(channels)
         self.conv1 = nn.Conv2d(channels + num_coordinates, channels, 3, padding=1)
@@ -328,8 +326,7 @@ class PDEBlock(nn.Module):
             raise TypeError(f"`field` must be an nn.Module computing f(h0, coordinates), got {type(field).__name__}.")
         if len(spatial_size) != 2 or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in spatial_size):
             raise ValueError(f"`spatial_size` must be two positive integers (H, W), got {spatial_size!r}.")
-        if isinstance(t_end, bool) or not isinstance(t_end, (int, float)) or t_end <= 0:
-            raise ValueError(f"`t_end` must be a number > 0, got {t_end!r}.")
+        check_positive(t_end, "t_end")
         self.field = field
         self.spatial_size = tuple(spatial_size)
         self.t_end = float(t_end)

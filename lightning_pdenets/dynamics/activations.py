@@ -8,6 +8,8 @@ solver's order; Finlay et al. (ICML 2020) and Kelly et al. (NeurIPS 2020) regula
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from torch import nn
 
 __all__ = ["ACTIVATIONS", "check_activation"]
@@ -18,8 +20,13 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
 """Activation names accepted by the vector fields of :mod:`lightning_pdenets.dynamics`."""
 
 
-def check_activation(activation: str) -> type[nn.Module]:
-    """Return the activation class for ``activation`` or raise a ``ValueError`` listing the names."""
-    if not isinstance(activation, str) or activation not in ACTIVATIONS:
-        raise ValueError(f"`activation` must be one of {sorted(ACTIVATIONS)}, got {activation!r}.")
-    return ACTIVATIONS[activation]
+def check_activation(activation: str, choices: Mapping[str, type[nn.Module]] = ACTIVATIONS) -> type[nn.Module]:
+    """Return the activation class for ``activation`` or raise a ``ValueError`` listing the names.
+
+    Args:
+        activation: A name of ``choices``.
+        choices: The names a caller accepts, a subset of :data:`ACTIVATIONS` (all of them by default).
+    """
+    if not isinstance(activation, str) or activation not in choices:
+        raise ValueError(f"`activation` must be one of {sorted(choices)}, got {activation!r}.")
+    return choices[activation]
