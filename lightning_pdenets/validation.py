@@ -6,7 +6,7 @@ import difflib
 import math
 from typing import Any, Iterable, Sequence
 
-__all__ = ["check_positive", "check_positive_int", "check_setting_names"]
+__all__ = ["check_non_negative", "check_positive", "check_positive_int", "check_setting_names"]
 
 
 def check_positive(value: Any, argument: str, allow_none: bool = False) -> None:
@@ -15,6 +15,12 @@ def check_positive(value: Any, argument: str, allow_none: bool = False) -> None:
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"`{argument}` must be a finite number > 0, got {value!r}.")
+
+
+def check_non_negative(value: Any, argument: str) -> None:
+    """Raise a ``ValueError`` naming ``argument`` unless ``value`` is a finite number >= 0 (a weight that 0 turns off)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"`{argument}` must be a finite number >= 0, got {value!r}.")
 
 
 def check_positive_int(value: Any, argument: str, minimum: int = 1) -> None:

@@ -19,8 +19,8 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from lightning_pdenets.dynamics.symmetric import SymmetricLayer, check_positive_int
-from lightning_pdenets.validation import check_positive
+from lightning_pdenets.dynamics.symmetric import SymmetricLayer
+from lightning_pdenets.validation import check_positive, check_positive_int
 
 __all__ = ["SymmetricPDEBlock", "ParabolicBlock", "HamiltonianBlock", "SecondOrderBlock", "ReversibleIntegration"]
 
@@ -195,8 +195,7 @@ class SymmetricPDEBlock(nn.Module):
         The refined control-point grid is nested in the old one, so θ(t) is unchanged and the
         output only changes by the smaller discretization error of the states.
         """
-        if isinstance(factor, bool) or not isinstance(factor, int) or factor < 2:
-            raise ValueError(f"`factor` must be an integer >= 2, got {factor!r}.")
+        check_positive_int(factor, "factor", minimum=2)
         self.num_steps *= factor
         self.step_size /= factor
         if refine_weights:

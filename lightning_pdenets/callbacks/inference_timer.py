@@ -12,6 +12,7 @@ from lightning.pytorch.callbacks import Callback
 
 from lightning_pdenets.evaluation import evaluation_pass, split_batch
 from lightning_pdenets.metric_logging import log_replicated
+from lightning_pdenets.validation import check_positive_int
 from typing_extensions import override
 
 __all__ = ["InferenceTimer"]
@@ -39,8 +40,7 @@ class InferenceTimer(Callback):
     def __init__(self, batch_size: int = 1000, num_warmup: int = 2, num_repeats: int = 5) -> None:
         super().__init__()
         for name, value, minimum in (("batch_size", batch_size, 1), ("num_warmup", num_warmup, 0), ("num_repeats", num_repeats, 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}.")
+            check_positive_int(value, name, minimum)
         self.batch_size = batch_size
         self.num_warmup = num_warmup
         self.num_repeats = num_repeats

@@ -22,6 +22,7 @@ from lightning.pytorch.callbacks import Callback
 
 from lightning_pdenets.metric_logging import log_replicated
 from lightning_pdenets.protocols import find_time_stepping_blocks
+from lightning_pdenets.validation import check_positive_int
 from typing_extensions import override
 
 __all__ = ["MultilevelTraining"]
@@ -58,8 +59,7 @@ class MultilevelTraining(Callback):
         epochs = list(refine_epochs)
         if not epochs or any(isinstance(e, bool) or not isinstance(e, int) or e < 1 for e in epochs):
             raise ValueError(f"`refine_epochs` must be a non-empty list of epochs >= 1, got {refine_epochs!r}.")
-        if isinstance(factor, bool) or not isinstance(factor, int) or factor < 2:
-            raise ValueError(f"`factor` must be an integer >= 2, got {factor!r}.")
+        check_positive_int(factor, "factor", minimum=2)
         if not isinstance(refine_weights, bool):
             raise ValueError(f"`refine_weights` must be True or False, got {refine_weights!r}.")
         if block_names is not None and (isinstance(block_names, str) or not all(isinstance(n, str) for n in block_names)):

@@ -18,7 +18,6 @@ logged objective but does not act on training.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Iterable, Optional
 
 import lightning.pytorch as pl
@@ -29,6 +28,7 @@ from torch.optim import Optimizer
 from lightning_pdenets.errors import NonFiniteLossError
 from lightning_pdenets.metric_logging import log_replicated
 from lightning_pdenets.protocols import find_time_dependent_weights
+from lightning_pdenets.validation import check_non_negative, check_positive
 from typing_extensions import override
 
 __all__ = ["TimeTVRegularization", "time_total_variation", "collect_time_dependent_parameters"]
@@ -83,10 +83,8 @@ class TimeTVRegularization(Callback):
 
     def __init__(self, alpha: float = 3e-4, epsilon: float = 1e-3, log_name: str = "train/tv_time") -> None:
         super().__init__()
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha < 0:
-            raise ValueError(f"`alpha` must be a finite number >= 0, got {alpha!r}.")
-        if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not math.isfinite(epsilon) or epsilon <= 0:
-            raise ValueError(f"`epsilon` must be a finite number > 0, got {epsilon!r}.")
+        check_non_negative(alpha, "alpha")
+        check_positive(epsilon, "epsilon")
         if not isinstance(log_name, str) or not log_name:
             raise ValueError(f"`log_name` must be a non-empty string, got {log_name!r}.")
         self.alpha = float(alpha)

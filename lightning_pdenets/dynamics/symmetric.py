@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_pdenets.validation import check_positive
+from lightning_pdenets.validation import check_positive, check_positive_int
 
 __all__ = ["WEIGHT_INTERPOLATIONS", "SYMMETRIC_NORMS", "SYMMETRIC_ACTIVATIONS", "TimeDependentWeight", "SymmetricLayer"]
 
@@ -30,12 +30,6 @@ SYMMETRIC_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "leaky_relu": F.leaky_relu,
     "identity": lambda x: x,
 }
-
-
-def check_positive_int(value: Any, argument: str) -> None:
-    """Raise ``ValueError`` naming ``argument`` unless ``value`` is an integer >= 1."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`{argument}` must be an integer >= 1, got {value!r}.")
 
 
 class TimeDependentWeight(nn.Module):
