@@ -92,7 +92,7 @@ def test_equation_prints_sorted_terms_and_drops_small_ones():
         (dict(max_power=-1), "`max_power` entries must be integers in [0, 6]"),
         (dict(axes=("x", "y"), max_derivative_order=(3,)), "one integer per axis ['x', 'y']"),
         (dict(max_derivative_order=2.5), "`max_derivative_order`"),
-        (dict(l1_weight=-1.0), "`l1_weight` must be a number >= 0"),
+        (dict(l1_weight=-1.0), "`l1_weight` must be a finite number >= 0"),
     ],
 )
 def test_invalid_library_settings_fail_at_construction(kwargs, message):

@@ -37,7 +37,7 @@ from lightning_pdenets.blocks.lasso import (
 from lightning_pdenets.blocks.pde import CoordinateDerivatives, coordinate_derivatives
 from lightning_pdenets.blocks.sampled import IntPerAxis, _per_axis, savgol_derivatives
 from lightning_pdenets.blocks.weak_form import weak_form_library
-from lightning_pdenets.validation import check_positive, check_positive_int
+from lightning_pdenets.validation import check_non_negative, check_positive, check_positive_int
 
 __all__ = ["GoverningEquation", "LibraryTerm", "SparseFit"]
 
@@ -157,10 +157,8 @@ class GoverningEquation(nn.Module):
                 raise ValueError(f"axis names must be identifiers other than 't' (the time), got {axis!r}.")
         powers = _per_axis(max_power, axes, "max_power")
         orders = _per_axis(max_derivative_order, axes, "max_derivative_order")
-        if not isinstance(l1_weight, (int, float)) or isinstance(l1_weight, bool) or l1_weight < 0:
-            raise ValueError(f"`l1_weight` must be a number >= 0, got {l1_weight!r}.")
-        if not isinstance(print_threshold, (int, float)) or print_threshold < 0:
-            raise ValueError(f"`print_threshold` must be a number >= 0, got {print_threshold!r}.")
+        check_non_negative(l1_weight, "l1_weight")
+        check_non_negative(print_threshold, "print_threshold")
         self.axes = tuple(axes)
         self.max_power = dict(zip(self.axes, powers))
         self.max_derivative_order = dict(zip(self.axes, orders))
@@ -399,9 +397,8 @@ class GoverningEquation(nn.Module):
             RuntimeWarning: if the library is ill-conditioned, naming its near-collinear terms.
         """
         l1_weight = self.l1_weight if l1_weight is None else l1_weight
-        for name, value in (("l1_weight", l1_weight), ("threshold", threshold)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise ValueError(f"`{name}` must be a finite number >= 0, got {value!r}.")
+        check_non_negative(l1_weight, "l1_weight")
+        check_non_negative(threshold, "threshold")
         check_positive(tol, "tol")
         check_positive_int(max_steps, "max_steps")
         if library.shape[0] != self.num_terms or library.shape[1:] != time_derivative.shape:

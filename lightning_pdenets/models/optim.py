@@ -16,7 +16,7 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from lightning_pdenets.blocks.lasso import soft_threshold
 from lightning_pdenets.errors import ConfigurationError
-from lightning_pdenets.validation import check_positive, check_setting_names
+from lightning_pdenets.validation import check_non_negative, check_positive, check_setting_names
 from typing_extensions import override
 
 __all__ = [
@@ -100,8 +100,7 @@ def check_optimization_settings(
     if optimizer not in optimizers:
         raise ValueError(f"`{prefix}optimizer` must be one of {sorted(optimizers)}, got {optimizer!r}.")
     check_positive(lr, f"{prefix}lr")
-    if not isinstance(weight_decay, (int, float)) or weight_decay < 0:
-        raise ValueError(f"`{prefix}weight_decay` must be >= 0, got {weight_decay!r}.")
+    check_non_negative(weight_decay, f"{prefix}weight_decay")
     if not isinstance(momentum, (int, float)) or not 0 <= momentum < 1:
         raise ValueError(f"`{prefix}momentum` must be in [0, 1), got {momentum!r}.")
     if lr_scheduler not in LR_SCHEDULERS:
@@ -146,8 +145,7 @@ class ProximalSGD(torch.optim.Optimizer):
 
     def __init__(self, params, lr: float = 1e-2, l1_weight: float = 1e-4, momentum: float = 0.0) -> None:
         check_positive(lr, "lr")
-        if not isinstance(l1_weight, (int, float)) or l1_weight < 0:
-            raise ValueError(f"`l1_weight` must be a number >= 0, got {l1_weight!r}.")
+        check_non_negative(l1_weight, "l1_weight")
         if not isinstance(momentum, (int, float)) or not 0 <= momentum < 1:
             raise ValueError(f"`momentum` must be in [0, 1), got {momentum!r}.")
         super().__init__(params, dict(lr=lr, l1_weight=l1_weight, momentum=momentum))

@@ -40,7 +40,7 @@ from lightning_pdenets.models.optim import (
     build_schedule,
     resolve_optimizer_options,
 )
-from lightning_pdenets.validation import check_positive, check_positive_int
+from lightning_pdenets.validation import check_non_negative, check_positive, check_positive_int
 from typing_extensions import override
 
 __all__ = ["PRNET_OPTIMIZERS", "PRNET_STEPS", "PRNetAlgorithmModule", "PRNetModule"]
@@ -137,9 +137,8 @@ class PRNetAlgorithmModule(ClassifierModule):
         check_positive(gradient_clip_val, "gradient_clip_val", allow_none=True)
         if governing_samples is not None:
             check_positive_int(governing_samples, "governing_samples")
-        for name, value in (("initial_weight", initial_weight), ("governing_weight", governing_weight)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise ValueError(f"`{name}` must be a number >= 0, got {value!r}.")
+        check_non_negative(initial_weight, "initial_weight")
+        check_non_negative(governing_weight, "governing_weight")
         self.step_order = tuple(step_order)
         self.governing = GoverningEquation(
             PDEBlock.axes, max_power, max_derivative_order, l1_weight, print_threshold, variable="h"
