@@ -1,13 +1,15 @@
-"""The behaviours of jsonargparse and Lightning that ``lightning_pdenets/cli/_library_adapters.py`` depends on.
+"""The behaviours of jsonargparse, Lightning and torchmetrics that the package's adapters depend on:
+``lightning_pdenets/cli/_library_adapters.py`` (jsonargparse, Lightning) and ``lightning_pdenets/_compat/torchmetrics.py``.
 
-Neither library documents them, so a release may change them without notice. Each test drives the library itself
-(a LightningCLI over tiny classes defined here, or a Trainer), not the ``pdenets`` CLI, and its failure message
-names the function of the adapter to update. Fast: nothing trains, every CLI stops before instantiating a Trainer.
+No library documents them, so a release may change them without notice. Each test drives the library itself
+(a LightningCLI over tiny classes defined here, a Trainer, a metric), not the ``pdenets`` CLI, and its failure
+message names the function of the adapter to update. Fast: nothing trains, every CLI stops before its Trainer.
 """
 
 from __future__ import annotations
 
 import signal
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +17,9 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_pdenets._compat.torchmetrics import mark_updated
 from lightning_pdenets.cli._library_adapters import (
     command_name,
     constructor_error,
@@ -195,3 +199,21 @@ def test_ctrl_c_in_a_fit_ends_as_system_exit_1_after_the_interrupt() -> None:
         f"interrupted_by_ctrl_c in {ADAPTER}"
     )
     assert isinstance(stopped.value, SystemExit)  # the adapter's first case (a bare KeyboardInterrupt) is not this one
+
+
+def test_a_metric_with_restored_states_computes_as_updated() -> None:
+    """``lightning_pdenets/_compat/torchmetrics.py``: the epoch-metric resume of ``ClassifierModule``."""
+    source = MulticlassAccuracy(num_classes=3, average="micro")
+    source.update(torch.tensor([0, 1, 2, 2]), torch.tensor([0, 1, 1, 2]))
+    restored = MulticlassAccuracy(num_classes=3, average="micro")
+    for name, value in source.metric_state.items():
+        setattr(restored, name, value.clone())
+    mark_updated(restored)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torchmetrics warns when compute() comes before any counted update
+        try:
+            value = restored.compute()
+        except UserWarning as warning:
+            pytest.fail(f"torchmetrics no longer counts updates in Metric._update_count ({warning}); update "
+                        f"mark_updated in lightning_pdenets/_compat/torchmetrics.py")
+    assert restored.update_called and value == source.compute()

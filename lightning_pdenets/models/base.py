@@ -13,6 +13,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 from torchmetrics import Metric, MetricCollection
 
+from lightning_pdenets._compat.torchmetrics import mark_updated
 from lightning_pdenets.blocks.ode import explain_solver_failure
 from lightning_pdenets.errors import (
     ModelFailure,
@@ -325,7 +326,7 @@ class ClassifierModule(pl.LightningModule):
                 metric = dict(self.train_metrics.items(keep_base=True))[key]
             for attribute, value in values.items():
                 setattr(metric, attribute, value.to(self.device))
-            metric._update_count = max(metric._update_count, 1)  # noqa: SLF001 (compute() warns on 0)
+            mark_updated(metric)  # compute() would warn that update() was never called
 
     @override
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
