@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from typing import Any, Iterable, Optional
+from collections.abc import Iterable
+from typing import Any
 
 
-def import_class(class_path: str) -> Optional[type]:
+def import_class(class_path: str) -> type | None:
     """The class named by a dotted path such as ``lightning_pdenets.models.ODENetModule``, or None if there is none."""
     module, _, name = class_path.rpartition(".")
     try:

@@ -22,13 +22,17 @@ import signal
 import socket
 import sys
 import threading
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 __all__ = [
-    "EXIT_SIGTERM", "GRACE_ENVIRONMENT_VARIABLE", "RunInterrupted", "StopWatchdog", "raise_if_stop_requested",
+    "EXIT_SIGTERM",
+    "GRACE_ENVIRONMENT_VARIABLE",
+    "RunInterrupted",
+    "StopWatchdog",
+    "raise_if_stop_requested",
     "stop_requested",
 ]
 
@@ -45,7 +49,7 @@ class RunInterrupted(SIGTERMException):
     """SIGTERM stopped long work inside a batch or hook; the message says what was interrupted."""
 
 
-def stop_requested(trainer: Optional["pl.Trainer"]) -> bool:
+def stop_requested(trainer: pl.Trainer | None) -> bool:
     """Whether this process received SIGTERM (Lightning's flag); ``False`` outside a trainer.
 
     Rank-local on purpose, and no collective: evaluation ranks may hold different numbers of batches, so a
@@ -57,7 +61,7 @@ def stop_requested(trainer: Optional["pl.Trainer"]) -> bool:
     return bool(getattr(trainer, "received_sigterm", False)) if trainer is not None else False
 
 
-def raise_if_stop_requested(trainer: Optional["pl.Trainer"], describe: Callable[[], str]) -> None:
+def raise_if_stop_requested(trainer: pl.Trainer | None, describe: Callable[[], str]) -> None:
     """Raise :class:`RunInterrupted`, with ``describe()`` as its message, when :func:`stop_requested`."""
     if stop_requested(trainer):
         raise RunInterrupted(describe())
@@ -78,20 +82,20 @@ class StopWatchdog:
         describe: Returns the advice printed when the watchdog ends the process (e.g. how to resume).
     """
 
-    def __init__(self, grace_seconds: Optional[float] = None, describe: Optional[Callable[[], str]] = None) -> None:
+    def __init__(self, grace_seconds: float | None = None, describe: Callable[[], str] | None = None) -> None:
         if grace_seconds is None:
             grace_seconds = _grace_from_environment()
         if isinstance(grace_seconds, bool) or not isinstance(grace_seconds, (int, float)) or not grace_seconds > 0:
             raise ValueError(f"`grace_seconds` must be a positive number of seconds, got {grace_seconds!r}.")
         self.grace_seconds = float(grace_seconds)
         self.describe = describe or (lambda: "")
-        self._reader: Optional[socket.socket] = None
-        self._writer: Optional[socket.socket] = None
-        self._thread: Optional[threading.Thread] = None
+        self._reader: socket.socket | None = None
+        self._writer: socket.socket | None = None
+        self._thread: threading.Thread | None = None
         self._previous_handler: object = None
         self._stopped = threading.Event()
 
-    def start(self) -> "StopWatchdog":
+    def start(self) -> StopWatchdog:
         """Start watching (main thread only; a no-op where signals cannot be watched)."""
         if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "set_wakeup_fd"):
             return self
@@ -120,7 +124,7 @@ class StopWatchdog:
         self._writer = None
 
     def _watch(self) -> None:
-        assert self._reader is not None  # noqa: S101 (set in start, before the thread)
+        assert self._reader is not None
         while True:
             try:
                 received = self._reader.recv(64)
@@ -171,7 +175,7 @@ def _forward_to_children(signum: int) -> None:
 
 
 def _child_pids(parent: int) -> list[int]:
-    children = []
+    children: list[int] = []
     try:
         entries = os.listdir("/proc")
     except OSError:

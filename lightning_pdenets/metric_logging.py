@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import re
 import warnings
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import lightning.pytorch as pl
 from lightning.fabric.utilities.warnings import PossibleUserWarning
@@ -53,13 +54,14 @@ def log_replicated(module: pl.LightningModule, metrics: Mapping[str, Any], **log
             _SILENCED_NAMES.add(name)
             # Lightning 2.x's text (logger_connector/result.py); tests/test_ddp_cli.py fails if it changes
             warnings.filterwarnings(
-                "ignore", message=re.escape(f"It is recommended to use `self.log({name!r}, ..., sync_dist=True)`"),
+                "ignore",
+                message=re.escape(f"It is recommended to use `self.log({name!r}, ..., sync_dist=True)`"),
                 category=PossibleUserWarning,
             )
     module.log_dict(dict(metrics), on_step=False, on_epoch=True, sync_dist=False, reduce_fx="max", **log_kwargs)
 
 
-def step_values_are_read(trainer: "pl.Trainer", progress_bar: bool = False) -> bool:
+def step_values_are_read(trainer: pl.Trainer, progress_bar: bool = False) -> bool:
     """Whether a value logged on this training step reaches anyone: the loggers or, with ``progress_bar``, the bar.
 
     Lightning writes step-level values to the loggers only every ``log_every_n_steps`` steps and drops the
@@ -72,7 +74,7 @@ def step_values_are_read(trainer: "pl.Trainer", progress_bar: bool = False) -> b
     """
     if progress_bar and trainer.progress_bar_callback is not None:
         return True
-    return bool(getattr(trainer._logger_connector, "should_update_logs", True))  # noqa: SLF001
+    return bool(getattr(trainer._logger_connector, "should_update_logs", True))
 
 
 def log_occasional_step_values(module: pl.LightningModule, metrics: Mapping[str, float]) -> None:

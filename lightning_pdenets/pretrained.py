@@ -32,7 +32,7 @@ import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -40,6 +40,9 @@ from lightning_pdenets._discovery import import_class
 from lightning_pdenets.checkpoints import checkpoint_class_path
 from lightning_pdenets.errors import CheckpointNotFoundError, ConfigurationError, CorruptCheckpointError
 from lightning_pdenets.migration import check_layout
+
+if TYPE_CHECKING:
+    from lightning.pytorch import LightningModule
 
 __all__ = [
     "PRETRAINED",
@@ -91,7 +94,7 @@ class PretrainedModel:
     test_accuracy: float
     source: str
     description: str
-    url: Optional[str] = None
+    url: str | None = None
     fit_arguments: tuple[str, ...] = ()
 
 
@@ -101,48 +104,72 @@ PRETRAINED: dict[str, PretrainedModel] = {
     entry.name: entry
     for entry in (
         PretrainedModel(
-            name="resnet_mnist", file="bench/checkpoints/mnist/resnet.ckpt",
+            name="resnet_mnist",
+            file="bench/checkpoints/mnist/resnet.ckpt",
             sha256="e10b2413c5e69661730dea062702bc813be51d88916ad1623171b64354b1d645",
-            config="configs/mnist/resnet.yaml", model="lightning_pdenets.models.ResNetModule", dataset="MNIST",
-            test_accuracy=0.9963, source=_PAPER_SCALE,
+            config="configs/mnist/resnet.yaml",
+            model="lightning_pdenets.models.ResNetModule",
+            dataset="MNIST",
+            test_accuracy=0.9963,
+            source=_PAPER_SCALE,
             description="ResNet of Chen et al. (2018), 576,778 parameters, 12 epochs (Kim et al. Table 2: 0.9966).",
         ),
         PretrainedModel(
-            name="rknet_mnist", file="bench/checkpoints/mnist/rknet.ckpt",
+            name="rknet_mnist",
+            file="bench/checkpoints/mnist/rknet.ckpt",
             sha256="473bf20b82b113400e2d5bca9730ef65be36d648a9988d98a075c7037ecde720",
-            config="configs/mnist/rknet.yaml", model="lightning_pdenets.models.RKNetModule", dataset="MNIST",
-            test_accuracy=0.9961, source=_PAPER_SCALE,
+            config="configs/mnist/rknet.yaml",
+            model="lightning_pdenets.models.RKNetModule",
+            dataset="MNIST",
+            test_accuracy=0.9961,
+            source=_PAPER_SCALE,
             description="RK-Net (RK4 through the solver, backpropagated), 208,266 parameters (Kim et al.: 0.9970).",
         ),
         PretrainedModel(
-            name="odenet_mnist", file="bench/checkpoints/mnist/odenet.ckpt",
+            name="odenet_mnist",
+            file="bench/checkpoints/mnist/odenet.ckpt",
             sha256="e64c76011754d72d69a36bf457ccf0b6b8502b31ca84ebd628c40fd18ba0f4ee",
-            config="configs/mnist/odenet.yaml", model="lightning_pdenets.models.ODENetModule", dataset="MNIST",
-            test_accuracy=0.9963, source=_PAPER_SCALE,
+            config="configs/mnist/odenet.yaml",
+            model="lightning_pdenets.models.ODENetModule",
+            dataset="MNIST",
+            test_accuracy=0.9963,
+            source=_PAPER_SCALE,
             description="ODE-Net (dopri5, adjoint), 208,266 parameters, 26 NFE per test batch (Kim et al.: 0.9964).",
         ),
         PretrainedModel(
-            name="prnet_mnist", file="bench/checkpoints/mnist/prnet.ckpt",
+            name="prnet_mnist",
+            file="bench/checkpoints/mnist/prnet.ckpt",
             sha256="40830054bdc9f7fa58c163a1f04f1166cb6d1fce52cae113da03400dcb7d1449",
-            config="configs/mnist/prnet.yaml", model="lightning_pdenets.models.PRNetModule", dataset="MNIST",
-            test_accuracy=0.9963, source=_PAPER_SCALE,
+            config="configs/mnist/prnet.yaml",
+            model="lightning_pdenets.models.PRNetModule",
+            dataset="MNIST",
+            test_accuracy=0.9963,
+            source=_PAPER_SCALE,
             description="PR-Net (Kim et al.), seed 0, 210,578 parameters, no solver at inference (paper: 0.9972).",
         ),
         PretrainedModel(
-            name="prnet_mnist_seed1", file="bench/checkpoints/mnist/prnet_seed1.ckpt",
+            name="prnet_mnist_seed1",
+            file="bench/checkpoints/mnist/prnet_seed1.ckpt",
             sha256="dca53409530f7d3912558c8ed67f473e80619f58d1b44e2bebc905ca729af540",
-            config="configs/mnist/prnet.yaml", model="lightning_pdenets.models.PRNetModule", dataset="MNIST",
-            test_accuracy=0.9962, source=_PAPER_SCALE, fit_arguments=("--seed_everything", "1"),
+            config="configs/mnist/prnet.yaml",
+            model="lightning_pdenets.models.PRNetModule",
+            dataset="MNIST",
+            test_accuracy=0.9962,
+            source=_PAPER_SCALE,
+            fit_arguments=("--seed_everything", "1"),
             description="PR-Net, the same config with seed 1.",
         ),
         PretrainedModel(
-            name="quickstart_digits", file="bench/checkpoints/digits/quickstart.ckpt",
+            name="quickstart_digits",
+            file="bench/checkpoints/digits/quickstart.ckpt",
             sha256="1c3e6ff2704a83e0c3d0a7e3b22d21730e4f7149da49a9be653a7a6fbe1bed81",
-            config="configs/quickstart.yaml", model="lightning_pdenets.models.RKNetModule",
-            dataset="scikit-learn digits (bundled, offline)", test_accuracy=0.9852,
+            config="configs/quickstart.yaml",
+            model="lightning_pdenets.models.RKNetModule",
+            dataset="scikit-learn digits (bundled, offline)",
+            test_accuracy=0.9852,
             source='BENCHMARKS.md, "Pretrained models"',
             description="The offline quickstart's RK-Net (width 64, rk4 with step 0.25), best validation epoch "
-                        "(the 9th of 15) on 8x8 digits: 266 of the 270 test images.",
+            "(the 9th of 15) on 8x8 digits: 266 of the 270 test images.",
         ),
     )
 }
@@ -168,7 +195,7 @@ def info(name: str) -> PretrainedModel:
     return PRETRAINED[name]
 
 
-def checkpoint_path(name: str, root: Union[str, Path, None] = None) -> Path:
+def checkpoint_path(name: str, root: str | Path | None = None) -> Path:
     """The verified checkpoint file of ``name``: present and with the recorded SHA-256.
 
     Args:
@@ -189,7 +216,7 @@ def checkpoint_path(name: str, root: Union[str, Path, None] = None) -> Path:
     return path
 
 
-def load(name: str, map_location: Any = "cpu", root: Union[str, Path, None] = None) -> Any:
+def load(name: str, map_location: Any = "cpu", root: str | Path | None = None) -> Any:
     """The pretrained model ``name`` as its LightningModule, in eval mode.
 
     The file is read once, its SHA-256 checked, and the bytes that were checked are loaded with
@@ -215,16 +242,19 @@ def load(name: str, map_location: Any = "cpu", root: Union[str, Path, None] = No
     class_path = checkpoint_class_path(checkpoint) or entry.model
     cls = import_class(class_path)
     if cls is None:
-        raise CorruptCheckpointError(f"pretrained model {name!r}: {str(path)!r} names the model class {class_path!r}, "
-                                     f"which does not import.")
-    model = cls.load_from_checkpoint(io.BytesIO(data), map_location=map_location, weights_only=True)
+        raise CorruptCheckpointError(
+            f"pretrained model {name!r}: {str(path)!r} names the model class {class_path!r}, which does not import."
+        )
+    model = cast("type[LightningModule]", cls).load_from_checkpoint(
+        io.BytesIO(data), map_location=map_location, weights_only=True
+    )
     return model.eval()
 
 
 def resolve_ckpt_path(ckpt_path: Any) -> Any:
     """``pretrained:NAME`` as the verified file's path (a string); any other value unchanged."""
     if isinstance(ckpt_path, str) and ckpt_path.startswith(PRETRAINED_PREFIX):
-        return str(checkpoint_path(ckpt_path[len(PRETRAINED_PREFIX):]))
+        return str(checkpoint_path(ckpt_path[len(PRETRAINED_PREFIX) :]))
     return ckpt_path
 
 
@@ -233,28 +263,28 @@ def sha256_of(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _root(root: Union[str, Path, None]) -> Path:
+def _root(root: str | Path | None) -> Path:
     if root is not None:
         return Path(root)
     return Path(os.environ.get(ROOT_VARIABLE) or REPOSITORY_ROOT)
 
 
-def _cached_download(entry: PretrainedModel) -> Path:
-    """The file of ``entry.url`` in torch.hub's cache, downloaded (hash-checked) if not there yet."""
+def _cached_download(entry: PretrainedModel, url: str) -> Path:
+    """The file of ``entry`` at ``url`` in torch.hub's cache, downloaded (hash-checked) if not there yet."""
     folder = Path(torch.hub.get_dir()) / "checkpoints" / "lightning_pdenets"
     target = folder / f"{entry.name}-{entry.sha256[:8]}{Path(entry.file).suffix}"
     if not target.is_file():
         folder.mkdir(parents=True, exist_ok=True)
-        torch.hub.download_url_to_file(entry.url, str(target), hash_prefix=entry.sha256, progress=True)
+        torch.hub.download_url_to_file(url, str(target), hash_prefix=entry.sha256, progress=True)
     return target
 
 
-def _read_verified(entry: PretrainedModel, root: Union[str, Path, None]) -> tuple[Path, bytes]:
+def _read_verified(entry: PretrainedModel, root: str | Path | None) -> tuple[Path, bytes]:
     """The file of ``entry`` and its bytes, after checking that they have the recorded SHA-256."""
     base = _root(root)
     path = base / entry.file
     if not path.is_file() and entry.url is not None:
-        path = _cached_download(entry)
+        path = _cached_download(entry, entry.url)
     if not path.is_file():
         raise CheckpointNotFoundError(
             f"pretrained model {entry.name!r}: its checkpoint {str(path)!r} does not exist. The pretrained files are "

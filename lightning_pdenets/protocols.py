@@ -31,7 +31,7 @@ Regularization terms (:class:`RegularizedModule`)
 
 from __future__ import annotations
 
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, cast, runtime_checkable
 
 import torch
 from torch import nn
@@ -77,7 +77,7 @@ def pop_regularization(modules: list[nn.Module]) -> dict[str, torch.Tensor]:
     """
     total: dict[str, torch.Tensor] = {}
     for module in modules:
-        for name, term in module.pop_regularization().items():
+        for name, term in cast(RegularizedModule, module).pop_regularization().items():
             total[name] = total[name] + term if name in total else term
     return total
 
@@ -130,4 +130,4 @@ def find_time_dependent_weights(module: nn.Module) -> list[nn.Module]:
 
 def find_time_stepping_blocks(module: nn.Module) -> list[tuple[str, nn.Module]]:
     """Return ``(qualified name, block)`` for every submodule that follows :class:`TimeSteppingBlock`."""
-    return [(name, m) for name, m in module.named_modules() if isinstance(m, TimeSteppingBlock)]
+    return [(name, cast(nn.Module, m)) for name, m in module.named_modules() if isinstance(m, TimeSteppingBlock)]

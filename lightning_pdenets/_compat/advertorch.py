@@ -42,7 +42,7 @@ def import_advertorch_attacks() -> ModuleType:
     # ``torch.autograd.gradcheck`` as an attribute is the function; the module is only in importlib.
     gradcheck_module = importlib.import_module("torch.autograd.gradcheck")
     if not hasattr(gradcheck_module, "zero_gradients"):
-        gradcheck_module.zero_gradients = zero_gradients
+        gradcheck_module.zero_gradients = zero_gradients  # type: ignore[attr-defined]  # torch removed it; put back
     try:
         return importlib.import_module("advertorch.attacks")
     except ModuleNotFoundError as error:

@@ -18,14 +18,19 @@ from __future__ import annotations
 import contextlib
 import importlib
 import io
+from collections.abc import Callable
 from types import ModuleType
-from typing import Any, Callable, ContextManager, Optional
+from typing import Any
 
 import torch
 from torch import nn
 
 __all__ = [
-    "AUTOATTACK_STAGES", "GRADIENT_STAGES", "INSTALL_HINT", "import_torchattacks", "run_autoattack",
+    "AUTOATTACK_STAGES",
+    "GRADIENT_STAGES",
+    "INSTALL_HINT",
+    "import_torchattacks",
+    "run_autoattack",
     "standard_autoattack",
 ]
 
@@ -35,7 +40,7 @@ GRADIENT_STAGES = ("apgd-ce", "apgd-t", "fab-t")
 """The stages that differentiate the model (Square only queries its outputs)."""
 TORCHATTACKS_VERSION = "3.5.1"
 INSTALL_HINT = (
-    f'AutoAttack needs the optional extra torchattacks {TORCHATTACKS_VERSION}; install it with '
+    f"AutoAttack needs the optional extra torchattacks {TORCHATTACKS_VERSION}; install it with "
     f'`pip install "lightning_pdenets[autoattack]"` (or `pip install torchattacks=={TORCHATTACKS_VERSION}`).'
 )
 
@@ -55,7 +60,12 @@ def import_torchattacks() -> ModuleType:
 
 
 def standard_autoattack(
-    model: nn.Module, epsilon: float, num_classes: int, seed: int = 0, steps: int = 100, queries: int = 5000,
+    model: nn.Module,
+    epsilon: float,
+    num_classes: int,
+    seed: int = 0,
+    steps: int = 100,
+    queries: int = 5000,
 ) -> list[tuple[str, Any]]:
     """The four attacks of AutoAttack's standard L∞ version on ``model`` (a [0, 1]-pixel classifier).
 
@@ -74,8 +84,9 @@ def standard_autoattack(
     # torchattacks prints "Failed to set device automatically" for a model without parameters of its own
     # (``PixelSpace`` references the classifier without registering it); the device is set by the caller.
     with contextlib.redirect_stdout(io.StringIO()):
-        auto = torchattacks.AutoAttack(model, norm="Linf", eps=epsilon, version="standard", n_classes=num_classes,
-                                       seed=seed)
+        auto = torchattacks.AutoAttack(
+            model, norm="Linf", eps=epsilon, version="standard", n_classes=num_classes, seed=seed
+        )
     attacks = list(getattr(getattr(auto, "_autoattack", None), "attacks", ()))
     expected = (torchattacks.APGD, torchattacks.APGDT, torchattacks.FAB, torchattacks.Square)
     if len(attacks) != len(expected) or not all(isinstance(a, kind) for a, kind in zip(attacks, expected)):
@@ -98,7 +109,7 @@ def run_autoattack(
     seed: int = 0,
     steps: int = 100,
     queries: int = 5000,
-    gradient_context: Optional[Callable[[], ContextManager]] = None,
+    gradient_context: Callable[[], contextlib.AbstractContextManager] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Run standard AutoAttack stage by stage; the adversarial images after each stage.
 

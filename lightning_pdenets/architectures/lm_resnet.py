@@ -19,8 +19,9 @@ with probability ``p_l = 1 - (l / L)(1 - p_L)`` (``p_L = 0.5`` in both papers).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import partial
-from typing import Optional, Sequence
+from typing import cast
 
 import torch
 from torch import nn
@@ -78,7 +79,7 @@ class PreActResNet(nn.Module):
             :class:`BranchSurvivalDraws`) or ``'sample'`` (one draw per sample, from torch's global RNG).
     """
 
-    survival_draws: Optional[BranchSurvivalDraws]
+    survival_draws: BranchSurvivalDraws | None
 
     def __init__(
         self,
@@ -98,7 +99,11 @@ class PreActResNet(nn.Module):
         stochastic_depth_mode: str = "batch",
     ) -> None:
         super().__init__()
-        for name, value in (("in_channels", in_channels), ("num_classes", num_classes), ("stem_channels", stem_channels)):
+        for name, value in (
+            ("in_channels", in_channels),
+            ("num_classes", num_classes),
+            ("stem_channels", stem_channels),
+        ):
             check_positive_int(value, name)
         if block not in BLOCKS:
             raise ValueError(f"`block` must be one of {sorted(BLOCKS)}, got {block!r}.")
@@ -136,7 +141,11 @@ class PreActResNet(nn.Module):
                 channels, index = width * expansion, index + 1
             self.stages.append(stage)
         self.head = nn.Sequential(
-            nn.BatchNorm2d(channels), nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, num_classes)
+            nn.BatchNorm2d(channels),
+            nn.ReLU(inplace=True),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(channels, num_classes),
         )
         self.reset_parameters()
         # after the initialization, so that the same seed gives the same weights with or without it
@@ -156,9 +165,9 @@ class PreActResNet(nn.Module):
     def blocks(self) -> list[tuple[str, LMResidualBlock]]:
         """``('stage{s}.block{b}', block)`` in depth order, stages and blocks counted from 1."""
         return [
-            (f"stage{s}.block{b:02d}", block)
+            (f"stage{s}.block{b:02d}", cast(LMResidualBlock, block))
             for s, stage in enumerate(self.stages, start=1)
-            for b, block in enumerate(stage, start=1)
+            for b, block in enumerate(cast(nn.ModuleList, stage), start=1)
         ]
 
     def lm_coefficients(self) -> dict[str, torch.Tensor]:
@@ -173,9 +182,11 @@ class PreActResNet(nn.Module):
                 f"set `in_channels` to the dataset's number of channels."
             )
         x = self.stem(x)
-        x_prev: Optional[torch.Tensor] = None
-        blocks = [block for stage in self.stages for block in stage]
-        keeps = self.survival_draws.draw() if self.training and self.survival_draws is not None else [None] * len(blocks)
+        x_prev: torch.Tensor | None = None
+        blocks = [block for stage in self.stages for block in cast(nn.ModuleList, stage)]
+        keeps = (
+            self.survival_draws.draw() if self.training and self.survival_draws is not None else [None] * len(blocks)
+        )
         for block, keep in zip(blocks, keeps):
             x, x_prev = block(x, x_prev, keep)
         return x
@@ -184,7 +195,7 @@ class PreActResNet(nn.Module):
         return self.head(self.features(x))
 
 
-def cifar_stage_blocks(depth: int, block: Optional[str] = None) -> tuple[str, int]:
+def cifar_stage_blocks(depth: int, block: str | None = None) -> tuple[str, int]:
     """``(block, blocks_per_stage)`` of a CIFAR ResNet of ``depth`` layers (three stages).
 
     Basic blocks need ``depth = 6n + 2``, bottlenecks ``depth = 9n + 2``; by default depths from
@@ -201,7 +212,9 @@ def cifar_stage_blocks(depth: int, block: Optional[str] = None) -> tuple[str, in
     return block, (depth - 2) // (3 * layers_per_block)
 
 
-def _cifar(depth: int, num_classes: int, in_channels: int, block: Optional[str], base_width: int, **update) -> PreActResNet:
+def _cifar(
+    depth: int, num_classes: int, in_channels: int, block: str | None, base_width: int, **update
+) -> PreActResNet:
     check_positive_int(base_width, "base_width")
     check_positive_int(in_channels, "in_channels")
     block, n = cifar_stage_blocks(depth, block)
@@ -215,7 +228,7 @@ def preact_resnet_cifar(
     depth: int = 56,
     num_classes: int = 10,
     in_channels: int = 3,
-    block: Optional[str] = None,
+    block: str | None = None,
     base_width: int = 16,
     stochastic_depth: bool = False,
     survival_prob_last: float = 0.5,
@@ -225,8 +238,15 @@ def preact_resnet_cifar(
     16/32/64 (×4 for bottlenecks) at 32/16/8 pixels, head. 0.27M/0.46M/0.66M/0.85M/1.7M parameters
     for depths 20/32/44/56/110 and 1.7M for the bottleneck ResNet-164 (CIFAR-10)."""
     return _cifar(
-        depth, num_classes, in_channels, block, base_width, update="plain", stochastic_depth=stochastic_depth,
-        survival_prob_last=survival_prob_last, stochastic_depth_mode=stochastic_depth_mode,
+        depth,
+        num_classes,
+        in_channels,
+        block,
+        base_width,
+        update="plain",
+        stochastic_depth=stochastic_depth,
+        survival_prob_last=survival_prob_last,
+        stochastic_depth_mode=stochastic_depth_mode,
     )
 
 
@@ -235,7 +255,7 @@ def lm_resnet_cifar(
     depth: int = 56,
     num_classes: int = 10,
     in_channels: int = 3,
-    block: Optional[str] = None,
+    block: str | None = None,
     base_width: int = 16,
     k_mode: str = "scalar",
     k_init_range: Sequence[float] = (-0.1, 0.0),
@@ -246,8 +266,16 @@ def lm_resnet_cifar(
     """LM-ResNet-``depth`` of Lu et al. 2018: :func:`preact_resnet_cifar` with the LM update in
     every block but each stage's first (one extra parameter per LM block, or one per channel)."""
     return _cifar(
-        depth, num_classes, in_channels, block, base_width, update="lm", k_mode=k_mode, k_init_range=k_init_range,
-        stochastic_depth=stochastic_depth, survival_prob_last=survival_prob_last,
+        depth,
+        num_classes,
+        in_channels,
+        block,
+        base_width,
+        update="lm",
+        k_mode=k_mode,
+        k_init_range=k_init_range,
+        stochastic_depth=stochastic_depth,
+        survival_prob_last=survival_prob_last,
         stochastic_depth_mode=stochastic_depth_mode,
     )
 
@@ -280,8 +308,14 @@ def preact_resnet_imagenet(
     """Pre-activation ImageNet ResNet-``depth`` (He et al. 2016): 7×7/2 stem and max-pool, four
     stages at 1/4..1/32 resolution; 25.6M (ResNet-50) and 44.5M (ResNet-101) parameters."""
     return _imagenet(
-        depth, num_classes, in_channels, base_width, update="plain", stochastic_depth=stochastic_depth,
-        survival_prob_last=survival_prob_last, stochastic_depth_mode=stochastic_depth_mode,
+        depth,
+        num_classes,
+        in_channels,
+        base_width,
+        update="plain",
+        stochastic_depth=stochastic_depth,
+        survival_prob_last=survival_prob_last,
+        stochastic_depth_mode=stochastic_depth_mode,
     )
 
 
@@ -298,8 +332,15 @@ def lm_resnet_imagenet(
 ) -> PreActResNet:
     """LM-ResNet-``depth`` for ImageNet-size inputs (Lu et al. 2018, LM-ResNet-50/101)."""
     return _imagenet(
-        depth, num_classes, in_channels, base_width, update="lm", k_mode=k_mode, k_init_range=k_init_range,
-        stochastic_depth=stochastic_depth, survival_prob_last=survival_prob_last,
+        depth,
+        num_classes,
+        in_channels,
+        base_width,
+        update="lm",
+        k_mode=k_mode,
+        k_init_range=k_init_range,
+        stochastic_depth=stochastic_depth,
+        survival_prob_last=survival_prob_last,
         stochastic_depth_mode=stochastic_depth_mode,
     )
 

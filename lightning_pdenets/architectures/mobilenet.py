@@ -23,8 +23,9 @@ keeps Chen et al.'s GroupNorm(32) in the ODE and PDE blocks valid.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from functools import partial
-from typing import Any, Callable, Mapping, Optional, Union
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -94,8 +95,12 @@ class IsometricMobileNetV3(nn.Module):
         dropout: float = 0.2,
     ) -> None:
         super().__init__()
-        for name, value in (("in_channels", in_channels), ("num_classes", num_classes), ("patch_size", patch_size),
-                            ("head_expansion", head_expansion)):
+        for name, value in (
+            ("in_channels", in_channels),
+            ("num_classes", num_classes),
+            ("patch_size", patch_size),
+            ("head_expansion", head_expansion),
+        ):
             check_positive_int(value, name)
         if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
             raise ValueError(f"`dropout` must be in [0, 1), got {dropout!r}.")
@@ -135,14 +140,14 @@ class IsometricMobileNetV3(nn.Module):
 
     @property
     def blocks(self) -> nn.Sequential:
-        return self.backbone.blocks
+        return cast(nn.Sequential, self.backbone.get_submodule("blocks"))
 
     # The stem / feature / head split around the last block, the interface of Chen et al.'s
     # classifiers (StemFeatureHeadClassifier), through which PR-Net's training reaches its PDE block.
     @property
     def stem(self) -> nn.Sequential:
         """Patch stem and every block but the last: produces h(0) for the last block."""
-        return nn.Sequential(self.backbone.stem, *list(self.blocks)[:-1])
+        return nn.Sequential(self.backbone.get_submodule("stem"), *list(self.blocks)[:-1])
 
     @property
     def feature(self) -> nn.Module:
@@ -152,7 +157,7 @@ class IsometricMobileNetV3(nn.Module):
     @property
     def head(self) -> nn.Sequential:
         """Head convolution, pooling and classifier."""
-        return nn.Sequential(self.backbone.head, self.classifier)
+        return nn.Sequential(self.backbone.get_submodule("head"), self.classifier)
 
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the classifier by a freshly initialized one with ``num_classes`` outputs."""
@@ -179,11 +184,22 @@ def _feature_size(image_size: int, patch_size: int) -> tuple[int, int]:
 
 
 def _build(
-    last_block: Optional[Callable[[int], nn.Module]], in_channels: int, num_classes: int, width_multiplier: float,
-    channels: int, num_blocks: int, expanded_channels: int, kernel_size: int, patch_size: int, head_expansion: int,
+    last_block: Callable[[int], nn.Module] | None,
+    in_channels: int,
+    num_classes: int,
+    width_multiplier: float,
+    channels: int,
+    num_blocks: int,
+    expanded_channels: int,
+    kernel_size: int,
+    patch_size: int,
+    head_expansion: int,
     dropout: float,
 ) -> IsometricMobileNetV3:
-    """The network of the factories below; ``last_block(width)``, when given, builds the block that replaces the last one."""
+    """The network of the factories below.
+
+    ``last_block(width)``, when given, builds the block that replaces the last one.
+    """
     check_positive_int(num_blocks, "num_blocks")
     width = isometric_channels(channels, width_multiplier)
     hidden = isometric_channels(expanded_channels, width_multiplier)
@@ -222,12 +238,25 @@ def mobilenetv3_isometric(
         head_expansion: Width factor of the head's 1×1 convolution.
         dropout: Dropout before the classifier.
     """
-    return _build(None, in_channels, num_classes, width_multiplier, channels, num_blocks, expanded_channels, kernel_size,
-                  patch_size, head_expansion, dropout)
+    return _build(
+        None,
+        in_channels,
+        num_classes,
+        width_multiplier,
+        channels,
+        num_blocks,
+        expanded_channels,
+        kernel_size,
+        patch_size,
+        head_expansion,
+        dropout,
+    )
 
 
 @register_architecture(
-    "odenet_mobilenet", input_shape=(3, 64, 64), tiny_kwargs=dict(_TINY, solver=dict(method="rk4", step_size=0.5, adjoint=False))
+    "odenet_mobilenet",
+    input_shape=(3, 64, 64),
+    tiny_kwargs=dict(_TINY, solver=dict(method="rk4", step_size=0.5, adjoint=False)),
 )
 def odenet_mobilenet(
     in_channels: int = 3,
@@ -240,7 +269,7 @@ def odenet_mobilenet(
     patch_size: int = 4,
     head_expansion: int = 6,
     dropout: float = 0.2,
-    solver: Union[SolverConfig, Mapping[str, Any], None] = None,
+    solver: SolverConfig | Mapping[str, Any] | None = None,
     activation: str = "relu",
 ) -> IsometricMobileNetV3:
     """ODE-Net on the isometric MobileNetV3: the last of ``num_blocks`` blocks is an ODE block.
@@ -252,14 +281,27 @@ def odenet_mobilenet(
         solver: How the ODE block integrates (a :class:`SolverConfig` or a dict of its fields, over
             :data:`ODENET_SOLVER`, Chen et al.'s dopri5 with the adjoint method).
         activation: The vector field's activation, one of :data:`~lightning_pdenets.dynamics.activations.ACTIVATIONS`
-            (Chen et al.'s ``relu``; ``silu`` or ``softplus`` make f smooth, which adaptive solvers step through faster).
+            (Chen et al.'s ``relu``; ``silu`` or ``softplus`` make f smooth, which adaptive solvers step through
+            faster).
         Others: as in :func:`mobilenetv3_isometric`.
     """
+
     def ode_block(width: int) -> ODEBlock:
         return ODEBlock(ConvODEFunc(width, activation), SolverConfig.from_options(solver, defaults=ODENET_SOLVER))
 
-    return _build(ode_block, in_channels, num_classes, width_multiplier, channels, num_blocks, expanded_channels,
-                  kernel_size, patch_size, head_expansion, dropout)
+    return _build(
+        ode_block,
+        in_channels,
+        num_classes,
+        width_multiplier,
+        channels,
+        num_blocks,
+        expanded_channels,
+        kernel_size,
+        patch_size,
+        head_expansion,
+        dropout,
+    )
 
 
 @register_architecture("prnet_mobilenet", input_shape=(3, 64, 64), tiny_kwargs=dict(_TINY, image_size=64))
@@ -291,5 +333,16 @@ def prnet_mobilenet(
     def pde_block(width: int) -> PDEBlock:
         return PDEBlock(CoordinateConvField(width, 3, activation), _feature_size(image_size, patch_size), t_end)
 
-    return _build(pde_block, in_channels, num_classes, width_multiplier, channels, num_blocks, expanded_channels,
-                  kernel_size, patch_size, head_expansion, dropout)
+    return _build(
+        pde_block,
+        in_channels,
+        num_classes,
+        width_multiplier,
+        channels,
+        num_blocks,
+        expanded_channels,
+        kernel_size,
+        patch_size,
+        head_expansion,
+        dropout,
+    )

@@ -9,7 +9,8 @@ discretization: the effect these experiments study.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Union
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,11 +22,12 @@ from lightning_pdenets.dynamics.mlp import MLPODEFunc
 from lightning_pdenets.solvers import SolverConfig
 from lightning_pdenets.validation import check_positive_int
 
-__all__ = ["OTT_SOLVER", "ODEThenLinear", "ConvBottleneckODEFunc", "vector_odenet", "image_odenet"]
+__all__ = ["OTT_SOLVER", "ConvBottleneckODEFunc", "ODEThenLinear", "image_odenet", "vector_odenet"]
 
 
 OTT_SOLVER: dict[str, Any] = {"method": "euler", "step_size": 0.1}
 """Default solver of Ott et al.'s classifiers: explicit Euler with ten steps over [0, 1]."""
+
 
 class ODEThenLinear(nn.Module):
     """ODE block on the raw input, then flatten and one linear layer.
@@ -45,7 +47,9 @@ class ODEThenLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if tuple(x.shape[1:]) != self.input_shape:
-            raise ValueError(f"expected inputs of shape (N, {', '.join(map(str, self.input_shape))}), got {tuple(x.shape)}.")
+            raise ValueError(
+                f"expected inputs of shape (N, {', '.join(map(str, self.input_shape))}), got {tuple(x.shape)}."
+            )
         return self.classifier(self.ode(x).flatten(1))
 
 
@@ -73,7 +77,9 @@ class ConvBottleneckODEFunc(nn.Module):
         return self.net(y)
 
 
-@register_architecture("vector_odenet", input_shape=(2,), tiny_kwargs=dict(hidden_width=8, solver=dict(method="euler", step_size=0.5)))
+@register_architecture(
+    "vector_odenet", input_shape=(2,), tiny_kwargs=dict(hidden_width=8, solver=dict(method="euler", step_size=0.5))
+)
 def vector_odenet(
     input_dim: int = 2,
     num_classes: int = 2,
@@ -81,7 +87,7 @@ def vector_odenet(
     num_hidden_layers: int = 2,
     activation: str = "relu",
     time_dependent: bool = False,
-    solver: Union[SolverConfig, Mapping[str, Any], None] = None,
+    solver: SolverConfig | Mapping[str, Any] | None = None,
 ) -> ODEThenLinear:
     """Neural-ODE classifier for vectors: an MLP vector field on R^input_dim, then a linear layer."""
     field = MLPODEFunc(input_dim, hidden_width, num_hidden_layers, activation, time_dependent)
@@ -90,7 +96,9 @@ def vector_odenet(
 
 
 @register_architecture(
-    "image_odenet", input_shape=(3, 32, 32), tiny_kwargs=dict(hidden_channels=4, solver=dict(method="euler", step_size=0.5))
+    "image_odenet",
+    input_shape=(3, 32, 32),
+    tiny_kwargs=dict(hidden_channels=4, solver=dict(method="euler", step_size=0.5)),
 )
 def image_odenet(
     in_channels: int = 3,
@@ -98,7 +106,7 @@ def image_odenet(
     num_classes: int = 10,
     hidden_channels: int = 64,
     activation: str = "relu",
-    solver: Union[SolverConfig, Mapping[str, Any], None] = None,
+    solver: SolverConfig | Mapping[str, Any] | None = None,
 ) -> ODEThenLinear:
     """Neural-ODE classifier for images without downsampling: a 1×1→3×3→1×1 conv field on the raw image, then linear."""
     check_positive_int(image_size, "image_size")

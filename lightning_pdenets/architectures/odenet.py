@@ -9,7 +9,8 @@ RK4 (RK-Net) or with adaptive dopri5 and the adjoint method (ODE-Net).
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Union
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,7 +22,15 @@ from lightning_pdenets.dynamics.conv import ConvODEFunc, group_norm
 from lightning_pdenets.solvers import SolverConfig
 from lightning_pdenets.validation import check_positive_int
 
-__all__ = ["ODENET_SOLVER", "RKNET_SOLVER", "StemFeatureHeadClassifier", "odenet_chen", "resnet_chen", "downsampling_stem", "classifier_head"]
+__all__ = [
+    "ODENET_SOLVER",
+    "RKNET_SOLVER",
+    "StemFeatureHeadClassifier",
+    "classifier_head",
+    "downsampling_stem",
+    "odenet_chen",
+    "resnet_chen",
+]
 
 _TINY = dict(width=8, num_downsamples=1)
 
@@ -64,7 +73,9 @@ class StemFeatureHeadClassifier(nn.Module):
         num_downsamples: Stride-2 convolutions in the stem.
     """
 
-    def __init__(self, feature: nn.Module, in_channels: int, num_classes: int, width: int, num_downsamples: int) -> None:
+    def __init__(
+        self, feature: nn.Module, in_channels: int, num_classes: int, width: int, num_downsamples: int
+    ) -> None:
         super().__init__()
         check_positive_int(num_classes, "num_classes")
         self.in_channels = in_channels
@@ -96,22 +107,26 @@ def resnet_chen(
     return StemFeatureHeadClassifier(feature, in_channels, num_classes, width, num_downsamples)
 
 
-@register_architecture("odenet_chen", input_shape=(1, 28, 28), tiny_kwargs=dict(_TINY, solver=dict(method="rk4", step_size=0.5)))
+@register_architecture(
+    "odenet_chen", input_shape=(1, 28, 28), tiny_kwargs=dict(_TINY, solver=dict(method="rk4", step_size=0.5))
+)
 def odenet_chen(
     in_channels: int = 1,
     num_classes: int = 10,
     width: int = 64,
     num_downsamples: int = 2,
-    solver: Union[SolverConfig, Mapping[str, Any], None] = None,
+    solver: SolverConfig | Mapping[str, Any] | None = None,
     activation: str = "relu",
 ) -> StemFeatureHeadClassifier:
     """ODE-Net or RK-Net: stem, one ODE block, head.
 
     Args:
         solver: How the ODE block integrates (a :class:`SolverConfig` or a dict of its fields, over
-            :data:`ODENET_SOLVER`, Chen et al.'s dopri5 with the adjoint method); RK-Net is ``{method: rk4, step_size: 0.25}``.
+            :data:`ODENET_SOLVER`, Chen et al.'s dopri5 with the adjoint method); RK-Net is
+            ``{method: rk4, step_size: 0.25}``.
         activation: The vector field's activation, one of :data:`~lightning_pdenets.dynamics.activations.ACTIVATIONS`
-            (Chen et al.'s ``relu``; ``silu`` or ``softplus`` make f smooth, which adaptive solvers step through faster).
+            (Chen et al.'s ``relu``; ``silu`` or ``softplus`` make f smooth, which adaptive solvers step through
+            faster).
         Others: as in :func:`resnet_chen`.
     """
     check_positive_int(width, "width")

@@ -27,8 +27,9 @@ kernels of standard deviation ``kernel_std`` (default √(2 / (9·C))) clipped i
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import partial
-from typing import Optional, Sequence
+from typing import cast
 
 import torch
 from torch import nn
@@ -36,7 +37,7 @@ from torch import nn
 from lightning_pdenets.architectures.registry import register_architecture
 from lightning_pdenets.blocks.pde_cnn import HamiltonianBlock, ParabolicBlock, SecondOrderBlock, SymmetricPDEBlock
 
-__all__ = ["PDE_CNN_DYNAMICS", "PDECNN", "stl10_parabolic", "stl10_hamiltonian", "stl10_second_order"]
+__all__ = ["PDECNN", "PDE_CNN_DYNAMICS", "stl10_hamiltonian", "stl10_parabolic", "stl10_second_order"]
 
 PDE_CNN_DYNAMICS: dict[str, type[SymmetricPDEBlock]] = {
     "parabolic": ParabolicBlock,
@@ -92,11 +93,11 @@ class PDECNN(nn.Module):
         widths: Sequence[int] = (16, 64, 128, 256),
         num_steps: int = 3,
         step_size: float = 1.0,
-        num_control_points: Optional[int] = None,
+        num_control_points: int | None = None,
         interpolation: str = "constant",
         norm: str = "instance",
         activation: str = "relu",
-        kernel_std: Optional[float] = None,
+        kernel_std: float | None = None,
         reversible: bool = False,
         init: str = "meganet",
         final_connector: bool = True,
@@ -126,8 +127,17 @@ class PDECNN(nn.Module):
         units: list[nn.Module] = []
         for index, width in enumerate(widths):
             units.append(
-                block_class(width, num_steps, step_size, num_control_points, interpolation, norm, activation,
-                            kernel_std, reversible)
+                block_class(
+                    width,
+                    num_steps,
+                    step_size,
+                    num_control_points,
+                    interpolation,
+                    norm,
+                    activation,
+                    kernel_std,
+                    reversible,
+                )
             )
             if index + 1 < len(widths):
                 units.append(nn.Sequential(*_conv_bn_relu(width, widths[index + 1], 1), nn.AvgPool2d(2)))
@@ -147,7 +157,7 @@ class PDECNN(nn.Module):
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 meganet_kernel_(module.weight)
-        classifier = self.head[-1]
+        classifier = cast(nn.Linear, self.head[-1])
         for tensor in (classifier.weight, classifier.bias):
             tensor.copy_((0.1 * torch.randn_like(tensor)).clamp_(-0.2, 0.2))
 

@@ -12,8 +12,9 @@ import functools
 import inspect
 import re
 import typing
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any
 
 from jsonargparse import ArgumentParser
 from torch import nn
@@ -95,7 +96,7 @@ def architecture_parameters(name: str) -> Mapping[str, inspect.Parameter]:
 
 def resolve_network_arguments(
     name: str,
-    network: Optional[Mapping[str, Any]],
+    network: Mapping[str, Any] | None,
     facts: Mapping[str, Any],
     supplied: Sequence[str] = (),
     model: str = "the model",
@@ -122,8 +123,10 @@ def resolve_network_arguments(
     where = f"`network` (architecture {name!r})"
     for key in given:
         if key in DATA_FACTS:
-            raise ConfigurationError(f"{where}: {key!r} describes the data; set `model.init_args.{key}` instead "
-                                     f"(the CLI takes it from the datamodule), not `network.{key}`.")
+            raise ConfigurationError(
+                f"{where}: {key!r} describes the data; set `model.init_args.{key}` instead "
+                f"(the CLI takes it from the datamodule), not `network.{key}`."
+            )
         if key in supplied:
             raise ConfigurationError(f"{where}: {key!r} is set by its own model argument `{key}`, not in `network`.")
     valid = [key for key in parameters if key not in DATA_FACTS and key not in supplied]
@@ -135,20 +138,22 @@ def resolve_network_arguments(
         completed = _typed_parser(name, tuple(valid)).parse_object(given).as_dict() if valid else {}
     except ConfigurationError as error:
         raise ConfigurationError(f"{where}: {error}") from None
-    taken = {key: facts.get(key) for key in DATA_FACTS if key in parameters}
+    taken: dict[str, Any] = {key: facts.get(key) for key in DATA_FACTS if key in parameters}
     for key, value in taken.items():
         if value is None:
             taken[key] = parameters[key].default
     if isinstance(taken.get("image_size"), (list, tuple)):
         height, width = taken["image_size"]
         if height != width:
-            raise ConfigurationError(f"{model} (architecture {name!r}) needs square images, but `image_size` is "
-                                     f"{height}x{width}; resize them in the datamodule.")
+            raise ConfigurationError(
+                f"{model} (architecture {name!r}) needs square images, but `image_size` is "
+                f"{height}x{width}; resize them in the datamodule."
+            )
         taken["image_size"] = height
     return completed, taken
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _typed_parser(name: str, keys: tuple[str, ...]) -> ArgumentParser:
     """A jsonargparse parser of the factory's typed arguments ``keys``, whose errors say which one is wrong."""
     factory = ARCHITECTURES[name].factory
@@ -165,9 +170,12 @@ def _typed_parser(name: str, keys: tuple[str, ...]) -> ArgumentParser:
 class _NetworkParser(ArgumentParser):
     """Turns jsonargparse's type errors into one-line :class:`ConfigurationError`s naming the ``network`` key."""
 
-    def error(self, message: str, ex: Optional[Exception] = None) -> typing.NoReturn:
+    def error(self, message: str, ex: Exception | None = None) -> typing.NoReturn:
         key = re.search(r'Parser key "([^"]+)"', message)
         detail = re.search(r"Expected a (?:<class ')?([^'>]+)'?>?\.? Got value: (.*)", message)
-        text = f"`network.{key.group(1)}` expected {detail.group(1)}, got {detail.group(2)!r}" if key and detail \
+        text = (
+            f"`network.{key.group(1)}` expected {detail.group(1)}, got {detail.group(2)!r}"
+            if key and detail
             else " ".join(message.split())
+        )
         raise ConfigurationError(f"{text}.")

@@ -18,7 +18,7 @@ Networks", ECCV 2016 (pre-activation: BN -> ReLU -> conv).
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -89,7 +89,7 @@ class LMResidualBlock(nn.Module):
         stochastic_depth_mode: ``'batch'`` or ``'sample'``.
     """
 
-    k: Optional[nn.Parameter]
+    k: nn.Parameter | None
 
     def __init__(
         self,
@@ -126,7 +126,7 @@ class LMResidualBlock(nn.Module):
         raise NotImplementedError
 
     def forward(
-        self, x: torch.Tensor, x_prev: Optional[torch.Tensor] = None, keep: Optional[bool] = None
+        self, x: torch.Tensor, x_prev: torch.Tensor | None = None, keep: bool | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(x_next, skip)``; ``keep`` decides a ``'batch'``-mode training step (``None``: draw it here)."""
         skip, h = self.split(x)
@@ -143,7 +143,7 @@ class LMResidualBlock(nn.Module):
             base = torch.lerp(x, x_prev, self.k)
         return self._add_residual(base, h, keep), skip
 
-    def _add_residual(self, base: torch.Tensor, h: torch.Tensor, keep: Optional[bool]) -> torch.Tensor:
+    def _add_residual(self, base: torch.Tensor, h: torch.Tensor, keep: bool | None) -> torch.Tensor:
         p = self.survival_prob
         if p == 1.0:
             return self.branch(h).add_(base)
@@ -164,7 +164,9 @@ class LMResidualBlock(nn.Module):
         if self.k is not None:
             parts.append(f"k_mode={self.k_mode!r}")
         if self.survival_prob < 1.0:
-            parts.append(f"survival_prob={self.survival_prob:.4g}, stochastic_depth_mode={self.stochastic_depth_mode!r}")
+            parts.append(
+                f"survival_prob={self.survival_prob:.4g}, stochastic_depth_mode={self.stochastic_depth_mode!r}"
+            )
         return ", ".join(parts)
 
 
@@ -183,7 +185,7 @@ class BranchSurvivalDraws(nn.Module):
             fixes it, identically on every rank).
     """
 
-    def __init__(self, survival_probs: Sequence[float], seed: Optional[int] = None) -> None:
+    def __init__(self, survival_probs: Sequence[float], seed: int | None = None) -> None:
         super().__init__()
         for p in survival_probs:
             _check_survival_prob(p, "survival_probs[i]")
@@ -195,7 +197,9 @@ class BranchSurvivalDraws(nn.Module):
         """Whether each block's branch survives this step; advances the step count."""
         generator = torch.Generator().manual_seed(self.seed + self.step)
         self.step += 1
-        return (torch.rand(len(self.survival_probs), generator=generator, dtype=torch.float64) < self.survival_probs).tolist()
+        return (
+            torch.rand(len(self.survival_probs), generator=generator, dtype=torch.float64) < self.survival_probs
+        ).tolist()
 
     def get_extra_state(self) -> dict[str, int]:
         return {"seed": self.seed, "step": self.step}
@@ -241,7 +245,8 @@ class _PreActBlock(LMResidualBlock):
         if changes_shape and self.update == "lm":
             raise ValueError(
                 f"update='lm' needs a shape-preserving block (x_{{n-1}}, x_n and x_{{n+1}} share a shape), got "
-                f"in_channels={in_channels}, out_channels={out_channels}, stride={stride}; transitions use update='plain'."
+                f"in_channels={in_channels}, out_channels={out_channels}, stride={stride}; "
+                "transitions use update='plain'."
             )
         self.in_channels = in_channels
         self.out_channels = out_channels

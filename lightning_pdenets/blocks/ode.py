@@ -3,7 +3,8 @@ evaluations and solver steps, and integrates RNODE's regularization terms along 
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -12,7 +13,7 @@ from torchdiffeq._impl.misc import _rms_norm
 
 from lightning_pdenets.errors import SolverFailedError, is_solver_failure
 from lightning_pdenets.solvers import SOLVERS, SolverConfig
-from lightning_pdenets.solvers.runge_kutta import AdjointPlan, adjoint_solve, solve
+from lightning_pdenets.solvers.runge_kutta import AdjointPlan, Field, adjoint_solve, solve
 
 __all__ = ["ODEBlock", "SolverConfig", "explain_solver_failure"]
 
@@ -60,12 +61,14 @@ class ODEBlock(nn.Module):
     def __init__(
         self,
         vector_field: nn.Module,
-        solver: Union[SolverConfig, Mapping[str, Any], None] = None,
+        solver: SolverConfig | Mapping[str, Any] | None = None,
         **options: Any,
     ) -> None:
         super().__init__()
         if not isinstance(vector_field, nn.Module):
-            raise TypeError(f"`vector_field` must be an nn.Module computing f(t, y), got {type(vector_field).__name__}.")
+            raise TypeError(
+                f"`vector_field` must be an nn.Module computing f(t, y), got {type(vector_field).__name__}."
+            )
         self.field = vector_field
         config = SolverConfig.from_options(solver)  # a SolverConfig is taken as it is
         self.solver = config.replace(**options) if options else config
@@ -140,21 +143,33 @@ class ODEBlock(nn.Module):
         dynamics = _SolveDynamics(self, y0, regularized)
         state: tuple[torch.Tensor, ...] = (y0,)
         controlled = None
+        field: Field
         if regularized:
             per_sample = torch.zeros(y0.shape[:1] if y0.dim() > 1 else (), dtype=y0.dtype, device=y0.device)
             state, controlled = (y0, per_sample, per_sample), (0,)  # the integrals follow the steps chosen for y
             field = dynamics
         else:
-            def field(t: torch.Tensor, y: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+
+            def state_only(t: torch.Tensor, y: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
                 return (dynamics(t, y[0]),)
+
+            field = state_only
+
         forward_observer = dynamics.observer(backward=False)
         self._solving_forward = True
         try:
             if s.adjoint:
                 plan = AdjointPlan(
-                    field, s.t0, s.t1, s.step_control(), s.step_control(backward=True), controlled,
+                    field,
+                    s.t0,
+                    s.t1,
+                    s.step_control(),
+                    s.step_control(backward=True),
+                    controlled,
                     seminorm=(s.adjoint_options or {}).get("norm") == "seminorm",
-                    forward_observer=forward_observer, backward_observer=dynamics.observer(backward=True))
+                    forward_observer=forward_observer,
+                    backward_observer=dynamics.observer(backward=True),
+                )
                 solution = adjoint_solve(plan, state, tuple(self.field.parameters()))
             else:
                 solution = solve(field, state, s.t0, s.t1, s.step_control(), controlled, forward_observer)
@@ -167,8 +182,10 @@ class ODEBlock(nn.Module):
 
     def _collect_regularization(self, kinetic: torch.Tensor, jacobian: torch.Tensor) -> None:
         s = self.solver
-        for name, weight, integral in (("kinetic_energy", s.kinetic_weight, kinetic),
-                                       ("jacobian_frobenius", s.jacobian_weight, jacobian)):
+        for name, weight, integral in (
+            ("kinetic_energy", s.kinetic_weight, kinetic),
+            ("jacobian_frobenius", s.jacobian_weight, jacobian),
+        ):
             if weight > 0:
                 term = weight * integral.mean()
                 self._regularization[name] = self._regularization[name] + term if name in self._regularization else term
@@ -199,7 +216,7 @@ class ODEBlock(nn.Module):
         self._collect_regularization(solution[1][-1], solution[2][-1])
         return solution[0][-1]
 
-    def _loosened(self) -> Optional[SolverConfig]:
+    def _loosened(self) -> SolverConfig | None:
         """The configuration of the next retry after a failure, or ``None`` when no retry is left."""
         s = self.solver
         if not s.is_adaptive or s.rtol >= s.failure_max_tol:
@@ -238,13 +255,13 @@ class _SolveDynamics:
         self.block = block
         self.regularized = regularized
         solver = block.solver
-        self.probe: Optional[torch.Tensor] = None
+        self.probe: torch.Tensor | None = None
         if regularized and solver.jacobian_weight > 0:
             if solver.hutchinson_noise == "rademacher":
                 self.probe = torch.randint_like(y0, 2) * 2 - 1
             else:
                 self.probe = torch.randn_like(y0)
-        self._step_sizes: list[Union[torch.Tensor, float]] = []
+        self._step_sizes: list[torch.Tensor | float] = []
         self._set_callbacks("", solver.is_adaptive)
         if solver.adjoint:
             self._set_callbacks("_adjoint", SOLVERS[solver.adjoint_method or solver.method].adaptive)
@@ -257,7 +274,7 @@ class _SolveDynamics:
         else:
             setattr(self, "callback_step" + suffix, lambda t0, y0, dt: self._step(backward, True, dt))
 
-    def _step(self, backward: bool, accepted: bool, dt: Union[torch.Tensor, float]) -> None:
+    def _step(self, backward: bool, accepted: bool, dt: torch.Tensor | float) -> None:
         block = self.block
         if backward:
             if accepted:
@@ -296,7 +313,7 @@ class _SolveDynamics:
                 (probe_jacobian,) = torch.autograd.grad(out, y, self.probe, create_graph=True)
             jacobian = _per_sample_squared_norm(probe_jacobian)
         # counted after the probe's product, whose gradient computation must not count as a backward evaluation
-        self.block._count(out)  # noqa: SLF001
+        self.block._count(out)
         return out, _per_sample_squared_norm(out), jacobian
 
 

@@ -14,7 +14,7 @@ activation memory then no longer grows with the number of steps.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -22,7 +22,7 @@ from torch import nn
 from lightning_pdenets.dynamics.symmetric import SymmetricLayer
 from lightning_pdenets.validation import check_positive, check_positive_int
 
-__all__ = ["SymmetricPDEBlock", "ParabolicBlock", "HamiltonianBlock", "SecondOrderBlock", "ReversibleIntegration"]
+__all__ = ["HamiltonianBlock", "ParabolicBlock", "ReversibleIntegration", "SecondOrderBlock", "SymmetricPDEBlock"]
 
 State = tuple[torch.Tensor, ...]
 
@@ -38,7 +38,7 @@ class ReversibleIntegration(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, block: "SymmetricPDEBlock", num_state: int, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(ctx: Any, block: SymmetricPDEBlock, num_state: int, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         state = tuple(tensors[:num_state])
         with torch.no_grad():
             for step in range(block.num_steps):
@@ -53,11 +53,11 @@ class ReversibleIntegration(torch.autograd.Function):
         return state
 
     @staticmethod
-    def backward(ctx: Any, *grad_state: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
+    def backward(ctx: Any, *grad_state: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         block, parameters = ctx.block, ctx.parameters
         state = tuple(t.detach() for t in ctx.saved_tensors)
         grad_state = tuple(torch.zeros_like(s) if g is None else g for s, g in zip(state, grad_state))
-        grad_parameters: list[Optional[torch.Tensor]] = [None] * len(parameters)
+        grad_parameters: list[torch.Tensor | None] = [None] * len(parameters)
         trainable = [i for i, p in enumerate(parameters) if p.requires_grad]
         for step in reversed(range(block.num_steps)):
             with torch.no_grad():
@@ -69,10 +69,13 @@ class ReversibleIntegration(torch.autograd.Function):
                 grads = torch.autograd.grad(
                     recomputed, previous + tuple(parameters[i] for i in trainable), grad_state, allow_unused=True
                 )
-            grad_state = tuple(torch.zeros_like(s) if g is None else g for s, g in zip(previous, grads[: len(previous)]))
-            for index, grad in zip(trainable, grads[len(previous):]):
+            grad_state = tuple(
+                torch.zeros_like(s) if g is None else g for s, g in zip(previous, grads[: len(previous)])
+            )
+            for index, grad in zip(trainable, grads[len(previous) :]):
                 if grad is not None:
-                    grad_parameters[index] = grad if grad_parameters[index] is None else grad_parameters[index] + grad
+                    accumulated = grad_parameters[index]
+                    grad_parameters[index] = grad if accumulated is None else accumulated + grad
             state = tuple(s.detach() for s in previous)
         return (None, None, *grad_state, *grad_parameters)
 
@@ -107,11 +110,11 @@ class SymmetricPDEBlock(nn.Module):
         channels: int,
         num_steps: int = 3,
         step_size: float = 1.0,
-        num_control_points: Optional[int] = None,
+        num_control_points: int | None = None,
         interpolation: str = "constant",
         norm: str = "instance",
         activation: str = "relu",
-        kernel_std: Optional[float] = None,
+        kernel_std: float | None = None,
         reversible: bool = False,
     ) -> None:
         super().__init__()
@@ -134,8 +137,15 @@ class SymmetricPDEBlock(nn.Module):
         layer_channels = self.layer_channels(channels)
         final_time = num_steps * self.step_size
         self.layers = nn.ModuleList(
-            SymmetricLayer(layer_channels, num_control_points, interpolation, final_time, norm=norm,
-                           activation=activation, kernel_std=kernel_std)
+            SymmetricLayer(
+                layer_channels,
+                num_control_points,
+                interpolation,
+                final_time,
+                norm=norm,
+                activation=activation,
+                kernel_std=kernel_std,
+            )
             for _ in range(self.num_layers)
         )
 
@@ -199,7 +209,8 @@ class SymmetricPDEBlock(nn.Module):
         self.num_steps *= factor
         self.step_size /= factor
         if refine_weights:
-            for layer in self.layers:
+            for module in self.layers:
+                layer = cast(SymmetricLayer, module)
                 layer.prolong(layer.refined_count(factor))
 
     def get_extra_state(self) -> dict[str, Any]:
@@ -210,7 +221,10 @@ class SymmetricPDEBlock(nn.Module):
         self.step_size = float(state["step_size"])
 
     def extra_repr(self) -> str:
-        return f"channels={self.channels}, num_steps={self.num_steps}, step_size={self.step_size}, reversible={self.reversible}"
+        return (
+            f"channels={self.channels}, num_steps={self.num_steps}, step_size={self.step_size}, "
+            f"reversible={self.reversible}"
+        )
 
 
 class ParabolicBlock(SymmetricPDEBlock):

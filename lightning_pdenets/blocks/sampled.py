@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Mapping, Optional, Sequence, Union
+from collections.abc import Mapping, Sequence
 
 import torch
 from scipy.signal import savgol_filter
@@ -20,37 +20,39 @@ from lightning_pdenets.blocks.pde import CoordinateDerivatives
 
 __all__ = ["check_finite_samples", "check_sample_grid", "savgol_derivatives"]
 
-IntPerAxis = Union[int, Sequence[int]]
+IntPerAxis = int | Sequence[int]
 
 
 def _per_axis(value: IntPerAxis, axes: Sequence[str], name: str, low: int = 0, high: int = 6) -> tuple[int, ...]:
     """One integer in [low, high] per axis, from one integer for all or a sequence."""
     values = [value] * len(axes) if isinstance(value, int) and not isinstance(value, bool) else value
     if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or len(values) != len(axes):
-        raise ValueError(
-            f"`{name}` must be an integer or one integer per axis {list(axes)}, got {value!r}."
-        )
+        raise ValueError(f"`{name}` must be an integer or one integer per axis {list(axes)}, got {value!r}.")
     for v in values:
         if isinstance(v, bool) or not isinstance(v, int) or not low <= v <= high:
             raise ValueError(f"`{name}` entries must be integers in [{low}, {high}], got {value!r}.")
     return tuple(values)
 
 
-def _grid_steps(spacing: object, count: int) -> Optional[tuple[float, ...]]:
+def _grid_steps(spacing: object, count: int) -> tuple[float, ...] | None:
     """``count`` finite steps > 0 (numbers or 0-d tensors), or None."""
     if isinstance(spacing, (str, bytes)) or not isinstance(spacing, (Sequence, torch.Tensor)) or len(spacing) != count:
         return None
     steps = []
     for step in spacing:
-        if isinstance(step, bool) or not isinstance(step, (numbers.Real, torch.Tensor)) or (
-            isinstance(step, torch.Tensor) and step.numel() != 1
+        if (
+            isinstance(step, bool)
+            or not isinstance(step, (numbers.Real, torch.Tensor))
+            or (isinstance(step, torch.Tensor) and step.numel() != 1)
         ):
             return None
         steps.append(float(step))
     return tuple(steps) if all(math.isfinite(s) and s > 0 for s in steps) else None
 
 
-def check_sample_grid(samples: object, axes: Sequence[str], spacing: object) -> tuple[tuple[str, ...], tuple[float, ...]]:
+def check_sample_grid(
+    samples: object, axes: Sequence[str], spacing: object
+) -> tuple[tuple[str, ...], tuple[float, ...]]:
     """The grid's dimensions (``axes`` then ``"t"``) and steps, after checking ``samples`` and ``spacing`` fit them.
 
     Raises:
@@ -119,7 +121,7 @@ def savgol_derivatives(
     dims, steps = check_sample_grid(samples, axes, spacing)
     windows = _per_axis(window_length, dims, "window_length", 3, 10_001)
     degrees = _per_axis(polyorder, dims, "polyorder", 1, 12)
-    grid_shape = samples.shape[samples.ndim - len(dims):]
+    grid_shape = samples.shape[samples.ndim - len(dims) :]
     for dim, size, window, degree in zip(dims, grid_shape, windows, degrees):
         needed = orders.get(dim, 1)
         if window % 2 == 0 or window > size or not needed <= degree < window:
@@ -137,8 +139,13 @@ def savgol_derivatives(
 
     def smooth(array, dim_index: int, derivative: int = 0):
         return savgol_filter(
-            array, windows[dim_index], degrees[dim_index], deriv=derivative, delta=steps[dim_index],
-            axis=first_dim + dim_index, mode="interp",
+            array,
+            windows[dim_index],
+            degrees[dim_index],
+            deriv=derivative,
+            delta=steps[dim_index],
+            axis=first_dim + dim_index,
+            mode="interp",
         )
 
     def fitted(derivative_dim: int = -1, order: int = 0) -> torch.Tensor:
@@ -148,5 +155,7 @@ def savgol_derivatives(
             array = smooth(array, dim_index, order if dim_index == derivative_dim else 0)
         return torch.as_tensor(array[tuple(keep)].copy()).to(samples.dtype)
 
-    spatial = {axis: tuple(fitted(index, k) for k in range(1, orders.get(axis, 0) + 1)) for index, axis in enumerate(axes)}
+    spatial = {
+        axis: tuple(fitted(index, k) for k in range(1, orders.get(axis, 0) + 1)) for index, axis in enumerate(axes)
+    }
     return CoordinateDerivatives(fitted(), fitted(len(axes), 1), spatial)

@@ -34,7 +34,8 @@ derivatives of functions of h, not PR-Net's terms h^i d^j h. SciPy does the corr
 
 from __future__ import annotations
 
-from typing import Optional, Protocol, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -50,7 +51,11 @@ from lightning_pdenets.blocks.sampled import (
 )
 
 __all__ = [
-    "DEFAULT_BOX_FRACTION", "MAX_WEAK_ORDER", "MIN_DEFAULT_HALF_WIDTH", "quadrature_weights", "weak_form_library",
+    "DEFAULT_BOX_FRACTION",
+    "MAX_WEAK_ORDER",
+    "MIN_DEFAULT_HALF_WIDTH",
+    "quadrature_weights",
+    "weak_form_library",
 ]
 
 MAX_WEAK_ORDER = 3
@@ -71,7 +76,7 @@ class Term(Protocol):
     """A library term h^power d^order h / d axis^order, e.g. a governing.LibraryTerm."""
 
     power: int
-    axis: Optional[str]
+    axis: str | None
     order: int
 
 
@@ -92,7 +97,7 @@ def weak_form_library(
     spacing: Sequence[float],
     axes: Sequence[str],
     terms: Sequence[Term],
-    half_width: Optional[IntPerAxis] = None,
+    half_width: IntPerAxis | None = None,
     test_degree: int = 6,
     stride: IntPerAxis = 1,
     window_length: IntPerAxis = 21,
@@ -127,10 +132,12 @@ def weak_form_library(
         ValueError: on a shape, spacing, box, degree or term that does not fit, or non-finite samples.
     """
     dims, steps = check_sample_grid(samples, axes, spacing)
-    grid_shape = samples.shape[samples.ndim - len(dims):]
+    grid_shape = samples.shape[samples.ndim - len(dims) :]
     if half_width is None:
-        half_width = [max(1, min((size - 1) // 2, max(size // DEFAULT_BOX_FRACTION, MIN_DEFAULT_HALF_WIDTH)))
-                      for size in grid_shape]
+        half_width = [
+            max(1, min((size - 1) // 2, max(size // DEFAULT_BOX_FRACTION, MIN_DEFAULT_HALF_WIDTH)))
+            for size in grid_shape
+        ]
     widths = _per_axis(half_width, dims, "half_width", 1, 10_000)
     strides = _per_axis(stride, dims, "stride", 1, 10_000)
     highest = max((term.order for term in terms), default=0)
@@ -152,7 +159,9 @@ def weak_form_library(
             )
     check_finite_samples(samples)
     first_dim = samples.ndim - len(dims)
-    kernels = [quadrature_weights(w, s, test_degree, highest if d != "t" else 1) for d, w, s in zip(dims, widths, steps)]
+    kernels = [
+        quadrature_weights(w, s, test_degree, highest if d != "t" else 1) for d, w, s in zip(dims, widths, steps)
+    ]
     keep = tuple([slice(None)] * first_dim + [slice(None, None, k) for k in strides])
 
     def integral(values: np.ndarray, axis_index: int = -1, order: int = 0) -> np.ndarray:
@@ -170,8 +179,8 @@ def weak_form_library(
     powers = [np.ones_like(h)]
     for _ in range(max((term.power for term in terms), default=0) + 1):
         powers.append(powers[-1] * h)
-    needs_slope = {term.axis for term in terms if term.order >= 2 and term.power >= 1}
-    slopes = {}
+    needs_slope = {term.axis for term in terms if term.order >= 2 and term.power >= 1 and term.axis is not None}
+    slopes: dict[str, np.ndarray] = {}
     for axis in needs_slope:
         try:
             derivatives = savgol_derivatives(samples, spacing, axes, {axis: 1}, window_length, polyorder, trim=False)
@@ -190,7 +199,7 @@ def weak_form_library(
         # d^j/da^j moved onto phi: the integral of phi * f^(j) is (-1)^j that of phi^(j) * f
         column = (-1) ** j * integral(powers[i + 1] / (i + 1), index, j)
         if j >= 2 and i >= 1:
-            slope = slopes[term.axis]
+            slope = slopes[axes[index]]
             if j == 2:
                 column = column - i * integral(powers[i - 1] * slope**2)
             else:

@@ -12,7 +12,8 @@ number of state steps N therefore changes the depth without changing the paramet
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +21,7 @@ from torch import nn
 
 from lightning_pdenets.validation import check_positive, check_positive_int
 
-__all__ = ["WEIGHT_INTERPOLATIONS", "SYMMETRIC_NORMS", "SYMMETRIC_ACTIVATIONS", "TimeDependentWeight", "SymmetricLayer"]
+__all__ = ["SYMMETRIC_ACTIVATIONS", "SYMMETRIC_NORMS", "WEIGHT_INTERPOLATIONS", "SymmetricLayer", "TimeDependentWeight"]
 
 WEIGHT_INTERPOLATIONS = ("constant", "linear")
 SYMMETRIC_NORMS = ("instance", "none")
@@ -58,7 +59,7 @@ class TimeDependentWeight(nn.Module):
         num_control_points: int,
         interpolation: str = "constant",
         final_time: float = 1.0,
-        init: Optional[Callable[[torch.Tensor], Any]] = None,
+        init: Callable[[torch.Tensor], Any] | None = None,
     ) -> None:
         super().__init__()
         check_positive_int(num_control_points, "num_control_points")
@@ -138,10 +139,13 @@ class TimeDependentWeight(nn.Module):
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
         incoming = state_dict.get(prefix + "control_points")
-        if incoming is not None and incoming.shape != self.control_points.shape:
-            if incoming.shape[1:] == self.control_points.shape[1:]:
-                with torch.no_grad():
-                    self.control_points.data = torch.empty_like(incoming, device=self.control_points.device)
+        if (
+            incoming is not None
+            and incoming.shape != self.control_points.shape
+            and incoming.shape[1:] == self.control_points.shape[1:]
+        ):
+            with torch.no_grad():
+                self.control_points.data = torch.empty_like(incoming, device=self.control_points.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
@@ -186,11 +190,11 @@ class SymmetricLayer(nn.Module):
         num_control_points: int,
         interpolation: str = "constant",
         final_time: float = 1.0,
-        hidden_channels: Optional[int] = None,
+        hidden_channels: int | None = None,
         kernel_size: int = 3,
         norm: str = "instance",
         activation: str = "relu",
-        kernel_std: Optional[float] = None,
+        kernel_std: float | None = None,
     ) -> None:
         super().__init__()
         check_positive_int(channels, "channels")
@@ -209,11 +213,13 @@ class SymmetricLayer(nn.Module):
         self.norm = norm
         self.activation = activation
         self.padding = kernel_size // 2
-        common = dict(num_control_points=num_control_points, interpolation=interpolation, final_time=final_time)
+        common: dict[str, Any] = dict(
+            num_control_points=num_control_points, interpolation=interpolation, final_time=final_time
+        )
         self.kernel = TimeDependentWeight(
             (hidden_channels, channels, kernel_size, kernel_size), init=default_kernel_init(kernel_std), **common
         )
-        self.scale: Optional[TimeDependentWeight] = None
+        self.scale: TimeDependentWeight | None = None
         if norm == "instance":
             self.scale = TimeDependentWeight((hidden_channels,), init=lambda t: t.fill_(1.0), **common)
         self.shift = TimeDependentWeight((hidden_channels,), **common)

@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, TypedDict, Union, get_type_hints
+from typing import Any, TypedDict, cast, get_type_hints
 
 from torchdiffeq._impl.odeint import SOLVERS as _TORCHDIFFEQ_SOLVERS
 
@@ -31,9 +32,9 @@ from lightning_pdenets.validation import check_positive, check_positive_int, che
 __all__ = [
     "ADAPTIVE_SOLVERS",
     "BACKENDS",
-    "TORCHDIFFEQ_ONLY",
     "FIXED_STEP_SOLVERS",
     "SOLVERS",
+    "TORCHDIFFEQ_ONLY",
     "SolverConfig",
     "SolverInfo",
     "SolverOptions",
@@ -84,8 +85,17 @@ BACKENDS = ("native", "torchdiffeq")
 TORCHDIFFEQ_ONLY = tuple(name for name in SOLVERS if name not in NATIVE_METHODS)
 """Methods the native backend leaves to torchdiffeq (``dopri8`` and the Adams methods)."""
 
-ADJOINT_OPTION_NAMES = ("norm", "step_size", "max_num_steps", "min_step", "max_step", "first_step", "safety",
-                        "ifactor", "dfactor")
+ADJOINT_OPTION_NAMES = (
+    "norm",
+    "step_size",
+    "max_num_steps",
+    "min_step",
+    "max_step",
+    "first_step",
+    "safety",
+    "ifactor",
+    "dfactor",
+)
 """Keys allowed in :attr:`SolverConfig.adjoint_options` (torchdiffeq's solver options, and ``norm``)."""
 
 
@@ -157,23 +167,23 @@ class SolverConfig:
     """
 
     method: str = "dopri5"
-    step_size: Optional[float] = None
+    step_size: float | None = None
     rtol: float = 1e-3
     atol: float = 1e-3
     t0: float = 0.0
     t1: float = 1.0
     max_num_steps: int = 1000
     min_step: float = 0.0
-    max_step: Optional[float] = None
-    first_step: Optional[float] = None
+    max_step: float | None = None
+    first_step: float | None = None
     safety: float = 0.9
     ifactor: float = 10.0
     dfactor: float = 0.2
     adjoint: bool = False
-    adjoint_method: Optional[str] = None
-    adjoint_rtol: Optional[float] = None
-    adjoint_atol: Optional[float] = None
-    adjoint_options: Optional[dict] = None
+    adjoint_method: str | None = None
+    adjoint_rtol: float | None = None
+    adjoint_atol: float | None = None
+    adjoint_options: dict | None = None
     failure_retries: int = 0
     failure_tol_factor: float = 2.0
     failure_max_tol: float = 1.0
@@ -189,8 +199,12 @@ class SolverConfig:
         return tuple(f.name for f in dataclasses.fields(cls))
 
     @classmethod
-    def from_options(cls, options: Union["SolverConfig", Mapping[str, Any], None] = None,
-                     defaults: Optional[Mapping[str, Any]] = None, argument: str = "solver") -> "SolverConfig":
+    def from_options(
+        cls,
+        options: SolverConfig | Mapping[str, Any] | None = None,
+        defaults: Mapping[str, Any] | None = None,
+        argument: str = "solver",
+    ) -> SolverConfig:
         """Build and validate a configuration from a dict of settings over ``defaults``.
 
         Args:
@@ -218,7 +232,7 @@ class SolverConfig:
     def _check_names(cls, settings: Mapping[str, Any], argument: str) -> None:
         check_setting_names(settings, cls.field_names(), argument)
 
-    def replace(self, argument: str = "solver", **changes: Any) -> "SolverConfig":
+    def replace(self, argument: str = "solver", **changes: Any) -> SolverConfig:
         """A validated copy with ``changes`` applied (unknown names list the valid ones)."""
         self._check_names(changes, argument)
         return dataclasses.replace(self, **changes).validate(argument)
@@ -239,7 +253,7 @@ class SolverConfig:
     @property
     def num_fixed_steps(self) -> int:
         """Number of steps a fixed-step solver takes over [t0, t1]."""
-        return fixed_step_count(self.t0, self.t1, self.step_size)
+        return fixed_step_count(self.t0, self.t1, cast(float, self.step_size))
 
     @property
     def is_regularized(self) -> bool:
@@ -247,7 +261,7 @@ class SolverConfig:
         return self.kinetic_weight > 0 or self.jacobian_weight > 0
 
     def describe(self) -> str:
-        """A short human-readable summary, e.g. ``rk4, step_size=0.25`` or ``dopri5, rtol=0.001, atol=0.001, adjoint``."""
+        """A short summary, e.g. ``rk4, step_size=0.25`` or ``dopri5, rtol=0.001, atol=0.001, adjoint``."""
         if self.is_adaptive:
             text = f"{self.method}, rtol={self.rtol:g}, atol={self.atol:g}"
             for name, value in (("first_step", self.first_step), ("max_step", self.max_step)):
@@ -265,7 +279,7 @@ class SolverConfig:
         return text
 
     # -- validation -----------------------------------------------------------------------------
-    def validate(self, argument: str = "solver") -> "SolverConfig":
+    def validate(self, argument: str = "solver") -> SolverConfig:
         """Raise ``ValueError`` naming the bad field; return ``self`` when all fields are valid."""
         info = check_solver_name(self.method, f"{argument}.method")
         for name in ("rtol", "atol", "safety", "ifactor", "dfactor"):
@@ -276,7 +290,8 @@ class SolverConfig:
             raise ValueError(f"`{argument}.adjoint` must be true or false, got {self.adjoint!r}.")
         if not (_is_number(self.t0) and _is_number(self.t1) and self.t1 > self.t0):
             raise ValueError(
-                f"the integration interval needs numbers t1 > t0, got {argument}.t0={self.t0!r}, {argument}.t1={self.t1!r}."
+                f"the integration interval needs numbers t1 > t0, got {argument}.t0={self.t0!r}, "
+                f"{argument}.t1={self.t1!r}."
             )
         check_positive_int(self.max_num_steps, f"{argument}.max_num_steps")
         if not _is_number(self.min_step) or not 0 <= self.min_step < self.t1 - self.t0:
@@ -297,12 +312,15 @@ class SolverConfig:
         for name in ("kinetic_weight", "jacobian_weight"):
             value = getattr(self, name)
             if not _is_number(value) or not math.isfinite(value) or value < 0:
-                raise ValueError(f"`{argument}.{name}` must be a finite number >= 0 (0 turns the term off), got {value!r}.")
+                raise ValueError(
+                    f"`{argument}.{name}` must be a finite number >= 0 (0 turns the term off), got {value!r}."
+                )
         if self.backend not in BACKENDS:
             raise ValueError(f"`{argument}.backend` must be one of {list(BACKENDS)}, got {self.backend!r}.")
         if self.hutchinson_noise not in HUTCHINSON_NOISES:
             raise ValueError(
-                f"`{argument}.hutchinson_noise` must be one of {list(HUTCHINSON_NOISES)}, got {self.hutchinson_noise!r}."
+                f"`{argument}.hutchinson_noise` must be one of {list(HUTCHINSON_NOISES)}, "
+                f"got {self.hutchinson_noise!r}."
             )
         if info.adaptive:
             return self
@@ -314,8 +332,9 @@ class SolverConfig:
         check_positive(self.step_size, f"{argument}.step_size")
         if self.num_fixed_steps > self.max_num_steps:
             raise ValueError(
-                f"`{argument}.step_size`={self.step_size} needs {self.num_fixed_steps} steps over [{self.t0}, {self.t1}], "
-                f"more than `{argument}.max_num_steps`={self.max_num_steps}; raise max_num_steps or use a larger step_size."
+                f"`{argument}.step_size`={self.step_size} needs {self.num_fixed_steps} steps over "
+                f"[{self.t0}, {self.t1}], more than `{argument}.max_num_steps`={self.max_num_steps}; "
+                "raise max_num_steps or use a larger step_size."
             )
         return self
 
@@ -324,7 +343,9 @@ class SolverConfig:
         if options is None:
             return
         if not isinstance(options, Mapping):
-            raise ValueError(f"`{argument}.adjoint_options` must be a mapping such as {{norm: seminorm}}, got {options!r}.")
+            raise ValueError(
+                f"`{argument}.adjoint_options` must be a mapping such as {{norm: seminorm}}, got {options!r}."
+            )
         unknown = sorted(set(options) - set(ADJOINT_OPTION_NAMES))
         if unknown:
             raise ValueError(
@@ -354,9 +375,15 @@ class SolverConfig:
             atol = self.adjoint_atol if self.adjoint_atol is not None else self.atol
             overrides = {k: v for k, v in (self.adjoint_options or {}).items() if k != "norm"}
         settings: dict[str, Any] = dict(
-            step_size=self.step_size, first_step=self.first_step, min_step=self.min_step,
-            max_step=math.inf if self.max_step is None else self.max_step, safety=self.safety, ifactor=self.ifactor,
-            dfactor=self.dfactor, max_num_steps=self.max_num_steps)
+            step_size=self.step_size,
+            first_step=self.first_step,
+            min_step=self.min_step,
+            max_step=math.inf if self.max_step is None else self.max_step,
+            safety=self.safety,
+            ifactor=self.ifactor,
+            dfactor=self.dfactor,
+            max_num_steps=self.max_num_steps,
+        )
         settings.update(overrides)
         if settings["max_step"] is None:
             settings["max_step"] = math.inf
@@ -370,8 +397,11 @@ class SolverConfig:
         if not SOLVERS[method].adaptive:
             return {"step_size": self.step_size}
         options: dict[str, Any] = {
-            "max_num_steps": self.max_num_steps, "min_step": self.min_step, "safety": self.safety,
-            "ifactor": self.ifactor, "dfactor": self.dfactor,
+            "max_num_steps": self.max_num_steps,
+            "min_step": self.min_step,
+            "safety": self.safety,
+            "ifactor": self.ifactor,
+            "dfactor": self.dfactor,
         }
         if self.max_step is not None:
             options["max_step"] = self.max_step
@@ -381,8 +411,9 @@ class SolverConfig:
 
     def odeint_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of ``torchdiffeq.odeint`` (and of ``odeint_adjoint`` with :attr:`adjoint`)."""
-        kwargs: dict[str, Any] = dict(rtol=self.rtol, atol=self.atol, method=self.method,
-                                      options=self.step_options(self.method))
+        kwargs: dict[str, Any] = dict(
+            rtol=self.rtol, atol=self.atol, method=self.method, options=self.step_options(self.method)
+        )
         if self.adjoint:
             adjoint_method = self.adjoint_method or self.method
             adjoint_options = self.step_options(adjoint_method)

@@ -1,11 +1,14 @@
-"""Explicit Runge–Kutta solvers written out by hand: the ``native`` backend of :class:`~lightning_pdenets.solvers.SolverConfig`.
+"""Explicit Runge–Kutta solvers written out by hand.
+
+They are the ``native`` backend of :class:`~lightning_pdenets.solvers.SolverConfig`.
 
 Why this module exists (issue 27): torchdiffeq stores the stages of a step along a new last axis and combines
 them with ``torch.sum(k * coefficients, dim=-1)``, which on ODE-Net's feature maps costs about as much as the
 convolutions of the vector field (1.8–2.5× the time of the NFE evaluations of f). No library reached the target
 of 1.15× at both 1 and 2 threads (BENCHMARKS.md, issue 27 section: torchdiffeq has no option for it; torchode took
-1.30× and 1.15×; under ``torch.compile`` it compiled for minutes per shape on a CPU). Here each stage is one chain of ``torch.add(..., alpha=...)``/``add_`` over the stages with a
-nonzero coefficient, in the state's own layout, so the solve costs little more than its evaluations of f.
+1.30× and 1.15×; under ``torch.compile`` it compiled for minutes per shape on a CPU). Here each stage is one
+chain of ``torch.add(..., alpha=...)``/``add_`` over the stages with a nonzero coefficient, in the state's own
+layout, so the solve costs little more than its evaluations of f.
 
 What is kept from torchdiffeq, so that trained models behave the same:
 
@@ -33,12 +36,13 @@ Methods not written out here (``dopri8``, ``explicit_adams``, ``implicit_adams``
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import cast
 
 import torch
 
-__all__ = ["NATIVE_METHODS", "StepControl", "Tableau", "TABLEAUS", "adjoint_solve", "fixed_step_count", "solve"]
+__all__ = ["NATIVE_METHODS", "TABLEAUS", "StepControl", "Tableau", "adjoint_solve", "fixed_step_count", "solve"]
 
 State = tuple[torch.Tensor, ...]
 Field = Callable[[torch.Tensor, State], State]
@@ -61,8 +65,8 @@ class Tableau:
 
     c: tuple[float, ...]
     a: tuple[tuple[float, ...], ...]
-    b: Optional[tuple[float, ...]]
-    e: Optional[tuple[float, ...]]
+    b: tuple[float, ...] | None
+    e: tuple[float, ...] | None
     order: int
 
     @property
@@ -76,27 +80,52 @@ TABLEAUS: dict[str, Tableau] = {
     "heun2": Tableau(c=(1.0,), a=((1.0,),), b=(0.5, 0.5), e=None, order=2),
     "heun3": Tableau(c=(1 / 3, 2 / 3), a=((1 / 3,), (0.0, 2 / 3)), b=(0.25, 0.0, 0.75), e=None, order=3),
     # torchdiffeq's rk4 is Kutta's 3/8 rule (rk4_alt_step_func), not the classical 1/6-1/3-1/3-1/6 scheme
-    "rk4": Tableau(c=(1 / 3, 2 / 3, 1.0), a=((1 / 3,), (-1 / 3, 1.0), (1.0, -1.0, 1.0)),
-                   b=(0.125, 0.375, 0.375, 0.125), e=None, order=4),
+    "rk4": Tableau(
+        c=(1 / 3, 2 / 3, 1.0),
+        a=((1 / 3,), (-1 / 3, 1.0), (1.0, -1.0, 1.0)),
+        b=(0.125, 0.375, 0.375, 0.125),
+        e=None,
+        order=4,
+    ),
     "adaptive_heun": Tableau(c=(1.0,), a=((1.0,),), b=(0.5, 0.5), e=(0.5, -0.5), order=2),
-    "fehlberg2": Tableau(c=(0.5, 1.0), a=((0.5,), (1 / 256, 255 / 256)), b=(1 / 512, 255 / 256, 1 / 512),
-                         e=(-1 / 512, 0.0, 1 / 512), order=2),
+    "fehlberg2": Tableau(
+        c=(0.5, 1.0),
+        a=((0.5,), (1 / 256, 255 / 256)),
+        b=(1 / 512, 255 / 256, 1 / 512),
+        e=(-1 / 512, 0.0, 1 / 512),
+        order=2,
+    ),
     # Bogacki & Shampine (1989), FSAL
-    "bosh3": Tableau(c=(0.5, 0.75, 1.0), a=((0.5,), (0.0, 0.75), (2 / 9, 1 / 3, 4 / 9)), b=None,
-                     e=(2 / 9 - 7 / 24, 1 / 3 - 1 / 4, 4 / 9 - 1 / 3, -1 / 8), order=3),
+    "bosh3": Tableau(
+        c=(0.5, 0.75, 1.0),
+        a=((0.5,), (0.0, 0.75), (2 / 9, 1 / 3, 4 / 9)),
+        b=None,
+        e=(2 / 9 - 7 / 24, 1 / 3 - 1 / 4, 4 / 9 - 1 / 3, -1 / 8),
+        order=3,
+    ),
     # Dormand & Prince (1980), "A family of embedded Runge-Kutta formulae", FSAL; torchdiffeq's order 5
     "dopri5": Tableau(
         c=(1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0),
-        a=((1 / 5,),
-           (3 / 40, 9 / 40),
-           (44 / 45, -56 / 15, 32 / 9),
-           (19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729),
-           (9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656),
-           (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84)),
+        a=(
+            (1 / 5,),
+            (3 / 40, 9 / 40),
+            (44 / 45, -56 / 15, 32 / 9),
+            (19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729),
+            (9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656),
+            (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84),
+        ),
         b=None,
-        e=(35 / 384 - 1951 / 21600, 0.0, 500 / 1113 - 22642 / 50085, 125 / 192 - 451 / 720,
-           -2187 / 6784 - -12231 / 42400, 11 / 84 - 649 / 6300, -1 / 60),
-        order=5),
+        e=(
+            35 / 384 - 1951 / 21600,
+            0.0,
+            500 / 1113 - 22642 / 50085,
+            125 / 192 - 451 / 720,
+            -2187 / 6784 - -12231 / 42400,
+            11 / 84 - 649 / 6300,
+            -1 / 60,
+        ),
+        order=5,
+    ),
 }
 """The methods this module integrates, by torchdiffeq's names."""
 
@@ -119,16 +148,16 @@ class StepControl:
     """
 
     method: str
-    step_size: Optional[float] = None
+    step_size: float | None = None
     rtol: float = 1e-3
     atol: float = 1e-3
-    first_step: Optional[float] = None
+    first_step: float | None = None
     min_step: float = 0.0
     max_step: float = math.inf
     safety: float = 0.9
     ifactor: float = 10.0
     dfactor: float = 0.2
-    max_num_steps: int = 2 ** 31 - 1
+    max_num_steps: int = 2**31 - 1
 
     def __post_init__(self) -> None:
         if self.method not in TABLEAUS:
@@ -142,7 +171,7 @@ class StepControl:
 
 
 # -- stage arithmetic -------------------------------------------------------------------------------
-def _combine(base: Optional[State], stages: Sequence[State], weights: Sequence[float], dt: float) -> State:
+def _combine(base: State | None, stages: Sequence[State], weights: Sequence[float], dt: float) -> State:
     """``base + dt · Σ_j weights[j] · stages[j]`` per tensor of the state, skipping zero weights.
 
     One ``torch.add(..., alpha=)`` and then in-place ``add_`` per nonzero weight: no stacking of the stages and no
@@ -163,8 +192,9 @@ def _combine(base: Optional[State], stages: Sequence[State], weights: Sequence[f
     return tuple(out)
 
 
-def _step(field: Field, tableau: Tableau, t: float, dt: float, y: State, f0: State,
-          time: Callable[[float], torch.Tensor]) -> tuple[State, State, list[State]]:
+def _step(
+    field: Field, tableau: Tableau, t: float, dt: float, y: State, f0: State, time: Callable[[float], torch.Tensor]
+) -> tuple[State, State, list[State]]:
     """One Runge–Kutta step from (t, y) with f(t, y) = f0: returns y1, the last stage's f and all stages."""
     stages = [f0]
     y_stage = y
@@ -180,8 +210,16 @@ def _rms(tensor: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _error_ratio(stages: list[State], weights: Sequence[float], dt: float, y0_abs: State, y1: State,
-                 controlled: Sequence[int], rtol: float, atol: float) -> tuple[float, State]:
+def _error_ratio(
+    stages: list[State],
+    weights: Sequence[float],
+    dt: float,
+    y0_abs: State,
+    y1: State,
+    controlled: Sequence[int],
+    rtol: float,
+    atol: float,
+) -> tuple[float, State]:
     """Hairer's error measure: the largest over the controlled tensors of RMS(err / (atol + rtol·max(|y0|, |y1|))).
 
     Returns the ratio and |y1| of the controlled tensors (the next step's |y0|, when this one is accepted).
@@ -203,8 +241,17 @@ def _error_ratio(stages: list[State], weights: Sequence[float], dt: float, y0_ab
 
 
 @torch.no_grad()
-def _initial_step(field: Field, t0: float, y0: State, f0: State, order: int, rtol: float, atol: float,
-                  controlled: Sequence[int], time: Callable[[float], torch.Tensor]) -> float:
+def _initial_step(
+    field: Field,
+    t0: float,
+    y0: State,
+    f0: State,
+    order: int,
+    rtol: float,
+    atol: float,
+    controlled: Sequence[int],
+    time: Callable[[float], torch.Tensor],
+) -> float:
     """Hairer, Nørsett & Wanner (1993), Sec. II.4 "Starting step size", with torchdiffeq's constants (one f call)."""
     scales = [y0[i].abs().mul(rtol).add_(atol) for i in controlled]
 
@@ -236,8 +283,15 @@ def _next_step(dt: float, ratio: float, control: StepControl) -> float:
 
 
 # -- solves -----------------------------------------------------------------------------------------
-def solve(field: Field, y0: State, t0: float, t1: float, control: StepControl,
-          controlled: Optional[Sequence[int]] = None, observer: Optional[StepObserver] = None) -> State:
+def solve(
+    field: Field,
+    y0: State,
+    t0: float,
+    t1: float,
+    control: StepControl,
+    controlled: Sequence[int] | None = None,
+    observer: StepObserver | None = None,
+) -> State:
     """Integrate dy/dt = field(t, y) from y(t0) = y0 to t1 (t1 < t0 integrates backward) and return y(t1).
 
     Backpropagation goes through the solver's operations when autograd records them (``torch.is_grad_enabled()``
@@ -269,14 +323,17 @@ def solve(field: Field, y0: State, t0: float, t1: float, control: StepControl,
     if sign > 0:
         f = field
     else:  # integrate in s = -t: dy/ds = -f(-s, y)
+
         def f(t: torch.Tensor, y: State) -> State:
             return tuple(-v for v in field(t, y))
+
     start, end = sign * t0, sign * t1
     tableau = control.tableau
     if tableau.e is None:
         return _solve_fixed(f, y0, start, end, control, observer, time)
-    return _solve_adaptive(f, y0, start, end, control, tuple(range(len(y0))) if controlled is None else tuple(controlled),
-                           observer, time)
+    return _solve_adaptive(
+        f, y0, start, end, control, tuple(range(len(y0))) if controlled is None else tuple(controlled), observer, time
+    )
 
 
 def fixed_step_count(start: float, end: float, step_size: float) -> int:
@@ -288,10 +345,18 @@ def fixed_step_count(start: float, end: float, step_size: float) -> int:
     return math.ceil((end - start) / step_size - 1e-9)
 
 
-def _solve_fixed(field: Field, y: State, start: float, end: float, control: StepControl,
-                 observer: Optional[StepObserver], time: Callable[[float], torch.Tensor]) -> State:
+def _solve_fixed(
+    field: Field,
+    y: State,
+    start: float,
+    end: float,
+    control: StepControl,
+    observer: StepObserver | None,
+    time: Callable[[float], torch.Tensor],
+) -> State:
     """torchdiffeq's grid: steps of ``step_size`` from ``start``, the last one ending at ``end``."""
-    tableau, h = control.tableau, control.step_size
+    tableau = control.tableau
+    h = cast(float, control.step_size)  # StepControl checks that a fixed-step method has one
     num_steps = max(1, fixed_step_count(start, end, h))
     for n in range(num_steps):
         t = start + n * h
@@ -302,10 +367,18 @@ def _solve_fixed(field: Field, y: State, start: float, end: float, control: Step
     return y
 
 
-def _solve_adaptive(field: Field, y: State, start: float, end: float, control: StepControl,
-                    controlled: tuple[int, ...], observer: Optional[StepObserver],
-                    time: Callable[[float], torch.Tensor]) -> State:
+def _solve_adaptive(
+    field: Field,
+    y: State,
+    start: float,
+    end: float,
+    control: StepControl,
+    controlled: tuple[int, ...],
+    observer: StepObserver | None,
+    time: Callable[[float], torch.Tensor],
+) -> State:
     tableau = control.tableau
+    error_weights = cast(tuple[float, ...], tableau.e)  # solve() steps adaptively only with an error estimate
     rtol, atol = control.rtol, control.atol
     t = start
     f = field(time(t), y)
@@ -328,7 +401,7 @@ def _solve_adaptive(field: Field, y: State, start: float, end: float, control: S
         last = t + dt >= end
         step = end - t if last else dt  # step exactly to the end (torchdiffeq steps past it and interpolates)
         y1, f1, stages = _step(field, tableau, t, step, y, f, time)
-        ratio, y1_abs = _error_ratio(stages, tableau.e, step, y_abs, y1, controlled, rtol, atol)
+        ratio, y1_abs = _error_ratio(stages, error_weights, step, y_abs, y1, controlled, rtol, atol)
         if not math.isfinite(ratio) and not all(bool(torch.isfinite(v).all()) for v in y):
             raise RuntimeError(f"non-finite values in the state at t = {t:g}")
         accepted = ratio <= 1.0 or step <= control.min_step
@@ -362,10 +435,10 @@ class AdjointPlan:
     t1: float
     forward: StepControl
     backward: StepControl
-    controlled: Optional[tuple[int, ...]] = None
+    controlled: tuple[int, ...] | None = None
     seminorm: bool = False
-    forward_observer: Optional[StepObserver] = None
-    backward_observer: Optional[StepObserver] = None
+    forward_observer: StepObserver | None = None
+    backward_observer: StepObserver | None = None
 
 
 class _AdjointSolve(torch.autograd.Function):
@@ -381,7 +454,7 @@ class _AdjointSolve(torch.autograd.Function):
         return tuple(v.clone() if any(v is y for y in y0) else v for v in y1)
 
     @staticmethod
-    def backward(ctx, *grad_y1: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
+    def backward(ctx, *grad_y1: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         plan: AdjointPlan = ctx.plan
         m = ctx.num_states
         saved = ctx.saved_tensors
@@ -389,13 +462,16 @@ class _AdjointSolve(torch.autograd.Function):
         grads = tuple(torch.zeros_like(y) if g is None else g for g, y in zip(grad_y1, y1))
 
         def augmented(t: torch.Tensor, state: State) -> State:
-            y, adj = state[:m], state[m:2 * m]
+            y, adj = state[:m], state[m : 2 * m]
             with torch.enable_grad():
                 y = tuple(v.detach().requires_grad_(True) for v in y)
                 out = plan.field(t, y)
                 pairs = [(o, -a) for o, a in zip(out, adj) if o.requires_grad]  # e.g. RNODE's zero Jacobian term
-                vjps = torch.autograd.grad([o for o, _ in pairs], y + params, [a for _, a in pairs],
-                                           allow_unused=True) if pairs else (None,) * (m + len(params))
+                vjps = (
+                    torch.autograd.grad([o for o, _ in pairs], y + params, [a for _, a in pairs], allow_unused=True)
+                    if pairs
+                    else (None,) * (m + len(params))
+                )
             vjps = tuple(torch.zeros_like(x) if g is None else g for g, x in zip(vjps, y + params))
             return tuple(v.detach() for v in out) + vjps
 
@@ -406,7 +482,7 @@ class _AdjointSolve(torch.autograd.Function):
         state0 = y1 + grads + tuple(torch.zeros_like(p) for p in params)
         with torch.no_grad():
             state = solve(augmented, state0, plan.t1, plan.t0, plan.backward, aug_controlled, plan.backward_observer)
-        return (None, None) + tuple(state[m:2 * m]) + tuple(state[2 * m:])
+        return (None, None, *state[m : 2 * m], *state[2 * m :])
 
 
 def adjoint_solve(plan: AdjointPlan, y0: State, params: Sequence[torch.Tensor]) -> State:
