@@ -35,6 +35,8 @@ from lightning_pdenets.evaluation import (
     normalization_of,
     split_batch,
 )
+from lightning_pdenets.callbacks._setup_checks import check_stats_match_data, data_num_classes
+from lightning_pdenets.errors import ConfigurationError
 from lightning_pdenets.interruption import raise_if_stop_requested
 from lightning_pdenets.metric_logging import log_replicated
 from lightning_pdenets.protocols import find_ode_blocks
@@ -80,6 +82,11 @@ def worst_case_logits(logits: Sequence[torch.Tensor], targets: torch.Tensor) -> 
     rank_of_true_class = (stacked > true_logit).sum(dim=2)
     worst = rank_of_true_class.argmax(dim=0)
     return stacked[worst, torch.arange(stacked.shape[1], device=stacked.device)]
+
+
+def _autoattack_classes_message(found: str) -> str:
+    return (f"AutoAttack's APGD-T and FAB-T need at least 3 classes (the DLR loss compares the top three logits), "
+            f"but {found}; drop 'autoattack' from `attacks` for this model.")
 
 
 class _StopChecked(nn.Module):
@@ -309,10 +316,7 @@ class AdversarialEvaluation(Callback):
         with torch.no_grad():
             num_classes = pixel_model(pixels[:1]).shape[-1]
         if num_classes < 3:
-            raise ValueError(
-                f"AutoAttack's APGD-T and FAB-T need at least 3 classes (the DLR loss compares the top three "
-                f"logits), but the model returns {num_classes}; drop 'autoattack' from `attacks` for this model."
-            )
+            raise ConfigurationError(_autoattack_classes_message(f"the model returns {num_classes}"))
         stages = run_autoattack(
             pixel_model, pixels, labels, epsilon, num_classes, seed=seed, steps=self.autoattack_steps,
             queries=self.autoattack_queries, gradient_context=lambda: self._gradient_solver(model),
@@ -405,6 +409,15 @@ class AdversarialEvaluation(Callback):
         if self.every_n_val_epochs is None or trainer.sanity_checking:
             return False
         return (trainer.current_epoch + 1) % self.every_n_val_epochs == 0
+
+    @override
+    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        # settings that contradict the data end the run before it starts, not at the end of a fit's first validation
+        check_stats_match_data(type(self).__name__, self.mean, trainer)
+        num_classes = data_num_classes(trainer)
+        if "autoattack" in self.attacks and num_classes is not None and num_classes < 3:
+            datamodule = type(trainer.datamodule).__name__
+            raise ConfigurationError(_autoattack_classes_message(f"{datamodule} has {num_classes} classes"))
 
     @override
     def on_test_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:

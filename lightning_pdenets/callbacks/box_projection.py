@@ -17,6 +17,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from lightning_pdenets.errors import ConfigurationError
 from lightning_pdenets.protocols import find_time_dependent_weights
 from typing_extensions import override
 
@@ -80,17 +81,29 @@ class WeightBoxProjection(Callback):
             for parameter in self._parameters:
                 parameter.clamp_(self.lower, self.upper)
 
-    @override
-    def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        self._parameters = self.select_parameters(pl_module)
-        if not self._parameters:
+    def _selected_or_error(self, pl_module: torch.nn.Module) -> list[torch.nn.Parameter]:
+        """:meth:`select_parameters`, or a :class:`ConfigurationError` (exit code 2 in the CLI) when it is empty."""
+        selected = self.select_parameters(pl_module)
+        if not selected:
             what = "no TimeDependentWeights module" if self.parameter_names is None else (
                 f"no parameter matching {self.parameter_names}"
             )
-            raise ValueError(
+            example = next(iter(dict(pl_module.named_parameters())), "weight")
+            raise ConfigurationError(
                 f"WeightBoxProjection found {what} in {type(pl_module).__name__}; pass `parameter_names` as fnmatch "
-                f"patterns of names in `named_parameters()` (e.g. {next(iter(dict(pl_module.named_parameters())), 'weight')!r})."
+                f"patterns of names in `named_parameters()` (e.g. {example!r}), or remove the callback."
             )
+        return selected
+
+    @override
+    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        # before the fit starts (every DDP rank holds the same model, so all decide alike)
+        if stage == "fit":
+            self._selected_or_error(pl_module)
+
+    @override
+    def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._parameters = self._selected_or_error(pl_module)
         self._handles = [optimizer.register_step_post_hook(lambda *args: self.project()) for optimizer in trainer.optimizers]
         if self.project_on_start:
             self.project()

@@ -20,6 +20,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from lightning_pdenets.errors import ConfigurationError
 from lightning_pdenets.metric_logging import log_replicated
 from lightning_pdenets.protocols import find_time_stepping_blocks
 from lightning_pdenets.validation import check_positive_int
@@ -79,16 +80,18 @@ class MultilevelTraining(Callback):
 
     @override
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        # ConfigurationError: a short message with exit code 2 in the CLI. Every DDP rank has the same model and
+        # world size, so all of them raise alike and none waits in a collective for the others.
         if stage != "fit":
             return
         if not self.select_blocks(pl_module):
             names = [n for n, _ in find_time_stepping_blocks(pl_module)]
-            raise ValueError(
+            raise ConfigurationError(
                 f"MultilevelTraining found no TimeSteppingBlock matching `block_names`={self.block_names!r} in "
                 f"{type(pl_module).__name__}; available blocks: {names}."
             )
         if self.refine_weights and trainer.world_size > 1:
-            raise ValueError(
+            raise ConfigurationError(
                 "MultilevelTraining(refine_weights=True) changes parameter shapes, which DDP cannot follow; "
                 "set `refine_weights: false` (refine the depth only) or train on one process."
             )

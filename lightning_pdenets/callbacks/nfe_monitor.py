@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from lightning_pdenets.evaluation import in_callback_pass
+from lightning_pdenets.errors import ConfigurationError
 from lightning_pdenets.metric_logging import log_replicated, step_values_are_read
 from lightning_pdenets.protocols import find_ode_blocks
 from lightning_pdenets.validation import check_positive_int
@@ -101,8 +102,8 @@ class NFEMonitor(Callback):
     @override
     def setup(self, trainer: "pl.Trainer", pl_module: pl.LightningModule, stage: str) -> None:
         monitors = [c for c in trainer.callbacks if isinstance(c, NFEMonitor)]
-        if len(monitors) > 1:
-            raise ValueError(
+        if len(monitors) > 1:  # the same callbacks on every DDP rank: all raise alike
+            raise ConfigurationError(
                 f"{len(monitors)} NFEMonitor callbacks are attached, so every NFE would be logged twice; keep one "
                 f"(`pdenets` adds one by default, so drop it from your config's trainer.callbacks)."
             )

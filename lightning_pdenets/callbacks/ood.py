@@ -27,6 +27,7 @@ from lightning_pdenets.evaluation import (
     normalization_of,
     split_batch,
 )
+from lightning_pdenets.callbacks._setup_checks import check_stats_match_data
 from lightning_pdenets.interruption import raise_if_stop_requested
 from lightning_pdenets.metric_logging import log_replicated
 from lightning_pdenets.validation import check_positive
@@ -150,6 +151,10 @@ class OODEvaluation(Callback):
                 ).to(pixels.device)
                 outputs[name] = pixel_model(perturbed)
         return outputs
+
+    @override
+    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        check_stats_match_data(type(self).__name__, self.mean, trainer)  # before the run, not at its first test batch
 
     @override
     def on_test_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:

@@ -41,6 +41,7 @@ from lightning_pdenets.evaluation import (
     shrink_grow_keep,
     split_batch,
 )
+from lightning_pdenets.errors import ConfigurationError
 from lightning_pdenets.metric_logging import log_occasional_step_values
 from lightning_pdenets.protocols import find_ode_blocks
 from lightning_pdenets.solvers import SOLVERS, check_solver_name
@@ -171,10 +172,18 @@ class _SolverAdaptation(Callback):
 
     # -- resolution at fit time ---------------------------------------------------------------
     def _resolve(self, pl_module: pl.LightningModule) -> list[nn.Module]:
-        blocks = require_ode_blocks(pl_module, type(self).__name__)
-        if self.train_solver is None:
-            self.train_solver = blocks[0].solver_settings()["method"]
-        self.test_solver = self._check_solver_pair(self.train_solver, self.test_solver)
+        """The model's ODE blocks and the solver pair; a model that does not suit the callback (no ODE block, a
+        solver of the other kind) is a :class:`ConfigurationError`, a short message with exit code 2 in the CLI,
+        raised alike on every DDP rank (they hold the same model)."""
+        try:
+            blocks = require_ode_blocks(pl_module, type(self).__name__)
+            if self.train_solver is None:
+                self.train_solver = blocks[0].solver_settings()["method"]
+            self.test_solver = self._check_solver_pair(self.train_solver, self.test_solver)
+        except ConfigurationError:
+            raise
+        except ValueError as error:
+            raise ConfigurationError(str(error)) from None
         return blocks
 
     @override

@@ -26,6 +26,7 @@ from lightning_pdenets.evaluation import (
     require_ode_blocks,
     restored_solvers,
 )
+from lightning_pdenets.errors import ConfigurationError
 from lightning_pdenets.metric_logging import log_replicated
 from lightning_pdenets.solvers import SOLVERS, check_solver_name
 from lightning_pdenets.validation import check_positive, check_positive_int
@@ -98,6 +99,17 @@ class SolverSwapCheck(Callback):
         self.results: dict[str, dict[str, Any]] = {}
 
     # -- hooks -------------------------------------------------------------------------------------
+    @override
+    def setup(self, trainer: "pl.Trainer", pl_module: pl.LightningModule, stage: str) -> None:
+        # a model without ODE blocks is refused before the run, not after its first training epoch; a
+        # ConfigurationError is a short message with exit code 2 in the CLI (every DDP rank decides alike)
+        if stage == "predict":
+            return
+        try:
+            require_ode_blocks(pl_module, type(self).__name__)
+        except ValueError as error:
+            raise ConfigurationError(str(error)) from None
+
     @override
     def on_validation_epoch_end(self, trainer: "pl.Trainer", pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs != 0:

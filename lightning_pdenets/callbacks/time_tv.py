@@ -25,7 +25,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch.optim import Optimizer
 
-from lightning_pdenets.errors import NonFiniteLossError
+from lightning_pdenets.errors import ConfigurationError, NonFiniteLossError
 from lightning_pdenets.metric_logging import log_replicated
 from lightning_pdenets.protocols import find_time_dependent_weights
 from lightning_pdenets.validation import check_non_negative, check_positive
@@ -99,8 +99,8 @@ class TimeTVRegularization(Callback):
 
     @override
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
-        if stage == "fit" and not collect_time_dependent_parameters(pl_module):
-            raise ValueError(
+        if stage == "fit" and not collect_time_dependent_parameters(pl_module):  # alike on every DDP rank
+            raise ConfigurationError(
                 f"TimeTVRegularization found no module following the TimeDependentWeights protocol in "
                 f"{type(pl_module).__name__}; expose `time_dependent_parameters()` and `weight_time_step()` "
                 f"(see lightning_pdenets.protocols) or remove the callback."
