@@ -1,5 +1,6 @@
-"""The behaviours of jsonargparse, Lightning and torchmetrics that the package's adapters depend on:
-``lightning_pdenets/cli/_library_adapters.py`` (jsonargparse, Lightning) and ``lightning_pdenets/_compat/torchmetrics.py``.
+"""The behaviours of jsonargparse, Lightning, torchmetrics and torchdiffeq that the package's adapters depend on:
+``lightning_pdenets/cli/_library_adapters.py`` (jsonargparse, Lightning), ``lightning_pdenets/_compat/torchmetrics.py``
+and ``lightning_pdenets/_compat/torchdiffeq.py``.
 
 No library documents them, so a release may change them without notice. Each test drives the library itself
 (a LightningCLI over tiny classes defined here, a Trainer, a metric), not the ``pdenets`` CLI, and its failure
@@ -17,8 +18,10 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from torchdiffeq import odeint
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_pdenets._compat.torchdiffeq import rms_norm, solver_names
 from lightning_pdenets._compat.torchmetrics import mark_updated
 from lightning_pdenets.cli._library_adapters import (
     command_name,
@@ -27,6 +30,7 @@ from lightning_pdenets.cli._library_adapters import (
     interrupted_by_ctrl_c,
     parse_error,
 )
+from lightning_pdenets.solvers import SOLVERS
 
 pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI.s args parameter", "ignore:No seed found")
 
@@ -217,3 +221,32 @@ def test_a_metric_with_restored_states_computes_as_updated() -> None:
             pytest.fail(f"torchmetrics no longer counts updates in Metric._update_count ({warning}); update "
                         f"mark_updated in lightning_pdenets/_compat/torchmetrics.py")
     assert restored.update_called and value == source.compute()
+
+
+def test_torchdiffeq_offers_every_method_of_the_framework() -> None:
+    """``lightning_pdenets/_compat/torchdiffeq.py``: the check of ``lightning_pdenets.solvers`` at import."""
+    names = solver_names()
+    assert names is not None and set(SOLVERS) <= names, (
+        f"torchdiffeq's method table is no longer torchdiffeq._impl.odeint.SOLVERS or lacks methods the framework "
+        f"offers ({sorted(set(SOLVERS) - (names or set()))}); update solver_names in lightning_pdenets/_compat/torchdiffeq.py"
+    )
+
+
+def test_rms_norm_is_torchdiffeqs_default_error_norm() -> None:
+    """An adaptive solve of y alone (torchdiffeq's default norm) and of (y, an integral) with the norm of y alone
+    take the same steps: what an ODE block's RNODE integrals rely on."""
+
+    def decay(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return -2.0 * y * torch.cos(3.0 * t)
+
+    def decay_and_integral(t: torch.Tensor, state: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        return decay(t, state[0]), state[0].pow(2).sum().reshape(1) * 50.0  # an integral the norm must ignore
+
+    y0, times = torch.tensor([1.0, -0.5, 0.25], dtype=torch.float64), torch.tensor([0.0, 2.0], dtype=torch.float64)
+    alone = odeint(decay, y0, times, method="dopri5", rtol=1e-4, atol=1e-6)
+    together = odeint(decay_and_integral, (y0, torch.zeros(1, dtype=torch.float64)), times, method="dopri5",
+                      rtol=1e-4, atol=1e-6, options={"norm": lambda tensors: rms_norm(tensors[0])})
+    assert torch.equal(alone[-1], together[0][-1]), (
+        "torchdiffeq's default error norm is no longer the root mean square of the state; update rms_norm in "
+        "lightning_pdenets/_compat/torchdiffeq.py to the new default"
+    )

@@ -14,4 +14,4 @@ from torchmetrics import Metric
 
 def mark_updated(metric: Metric) -> None:
     """Count at least one update on ``metric``, so that ``compute()`` of restored states does not warn."""
-    metric._update_count = max(metric._update_count, 1)  # noqa: SLF001 (no public setter)
+    metric._update_count = max(metric._update_count, 1)  # private: torchmetrics has no public setter

@@ -9,8 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 from torchdiffeq import odeint, odeint_adjoint
-from torchdiffeq._impl.misc import _rms_norm
 
+from lightning_pdenets._compat.torchdiffeq import rms_norm
 from lightning_pdenets.errors import SolverFailedError, is_solver_failure
 from lightning_pdenets.solvers import SOLVERS, SolverConfig
 from lightning_pdenets.solvers.runge_kutta import AdjointPlan, Field, adjoint_solve, solve
@@ -204,7 +204,7 @@ class ODEBlock(nn.Module):
             per_sample = torch.zeros(y0.shape[:1] if y0.dim() > 1 else (), dtype=y0.dtype, device=y0.device)
             state = (y0, per_sample, per_sample)
             if s.is_adaptive:  # the integrals follow the steps chosen for y (their error is not controlled)
-                kwargs["options"]["norm"] = lambda tensors: _rms_norm(tensors[0])
+                kwargs["options"]["norm"] = lambda tensors: rms_norm(tensors[0])
         self._solving_forward = True
         try:
             solution = solve(dynamics, state, times, **kwargs)
