@@ -23,10 +23,12 @@ def check_non_negative(value: Any, argument: str) -> None:
         raise ValueError(f"`{argument}` must be a finite number >= 0, got {value!r}.")
 
 
-def check_positive_int(value: Any, argument: str, minimum: int = 1) -> None:
-    """Raise a ``ValueError`` naming ``argument`` unless ``value`` is an integer >= ``minimum``."""
+def check_positive_int(value: Any, argument: str, minimum: int = 1, allow_none: bool = False) -> None:
+    """Raise a ``ValueError`` naming ``argument`` unless ``value`` is an integer >= ``minimum`` (or ``None`` if allowed)."""
+    if value is None and allow_none:
+        return
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"`{argument}` must be an integer >= {minimum}, got {value!r}.")
+        raise ValueError(f"`{argument}` must be an integer >= {minimum}{' or None' if allow_none else ''}, got {value!r}.")
 
 
 def check_setting_names(names: Iterable[Any], valid: Sequence[str], argument: str) -> None:

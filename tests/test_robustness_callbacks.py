@@ -178,9 +178,9 @@ def test_validation_attacks_every_n_epochs(tmp_path):
         (dict(epsilons=["one/255"]), "fractions like '1/255'"),
         (dict(epsilons=[]), "non-empty list"),
         (dict(attacks=["cw"]), "subset of ['fgsm', 'pgd', 'spsa', 'autoattack']"),
-        (dict(pgd_steps=0), "`pgd_steps` must be a positive integer"),
+        (dict(pgd_steps=0), "`pgd_steps` must be an integer >= 1"),
         (dict(pgd_step_size=-1.0), "pgd_step_size"),
-        (dict(num_batches=0), "`num_batches` must be a positive integer or None"),
+        (dict(num_batches=0), "`num_batches` must be an integer >= 1 or None"),
         (dict(mean=[0.5]), "both `mean` and `std`"),
         (dict(mean=[0.5], std=[0.0]), "`std` entries must be > 0"),
         (dict(spsa_num_batches=0), "`spsa_num_batches` must be an integer >= 1, got 0"),
@@ -372,7 +372,7 @@ def test_ood_callback_logs_each_perturbation_reproducibly():
         (dict(perturbations=["blur"]), "subset of ['gaussian_noise'"),
         (dict(noise_std=0), "noise_std"),
         (dict(crop_size=70), "must not exceed `reference_size`"),
-        (dict(num_batches=0), "`num_batches` must be a positive integer or None"),
+        (dict(num_batches=0), "`num_batches` must be an integer >= 1 or None"),
     ],
 )
 def test_ood_rejects_bad_arguments(kwargs, message):

@@ -36,6 +36,7 @@ from torch import nn
 
 from lightning_pdenets.architectures.registry import register_architecture
 from lightning_pdenets.blocks.pde_cnn import HamiltonianBlock, ParabolicBlock, SecondOrderBlock, SymmetricPDEBlock
+from lightning_pdenets.validation import check_positive_int
 
 __all__ = ["PDECNN", "PDE_CNN_DYNAMICS", "stl10_hamiltonian", "stl10_parabolic", "stl10_second_order"]
 
@@ -114,9 +115,8 @@ class PDECNN(nn.Module):
         widths = list(widths)
         if not widths or any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in widths):
             raise ValueError(f"`widths` must be a non-empty list of positive integers, got {widths!r}.")
-        for name, value in (("in_channels", in_channels), ("num_classes", num_classes)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        check_positive_int(in_channels, "in_channels")
+        check_positive_int(num_classes, "num_classes")
         block_class = PDE_CNN_DYNAMICS[dynamics]
         self.in_channels = in_channels
         # each connector halves the resolution; instance norm needs more than one pixel in the last unit

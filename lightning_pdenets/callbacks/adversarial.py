@@ -214,11 +214,9 @@ class AdversarialEvaluation(Callback):
         if isinstance(attacks, str) or not attacks or any(a not in ATTACKS for a in attacks):
             raise ValueError(f"`attacks` must be a non-empty subset of {list(ATTACKS)}, got {attacks!r}.")
         self.attacks = list(dict.fromkeys(attacks))
-        for name, value in (("pgd_steps", pgd_steps), ("num_batches", num_batches), ("every_n_val_epochs", every_n_val_epochs)):
-            if value is None and name != "pgd_steps":
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` must be a positive integer{'' if name == 'pgd_steps' else ' or None'}, got {value!r}.")
+        check_positive_int(pgd_steps, "pgd_steps")
+        check_positive_int(num_batches, "num_batches", allow_none=True)
+        check_positive_int(every_n_val_epochs, "every_n_val_epochs", allow_none=True)
         if pgd_step_size is not None:
             check_positive(pgd_step_size, "pgd_step_size")
         check_channel_stats(mean, std)

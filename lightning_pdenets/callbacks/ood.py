@@ -30,7 +30,7 @@ from lightning_pdenets.evaluation import (
 from lightning_pdenets.callbacks._setup_checks import check_stats_match_data
 from lightning_pdenets.interruption import raise_if_stop_requested
 from lightning_pdenets.metric_logging import log_replicated
-from lightning_pdenets.validation import check_positive
+from lightning_pdenets.validation import check_positive, check_positive_int
 from typing_extensions import override
 
 __all__ = ["OODEvaluation", "PERTURBATIONS", "perturb_pixels"]
@@ -117,13 +117,11 @@ class OODEvaluation(Callback):
         check_positive(noise_std, "noise_std")
         check_positive(rotation_degrees, "rotation_degrees")
         check_positive(jitter_strength, "jitter_strength")
-        for name, value in (("crop_size", crop_size), ("reference_size", reference_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        check_positive_int(crop_size, "crop_size")
+        check_positive_int(reference_size, "reference_size")
         if crop_size > reference_size:
             raise ValueError(f"`crop_size` ({crop_size}) must not exceed `reference_size` ({reference_size}).")
-        if num_batches is not None and (isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1):
-            raise ValueError(f"`num_batches` must be a positive integer or None, got {num_batches!r}.")
+        check_positive_int(num_batches, "num_batches", allow_none=True)
         check_channel_stats(mean, std)
         self.perturbations = list(dict.fromkeys(perturbations))
         self.noise_std = noise_std
