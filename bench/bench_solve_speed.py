@@ -121,7 +121,7 @@ def field_times(block, y0: torch.Tensor, count: int) -> Callable[[], object]:
 
 
 def inference(models: dict, y0s: dict, rounds: int, with_torchode: bool, torchode_compile: bool,
-              compile_combine: bool = False) -> list[str]:
+              compile_combine: bool = False, compile_field: bool = False) -> list[str]:
     lines = ["| model | what | NFE | time (median) | vs f × NFE |", "|---|---|---|---|---|"]
     for name, model in models.items():
         (block,) = find_ode_blocks(model)
@@ -149,6 +149,28 @@ def inference(models: dict, y0s: dict, rounds: int, with_torchode: bool, torchod
                 finally:
                     runge_kutta._combine = eager
             variants["native + torch.compile(combine)"] = run_compiled
+        if compile_field:
+            eager_field = block.field
+            compiled_field = torch.compile(eager_field)  # what torchode + torch.compile also compiles: f itself
+
+            def run_compiled_field(label="native + torch.compile(f)"):
+                block.field = compiled_field
+                try:
+                    block.configure_solver(backend="native")
+                    before = block.nfe_forward
+                    block(y0)
+                    nfe[label] = block.nfe_forward - before
+                finally:
+                    block.field = eager_field
+
+            def compiled_field_times():
+                block.field = compiled_field
+                try:
+                    return field_times(block, y0, nfe["native"])()
+                finally:
+                    block.field = eager_field
+            variants["native + torch.compile(f)"] = run_compiled_field
+            variants["compiled f × NFE"] = compiled_field_times
         with torch.no_grad():
             for label, run in list(variants.items()):
                 start = time.perf_counter()
@@ -157,6 +179,8 @@ def inference(models: dict, y0s: dict, rounds: int, with_torchode: bool, torchod
                     lines.append(f"| {name} | {label}: first call (compilation) {time.perf_counter() - start:.0f} s | | | |")
         variants["f × NFE"] = field_times(block, y0, nfe["native"])
         nfe["f × NFE"] = nfe["native"]
+        if compile_field:
+            nfe["compiled f × NFE"] = nfe["native"]
         if with_torchode and block.solver.is_adaptive:
             for compiled in (False, True) if torchode_compile else (False,):
                 label = "torchode" + (" + torch.compile" if compiled else "")
@@ -315,6 +339,8 @@ def main() -> None:
                         help="also torchode under torch.compile (minutes of compilation on a CPU)")
     parser.add_argument("--compile-combine", action="store_true",
                         help="also the native loop with its stage combination under torch.compile (f stays eager)")
+    parser.add_argument("--compile-field", action="store_true",
+                        help="also the native loop around f under torch.compile, and that compiled f x NFE")
     args = parser.parse_args()
     checkpoints = REPO / "bench" / "checkpoints" / "mnist"
     models = {"ODE-Net": load_model(checkpoints / "odenet.ckpt"), "RK-Net": load_model(checkpoints / "rknet.ckpt")}
@@ -333,7 +359,7 @@ def main() -> None:
         if "inference" in args.parts:
             print(f"#### Inference, {args.images:,} test images, no_grad, {threads} thread(s), {args.rounds} rounds\n")
             print("\n".join(inference(models, y0s, args.rounds, torchode is not None and not args.no_torchode,
-                                       args.torchode_compile, args.compile_combine)) + "\n")
+                                       args.torchode_compile, args.compile_combine, args.compile_field)) + "\n")
         if "training" in args.parts:
             print(f"#### ODE-Net training step of the ODE block, batch {args.batch}, {threads} thread(s), "
                   f"{args.rounds} rounds\n")
