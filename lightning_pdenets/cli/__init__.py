@@ -19,6 +19,14 @@ from lightning_pdenets.cli.exit_codes import EXIT_INTERRUPTED, EXIT_MODEL_FAILUR
 from lightning_pdenets.cli.log_folders import DEFAULT_EXPERIMENT_NAME, DEFAULT_LOG_DIR, experiment_name
 
 __all__ = [
-    "DEFAULT_EXPERIMENT_NAME", "DEFAULT_LOG_DIR", "EXIT_INTERRUPTED", "EXIT_MODEL_FAILURE", "EXIT_USAGE",
-    "PDENetsCLI", "USER_ERRORS", "build_cli", "experiment_name", "main",
+    "DEFAULT_EXPERIMENT_NAME",
+    "DEFAULT_LOG_DIR",
+    "EXIT_INTERRUPTED",
+    "EXIT_MODEL_FAILURE",
+    "EXIT_USAGE",
+    "USER_ERRORS",
+    "PDENetsCLI",
+    "build_cli",
+    "experiment_name",
+    "main",
 ]

@@ -20,13 +20,16 @@ before :meth:`LightningCLI.before_instantiate_classes` runs. The same test file 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from types import FrameType
-from typing import Any, Iterator, Optional
+from typing import Any
 
 # Lines of jsonargparse's union-type report that say nothing about the user's mistake.
-_NOISE = re.compile(r"^\s*(- )?(Expected a <class 'NoneType'>|Given value type:|Given value:|Subtypes:|Errors:"
-                    r"|Does not validate against any of the Union subtypes)")
+_NOISE = re.compile(
+    r"^\s*(- )?(Expected a <class 'NoneType'>|Given value type:|Given value:|Subtypes:|Errors:"
+    r"|Does not validate against any of the Union subtypes)"
+)
 
 _LIBRARY_MODULES = ("jsonargparse", "lightning.pytorch.cli", "pytorch_lightning.cli")
 """Modules whose frames raise the wrappers around a constructor's error, not the error itself."""
@@ -45,9 +48,9 @@ class ArgumentProblem:
             the value given appended as ``(got '...')``.
     """
 
-    key: Optional[str]
-    class_path: Optional[str] = None
-    unknown_argument: Optional[str] = None
+    key: str | None
+    class_path: str | None = None
+    unknown_argument: str | None = None
     missing_class: bool = False
     summary: str = ""
 
@@ -59,8 +62,9 @@ def parse_error(message: str) -> ArgumentProblem:
     class_problem = re.search(r"Problem with given class_path '([^']+)':\s*\n?\s*(.+)", message)
     if key and class_problem:
         class_path, detail = class_problem.group(1), class_problem.group(2).strip()
-        unknown_option = re.match(r"Option '([^']+)' is not accepted", detail) or \
-            re.match(r"unrecognized arguments: --([A-Za-z_]\w*)", detail)  # a nested key under an unknown name
+        unknown_option = re.match(r"Option '([^']+)' is not accepted", detail) or re.match(
+            r"unrecognized arguments: --([A-Za-z_]\w*)", detail
+        )  # a nested key under an unknown name
         if unknown_option:
             return ArgumentProblem(key, class_path, unknown_argument=unknown_option.group(1))
         if "has no attribute" in detail or "No module named" in detail:
@@ -76,17 +80,17 @@ def parse_error(message: str) -> ArgumentProblem:
     return ArgumentProblem(key, summary=re.sub(r"- Expected a <class '([^']+)'>", r"expected \1", summary))
 
 
-def failing_parser(parser: Any, error: Optional[BaseException]) -> Any:
+def failing_parser(parser: Any, error: BaseException | None) -> Any:
     """The parser an error belongs to: the subcommand's parser jsonargparse attached to ``error``, else ``parser``."""
     return getattr(error, "subcommand_parser", None) or parser
 
 
 def command_name(parser: Any) -> str:
-    """The command a parser reads, as a user types it (``pdenets fit``; jsonargparse's prog is ``pdenets [options] fit``)."""
+    """The command a parser reads as typed: ``pdenets fit`` (jsonargparse's prog: ``pdenets [options] fit``)."""
     return parser.prog.replace(" [options]", "")
 
 
-def constructor_error(error: Optional[BaseException]) -> Optional[tuple[Optional[str], BaseException]]:
+def constructor_error(error: BaseException | None) -> tuple[str | None, BaseException] | None:
     """The exception a class's constructor raised behind jsonargparse's wrapping, with the name of that class.
 
     Follows ``error``'s chain (``__cause__``, else ``__context__``) to the first exception raised outside
@@ -100,8 +104,14 @@ def constructor_error(error: Optional[BaseException]) -> Optional[tuple[Optional
         frames = list(_traceback_frames(error))
         raised_in = str(frames[-1].f_globals.get("__name__", "")) if frames else ""
         if not any(raised_in == module or raised_in.startswith(f"{module}.") for module in _LIBRARY_MODULES):
-            owner = next((type(frame.f_locals["self"]).__name__ for frame in frames
-                          if frame.f_code.co_name == "__init__" and "self" in frame.f_locals), None)
+            owner = next(
+                (
+                    type(frame.f_locals["self"]).__name__
+                    for frame in frames
+                    if frame.f_code.co_name == "__init__" and "self" in frame.f_locals
+                ),
+                None,
+            )
             return owner, error
         error = error.__cause__ or error.__context__
     return None

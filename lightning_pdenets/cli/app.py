@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 import warnings
-from typing import Any, Optional
+from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -19,8 +19,8 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from typing_extensions import override
 
-import lightning_pdenets.callbacks  # noqa: F401  (makes callback class names resolvable in configs)
-import lightning_pdenets.data  # noqa: F401
+import lightning_pdenets.callbacks  # makes callback class names resolvable in configs (as do the next two)
+import lightning_pdenets.data
 import lightning_pdenets.models  # noqa: F401
 from lightning_pdenets.checkpoints import AtomicCheckpointIO
 from lightning_pdenets.cli._library_adapters import command_name, constructor_error, interrupted_by_ctrl_c
@@ -45,9 +45,9 @@ class PDENetsCLI(LightningCLI):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._checked = CheckedCheckpoint()
-        self._given: Optional[GivenSettings] = None
+        self._given: GivenSettings | None = None
         self._hidden_ckpt_path: Any = None
-        self._new_folders: Optional[NewLogFolders] = None  # set when the subcommand starts to run
+        self._new_folders: NewLogFolders | None = None  # set when the subcommand starts to run
         try:
             super().__init__(*args, **kwargs)
         except USER_ERRORS:
@@ -57,8 +57,10 @@ class PDENetsCLI(LightningCLI):
         except (KeyboardInterrupt, SystemExit) as stop:
             if self._new_folders is None or not interrupted_by_ctrl_c(stop):
                 raise
-            sys.stderr.write(f"pdenets: {self.subcommand} interrupted by Ctrl-C (exit code {EXIT_INTERRUPTED}). "
-                             f"{after_ctrl_c_advice(self.subcommand)}\n")
+            sys.stderr.write(
+                f"pdenets: {self.subcommand} interrupted by Ctrl-C (exit code {EXIT_INTERRUPTED}). "
+                f"{after_ctrl_c_advice(self.subcommand)}\n"
+            )
             raise SystemExit(EXIT_INTERRUPTED) from None
 
     @override
@@ -74,7 +76,7 @@ class PDENetsCLI(LightningCLI):
             type=bool,
             default=False,
             help="Let a `fit` whose model diverged (a loss that exploded or is not finite, accuracy at chance after "
-                 "the first epochs) end with a warning and exit code 0 instead of an error and exit code 1.",
+            "the first epochs) end with a warning and exit code 0 instead of an error and exit code 1.",
         )
         link_data_to_model(parser)
         parser.set_defaults(
@@ -94,8 +96,12 @@ class PDENetsCLI(LightningCLI):
                         # last.ckpt at the end of every training epoch (after its validation). Lightning 2.6's
                         # save_last=True rewrites it only when a new best checkpoint is saved.
                         "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                        "init_args": {"filename": "last", "save_top_k": 1, "enable_version_counter": False,
-                                      "save_on_train_epoch_end": True},
+                        "init_args": {
+                            "filename": "last",
+                            "save_top_k": 1,
+                            "enable_version_counter": False,
+                            "save_on_train_epoch_end": True,
+                        },
                     },
                     {"class_path": "lightning.pytorch.callbacks.LearningRateMonitor"},
                     {"class_path": "lightning_pdenets.callbacks.CheckpointOnInterrupt"},
@@ -151,7 +157,7 @@ class PDENetsCLI(LightningCLI):
 
     @override
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
-        """Lightning's trainer, writing checkpoints through :class:`AtomicCheckpointIO` unless a plugin says otherwise."""
+        """Lightning's trainer, saving checkpoints through :class:`AtomicCheckpointIO` unless a plugin says another."""
         trainer = super().instantiate_trainer(**kwargs)
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
@@ -167,14 +173,14 @@ class PDENetsCLI(LightningCLI):
 
     def after_fit(self) -> None:
         """Fail a diverged fit (see :meth:`_check_divergence`), then test the best checkpoint (``--test_after_fit``)."""
-        if getattr(self.trainer, "interrupted", False) or self.trainer.fast_dev_run:
+        if getattr(self.trainer, "interrupted", False) or getattr(self.trainer, "fast_dev_run", False):
             return
         self._check_divergence()
         if not self.config.fit.get("test_after_fit", True):
             return
         best = [c for c in self.trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint) and c.best_model_path]
         best.sort(key=lambda c: c.monitor is None)  # a monitored best before the unmonitored last.ckpt
-        ckpt_path: Optional[str] = best[0].best_model_path if best else None
+        ckpt_path: str | None = best[0].best_model_path if best else None
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt_path, weights_only=True)
 
     def _check_divergence(self) -> None:
@@ -188,7 +194,7 @@ class PDENetsCLI(LightningCLI):
         raise DivergedError(f"the model diverged: {symptom}. {self.model.divergence_advice(symptom)}")
 
 
-def build_cli(args: Optional[list[str]] = None, run: bool = True) -> PDENetsCLI:
+def build_cli(args: list[str] | None = None, run: bool = True) -> PDENetsCLI:
     """Parse ``args`` (default: ``sys.argv``) and, with ``run=True``, execute the subcommand."""
     warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
     return PDENetsCLI(

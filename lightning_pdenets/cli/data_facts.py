@@ -3,7 +3,7 @@ by LightningCLI argument linking; a config or checkpoint value that contradicts 
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from lightning.pytorch.cli import LightningArgumentParser
 
@@ -28,25 +28,27 @@ def stored_facts(checkpoint: dict) -> dict[str, Any]:
     return {name: stored[name] for name in DATA_FACTS if isinstance(stored, dict) and stored.get(name) is not None}
 
 
-def check_linked_values(model_config: Any, datamodule: Any, ckpt_path: Optional[str] = None,
-                        checkpoint_facts: Optional[dict[str, Any]] = None) -> None:
+def check_linked_values(
+    model_config: Any, datamodule: Any, ckpt_path: str | None = None, checkpoint_facts: dict[str, Any] | None = None
+) -> None:
     """Refuse a config value that contradicts the datamodule: linking would drop it silently.
 
     A value that came from ``ckpt_path`` (Lightning merges the checkpoint's arguments into the config) is the
     trained model's, so the message says so instead of advising to edit the config.
     """
-    init_args = model_config.get("init_args") if hasattr(model_config, "get") else None
+    init_args: Any = model_config.get("init_args") if hasattr(model_config, "get") else None
     if datamodule is None or not hasattr(init_args, "get"):
         return
+    facts = checkpoint_facts or {}
     for name in DATA_FACTS:
         given, expected = init_args.get(name), getattr(datamodule, name, None)
         if given is None or expected is None or _same_fact(given, expected):
             continue
-        if name in (checkpoint_facts or {}) and _same_fact(given, checkpoint_facts[name]):
+        if name in facts and _same_fact(given, facts[name]):
             raise ConfigurationError(
-                f"checkpoint {ckpt_path!r} holds a model trained with `{name}` {checkpoint_facts[name]!r}, but "
+                f"checkpoint {ckpt_path!r} holds a model trained with `{name}` {facts[name]!r}, but "
                 f"{type(datamodule).__name__} gives {expected!r}, which it cannot take. Use data with {name} "
-                f"{checkpoint_facts[name]!r} (the datamodule it was trained on), or train a model for this data: a "
+                f"{facts[name]!r} (the datamodule it was trained on), or train a model for this data: a "
                 f"fresh run without --ckpt_path."
             )
         raise ConfigurationError(

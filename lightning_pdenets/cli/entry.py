@@ -7,7 +7,6 @@ reads too: ``main`` builds the CLI, so the table cannot live beside it without a
 from __future__ import annotations
 
 import sys
-from typing import Optional
 
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -25,7 +24,7 @@ from lightning_pdenets.errors import ModelFailure
 from lightning_pdenets.interruption import StopWatchdog
 
 
-def main(args: Optional[list[str]] = None) -> None:
+def main(args: list[str] | None = None) -> None:
     """Entry point of ``pdenets`` and ``python -m lightning_pdenets``.
 
     Exits with 2 for bad arguments and checkpoints (one message, no traceback), with 1 when the model fails
@@ -42,8 +41,10 @@ def main(args: Optional[list[str]] = None) -> None:
         build_cli(args)
     except SIGTERMException as error:
         what = f" during {error}" if str(error) else ""
-        sys.stderr.write(f"pdenets: {subcommand or 'the run'} stopped by SIGTERM{what} (exit code {EXIT_SIGTERM}). "
-                         f"{after_sigterm_advice(subcommand)}\n")
+        sys.stderr.write(
+            f"pdenets: {subcommand or 'the run'} stopped by SIGTERM{what} (exit code {EXIT_SIGTERM}). "
+            f"{after_sigterm_advice(subcommand)}\n"
+        )
         sys.exit(EXIT_SIGTERM)
     except USER_ERRORS as error:
         if debugging():

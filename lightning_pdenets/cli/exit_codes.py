@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from lightning_pdenets.errors import (
     CheckpointMismatchError,
@@ -29,35 +29,54 @@ EXIT_MODEL_FAILURE = 1
 """Exit status when the model failed (a NaN loss, a solver that could not integrate): a run that did not succeed."""
 
 __all__ = [
-    "EXIT_INTERRUPTED", "EXIT_MODEL_FAILURE", "EXIT_SIGTERM", "EXIT_USAGE", "SUBCOMMANDS", "USER_ERRORS",
-    "after_ctrl_c_advice", "after_sigterm_advice", "subcommand_of",
+    "EXIT_INTERRUPTED",
+    "EXIT_MODEL_FAILURE",
+    "EXIT_SIGTERM",
+    "EXIT_USAGE",
+    "SUBCOMMANDS",
+    "USER_ERRORS",
+    "after_ctrl_c_advice",
+    "after_sigterm_advice",
+    "subcommand_of",
 ]
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 USER_ERRORS = (
-    ConfigurationError, CheckpointMismatchError, CheckpointNotFoundError, CorruptCheckpointError, UntrustedCheckpointError,
-    LegacyCheckpointError, DatasetDownloadError,
+    ConfigurationError,
+    CheckpointMismatchError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    UntrustedCheckpointError,
+    LegacyCheckpointError,
+    DatasetDownloadError,
 )
 """Errors of the user's input that reach the user as one message and :data:`EXIT_USAGE`, not a traceback."""
 
 
-def subcommand_of(args: Sequence[str]) -> Optional[str]:
+def subcommand_of(args: Sequence[str]) -> str | None:
     """The subcommand (``fit``, ``test``, ...) among the command-line arguments, or ``None``."""
     return next((arg for arg in args if arg in SUBCOMMANDS), None)
 
 
-def after_sigterm_advice(subcommand: Optional[str]) -> str:
+def after_sigterm_advice(subcommand: str | None) -> str:
     """What to do after SIGTERM stopped ``subcommand``: resume a fit, rerun an evaluation."""
     if subcommand == "fit":
-        return ("The last good checkpoint is kept; the fit resumes with the same command and --ckpt_path last "
-                "(on any number of processes).")
+        return (
+            "The last good checkpoint is kept; the fit resumes with the same command and --ckpt_path last "
+            "(on any number of processes)."
+        )
     if subcommand in ("test", "validate", "predict"):
-        return f"Nothing of this {subcommand} run was written; run the same command again to {subcommand} from the start."
+        return (
+            f"Nothing of this {subcommand} run was written; run the same command again to {subcommand} from the start."
+        )
     return ""
 
 
 def after_ctrl_c_advice(subcommand: str) -> str:
     """What to do after Ctrl-C stopped ``subcommand``."""
-    return ("The fit resumes with the same command and --ckpt_path last." if subcommand == "fit"
-            else f"Run the same command again to {subcommand} from the start.")
+    return (
+        "The fit resumes with the same command and --ckpt_path last."
+        if subcommand == "fit"
+        else f"Run the same command again to {subcommand} from the start."
+    )

@@ -11,8 +11,9 @@ import hashlib
 import os
 import re
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import yaml
 from jsonargparse import Namespace
@@ -45,7 +46,7 @@ def experiment_name(config_files: Sequence[Any]) -> str:
     parts = chosen.resolve().with_suffix("").parts
     if "configs" in parts[:-1]:
         last = len(parts) - 1 - parts[::-1].index("configs")
-        return "/".join(parts[last + 1:])
+        return "/".join(parts[last + 1 :])
     return f"{chosen.stem}-{_path_digest(chosen)}"
 
 
@@ -84,14 +85,19 @@ def check_folder(path: Any, option: str) -> None:
     path = Path(str(path)).expanduser()
     existing = next((p for p in (path, *path.parents) if p.exists()), None)
     if existing == path and not path.is_dir():
-        raise ConfigurationError(f"{option} {str(path)!r} is a file, not a folder: logs and checkpoints are written "
-                                 f"into it. Pass a folder (a missing one is created).")
+        raise ConfigurationError(
+            f"{option} {str(path)!r} is a file, not a folder: logs and checkpoints are written "
+            f"into it. Pass a folder (a missing one is created)."
+        )
     if existing is not None and existing != path and not existing.is_dir():
-        raise ConfigurationError(f"{option} {str(path)!r} cannot be created: {str(existing)!r} is a file. Pass a "
-                                 f"folder path (a missing one is created).")
+        raise ConfigurationError(
+            f"{option} {str(path)!r} cannot be created: {str(existing)!r} is a file. Pass a "
+            f"folder path (a missing one is created)."
+        )
     if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigurationError(f"{option} {str(path)!r}: {str(existing)!r} is not writable. Pass a folder you can "
-                                 f"write to.")
+        raise ConfigurationError(
+            f"{option} {str(path)!r}: {str(existing)!r} is not writable. Pass a folder you can write to."
+        )
 
 
 def log_root(config: Namespace) -> Path:
@@ -113,19 +119,23 @@ def continue_logger_version(config: Namespace, checkpoint: Path) -> None:
     if not (hasattr(logger, "get") and version.startswith("version_") and logger.get("init_args") is not None):
         return
     if str(logger.get("class_path", "")).endswith("CSVLogger"):
-        rank_zero_info(f"CSVLogger rewrites metrics.csv in an existing folder, so the resumed run logs into a new "
-                       f"version folder beside {version} (whose metrics.csv keeps the rows before the resume).")
+        rank_zero_info(
+            f"CSVLogger rewrites metrics.csv in an existing folder, so the resumed run logs into a new "
+            f"version folder beside {version} (whose metrics.csv keeps the rows before the resume)."
+        )
         return
     logger["init_args"]["version"] = int(version.removeprefix("version_"))
 
 
 def older_log_folder_note(root: Path) -> str:
-    """A note naming the folder where releases up to 0.3.0 logged this config's runs (its stem alone), if it holds any."""
+    """A note naming the folder where releases up to 0.3.0 logged this config's runs (the stem alone), if it has any."""
     older = re.sub(r"-[0-9a-f]{8}$", "", root.name)
     if older == root.name or not any((root.parent / older).glob("**/*.ckpt")):
         return ""
-    return (f" (Runs logged by lightning_pdenets 0.3.0 and earlier are in {str(root.parent / older)!r}, shared by every "
-            f"config named {older}.yaml: pass one of their checkpoints as --ckpt_path PATH.)")
+    return (
+        f" (Runs logged by lightning_pdenets 0.3.0 and earlier are in {str(root.parent / older)!r}, shared by every "
+        f"config named {older}.yaml: pass one of their checkpoints as --ckpt_path PATH.)"
+    )
 
 
 class NewLogFolders:

@@ -25,7 +25,7 @@ class GivenSettings:
     evaluation_solver: Any = None
 
     @classmethod
-    def read(cls, config: Namespace, subcommand: str) -> "GivenSettings":
+    def read(cls, config: Namespace, subcommand: str) -> GivenSettings:
         """The settings ``config`` (the subcommand's) gives, before a checkpoint's hyperparameters are merged."""
         return cls(learning_rates(config) if subcommand == "fit" else {}, evaluation_solver(config, subcommand))
 
@@ -40,7 +40,8 @@ def evaluation_solver(config: Namespace, subcommand: str) -> Any:
     """The config's ``model.init_args.solver`` in ``test``/``validate``/``predict``, or ``None``."""
     if subcommand not in EVALUATION_SUBCOMMANDS:
         return None
-    init_args = (config.get("model") or {}).get("init_args")
+    model: Any = config.get("model") or {}
+    init_args = model.get("init_args")
     return init_args.get("solver") if hasattr(init_args, "get") else None
 
 
@@ -58,7 +59,7 @@ def learning_rates(config: Namespace) -> dict[tuple[str, ...], Any]:
     init_args = model.get("init_args") if isinstance(model, Namespace) else None
     if init_args is None:
         return {}
-    rates = {}
+    rates: dict[tuple[str, ...], Any] = {}
     for key, value in init_args.items():
         if _is_learning_rate(key):
             rates[(key,)] = value

@@ -7,7 +7,7 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from jsonargparse import Namespace
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
@@ -19,7 +19,8 @@ from lightning_pdenets.cli.data_facts import stored_facts
 from lightning_pdenets.cli.log_folders import continue_logger_version, log_root, older_log_folder_note
 from lightning_pdenets.errors import CheckpointMismatchError, CheckpointNotFoundError
 from lightning_pdenets.migration import check_layout
-from lightning_pdenets.pretrained import PRETRAINED_PREFIX, resolve_ckpt_path as resolve_pretrained
+from lightning_pdenets.pretrained import PRETRAINED_PREFIX
+from lightning_pdenets.pretrained import resolve_ckpt_path as resolve_pretrained
 
 DATA_SETTINGS_FREE_TO_CHANGE = ("data_dir", "download", "num_workers")
 """Datamodule arguments a resumed fit may change: where the files are and how they are read, not what is trained on."""
@@ -36,7 +37,7 @@ class CheckedCheckpoint:
             ``--weights_only false`` that needs unpickling, whose hyperparameters are not merged.
     """
 
-    path: Optional[str] = None
+    path: str | None = None
     data_facts: dict[str, Any] = field(default_factory=dict)
     config_alone: bool = False
 
@@ -77,8 +78,10 @@ def resolve_ckpt_path(config: Namespace, subcommand: str) -> CheckedCheckpoint:
     check_checkpoint_settings(checkpoint, ckpt_path, config, subcommand)
     checked = CheckedCheckpoint(str(ckpt_path), stored_facts(checkpoint))
     if trusted and needs_unpickling(ckpt_path):
-        rank_zero_info(f"{ckpt_path} needs unpickling, trusted by --weights_only false; the model is built from "
-                       f"the config alone, not from the hyperparameters stored in the file.")
+        rank_zero_info(
+            f"{ckpt_path} needs unpickling, trusted by --weights_only false; the model is built from "
+            f"the config alone, not from the hyperparameters stored in the file."
+        )
         checked.config_alone = True
     return checked
 
@@ -93,13 +96,16 @@ def check_checkpoint_settings(checkpoint: dict, ckpt_path: Any, config: Namespac
     stored = checkpoint.get("hyper_parameters") or {}
     model = config.get("model")
     class_path = (model.get("class_path") if isinstance(model, Namespace) else None) or stored.get("_class_path")
-    init_args = model.get("init_args") if isinstance(model, Namespace) else None
+    init_args: Any = model.get("init_args") if isinstance(model, Namespace) else None
     differences = []
     architecture = getattr(import_class(class_path), "architecture", None) if isinstance(class_path, str) else None
     if architecture in ARCHITECTURES and isinstance(stored.get("network"), dict) and hasattr(init_args, "get"):
         given = _plain(init_args.get("network") or {})
-        defaults = {name: parameter.default for name, parameter in architecture_parameters(architecture).items()
-                    if parameter.default is not inspect.Parameter.empty}
+        defaults = {
+            name: parameter.default
+            for name, parameter in architecture_parameters(architecture).items()
+            if parameter.default is not inspect.Parameter.empty
+        }
         for key, trained in stored["network"].items():
             value = given.get(key, defaults.get(key, trained))
             if _plain(value) != _plain(trained):
@@ -108,8 +114,9 @@ def check_checkpoint_settings(checkpoint: dict, ckpt_path: Any, config: Namespac
     data = config.get("data")
     if subcommand == "fit" and isinstance(stored_data, dict) and isinstance(data, Namespace):
         data_class, data_args = data.get("class_path"), data.get("init_args")
-        if stored_data.get("_class_path") not in (None, data_class) and \
-                import_class(stored_data["_class_path"]) is not import_class(data_class):
+        if stored_data.get("_class_path") not in (None, data_class) and import_class(
+            stored_data["_class_path"]
+        ) is not import_class(data_class):
             differences.append(f"data (checkpoint {stored_data['_class_path']}, config {data_class})")
         elif hasattr(data_args, "get"):
             for key, trained in stored_data.items():
@@ -121,8 +128,11 @@ def check_checkpoint_settings(checkpoint: dict, ckpt_path: Any, config: Namespac
         return
     config_file = Path(str(ckpt_path)).parent.parent / "config.yaml"
     source = f" (saved in {str(config_file)!r})" if config_file.is_file() else ""
-    action = ("resume it with the settings it was trained with" if subcommand == "fit"
-              else f"{subcommand} it with the settings it was trained with")
+    action = (
+        "resume it with the settings it was trained with"
+        if subcommand == "fit"
+        else f"{subcommand} it with the settings it was trained with"
+    )
     raise CheckpointMismatchError(
         f"checkpoint {str(ckpt_path)!r} was trained with other settings than this config gives: "
         f"{'; '.join(differences)}. Either {action}: drop the overrides, or pass its config{source}; or start a fresh "
