@@ -30,6 +30,7 @@ from lightning_pdenets.cli._library_adapters import (
     interrupted_by_ctrl_c,
     parse_error,
 )
+from lightning_pdenets.cli.arguments import PDENetsArgumentParser
 from lightning_pdenets.solvers import SOLVERS
 
 pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI.s args parameter", "ignore:No seed found")
@@ -249,4 +250,28 @@ def test_rms_norm_is_torchdiffeqs_default_error_norm() -> None:
     assert torch.equal(alone[-1], together[0][-1]), (
         "torchdiffeq's default error norm is no longer the root mean square of the state; update rms_norm in "
         "lightning_pdenets/_compat/torchdiffeq.py to the new default"
+    )
+
+
+class RecordingPDENetsParser(PDENetsArgumentParser):
+    """The CLI's parser (its ``parse_path``), recording errors as :class:`RecordingParser` does."""
+
+    def error(self, message: str, ex: Exception | None = None) -> Any:
+        if not self.exit_on_error:
+            super().error(message, ex)
+        raise Recorded(self, message, ex)
+
+
+def test_a_config_that_is_not_text_reaches_parse_path_as_a_decode_error(tmp_path: Path) -> None:
+    """``PDENetsArgumentParser.parse_path`` (lightning_pdenets/cli/arguments.py) refuses a binary ``--config`` in one
+    line: jsonargparse reads every config file through ``parse_path`` and lets the ``UnicodeDecodeError`` through."""
+    image = tmp_path / "image.yaml"
+    image.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00")
+    with pytest.raises(Recorded) as recorded:
+        FitOnlyCLI(pl.LightningModule, pl.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                   parser_class=RecordingPDENetsParser, args=["fit", f"--config={image}"])
+    message = recorded.value.args[1]
+    assert "is not a text file (byte 0 is b'\\x89')" in message, (
+        f"jsonargparse no longer reads a config file through parse_path, or wraps its UnicodeDecodeError; update "
+        f"PDENetsArgumentParser.parse_path in lightning_pdenets/cli/arguments.py (the message: {message!r})"
     )

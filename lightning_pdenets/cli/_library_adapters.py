@@ -12,9 +12,11 @@ update; no other module of the CLI reads error text, exception attributes or tra
 * :func:`interrupted_by_ctrl_c`: how Lightning's Trainer ends on Ctrl-C (``SystemExit(1)`` raised while handling
   the ``KeyboardInterrupt``).
 
-The CLI also relies on one documented behaviour at a point the documentation leaves open: LightningCLI merges the
+The CLI also relies on two behaviours of public methods that their documentation leaves open: LightningCLI merges the
 hyperparameters stored in ``--ckpt_path`` into the config after :meth:`LightningCLI.parse_arguments` returns and
-before :meth:`LightningCLI.before_instantiate_classes` runs. The same test file checks that ordering.
+before :meth:`LightningCLI.before_instantiate_classes` runs; and jsonargparse reads a config file through
+``ArgumentParser.parse_path``, letting the ``UnicodeDecodeError`` of a binary file through (see
+``PDENetsArgumentParser.parse_path``). The same test file checks both.
 """
 
 from __future__ import annotations
