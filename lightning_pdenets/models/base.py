@@ -125,6 +125,10 @@ class ClassifierModule(pl.LightningModule):
     network: nn.Module
     architecture: ClassVar[Optional[str]] = None
     """Name of the network in the architecture registry, built from ``network`` by :meth:`build_network`."""
+    inference_chunk_size: int | None = None
+    """Evaluate ``forward`` in chunks of this many samples in eval mode without autograd (None: whole batches).
+    Only for networks whose samples do not interact in eval mode (not adaptive ODE solves, whose steps depend on
+    the batch): large batches of large feature maps run out of cache (issue 27, BENCHMARKS.md, PR-Net speed)."""
 
     def __init__(
         self,
@@ -164,6 +168,9 @@ class ClassifierModule(pl.LightningModule):
 
     @override
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        chunk = self.inference_chunk_size
+        if chunk is not None and x.shape[0] > chunk and not self.training and not torch.is_grad_enabled():
+            return torch.cat([self.network(part) for part in x.split(chunk)])
         return self.network(x)
 
     # -- steps ------------------------------------------------------------------------------

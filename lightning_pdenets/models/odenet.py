@@ -21,6 +21,7 @@ class ResNetModule(ClassifierModule):
     """
 
     architecture = "resnet_chen"
+    inference_chunk_size = 16
 
 
 class ODENetModule(ODESolverMixin, ClassifierModule):

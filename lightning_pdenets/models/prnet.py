@@ -100,6 +100,7 @@ class PRNetAlgorithmModule(ClassifierModule):
     """
 
     optimizer_defaults: ClassVar[dict[str, dict[str, Any]]] = PRNET_OPTIMIZERS
+    inference_chunk_size = 16  # samples are independent in eval mode (GroupNorm per sample, no solver)
 
     def __init__(
         self,
