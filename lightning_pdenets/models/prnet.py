@@ -314,7 +314,12 @@ class PRNetAlgorithmModule(ClassifierModule):
             # Every parameter takes part in every backward (with zero weight where unused), so that DDP
             # all-reduces each sub-step's gradients without "unused parameter" errors.
             loss = loss + 0.0 * sum(p.sum() for p in self.parameters() if p.requires_grad)
-        self.manual_backward(loss)
+            self.manual_backward(loss)
+        else:
+            # Only the gradients this sub-step's optimizer reads: autograd then skips the rest (the field's weight
+            # gradients in the query step, the head's in the theta step); the ones it computes are the same numbers.
+            stepped = [p for group in getattr(optimizer, "optimizer", optimizer).param_groups for p in group["params"]]
+            self.manual_backward(loss, inputs=stepped)
         if self.hparams.gradient_clip_val is not None:
             self.clip_gradients(optimizer, gradient_clip_val=self.hparams.gradient_clip_val, gradient_clip_algorithm="norm")
         optimizer.step()
