@@ -1,16 +1,17 @@
 """Issue 27 item 6: PR-Net against ResNet, inference and training, side by side in one process, interleaved.
 
 * ``inference``: the committed trained MNIST checkpoints (``bench/checkpoints/mnist/{prnet,resnet}.ckpt``) classify
-  the first ``--images`` MNIST test images, two ways for each model, all four interleaved round by round (order
-  rotated every round, median reported): ``one batch`` (``network(images)`` under ``no_grad``, the measurement of
-  BENCHMARKS.md before this issue) and ``module`` (``module(images)`` under ``inference_mode``, the framework's
-  evaluation path: chunks of ``inference_chunk_size`` images, PR-Net's PDE block on its inference path; with
-  ``--chunks`` also other chunk sizes). PR-Net
-  needs 16.6 M multiply-adds per image and ResNet 29.75 M, so 1.79× is the MAC limit of the ratio.
+  the first ``--images`` MNIST test images, two ways for each model, all interleaved round by round (order rotated
+  every round, median reported): ``one batch``, the code path before this issue (``network(images)`` under
+  ``no_grad``, PR-Net's field through its training-time ``forward``), and ``module``, the framework's evaluation
+  path (``module(images)`` under ``inference_mode``: chunks of ``inference_chunk_size`` images, PR-Net's PDE block
+  on its inference path); with ``--chunks`` also other chunk sizes. PR-Net needs 16.6 M multiply-adds per image and
+  ResNet 29.75 M, so 1.79× is the MAC limit of the ratio.
 * ``training``: one Algorithm-1 iteration of PR-Net (task, theta, query and alpha sub-steps) against one ResNet
-  step, both through Lightning's Trainer on the same real MNIST training batches (``--batch``), models from
+  step, both through Lightning's Trainer on the same real MNIST training batch (``--batch``), models from
   configs/mnist/{prnet,resnet}.yaml, interleaved by rounds of ``--steps`` steps (the first step of every round is a
-  warm-up and not counted); PR-Net's sub-steps are timed too.
+  warm-up and not counted); PR-Net's sub-steps are timed too, and the iteration as it was before this issue (every
+  sub-step's backward over every parameter).
 * ``--profile``: per-layer time of both networks (``module`` path) for the breakdown in BENCHMARKS.md.
 
 Times are wall-clock and, because this machine is shared, also the CPU time of the (single) compute thread
@@ -37,6 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import lightning_pdenets.models as models  # noqa: E402
+from lightning_pdenets.blocks.pde import PDEBlock  # noqa: E402
 from lightning_pdenets.checkpoints import checkpoint_class_path, load_checkpoint  # noqa: E402
 from lightning_pdenets.data import MNISTDataModule  # noqa: E402
 
@@ -50,10 +52,10 @@ def load_model(path: Path) -> pl.LightningModule:
     return getattr(models, name).load_from_checkpoint(path, map_location="cpu").eval()
 
 
-def build(name: str) -> pl.LightningModule:
+def build(name: str, cls: type | None = None) -> pl.LightningModule:
     """The model of configs/mnist/<name>.yaml with MNIST's data facts (what the CLI links from the datamodule)."""
     config = yaml.safe_load((REPO / "configs" / "mnist" / f"{name}.yaml").read_text())["model"]
-    cls = getattr(models, config["class_path"].rsplit(".", 1)[-1])
+    cls = cls or getattr(models, config["class_path"].rsplit(".", 1)[-1])
     return cls(num_classes=10, in_channels=1, image_size=28, **config.get("init_args", {}))
 
 
@@ -98,19 +100,16 @@ def interleaved(variants: dict[str, Callable[[], object]], rounds: int) -> dict[
 def inference(data_dir: str, count: int, rounds: int, chunks: list[int]) -> tuple[list[str], dict[str, float]]:
     trained = {name: load_model(REPO / "bench" / "checkpoints" / "mnist" / f"{name}.ckpt") for name in NAMES}
     images = next(iter(torch.utils.data.DataLoader(mnist(data_dir, "test"), batch_size=count)))[0]
-    for name, module in trained.items():  # the two paths agree (the full check is in the tests)
-        with torch.no_grad():
-            one_batch = module.network(images)
-        with torch.inference_mode():
-            chunked = module(images)
-        difference = (one_batch - chunked).abs().max().item()
-        if difference > 1e-4 or not torch.equal(one_batch.argmax(1), chunked.argmax(1)):
-            raise RuntimeError(f"{name}: the two inference paths disagree (max |Δlogit| {difference:.2e}).")
 
     def one_batch(module: pl.LightningModule) -> Callable[[], object]:
+        """The code path before issue 27: one batch, PR-Net's field through its training-time ``forward``."""
+        net = module.network
+
         def run() -> object:
             with torch.no_grad():
-                return module.network(images)
+                if isinstance(net.feature, PDEBlock):
+                    return net.head(net.feature.field(net.stem(images), net.feature.query.unsqueeze(0)))
+                return net(images)
         return run
 
     def framework(module: pl.LightningModule) -> Callable[[], object]:
@@ -128,6 +127,14 @@ def inference(data_dir: str, count: int, rounds: int, chunks: list[int]) -> tupl
             finally:
                 module.inference_chunk_size = shipped
         return run
+
+    for name, module in trained.items():  # the two paths agree (the full check is in the tests)
+        before = one_batch(module)()
+        with torch.inference_mode():
+            after = module(images)
+        difference = (before - after).abs().max().item()
+        if difference > 1e-4 or not torch.equal(before.argmax(1), after.argmax(1)):
+            raise RuntimeError(f"{name}: the two inference paths disagree (max |Δlogit| {difference:.2e}).")
 
     variants: dict[str, Callable[[], object]] = {}
     for name, module in trained.items():
@@ -187,17 +194,31 @@ class SubStepClock:
         return timed
 
 
+class FullBackwardPRNet(models.PRNetModule):
+    """Algorithm 1 before issue 27: every sub-step's backward computes the gradients of every parameter."""
+
+    def _optimize(self, optimizer: Any, loss: torch.Tensor, terms: dict[str, torch.Tensor]) -> None:
+        if not self._all_finite(terms):
+            return
+        self.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        optimizer.step()
+
+
 def training(data_dir: str, batch: int, steps: int, rounds: int) -> tuple[list[str], dict[str, float]]:
     pl.seed_everything(0, verbose=False)
     fresh = {name: build(name) for name in NAMES}
+    pl.seed_everything(0, verbose=False)
+    fresh["prnet (before)"] = build("prnet", FullBackwardPRNet)
     train = mnist(data_dir, "fit")
     x, y = next(iter(torch.utils.data.DataLoader(train, batch_size=batch, shuffle=False)))
     same_batch = torch.utils.data.TensorDataset(x.repeat(steps + 1, 1, 1, 1), y.repeat(steps + 1))
     batches = torch.utils.data.DataLoader(same_batch, batch_size=batch)  # the same batch every step
-    clocks = {name: Clock() for name in NAMES}
+    names = list(fresh)
+    clocks = {name: Clock() for name in names}
     substeps = SubStepClock(fresh["prnet"])
     for r in range(rounds):
-        for name in NAMES[r % 2:] + NAMES[: r % 2]:
+        for name in names[r % len(names):] + names[: r % len(names)]:
             trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
                                  enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                                  callbacks=[StepClock(clocks[name])])
@@ -211,12 +232,17 @@ def training(data_dir: str, batch: int, steps: int, rounds: int) -> tuple[list[s
              f"| ResNet step | {r.median('wall') * 1e3:.0f} ms | {r.median('cpu') * 1e3:.0f} ms | 1.00× | 1.00× |",
              f"| PR-Net Algorithm-1 iteration | {p.median('wall') * 1e3:.0f} ms | {p.median('cpu') * 1e3:.0f} ms | "
              f"{wall:.2f}× | {cpu:.2f}× |"]
+    b = clocks["prnet (before)"]
+    lines.append(f"| PR-Net iteration before (every backward over every parameter) | {b.median('wall') * 1e3:.0f} ms | "
+                 f"{b.median('cpu') * 1e3:.0f} ms | {b.median('wall') / r.median('wall'):.2f}× | "
+                 f"{b.median('cpu') / r.median('cpu'):.2f}× |")
     for step, clock in substeps.clocks.items():
         lines.append(f"| — {step} sub-step | {clock.median('wall') * 1e3:.0f} ms | "
                      f"{clock.median('cpu') * 1e3:.0f} ms | "
                      f"{clock.median('wall') / r.median('wall'):.2f}× | {clock.median('cpu') / r.median('cpu'):.2f}× |")
     lines += ["", "Target: one Algorithm-1 iteration ≤ 1.3× a ResNet step."]
-    return lines, {"training wall": wall, "training cpu": cpu}
+    return lines, {"training wall": wall, "training cpu": cpu,
+                   "training before cpu": b.median("cpu") / r.median("cpu")}
 
 
 def profile(data_dir: str, count: int) -> list[str]:
