@@ -220,12 +220,13 @@ def more_images(result: dict[str, Any]) -> str:
             f"{100 * (full['train_solver_acc'] - full['dopri5_acc']):+.2f} pp)")
 
 
-def critical_steps(results: dict[str, dict[str, Any]]) -> dict[str, tuple[Optional[float], Optional[float]]]:
-    """Per training solver: (largest fixed h that behaves as an ODE, smallest fixed h that does not)."""
+def critical_steps(results: dict[str, dict[str, Any]], seed: int = 0) -> dict[str, tuple[Optional[float], Optional[float]]]:
+    """Per training solver, over the runs of one seed: (largest fixed h that behaves as an ODE, smallest fixed h
+    that does not)."""
     out = {}
     for solver in ("euler", "rk4"):
         fixed = [(r["train_step_size"], is_valid(r)) for n, r in results.items()
-                 if r["train_solver"] == solver and r["adaptation"] is None]
+                 if r["train_solver"] == solver and r["adaptation"] is None and seed_of(n) == seed]
         valid = [h for h, ok in fixed if ok]
         largest_valid = max(valid) if valid else None
         invalid_above = [h for h, ok in fixed if not ok and (largest_valid is None or h > largest_valid)]
@@ -333,10 +334,12 @@ def write_markdown(results: dict[str, dict[str, Any]], out: Path, figure: Path, 
             f"| {r['train_solver_acc']:.4f} | {dopri['accuracy']:.4f} ({dopri['nfe']:.0f}) | {100 * drop:+.2f} pp "
             f"| {where} | {more_images(r)} | {'yes' if is_valid(r) else 'no'} |")
     crit = critical_steps(results)
-    lines += ["", "Critical training step size (largest h that behaves as an ODE, smallest h that does not):", ""]
-    for solver, (valid, invalid) in crit.items():
-        lines.append(f"- {solver}: valid up to h = {frac(valid) if valid else '— (none)'}; "
-                     f"not valid from h = {frac(invalid) if invalid else '— (none trained)'}")
+    lines += ["", "Critical training step size (per seed: largest h that behaves as an ODE, smallest h that does not; "
+              "seed 1 was trained at Euler h = 1, 2/3 and 1/2 only):", ""]
+    for seed in sorted({seed_of(n) for n, r in results.items() if r["adaptation"] is None}):
+        for solver, (valid, invalid) in critical_steps(results, seed).items():
+            lines.append(f"- {solver}, seed {seed}: valid up to h = {frac(valid) if valid else '— (none)'}; "
+                         f"not valid from h = {frac(invalid) if invalid else '— (none trained)'}")
     lines += ["", "## Test accuracy (forward NFE) against test solver and test step", "",
               "| training setting | test solver | h/8 | h/4 | h/2 | h | 2h |", "|---|---|---|---|---|---|---|"]
     for name, r in results.items():
@@ -352,7 +355,7 @@ def write_markdown(results: dict[str, dict[str, Any]], out: Path, figure: Path, 
     lines += ["", "Bold: the training solver at the training step. Evaluation wall time per run (s): "
               + ", ".join(f"{n} {r['seconds']:.0f}" for n, r in results.items()) + "."]
     adaptive = [(n, r) for n, r in results.items() if r["adaptation"] is not None]
-    lines += table_one(results, crit)
+    lines += table_one(results)
     lines += seed_spread(results)
     if adaptive:
         lines += ["", "## Step adaptation: history of the StepSizeAdaptation checks", ""]
@@ -378,22 +381,24 @@ def mean_training_nfe(history: list[dict[str, Any]], total_steps: int = 1719) ->
     return nfe / max(total_steps - points[0][0], 1)
 
 
-def table_one(results: dict[str, dict[str, Any]], crit: dict[str, tuple[Optional[float], Optional[float]]]) -> list[str]:
+def table_one(results: dict[str, dict[str, Any]]) -> list[str]:
     """Ott et al.'s Table 1 format: the cheapest fixed Euler step that behaves as an ODE (grid search) against
     step adaptation, with accuracy and NFE."""
     lines = ["", "## Table 1 format: grid search against step adaptation (Euler training)", "",
-             "Grid search: the largest fixed Euler h trained here that behaves as an ODE. NFE: forward evaluations "
+             "Grid search: per seed, the largest fixed Euler h trained with it that behaves as an ODE (step adaptation: "
+             "seed 0 only). NFE: forward evaluations "
              "of the ODE block per image at test (training solver at the training or final h). 'acc (dopri5)': the "
              "same model under dopri5 at 1e-4.", "",
              "| method | h | test acc (full, train solver) | test acc (train solver) | acc (dopri5 1e-4) | ODE drop | NFE |",
              "|---|---|---|---|---|---|---|"]
     rows = []
-    valid, _ = crit.get("euler", (None, None))
-    grid = [(n, r) for n, r in results.items() if r["train_solver"] == "euler" and r["adaptation"] is None
-            and valid is not None and abs(r["train_step_size"] - valid) < 1e-12]
-    rows += [("grid search", n, r) for n, r in grid]
-    if valid is None:
-        lines.append("| grid search | none of the fixed Euler steps trained here behaves as an ODE | | | | | |")
+    for seed in sorted({seed_of(n) for n, r in results.items() if r["adaptation"] is None}):
+        valid, _ = critical_steps(results, seed).get("euler", (None, None))
+        rows += [("grid search", n, r) for n, r in results.items() if r["train_solver"] == "euler"
+                 and r["adaptation"] is None and seed_of(n) == seed and valid is not None
+                 and abs(r["train_step_size"] - valid) < 1e-12]
+        if valid is None:
+            lines.append(f"| grid search, seed {seed} | none of its fixed Euler steps behaves as an ODE | | | | | |")
     rows += [("step adaptation", n, r) for n, r in results.items() if r["adaptation"] is not None]
     for method, name, r in rows:
         dopri = next(c for c in r["combinations"] if c["solver"] == "dopri5")
@@ -412,7 +417,7 @@ def plot(results: dict[str, dict[str, Any]], figure_path: Path) -> None:
 
     crit = critical_steps(results)
     fig, axes = plt.subplots(2, 4, figsize=(19, 8.5), gridspec_kw={"width_ratios": [1, 1, 1, 0.8]})
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"] + ["black", "gold", "navy"]  # > 10 runs
     for col, solver in enumerate(FIXED_SOLVERS):
         for row in range(2):
             ax = axes[row, col]
@@ -431,7 +436,7 @@ def plot(results: dict[str, dict[str, Any]], figure_path: Path) -> None:
                 valid, invalid = crit.get(train_solver, (None, None))
                 if invalid is not None:
                     ax.axvline(invalid, color="k" if train_solver == "euler" else "grey", ls=ls, lw=1.2,
-                               label=f"critical h ({train_solver} training): valid ≤ {frac(valid) if valid else '—'}, "
+                               label=f"critical h ({train_solver} training, seed 0): valid ≤ {frac(valid) if valid else '—'}, "
                                      f"not from {frac(invalid)}" if (row, col) == (0, 0) else None)
             ax.set_xscale("log", base=2)
             ax.grid(alpha=0.3)
