@@ -46,6 +46,15 @@ def test_block_keeps_the_training_path_with_autograd() -> None:
     assert torch.equal(block(h0), block.field(h0, block.query.unsqueeze(0)))  # bitwise: training is unchanged
 
 
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("cls", [ResNetModule, PRNetModule])
 def test_chunked_evaluation_gives_the_logits_of_one_batch(cls: type) -> None:
     torch.manual_seed(0)
@@ -65,6 +74,7 @@ def test_chunked_evaluation_gives_the_logits_of_one_batch(cls: type) -> None:
         torch.testing.assert_close(module(x), one_batch, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("cls", [ResNetModule, PRNetModule])
 def test_no_chunks_in_training_mode_or_with_autograd(cls: type) -> None:
     torch.manual_seed(0)
@@ -77,6 +87,21 @@ def test_no_chunks_in_training_mode_or_with_autograd(cls: type) -> None:
         module.train()(x)  # training mode: BatchNorm-like layers would see batch statistics
     module.eval()(x)  # autograd on: gradients (e.g. attacks) through one graph, as before
     assert calls == [10, 10]
+
+
+def test_no_chunks_with_several_threads() -> None:
+    module = ResNetModule(**TINY_CHEN).eval()
+    module.inference_chunk_size = 4
+    calls = []
+    module.network.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.no_grad():
+            module(torch.randn(10, 1, 8, 8))
+    finally:
+        torch.set_num_threads(threads)
+    assert calls == [10]
 
 
 def test_adaptive_solver_models_are_not_chunked() -> None:

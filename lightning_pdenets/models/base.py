@@ -126,9 +126,10 @@ class ClassifierModule(pl.LightningModule):
     architecture: ClassVar[Optional[str]] = None
     """Name of the network in the architecture registry, built from ``network`` by :meth:`build_network`."""
     inference_chunk_size: int | None = None
-    """Evaluate ``forward`` in chunks of this many samples in eval mode without autograd (None: whole batches).
-    Only for networks whose samples do not interact in eval mode (not adaptive ODE solves, whose steps depend on
-    the batch): large batches of large feature maps run out of cache (issue 27, BENCHMARKS.md, PR-Net speed)."""
+    """Evaluate ``forward`` in chunks of this many samples in eval mode without autograd and with one intra-op
+    thread (None: whole batches). Only for networks whose samples do not interact in eval mode (not adaptive ODE
+    solves, whose steps depend on the batch): large batches of large feature maps run out of cache. With more
+    threads, small chunks leave each parallel op too little work (BENCHMARKS.md, issue 27: PR-Net speed)."""
 
     def __init__(
         self,
@@ -169,7 +170,8 @@ class ClassifierModule(pl.LightningModule):
     @override
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         chunk = self.inference_chunk_size
-        if chunk is not None and x.shape[0] > chunk and not self.training and not torch.is_grad_enabled():
+        if (chunk is not None and x.shape[0] > chunk and not self.training and not torch.is_grad_enabled()
+                and torch.get_num_threads() == 1):
             return torch.cat([self.network(part) for part in x.split(chunk)])
         return self.network(x)
 
