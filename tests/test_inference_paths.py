@@ -107,3 +107,15 @@ def test_no_chunks_with_several_threads() -> None:
 def test_adaptive_solver_models_are_not_chunked() -> None:
     assert ODENetModule.inference_chunk_size is None  # dopri5's steps depend on the whole batch
     assert ResNetModule.inference_chunk_size and PRNetModule.inference_chunk_size
+
+
+def test_a_field_subclass_with_its_own_forward_is_evaluated_by_it() -> None:
+    class Doubled(CoordinateConvField):
+        def forward(self, h0: torch.Tensor, coordinates: torch.Tensor) -> torch.Tensor:
+            return 2 * super().forward(h0, coordinates)
+
+    torch.manual_seed(0)
+    block = PDEBlock(Doubled(8), (4, 4))
+    h0 = torch.randn(3, 8, 4, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(block(h0), block.field(h0, block.query.unsqueeze(0)))
