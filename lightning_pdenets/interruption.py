@@ -17,14 +17,19 @@ and evaluation batches. Two cases it does not cover:
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import signal
 import socket
 import sys
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from datetime import timedelta
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 __all__ = [
@@ -32,7 +37,9 @@ __all__ = [
     "GRACE_ENVIRONMENT_VARIABLE",
     "RunInterrupted",
     "StopWatchdog",
+    "failed_peer",
     "raise_if_stop_requested",
+    "release_peers_after_local_failure",
     "stop_requested",
 ]
 
@@ -65,6 +72,82 @@ def raise_if_stop_requested(trainer: pl.Trainer | None, describe: Callable[[], s
     """Raise :class:`RunInterrupted`, with ``describe()`` as its message, when :func:`stop_requested`."""
     if stop_requested(trainer):
         raise RunInterrupted(describe())
+
+
+_FAILED_RANK_KEY = "lightning_pdenets/failed_rank"
+
+
+AGREEMENT_SECONDS = 5.0
+"""How long a DDP process that met an error waits for the others to report one too before it leaves alone."""
+
+
+def release_peers_after_local_failure(
+    error: BaseException, where: str = "", wait_seconds: float = AGREEMENT_SECONDS
+) -> bool:
+    """Under DDP, leave the process group after an error only this process met; ``True`` if it left.
+
+    An error met by one rank alone (a corrupt image in its shard) reaches no collective decision: its peers wait
+    in the next collective of their step (the training step's finiteness check, the gradient all-reduce) until the
+    collective timeout, while this rank's own exit handling (an interrupt checkpoint: metric syncs and a barrier)
+    waits in collectives they never join. So each rank that fails reports it in the group's store (no collective)
+    and waits up to ``wait_seconds`` for every rank to report the same failure point ``where``: an error every rank
+    met (a bug in a hook, say) keeps the group, and the ranks go on together (an interrupt checkpoint). Otherwise
+    this rank records its rank and error class (read by :func:`failed_peer`) and destroys the process group, which
+    fails the peers' pending collective at once ("Connection closed by peer"); ``pdenets`` reports that in one
+    line naming this rank. This process must enter no collective afterwards.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return False
+    world = torch.distributed.get_world_size()
+    if world < 2:
+        return False
+    try:
+        store = torch.distributed.distributed_c10d._get_default_store()
+        key = f"lightning_pdenets/failed_at/{where}"
+        failed = store.add(key, 1)
+        deadline = time.monotonic() + wait_seconds
+        while failed < world and time.monotonic() < deadline:
+            time.sleep(0.05)
+            failed = store.add(key, 0)
+        if failed >= world:
+            return False  # every rank failed here: they still meet in the same collectives
+        record = {"rank": torch.distributed.get_rank(), "error": [kind.__name__ for kind in type(error).__mro__]}
+        store.set(_FAILED_RANK_KEY, json.dumps(record))
+    except Exception:  # best effort: the peers then say "another process" without its rank
+        pass
+    torch.distributed.destroy_process_group()
+    return True
+
+
+def failed_peer(wait_seconds: float = 2.0) -> tuple[int, list[str]] | None:
+    """The rank that left the process group after a local failure, and its error's class names (most derived
+    first), as :func:`release_peers_after_local_failure` recorded them; ``None`` when nothing can be read."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return None
+    try:
+        store = torch.distributed.distributed_c10d._get_default_store()
+        store.set_timeout(timedelta(seconds=wait_seconds))
+        with _silenced_stderr():  # a store that left with the failed rank 0 makes torch print a C++ stack
+            if not store.check([_FAILED_RANK_KEY]):
+                return None
+            record = json.loads(store.get(_FAILED_RANK_KEY))
+        return int(record["rank"]), [str(name) for name in record["error"]]
+    except Exception:  # any store failure: the caller says "another process"
+        return None
+
+
+@contextlib.contextmanager
+def _silenced_stderr() -> Iterator[None]:
+    """File descriptor 2 to ``/dev/null`` for the block (torch's C++ warnings bypass ``sys.stderr``)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 class StopWatchdog:

@@ -9,9 +9,11 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lightning_pdenets.callbacks.sigterm import set_received_sigterm
 from lightning_pdenets.errors import ModelFailure, is_peer_crash
+from lightning_pdenets.interruption import release_peers_after_local_failure
 from typing_extensions import override
 
 __all__ = ["CheckpointOnInterrupt"]
@@ -28,8 +30,13 @@ class CheckpointOnInterrupt(Checkpoint):
     one. Nor does it when no optimizer step was taken since training started (an error while setting
     up, or before the first step): the model then holds nothing newer than where the run started
     (an untrained or not yet restored model), and such a file would become what ``--ckpt_path last``
-    resumes from. After a run that completes, the file is removed, as Lightning's
-    ``OnExceptionCheckpoint`` does.
+    resumes from; it says so only when the user stopped the run (Ctrl-C, SIGTERM), since after an error the error
+    is the news. Nor, under DDP, after an error that this process met alone (a corrupt image in its shard): saving
+    would wait in collectives its peers never join, so it leaves the process group instead, within seconds, and
+    the peers end with one line naming it
+    (:func:`~lightning_pdenets.interruption.release_peers_after_local_failure`); an error every rank met at the
+    same point still writes the checkpoint. After a run that completes, the
+    file is removed, as Lightning's ``OnExceptionCheckpoint`` does.
 
     Not a subclass of ``OnExceptionCheckpoint``: with one of those present, Lightning turns every
     ``fit(ckpt_path=None)`` into ``ckpt_path="last"``. A fresh run then warns that "the last model of
@@ -92,11 +99,16 @@ class CheckpointOnInterrupt(Checkpoint):
         steps_at_start, self._steps_at_train_start = self._steps_at_train_start, None
         if isinstance(exception, ModelFailure) or is_peer_crash(exception):
             return  # a peer crash: saving needs the collectives that just failed, and the peer's error is the news
+        stopped_by_user = isinstance(exception, (KeyboardInterrupt, SIGTERMException))
+        where = f"{trainer.state.fn}/{trainer.state.stage}/{trainer.global_step}"
+        if not stopped_by_user and release_peers_after_local_failure(exception, where):
+            return  # under DDP an error may be this rank's alone: saving would wait in collectives no peer joins
         if steps_at_start is None or trainer.global_step == steps_at_start:
-            rank_zero_info(
-                f"CheckpointOnInterrupt: no {self.filename}{self.FILE_EXTENSION} written, the run stopped before "
-                f"its first optimizer step (nothing newer than where it started)."
-            )
+            if stopped_by_user:  # after an error (a bad setting, say) the error alone is the news
+                rank_zero_info(
+                    f"CheckpointOnInterrupt: no {self.filename}{self.FILE_EXTENSION} written, the run stopped before "
+                    f"its first optimizer step (nothing newer than where it started)."
+                )
             return
         self._follow_model_checkpoint(trainer)
         self._saving = True

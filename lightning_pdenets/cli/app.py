@@ -132,8 +132,9 @@ class PDENetsCLI(LightningCLI):
     @override
     def before_instantiate_classes(self) -> None:
         """Give back the checkpoint path hidden from Lightning's hyperparameter merge, or put this run's learning
-        rates and evaluation solver over the merged ones."""
+        rates and evaluation solver over the merged ones; a default callback the user gives again is dropped."""
         subcommand = self.config.get("subcommand")
+        drop_replaced_default_callbacks(self.config[subcommand] if subcommand is not None else self.config)
         if subcommand is None:
             return
         if self._hidden_ckpt_path is not None:
@@ -192,6 +193,35 @@ class PDENetsCLI(LightningCLI):
             rank_zero_warn(f"The model diverged: {symptom}. Accepted by --allow_divergence true.")
             return
         raise DivergedError(f"the model diverged: {symptom}. {self.model.divergence_advice(symptom)}")
+
+
+SINGLE_DEFAULT_CALLBACKS = frozenset(
+    {"LearningRateMonitor", "CheckpointOnInterrupt", "SigtermFlagOnly", "NFEMonitor", "PredictionWriter"}
+)
+"""The default callbacks of which a run needs one (their state keys clash): one the user gives replaces the default."""
+
+
+def drop_replaced_default_callbacks(config: Any) -> None:
+    """Keep only the last of several :data:`SINGLE_DEFAULT_CALLBACKS` entries of one class in ``trainer.callbacks``.
+
+    ``--trainer.callbacks+=...NFEMonitor`` appends to the defaults, which hold one already: Lightning would refuse
+    two stateful callbacks of one type with a traceback. The user's entry comes later and wins, with its settings.
+    """
+    trainer: Any = config.get("trainer") if hasattr(config, "get") else None
+    callbacks = trainer.get("callbacks") if hasattr(trainer, "get") else None
+    if not isinstance(callbacks, list):
+        return
+
+    def name(entry: Any) -> str | None:
+        class_path = entry.get("class_path") if hasattr(entry, "get") else None
+        return class_path.rsplit(".", 1)[-1] if isinstance(class_path, str) else None
+
+    names = [name(entry) for entry in callbacks]
+    trainer["callbacks"] = [
+        entry
+        for index, entry in enumerate(callbacks)
+        if names[index] not in SINGLE_DEFAULT_CALLBACKS or names[index] not in names[index + 1 :]
+    ]
 
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> PDENetsCLI:

@@ -18,9 +18,10 @@ from lightning_pdenets.cli.exit_codes import (
     EXIT_USAGE,
     USER_ERRORS,
     after_sigterm_advice,
+    peer_failure,
     subcommand_of,
 )
-from lightning_pdenets.errors import ModelFailure
+from lightning_pdenets.errors import ModelFailure, is_peer_crash
 from lightning_pdenets.interruption import StopWatchdog
 
 
@@ -29,11 +30,12 @@ def main(args: list[str] | None = None) -> None:
 
     Exits with 2 for bad arguments and checkpoints (one message, no traceback), with 1 when the model fails
     (a NaN loss, a solver failure: the message with its remedies, no traceback; the last good checkpoint is
-    kept), and with 143 after SIGTERM (Lightning stops cleanly but would exit 0, which a scheduler or ``&&``
-    reads as success). A process that cannot stop by itself within ``$PDENETS_STOP_GRACE_SECONDS`` (20 s) of
-    SIGTERM, e.g. one blocked in a collective that another DDP process never joined, is ended by
-    :class:`~lightning_pdenets.interruption.StopWatchdog` with 143 and one line. ``JSONARGPARSE_DEBUG=true``
-    shows the tracebacks.
+    kept); a DDP process whose peer left after an error of its own says so in one line, with that error's exit
+    status (:func:`~lightning_pdenets.cli.exit_codes.peer_failure`); with 143 after SIGTERM (Lightning stops
+    cleanly but would exit 0, which a scheduler or ``&&`` reads as success). A process that cannot stop by itself
+    within ``$PDENETS_STOP_GRACE_SECONDS`` (20 s) of SIGTERM, e.g. one blocked in a collective that another DDP
+    process never joined, is ended by :class:`~lightning_pdenets.interruption.StopWatchdog` with 143 and one
+    line. ``JSONARGPARSE_DEBUG=true`` shows the tracebacks.
     """
     subcommand = subcommand_of(sys.argv[1:] if args is None else args)
     watchdog = StopWatchdog(describe=lambda: after_sigterm_advice(subcommand)).start()
@@ -56,5 +58,11 @@ def main(args: list[str] | None = None) -> None:
             raise
         sys.stderr.write(f"error: {type(error).__name__}: {error}\n")
         sys.exit(EXIT_MODEL_FAILURE)
+    except RuntimeError as error:
+        if debugging() or not is_peer_crash(error):
+            raise
+        code, message = peer_failure()  # another DDP process left after an error of its own, named in its message
+        sys.stderr.write(f"error: {message}\n")
+        sys.exit(code)
     finally:
         watchdog.stop()

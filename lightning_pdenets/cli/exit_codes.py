@@ -16,7 +16,7 @@ from lightning_pdenets.errors import (
     DatasetDownloadError,
     UntrustedCheckpointError,
 )
-from lightning_pdenets.interruption import EXIT_SIGTERM
+from lightning_pdenets.interruption import EXIT_SIGTERM, failed_peer
 from lightning_pdenets.migration import LegacyCheckpointError
 
 EXIT_USAGE = 2
@@ -37,6 +37,7 @@ __all__ = [
     "USER_ERRORS",
     "after_ctrl_c_advice",
     "after_sigterm_advice",
+    "peer_failure",
     "subcommand_of",
 ]
 
@@ -79,4 +80,26 @@ def after_ctrl_c_advice(subcommand: str) -> str:
         "The fit resumes with the same command and --ckpt_path last."
         if subcommand == "fit"
         else f"Run the same command again to {subcommand} from the start."
+    )
+
+
+def peer_failure() -> tuple[int, str]:
+    """Exit status and one-line message of a process whose collective failed because another DDP process left.
+
+    The process that left after an error of its own recorded its rank and error class
+    (:func:`~lightning_pdenets.interruption.release_peers_after_local_failure`): this one exits with the status
+    that error has (:data:`EXIT_USAGE` for a user error such as a corrupt dataset file), so the job's status is the
+    cause's, and points at that rank's message instead of repeating it.
+    """
+    peer = failed_peer()
+    if peer is None:
+        return EXIT_MODEL_FAILURE, (
+            "another DDP process ended while this one waited for it in a collective operation, so this one stopped "
+            "too. The other process's own error message names the cause and what to do."
+        )
+    rank, names = peer
+    user_error = any(kind.__name__ in names for kind in USER_ERRORS)
+    return EXIT_USAGE if user_error else EXIT_MODEL_FAILURE, (
+        f"another DDP process (rank {rank}) failed with {names[0]}, so this one stopped too. Rank {rank}'s own "
+        f"error message names the cause and what to do."
     )
