@@ -11,16 +11,26 @@ statistics (Tiny ImageNet), which the pretrained stem was trained on.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
+import struct
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any
 
 from torch.utils.data import ConcatDataset, Dataset
 from torchvision import datasets
 from torchvision import transforms as T
 
-from lightning_pdenets.data.base import VisionDataModule
+from lightning_pdenets.data.base import (
+    _RESOURCE_ERRNOS,
+    CheckedImageLoader,
+    SampleNotFoundError,
+    UnreadableSampleError,
+    VisionDataModule,
+    unreadable_message,
+)
 from lightning_pdenets.data.cifar import CIFAR10DataModule, CIFAR100DataModule
 from lightning_pdenets.data.tinyimagenet import TinyImageNetDataModule
 from lightning_pdenets.errors import DatasetNotFoundError
@@ -30,8 +40,8 @@ __all__ = [
     "DTDDataModule",
     "FGVCAircraftDataModule",
     "Food101DataModule",
-    "ResizedCIFAR100DataModule",
     "ResizedCIFAR10DataModule",
+    "ResizedCIFAR100DataModule",
     "StanfordCarsDataModule",
 ]
 
@@ -79,7 +89,7 @@ class _TorchvisionTransfer(_ResizedTransfer, VisionDataModule):
         """The folder torchvision's download extracts into and skips when it exists."""
         return os.path.join(self.data_dir, self.folder)
 
-    def refetch_advice(self, path: Optional[Union[str, Path]]) -> str:
+    def refetch_advice(self, path: str | Path | None) -> str:
         # torchvision's download returns early while the dataset's folder exists, so a single file is not fetched
         return (f"Delete the folder {os.path.abspath(self.dataset_folder)!r} and run with --data.download true to "
                 f"extract the dataset again (its downloaded archive is reused), or copy an intact file there.")
@@ -106,11 +116,18 @@ class _TorchvisionTransfer(_ResizedTransfer, VisionDataModule):
                     f"to a folder that holds the whole dataset.",
                 ) from error
             raise
-        for part in dataset.datasets if isinstance(dataset, ConcatDataset) else [dataset]:
-            part.loader = self.image_loader()  # torchvision's __getitem__ decodes with self.loader
-        return dataset
+        if isinstance(dataset, ConcatDataset):
+            return ConcatDataset([self._checked(part) for part in dataset.datasets])
+        return self._checked(dataset)
 
-    def unreadable_file(self, train: bool, error: BaseException) -> Optional[Path]:
+    def _checked(self, dataset: Dataset) -> Dataset:
+        """``dataset`` decoding through :meth:`image_loader`, which names a damaged file when a batch reads it."""
+        if "loader" in inspect.signature(type(dataset).__init__).parameters:
+            dataset.loader = self.image_loader()  # type: ignore[attr-defined]  # __getitem__ decodes with self.loader
+            return dataset
+        return CheckedDecoding(dataset, self.image_loader(), os.path.abspath(self.dataset_folder))
+
+    def unreadable_file(self, train: bool, error: BaseException) -> Path | None:
         """The annotation file that made loading fail: the error's own file, or the first that does not parse."""
         named = super().unreadable_file(train, error)
         if named is not None:
@@ -119,6 +136,42 @@ class _TorchvisionTransfer(_ResizedTransfer, VisionDataModule):
             if path.is_file() and not _parses(path):
                 return path
         return None
+
+
+class CheckedDecoding(Dataset):
+    """A torchvision dataset that opens its images with PIL itself, its read errors named as
+    :class:`~lightning_pdenets.data.base.CheckedImageLoader` names them.
+
+    torchvision's FGVCAircraft, Food101, DTD and StanfordCars take a ``loader`` from torchvision 0.22 on
+    (pytorch/vision#8939); before, ``__getitem__`` calls ``PIL.Image.open`` and the checked loader cannot be put in.
+    A damaged file is then named by its dataset folder (PIL's error does not carry the path), a missing one by path.
+    """
+
+    # what PIL raises for a damaged file (UnidentifiedImageError and "Truncated File Read" are OSErrors); a
+    # transform's own errors (ValueError, TypeError, RuntimeError) stay what they are
+    DECODE_ERRORS = (OSError, SyntaxError, EOFError, struct.error)
+
+    def __init__(self, dataset: Dataset, loader: CheckedImageLoader, folder: str) -> None:
+        self.dataset = dataset
+        self.loader = loader
+        self.folder = folder
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> Any:
+        try:
+            return self.dataset[index]
+        except FileNotFoundError as error:
+            raise SampleNotFoundError(
+                f"{self.loader.dataset} file {error.filename!r} is listed by the dataset but missing. "
+                f"{self.loader.advice}{self.loader.RESUME}"
+            ) from error
+        except self.DECODE_ERRORS as error:
+            if isinstance(error, OSError) and error.errno in _RESOURCE_ERRNOS:
+                raise
+            message = unreadable_message(self.loader.dataset, None, error, self.loader.advice, where=self.folder)
+            raise UnreadableSampleError(message + self.loader.RESUME) from error
 
 
 def _parses(path: Path) -> bool:
@@ -231,7 +284,7 @@ class StanfordCarsDataModule(_TorchvisionTransfer):
             f"and cars_test_annos_withlabels.mat there by hand, then set `download: false`."
         )
 
-    def refetch_advice(self, path: Optional[Union[str, Path]]) -> str:
+    def refetch_advice(self, path: str | Path | None) -> str:
         return ("Replace it with an intact copy from where you fetched the dataset (there is no download), e.g. "
                 "the Kaggle mirror.")
 
