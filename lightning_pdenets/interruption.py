@@ -77,6 +77,9 @@ def raise_if_stop_requested(trainer: pl.Trainer | None, describe: Callable[[], s
 _FAILED_RANK_KEY = "lightning_pdenets/failed_rank"
 
 
+_FAILURES = [0]
+"""How many failures this process reported to its group's store (see :func:`release_peers_after_local_failure`)."""
+
 AGREEMENT_SECONDS = 5.0
 """How long a DDP process that met an error waits for the others to report one too before it leaves alone."""
 
@@ -103,7 +106,8 @@ def release_peers_after_local_failure(
         return False
     try:
         store = torch.distributed.distributed_c10d._get_default_store()
-        key = f"lightning_pdenets/failed_at/{where}"
+        _FAILURES[0] += 1  # the n-th failure of every rank meets under one key, also when a group runs several fits
+        key = f"lightning_pdenets/failed_at/{_FAILURES[0]}/{where}"
         failed = store.add(key, 1)
         deadline = time.monotonic() + wait_seconds
         while failed < world and time.monotonic() < deadline:
