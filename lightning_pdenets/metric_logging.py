@@ -17,6 +17,10 @@ on rank 0 only), the loggers (rank 0 writes), rank-zero-only callbacks, and the 
    are logged depends on the configuration only (:func:`step_values_are_read`), never on the rank.
 4. A stop request (SIGTERM) is checked rank-locally and ends the rank without another collective
    (:func:`lightning_pdenets.interruption.stop_requested`).
+5. An error met by one rank alone (a corrupt image in its shard) ends that rank without another collective:
+   it leaves the process group, which fails the peers' pending collective at once, and they end with one line
+   naming it (:func:`lightning_pdenets.interruption.release_peers_after_local_failure`, called by
+   ``CheckpointOnInterrupt``).
 
 ``tests/test_ddp_cli.py`` runs the ``pdenets`` CLI as users do (progress bar, TensorBoard, every callback
 preset) on 2 gloo processes, so a break of this rule fails there with every rank's stack.
