@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any
 
 import torch
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
@@ -39,7 +39,7 @@ TRUST_CKPT_PATH = "--weights_only false"
 """How a user trusts a ``--ckpt_path`` file that needs unpickling (Lightning's own argument of fit/test/...)."""
 
 
-def load_checkpoint(path: Union[str, Path], trusted: bool = False, how_to_trust: str = TRUST_CKPT_PATH) -> dict:
+def load_checkpoint(path: str | Path, trusted: bool = False, how_to_trust: str = TRUST_CKPT_PATH) -> dict:
     """Load ``path`` on the CPU with ``torch.load(weights_only=True)``; unpickle only if ``trusted``.
 
     Args:
@@ -55,7 +55,9 @@ def load_checkpoint(path: Union[str, Path], trusted: bool = False, how_to_trust:
     """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointNotFoundError(f"checkpoint {str(path)!r} does not exist; pass an existing .ckpt file or `last`.")
+        raise CheckpointNotFoundError(
+            f"checkpoint {str(path)!r} does not exist; pass an existing .ckpt file or `last`."
+        )
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for truncated, foreign or unsafe files
@@ -73,9 +75,7 @@ def load_checkpoint(path: Union[str, Path], trusted: bool = False, how_to_trust:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
-def check_checkpoint(
-    path: Union[str, Path], expected_class_path: Optional[str] = None, trusted: bool = False
-) -> dict:
+def check_checkpoint(path: str | Path, expected_class_path: str | None = None, trusted: bool = False) -> dict:
     """Load ``path`` like :func:`load_checkpoint`, and check that it is a Lightning checkpoint of the expected model.
 
     Args:
@@ -91,26 +91,29 @@ def check_checkpoint(
     path = Path(path)
     checkpoint = load_checkpoint(path, trusted=trusted)
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise CorruptCheckpointError(_corrupt_message(path, "it holds no `state_dict`, so it is not a Lightning checkpoint"))
+        raise CorruptCheckpointError(
+            _corrupt_message(path, "it holds no `state_dict`, so it is not a Lightning checkpoint")
+        )
     found = checkpoint_class_path(checkpoint)
     if expected_class_path and found and found != expected_class_path:
         config = path.parent.parent / "config.yaml"
         source = f" (its run saved it as {str(config)!r})" if config.is_file() else ""
         raise CheckpointMismatchError(
             f"checkpoint {str(path)!r} holds a {found}, but the config asks for a {expected_class_path}. Pass the "
-            f"config the checkpoint was trained with{source}, or a checkpoint of a {expected_class_path.rsplit('.', 1)[-1]}."
+            f"config the checkpoint was trained with{source}, or a checkpoint of a "
+            f"{expected_class_path.rsplit('.', 1)[-1]}."
         )
     return checkpoint
 
 
-def checkpoint_class_path(checkpoint: dict) -> Optional[str]:
+def checkpoint_class_path(checkpoint: dict) -> str | None:
     """Import path of the model class LightningCLI recorded in ``checkpoint``, or ``None`` when it recorded none."""
     hyper_parameters = checkpoint.get("hyper_parameters") or {}
     class_path = hyper_parameters.get("_class_path") if isinstance(hyper_parameters, dict) else None
     return class_path if isinstance(class_path, str) else None
 
 
-def unreadable_reason(path: Union[str, Path]) -> Optional[str]:
+def unreadable_reason(path: str | Path) -> str | None:
     """Why ``path`` cannot be resumed from (empty, truncated, not a checkpoint), or ``None`` when it reads.
 
     Cheap: tensors are memory-mapped, not read. A file that only needs trust is readable.
@@ -127,7 +130,7 @@ def unreadable_reason(path: Union[str, Path]) -> Optional[str]:
     return None
 
 
-def find_resume_checkpoint(log_root: Union[str, Path]) -> Optional[Path]:
+def find_resume_checkpoint(log_root: str | Path) -> Path | None:
     """The newest readable ``last*.ckpt`` or ``interrupted.ckpt`` under ``log_root`` (all versions), or ``None``.
 
     Unreadable candidates (e.g. written while the disk was full) are skipped with a warning naming them.
@@ -157,7 +160,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     truncated checkpoint behind. A rename within one folder is atomic: the old file or the new one.
     """
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Optional[Any] = None) -> None:
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         if storage_options is not None or not _is_local_file_protocol(path):
             super().save_checkpoint(checkpoint, path, storage_options)
             return
@@ -166,7 +169,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         save_atomically(checkpoint, path)
 
 
-def save_atomically(obj: Any, path: Union[str, Path]) -> None:
+def save_atomically(obj: Any, path: str | Path) -> None:
     """``torch.save(obj)`` to a temporary file in ``path``'s folder, flushed to disk, then renamed to ``path``.
 
     A crash or a full disk leaves the old file or the new one, never a truncated one; the file gets the mode a
@@ -193,7 +196,7 @@ def new_file_mode() -> int:
     return 0o666 & ~umask
 
 
-def needs_unpickling(path: Union[str, Path]) -> bool:
+def needs_unpickling(path: str | Path) -> bool:
     """Whether ``path`` holds objects that ``torch.load(weights_only=True)`` refuses."""
     return bool(_unsafe_globals(Path(path)))
 
@@ -211,7 +214,8 @@ def _first_line(error: BaseException) -> str:
 
 
 def _corrupt_message(path: Path, reason: str) -> str:
-    readable, skipped = [], []
+    readable: list[str] = []
+    skipped: list[str] = []
     for other in sorted((p for p in path.parent.glob("*.ckpt") if p != path), key=lambda p: -p.stat().st_mtime):
         # a file that needs unpickling would be refused: it is no way out
         (skipped if unreadable_reason(other) or needs_unpickling(other) else readable).append(str(other))

@@ -24,12 +24,14 @@ which writes a copy with the hyperparameters in the current layout (weights unch
 from __future__ import annotations
 
 import argparse
+import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any
 
 import lightning_pdenets
+import lightning_pdenets.architectures
 from lightning_pdenets._discovery import import_class
-import lightning_pdenets.architectures  # noqa: F401  (registers every architecture)
 from lightning_pdenets.architectures.registry import (
     ARCHITECTURES,
     DATA_FACTS,
@@ -40,7 +42,14 @@ from lightning_pdenets.checkpoints import load_checkpoint, save_atomically
 from lightning_pdenets.errors import CorruptCheckpointError, UntrustedCheckpointError
 from lightning_pdenets.solvers import SolverConfig
 
-__all__ = ["UPGRADED_FROM_KEY", "VERSION_KEY", "LegacyCheckpointError", "check_layout", "upgrade_checkpoint", "written_by"]
+__all__ = [
+    "UPGRADED_FROM_KEY",
+    "VERSION_KEY",
+    "LegacyCheckpointError",
+    "check_layout",
+    "upgrade_checkpoint",
+    "written_by",
+]
 
 VERSION_KEY = "lightning_pdenets_version"
 """Checkpoint key holding the release of lightning_pdenets that wrote the checkpoint (from 0.2.0 on)."""
@@ -86,7 +95,7 @@ def _has_flat_prnet_optimizers(hparams: dict[str, Any]) -> bool:
 
 def _group_prnet_optimizers(hparams: dict[str, Any]) -> None:
     for group in LEGACY_OPTIMIZER_GROUPS:
-        flat = {key[len(group) + 1:]: hparams.pop(key) for key in _flat_optimizer_keys(hparams, group)}
+        flat = {key[len(group) + 1 :]: hparams.pop(key) for key in _flat_optimizer_keys(hparams, group)}
         if flat:  # the model completes the dict with its defaults
             hparams[group] = {**(hparams.get(group) or {}), **flat}
 
@@ -105,11 +114,11 @@ def _has_flat_architecture(hparams: dict[str, Any]) -> bool:
     return "network" not in hparams and any(key in _flat_architecture_names() for key in hparams)
 
 
-def _model_architecture(class_path: Optional[str]) -> Optional[str]:
+def _model_architecture(class_path: str | None) -> str | None:
     return getattr(import_class(class_path), "architecture", None) if class_path else None
 
 
-def _group_architecture(hparams: dict[str, Any], model: Optional[str]) -> None:
+def _group_architecture(hparams: dict[str, Any], model: str | None) -> None:
     class_path = hparams.get(CLASS_PATH_KEY) or model
     architecture = _model_architecture(class_path)
     if architecture is None:
@@ -122,20 +131,33 @@ def _group_architecture(hparams: dict[str, Any], model: Optional[str]) -> None:
     hparams["network"] = {key: hparams.pop(key) for key in list(hparams) if key in names}
 
 
-_LEGACY_LAYOUTS: tuple[tuple[str, str, Callable[[dict[str, Any]], bool], Callable[[dict[str, Any], Optional[str]], None]], ...] = (
-    ("ODE models took flat solver arguments (method, step_size, rtol, ...)", "one `solver` dict",
-     _has_flat_solver, lambda hparams, model: _group_solver(hparams)),
-    ("PR-Net models took flat optimizer arguments (theta_lr, query_optimizer, alpha_lr, ...)",
-     "one dict per parameter group (`theta`, `query`, `alpha`, e.g. theta: {optimizer: adam, lr: 0.001})",
-     _has_flat_prnet_optimizers, lambda hparams, model: _group_prnet_optimizers(hparams)),
+_LEGACY_LAYOUTS: tuple[
+    tuple[str, str, Callable[[dict[str, Any]], bool], Callable[[dict[str, Any], str | None], None]], ...
+] = (
+    (
+        "ODE models took flat solver arguments (method, step_size, rtol, ...)",
+        "one `solver` dict",
+        _has_flat_solver,
+        lambda hparams, model: _group_solver(hparams),
+    ),
+    (
+        "PR-Net models took flat optimizer arguments (theta_lr, query_optimizer, alpha_lr, ...)",
+        "one dict per parameter group (`theta`, `query`, `alpha`, e.g. theta: {optimizer: adam, lr: 0.001})",
+        _has_flat_prnet_optimizers,
+        lambda hparams, model: _group_prnet_optimizers(hparams),
+    ),
     # after the solver's: a 0.1.x ODE model's flat `step_size` is its solver's
-    ("models took flat architecture arguments (width, num_downsamples, depth, ...)",
-     "one `network` dict (e.g. network: {width: 64})", _has_flat_architecture, _group_architecture),
+    (
+        "models took flat architecture arguments (width, num_downsamples, depth, ...)",
+        "one `network` dict (e.g. network: {width: 64})",
+        _has_flat_architecture,
+        _group_architecture,
+    ),
 )
 """Per layout change: the old form, the current form, whether hyperparameters are in the old one, the conversion."""
 
 
-def check_layout(checkpoint: dict[str, Any], path: Union[str, Path], model: Optional[str] = None) -> None:
+def check_layout(checkpoint: dict[str, Any], path: str | os.PathLike[str], model: str | None = None) -> None:
     """Raise :class:`LegacyCheckpointError` with the upgrade command when ``checkpoint`` needs upgrading.
 
     Args:
@@ -145,8 +167,11 @@ def check_layout(checkpoint: dict[str, Any], path: Union[str, Path], model: Opti
     """
     hparams = checkpoint.get("hyper_parameters") or {}
     version = lightning_pdenets.__version__
-    changes = [f"{old}; lightning_pdenets {version} takes {new}" for old, new, is_legacy, _ in _LEGACY_LAYOUTS
-               if is_legacy(hparams)]
+    changes = [
+        f"{old}; lightning_pdenets {version} takes {new}"
+        for old, new, is_legacy, _ in _LEGACY_LAYOUTS
+        if is_legacy(hparams)
+    ]
     if not changes:
         return
     upgraded = Path(path).with_name(Path(path).stem + f"-v{version}.ckpt")
@@ -159,7 +184,7 @@ def check_layout(checkpoint: dict[str, Any], path: Union[str, Path], model: Opti
     )
 
 
-def upgrade_checkpoint(checkpoint: dict[str, Any], model: Optional[str] = None) -> dict[str, Any]:
+def upgrade_checkpoint(checkpoint: dict[str, Any], model: str | None = None) -> dict[str, Any]:
     """``checkpoint`` with its hyperparameters in the current layout (a no-op for current checkpoints).
 
     Args:
@@ -177,13 +202,16 @@ def upgrade_checkpoint(checkpoint: dict[str, Any], model: Optional[str] = None) 
     return {**checkpoint, "hyper_parameters": hparams, VERSION_KEY: lightning_pdenets.__version__, **provenance}
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     """``python -m lightning_pdenets.migration OLD.ckpt NEW.ckpt``: write an upgraded copy of a checkpoint."""
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("source", type=Path, help="checkpoint of an earlier release")
     parser.add_argument("target", type=Path, help="where to write the upgraded copy (must differ from source)")
-    parser.add_argument("--model", help="class path of the checkpoint's model (e.g. lightning_pdenets.models."
-                        "ODENetModule), needed when a checkpoint saved without the CLI holds flat architecture arguments")
+    parser.add_argument(
+        "--model",
+        help="class path of the checkpoint's model (e.g. lightning_pdenets.models."
+        "ODENetModule), needed when a checkpoint saved without the CLI holds flat architecture arguments",
+    )
     args = parser.parse_args(argv)
     if args.source.resolve() == args.target.resolve():
         parser.error("target must differ from source: the original is kept unchanged")
@@ -195,22 +223,34 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         checkpoint = load_checkpoint(args.source, how_to_trust="a script of your own (the migration never unpickles)")
     except CorruptCheckpointError as error:
         cause = error.__cause__
-        reason = f"{type(cause).__name__}: {str(cause).strip().splitlines()[0]}" if cause and str(cause).strip() else error
-        parser.error(f"{args.source} cannot be read as a checkpoint ({reason}); it was probably truncated by a crash "
-                     f"or a full disk. Upgrade an intact copy of it.")
+        reason = (
+            f"{type(cause).__name__}: {str(cause).strip().splitlines()[0]}" if cause and str(cause).strip() else error
+        )
+        parser.error(
+            f"{args.source} cannot be read as a checkpoint ({reason}); it was probably truncated by a crash "
+            f"or a full disk. Upgrade an intact copy of it."
+        )
     except UntrustedCheckpointError as error:
         parser.error(str(error))
-    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("hyper_parameters") or {}, dict) \
-            or "state_dict" not in checkpoint:
-        parser.error(f"{args.source} is not a Lightning checkpoint (no `state_dict` and hyperparameters); pass the "
-                     f".ckpt file of a run.")
+    if (
+        not isinstance(checkpoint, dict)
+        or not isinstance(checkpoint.get("hyper_parameters") or {}, dict)
+        or "state_dict" not in checkpoint
+    ):
+        parser.error(
+            f"{args.source} is not a Lightning checkpoint (no `state_dict` and hyperparameters); pass the "
+            f".ckpt file of a run."
+        )
     try:
         upgraded = upgrade_checkpoint(checkpoint, args.model)
     except LegacyCheckpointError as error:
         parser.error(str(error))
     save_atomically(upgraded, args.target)
-    print(f"wrote {args.target} (lightning_pdenets {lightning_pdenets.__version__} layout) from {args.source} "
-          f"(written by {written_by(checkpoint)})")
+    # the command's one line of output
+    print(  # noqa: T201
+        f"wrote {args.target} (lightning_pdenets {lightning_pdenets.__version__} layout) from {args.source} "
+        f"(written by {written_by(checkpoint)})"
+    )
 
 
 if __name__ == "__main__":

@@ -31,7 +31,8 @@ Regularization terms (:class:`RegularizedModule`)
 
 from __future__ import annotations
 
-from typing import Any, Protocol, cast, runtime_checkable
+from collections.abc import Sequence
+from typing import Any, Protocol, TypeAlias, runtime_checkable
 
 import torch
 from torch import nn
@@ -51,7 +52,11 @@ class ODESolverBlock(Protocol):
     def configure_solver(self, **changes: Any) -> None: ...
 
 
-def find_ode_blocks(module: nn.Module) -> list[nn.Module]:
+ODEModule: TypeAlias = Any
+"""An ``nn.Module`` following :class:`ODESolverBlock` (``Any`` to a type checker: typing has no intersection type)."""
+
+
+def find_ode_blocks(module: nn.Module) -> list[ODEModule]:
     """Return every submodule of ``module`` (itself included) that follows :class:`ODESolverBlock`."""
     return [m for m in module.modules() if isinstance(m, ODESolverBlock)]
 
@@ -63,12 +68,13 @@ class RegularizedModule(Protocol):
     def pop_regularization(self) -> dict[str, torch.Tensor]: ...
 
 
-def find_regularized_modules(module: nn.Module) -> list[nn.Module]:
+def find_regularized_modules(module: nn.Module) -> list[Any]:
     """Return every submodule of ``module`` (itself included) that follows :class:`RegularizedModule`."""
+    # the modules found are nn.Modules that also follow the protocol: Any, as typing has no intersection type
     return [m for m in module.modules() if isinstance(m, RegularizedModule)]
 
 
-def pop_regularization(modules: list[nn.Module]) -> dict[str, torch.Tensor]:
+def pop_regularization(modules: Sequence[Any]) -> dict[str, torch.Tensor]:
     """The terms of every module's ``pop_regularization()``, same names summed; ``{}`` when none is pending.
 
     Args:
@@ -77,7 +83,7 @@ def pop_regularization(modules: list[nn.Module]) -> dict[str, torch.Tensor]:
     """
     total: dict[str, torch.Tensor] = {}
     for module in modules:
-        for name, term in cast(RegularizedModule, module).pop_regularization().items():
+        for name, term in module.pop_regularization().items():
             total[name] = total[name] + term if name in total else term
     return total
 
@@ -123,11 +129,13 @@ class TimeSteppingBlock(Protocol):
     def refine_in_time(self, factor: int = 2, refine_weights: bool = True) -> None: ...
 
 
-def find_time_dependent_weights(module: nn.Module) -> list[nn.Module]:
+def find_time_dependent_weights(module: nn.Module) -> list[Any]:
     """Return every submodule of ``module`` (itself included) that follows :class:`TimeDependentWeights`."""
+    # the modules found are nn.Modules that also follow the protocol: Any, as typing has no intersection type
     return [m for m in module.modules() if isinstance(m, TimeDependentWeights)]
 
 
-def find_time_stepping_blocks(module: nn.Module) -> list[tuple[str, nn.Module]]:
+def find_time_stepping_blocks(module: nn.Module) -> list[tuple[str, Any]]:
     """Return ``(qualified name, block)`` for every submodule that follows :class:`TimeSteppingBlock`."""
-    return [(name, cast(nn.Module, m)) for name, m in module.named_modules() if isinstance(m, TimeSteppingBlock)]
+    # the modules found are nn.Modules that also follow the protocol: Any, as typing has no intersection type
+    return [(name, m) for name, m in module.named_modules() if isinstance(m, TimeSteppingBlock)]

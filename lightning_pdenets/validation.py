@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import difflib
 import math
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 __all__ = ["check_non_negative", "check_positive", "check_positive_int", "check_setting_names"]
 
@@ -18,21 +19,23 @@ def check_positive(value: Any, argument: str, allow_none: bool = False) -> None:
 
 
 def check_non_negative(value: Any, argument: str) -> None:
-    """Raise a ``ValueError`` naming ``argument`` unless ``value`` is a finite number >= 0 (a weight that 0 turns off)."""
+    """Raise a ``ValueError`` naming ``argument`` unless ``value`` is a finite number >= 0 (a weight 0 turns off)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
         raise ValueError(f"`{argument}` must be a finite number >= 0, got {value!r}.")
 
 
 def check_positive_int(value: Any, argument: str, minimum: int = 1, allow_none: bool = False) -> None:
-    """Raise a ``ValueError`` naming ``argument`` unless ``value`` is an integer >= ``minimum`` (or ``None`` if allowed)."""
+    """Raise a ``ValueError`` naming ``argument`` unless ``value`` is an integer >= ``minimum`` (or allowed None)."""
     if value is None and allow_none:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"`{argument}` must be an integer >= {minimum}{' or None' if allow_none else ''}, got {value!r}.")
+        raise ValueError(
+            f"`{argument}` must be an integer >= {minimum}{' or None' if allow_none else ''}, got {value!r}."
+        )
 
 
 def check_setting_names(names: Iterable[Any], valid: Sequence[str], argument: str) -> None:
-    """Raise a ``ValueError`` naming every setting of the dict ``argument`` not in ``valid``, with the closest valid names."""
+    """Raise a ``ValueError`` naming each setting of the dict ``argument`` not in ``valid``, with the closest ones."""
     unknown = [name for name in names if name not in valid]
     if not unknown:
         return

@@ -7,7 +7,6 @@ f(h(0), x, y, t; theta) queried at a learned set of coordinates (about 0.21M par
 
 from __future__ import annotations
 
-
 from lightning_pdenets.architectures.odenet import StemFeatureHeadClassifier
 from lightning_pdenets.architectures.registry import register_architecture
 from lightning_pdenets.blocks.pde import CoordinateConvField, PDEBlock
@@ -24,14 +23,13 @@ def stem_output_size(image_size: int, num_downsamples: int) -> tuple[int, int]:
         side = (side + 2 - 4) // 2 + 1  # 4x4, stride 2, padding 1
     if side < 1:
         raise ValueError(
-            f"`image_size`={image_size} is too small for `num_downsamples`={num_downsamples}: the feature maps would vanish."
+            f"`image_size`={image_size} is too small for `num_downsamples`={num_downsamples}: the feature maps "
+            "would vanish."
         )
     return side, side
 
 
-@register_architecture(
-    "prnet", input_shape=(1, 28, 28), tiny_kwargs=dict(width=8, num_downsamples=1, image_size=28)
-)
+@register_architecture("prnet", input_shape=(1, 28, 28), tiny_kwargs=dict(width=8, num_downsamples=1, image_size=28))
 def prnet(
     in_channels: int = 1,
     num_classes: int = 10,

@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import cast
 
 import torch
 from torch import nn
@@ -51,7 +52,7 @@ class LibraryTerm:
     """One term h^power * (d^order h / d axis^order) of the library (``axis`` is None when order is 0)."""
 
     power: int
-    axis: Optional[str]
+    axis: str | None
     order: int
 
     def label(self, variable: str = "h") -> str:
@@ -62,7 +63,7 @@ class LibraryTerm:
         elif self.power > 1:
             factors.append(f"{variable}^{self.power}")
         if self.order > 0:
-            factors.append(f"{variable}_{self.axis * self.order}")
+            factors.append(f"{variable}_{cast(str, self.axis) * self.order}")  # a derivative has an axis
         return " ".join(factors) or "1"
 
 
@@ -90,7 +91,9 @@ def _first_line(error: BaseException) -> str:
 
 
 def _reverse_mode_derivatives(
-    function: Callable[[torch.Tensor], torch.Tensor], coordinates: torch.Tensor, axes: Sequence[str],
+    function: Callable[[torch.Tensor], torch.Tensor],
+    coordinates: torch.Tensor,
+    axes: Sequence[str],
     orders: dict[str, int],
 ) -> CoordinateDerivatives:
     """Exact derivatives of a pointwise ``function`` by nested reverse-mode autograd.
@@ -194,7 +197,7 @@ class GoverningEquation(nn.Module):
             if term.order == 0:
                 columns.append(power)
             else:
-                derivative = derivatives.spatial[term.axis][term.order - 1]
+                derivative = derivatives.spatial[cast(str, term.axis)][term.order - 1]
                 columns.append(derivative if term.power == 0 else power * derivative)
         return torch.stack(columns)
 
@@ -229,7 +232,11 @@ class GoverningEquation(nn.Module):
                 points where the function or its derivatives are not finite (they are named).
             TypeError: if ``function`` cannot be differentiated by torch at all.
         """
-        if not isinstance(coordinates, torch.Tensor) or coordinates.ndim < 2 or coordinates.shape[0] != len(self.axes) + 1:
+        if (
+            not isinstance(coordinates, torch.Tensor)
+            or coordinates.ndim < 2
+            or coordinates.shape[0] != len(self.axes) + 1
+        ):
             shape = tuple(coordinates.shape) if isinstance(coordinates, torch.Tensor) else type(coordinates).__name__
             raise ValueError(
                 f"`coordinates` must be a tensor of shape ({len(self.axes) + 1}, *points): one row per axis "
@@ -246,7 +253,8 @@ class GoverningEquation(nn.Module):
             except (RuntimeError, NotImplementedError) as reverse_error:
                 raise TypeError(
                     "`function` could not be differentiated by torch, neither in forward mode (torch.func.jvp: "
-                    f"{_first_line(forward_error)}) nor in reverse mode (torch.autograd: {_first_line(reverse_error)}). "
+                    f"{_first_line(forward_error)}) nor in reverse mode (torch.autograd: "
+                    f"{_first_line(reverse_error)}). "
                     "Write it with torch operations on the coordinates only (no .numpy(), .item(), float(tensor) "
                     "or NumPy/SciPy calls), or sample it on a grid and use `library_from_samples`."
                 ) from reverse_error
@@ -255,13 +263,16 @@ class GoverningEquation(nn.Module):
                 f"`function` must act pointwise and return one value per point, shape {tuple(coordinates.shape[1:])}; "
                 f"got shape {tuple(derivatives.u.shape)}."
             )
-        fields = [derivatives.u, derivatives.u_t, *(d for ds in derivatives.spatial.values() for d in ds)]
+        u_t = cast(torch.Tensor, derivatives.u_t)  # computed with the spatial derivatives
+        fields = [derivatives.u, u_t, *(d for ds in derivatives.spatial.values() for d in ds)]
         not_finite = torch.stack([~torch.isfinite(f.detach()) for f in fields]).any(0)
         self._check_finite_points(
-            coordinates, not_finite[None].expand_as(coordinates), names,
+            coordinates,
+            not_finite[None].expand_as(coordinates),
+            names,
             "`function` or its derivatives are not finite (outside its domain?)",
         )
-        return self.library(derivatives), derivatives.u_t
+        return self.library(derivatives), u_t
 
     def library_from_samples(
         self,
@@ -271,7 +282,7 @@ class GoverningEquation(nn.Module):
         polyorder: IntPerAxis = 4,
         trim: bool = True,
         form: str = "weak",
-        half_width: Optional[IntPerAxis] = None,
+        half_width: IntPerAxis | None = None,
         test_degree: int = 6,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Library and h_t of gridded samples h(d_i, t_j), e.g. measured and noisy data.
@@ -314,15 +325,21 @@ class GoverningEquation(nn.Module):
         """
         if form == "weak":
             return weak_form_library(
-                samples, spacing, self.axes, self.terms, half_width, test_degree,
-                window_length=window_length, polyorder=polyorder,
+                samples,
+                spacing,
+                self.axes,
+                self.terms,
+                half_width,
+                test_degree,
+                window_length=window_length,
+                polyorder=polyorder,
             )
         if form != "pointwise":
             raise ValueError(f"`form` must be 'weak' or 'pointwise', got {form!r}.")
         derivatives = savgol_derivatives(
             samples, spacing, self.axes, dict(self.max_derivative_order), window_length, polyorder, trim
         )
-        return self.library(derivatives), derivatives.u_t
+        return self.library(derivatives), cast(torch.Tensor, derivatives.u_t)  # computed with the spatial ones
 
     @staticmethod
     def _check_finite_points(
@@ -352,7 +369,7 @@ class GoverningEquation(nn.Module):
         self,
         library: torch.Tensor,
         time_derivative: torch.Tensor,
-        l1_weight: Optional[float] = None,
+        l1_weight: float | None = None,
         threshold: float = 0.0,
         debias: bool = False,
         normalize: bool = True,
@@ -433,7 +450,8 @@ class GoverningEquation(nn.Module):
             warnings.warn(
                 f"fit_coefficients stopped after max_steps={max_steps} with a relative duality gap of "
                 f"{solution.duality_gap / solution.objective:.1e} > tol={tol:g}; raise `max_steps` or `tol`.",
-                RuntimeWarning, stacklevel=2,
+                RuntimeWarning,
+                stacklevel=2,
             )
         self.alpha.copy_((beta * target_scale / column_scale).to(self.alpha))
         objective = lasso_objective(gram, correlation, torch.ones((), dtype=torch.float64), weights, beta)
@@ -463,14 +481,15 @@ class GoverningEquation(nn.Module):
             f"collinear ({combination} ~ 0 in normalized units), so their coefficients are not identifiable. Sample "
             "more varied points (a wider range of h, several modes, longer times) or remove terms with "
             "`max_power` / `max_derivative_order`.",
-            RuntimeWarning, stacklevel=3,
+            RuntimeWarning,
+            stacklevel=3,
         )
 
     def coefficients(self) -> dict[str, float]:
         """``{term label: alpha}`` for every term of the library."""
         return {term.label(self.variable): float(a) for term, a in zip(self.terms, self.alpha.detach().cpu())}
 
-    def equation(self, threshold: Optional[float] = None) -> str:
+    def equation(self, threshold: float | None = None) -> str:
         """The learned equation, e.g. ``h_t = 0.031 h_xx - 0.98 h h_x``, without terms below ``threshold``."""
         threshold = self.print_threshold if threshold is None else threshold
         parts = []

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -45,14 +44,16 @@ class LassoSolution:
     converged: bool
 
 
-def lasso_objective(gram: torch.Tensor, correlation: torch.Tensor, energy: torch.Tensor, weights: torch.Tensor,
-                    beta: torch.Tensor) -> float:
+def lasso_objective(
+    gram: torch.Tensor, correlation: torch.Tensor, energy: torch.Tensor, weights: torch.Tensor, beta: torch.Tensor
+) -> float:
     """mean((b - X beta)^2) + sum_k w_k |beta_k| in Gram form: G = X^T X / n, c = X^T b / n, energy = b^T b / n."""
     return float(energy - 2 * correlation @ beta + beta @ gram @ beta + weights @ beta.abs())
 
 
-def duality_gap(gram: torch.Tensor, correlation: torch.Tensor, energy: torch.Tensor, weights: torch.Tensor,
-                beta: torch.Tensor) -> float:
+def duality_gap(
+    gram: torch.Tensor, correlation: torch.Tensor, energy: torch.Tensor, weights: torch.Tensor, beta: torch.Tensor
+) -> float:
     """The Lasso duality gap at beta, with the scaled residual as dual point (as scikit-learn's coordinate
     descent computes it), here for mean((b - X beta)^2) + sum_k w_k |beta_k| in Gram form."""
     residual_energy = energy - 2 * correlation @ beta + beta @ gram @ beta
@@ -62,8 +63,9 @@ def duality_gap(gram: torch.Tensor, correlation: torch.Tensor, energy: torch.Ten
     return float(residual_energy * (1 + scale**2) + weights @ beta.abs() - 2 * scale * residual_correlation)
 
 
-def least_squares_on_support(gram: torch.Tensor, correlation: torch.Tensor, support: torch.Tensor,
-                             offset: Optional[torch.Tensor] = None) -> torch.Tensor:
+def least_squares_on_support(
+    gram: torch.Tensor, correlation: torch.Tensor, support: torch.Tensor, offset: torch.Tensor | None = None
+) -> torch.Tensor:
     """Solve G_SS beta_S = c_S (- offset_S) on the support S; zero elsewhere."""
     beta = torch.zeros_like(correlation)
     index = support.nonzero().squeeze(1)
@@ -73,8 +75,14 @@ def least_squares_on_support(gram: torch.Tensor, correlation: torch.Tensor, supp
     return beta
 
 
-def lasso(gram: torch.Tensor, correlation: torch.Tensor, energy: torch.Tensor, weights: torch.Tensor, tol: float,
-          max_steps: int) -> LassoSolution:
+def lasso(
+    gram: torch.Tensor,
+    correlation: torch.Tensor,
+    energy: torch.Tensor,
+    weights: torch.Tensor,
+    tol: float,
+    max_steps: int,
+) -> LassoSolution:
     """min_beta beta^T G beta - 2 c^T beta + energy + sum_k w_k |beta_k| by FISTA with adaptive restart.
 
     FISTA (Beck & Teboulle 2009) with the gradient restart scheme of O'Donoghue & Candes (2015),
@@ -121,8 +129,9 @@ def lasso(gram: torch.Tensor, correlation: torch.Tensor, energy: torch.Tensor, w
     return LassoSolution(beta, objective, gap, max_steps, False)
 
 
-def sequential_threshold(gram: torch.Tensor, correlation: torch.Tensor, beta: torch.Tensor,
-                         threshold: float) -> torch.Tensor:
+def sequential_threshold(
+    gram: torch.Tensor, correlation: torch.Tensor, beta: torch.Tensor, threshold: float
+) -> torch.Tensor:
     """STLSQ (Brunton et al. 2016): drop |beta| < threshold, refit the rest by least squares, repeat."""
     support = beta.abs() >= threshold
     for _ in range(beta.numel()):  # the support only shrinks, so this ends

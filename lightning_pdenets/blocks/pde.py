@@ -22,8 +22,9 @@ coordinate system, which is what "h as a function of continuous (d, t)" means fo
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +35,7 @@ from lightning_pdenets.dynamics.activations import ACTIVATIONS, check_activation
 from lightning_pdenets.dynamics.conv import group_norm
 from lightning_pdenets.validation import check_positive
 
-__all__ = ["CoordinateConvField", "CoordinateDerivatives", "PDEBlock", "coordinate_derivatives", "FIELD_ACTIVATIONS"]
+__all__ = ["FIELD_ACTIVATIONS", "CoordinateConvField", "CoordinateDerivatives", "PDEBlock", "coordinate_derivatives"]
 
 FIELD_ACTIVATIONS: dict[str, type[nn.Module]] = {name: ACTIVATIONS[name] for name in ("softplus", "tanh", "relu")}
 """Activations of the regression network (those :class:`CoordinateConvField` differentiates in closed form);
@@ -55,7 +56,7 @@ class CoordinateDerivatives:
     u_t: torch.Tensor | None = None
     spatial: dict[str, tuple[torch.Tensor, ...]] = field(default_factory=dict)
 
-    def detach(self) -> "CoordinateDerivatives":
+    def detach(self) -> CoordinateDerivatives:
         return CoordinateDerivatives(
             self.u.detach(),
             None if self.u_t is None else self.u_t.detach(),
@@ -74,8 +75,8 @@ def _taylor_chain(
         inner = nest(level - 1)
 
         def derivative(c: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-            top, d_top, lower = jvp(inner, (c,), (tangent,), has_aux=True)
-            return d_top, lower + (top,)
+            top, d_top, lower = jvp(inner, (c,), (tangent,), has_aux=True)  # type: ignore[misc]  # with has_aux: 3
+            return d_top, (*lower, top)
 
         return derivative
 
@@ -113,7 +114,7 @@ def coordinate_derivatives(
         spatial[axis] = tuple(chain[1:])
     u_t = None
     if time:
-        u_time, u_t = jvp(function, (coordinates,), (unit[len(axes)],))
+        u_time, u_t = jvp(function, (coordinates,), (unit[len(axes)],))  # type: ignore[misc]  # without has_aux: 2
         u = u_time if u is None else u
     if u is None:
         u = function(coordinates)
@@ -191,7 +192,7 @@ def _group_norm_series(norm: nn.GroupNorm, x: Sequence[torch.Tensor], counts: Se
     variance = [dot(0, 0, 0)]
     for n in range(1, len(x)):
         terms = [math.comb(n, k) * dot(n - k, k, n) for k in range(n + 1)]
-        variance.append(sum(terms))
+        variance.append(cast(torch.Tensor, sum(terms)))
     v0 = variance[0] + norm.eps
     rsqrt = [v0**-0.5, -0.5 * v0**-1.5, 0.75 * v0**-2.5, -1.875 * v0**-3.5][: len(x)]
     normalized = _leibniz(centered, _chain(rsqrt, variance, counts), counts)
@@ -278,8 +279,9 @@ class CoordinateConvField(nn.Module):
 
         ``a[k]`` is None when a does not depend on the coordinates (only the direction term is left).
         """
-        coords = coordinates.expand(a[0].shape[0], *coordinates.shape[-3:])
-        out = [conv(torch.cat([a[0], coords], dim=1))]
+        a0 = cast(torch.Tensor, a[0])  # the primal always depends on the coordinates
+        coords = coordinates.expand(a0.shape[0], *coordinates.shape[-3:])
+        out = [conv(torch.cat([a0, coords], dim=1))]
         if len(a) == 1:
             return out
         feature_weight, coordinate_weight = conv.weight[:, : self.channels], conv.weight[:, self.channels :]
@@ -289,7 +291,7 @@ class CoordinateConvField(nn.Module):
             out += [out[0].new_zeros((counts[k], 1, *out[0].shape[1:])) for k in range(2, len(a))]
             return out
         for k, ak in enumerate(a[1:], start=1):  # all directions of one order in one call; no bias beyond order 0
-            part = F.conv2d(ak.flatten(0, 1), feature_weight, None, conv.stride, conv.padding)
+            part = F.conv2d(cast(torch.Tensor, ak).flatten(0, 1), feature_weight, None, conv.stride, conv.padding)
             part = part.view(counts[k], -1, *part.shape[1:])
             out.append(part + direction_term if k == 1 else part)
         return out
@@ -348,6 +350,8 @@ class PDEBlock(nn.Module):
         t_end: Time T at which the query set starts.
     """
 
+    initial_grid: torch.Tensor
+
     axes = ("x", "y")
 
     def __init__(self, field: nn.Module, spatial_size: Sequence[int], t_end: float = 1.0) -> None:
@@ -360,13 +364,15 @@ class PDEBlock(nn.Module):
         self.field = field
         self.spatial_size = tuple(spatial_size)
         self.t_end = float(t_end)
-        self.query = nn.Parameter(coordinate_grid(*self.spatial_size, self.t_end))
-        self.register_buffer("initial_grid", coordinate_grid(*self.spatial_size, 0.0), persistent=False)
+        height, width = self.spatial_size
+        self.query = nn.Parameter(coordinate_grid(height, width, self.t_end))
+        self.register_buffer("initial_grid", coordinate_grid(height, width, 0.0), persistent=False)
 
     def _check(self, h0: torch.Tensor) -> None:
         if h0.dim() != 4 or tuple(h0.shape[-2:]) != self.spatial_size:
             raise ValueError(
-                f"PDEBlock was built for feature maps of spatial size {self.spatial_size}, got input {tuple(h0.shape)}; "
+                f"PDEBlock was built for feature maps of spatial size {self.spatial_size}, "
+                f"got input {tuple(h0.shape)}; "
                 f"set the architecture's `image_size` to the dataset's image size."
             )
 
@@ -400,8 +406,10 @@ class PDEBlock(nn.Module):
         taylor = getattr(self.field, "taylor", None)
         use_taylor = taylor is not None and order <= getattr(self.field, "max_taylor_order", 0)
         if method == "taylor" and not use_taylor:
-            raise ValueError(f"the field {type(self.field).__name__} has no Taylor mode up to order {order}; use method='jvp'.")
-        if method == "jvp" or not use_taylor:
+            raise ValueError(
+                f"the field {type(self.field).__name__} has no Taylor mode up to order {order}; use method='jvp'."
+            )
+        if method == "jvp" or not use_taylor or taylor is None:
             return coordinate_derivatives(
                 lambda c: self.field(h0, c), self.query.unsqueeze(0), self.axes, orders, coordinate_dim=1, time=time
             )

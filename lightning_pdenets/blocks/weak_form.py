@@ -73,11 +73,16 @@ test functions' derivatives poorly (heat on 21 time steps: 5% off with boxes of 
 
 
 class Term(Protocol):
-    """A library term h^power d^order h / d axis^order, e.g. a governing.LibraryTerm."""
+    """A library term h^power d^order h / d axis^order, e.g. a governing.LibraryTerm (read-only attributes)."""
 
-    power: int
-    axis: str | None
-    order: int
+    @property
+    def power(self) -> int: ...
+
+    @property
+    def axis(self) -> str | None: ...
+
+    @property
+    def order(self) -> int: ...
 
 
 def quadrature_weights(half_width: int, step: float, degree: int, max_order: int) -> np.ndarray:

@@ -5,12 +5,12 @@ at its first validation or test. Every DDP rank holds the same datamodule, so al
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Optional
+from typing import Any
 
 from lightning_pdenets.errors import ConfigurationError
 
 
-def check_stats_match_data(owner: str, mean: Optional[Sequence[float]], trainer: Any) -> None:
+def check_stats_match_data(owner: str, mean: Sequence[float] | None, trainer: Any) -> None:
     """An explicit ``mean`` (and ``std``, of the same length) needs one value per channel of the datamodule."""
     datamodule = getattr(trainer, "datamodule", None)
     channels = getattr(datamodule, "in_channels", None)
@@ -21,7 +21,7 @@ def check_stats_match_data(owner: str, mean: Optional[Sequence[float]], trainer:
         )
 
 
-def data_num_classes(trainer: Any) -> Optional[int]:
+def data_num_classes(trainer: Any) -> int | None:
     """The datamodule's ``num_classes``, or ``None`` when it has none."""
     value = getattr(getattr(trainer, "datamodule", None), "num_classes", None)
     return value if isinstance(value, int) and not isinstance(value, bool) else None

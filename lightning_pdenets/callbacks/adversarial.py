@@ -14,7 +14,8 @@ the evaluation protocol of Kim et al.'s PR-Net paper, Table 4 (ε = 0.5/255, 1/2
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Optional, Sequence, Union
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -23,7 +24,10 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torchmetrics import MetricCollection
 from tqdm.auto import tqdm
+from typing_extensions import override
 
+from lightning_pdenets.callbacks._setup_checks import check_stats_match_data, data_num_classes
+from lightning_pdenets.errors import ConfigurationError
 from lightning_pdenets.evaluation import (
     PixelSpace,
     accuracy_metrics,
@@ -35,14 +39,11 @@ from lightning_pdenets.evaluation import (
     normalization_of,
     split_batch,
 )
-from lightning_pdenets.callbacks._setup_checks import check_stats_match_data, data_num_classes
-from lightning_pdenets.errors import ConfigurationError
 from lightning_pdenets.interruption import raise_if_stop_requested
 from lightning_pdenets.metric_logging import log_replicated
 from lightning_pdenets.protocols import find_ode_blocks
 from lightning_pdenets.solvers import SolverConfig, SolverOptions
 from lightning_pdenets.validation import check_positive, check_positive_int
-from typing_extensions import override
 
 __all__ = ["AdversarialEvaluation", "PixelSpace", "normalization_of", "parse_epsilon", "worst_case_logits"]
 
@@ -55,7 +56,7 @@ AUTOATTACK_GRADIENT_KEY = "autoattack-fab-t"
 """Metric key of AutoAttack's robust set after its gradient-based stages (APGD-CE, APGD-T, FAB-T)."""
 
 
-def parse_epsilon(value: Union[float, int, str]) -> float:
+def parse_epsilon(value: float | int | str) -> float:
     """An ε in [0, 1] pixel units from a number or a fraction string such as ``"3/255"``."""
     try:
         if isinstance(value, str):
@@ -85,8 +86,10 @@ def worst_case_logits(logits: Sequence[torch.Tensor], targets: torch.Tensor) -> 
 
 
 def _autoattack_classes_message(found: str) -> str:
-    return (f"AutoAttack's APGD-T and FAB-T need at least 3 classes (the DLR loss compares the top three logits), "
-            f"but {found}; drop 'autoattack' from `attacks` for this model.")
+    return (
+        f"AutoAttack's APGD-T and FAB-T need at least 3 classes (the DLR loss compares the top three logits), "
+        f"but {found}; drop 'autoattack' from `attacks` for this model."
+    )
 
 
 class _StopChecked(nn.Module):
@@ -95,14 +98,19 @@ class _StopChecked(nn.Module):
     One PGD, SPSA or AutoAttack run makes hundreds of queries and may take minutes.
     """
 
-    def __init__(self, model: nn.Module, trainer: Optional["pl.Trainer"], attack: str, epsilon: float, seed: int) -> None:
+    def __init__(self, model: nn.Module, trainer: pl.Trainer | None, attack: str, epsilon: float, seed: int) -> None:
         super().__init__()
         self.model = model
         self._trainer, self._attack, self._epsilon, self._seed = trainer, attack, epsilon, seed
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        raise_if_stop_requested(self._trainer, lambda: (
-            f"AdversarialEvaluation's {self._attack.upper()} attack at ε={self._epsilon:.4g} (batch seed {self._seed})"))
+        raise_if_stop_requested(
+            self._trainer,
+            lambda: (
+                f"AdversarialEvaluation's {self._attack.upper()} attack at ε={self._epsilon:.4g} "
+                f"(batch seed {self._seed})"
+            ),
+        )
         return self.model(inputs)
 
 
@@ -186,23 +194,23 @@ class AdversarialEvaluation(Callback):
 
     def __init__(
         self,
-        epsilons: Sequence[Union[float, str]] = ("0.5/255", "1/255", "3/255"),
+        epsilons: Sequence[float | str] = ("0.5/255", "1/255", "3/255"),
         attacks: Sequence[str] = WHITE_BOX_ATTACKS,
         pgd_steps: int = 10,
-        pgd_step_size: Optional[float] = None,
+        pgd_step_size: float | None = None,
         pgd_random_init: bool = True,
-        num_batches: Optional[int] = 10,
-        every_n_val_epochs: Optional[int] = None,
-        mean: Optional[Sequence[float]] = None,
-        std: Optional[Sequence[float]] = None,
+        num_batches: int | None = 10,
+        every_n_val_epochs: int | None = None,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
         seed: int = 0,
         log_figure: bool = True,
-        spsa_num_batches: Optional[int] = 1,
+        spsa_num_batches: int | None = 1,
         spsa_steps: int = 20,
         spsa_samples: int = 64,
         spsa_delta: float = 0.01,
-        spsa_lr: Optional[float] = None,
-        gradient_solver: Optional[SolverOptions] = None,
+        spsa_lr: float | None = None,
+        gradient_solver: SolverOptions | None = None,
         masking_margin: float = 0.0,
         autoattack_steps: int = 100,
         autoattack_queries: int = 5000,
@@ -239,7 +247,11 @@ class AdversarialEvaluation(Callback):
             from lightning_pdenets._compat.torchattacks import import_torchattacks
 
             import_torchattacks()  # fails now, with the install command, rather than at the first test batch
-        if isinstance(masking_margin, bool) or not isinstance(masking_margin, (int, float)) or not 0 <= masking_margin < 1:
+        if (
+            isinstance(masking_margin, bool)
+            or not isinstance(masking_margin, (int, float))
+            or not 0 <= masking_margin < 1
+        ):
             raise ValueError(f"`masking_margin` must be an accuracy difference in [0, 1), got {masking_margin!r}.")
         self.pgd_steps = pgd_steps
         self.pgd_step_size = pgd_step_size
@@ -276,13 +288,26 @@ class AdversarialEvaluation(Callback):
         if name == "spsa":
             lr = self.spsa_lr if self.spsa_lr is not None else 2.5 * epsilon / self.spsa_steps
             return attacks.LinfSPSAAttack(
-                predict, eps=epsilon, delta=self.spsa_delta, lr=lr, nb_iter=self.spsa_steps,
-                nb_sample=self.spsa_samples, max_batch_size=min(self.spsa_samples, 32), clip_min=0.0, clip_max=1.0,
+                predict,
+                eps=epsilon,
+                delta=self.spsa_delta,
+                lr=lr,
+                nb_iter=self.spsa_steps,
+                nb_sample=self.spsa_samples,
+                max_batch_size=min(self.spsa_samples, 32),
+                clip_min=0.0,
+                clip_max=1.0,
             )
         step = self.pgd_step_size if self.pgd_step_size is not None else 2.5 * epsilon / self.pgd_steps
         return attacks.LinfPGDAttack(
-            predict, loss, eps=epsilon, nb_iter=self.pgd_steps, eps_iter=step,
-            rand_init=self.pgd_random_init, clip_min=0.0, clip_max=1.0,
+            predict,
+            loss,
+            eps=epsilon,
+            nb_iter=self.pgd_steps,
+            eps_iter=step,
+            rand_init=self.pgd_random_init,
+            clip_min=0.0,
+            clip_max=1.0,
         )
 
     def _gradient_solver(self, model: nn.Module) -> contextlib.AbstractContextManager:
@@ -299,7 +324,12 @@ class AdversarialEvaluation(Callback):
         return configured_solvers(blocks, **self.gradient_solver)
 
     def autoattack(
-        self, model: nn.Module, pixel_model: nn.Module, pixels: torch.Tensor, labels: torch.Tensor, epsilon: float,
+        self,
+        model: nn.Module,
+        pixel_model: nn.Module,
+        pixels: torch.Tensor,
+        labels: torch.Tensor,
+        epsilon: float,
         seed: int = 0,
     ) -> dict[tuple[str, float], torch.Tensor]:
         """Standard AutoAttack (Croce & Hein, ICML 2020) on ``pixel_model`` at ε; adversarial pixels per stage.
@@ -316,14 +346,28 @@ class AdversarialEvaluation(Callback):
         if num_classes < 3:
             raise ConfigurationError(_autoattack_classes_message(f"the model returns {num_classes}"))
         stages = run_autoattack(
-            pixel_model, pixels, labels, epsilon, num_classes, seed=seed, steps=self.autoattack_steps,
-            queries=self.autoattack_queries, gradient_context=lambda: self._gradient_solver(model),
+            pixel_model,
+            pixels,
+            labels,
+            epsilon,
+            num_classes,
+            seed=seed,
+            steps=self.autoattack_steps,
+            queries=self.autoattack_queries,
+            gradient_context=lambda: self._gradient_solver(model),
         )
-        return {("autoattack" if stage == "square" else f"autoattack-{stage}", epsilon): images
-                for stage, images in stages.items()}
+        return {
+            ("autoattack" if stage == "square" else f"autoattack-{stage}", epsilon): images
+            for stage, images in stages.items()
+        }
 
     def attack_batch(
-        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, trainer: Optional["pl.Trainer"] = None, seed: int = 0,
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        trainer: pl.Trainer | None = None,
+        seed: int = 0,
         black_box: bool = True,
     ) -> dict[str, torch.Tensor]:
         """Logits on the clean batch, under every attack and in the worst case over the attacks, per ε.
@@ -347,8 +391,9 @@ class AdversarialEvaluation(Callback):
         # a trainer (a bench script): an attack grid of a batch can take minutes
         show = trainer is None or (trainer.is_global_zero and trainer.progress_bar_callback is not None)
         crafts = len(self.epsilons) * len(attacks)  # every attack, AutoAttack too, once per ε
-        progress = tqdm(total=crafts, desc="AdversarialEvaluation", unit="attack", leave=False, disable=not show,
-                        dynamic_ncols=True)
+        progress = tqdm(
+            total=crafts, desc="AdversarialEvaluation", unit="attack", leave=False, disable=not show, dynamic_ncols=True
+        )
         with progress, evaluation_pass(model, input_gradients=True):  # tensors made here are usable by autograd
             pixel_model = PixelSpace.for_batch(model, x, stats)
             pixels = pixel_model.to_pixels(x.detach().clone())
@@ -377,19 +422,22 @@ class AdversarialEvaluation(Callback):
                 progress.update()
             with torch.no_grad():
                 outputs = {"clean": pixel_model(pixels)}
-                outputs.update({f"{name}_{_label(eps)}": pixel_model(inputs) for (name, eps), inputs in adversarial.items()})
+                outputs.update(
+                    {f"{name}_{_label(eps)}": pixel_model(inputs) for (name, eps), inputs in adversarial.items()}
+                )
         for epsilon in self.epsilons if attacks else ():
             per_attack = [outputs[f"{name}_{_label(epsilon)}"] for name in attacks]
             outputs[f"robust_{_label(epsilon)}"] = worst_case_logits(per_attack, labels)
         return outputs
 
     # -- Lightning hooks ------------------------------------------------------------------------
-    def _update(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int) -> None:
+    def _update(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         if self.num_batches is not None and batch_idx >= self.num_batches:
             return
         x, y = split_batch(batch, type(self).__name__)
         black_box = any(a in BLACK_BOX_ATTACKS for a in self.attacks) and (
-            self.spsa_num_batches is None or batch_idx < self.spsa_num_batches)
+            self.spsa_num_batches is None or batch_idx < self.spsa_num_batches
+        )
         outputs = self.attack_batch(pl_module, x, y, trainer, seed=self.seed + batch_idx, black_box=black_box)
         for key, logits in outputs.items():
             self._accumulate(self._metrics, key, logits, y)
@@ -398,58 +446,72 @@ class AdversarialEvaluation(Callback):
                 self._accumulate(self._black_box_batch_metrics, key, logits, y)
 
     @staticmethod
-    def _accumulate(metrics: dict[str, MetricCollection], key: str, logits: torch.Tensor, targets: torch.Tensor) -> None:
+    def _accumulate(
+        metrics: dict[str, MetricCollection], key: str, logits: torch.Tensor, targets: torch.Tensor
+    ) -> None:
         if key not in metrics:
             metrics[key] = accuracy_metrics(logits.shape[-1], device=logits.device)
         metrics[key].update(logits, targets)
 
-    def _val_epoch_selected(self, trainer: "pl.Trainer") -> bool:
+    def _val_epoch_selected(self, trainer: pl.Trainer) -> bool:
         if self.every_n_val_epochs is None or trainer.sanity_checking:
             return False
         return (trainer.current_epoch + 1) % self.every_n_val_epochs == 0
 
     @override
-    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # settings that contradict the data end the run before it starts, not at the end of a fit's first validation
         check_stats_match_data(type(self).__name__, self.mean, trainer)
         num_classes = data_num_classes(trainer)
         if "autoattack" in self.attacks and num_classes is not None and num_classes < 3:
-            datamodule = type(trainer.datamodule).__name__
+            datamodule = type(trainer.datamodule).__name__  # type: ignore[attr-defined]  # Lightning sets it
             raise ConfigurationError(_autoattack_classes_message(f"{datamodule} has {num_classes} classes"))
 
     @override
-    def on_test_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._metrics.clear()
         self._black_box_batch_metrics.clear()
 
     @override
-    def on_validation_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._metrics.clear()
         self._black_box_batch_metrics.clear()
 
     @override
     def on_test_batch_end(
-        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
     ) -> None:
         self._update(trainer, pl_module, batch, batch_idx)
 
     @override
     def on_validation_batch_end(
-        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
     ) -> None:
         if self._val_epoch_selected(trainer):
             self._update(trainer, pl_module, batch, batch_idx)
 
     @override
-    def on_test_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._log(trainer, pl_module, "adv")
 
     @override
-    def on_validation_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._val_epoch_selected(trainer):
             self._log(trainer, pl_module, "val_adv")
 
-    def _log(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", prefix: str) -> None:
+    def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, prefix: str) -> None:
         # every rank computes, even one that attacked no batch: compute() is a collective
         results = compute_on_every_rank(trainer, self._metrics, pl_module.device)
         black_box = compute_on_every_rank(trainer, self._black_box_batch_metrics, pl_module.device)
@@ -457,16 +519,23 @@ class AdversarialEvaluation(Callback):
         self._black_box_batch_metrics.clear()
         if not results:
             return
-        metrics = {f"{prefix}/{key}/{k}": value for key, accuracies in results.items() for k, value in accuracies.items()}
-        metrics.update({f"{prefix}/gradient_masking_{_label(eps)}": float(flag)
-                        for eps, flag in self.gradient_masking(results, black_box).items()})
+        metrics = {
+            f"{prefix}/{key}/{k}": value for key, accuracies in results.items() for k, value in accuracies.items()
+        }
+        metrics.update(
+            {
+                f"{prefix}/gradient_masking_{_label(eps)}": float(flag)
+                for eps, flag in self.gradient_masking(results, black_box).items()
+            }
+        )
         log_replicated(pl_module, metrics)
         if self.log_figure:
             add_figure(trainer, f"{prefix}/accuracy_vs_eps", lambda: self.figure(results))
 
     def gradient_masking(
-        self, results: Optional[dict[str, dict[str, float]]] = None,
-        black_box_results: Optional[dict[str, dict[str, float]]] = None,
+        self,
+        results: dict[str, dict[str, float]] | None = None,
+        black_box_results: dict[str, dict[str, float]] | None = None,
     ) -> dict[float, bool]:
         """Per ε, whether a gradient-free attack fooled images that the gradient-based attacks could not.
 
@@ -490,7 +559,7 @@ class AdversarialEvaluation(Callback):
         for epsilon in self.epsilons:
             label = _label(epsilon)
             causes: list[str] = []
-            white = [top1[k] for a in WHITE_BOX_ATTACKS + (AUTOATTACK_GRADIENT_KEY,) if (k := f"{a}_{label}") in top1]
+            white = [top1[k] for a in (*WHITE_BOX_ATTACKS, AUTOATTACK_GRADIENT_KEY) if (k := f"{a}_{label}") in top1]
             black = {a: top1[k] for a in BLACK_BOX_ATTACKS if (k := f"{a}_{label}") in top1}
             gradient, final = ensemble.get(f"{AUTOATTACK_GRADIENT_KEY}_{label}"), ensemble.get(f"autoattack_{label}")
             if not (white and black) and (gradient is None or final is None):
@@ -498,11 +567,15 @@ class AdversarialEvaluation(Callback):
             if white and black:
                 name, accuracy = min(black.items(), key=lambda item: item[1])
                 if accuracy < min(white) - self.masking_margin:
-                    causes.append(f"the black-box attack {name.upper()} brings top-1 accuracy down to {accuracy:.3f} "
-                                  f"at ε={epsilon:.4g}, below every white-box attack ({min(white):.3f})")
+                    causes.append(
+                        f"the black-box attack {name.upper()} brings top-1 accuracy down to {accuracy:.3f} "
+                        f"at ε={epsilon:.4g}, below every white-box attack ({min(white):.3f})"
+                    )
             if gradient is not None and final is not None and final < gradient - self.masking_margin:
-                causes.append(f"AutoAttack's gradient-free Square attack brings top-1 accuracy from {gradient:.3f} "
-                              f"(after APGD-CE, APGD-T and FAB-T) down to {final:.3f} at ε={epsilon:.4g}")
+                causes.append(
+                    f"AutoAttack's gradient-free Square attack brings top-1 accuracy from {gradient:.3f} "
+                    f"(after APGD-CE, APGD-T and FAB-T) down to {final:.3f} at ε={epsilon:.4g}"
+                )
             flags[epsilon] = bool(causes)
             if causes and not self._warned_masking:
                 self._warned_masking = True
@@ -521,9 +594,11 @@ class AdversarialEvaluation(Callback):
         axes = figure.add_subplot()
         clean = results["clean"]["top1"]
         for name in self.attacks + (["robust"] if len(self.attacks) > 1 else []):
-            points = [(e * 255, results[key]["top1"]) for e in self.epsilons if (key := f"{name}_{_label(e)}") in results]
+            points = [
+                (e * 255, results[key]["top1"]) for e in self.epsilons if (key := f"{name}_{_label(e)}") in results
+            ]
             if points:
-                epsilons, accuracy = zip(*([(0.0, clean)] + points))
+                epsilons, accuracy = zip(*[(0.0, clean), *points])
                 axes.plot(epsilons, accuracy, marker="o", label=name.upper() if name != "robust" else "robust (all)")
         axes.set_xlabel("ε (× 1/255)")
         axes.set_ylabel("top-1 accuracy")

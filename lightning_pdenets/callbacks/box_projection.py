@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from typing_extensions import override
 
 from lightning_pdenets.errors import ConfigurationError
 from lightning_pdenets.protocols import find_time_dependent_weights
-from typing_extensions import override
 
 __all__ = ["WeightBoxProjection"]
 
@@ -39,7 +40,7 @@ class WeightBoxProjection(Callback):
 
     def __init__(
         self,
-        parameter_names: Optional[Sequence[str]] = None,
+        parameter_names: Sequence[str] | None = None,
         lower: float = -1.0,
         upper: float = 1.0,
         project_on_start: bool = True,
@@ -66,10 +67,13 @@ class WeightBoxProjection(Callback):
     def select_parameters(self, pl_module: torch.nn.Module) -> list[torch.nn.Parameter]:
         """The parameters this callback projects, each once."""
         if self.parameter_names is None:
-            candidates = [t for owner in find_time_dependent_weights(pl_module) for t in owner.time_dependent_parameters()]
+            candidates = [
+                t for owner in find_time_dependent_weights(pl_module) for t in owner.time_dependent_parameters()
+            ]
         else:
             candidates = [
-                p for name, p in pl_module.named_parameters()
+                p
+                for name, p in pl_module.named_parameters()
                 if any(fnmatch.fnmatchcase(name, pattern) for pattern in self.parameter_names)
             ]
         unique = {id(p): p for p in candidates}
@@ -85,8 +89,10 @@ class WeightBoxProjection(Callback):
         """:meth:`select_parameters`, or a :class:`ConfigurationError` (exit code 2 in the CLI) when it is empty."""
         selected = self.select_parameters(pl_module)
         if not selected:
-            what = "no TimeDependentWeights module" if self.parameter_names is None else (
-                f"no parameter matching {self.parameter_names}"
+            what = (
+                "no TimeDependentWeights module"
+                if self.parameter_names is None
+                else (f"no parameter matching {self.parameter_names}")
             )
             example = next(iter(dict(pl_module.named_parameters())), "weight")
             raise ConfigurationError(
@@ -96,24 +102,26 @@ class WeightBoxProjection(Callback):
         return selected
 
     @override
-    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # before the fit starts (every DDP rank holds the same model, so all decide alike)
         if stage == "fit":
             self._selected_or_error(pl_module)
 
     @override
-    def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._parameters = self._selected_or_error(pl_module)
-        self._handles = [optimizer.register_step_post_hook(lambda *args: self.project()) for optimizer in trainer.optimizers]
+        self._handles = [
+            optimizer.register_step_post_hook(lambda *args: self.project()) for optimizer in trainer.optimizers
+        ]
         if self.project_on_start:
             self.project()
 
     @override
-    def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._remove_hooks()
 
     @override
-    def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._remove_hooks()
 
     def _remove_hooks(self) -> None:

@@ -12,7 +12,7 @@ callback unchanged.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -24,8 +24,11 @@ except ImportError:  # Lightning < 2.6 (setup.cfg allows 2.4): the package impor
 
     class EMAWeightAveraging(pl.Callback):  # type: ignore[no-redef]
         def __init__(self, *args: Any, **kwargs: Any) -> None:
-            raise ImportError(f"EMAWeights (callbacks/ema.yaml) needs Lightning >= 2.6, whose EMAWeightAveraging it "
-                              f"extends; this is Lightning {pl.__version__}. Upgrade: pip install 'lightning>=2.6,<2.7'.")
+            raise ImportError(
+                f"EMAWeights (callbacks/ema.yaml) needs Lightning >= 2.6, whose EMAWeightAveraging it "
+                f"extends; this is Lightning {pl.__version__}. Upgrade: pip install 'lightning>=2.6,<2.7'."
+            )
+
 
 __all__ = ["EMAWeights"]
 
@@ -47,19 +50,25 @@ class EMAWeights(EMAWeightAveraging):
 
     def __init__(
         self,
-        device: Optional[Union[torch.device, str, int]] = None,
+        device: torch.device | str | int | None = None,
         use_buffers: bool = True,
         decay: float = 0.999,
         update_every_n_steps: int = 1,
-        update_starting_at_step: Optional[int] = None,
-        update_starting_at_epoch: Optional[int] = None,
+        update_starting_at_step: int | None = None,
+        update_starting_at_epoch: int | None = None,
         **kwargs: Any,
     ) -> None:
         if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay <= 1.0:
             raise ValueError(f"`decay` must be a number in [0, 1], got {decay!r}.")
-        super().__init__(device=device, use_buffers=use_buffers, decay=decay, update_every_n_steps=update_every_n_steps,
-                         update_starting_at_step=update_starting_at_step,
-                         update_starting_at_epoch=update_starting_at_epoch, **kwargs)
+        super().__init__(
+            device=device,
+            use_buffers=use_buffers,
+            decay=decay,
+            update_every_n_steps=update_every_n_steps,
+            update_starting_at_step=update_starting_at_step,
+            update_starting_at_epoch=update_starting_at_epoch,
+            **kwargs,
+        )
         self.decay = decay
 
     @override
@@ -69,7 +78,9 @@ class EMAWeights(EMAWeightAveraging):
             self._average_model = None  # the model holds the average now; evaluations read checkpoints' state_dict
 
     @override
-    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
         if self._average_model is None:
             return  # evaluating: the checkpoint's state_dict, already loaded, holds the averaged weights
         super().on_load_checkpoint(trainer, pl_module, checkpoint)

@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Optional
+from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from typing_extensions import override
 
 from lightning_pdenets.callbacks.sigterm import set_received_sigterm
 from lightning_pdenets.errors import ModelFailure, is_peer_crash
 from lightning_pdenets.interruption import release_peers_after_local_failure
-from typing_extensions import override
 
 __all__ = ["CheckpointOnInterrupt"]
 
@@ -58,14 +58,14 @@ class CheckpointOnInterrupt(Checkpoint):
 
     FILE_EXTENSION = ".ckpt"
 
-    def __init__(self, dirpath: Optional[str] = None, filename: str = "interrupted") -> None:
+    def __init__(self, dirpath: str | None = None, filename: str = "interrupted") -> None:
         super().__init__()
         if not isinstance(filename, str) or not filename:
             raise ValueError(f"`filename` must be a non-empty file stem (without .ckpt), got {filename!r}.")
         self.dirpath = dirpath or "."
         self.filename = filename
         self.follow_model_checkpoint = dirpath is None
-        self._steps_at_train_start: Optional[int] = None
+        self._steps_at_train_start: int | None = None
         self._deferred_sigterm = False
         self._saving = False
 
@@ -75,12 +75,12 @@ class CheckpointOnInterrupt(Checkpoint):
         return os.path.join(self.dirpath, self.filename + self.FILE_EXTENSION)
 
     @override
-    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._steps_at_train_start = trainer.global_step  # after a checkpoint was restored
         self._deferred_sigterm = False
 
     @override
-    def on_validation_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", *args: Any) -> None:
+    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         # Lightning stops a validation inside fit at the next batch on SIGTERM. A checkpoint of that state
         # resumes as if the validation had finished: its metrics and the epoch's end would be lost. So the
         # validation runs to its end first, and the run stops right after it (a state Lightning resumes exactly).
@@ -89,13 +89,13 @@ class CheckpointOnInterrupt(Checkpoint):
             self._deferred_sigterm = True
 
     @override
-    def on_validation_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._deferred_sigterm:
             self._deferred_sigterm = False
             set_received_sigterm(trainer, True)
 
     @override
-    def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         steps_at_start, self._steps_at_train_start = self._steps_at_train_start, None
         if isinstance(exception, ModelFailure) or is_peer_crash(exception):
             return  # a peer crash: saving needs the collectives that just failed, and the peer's error is the news
@@ -126,12 +126,12 @@ class CheckpointOnInterrupt(Checkpoint):
             self._saving = False
 
     @override
-    def on_save_checkpoint(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", checkpoint: dict) -> None:
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         if self._saving:
             _undo_logger_step_on_resume(checkpoint)
 
     @override
-    def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # Lightning calls callback teardown only when the stage did not raise: after a completed fit an
         # interrupt checkpoint of this run is stale, and `--ckpt_path last` must not pick it up later.
         if stage == "fit":
@@ -139,10 +139,10 @@ class CheckpointOnInterrupt(Checkpoint):
             self._follow_model_checkpoint(trainer)
             trainer.strategy.remove_checkpoint(self.ckpt_path)
 
-    def _follow_model_checkpoint(self, trainer: "pl.Trainer") -> None:
-        model_checkpoints = [c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint) and c.dirpath]
-        if self.follow_model_checkpoint and model_checkpoints:
-            self.dirpath = os.fspath(model_checkpoints[0].dirpath)
+    def _follow_model_checkpoint(self, trainer: pl.Trainer) -> None:
+        dirpaths = [c.dirpath for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint) and c.dirpath]
+        if self.follow_model_checkpoint and dirpaths:
+            self.dirpath = os.fspath(dirpaths[0])
 
 
 def _undo_logger_step_on_resume(checkpoint: dict) -> None:

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Optional
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from typing_extensions import override
 
 from lightning_pdenets.evaluation import evaluation_pass, split_batch
 from lightning_pdenets.metric_logging import log_replicated
 from lightning_pdenets.validation import check_positive_int
-from typing_extensions import override
 
 __all__ = ["InferenceTimer"]
 
@@ -39,7 +39,11 @@ class InferenceTimer(Callback):
 
     def __init__(self, batch_size: int = 1000, num_warmup: int = 2, num_repeats: int = 5) -> None:
         super().__init__()
-        for name, value, minimum in (("batch_size", batch_size, 1), ("num_warmup", num_warmup, 0), ("num_repeats", num_repeats, 1)):
+        for name, value, minimum in (
+            ("batch_size", batch_size, 1),
+            ("num_warmup", num_warmup, 0),
+            ("num_repeats", num_repeats, 1),
+        ):
             check_positive_int(value, name, minimum)
         self.batch_size = batch_size
         self.num_warmup = num_warmup
@@ -49,12 +53,18 @@ class InferenceTimer(Callback):
         self.last_times: list[float] = []
 
     @override
-    def on_test_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._images, self._collected = [], 0
 
     @override
     def on_test_batch_end(
-        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
     ) -> None:
         if self._collected >= self.batch_size:
             return
@@ -63,7 +73,7 @@ class InferenceTimer(Callback):
         self._images.append(images)
         self._collected += images.shape[0]
 
-    def timing_batch(self) -> Optional[torch.Tensor]:
+    def timing_batch(self) -> torch.Tensor | None:
         """The ``batch_size`` collected test images (cycled when fewer were seen), or ``None``."""
         if not self._images:
             return None
@@ -90,7 +100,7 @@ class InferenceTimer(Callback):
         return times
 
     @override
-    def on_test_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         images = self.timing_batch()
         self._images = []
         seconds = math.nan
@@ -99,12 +109,17 @@ class InferenceTimer(Callback):
             seconds = sorted(self.last_times)[len(self.last_times) // 2]
         # under DDP every rank times its own copy, and the mean over the ranks that had test images is logged;
         # every rank enters the reduction, also one that saw no test batch
-        total = torch.tensor([0.0 if math.isnan(seconds) else seconds, float(not math.isnan(seconds))],
-                             dtype=torch.float64, device=pl_module.device)
+        total = torch.tensor(
+            [0.0 if math.isnan(seconds) else seconds, float(not math.isnan(seconds))],
+            dtype=torch.float64,
+            device=pl_module.device,
+        )
         if trainer.world_size > 1:
             total = trainer.strategy.reduce(total, reduce_op="sum")
         seconds_sum, timed_ranks = total.tolist()
         if timed_ranks:
             seconds = seconds_sum / timed_ranks
-            log_replicated(pl_module, {"inference/seconds_per_batch": seconds,
-                                       "inference/images_per_second": self.batch_size / seconds})
+            log_replicated(
+                pl_module,
+                {"inference/seconds_per_batch": seconds, "inference/images_per_second": self.batch_size / seconds},
+            )

@@ -14,17 +14,18 @@ Lightning project's blocks can take part.
 from __future__ import annotations
 
 import fnmatch
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from typing_extensions import override
 
 from lightning_pdenets.errors import ConfigurationError
 from lightning_pdenets.metric_logging import log_replicated
 from lightning_pdenets.protocols import find_time_stepping_blocks
 from lightning_pdenets.validation import check_positive_int
-from typing_extensions import override
 
 __all__ = ["MultilevelTraining"]
 
@@ -54,7 +55,7 @@ class MultilevelTraining(Callback):
         refine_epochs: Sequence[int] = (),
         factor: int = 2,
         refine_weights: bool = True,
-        block_names: Optional[Sequence[str]] = None,
+        block_names: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
         epochs = list(refine_epochs)
@@ -63,7 +64,9 @@ class MultilevelTraining(Callback):
         check_positive_int(factor, "factor", minimum=2)
         if not isinstance(refine_weights, bool):
             raise ValueError(f"`refine_weights` must be True or False, got {refine_weights!r}.")
-        if block_names is not None and (isinstance(block_names, str) or not all(isinstance(n, str) for n in block_names)):
+        if block_names is not None and (
+            isinstance(block_names, str) or not all(isinstance(n, str) for n in block_names)
+        ):
             raise ValueError(f"`block_names` must be None or a list of fnmatch patterns, got {block_names!r}.")
         self.refine_epochs = sorted(set(epochs))
         self.factor = factor
@@ -71,7 +74,7 @@ class MultilevelTraining(Callback):
         self.block_names = None if block_names is None else list(block_names)
         self.applied_epochs: list[int] = []
 
-    def select_blocks(self, module: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    def select_blocks(self, module: torch.nn.Module) -> list[tuple[str, Any]]:
         """(name, block) of the blocks to refine."""
         blocks = find_time_stepping_blocks(module)
         if self.block_names is None:
@@ -79,7 +82,7 @@ class MultilevelTraining(Callback):
         return [(n, b) for n, b in blocks if any(fnmatch.fnmatchcase(n, p) for p in self.block_names)]
 
     @override
-    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # ConfigurationError: a short message with exit code 2 in the CLI. Every DDP rank has the same model and
         # world size, so all of them raise alike and none waits in a collective for the others.
         if stage != "fit":
@@ -96,7 +99,7 @@ class MultilevelTraining(Callback):
                 "set `refine_weights: false` (refine the depth only) or train on one process."
             )
 
-    def refine(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def refine(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Refine the chosen blocks now and reset the optimizer state of resized parameters."""
         shapes = {id(p): p.shape for p in pl_module.parameters()}
         for _, block in self.select_blocks(pl_module):
@@ -107,14 +110,14 @@ class MultilevelTraining(Callback):
                 optimizer.state.pop(parameter, None)
 
     @override
-    def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epoch = trainer.current_epoch
         if epoch in self.refine_epochs and epoch not in self.applied_epochs:
             self.refine(trainer, pl_module)
             self.applied_epochs.append(epoch)
 
     @override
-    def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # logged here, not at epoch start: Lightning skips on_train_epoch_start when resuming mid-epoch
         steps = [b.num_time_steps for _, b in self.select_blocks(pl_module)]
         log_replicated(pl_module, {"train/num_time_steps": float(max(steps))})

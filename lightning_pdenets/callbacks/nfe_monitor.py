@@ -6,19 +6,19 @@ the step sizes taken, so that a solver getting stiffer during training (and a re
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, cast
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
-
-from lightning_pdenets.evaluation import in_callback_pass
-from lightning_pdenets.errors import ConfigurationError
-from lightning_pdenets.metric_logging import log_replicated, step_values_are_read
-from lightning_pdenets.protocols import find_ode_blocks
-from lightning_pdenets.validation import check_positive_int
 from typing_extensions import override
+
+from lightning_pdenets.errors import ConfigurationError
+from lightning_pdenets.evaluation import in_callback_pass
+from lightning_pdenets.metric_logging import log_replicated, step_values_are_read
+from lightning_pdenets.protocols import ODEModule, find_ode_blocks
+from lightning_pdenets.validation import check_positive_int
 
 __all__ = ["NFEMonitor"]
 
@@ -64,7 +64,7 @@ class NFEMonitor(Callback):
             the end of each training epoch only).
     """
 
-    def __init__(self, log_steps: bool = True, histogram_every_n_steps: Optional[int] = None) -> None:
+    def __init__(self, log_steps: bool = True, histogram_every_n_steps: int | None = None) -> None:
         super().__init__()
         if not isinstance(log_steps, bool):
             raise ValueError(f"`log_steps` must be True or False, got {log_steps!r}.")
@@ -72,12 +72,12 @@ class NFEMonitor(Callback):
             check_positive_int(histogram_every_n_steps, "histogram_every_n_steps")
         self.log_steps = log_steps
         self.histogram_every_n_steps = histogram_every_n_steps
-        self.epoch_history: list[dict[str, float]] = []
+        self.epoch_history: list[dict[str, Any]] = []
         self.last_step: dict[str, float] = {}
         self._counting = False
         self._batch: dict[str, float] = {}
         self._backward_start: dict[str, int] = {}
-        self._blocks: list[nn.Module] = []
+        self._blocks: list[ODEModule] = []
         self._counters = {"forward": ("nfe_forward",), "backward": ("nfe_backward",)}
         self._before: dict[nn.Module, tuple[int, ...]] = {}
         self._handles: list[Any] = []
@@ -97,11 +97,12 @@ class NFEMonitor(Callback):
         for name, start in zip(self._counters["forward"], before):
             self._batch[name] += getattr(module, name) - start
         if self._collect_step_sizes:
-            self._step_sizes.append(module.last_step_sizes.detach().flatten())
+            self._step_sizes.append(cast(torch.Tensor, module.last_step_sizes).detach().flatten())
 
     @override
-    def setup(self, trainer: "pl.Trainer", pl_module: pl.LightningModule, stage: str) -> None:
-        monitors = [c for c in trainer.callbacks if isinstance(c, NFEMonitor)]
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        callbacks = trainer.callbacks  # type: ignore[attr-defined]  # set by Lightning's callback connector
+        monitors = [c for c in callbacks if isinstance(c, NFEMonitor)]
         if len(monitors) > 1:  # the same callbacks on every DDP rank: all raise alike
             raise ConfigurationError(
                 f"{len(monitors)} NFEMonitor callbacks are attached, so every NFE would be logged twice; keep one "
@@ -122,19 +123,19 @@ class NFEMonitor(Callback):
             self._handles.append(block.register_forward_hook(self._post_hook))
 
     @override
-    def teardown(self, trainer: "pl.Trainer", pl_module: pl.LightningModule, stage: str) -> None:
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles = []
         self._blocks = []
 
     # -- per batch --------------------------------------------------------------------------------
-    def _start(self, trainer: "pl.Trainer", stage: str) -> None:
+    def _start(self, trainer: pl.Trainer, stage: str) -> None:
         self._batch = {name: 0.0 for names in self._counters.values() for name in names}
         self._counting = bool(self._blocks)
         self._collect_step_sizes = self._histogram and stage == "train" and trainer.is_global_zero
 
-    def _end(self, trainer: "pl.Trainer", pl_module: pl.LightningModule, stage: str) -> None:
+    def _end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._counting = False
         if not self._blocks:
             return
@@ -153,15 +154,19 @@ class NFEMonitor(Callback):
         sums["count"] = sums.get("count", 0) + 1
         if stage != "train":
             return
-        self.last_step = {"forward": values["nfe_forward"], "backward": values["nfe_backward"],
-                          **{name: value for name, value in values.items() if name.startswith("steps_")}}
+        self.last_step = {
+            "forward": values["nfe_forward"],
+            "backward": values["nfe_backward"],
+            **{name: value for name, value in values.items() if name.startswith("steps_")},
+        }
         if self.log_steps and step_values_are_read(trainer):
-            pl_module.log_dict({f"train/{name}_step": value for name, value in values.items()},
-                               on_step=True, on_epoch=False)
+            pl_module.log_dict(
+                {f"train/{name}_step": value for name, value in values.items()}, on_step=True, on_epoch=False
+            )
         if self.histogram_every_n_steps and trainer.global_step % self.histogram_every_n_steps == 0:
             self._draw_histogram(trainer)
 
-    def _draw_histogram(self, trainer: "pl.Trainer") -> None:
+    def _draw_histogram(self, trainer: pl.Trainer) -> None:
         """Add the log10 step sizes collected since the last histogram to every logger that draws histograms."""
         sizes, self._step_sizes = self._step_sizes, []
         if not sizes or not trainer.is_global_zero:
@@ -169,7 +174,7 @@ class NFEMonitor(Callback):
         values = torch.cat(sizes).double().clamp_min(1e-300).log10().cpu()
         for logger in trainer.loggers:
             experiment = getattr(logger, "experiment", None)
-            if hasattr(experiment, "add_histogram"):
+            if experiment is not None and hasattr(experiment, "add_histogram"):
                 experiment.add_histogram("train/log10_step_size", values, global_step=trainer.global_step)
 
     @override
@@ -212,15 +217,18 @@ class NFEMonitor(Callback):
         self._end(trainer, pl_module, "test")
 
     # -- per epoch --------------------------------------------------------------------------------
-    def _epoch_end(self, pl_module: pl.LightningModule, stage: str, trainer: "pl.Trainer") -> None:
+    def _epoch_end(self, pl_module: pl.LightningModule, stage: str, trainer: pl.Trainer) -> None:
         sums, self._sums[stage] = self._sums[stage], {}
         if trainer.sanity_checking:
             return
         names = [name for names in self._counters.values() for name in names]
         if stage != "train":  # the per-batch values of this rank only: sum over the ranks' batches
             names = list(self._counters["forward"])
-            totals = torch.tensor([sums.get(name, 0.0) for name in names] + [sums.get("count", 0)],
-                                  dtype=torch.float64, device=pl_module.device)
+            totals = torch.tensor(
+                [sums.get(name, 0.0) for name in names] + [sums.get("count", 0)],
+                dtype=torch.float64,
+                device=pl_module.device,
+            )
             *values, count = (float(v) for v in trainer.strategy.reduce(totals, reduce_op="sum"))
             sums = {**dict(zip(names, values)), "count": count}
         count = sums.get("count", 0)
@@ -251,8 +259,11 @@ class NFEMonitor(Callback):
     @override
     def state_dict(self) -> dict[str, Any]:
         """The NFE history and the running sums of the current training epoch (resumed mid-epoch alike)."""
-        return {"epoch_history": list(self.epoch_history), "last_step": dict(self.last_step),
-                "train_sums": dict(self._sums["train"])}
+        return {
+            "epoch_history": list(self.epoch_history),
+            "last_step": dict(self.last_step),
+            "train_sums": dict(self._sums["train"]),
+        }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -262,4 +273,3 @@ class NFEMonitor(Callback):
         if isinstance(sums, (list, tuple)):  # written before solver statistics: [nfe_forward, nfe_backward, count]
             sums = dict(zip(("nfe_forward", "nfe_backward", "count"), sums))
         self._sums["train"] = dict(sums)
-

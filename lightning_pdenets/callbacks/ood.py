@@ -7,7 +7,8 @@ to 30°, and colour jitter of brightness, contrast, saturation and hue with stre
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -16,7 +17,9 @@ from torch import nn
 from torchmetrics import MetricCollection
 from torchvision.transforms import v2 as T
 from torchvision.transforms.v2 import functional as TF
+from typing_extensions import override
 
+from lightning_pdenets.callbacks._setup_checks import check_stats_match_data
 from lightning_pdenets.evaluation import (
     PixelSpace,
     accuracy_metrics,
@@ -27,13 +30,11 @@ from lightning_pdenets.evaluation import (
     normalization_of,
     split_batch,
 )
-from lightning_pdenets.callbacks._setup_checks import check_stats_match_data
 from lightning_pdenets.interruption import raise_if_stop_requested
 from lightning_pdenets.metric_logging import log_replicated
 from lightning_pdenets.validation import check_positive, check_positive_int
-from typing_extensions import override
 
-__all__ = ["OODEvaluation", "PERTURBATIONS", "perturb_pixels"]
+__all__ = ["PERTURBATIONS", "OODEvaluation", "perturb_pixels"]
 
 PERTURBATIONS = ("gaussian_noise", "center_crop", "rotation", "color_jitter")
 
@@ -106,14 +107,16 @@ class OODEvaluation(Callback):
         reference_size: int = 64,
         rotation_degrees: float = 30.0,
         jitter_strength: float = 0.2,
-        num_batches: Optional[int] = None,
-        mean: Optional[Sequence[float]] = None,
-        std: Optional[Sequence[float]] = None,
+        num_batches: int | None = None,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
         seed: int = 0,
     ) -> None:
         super().__init__()
         if isinstance(perturbations, str) or not perturbations or any(p not in PERTURBATIONS for p in perturbations):
-            raise ValueError(f"`perturbations` must be a non-empty subset of {list(PERTURBATIONS)}, got {perturbations!r}.")
+            raise ValueError(
+                f"`perturbations` must be a non-empty subset of {list(PERTURBATIONS)}, got {perturbations!r}."
+            )
         check_positive(noise_std, "noise_std")
         check_positive(rotation_degrees, "rotation_degrees")
         check_positive(jitter_strength, "jitter_strength")
@@ -134,7 +137,7 @@ class OODEvaluation(Callback):
         self._metrics: dict[str, MetricCollection] = {}
 
     def evaluate_batch(
-        self, model: nn.Module, x: torch.Tensor, trainer: Optional["pl.Trainer"] = None, seed: int = 0
+        self, model: nn.Module, x: torch.Tensor, trainer: pl.Trainer | None = None, seed: int = 0
     ) -> dict[str, torch.Tensor]:
         """Logits of ``model`` (in eval mode, under ``no_grad``) on every perturbation of the normalized batch ``x``."""
         pixel_model = PixelSpace.for_batch(model, x, normalization_of(trainer, self.mean, self.std))
@@ -144,23 +147,34 @@ class OODEvaluation(Callback):
             pixels = pixel_model.to_pixels(x)
             for name in self.perturbations:
                 perturbed = perturb_pixels(
-                    pixels.cpu(), name, generator, self.noise_std, self.crop_fraction, self.rotation_degrees,
+                    pixels.cpu(),
+                    name,
+                    generator,
+                    self.noise_std,
+                    self.crop_fraction,
+                    self.rotation_degrees,
                     self.jitter_strength,
                 ).to(pixels.device)
                 outputs[name] = pixel_model(perturbed)
         return outputs
 
     @override
-    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         check_stats_match_data(type(self).__name__, self.mean, trainer)  # before the run, not at its first test batch
 
     @override
-    def on_test_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._metrics.clear()
 
     @override
     def on_test_batch_end(
-        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
     ) -> None:
         if self.num_batches is not None and batch_idx >= self.num_batches:
             return
@@ -172,11 +186,13 @@ class OODEvaluation(Callback):
             self._metrics[name].update(logits, y)
 
     @override
-    def on_test_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # every rank computes, even one that perturbed no batch: compute() is a collective
         results = compute_on_every_rank(trainer, self._metrics, pl_module.device)
         self._metrics.clear()
-        log_replicated(pl_module, {f"ood/{name}/{k}": value for name, values in results.items() for k, value in values.items()})
+        log_replicated(
+            pl_module, {f"ood/{name}/{k}": value for name, values in results.items() for k, value in values.items()}
+        )
         if results:
             add_figure(trainer, "ood/accuracy_per_perturbation", lambda: self.figure(results))
 

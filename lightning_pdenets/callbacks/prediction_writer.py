@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import csv
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, cast
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from typing_extensions import override
 
 from lightning_pdenets.evaluation import split_batch
-from typing_extensions import override
 
 __all__ = ["PredictionWriter"]
 
@@ -24,7 +25,8 @@ class PredictionWriter(BasePredictionWriter):
     Works with any LightningModule whose ``predict_step`` returns a ``(batch, classes)`` tensor of
     scores. ``predictions.pt`` holds ``probabilities``, ``predicted`` (the arg-max class),
     ``sample_index`` (position in the prediction dataset) and, when the batches carry targets
-    (``(inputs, labels, ...)`` or ``{"inputs": ..., "targets": ...}``), ``labels``; the CSV has one row per sample with the same columns
+    (``(inputs, labels, ...)`` or ``{"inputs": ..., "targets": ...}``), ``labels``; the CSV has one row per
+    sample with the same columns
     (``confidence`` is the top score). Under DDP every process writes its own share, suffixed
     ``_rank{N}``; ``sample_index`` tells where each row belongs.
 
@@ -34,7 +36,7 @@ class PredictionWriter(BasePredictionWriter):
         filename: File stem.
     """
 
-    def __init__(self, output_dir: Optional[str] = None, filename: str = "predictions") -> None:
+    def __init__(self, output_dir: str | None = None, filename: str = "predictions") -> None:
         super().__init__(write_interval="batch")
         if not isinstance(filename, str) or not filename or os.sep in filename:
             raise ValueError(f"`filename` must be a plain file stem such as 'predictions', got {filename!r}.")
@@ -44,15 +46,15 @@ class PredictionWriter(BasePredictionWriter):
         self.written: list[Path] = []
 
     @override
-    def on_predict_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def on_predict_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._parts = {"probabilities": [], "sample_index": [], "labels": []}
 
     def write_on_batch_end(
         self,
-        trainer: "pl.Trainer",
-        pl_module: "pl.LightningModule",
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
         prediction: Any,
-        batch_indices: Optional[Sequence[int]],
+        batch_indices: Sequence[int] | None,
         batch: Any,
         batch_idx: int,
         dataloader_idx: int,
@@ -60,7 +62,8 @@ class PredictionWriter(BasePredictionWriter):
         if not isinstance(prediction, torch.Tensor) or prediction.dim() != 2:
             raise TypeError(
                 f"PredictionWriter needs `predict_step` to return a (batch, classes) tensor of scores, got "
-                f"{type(prediction).__name__}{tuple(prediction.shape) if isinstance(prediction, torch.Tensor) else ''}; "
+                f"{type(prediction).__name__}"
+                f"{tuple(prediction.shape) if isinstance(prediction, torch.Tensor) else ''}; "
                 f"drop the callback or return class scores."
             )
         self._parts["probabilities"].append(prediction.detach().float().cpu())
@@ -71,7 +74,7 @@ class PredictionWriter(BasePredictionWriter):
             self._parts["labels"].append(labels.detach().cpu())
 
     @override
-    def on_predict_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def on_predict_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # every rank takes rank 0's folder: each rank's logger works out its own next version number
         folder = Path(trainer.strategy.broadcast(str(self._folder(trainer))))
         if not self._parts.get("probabilities"):
@@ -97,5 +100,6 @@ class PredictionWriter(BasePredictionWriter):
         self.written = [tensors_path, table_path]
         rank_zero_info(f"Wrote {len(probabilities)} predictions to {table_path} and {tensors_path.name}.")
 
-    def _folder(self, trainer: "pl.Trainer") -> Path:
-        return Path(self.output_dir or (trainer.log_dir if trainer.loggers else trainer.default_root_dir))
+    def _folder(self, trainer: pl.Trainer) -> Path:
+        log_dir = cast(str, trainer.log_dir)  # a trainer with loggers has a log folder
+        return Path(self.output_dir or (log_dir if trainer.loggers else trainer.default_root_dir))

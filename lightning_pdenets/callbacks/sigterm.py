@@ -5,7 +5,6 @@ from __future__ import annotations
 import signal
 import threading
 from types import FrameType
-from typing import Optional
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
@@ -34,44 +33,43 @@ class SigtermFlagOnly(Callback):
 
     def __init__(self) -> None:
         super().__init__()
-        self._trainer: Optional["pl.Trainer"] = None
+        self._trainer: pl.Trainer | None = None
 
-    def _install(self, trainer: "pl.Trainer") -> None:
+    def _install(self, trainer: pl.Trainer) -> None:
         if threading.current_thread() is not threading.main_thread():
             return  # signal handlers can only be set from the main thread
         self._trainer = trainer
         signal.signal(signal.SIGTERM, self._raise_stop_flag)
 
-    def _raise_stop_flag(self, signum: int, frame: Optional[FrameType]) -> None:
+    def _raise_stop_flag(self, signum: int, frame: FrameType | None) -> None:
         if self._trainer is not None:
             set_received_sigterm(self._trainer)
 
     @override
-    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._install(trainer)
 
     @override
-    def on_validation_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._install(trainer)
 
     @override
-    def on_test_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._install(trainer)
 
     @override
-    def on_predict_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._install(trainer)
 
     @override
-    def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._trainer = None
 
 
-
-def set_received_sigterm(trainer: "pl.Trainer", value: bool = True) -> None:
+def set_received_sigterm(trainer: pl.Trainer, value: bool = True) -> None:
     """Set the flag behind ``trainer.received_sigterm``, which Lightning's loops check between batches.
 
     Lightning has no public setter; this is the one place in the package that writes it
     (``tests/test_interruption.py`` fails, naming this function, if the attribute moves).
     """
-    trainer._signal_connector.received_sigterm = value  # noqa: SLF001
+    trainer._signal_connector.received_sigterm = value

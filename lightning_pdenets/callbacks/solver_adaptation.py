@@ -23,14 +23,16 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
-from typing import Any, Optional, Union
+from typing import Any, cast
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
+from typing_extensions import override
 
+from lightning_pdenets.errors import ConfigurationError
 from lightning_pdenets.evaluation import (
     configure_blocks,
     configured_solvers,
@@ -41,22 +43,26 @@ from lightning_pdenets.evaluation import (
     shrink_grow_keep,
     split_batch,
 )
-from lightning_pdenets.errors import ConfigurationError
 from lightning_pdenets.metric_logging import log_occasional_step_values
-from lightning_pdenets.protocols import find_ode_blocks
+from lightning_pdenets.protocols import ODEModule, find_ode_blocks
 from lightning_pdenets.solvers import SOLVERS, check_solver_name
 from lightning_pdenets.validation import check_positive, check_positive_int
-from typing_extensions import override
 
 __all__ = [
+    "DEFAULT_TEST_SOLVERS",
     "StepSizeAdaptation",
     "ToleranceAdaptation",
-    "DEFAULT_TEST_SOLVERS",
     "hairer_initial_step",
     "step_for_test_solver",
 ]
 
-DEFAULT_TEST_SOLVERS: dict[str, str] = {"euler": "midpoint", "midpoint": "rk4", "heun2": "rk4", "heun3": "rk4", "rk4": "rk4"}
+DEFAULT_TEST_SOLVERS: dict[str, str] = {
+    "euler": "midpoint",
+    "midpoint": "rk4",
+    "heun2": "rk4",
+    "heun3": "rk4",
+    "rk4": "rk4",
+}
 """The test solver paired with each fixed-step training solver (Ott et al.: Euler → midpoint, midpoint → RK4)."""
 
 RETRY_SETTINGS = ("failure_retries", "failure_tol_factor", "failure_max_tol")
@@ -89,10 +95,7 @@ def hairer_initial_step(vector_field: Any, t0: float, y0: torch.Tensor, order: i
     h0 = 1e-6 if d0 < 1e-5 or d1 < 1e-5 else 0.01 * d0 / d1
     f1 = vector_field(t + h0, y0 + h0 * f0)
     d2 = _rms(f1 - f0) / h0
-    if max(d1, d2) <= 1e-15:
-        h1 = max(1e-6, h0 * 1e-3)
-    else:
-        h1 = (0.01 / max(d1, d2)) ** (1.0 / (order + 1))
+    h1 = max(1e-6, h0 * 1e-3) if max(d1, d2) <= 1e-15 else (0.01 / max(d1, d2)) ** (1.0 / (order + 1))
     return min(100 * h0, h1)
 
 
@@ -126,19 +129,20 @@ class _SolverAdaptation(Callback):
     quantity = "value"
     needs_adaptive: bool = False
 
-    def __init__(self, interval: int, threshold: float, train_solver: Optional[str], test_solver: Optional[str]) -> None:
+    def __init__(self, interval: int, threshold: float, train_solver: str | None, test_solver: str | None) -> None:
         super().__init__()
         check_positive_int(interval, "interval")
         _check_threshold(threshold)
         self.interval = interval
         self.threshold = float(threshold)
-        self.train_solver = train_solver
-        self.test_solver = test_solver
+        # None until setup() takes them from the model's blocks; every check runs after that
+        self.train_solver: str = train_solver  # type: ignore[assignment]
+        self.test_solver: str = test_solver  # type: ignore[assignment]
         if train_solver is not None:
             self.test_solver = self._check_solver_pair(train_solver, test_solver)
         elif test_solver is not None:
             self._check_test_solver_kind(test_solver)
-        self.value: Optional[float] = None
+        self.value: float | None = None
         self.history: list[dict[str, Any]] = []
         self._last_checked_step = -1
 
@@ -146,13 +150,15 @@ class _SolverAdaptation(Callback):
     def _default_test_solver(self, train_solver: str) -> str:
         raise NotImplementedError
 
-    def _check_solver_pair(self, train_solver: str, test_solver: Optional[str]) -> str:
+    def _check_solver_pair(self, train_solver: str, test_solver: str | None) -> str:
         name = type(self).__name__
         train_info = check_solver_name(train_solver, "train_solver")
         kind = "adaptive" if self.needs_adaptive else "fixed-step"
         if train_info.adaptive != self.needs_adaptive:
             allowed = sorted(n for n, i in SOLVERS.items() if i.adaptive == self.needs_adaptive)
-            raise ValueError(f"{name} adapts {kind} solvers: `train_solver` must be one of {allowed}, got {train_solver!r}.")
+            raise ValueError(
+                f"{name} adapts {kind} solvers: `train_solver` must be one of {allowed}, got {train_solver!r}."
+            )
         test_solver = test_solver if test_solver is not None else self._default_test_solver(train_solver)
         test_info = self._check_test_solver_kind(test_solver)
         if test_info.order < train_info.order:
@@ -166,12 +172,13 @@ class _SolverAdaptation(Callback):
         test_info = check_solver_name(test_solver, "test_solver")
         if self.needs_adaptive and not test_info.adaptive:
             raise ValueError(
-                f"{type(self).__name__} needs an adaptive `test_solver` (its tolerance is tightened), got {test_solver!r}."
+                f"{type(self).__name__} needs an adaptive `test_solver` (its tolerance is tightened), "
+                f"got {test_solver!r}."
             )
         return test_info
 
     # -- resolution at fit time ---------------------------------------------------------------
-    def _resolve(self, pl_module: pl.LightningModule) -> list[nn.Module]:
+    def _resolve(self, pl_module: pl.LightningModule) -> list[ODEModule]:
         """The model's ODE blocks and the solver pair; a model that does not suit the callback (no ODE block, a
         solver of the other kind) is a :class:`ConfigurationError`, a short message with exit code 2 in the CLI,
         raised alike on every DDP rank (they hold the same model)."""
@@ -187,18 +194,20 @@ class _SolverAdaptation(Callback):
         return blocks
 
     @override
-    def setup(self, trainer: "pl.Trainer", pl_module: pl.LightningModule, stage: str) -> None:
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             self._resolve(pl_module)
 
     @override
-    def on_train_start(self, trainer: "pl.Trainer", pl_module: pl.LightningModule) -> None:
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         blocks = self._resolve(pl_module)
         if self.value is not None:  # resumed: the checkpointed value wins over the configured one
             self.apply(blocks, self.value)
 
     @override
-    def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if self.value is not None:
             return
         blocks = find_ode_blocks(pl_module)
@@ -209,7 +218,7 @@ class _SolverAdaptation(Callback):
 
     @override
     def on_train_batch_end(
-        self, trainer: "pl.Trainer", pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         step = trainer.global_step
         if step == self._last_checked_step or step % self.interval != 0 or step == 0:
@@ -231,55 +240,68 @@ class _SolverAdaptation(Callback):
 
     # -- collective helpers ---------------------------------------------------------------------
     @staticmethod
-    def _broadcast(trainer: "pl.Trainer", pl_module: pl.LightningModule, value: float) -> float:
+    def _broadcast(trainer: pl.Trainer, pl_module: pl.LightningModule, value: float) -> float:
         return float(trainer.strategy.broadcast(torch.tensor(float(value), dtype=torch.float64), src=0))
 
     def _accuracy(
-        self, trainer: "pl.Trainer", pl_module: pl.LightningModule, blocks: Sequence[nn.Module], batch: Any,
-        method: str, step_size: Optional[float] = None, tol: Optional[float] = None,
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        blocks: Sequence[ODEModule],
+        batch: Any,
+        method: str,
+        step_size: float | None = None,
+        tol: float | None = None,
     ) -> tuple[float, float, bool]:
         configure_blocks(blocks, method, step_size=step_size, tol=tol)
         return evaluate_batches(trainer, pl_module, blocks, iter([batch]), type(self).__name__)
 
     # -- the check ------------------------------------------------------------------------------
-    def _agree(self, record: Optional[dict[str, Any]]) -> bool:
+    def _agree(self, record: dict[str, Any] | None) -> bool:
         return record is not None and abs(record["acc_test_solver"] - record["acc_train_solver"]) <= self.threshold
 
-    def check(self, trainer: "pl.Trainer", pl_module: pl.LightningModule, blocks: Sequence[nn.Module],
-              batch: Any) -> dict[str, Any]:
+    def check(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, blocks: Sequence[ODEModule], batch: Any
+    ) -> dict[str, Any]:
         """Compare the solvers at the current value on ``batch`` and decide: the record of the check.
 
         Shrink while they disagree; else grow if they still agree at the grown value; else keep.
         """
-        value = float(self.value)
+        value = float(cast(float, self.value))  # on_fit_start set it
         compare = functools.partial(self._compare, trainer, pl_module, blocks, batch)
         record = compare(value)
         if record is None:
             return self._failed_check(value)
         self._observe(record)
         grown = self._grown(blocks, value)
-        decision = shrink_grow_keep(self._agree(record), value, grown, lambda candidate: self._agree(compare(candidate)))
+        decision = shrink_grow_keep(
+            self._agree(record), value, grown, lambda candidate: self._agree(compare(candidate))
+        )
         new_value = {"grow": grown, "keep": value}.get(decision)
-        record.update(decision=decision, **{self.quantity: self._shrunk(blocks, value) if new_value is None else new_value})
+        record.update(
+            decision=decision, **{self.quantity: self._shrunk(blocks, value) if new_value is None else new_value}
+        )
         return record
 
     # -- subclass API ---------------------------------------------------------------------------
-    def initial_value(self, trainer: "pl.Trainer", pl_module: pl.LightningModule, blocks: Sequence[nn.Module],
-                      batch: Any) -> float:
+    def initial_value(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, blocks: Sequence[ODEModule], batch: Any
+    ) -> float:
         raise NotImplementedError
 
-    def apply(self, blocks: Sequence[nn.Module], value: float) -> None:
+    def apply(self, blocks: Sequence[ODEModule], value: float) -> None:
         raise NotImplementedError
 
-    def _compare(self, trainer: "pl.Trainer", pl_module: pl.LightningModule, blocks: Sequence[nn.Module], batch: Any,
-                 value: float) -> Optional[dict[str, Any]]:
+    def _compare(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, blocks: Sequence[ODEModule], batch: Any, value: float
+    ) -> dict[str, Any] | None:
         """Accuracies and NFE of the training and test solvers at ``value``; ``None`` when a solver failed."""
         raise NotImplementedError
 
-    def _shrunk(self, blocks: Sequence[nn.Module], value: float) -> float:
+    def _shrunk(self, blocks: Sequence[ODEModule], value: float) -> float:
         return value * 0.5
 
-    def _grown(self, blocks: Sequence[nn.Module], value: float) -> float:
+    def _grown(self, blocks: Sequence[ODEModule], value: float) -> float:
         """The value tried when the solvers agree; ``value`` itself when growing is not allowed."""
         raise NotImplementedError
 
@@ -332,11 +354,11 @@ class StepSizeAdaptation(_SolverAdaptation):
         self,
         interval: int = 50,
         threshold: float = 0.1,
-        train_solver: Optional[str] = None,
-        test_solver: Optional[str] = None,
-        initial_step_size: Union[str, float] = "hairer",
+        train_solver: str | None = None,
+        test_solver: str | None = None,
+        initial_step_size: str | float = "hairer",
         max_num_steps: int = 500,
-        max_step_size: Optional[float] = None,
+        max_step_size: float | None = None,
         error_ratio: float = 50.0,
     ) -> None:
         super().__init__(interval, threshold, train_solver, test_solver)
@@ -353,17 +375,18 @@ class StepSizeAdaptation(_SolverAdaptation):
     def _default_test_solver(self, train_solver: str) -> str:
         return DEFAULT_TEST_SOLVERS.get(train_solver, "rk4")
 
-    def _bounds(self, blocks: Sequence[nn.Module]) -> tuple[float, float]:
+    def _bounds(self, blocks: Sequence[ODEModule]) -> tuple[float, float]:
         span = max(b.solver_settings()["t1"] - b.solver_settings()["t0"] for b in blocks)
         upper = self.max_step_size if self.max_step_size is not None else span
         return span / self.max_num_steps, upper
 
-    def _clamp(self, blocks: Sequence[nn.Module], step: float) -> float:
+    def _clamp(self, blocks: Sequence[ODEModule], step: float) -> float:
         lower, upper = self._bounds(blocks)
         return min(max(step, lower), upper)
 
-    def initial_value(self, trainer: "pl.Trainer", pl_module: pl.LightningModule, blocks: Sequence[nn.Module],
-                      batch: Any) -> float:
+    def initial_value(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, blocks: Sequence[ODEModule], batch: Any
+    ) -> float:
         if self.initial_step_size != "hairer":
             return self._clamp(blocks, float(self.initial_step_size))
         inputs, _ = split_batch(batch, type(self).__name__)
@@ -380,7 +403,8 @@ class StepSizeAdaptation(_SolverAdaptation):
                 order = SOLVERS[self.train_solver].order
                 steps = [
                     hairer_initial_step(b.vector_field, b.solver_settings()["t0"], initial_states[b], order)
-                    for b in blocks if b in initial_states
+                    for b in blocks
+                    if b in initial_states
                 ]
         finally:
             for handle in handles:
@@ -391,7 +415,7 @@ class StepSizeAdaptation(_SolverAdaptation):
         smallest = float(trainer.strategy.all_gather(local).min())  # the most cautious rank decides
         return self._clamp(blocks, smallest)
 
-    def apply(self, blocks: Sequence[nn.Module], value: float) -> None:
+    def apply(self, blocks: Sequence[ODEModule], value: float) -> None:
         configure_blocks(blocks, self.train_solver, step_size=value)
 
     def _compare(self, trainer, pl_module, blocks, batch, step: float) -> dict[str, float]:
@@ -399,10 +423,15 @@ class StepSizeAdaptation(_SolverAdaptation):
         test_step = step_for_test_solver(step, train_order, test_order, self.error_ratio)
         acc_train, nfe_train, _ = self._accuracy(trainer, pl_module, blocks, batch, self.train_solver, step_size=step)
         acc_test, nfe_test, _ = self._accuracy(trainer, pl_module, blocks, batch, self.test_solver, step_size=test_step)
-        return dict(acc_train_solver=acc_train, acc_test_solver=acc_test, nfe_train_solver=nfe_train,
-                    nfe_test_solver=nfe_test, test_step_size=test_step)
+        return dict(
+            acc_train_solver=acc_train,
+            acc_test_solver=acc_test,
+            nfe_train_solver=nfe_train,
+            nfe_test_solver=nfe_test,
+            test_step_size=test_step,
+        )
 
-    def _shrunk(self, blocks: Sequence[nn.Module], step: float) -> float:
+    def _shrunk(self, blocks: Sequence[ODEModule], step: float) -> float:
         lower, _ = self._bounds(blocks)
         if step * 0.5 >= lower * (1 - 1e-9):
             return step * 0.5
@@ -413,7 +442,7 @@ class StepSizeAdaptation(_SolverAdaptation):
         )
         return lower
 
-    def _grown(self, blocks: Sequence[nn.Module], step: float) -> float:
+    def _grown(self, blocks: Sequence[ODEModule], step: float) -> float:
         return min(step * 1.1, self._bounds(blocks)[1])
 
 
@@ -461,8 +490,8 @@ class ToleranceAdaptation(_SolverAdaptation):
         self,
         interval: int = 50,
         threshold: float = 0.1,
-        train_solver: Optional[str] = None,
-        test_solver: Optional[str] = "dopri5",
+        train_solver: str | None = None,
+        test_solver: str | None = "dopri5",
         initial_tol: float = 1e-6,
         test_tol_factor: float = 0.1,
         max_tightenings: int = 3,
@@ -476,8 +505,11 @@ class ToleranceAdaptation(_SolverAdaptation):
         _check_factor(test_tol_factor, "test_tol_factor", 0.0, 1.0)
         check_positive(max_tol, "max_tol")
         _check_factor(backoff_factor, "backoff_factor", 1.0, math.inf)
-        for name, value in (("max_tightenings", max_tightenings), ("nfe_patience", nfe_patience),
-                            ("max_backoffs", max_backoffs)):
+        for name, value in (
+            ("max_tightenings", max_tightenings),
+            ("nfe_patience", nfe_patience),
+            ("max_backoffs", max_backoffs),
+        ):
             check_positive_int(value, name)
         self.initial_tol = float(initial_tol)
         self.test_tol_factor = float(test_tol_factor)
@@ -487,7 +519,7 @@ class ToleranceAdaptation(_SolverAdaptation):
         self.backoff_factor = float(backoff_factor)
         self.max_backoffs = max_backoffs
         self.nfe_history: list[float] = []
-        self._blocks_retry_settings: Optional[list[dict[str, Any]]] = None
+        self._blocks_retry_settings: list[dict[str, Any]] | None = None
 
     def _default_test_solver(self, train_solver: str) -> str:
         return "dopri5"
@@ -495,16 +527,16 @@ class ToleranceAdaptation(_SolverAdaptation):
     def initial_value(self, trainer, pl_module, blocks, batch) -> float:
         return min(self.initial_tol, self.max_tol)
 
-    def apply(self, blocks: Sequence[nn.Module], value: float) -> None:
+    def apply(self, blocks: Sequence[ODEModule], value: float) -> None:
         configure_blocks(blocks, self.train_solver, tol=value)
 
     # -- back-off on solver failure: the blocks retry (SolverConfig.failure_*), the callback keeps account ---------
     @staticmethod
-    def _retrying_blocks(blocks: Sequence[nn.Module]) -> list[nn.Module]:
+    def _retrying_blocks(blocks: Sequence[ODEModule]) -> list[ODEModule]:
         return [block for block in blocks if set(RETRY_SETTINGS) <= set(block.solver_settings())]
 
     @override
-    def on_train_start(self, trainer: "pl.Trainer", pl_module: pl.LightningModule) -> None:
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
         blocks = find_ode_blocks(pl_module)
         retrying = self._retrying_blocks(blocks)
@@ -516,10 +548,13 @@ class ToleranceAdaptation(_SolverAdaptation):
                 f"(see lightning_pdenets.solvers.SolverConfig) to retry at a looser tolerance."
             )
         if self._blocks_retry_settings is None:  # resumed runs keep the blocks' settings from before the callback
-            self._blocks_retry_settings = [{k: block.solver_settings()[k] for k in RETRY_SETTINGS} for block in retrying]
+            self._blocks_retry_settings = [
+                {k: block.solver_settings()[k] for k in RETRY_SETTINGS} for block in retrying
+            ]
         for block in retrying:
-            block.configure_solver(failure_retries=self.max_backoffs, failure_tol_factor=self.backoff_factor,
-                                   failure_max_tol=self.max_tol)
+            block.configure_solver(
+                failure_retries=self.max_backoffs, failure_tol_factor=self.backoff_factor, failure_max_tol=self.max_tol
+            )
 
     def _restore_retry_settings(self, pl_module: pl.LightningModule) -> None:
         if self._blocks_retry_settings is None:
@@ -529,15 +564,17 @@ class ToleranceAdaptation(_SolverAdaptation):
         self._blocks_retry_settings = None
 
     @override
-    def on_train_end(self, trainer: "pl.Trainer", pl_module: pl.LightningModule) -> None:
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._restore_retry_settings(pl_module)
 
     @override
-    def on_exception(self, trainer: "pl.Trainer", pl_module: pl.LightningModule, exception: BaseException) -> None:
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._restore_retry_settings(pl_module)
 
     @override
-    def on_save_checkpoint(self, trainer: "pl.Trainer", pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
         """Store each block's state with its own retry settings, not the callback's."""
         state = checkpoint.get("state_dict")
         if self._blocks_retry_settings is None or state is None:
@@ -549,7 +586,7 @@ class ToleranceAdaptation(_SolverAdaptation):
                 with configured_solvers([block], **settings):
                     state[key] = block.get_extra_state()
 
-    def _adopt_backoffs(self, trainer: "pl.Trainer", pl_module: pl.LightningModule) -> None:
+    def _adopt_backoffs(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Record the blocks' back-offs since the last call; every block on every rank takes the loosest tolerance."""
         if self.value is None:
             return
@@ -564,8 +601,10 @@ class ToleranceAdaptation(_SolverAdaptation):
         while tol < loosest * (1 - 1e-9):  # one record per retry: tol·factor, capped at max_tol
             loosened = min(tol * self.backoff_factor, self.max_tol, loosest)
             self.history.append({"step": trainer.global_step, "decision": "backoff", self.quantity: loosened})
-            rank_zero_warn(f"ToleranceAdaptation: the ODE solver failed; loosening tol {tol:.3g} -> {loosened:.3g} "
-                           f"and retrying.", category=RuntimeWarning)
+            rank_zero_warn(
+                f"ToleranceAdaptation: the ODE solver failed; loosening tol {tol:.3g} -> {loosened:.3g} and retrying.",
+                category=RuntimeWarning,
+            )
             tol = loosened
         self.value = loosest
         self.apply(blocks, self.value)
@@ -576,7 +615,7 @@ class ToleranceAdaptation(_SolverAdaptation):
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     @override
-    def on_validation_end(self, trainer: "pl.Trainer", pl_module: pl.LightningModule) -> None:
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._blocks_retry_settings is not None and not trainer.sanity_checking:  # validation inside fit
             self._adopt_backoffs(trainer, pl_module)
 
@@ -586,7 +625,7 @@ class ToleranceAdaptation(_SolverAdaptation):
         with configured_solvers(self._retrying_blocks(blocks), failure_retries=0):
             return super().check(trainer, pl_module, blocks, batch)
 
-    def _compare(self, trainer, pl_module, blocks, batch, tol: float) -> Optional[dict[str, float]]:
+    def _compare(self, trainer, pl_module, blocks, batch, tol: float) -> dict[str, float] | None:
         acc_train, nfe_train, failed = self._accuracy(trainer, pl_module, blocks, batch, self.train_solver, tol=tol)
         if failed:
             return None
@@ -602,25 +641,35 @@ class ToleranceAdaptation(_SolverAdaptation):
             test_tol *= self.test_tol_factor
         if math.isnan(acc_test):
             return None
-        return dict(acc_train_solver=acc_train, acc_test_solver=acc_test, nfe_train_solver=nfe_train,
-                    nfe_test_solver=nfe_test, test_tol=used_tol)
+        return dict(
+            acc_train_solver=acc_train,
+            acc_test_solver=acc_test,
+            nfe_train_solver=nfe_train,
+            nfe_test_solver=nfe_test,
+            test_tol=used_tol,
+        )
 
     def _observe(self, record: dict[str, Any]) -> None:
-        self.nfe_history = (self.nfe_history + [record["nfe_train_solver"]])[-self.nfe_patience:]
+        self.nfe_history = [*self.nfe_history, record["nfe_train_solver"]][-self.nfe_patience :]
 
-    def _grown(self, blocks: Sequence[nn.Module], tol: float) -> float:
+    def _grown(self, blocks: Sequence[ODEModule], tol: float) -> float:
         stalled = len(self.nfe_history) >= self.nfe_patience and len(set(self.nfe_history)) == 1
         return tol if stalled else min(tol * 1.1, self.max_tol)
 
     def _failed_check(self, tol: float) -> dict[str, Any]:
         new_tol = min(tol * self.backoff_factor, self.max_tol)
-        rank_zero_warn(f"ToleranceAdaptation: a solver failed during the check; loosening tol {tol:.3g} -> {new_tol:.3g}.")
+        rank_zero_warn(
+            f"ToleranceAdaptation: a solver failed during the check; loosening tol {tol:.3g} -> {new_tol:.3g}."
+        )
         return {"decision": "backoff", self.quantity: new_tol}
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "nfe_history": list(self.nfe_history),
-                "blocks_retry_settings": self._blocks_retry_settings}
+        return {
+            **super().state_dict(),
+            "nfe_history": list(self.nfe_history),
+            "blocks_retry_settings": self._blocks_retry_settings,
+        }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

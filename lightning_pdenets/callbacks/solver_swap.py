@@ -12,12 +12,14 @@ import copy
 import itertools
 import math
 from collections.abc import Sequence
-from typing import Any, Optional
+from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from tqdm.auto import tqdm
+from typing_extensions import override
 
+from lightning_pdenets.errors import ConfigurationError
 from lightning_pdenets.evaluation import (
     add_figure,
     configure_blocks,
@@ -26,11 +28,9 @@ from lightning_pdenets.evaluation import (
     require_ode_blocks,
     restored_solvers,
 )
-from lightning_pdenets.errors import ConfigurationError
 from lightning_pdenets.metric_logging import log_replicated
 from lightning_pdenets.solvers import SOLVERS, check_solver_name
 from lightning_pdenets.validation import check_positive, check_positive_int
-from typing_extensions import override
 
 __all__ = ["SolverSwapCheck"]
 
@@ -76,8 +76,8 @@ class SolverSwapCheck(Callback):
         step_factors: Sequence[float] = (0.5, 0.75, 1.0, 1.5, 2.0),
         tolerance_factors: Sequence[float] = (0.1, 1.0, 10.0),
         every_n_epochs: int = 1,
-        max_batches: Optional[int] = None,
-        base_step_size: Optional[float] = None,
+        max_batches: int | None = None,
+        base_step_size: float | None = None,
         log_figure: bool = True,
     ) -> None:
         super().__init__()
@@ -100,7 +100,7 @@ class SolverSwapCheck(Callback):
 
     # -- hooks -------------------------------------------------------------------------------------
     @override
-    def setup(self, trainer: "pl.Trainer", pl_module: pl.LightningModule, stage: str) -> None:
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # a model without ODE blocks is refused before the run, not after its first training epoch; a
         # ConfigurationError is a short message with exit code 2 in the CLI (every DDP rank decides alike)
         if stage == "predict":
@@ -111,19 +111,19 @@ class SolverSwapCheck(Callback):
             raise ConfigurationError(str(error)) from None
 
     @override
-    def on_validation_epoch_end(self, trainer: "pl.Trainer", pl_module: pl.LightningModule) -> None:
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs != 0:
             return
         self._run(trainer, pl_module, "val", trainer.val_dataloaders)
 
     @override
-    def on_test_epoch_end(self, trainer: "pl.Trainer", pl_module: pl.LightningModule) -> None:
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._run(trainer, pl_module, "test", trainer.test_dataloaders)
 
     # -- measurement ----------------------------------------------------------------------------------
-    def _batches(self, trainer: "pl.Trainer", dataloaders: Any):
+    def _batches(self, trainer: pl.Trainer, dataloaders: Any):
         loaders = dataloaders if isinstance(dataloaders, (list, tuple)) else [dataloaders]
-        limit = 1 if trainer.fast_dev_run else self.max_batches
+        limit = 1 if trainer.fast_dev_run else self.max_batches  # type: ignore[attr-defined]  # Trainer sets it
         for loader in loaders:
             for batch in itertools.islice(loader, limit):
                 yield trainer.strategy.batch_to_device(batch)
@@ -139,7 +139,7 @@ class SolverSwapCheck(Callback):
         return combos
 
     def measure(
-        self, trainer: "pl.Trainer", pl_module: pl.LightningModule, dataloaders: Any, stage: str = ""
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, dataloaders: Any, stage: str = ""
     ) -> dict[str, Any]:
         """Accuracy of every grid combination and of the training solver; restores the training solver.
 
@@ -157,19 +157,31 @@ class SolverSwapCheck(Callback):
             step = settings["step_size"]
         tol = settings["rtol"]
         combos: dict[tuple[str, float], dict[str, float]] = {}
-        grid = self.grid(step, tol, quick=bool(trainer.fast_dev_run))
+        grid = self.grid(step, tol, quick=bool(trainer.fast_dev_run))  # type: ignore[attr-defined]  # Trainer sets it
         show = trainer.is_global_zero and trainer.progress_bar_callback is not None
-        progress = tqdm(total=len(grid) + 1, desc=f"SolverSwapCheck {stage}".rstrip(), unit="solver", leave=False,
-                        disable=not show, dynamic_ncols=True)
+        progress = tqdm(
+            total=len(grid) + 1,
+            desc=f"SolverSwapCheck {stage}".rstrip(),
+            unit="solver",
+            leave=False,
+            disable=not show,
+            dynamic_ncols=True,
+        )
         with progress, evaluation_pass(pl_module), restored_solvers(blocks):
             progress.set_postfix_str(f"{method} (training solver)")
-            train_acc, train_nfe, _ = evaluate_batches(trainer, pl_module, blocks, self._batches(trainer, dataloaders), "SolverSwapCheck")
+            train_acc, train_nfe, _ = evaluate_batches(
+                trainer, pl_module, blocks, self._batches(trainer, dataloaders), "SolverSwapCheck"
+            )
             progress.update()
             for solver, factor, value in grid:
                 progress.set_postfix_str(f"{solver} x{factor:g}")
                 is_adaptive = SOLVERS[solver].adaptive
-                configure_blocks(blocks, solver, step_size=None if is_adaptive else value, tol=value if is_adaptive else None)
-                acc, nfe, _ = evaluate_batches(trainer, pl_module, blocks, self._batches(trainer, dataloaders), "SolverSwapCheck")
+                configure_blocks(
+                    blocks, solver, step_size=None if is_adaptive else value, tol=value if is_adaptive else None
+                )
+                acc, nfe, _ = evaluate_batches(
+                    trainer, pl_module, blocks, self._batches(trainer, dataloaders), "SolverSwapCheck"
+                )
                 combos[(solver, factor)] = {"accuracy": acc, "nfe": nfe, "value": value}
                 progress.update()
         drops = [train_acc - c["accuracy"] for c in combos.values() if not math.isnan(c["accuracy"])]
@@ -183,7 +195,7 @@ class SolverSwapCheck(Callback):
             "max_drop": max(drops) if drops else math.nan,
         }
 
-    def _run(self, trainer: "pl.Trainer", pl_module: pl.LightningModule, stage: str, dataloaders: Any) -> None:
+    def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str, dataloaders: Any) -> None:
         if dataloaders is None:
             return
         result = self.measure(trainer, pl_module, dataloaders, stage)
@@ -224,8 +236,15 @@ class SolverSwapCheck(Callback):
             ax.plot(xs, ys, marker="o", label=solver)
         train_x = result["train_tol"] if SOLVERS[result["train_solver"]].adaptive else result["train_step_size"]
         train_ax = adaptive_ax if SOLVERS[result["train_solver"]].adaptive else fixed_ax
-        train_ax.scatter([train_x], [result["train_solver_acc"]], marker="*", s=150, c="k", zorder=3,
-                         label=f"train ({result['train_solver']})")
+        train_ax.scatter(
+            [train_x],
+            [result["train_solver_acc"]],
+            marker="*",
+            s=150,
+            c="k",
+            zorder=3,
+            label=f"train ({result['train_solver']})",
+        )
         for ax, label in ((fixed_ax, "test step size"), (adaptive_ax, "test tolerance (rtol = atol)")):
             ax.set_xscale("log")
             ax.set_xlabel(label)

@@ -18,25 +18,26 @@ logged objective but does not act on training.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional
+from collections.abc import Iterable
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from torch.optim import Optimizer
+from typing_extensions import override
 
 from lightning_pdenets.errors import ConfigurationError, NonFiniteLossError
 from lightning_pdenets.metric_logging import log_replicated
 from lightning_pdenets.protocols import find_time_dependent_weights
 from lightning_pdenets.validation import check_non_negative, check_positive
-from typing_extensions import override
 
-__all__ = ["TimeTVRegularization", "time_total_variation", "collect_time_dependent_parameters"]
+__all__ = ["TimeTVRegularization", "collect_time_dependent_parameters", "time_total_variation"]
 
 
 def time_total_variation(weights: Iterable[tuple[torch.Tensor, float]], epsilon: float) -> torch.Tensor:
     """Σ over (θ, h) pairs of Σ_k h · Σ φ_ε((θ_{k+1} − θ_k) / h); zero without any time differences."""
-    total: Optional[torch.Tensor] = None
+    total: torch.Tensor | None = None
     for tensor, time_step in weights:
         if tensor.shape[0] < 2:
             continue
@@ -98,7 +99,7 @@ class TimeTVRegularization(Callback):
         return self.alpha * time_total_variation(collect_time_dependent_parameters(module), self.epsilon)
 
     @override
-    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit" and not collect_time_dependent_parameters(pl_module):  # alike on every DDP rank
             raise ConfigurationError(
                 f"TimeTVRegularization found no module following the TimeDependentWeights protocol in "
@@ -107,9 +108,13 @@ class TimeTVRegularization(Callback):
             )
 
     @override
-    def on_before_optimizer_step(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", optimizer: Optimizer) -> None:
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
+    ) -> None:
         stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        pairs = [(t, h) for t, h in collect_time_dependent_parameters(pl_module) if id(t) in stepped and t.requires_grad]
+        pairs = [
+            (t, h) for t, h in collect_time_dependent_parameters(pl_module) if id(t) in stepped and t.requires_grad
+        ]
         if not pairs:
             return
         with torch.enable_grad():
@@ -134,7 +139,7 @@ class TimeTVRegularization(Callback):
         self._epoch_count += 1
 
     @override
-    def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Kept here rather than by Lightning's on_epoch aggregation, which a mid-epoch resume restarts from zero.
         # the term is a function of the (replicated) weights only, so every rank holds the same mean: no sync
         if self._epoch_count:

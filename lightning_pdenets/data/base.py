@@ -15,19 +15,20 @@ import os
 import tarfile
 import zipfile
 import zlib
+from collections.abc import Callable, Sized
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, cast
 
 import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import transforms as T
 from torchvision.datasets.folder import default_loader
+from typing_extensions import override
 
 from lightning_pdenets.data.loading import check_global_batch_size, make_loader
 from lightning_pdenets.errors import CorruptDatasetError, DatasetDownloadError, DatasetNotFoundError
 from lightning_pdenets.validation import check_positive_int
-from typing_extensions import override
 
 __all__ = [
     "CheckedImageLoader",
@@ -74,14 +75,18 @@ class SampleNotFoundError(DatasetNotFoundError):
         super().__init__(_own_message(message, type(self)))
 
 
-def unreadable_message(name: str, path: Optional[Union[str, Path]], error: BaseException, advice: str,
-                       where: str = "") -> str:
+def unreadable_message(name: str, path: str | Path | None, error: BaseException, advice: str, where: str = "") -> str:
     """``name``'s file ``path`` (``None``: one under ``where``) is present but unreadable, why, and ``advice``."""
     cause = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    what = (f"file {os.path.abspath(path)!r} is present but unreadable" if path is not None
-            else f"files under {os.path.abspath(where)!r} are present but one is unreadable")
-    return (f"{name} {what} ({type(error).__name__}: {cause}): it is truncated or corrupt, e.g. by an interrupted "
-            f"download or copy. {advice}")
+    what = (
+        f"file {os.path.abspath(path)!r} is present but unreadable"
+        if path is not None
+        else f"files under {os.path.abspath(where)!r} are present but one is unreadable"
+    )
+    return (
+        f"{name} {what} ({type(error).__name__}: {cause}): it is truncated or corrupt, e.g. by an interrupted "
+        f"download or copy. {advice}"
+    )
 
 
 class CheckedImageLoader:
@@ -129,17 +134,17 @@ def check_batch_and_workers(batch_size: int, num_workers: int) -> None:
     check_positive_int(num_workers, "num_workers", minimum=0)
 
 
-def check_val_size(val_size: Union[int, float]) -> None:
+def check_val_size(val_size: int | float) -> None:
     valid_fraction = isinstance(val_size, float) and 0.0 < val_size < 1.0
     valid_count = isinstance(val_size, int) and not isinstance(val_size, bool) and val_size >= 1
     if not (valid_fraction or valid_count):
         raise ValueError(f"`val_size` must be a fraction in (0, 1) or a count >= 1, got {val_size!r}.")
 
 
-def split_sizes(total: int, val_size: Union[int, float]) -> tuple[int, int]:
+def split_sizes(total: int, val_size: int | float) -> tuple[int, int]:
     """(train, val) sizes from ``val_size`` given as a count or as a fraction in (0, 1)."""
     check_val_size(val_size)
-    n_val = int(round(val_size * total)) if isinstance(val_size, float) else val_size
+    n_val = round(val_size * total) if isinstance(val_size, float) else val_size
     if not 0 < n_val < total:
         raise ValueError(
             f"`val_size`={val_size!r} gives {n_val} validation samples out of {total}; "
@@ -148,7 +153,7 @@ def split_sizes(total: int, val_size: Union[int, float]) -> tuple[int, int]:
     return total - n_val, n_val
 
 
-def seeded_split(total: int, val_size: Union[int, float], seed: int) -> tuple[list[int], list[int]]:
+def seeded_split(total: int, val_size: int | float, seed: int) -> tuple[list[int], list[int]]:
     """Disjoint train/val index lists, identical for a given ``seed`` on every process."""
     n_train, _ = split_sizes(total, val_size)
     order = torch.randperm(total, generator=torch.Generator().manual_seed(seed)).tolist()
@@ -162,7 +167,7 @@ class ClassificationDataModule(pl.LightningDataModule):
     training order, sharded under DDP, and evaluation that sees every sample exactly once.
     """
 
-    def __init__(self, batch_size: int, num_workers: int, seed: int, global_batch_size: Optional[int] = None) -> None:
+    def __init__(self, batch_size: int, num_workers: int, seed: int, global_batch_size: int | None = None) -> None:
         super().__init__()
         check_batch_and_workers(batch_size, num_workers)
         if global_batch_size is not None:
@@ -171,15 +176,15 @@ class ClassificationDataModule(pl.LightningDataModule):
         self.num_workers = num_workers
         self.seed = seed
         self.global_batch_size = global_batch_size
-        self.train_set: Optional[Dataset] = None
-        self.val_set: Optional[Dataset] = None
-        self.test_set: Optional[Dataset] = None
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None
 
     def per_process_batch_size(self) -> int:
         world_size = self.trainer.world_size if self.trainer is not None else 1
         return check_global_batch_size(self.global_batch_size, world_size) or self.batch_size
 
-    def _loader(self, dataset: Optional[Dataset], train: bool) -> DataLoader:
+    def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}.setup() must run before asking for a dataloader.")
         return make_loader(
@@ -237,11 +242,11 @@ class VisionDataModule(ClassificationDataModule):
         download: bool = False,
         batch_size: int = 128,
         num_workers: int = 0,
-        val_size: Union[int, float] = 0.1,
+        val_size: int | float = 0.1,
         seed: int = 42,
         normalize: bool = True,
         augment: bool = False,
-        global_batch_size: Optional[int] = None,
+        global_batch_size: int | None = None,
     ) -> None:
         super().__init__(batch_size, num_workers, seed, global_batch_size)
         check_val_size(val_size)
@@ -291,13 +296,13 @@ class VisionDataModule(ClassificationDataModule):
         where = os.path.abspath(self.data_dir)
         return DatasetNotFoundError(f"{self.name} was not found under {where!r}{detail}. {advice}")
 
-    def refetch_advice(self, path: Optional[Union[str, Path]]) -> str:
+    def refetch_advice(self, path: str | Path | None) -> str:
         """How to replace the broken file ``path`` (``None``: not known); datasets whose download skips a folder
         that exists say to delete the folder instead."""
         removal = "Delete that file" if path is not None else "Delete the dataset's folder"
         return f"{removal} and fetch it again with --data.download true, or copy an intact one there."
 
-    def unreadable_data_error(self, path: Optional[Union[str, Path]], error: BaseException) -> CorruptDatasetError:
+    def unreadable_data_error(self, path: str | Path | None, error: BaseException) -> CorruptDatasetError:
         """The error for a file that is there but does not read; ``path`` is the file (``None``: not known)."""
         return CorruptDatasetError(unreadable_message(self.name, path, error, self.refetch_advice(path), self.data_dir))
 
@@ -309,8 +314,14 @@ class VisionDataModule(ClassificationDataModule):
     def archive_error(self, error: BaseException) -> CorruptDatasetError:
         """The error for a downloaded archive that does not extract, naming the archives found under ``data_dir``."""
         root = Path(self.data_dir)
-        found = sorted({str(path.resolve()) for pattern in ("*", "*/*", "*/*/*") for path in root.glob(pattern)
-                        if path.is_file() and path.name.lower().endswith(ARCHIVE_SUFFIXES)})
+        found = sorted(
+            {
+                str(path.resolve())
+                for pattern in ("*", "*/*", "*/*/*")
+                for path in root.glob(pattern)
+                if path.is_file() and path.name.lower().endswith(ARCHIVE_SUFFIXES)
+            }
+        )
         named = f"one of {found}" if len(found) > 1 else (repr(found[0]) if found else "the downloaded archive")
         cause = str(error).strip().splitlines()[0] if str(error).strip() else ""
         return CorruptDatasetError(
@@ -319,7 +330,7 @@ class VisionDataModule(ClassificationDataModule):
             f"again with --data.download true to fetch it anew."
         )
 
-    def unreadable_file(self, train: bool, error: BaseException) -> Optional[Path]:
+    def unreadable_file(self, train: bool, error: BaseException) -> Path | None:
         """Which file made :meth:`load_dataset` fail with ``error`` (``None``: not known); subclasses narrow it down."""
         filename = getattr(error, "filename", None)
         return Path(filename) if isinstance(filename, (str, os.PathLike)) and os.path.isfile(filename) else None
@@ -358,11 +369,11 @@ class VisionDataModule(ClassificationDataModule):
             ) from error
 
     @override
-    def setup(self, stage: Optional[str] = None) -> None:
+    def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit", "validate") and self.train_set is None:
             train_view = self.load_checked(train=True, transform=self.transform(train=True))
             eval_view = self.load_checked(train=True, transform=self.transform(train=False))
-            train_idx, val_idx = seeded_split(len(train_view), self.val_size, self.seed)
+            train_idx, val_idx = seeded_split(len(cast(Sized, train_view)), self.val_size, self.seed)
             self.train_set, self.val_set = Subset(train_view, train_idx), Subset(eval_view, val_idx)
         if stage in (None, "test", "predict") and self.test_set is None:
             self.test_set = self.load_checked(train=False, transform=self.transform(train=False))

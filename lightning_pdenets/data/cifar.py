@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 import pickle
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any
 
 from torch.utils.data import Dataset
 from torchvision import datasets
@@ -16,14 +17,14 @@ from lightning_pdenets.data.base import VisionDataModule
 __all__ = ["CIFAR10DataModule", "CIFAR100DataModule"]
 
 
-def _without_md5(dataset_class: type) -> type:
+def _without_md5(dataset_class: type) -> Any:
     """torchvision's CIFAR loader, checking that the batch files exist instead of their MD5.
 
     The actionable missing-data error is raised before loading, and the MD5 gate would reject
     files in the official pickle format that are not the official bytes (as in the tests).
     """
 
-    class Loader(dataset_class):  # type: ignore[misc, valid-type]
+    class Loader(dataset_class):
         def _check_integrity(self) -> bool:
             folder = os.path.join(self.root, self.base_folder)
             return all(os.path.isfile(os.path.join(folder, name)) for name, _ in self.train_list + self.test_list)
@@ -51,8 +52,8 @@ class CIFAR10DataModule(VisionDataModule):
     num_classes = 10
     in_channels = 3
     image_size = (32, 32)
-    channel_mean = (0.4914, 0.4822, 0.4465)
-    channel_std = (0.2470, 0.2435, 0.2616)
+    channel_mean: tuple[float, ...] = (0.4914, 0.4822, 0.4465)
+    channel_std: tuple[float, ...] = (0.2470, 0.2435, 0.2616)
     torchvision_class = datasets.CIFAR10
 
     def download(self) -> None:
@@ -72,10 +73,12 @@ class CIFAR10DataModule(VisionDataModule):
             raise self.missing_data_error(f" (incomplete {loader.base_folder}/: no {', '.join(missing)})")
         return loader(self.data_dir, train=train, transform=transform, download=False)
 
-    def unreadable_file(self, train: bool, error: BaseException) -> Optional[Path]:
+    def unreadable_file(self, train: bool, error: BaseException) -> Path | None:
         loader = self.torchvision_class
         folder = Path(self.data_dir) / loader.base_folder
-        for name in [name for name, _ in (loader.train_list if train else loader.test_list)] + [loader.meta["filename"]]:
+        for name in [name for name, _ in (loader.train_list if train else loader.test_list)] + [
+            loader.meta["filename"]
+        ]:
             try:
                 with open(folder / name, "rb") as handle:
                     pickle.load(handle, encoding="latin1")
@@ -89,6 +92,6 @@ class CIFAR100DataModule(CIFAR10DataModule):
 
     name = "CIFAR-100"
     num_classes = 100
-    channel_mean = (0.5071, 0.4865, 0.4409)
-    channel_std = (0.2673, 0.2564, 0.2762)
+    channel_mean: tuple[float, ...] = (0.5071, 0.4865, 0.4409)
+    channel_std: tuple[float, ...] = (0.2673, 0.2564, 0.2762)
     torchvision_class = datasets.CIFAR100

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import cast
 
 import numpy as np
 import torch
+from lightning.pytorch.utilities.parsing import AttributeDict
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch.utils.data import TensorDataset
+from typing_extensions import override
 
 from lightning_pdenets.data.base import ClassificationDataModule
-from typing_extensions import override
 
 __all__ = ["DigitsDataModule"]
 
@@ -45,7 +46,7 @@ class DigitsDataModule(ClassificationDataModule):
         seed: int = 42,
         normalize: bool = True,
         num_workers: int = 0,
-        global_batch_size: Optional[int] = None,
+        global_batch_size: int | None = None,
     ) -> None:
         super().__init__(batch_size, num_workers, seed, global_batch_size)
         for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
@@ -58,13 +59,13 @@ class DigitsDataModule(ClassificationDataModule):
         self.splits: dict[str, TensorDataset] = {}
 
     @override
-    def setup(self, stage: Optional[str] = None) -> None:
+    def setup(self, stage: str | None = None) -> None:
         if self.splits:
             return
         digits = load_digits()
         images = digits.images.astype(np.float32)[:, None] / 16.0
         labels = digits.target.astype(np.int64)
-        hp = self.hparams
+        hp = cast(AttributeDict, self.hparams)  # save_hyperparameters() makes an AttributeDict
         rest_x, test_x, rest_y, test_y = train_test_split(
             images, labels, test_size=hp.test_fraction, stratify=labels, random_state=hp.seed
         )

@@ -17,7 +17,8 @@ add a dependency for the ~30 lines below.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator, Optional
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch.distributed as dist
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
@@ -47,13 +48,13 @@ class ResumableSampler(DistributedSampler):
 class ResumableDataLoader(DataLoader):
     """A DataLoader over a :class:`ResumableSampler` whose epoch position is checkpointed."""
 
-    def __init__(self, *args: Any, completed_batches: Optional[Callable[[], int]] = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, completed_batches: Callable[[], int] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.completed_batches = completed_batches
         self.batches_consumed = 0
         self._resuming = False
 
-    def __iter__(self) -> Iterator[Any]:
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]  # a generator: skips a resumed epoch's batches
         skip = 0
         if self._resuming and self.completed_batches is not None:
             skip = self.completed_batches()
@@ -75,7 +76,7 @@ class ResumableDataLoader(DataLoader):
             self.sampler.set_epoch(int(state.get("epoch", 0)))
 
 
-def check_global_batch_size(global_batch_size: Optional[int], world_size: int) -> Optional[int]:
+def check_global_batch_size(global_batch_size: int | None, world_size: int) -> int | None:
     """Per-process batch size for ``global_batch_size`` split over ``world_size`` processes."""
     if global_batch_size is None:
         return None
@@ -94,16 +95,16 @@ def make_loader(
     train: bool,
     seed: int,
     num_workers: int = 0,
-    completed_batches: Optional[Callable[[], int]] = None,
+    completed_batches: Callable[[], int] | None = None,
 ) -> DataLoader:
     """Training loader (shuffled, resumable) or evaluation loader (ordered, never duplicating samples).
 
     ``completed_batches`` returns how many batches of the current epoch the trainer has finished
     (read only when resuming).
     """
-    common = dict(batch_size=batch_size, num_workers=num_workers, persistent_workers=num_workers > 0)
+    common: dict[str, Any] = dict(batch_size=batch_size, num_workers=num_workers, persistent_workers=num_workers > 0)
     if train:
         sampler = ResumableSampler(dataset, shuffle=True, seed=seed)
         return ResumableDataLoader(dataset, sampler=sampler, completed_batches=completed_batches, **common)
-    sampler = UnrepeatedDistributedSampler(dataset, shuffle=False) if _distributed() else None
-    return DataLoader(dataset, sampler=sampler, shuffle=False, **common)
+    eval_sampler = UnrepeatedDistributedSampler(dataset, shuffle=False) if _distributed() else None
+    return DataLoader(dataset, sampler=eval_sampler, shuffle=False, **common)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 from torch.utils.data import Dataset
 from torchvision import datasets
-from torchvision.datasets.mnist import read_image_file, read_label_file
 from torchvision import transforms as T
+from torchvision.datasets.mnist import read_image_file, read_label_file
 
 from lightning_pdenets.data.base import VisionDataModule
 
@@ -45,7 +45,7 @@ class MNISTDataModule(VisionDataModule):
             raise self.missing_data_error(f" (expected MNIST/raw/ with {', '.join(missing)})")
         return datasets.MNIST(self.data_dir, train=train, transform=transform, download=False)
 
-    def unreadable_file(self, train: bool, error: BaseException) -> Optional[Path]:
+    def unreadable_file(self, train: bool, error: BaseException) -> Path | None:
         for path in self.raw_files(train):
             try:
                 (read_image_file if "images" in path.name else read_label_file)(str(path))

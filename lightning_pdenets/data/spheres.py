@@ -8,16 +8,14 @@ separate these classes exactly; a coarse solver can, by letting trajectories cro
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch.utils.data import TensorDataset
+from typing_extensions import override
 
 from lightning_pdenets.data.base import ClassificationDataModule
 from lightning_pdenets.validation import check_positive_int
-from typing_extensions import override
 
-__all__ = ["ConcentricSpheresDataModule", "SPHERES_VARIANTS", "sample_spheres"]
+__all__ = ["SPHERES_VARIANTS", "ConcentricSpheresDataModule", "sample_spheres"]
 
 SPHERES_VARIANTS: dict[str, dict] = {
     # Dupont et al. 2019: class 0 in the ball r in [0, 0.5] (500 points), class 1 in r in [1, 1.5] (1,500 points).
@@ -40,7 +38,7 @@ def _shell_counts(total: int, fractions: tuple[float, ...]) -> list[int]:
 
 
 def sample_spheres(
-    num_points: int, dim: int, variant: str = "ott", generator: Optional[torch.Generator] = None
+    num_points: int, dim: int, variant: str = "ott", generator: torch.Generator | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample ``num_points`` labelled points of ``variant`` in R^dim.
 
@@ -88,9 +86,9 @@ class ConcentricSpheresDataModule(ClassificationDataModule):
         self,
         dim: int = 2,
         variant: str = "ott",
-        num_train: Optional[int] = None,
-        num_val: Optional[int] = None,
-        num_test: Optional[int] = None,
+        num_train: int | None = None,
+        num_val: int | None = None,
+        num_test: int | None = None,
         batch_size: int = 128,
         seed: int = 42,
         num_workers: int = 0,
@@ -114,9 +112,11 @@ class ConcentricSpheresDataModule(ClassificationDataModule):
         self.splits: dict[str, TensorDataset] = {}
 
     @override
-    def setup(self, stage: Optional[str] = None) -> None:
+    def setup(self, stage: str | None = None) -> None:
         for offset, split in enumerate(("train", "val", "test")):
             if split not in self.splits:
                 generator = torch.Generator().manual_seed(self.seed + offset)
-                self.splits[split] = TensorDataset(*sample_spheres(self.sizes[split], self.dim, self.variant, generator))
+                self.splits[split] = TensorDataset(
+                    *sample_spheres(self.sizes[split], self.dim, self.variant, generator)
+                )
         self.train_set, self.val_set, self.test_set = self.splits["train"], self.splits["val"], self.splits["test"]

@@ -8,17 +8,18 @@ Partial Differential Equations" (accuracy against the amount of training data, 1
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset
 from torchvision import datasets
 from torchvision import transforms as T
+from typing_extensions import override
 
 from lightning_pdenets.data.base import VisionDataModule, split_sizes
-from typing_extensions import override
 
 __all__ = ["STL10DataModule", "stratified_split"]
 
@@ -38,7 +39,7 @@ class _LabeledSTL10(datasets.STL10):
 
 
 def stratified_split(
-    labels: np.ndarray, val_size: Union[int, float], train_fraction: float, seed: int
+    labels: np.ndarray, val_size: int | float, train_fraction: float, seed: int
 ) -> tuple[list[int], list[int]]:
     """Seeded, per-class train/val split, then keep ``train_fraction`` of each class's training part.
 
@@ -54,10 +55,10 @@ def stratified_split(
     for label in np.unique(labels):
         members = np.flatnonzero(labels == label)
         members = members[torch.randperm(len(members), generator=generator).numpy()]
-        n_class_val = int(round(len(members) * n_val / total))
+        n_class_val = round(len(members) * n_val / total)
         rest = members[n_class_val:]
         val_idx.extend(members[:n_class_val].tolist())
-        train_idx.extend(rest[: max(1, int(round(train_fraction * len(rest))))].tolist())
+        train_idx.extend(rest[: max(1, round(train_fraction * len(rest)))].tolist())
     if not val_idx:
         raise ValueError(f"`val_size`={val_size!r} leaves no validation sample per class; increase it.")
     return sorted(train_idx), sorted(val_idx)
@@ -84,7 +85,11 @@ class STL10DataModule(VisionDataModule):
     channel_std = (0.2603, 0.2566, 0.2713)
 
     def __init__(self, train_fraction: float = 1.0, **kwargs: Any) -> None:
-        if isinstance(train_fraction, bool) or not isinstance(train_fraction, (int, float)) or not 0 < train_fraction <= 1:
+        if (
+            isinstance(train_fraction, bool)
+            or not isinstance(train_fraction, (int, float))
+            or not 0 < train_fraction <= 1
+        ):
             raise ValueError(f"`train_fraction` must be in (0, 1] (e.g. 0.1 for 10 %), got {train_fraction!r}.")
         super().__init__(**kwargs)
         self.train_fraction = float(train_fraction)
@@ -102,17 +107,17 @@ class STL10DataModule(VisionDataModule):
             raise self.missing_data_error(f" (expected {_LabeledSTL10.base_folder}/ with {', '.join(missing)})")
         return _LabeledSTL10(self.data_dir, split="train" if train else "test", transform=transform, download=False)
 
-    def unreadable_file(self, train: bool, error: BaseException) -> Optional[Path]:
+    def unreadable_file(self, train: bool, error: BaseException) -> Path | None:
         folder = Path(self.data_dir) / _LabeledSTL10.base_folder
         images, labels = (folder / f"{'train' if train else 'test'}_{part}.bin" for part in ("X", "y"))
         return images if images.stat().st_size % (3 * 96 * 96) else labels  # whole 96x96x3 images, or the labels
 
     @override
-    def setup(self, stage: Optional[str] = None) -> None:
+    def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit", "validate") and self.train_set is None:
             train_view = self.load_checked(train=True, transform=self.transform(train=True))
             eval_view = self.load_checked(train=True, transform=self.transform(train=False))
-            labels = np.asarray(train_view.labels)
+            labels = np.asarray(train_view.labels)  # type: ignore[attr-defined]  # torchvision's STL10
             train_idx, val_idx = stratified_split(labels, self.val_size, self.train_fraction, self.seed)
             self.train_set, self.val_set = Subset(train_view, train_idx), Subset(eval_view, val_idx)
         super().setup(stage)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 from torch.utils.data import Dataset
 from torchvision import datasets
@@ -41,7 +41,7 @@ class SVHNDataModule(VisionDataModule):
         # the path check above already gives the actionable error, so load the .mat directly.
         return _SVHNMat(self.data_dir, split=split, transform=transform)
 
-    def unreadable_file(self, train: bool, error: BaseException) -> Optional[Path]:
+    def unreadable_file(self, train: bool, error: BaseException) -> Path | None:
         return Path(self.data_dir) / f"{'train' if train else 'test'}_32x32.mat"
 
 

@@ -7,8 +7,9 @@ the test set (the official test images have no labels), as in Kim et al.'s PR-Ne
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any
 
 from torch.utils.data import Dataset
 from torchvision import datasets
@@ -101,11 +102,13 @@ class TinyImageNetDataModule(VisionDataModule):
     def augmentations(self) -> list[Callable]:
         return [T.RandomCrop(64, padding=4), T.RandomHorizontalFlip()]
 
-    def refetch_advice(self, path: Optional[Union[str, Path]]) -> str:
+    def refetch_advice(self, path: str | Path | None) -> str:
         # download() skips a dataset whose wnids.txt exists, so a single file is not fetched again
-        return (f"Delete the folder {os.path.abspath(self.root)!r} and run with --data.download true to extract "
-                f"{os.path.basename(ARCHIVE_URL)} again (an intact copy of it in {os.path.abspath(self.data_dir)!r} "
-                f"is reused, else it is downloaded), or copy an intact file there.")
+        return (
+            f"Delete the folder {os.path.abspath(self.root)!r} and run with --data.download true to extract "
+            f"{os.path.basename(ARCHIVE_URL)} again (an intact copy of it in {os.path.abspath(self.data_dir)!r} "
+            f"is reused, else it is downloaded), or copy an intact file there."
+        )
 
     def load_dataset(self, train: bool, transform: Callable) -> Dataset:
         required = ["wnids.txt", "train" if train else os.path.join("val", "val_annotations.txt")]

@@ -53,12 +53,12 @@ class _ResizedTransfer:
         resize: Side of the square images the source model takes (64 for Tiny ImageNet).
     """
 
-    channel_mean = TinyImageNetDataModule.channel_mean
-    channel_std = TinyImageNetDataModule.channel_std
+    channel_mean: tuple[float, ...] = TinyImageNetDataModule.channel_mean
+    channel_std: tuple[float, ...] = TinyImageNetDataModule.channel_std
 
     def __init__(self, resize: int = 64, **kwargs: Any) -> None:
         check_positive_int(resize, "resize")
-        super().__init__(**kwargs)  # type: ignore[call-arg]
+        super().__init__(**kwargs)
         self.resize = resize
         self.image_size = (resize, resize)
 
@@ -91,8 +91,10 @@ class _TorchvisionTransfer(_ResizedTransfer, VisionDataModule):
 
     def refetch_advice(self, path: str | Path | None) -> str:
         # torchvision's download returns early while the dataset's folder exists, so a single file is not fetched
-        return (f"Delete the folder {os.path.abspath(self.dataset_folder)!r} and run with --data.download true to "
-                f"extract the dataset again (its downloaded archive is reused), or copy an intact file there.")
+        return (
+            f"Delete the folder {os.path.abspath(self.dataset_folder)!r} and run with --data.download true to "
+            f"extract the dataset again (its downloaded archive is reused), or copy an intact file there."
+        )
 
     def metadata_files(self, train: bool) -> list[Path]:
         """The annotation files torchvision reads for the split (in the order it reads them)."""
@@ -285,8 +287,10 @@ class StanfordCarsDataModule(_TorchvisionTransfer):
         )
 
     def refetch_advice(self, path: str | Path | None) -> str:
-        return ("Replace it with an intact copy from where you fetched the dataset (there is no download), e.g. "
-                "the Kaggle mirror.")
+        return (
+            "Replace it with an intact copy from where you fetched the dataset (there is no download), e.g. "
+            "the Kaggle mirror."
+        )
 
     def metadata_files(self, train: bool) -> list[Path]:
         base = Path(self.dataset_folder)

@@ -15,7 +15,11 @@ from torch import nn
 __all__ = ["ACTIVATIONS", "check_activation"]
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
-    "relu": nn.ReLU, "tanh": nn.Tanh, "softplus": nn.Softplus, "elu": nn.ELU, "silu": nn.SiLU,
+    "relu": nn.ReLU,
+    "tanh": nn.Tanh,
+    "softplus": nn.Softplus,
+    "elu": nn.ELU,
+    "silu": nn.SiLU,
 }
 """Activation names accepted by the vector fields of :mod:`lightning_pdenets.dynamics`."""
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
-from torchmetrics import MetricCollection
+from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 if TYPE_CHECKING:
@@ -16,7 +16,10 @@ __all__ = ["accuracy_metrics", "compute_on_every_rank"]
 
 
 def accuracy_metrics(
-    num_classes: int, prefix: str = "", key: str = "top{k}", device: Optional[torch.device] = None,
+    num_classes: int,
+    prefix: str = "",
+    key: str = "top{k}",
+    device: torch.device | None = None,
 ) -> MetricCollection:
     """Micro top-1 accuracy and, with more than 5 classes, top-5 accuracy, as one collection.
 
@@ -28,7 +31,9 @@ def accuracy_metrics(
         device: Where to put the metrics' states (``None``: left where they are created, e.g. for a
             LightningModule's attribute, which Lightning moves).
     """
-    metrics = {key.format(k=1): MulticlassAccuracy(num_classes, top_k=1, average="micro")}
+    metrics: dict[str, Metric | MetricCollection] = {
+        key.format(k=1): MulticlassAccuracy(num_classes, top_k=1, average="micro")
+    }
     if num_classes > 5:
         metrics[key.format(k=5)] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
     collection = MetricCollection(metrics, prefix=prefix or None)
@@ -36,7 +41,9 @@ def accuracy_metrics(
 
 
 def compute_on_every_rank(
-    trainer: Optional["pl.Trainer"], metrics: dict[str, MetricCollection], device: torch.device,
+    trainer: pl.Trainer | None,
+    metrics: dict[str, MetricCollection],
+    device: torch.device,
 ) -> dict[str, dict[str, float]]:
     """Compute the accuracy collections of ``metrics`` with the same collectives, in the same order, on every rank.
 
@@ -55,9 +62,11 @@ def compute_on_every_rank(
         ``{key: {"top1": ..., "top5": ...}}`` for every key some rank updated, the same on every rank
         (empty when no rank updated any).
     """
-    local = (next((int(c["top1"].num_classes) for c in metrics.values()), 0),
-             sorted(key for key, collection in metrics.items() if collection["top1"].update_called))
-    gathered = [local]
+    local = (
+        next((int(cast(Any, c["top1"]).num_classes) for c in metrics.values()), 0),
+        sorted(key for key, collection in metrics.items() if collection["top1"].update_called),
+    )
+    gathered: list[Any] = [local]
     if trainer is not None and trainer.world_size > 1 and torch.distributed.is_initialized():
         gathered = [None] * torch.distributed.get_world_size()
         torch.distributed.all_gather_object(gathered, local)  # on every rank, whatever it holds

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping
-from typing import Any, Optional
+from typing import Any, Literal, overload
 
 import torch
 from torch import nn
@@ -86,7 +86,15 @@ def evaluation_pass(module: nn.Module, input_gradients: bool = False) -> Iterato
         yield
 
 
-def split_batch(batch: Any, owner: str = "this callback", need_targets: bool = True) -> tuple[Any, Optional[torch.Tensor]]:
+@overload
+def split_batch(batch: Any, owner: str = ..., need_targets: Literal[True] = ...) -> tuple[Any, torch.Tensor]: ...
+
+
+@overload
+def split_batch(batch: Any, owner: str = ..., *, need_targets: bool) -> tuple[Any, torch.Tensor | None]: ...
+
+
+def split_batch(batch: Any, owner: str = "this callback", need_targets: bool = True) -> tuple[Any, torch.Tensor | None]:
     """``(inputs, targets)`` of a batch ``(inputs, targets, ...)``, ``{"inputs": ..., "targets": ...}`` or bare inputs.
 
     Args:

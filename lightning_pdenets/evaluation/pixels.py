@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Callable, Optional
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -14,11 +14,11 @@ if TYPE_CHECKING:
 __all__ = ["PixelSpace", "check_channel_stats", "normalization_of"]
 
 
-def check_channel_stats(mean: Optional[Sequence[float]], std: Optional[Sequence[float]]) -> None:
+def check_channel_stats(mean: Sequence[float] | None, std: Sequence[float] | None) -> None:
     """Raise ``ValueError`` unless ``mean`` and ``std`` are both ``None`` or per-channel lists with ``std > 0``."""
     if (mean is None) != (std is None):
         raise ValueError(f"give both `mean` and `std` or neither, got mean={mean!r}, std={std!r}.")
-    if mean is None:
+    if mean is None or std is None:
         return
     if len(mean) != len(std) or len(mean) == 0:
         raise ValueError(f"`mean` and `std` need one value per channel each, got mean={mean!r}, std={std!r}.")
@@ -27,8 +27,8 @@ def check_channel_stats(mean: Optional[Sequence[float]], std: Optional[Sequence[
 
 
 def normalization_of(
-    trainer: Optional["pl.Trainer"], mean: Optional[Sequence[float]], std: Optional[Sequence[float]]
-) -> Optional[tuple[tuple[float, ...], tuple[float, ...]]]:
+    trainer: pl.Trainer | None, mean: Sequence[float] | None, std: Sequence[float] | None
+) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
     """The per-channel (mean, std) the inputs were standardized with, or ``None`` for raw [0, 1] pixels.
 
     Explicit ``mean``/``std`` win; otherwise ``trainer.datamodule.mean`` / ``.std`` are used when the
@@ -50,23 +50,33 @@ class PixelSpace(nn.Module):
     copies or re-registers its parameters.
     """
 
+    model: Callable[[torch.Tensor], torch.Tensor]
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(
         self,
         model: Callable[[torch.Tensor], torch.Tensor],
         mean: Sequence[float],
         std: Sequence[float],
-        device: Optional[torch.device] = None,
+        device: torch.device | None = None,
     ) -> None:
         super().__init__()
         self.__dict__["model"] = model
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer(
+            "mean", torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1), persistent=False
+        )
+        self.register_buffer(
+            "std", torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1), persistent=False
+        )
 
     @classmethod
     def for_batch(
-        cls, model: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor,
-        stats: Optional[tuple[Sequence[float], Sequence[float]]],
-    ) -> "PixelSpace":
+        cls,
+        model: Callable[[torch.Tensor], torch.Tensor],
+        inputs: torch.Tensor,
+        stats: tuple[Sequence[float], Sequence[float]] | None,
+    ) -> PixelSpace:
         """The pixel-space view of ``model`` for ``inputs`` normalized with ``stats`` (``None``: raw pixels)."""
         channels = inputs.shape[1]
         mean, std = stats if stats is not None else ((0.0,) * channels, (1.0,) * channels)

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -17,7 +17,7 @@ from torch import nn
 from lightning_pdenets.errors import SolverFailedError, is_solver_failure
 from lightning_pdenets.evaluation.passes import split_batch
 from lightning_pdenets.interruption import raise_if_stop_requested
-from lightning_pdenets.protocols import find_ode_blocks
+from lightning_pdenets.protocols import ODEModule, find_ode_blocks
 from lightning_pdenets.solvers import fixed_step_count
 
 if TYPE_CHECKING:
@@ -34,10 +34,10 @@ __all__ = [
 ]
 
 SOLVER_FAILURES = (SolverFailedError, AssertionError, RuntimeError)
-"""Exception types a solver failure can take (torchdiffeq asserts on "underflow in dt"); see :func:`is_solver_failure`."""
+"""Exception types a solver failure can take (torchdiffeq asserts on "underflow in dt"); :func:`is_solver_failure`."""
 
 
-def require_ode_blocks(module: nn.Module, owner: str) -> list[nn.Module]:
+def require_ode_blocks(module: nn.Module, owner: str) -> list[ODEModule]:
     """The ODE blocks of ``module``, or a ``ValueError`` explaining the protocol when there are none."""
     blocks = find_ode_blocks(module)
     if not blocks:
@@ -57,8 +57,9 @@ def _with_room_for_steps(settings: Mapping[str, Any], changes: dict[str, Any]) -
     return changes
 
 
-def configure_blocks(blocks: Sequence[nn.Module], method: str, step_size: Optional[float] = None,
-                     tol: Optional[float] = None) -> None:
+def configure_blocks(
+    blocks: Sequence[ODEModule], method: str, step_size: float | None = None, tol: float | None = None
+) -> None:
     """Set ``method`` and its step size (fixed-step) or rtol = atol = ``tol`` (adaptive) on every block.
 
     ``max_num_steps`` is raised where a fixed step needs more steps than the block allows.
@@ -73,9 +74,10 @@ def configure_blocks(blocks: Sequence[nn.Module], method: str, step_size: Option
 
 
 @contextlib.contextmanager
-def restored_solvers(blocks: Sequence[nn.Module],
-                     keys: Sequence[str] = ("method", "step_size", "rtol", "atol", "max_num_steps")) -> Iterator[None]:
-    """Restore the settings ``keys`` of every block afterwards (by default method, step size, tolerances, step bound)."""
+def restored_solvers(
+    blocks: Sequence[ODEModule], keys: Sequence[str] = ("method", "step_size", "rtol", "atol", "max_num_steps")
+) -> Iterator[None]:
+    """Restore the settings ``keys`` of every block afterwards (default: method, step size, tolerances, step bound)."""
     saved = [{k: block.solver_settings()[k] for k in keys} for block in blocks]
     try:
         yield
@@ -85,14 +87,14 @@ def restored_solvers(blocks: Sequence[nn.Module],
 
 
 @contextlib.contextmanager
-def configured_solvers(blocks: Sequence[nn.Module], **changes: Any) -> Iterator[None]:
+def configured_solvers(blocks: Sequence[ODEModule], **changes: Any) -> Iterator[None]:
     """Apply ``changes`` (:class:`~lightning_pdenets.solvers.SolverConfig` fields) to every block, then restore exactly.
 
     A fixed ``step_size`` raises ``max_num_steps`` where needed. Every setting changed is put back as
     ``solver_settings()`` reported it before, also when the block rejects the changes (``ValueError``).
     """
     originals = [block.solver_settings() for block in blocks]
-    applied: list[tuple[nn.Module, dict[str, Any]]] = []
+    applied: list[tuple[ODEModule, dict[str, Any]]] = []
     try:
         for block, settings in zip(blocks, originals):
             block_changes = _with_room_for_steps(settings, dict(changes))
@@ -105,7 +107,10 @@ def configured_solvers(blocks: Sequence[nn.Module], **changes: Any) -> Iterator[
 
 
 def evaluate_batches(
-    trainer: "pl.Trainer", pl_module: nn.Module, blocks: Sequence[nn.Module], batches: Iterator[Any],
+    trainer: pl.Trainer,
+    pl_module: pl.LightningModule,
+    blocks: Sequence[ODEModule],
+    batches: Iterator[Any],
     owner: str = "a solver check",
 ) -> tuple[float, float, bool]:
     """Accuracy and mean forward NFE per batch over ``batches``, all-reduced over ranks.
@@ -132,19 +137,24 @@ def evaluate_batches(
         correct += float((logits.argmax(dim=-1) == targets).sum())
         total += targets.numel()
         num_batches += 1
-    stats = torch.tensor([correct, total, nfe, float(num_batches), float(failed)], dtype=torch.float64,
-                         device=pl_module.device)
+    stats = torch.tensor(
+        [correct, total, nfe, float(num_batches), float(failed)], dtype=torch.float64, device=pl_module.device
+    )
     stats = trainer.strategy.reduce(stats, reduce_op="sum")
-    correct, total, nfe, num_batches, failures = (float(v) for v in stats)
+    correct, total, nfe, batches_done, failures = (float(v) for v in stats)
     if failures > 0 or total == 0:
-        return math.nan, nfe / max(num_batches, 1), True
-    return correct / total, nfe / num_batches, False
+        return math.nan, nfe / max(batches_done, 1), True
+    return correct / total, nfe / batches_done, False
 
 
-def _solver_text(blocks: Sequence[nn.Module]) -> str:
+def _solver_text(blocks: Sequence[ODEModule]) -> str:
     settings = blocks[0].solver_settings() if blocks else {}
     method = settings.get("method", "?")
-    detail = f"step {settings['step_size']:g}" if settings.get("step_size") else f"tol {settings.get('rtol', float('nan')):g}"
+    detail = (
+        f"step {settings['step_size']:g}"
+        if settings.get("step_size")
+        else f"tol {settings.get('rtol', float('nan')):g}"
+    )
     return f"{method}, {detail}"
 
 

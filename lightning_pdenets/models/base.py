@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, ClassVar, Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import lightning.pytorch as pl
 import torch
@@ -13,7 +14,19 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 from torchmetrics import Metric, MetricCollection
 
+if TYPE_CHECKING:
+    from lightning.pytorch.utilities.parsing import AttributeDict
+from typing_extensions import override
+
+import lightning_pdenets
 from lightning_pdenets._compat.torchmetrics import mark_updated
+from lightning_pdenets.architectures.registry import (
+    DATA_FACTS,
+    NetworkOptions,
+    architecture_parameters,
+    create_architecture,
+    resolve_network_arguments,
+)
 from lightning_pdenets.blocks.ode import explain_solver_failure
 from lightning_pdenets.errors import (
     ModelFailure,
@@ -23,6 +36,9 @@ from lightning_pdenets.errors import (
     is_peer_crash,
     is_solver_failure,
 )
+from lightning_pdenets.evaluation import accuracy_metrics
+from lightning_pdenets.metric_logging import log_replicated, step_values_are_read
+from lightning_pdenets.migration import VERSION_KEY, check_layout
 from lightning_pdenets.models.optim import (
     base_learning_rates,
     build_optimizer,
@@ -30,24 +46,14 @@ from lightning_pdenets.models.optim import (
     check_optimization_settings,
     rescale_learning_rates,
 )
-import lightning_pdenets
-from lightning_pdenets.evaluation import accuracy_metrics
-from lightning_pdenets.metric_logging import log_replicated, step_values_are_read
-from lightning_pdenets.migration import VERSION_KEY, check_layout
 from lightning_pdenets.protocols import find_regularized_modules, pop_regularization
-from lightning_pdenets.architectures.registry import (
-    DATA_FACTS,
-    NetworkOptions,
-    architecture_parameters,
-    create_architecture,
-    resolve_network_arguments,
-)
-from typing_extensions import override
 
 __all__ = ["ClassifierModule"]
 
 ACCURACY_KEY = "acc_top{k}"
-"""The models' accuracy metrics: ``train/acc_top1``, ``val/acc_top5``, ... (:func:`~lightning_pdenets.evaluation.accuracy_metrics`)."""
+"""The models' accuracy metrics: ``train/acc_top1``, ``val/acc_top5``, ...
+
+(:func:`~lightning_pdenets.evaluation.accuracy_metrics`)."""
 
 
 TRAIN_EPOCH_STATE_KEY = "train_epoch_metrics"
@@ -79,13 +85,15 @@ class WeightedMean(Metric):
     """
 
     full_state_update = False
+    weighted_sum: torch.Tensor
+    total_weight: torch.Tensor
 
     def __init__(self) -> None:
         super().__init__()
         self.add_state("weighted_sum", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("total_weight", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
 
-    def update(self, value: Union[torch.Tensor, float], weight: float = 1.0) -> None:
+    def update(self, value: torch.Tensor | float, weight: float = 1.0) -> None:
         self.weighted_sum += torch.as_tensor(value, dtype=torch.float64, device=self.device).sum() * weight
         self.total_weight += weight
 
@@ -123,7 +131,12 @@ class ClassifierModule(pl.LightningModule):
     """
 
     network: nn.Module
-    architecture: ClassVar[Optional[str]] = None
+    architecture: ClassVar[str | None] = None
+    if TYPE_CHECKING:  # Lightning types it as a MutableMapping; save_hyperparameters() makes an AttributeDict
+
+        @property
+        def hparams(self) -> AttributeDict: ...
+
     """Name of the network in the architecture registry, built from ``network`` by :meth:`build_network`."""
     inference_chunk_size: int | None = None
     """Evaluate ``forward`` in chunks of this many samples in eval mode without autograd and with one intra-op
@@ -133,11 +146,11 @@ class ClassifierModule(pl.LightningModule):
 
     def __init__(
         self,
-        network: Optional[NetworkOptions] = None,
-        num_classes: Optional[int] = None,
-        in_channels: Optional[int] = None,
-        image_size: Optional[Union[int, Sequence[int]]] = None,
-        input_dim: Optional[int] = None,
+        network: NetworkOptions | None = None,
+        num_classes: int | None = None,
+        in_channels: int | None = None,
+        image_size: int | Sequence[int] | None = None,
+        input_dim: int | None = None,
         optimizer: str = "adam",
         lr: float = 1e-3,
         weight_decay: float = 0.0,
@@ -148,11 +161,16 @@ class ClassifierModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         check_optimization_settings(optimizer, lr, weight_decay, momentum, lr_scheduler, lr_milestones, lr_gamma)
-        # Lightning collects the arguments of every __init__ up the subclass chain, so subclasses need no call of their own.
+        # Lightning collects the arguments of every __init__ up the subclass chain: subclasses need no call of their own
         self.save_hyperparameters()
-        self.optimization = dict(
-            optimizer=optimizer, lr=lr, weight_decay=weight_decay, momentum=momentum,
-            lr_scheduler=lr_scheduler, lr_milestones=list(lr_milestones), lr_gamma=lr_gamma,
+        self.optimization: dict[str, Any] = dict(
+            optimizer=optimizer,
+            lr=lr,
+            weight_decay=weight_decay,
+            momentum=momentum,
+            lr_scheduler=lr_scheduler,
+            lr_milestones=list(lr_milestones),
+            lr_gamma=lr_gamma,
         )
         if self.architecture is not None:
             self.network = self.build_network()
@@ -160,18 +178,23 @@ class ClassifierModule(pl.LightningModule):
         self.train_metrics = accuracy_metrics(self.num_classes, "train/", ACCURACY_KEY)
         self.train_means = nn.ModuleDict()  # epoch means of training terms (log_train_term), created on first use
         self.eval_means = nn.ModuleDict()  # epoch means of validation/test terms (log_eval_term), likewise
-        self._pending_train_epoch_state: Optional[dict[str, Any]] = None
-        self._configured_learning_rates: Optional[list[list[float]]] = None
+        self._pending_train_epoch_state: dict[str, Any] | None = None
+        self._configured_learning_rates: list[list[float]] | None = None
         self.val_metrics = accuracy_metrics(self.num_classes, "val/", ACCURACY_KEY)
         self.test_metrics = accuracy_metrics(self.num_classes, "test/", ACCURACY_KEY)
-        self._regularized_modules: Optional[list[nn.Module]] = None  # found once per fit
-        self._start_loss: Optional[float] = None  # the first training loss of the run (kept in checkpoints)
+        self._regularized_modules: list[nn.Module] | None = None  # found once per fit
+        self._start_loss: float | None = None  # the first training loss of the run (kept in checkpoints)
 
     @override
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         chunk = self.inference_chunk_size
-        if (chunk is not None and x.shape[0] > chunk and not self.training and not torch.is_grad_enabled()
-                and torch.get_num_threads() == 1):
+        if (
+            chunk is not None
+            and x.shape[0] > chunk
+            and not self.training
+            and not torch.is_grad_enabled()
+            and torch.get_num_threads() == 1
+        ):
             return torch.cat([self.network(part) for part in x.split(chunk)])
         return self.network(x)
 
@@ -193,7 +216,7 @@ class ClassifierModule(pl.LightningModule):
         terms = self._pop_regularization() if stage == "train" else {}
         if stage == "train":
             # before any logging: sync_dist logging is itself a collective, which a failed rank never reaches
-            self.check_finite(loss=loss, **terms)
+            self.check_finite(None, loss=loss, **terms)
         metrics.update(logits.detach(), y)
         if stage == "train":
             self.log_train_term("train/loss", loss, prog_bar=True)  # training accuracy: on_train_epoch_end
@@ -212,7 +235,7 @@ class ClassifierModule(pl.LightningModule):
 
     # -- training metrics that survive a mid-epoch resume ---------------------------------------
     def log_train_term(self, name: str, value: torch.Tensor, prog_bar: bool = False) -> None:
-        """Log a training term as ``<name>_step`` (synced over ranks); its epoch mean ``<name>_epoch`` follows at epoch end.
+        """Log a training term as ``<name>_step`` (synced over ranks); its epoch mean ``<name>_epoch`` follows.
 
         ``<name>_step`` is logged on the steps whose values reach the loggers (``log_every_n_steps``) or, with
         ``prog_bar``, a progress bar; on the others Lightning would drop it (see
@@ -233,17 +256,19 @@ class ClassifierModule(pl.LightningModule):
 
         ``compute()`` syncs the states over DDP ranks, so every rank logs the same value.
         """
-        values = {f"{key}_epoch": mean.compute() for key, mean in self.train_means.items() if mean.update_called}
+        means = self._means("train_means")
+        values = {f"{key}_epoch": mean.compute() for key, mean in means.items() if mean.update_called}
         if any(metric.update_called for metric in self.train_metrics.values()):
             values.update(self.train_metrics.compute())
         if values:
             log_replicated(self, values)
-        for mean in self.train_means.values():
+        for mean in means.values():
             mean.reset()
         self.train_metrics.reset()
 
-    def log_eval_term(self, name: str, value: Union[torch.Tensor, float], weight: float = 1.0,
-                      prog_bar: bool = False) -> None:
+    def log_eval_term(
+        self, name: str, value: torch.Tensor | float, weight: float = 1.0, prog_bar: bool = False
+    ) -> None:
         """Log the epoch mean of a validation or test term, weighted by ``weight`` (e.g. the batch size).
 
         A torchmetrics metric syncs sums and weights over the ranks, so under DDP, where
@@ -254,27 +279,32 @@ class ClassifierModule(pl.LightningModule):
         """
         self._log_epoch_mean("eval_means", name, name.replace(".", "_"), value, weight, prog_bar)
 
+    def _means(self, store: str) -> dict[str, WeightedMean]:
+        """The :class:`WeightedMean` metrics of the ModuleDict ``store`` by key."""
+        return {key: cast(WeightedMean, mean) for key, mean in getattr(self, store).items()}
+
     def _epoch_mean(self, store: str, key: str) -> WeightedMean:
         """The :class:`WeightedMean` ``key`` of the ModuleDict ``store``, created on first use."""
         means: nn.ModuleDict = getattr(self, store)
         if key not in means:
             means[key] = WeightedMean().to(self.device)
-        return means[key]
+        return cast(WeightedMean, means[key])
 
-    def _log_epoch_mean(self, store: str, name: str, key: str, value: Union[torch.Tensor, float], weight: float,
-                        prog_bar: bool) -> None:
+    def _log_epoch_mean(
+        self, store: str, name: str, key: str, value: torch.Tensor | float, weight: float, prog_bar: bool
+    ) -> None:
         mean = self._epoch_mean(store, key)
         mean.update(torch.as_tensor(value, device=self.device).detach(), weight)
         # metric_attribute: Lightning indexes the module's metrics once, before these are created
         self.log(name, mean, on_step=False, on_epoch=True, prog_bar=prog_bar, metric_attribute=f"{store}.{key}")
 
     def _train_epoch_metrics(self) -> dict[str, Metric]:
-        means = {f"mean:{key}": metric for key, metric in self.train_means.items()}
+        means = {f"mean:{key}": metric for key, metric in self._means("train_means").items()}
         return {**means, **{f"accuracy:{key}": m for key, m in self.train_metrics.items(keep_base=True)}}
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Record the release, and store the training-epoch metric states summed over the ranks (every rank runs this)."""
+        """Record the release and store the training-epoch metric states summed over the ranks (on every rank)."""
         checkpoint[VERSION_KEY] = lightning_pdenets.__version__
         checkpoint[START_LOSS_KEY] = self._start_loss
         if self._trainer is None:
@@ -282,15 +312,19 @@ class ClassifierModule(pl.LightningModule):
         states = {}
         for name, metric in self._train_epoch_metrics().items():
             with metric.sync_context(should_sync=self.trainer.world_size > 1):
-                states[name] = {k: v.detach().clone() for k, v in metric.metric_state.items()}
+                # every state of these metrics is one tensor (no list states)
+                states[name] = {k: cast(torch.Tensor, v).detach().clone() for k, v in metric.metric_state.items()}
         checkpoint[TRAIN_EPOCH_STATE_KEY] = {"epoch": self.current_epoch, "states": states}
 
     @classmethod
-    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
-        """Lightning's ``load_from_checkpoint``, refusing a checkpoint of an earlier release with the upgrade command."""
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:
+        """Lightning's ``load_from_checkpoint``; refuses a checkpoint of an earlier release with the upgrade command."""
         if isinstance(checkpoint_path, (str, os.PathLike)) and os.path.isfile(checkpoint_path):
-            check_layout(torch.load(checkpoint_path, map_location="cpu", weights_only=True), checkpoint_path,
-                         model=f"{cls.__module__}.{cls.__qualname__}")
+            check_layout(
+                torch.load(checkpoint_path, map_location="cpu", weights_only=True),
+                checkpoint_path,
+                model=f"{cls.__module__}.{cls.__qualname__}",
+            )
         return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     @override
@@ -329,6 +363,7 @@ class ClassifierModule(pl.LightningModule):
             return  # the saved totals cover every rank: one rank takes them, the others start from zero
         for name, values in saved["states"].items():
             kind, key = name.split(":", 1)
+            metric: Metric
             if kind == "mean":
                 metric = self._epoch_mean("train_means", key)
             else:
@@ -364,23 +399,28 @@ class ClassifierModule(pl.LightningModule):
         the factory takes (``num_classes``, ``in_channels``, ``image_size``, ``input_dim``) are stored resolved.
         """
         if self.architecture is None:
-            raise TypeError(f"{type(self).__name__} sets no `architecture` (a name registered with @register_architecture).")
+            raise TypeError(
+                f"{type(self).__name__} sets no `architecture` (a name registered with @register_architecture)."
+            )
         supplied = self.network_arguments()
         network, facts = resolve_network_arguments(
-            self.architecture, self.hparams.get("network"), {name: self.hparams.get(name) for name in DATA_FACTS},
-            supplied=tuple(supplied), model=type(self).__name__,
+            self.architecture,
+            self.hparams.get("network"),
+            {name: self.hparams.get(name) for name in DATA_FACTS},
+            supplied=tuple(supplied),
+            model=type(self).__name__,
         )
         self.hparams["network"] = network
         self.hparams.update(facts)
         return create_architecture(self.architecture, **facts, **network, **supplied)
 
     def network_arguments(self) -> dict[str, Any]:
-        """Arguments of the architecture that the model supplies itself rather than ``network`` (e.g. a resolved solver)."""
+        """Arguments of the architecture that the model supplies itself, not ``network`` (e.g. a resolved solver)."""
         return {}
 
     def architecture_arguments(self) -> dict[str, Any]:
-        """Every argument the registered :attr:`architecture` was built with from the hyperparameters (``network`` and data facts)."""
-        names = architecture_parameters(self.architecture)
+        """Every argument the registered :attr:`architecture` was built with (``network`` and the data facts)."""
+        names = architecture_parameters(cast(str, self.architecture))  # called on built networks only
         facts = {name: self.hparams[name] for name in DATA_FACTS if name in names}
         return {**facts, **self.hparams["network"]}
 
@@ -415,7 +455,7 @@ class ClassifierModule(pl.LightningModule):
                 ) from error
             raise
 
-    def check_finite(self, failure: Optional[ModelFailure] = None, **terms: torch.Tensor) -> None:
+    def check_finite(self, failure: ModelFailure | None = None, **terms: torch.Tensor) -> None:
         """Stop training on every rank when a term is NaN/Inf or ``failure`` happened on any rank.
 
         One collective decision per step (``reduce_boolean_decision``), so under DDP a failure on
@@ -448,12 +488,14 @@ class ClassifierModule(pl.LightningModule):
             all_ok = self.trainer.strategy.reduce_boolean_decision(all_ok, all=True)
         return bad, all_ok
 
-    def _kept_checkpoint(self) -> Optional[str]:
+    def _kept_checkpoint(self) -> str | None:
         """The newest checkpoint of this run on disk (written, or resumed from), or ``None``."""
         if self._trainer is None:
             return None
-        paths = [getattr(c, "last_model_path", "") or getattr(c, "best_model_path", "")
-                 for c in self.trainer.checkpoint_callbacks] + [self.trainer.ckpt_path or ""]
+        paths = [
+            getattr(c, "last_model_path", "") or getattr(c, "best_model_path", "")
+            for c in self.trainer.checkpoint_callbacks
+        ] + [self.trainer.ckpt_path or ""]
         existing = [path for path in map(str, paths) if path and os.path.isfile(path)]
         return max(existing, key=os.path.getmtime) if existing else None
 
@@ -464,15 +506,19 @@ class ClassifierModule(pl.LightningModule):
     def _non_finite_advice(self) -> str:
         lower_lr = f"--model.init_args.lr {self.optimization['lr'] / 10:g}"
         if self._kept_checkpoint() is None:
-            return (f"No checkpoint was written yet, so start afresh: run the same command with a lower learning rate "
-                    f"({lower_lr}), or with --trainer.gradient_clip_val 1.0, a smaller step_size or tighter rtol/atol.")
-        return (f"{self._kept_checkpoint_note()} Continue from it with a lower learning rate: run the same command with "
-                f"--ckpt_path last {lower_lr} (a learning rate given for the resumed run replaces the checkpoint's in "
-                f"its optimizers and schedules), optionally with --trainer.gradient_clip_val 1.0. A smaller step_size "
-                f"or tighter rtol/atol needs a fresh run: the checkpoint restores its solver settings.")
+            return (
+                f"No checkpoint was written yet, so start afresh: run the same command with a lower learning rate "
+                f"({lower_lr}), or with --trainer.gradient_clip_val 1.0, a smaller step_size or tighter rtol/atol."
+            )
+        return (
+            f"{self._kept_checkpoint_note()} Continue from it with a lower learning rate: run the same command with "
+            f"--ckpt_path last {lower_lr} (a learning rate given for the resumed run replaces the checkpoint's in "
+            f"its optimizers and schedules), optionally with --trainer.gradient_clip_val 1.0. A smaller step_size "
+            f"or tighter rtol/atol needs a fresh run: the checkpoint restores its solver settings."
+        )
 
     # -- divergence ---------------------------------------------------------------------------
-    def divergence_symptom(self) -> Optional[str]:
+    def divergence_symptom(self) -> str | None:
         """What shows that the finished fit diverged, measured; ``None`` when it did not.
 
         Read at the end of fit from the epoch values every rank holds alike (``train/loss_epoch``,
@@ -491,16 +537,25 @@ class ClassifierModule(pl.LightningModule):
             if loss is not None and not math.isfinite(loss):
                 return f"the {name} loss of the last epoch is {loss}"
         if train_loss is not None and start and train_loss > EXPLODED_FACTOR * start:
-            return (f"the training loss rose from {start:.3g} at the first step to {train_loss:.3g} in the last epoch "
-                    f"({train_loss / start:.2g}x)")
+            return (
+                f"the training loss rose from {start:.3g} at the first step to {train_loss:.3g} in the last epoch "
+                f"({train_loss / start:.2g}x)"
+            )
         chance = 1.0 / self.num_classes
         guessing = math.log(self.num_classes)
-        if (val_acc is not None and train_loss is not None and self.trainer.current_epoch >= CHANCE_AFTER_EPOCHS
-                and self.trainer.global_step >= CHANCE_AFTER_STEPS and val_acc <= chance + CHANCE_MARGIN
-                and train_loss >= 0.9 * guessing):
-            return (f"after {self.trainer.current_epoch} epochs the validation accuracy is {val_acc:.3f}, chance for "
-                    f"{self.num_classes} classes ({chance:.3f}), and the training loss {train_loss:.3g} is still that "
-                    f"of guessing (ln {self.num_classes} = {guessing:.3g})")
+        if (
+            val_acc is not None
+            and train_loss is not None
+            and self.trainer.current_epoch >= CHANCE_AFTER_EPOCHS
+            and self.trainer.global_step >= CHANCE_AFTER_STEPS
+            and val_acc <= chance + CHANCE_MARGIN
+            and train_loss >= 0.9 * guessing
+        ):
+            return (
+                f"after {self.trainer.current_epoch} epochs the validation accuracy is {val_acc:.3f}, chance for "
+                f"{self.num_classes} classes ({chance:.3f}), and the training loss {train_loss:.3g} is still that "
+                f"of guessing (ln {self.num_classes} = {guessing:.3g})"
+            )
         return None
 
     def divergence_advice(self, symptom: str) -> str:
@@ -515,8 +570,10 @@ class ClassifierModule(pl.LightningModule):
             safe = rate != SAFE_LEARNING_RATE if at_chance else rate > SAFE_LEARNING_RATE
             rates[name] = SAFE_LEARNING_RATE if safe else rate / 10
         changed = " ".join(f"--model.init_args.{name} {rate:g}" for name, rate in rates.items())
-        return (f"Its checkpoints hold the diverged weights, so do not resume from them: start a fresh run, i.e. the "
-                f"same command without --ckpt_path, with {changed}. (--allow_divergence true accepts such a run.)")
+        return (
+            f"Its checkpoints hold the diverged weights, so do not resume from them: start a fresh run, i.e. the "
+            f"same command without --ckpt_path, with {changed}. (--allow_divergence true accepts such a run.)"
+        )
 
     def learning_rate_options(self) -> dict[str, float]:
         """The model's learning-rate arguments by command-line name (``lr``; PR-Net: ``theta.lr``, ...)."""

@@ -7,16 +7,17 @@ SGD with learning rate 0.1, momentum 0.9, weight decay 1e-4, ×0.1 at epochs 80 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import DDPStrategy, Strategy
+from typing_extensions import override
 
 from lightning_pdenets.architectures.lm_resnet import PreActResNet
 from lightning_pdenets.metric_logging import log_replicated
 from lightning_pdenets.models.base import ClassifierModule
-from typing_extensions import override
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -53,16 +54,23 @@ class ResNetCIFARModule(ClassifierModule):
         **kwargs: Any,
     ) -> None:
         super().__init__(
-            optimizer=optimizer, lr=lr, weight_decay=weight_decay, momentum=momentum,
-            lr_scheduler=lr_scheduler, lr_milestones=lr_milestones, lr_gamma=lr_gamma, **kwargs,
+            optimizer=optimizer,
+            lr=lr,
+            weight_decay=weight_decay,
+            momentum=momentum,
+            lr_scheduler=lr_scheduler,
+            lr_milestones=lr_milestones,
+            lr_gamma=lr_gamma,
+            **kwargs,
         )
 
     @override
     def setup(self, stage: str) -> None:
         if stage == "fit" and self._trainer is not None:
             network = self.hparams.network
-            check_stochastic_depth_strategy(network["stochastic_depth"], network["stochastic_depth_mode"],
-                                            self.trainer.strategy)
+            check_stochastic_depth_strategy(
+                network["stochastic_depth"], network["stochastic_depth_mode"], self.trainer.strategy
+            )
 
 
 class LMResNetModule(ResNetCIFARModule):
@@ -96,8 +104,10 @@ class LMResNetModule(ResNetCIFARModule):
         loggers = [logger for logger in self.loggers if isinstance(logger, TensorBoardLogger)]
         if not loggers or self.global_rank != 0:
             return
-        figure = plot_lm_coefficients(self.network.lm_coefficients(), title=f"LM-ResNet-{self.hparams.network['depth']}, "
-                                      f"epoch {self.current_epoch}")
+        figure = plot_lm_coefficients(
+            self.network.lm_coefficients(),
+            title=f"LM-ResNet-{self.hparams.network['depth']}, epoch {self.current_epoch}",
+        )
         for logger in loggers:
             logger.experiment.add_figure("lm_k/profile", figure, global_step=self.global_step, close=False)
 
@@ -123,7 +133,7 @@ def check_stochastic_depth_strategy(stochastic_depth: bool, mode: str, strategy:
     )
 
 
-def plot_lm_coefficients(coefficients: dict[str, torch.Tensor], title: str = "") -> "Figure":
+def plot_lm_coefficients(coefficients: dict[str, torch.Tensor], title: str = "") -> Figure:
     """``k_n`` against block depth (with the channel range for channel-wise ``k``), stages shaded.
 
     Args:

@@ -9,11 +9,12 @@ from ``unfreeze_backbone_at_epoch`` on (``finetune: head_first``, Lightning's ``
 from __future__ import annotations
 
 import os
-from typing import Any, Optional
+from typing import Any, cast
 
 from lightning.pytorch.callbacks import BackboneFinetuning, Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
+from typing_extensions import override
 
 from lightning_pdenets.architectures.odenet import ODENET_SOLVER
 from lightning_pdenets.checkpoints import load_checkpoint
@@ -21,7 +22,6 @@ from lightning_pdenets.models.base import ClassifierModule
 from lightning_pdenets.models.prnet import PRNetAlgorithmModule
 from lightning_pdenets.models.solver import ODESolverMixin
 from lightning_pdenets.validation import check_positive, check_positive_int
-from typing_extensions import override
 
 __all__ = [
     "FINETUNE_MODES",
@@ -74,7 +74,7 @@ class IsometricMobileNetModule(ClassifierModule):
 
     def __init__(
         self,
-        pretrained_checkpoint: Optional[str] = None,
+        pretrained_checkpoint: str | None = None,
         finetune: str = "full",
         unfreeze_backbone_at_epoch: int = 5,
         backbone_lr_ratio: float = 0.1,
@@ -94,11 +94,11 @@ class IsometricMobileNetModule(ClassifierModule):
     @property
     def backbone(self) -> nn.Module:
         """Everything but the classifier (what ``BackboneFinetuning`` freezes and unfreezes)."""
-        return self.network.backbone
+        return cast(nn.Module, self.network.backbone)
 
     # -- fine-tuning ----------------------------------------------------------------------------
     def load_pretrained(self, path: str, trusted: bool = False) -> None:
-        """Load every weight but the classifier from the Lightning checkpoint at ``path`` (unpickled only if ``trusted``)."""
+        """Load all weights but the classifier from the Lightning checkpoint ``path`` (unpickled if ``trusted``)."""
         load_pretrained_backbone(self.network, path, self.architecture_arguments(), type(self).__name__, trusted)
 
     @override
@@ -138,14 +138,20 @@ def load_pretrained_backbone(
     checkpoint = load_checkpoint(path, trusted, how_to_trust="--model.init_args.trust_pretrained_checkpoint true")
     stored = checkpoint.get("hyper_parameters", {})
     source = {**stored, **(stored.get("network") or {})}  # this release's `network` dict, or an earlier flat layout
-    differing = {k: (source[k], v) for k, v in architecture.items() if k in source and k not in ("num_classes", "solver") and source[k] != v}
+    differing = {
+        k: (source[k], v)
+        for k, v in architecture.items()
+        if k in source and k not in ("num_classes", "solver") and source[k] != v
+    }
     if differing:
         details = ", ".join(f"{k}: checkpoint {a!r} vs this model {b!r}" for k, (a, b) in differing.items())
-        raise ValueError(f"checkpoint {path!r} was trained with a different architecture ({details}); "
-                         f"set these arguments as in the source model's config.")
+        raise ValueError(
+            f"checkpoint {path!r} was trained with a different architecture ({details}); "
+            f"set these arguments as in the source model's config."
+        )
     state = checkpoint.get("state_dict", checkpoint)
     weights = {
-        key[len("network."):]: value
+        key[len("network.") :]: value
         for key, value in state.items()
         if key.startswith("network.") and not key.startswith("network.classifier.")
     }
@@ -203,11 +209,16 @@ class PRNetMobileNetModule(PRNetAlgorithmModule):
 
     def __init__(
         self,
-        pretrained_checkpoint: Optional[str] = None,
+        pretrained_checkpoint: str | None = None,
         trust_pretrained_checkpoint: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         if pretrained_checkpoint is not None:
-            load_pretrained_backbone(self.network, pretrained_checkpoint, self.architecture_arguments(),
-                                     type(self).__name__, trust_pretrained_checkpoint)
+            load_pretrained_backbone(
+                self.network,
+                pretrained_checkpoint,
+                self.architecture_arguments(),
+                type(self).__name__,
+                trust_pretrained_checkpoint,
+            )

@@ -11,7 +11,7 @@ from lightning_pdenets.architectures.neural_ode import OTT_SOLVER
 from lightning_pdenets.models.base import ClassifierModule
 from lightning_pdenets.models.solver import ODESolverMixin
 
-__all__ = ["VectorODEClassifierModule", "ImageODEClassifierModule"]
+__all__ = ["ImageODEClassifierModule", "VectorODEClassifierModule"]
 
 
 class VectorODEClassifierModule(ODESolverMixin, ClassifierModule):

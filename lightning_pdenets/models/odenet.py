@@ -17,7 +17,8 @@ __all__ = ["ODENetModule", "RKNetModule", "ResNetModule"]
 class ResNetModule(ClassifierModule):
     """ResNet baseline of Chen et al. 2018 (six residual blocks after a downsampling stem).
 
-    ``network``: ``width``, ``num_downsamples``, ``num_blocks`` (:func:`~lightning_pdenets.architectures.odenet.resnet_chen`).
+    ``network``: ``width``, ``num_downsamples``, ``num_blocks``
+    (:func:`~lightning_pdenets.architectures.odenet.resnet_chen`).
     """
 
     architecture = "resnet_chen"
@@ -27,7 +28,8 @@ class ResNetModule(ClassifierModule):
 class ODENetModule(ODESolverMixin, ClassifierModule):
     """ODE-Net of Chen et al. 2018: one ODE block solved with dopri5 and the adjoint method.
 
-    ``network``: ``width``, ``num_downsamples``, ``activation`` (:func:`~lightning_pdenets.architectures.odenet.odenet_chen`);
+    ``network``: ``width``, ``num_downsamples``, ``activation``
+    (:func:`~lightning_pdenets.architectures.odenet.odenet_chen`);
     ``solver``: fields of :class:`~lightning_pdenets.solvers.SolverConfig` over :data:`ODENET_SOLVER`.
     """
 

@@ -7,26 +7,40 @@ can be reloaded without pickled modules; every bad name lists the valid ones.
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Mapping, Optional, Sequence, TypedDict
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, TypedDict
 
 import torch
-from torch.optim import Optimizer
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
+from typing_extensions import override
 
 from lightning_pdenets.blocks.lasso import soft_threshold
 from lightning_pdenets.errors import ConfigurationError
 from lightning_pdenets.validation import check_non_negative, check_positive, check_setting_names
-from typing_extensions import override
 
 __all__ = [
-    "OPTIMIZERS", "LR_SCHEDULERS", "SCHEDULER_INTERVALS", "OptimizerOptions", "ProximalSGD", "build_optimizer",
+    "LR_SCHEDULERS",
+    "OPTIMIZERS",
+    "SCHEDULER_INTERVALS",
+    "OptimizerOptions",
+    "ProximalSGD",
+    "base_learning_rates",
+    "build_optimizer",
     "build_schedule",
     "build_scheduler",
-    "check_optimization_settings", "resolve_optimizer_options", "base_learning_rates", "rescale_learning_rates",
+    "check_optimization_settings",
+    "rescale_learning_rates",
+    "resolve_optimizer_options",
 ]
 
-OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD, "rmsprop": torch.optim.RMSprop}
+OPTIMIZERS = {
+    "adam": torch.optim.Adam,
+    "adamw": torch.optim.AdamW,
+    "sgd": torch.optim.SGD,
+    "rmsprop": torch.optim.RMSprop,
+}
 LR_SCHEDULERS = ("none", "cosine", "multistep", "onecycle")
 # When Lightning steps each schedule: per epoch, or per optimizer step (one-cycle spans the whole run).
 SCHEDULER_INTERVALS = {"none": "epoch", "cosine": "epoch", "multistep": "epoch", "onecycle": "step"}
@@ -54,7 +68,7 @@ OPTIMIZATION_SETTINGS = tuple(OptimizerOptions.__annotations__)
 
 
 def resolve_optimizer_options(
-    options: Optional[Mapping[str, Any]],
+    options: Mapping[str, Any] | None,
     defaults: Mapping[str, Any],
     argument: str,
     optimizers: Sequence[str] = tuple(OPTIMIZERS),
@@ -96,7 +110,7 @@ def check_optimization_settings(
     prefix: str = "",
     optimizers: Sequence[str] = tuple(OPTIMIZERS),
 ) -> None:
-    """Raise ``ValueError`` naming the first invalid setting (``prefix`` is prepended to names, ``optimizers`` allowed)."""
+    """Raise ``ValueError`` naming the first invalid setting (``prefix`` prepended to names, ``optimizers`` allowed)."""
     if optimizer not in optimizers:
         raise ValueError(f"`{prefix}optimizer` must be one of {sorted(optimizers)}, got {optimizer!r}.")
     check_positive(lr, f"{prefix}lr")
@@ -109,7 +123,8 @@ def check_optimization_settings(
         not lr_milestones or any(not isinstance(m, int) or m < 1 for m in lr_milestones)
     ):
         raise ValueError(
-            f"`{prefix}lr_scheduler='multistep'` needs `{prefix}lr_milestones`, a list of epochs >= 1, got {lr_milestones!r}."
+            f"`{prefix}lr_scheduler='multistep'` needs `{prefix}lr_milestones`, a list of epochs >= 1, "
+            f"got {lr_milestones!r}."
         )
     check_positive(lr_gamma, f"{prefix}lr_gamma")
 
@@ -178,9 +193,9 @@ def build_scheduler(
     lr_scheduler: str,
     lr_milestones: Sequence[int],
     lr_gamma: float,
-    max_epochs: Optional[int],
-    total_steps: Optional[int] = None,
-) -> Optional[LRScheduler]:
+    max_epochs: int | None,
+    total_steps: int | None = None,
+) -> LRScheduler | None:
     """Scheduler named ``lr_scheduler`` (stepped as ``SCHEDULER_INTERVALS`` says), or ``None`` for ``'none'``.
 
     ``'onecycle'`` is Smith & Topin's one-cycle schedule ("Super-convergence", 2019) peaking at the
@@ -235,8 +250,10 @@ class RunLengthCosineAnnealingLR(torch.optim.lr_scheduler.CosineAnnealingLR):
         epoch = min(self.last_epoch, horizon)
         was = [group["lr"] for group in self.optimizer.param_groups]
         # the closed form: torch's recursive step would stay at 0 from a finished schedule
-        rates = [self.eta_min + (base - self.eta_min) * (1 + math.cos(math.pi * epoch / horizon)) / 2
-                 for base in self.base_lrs]
+        rates = [
+            self.eta_min + (base - self.eta_min) * (1 + math.cos(math.pi * epoch / horizon)) / 2
+            for base in self.base_lrs
+        ]
         _set_rates(self, rates)
         rank_zero_info(
             f"lr_scheduler 'cosine': the checkpoint's schedule annealed over {restored} epochs, this run has "
@@ -261,7 +278,7 @@ class RunLengthOneCycleLR(torch.optim.lr_scheduler.OneCycleLR):
         if restored == total_steps or self.last_epoch > total_steps:
             return  # nothing to stretch; a run already past its end trains no step
         was = [group["lr"] for group in self.optimizer.param_groups]
-        with torch.optim.lr_scheduler._enable_get_lr_call(self):  # noqa: SLF001 (torch warns outside step())
+        with torch.optim.lr_scheduler._enable_get_lr_call(self):
             rates = self.get_lr()
         _set_rates(self, rates)
         rank_zero_info(
@@ -271,29 +288,31 @@ class RunLengthOneCycleLR(torch.optim.lr_scheduler.OneCycleLR):
         )
 
 
-def _set_rates(scheduler: LRScheduler, rates: list[float]) -> None:
+def _set_rates(scheduler: LRScheduler, rates: list[Any]) -> None:  # floats (torch types base_lrs float | Tensor)
     for group, rate in zip(scheduler.optimizer.param_groups, rates):
         group["lr"] = rate
-    scheduler._last_lr = list(rates)  # noqa: SLF001 (what get_last_lr() and LearningRateMonitor read)
+    scheduler._last_lr = list(rates)
 
 
-def _rates(rates: Sequence[float]) -> str:
+def _rates(rates: Sequence[Any]) -> str:
     return ", ".join(f"{float(rate):.3g}" for rate in rates)
 
 
-def build_schedule(optimizer: Optimizer, settings: dict[str, Any], trainer: Optional[Any]) -> Optional[dict[str, Any]]:
-    """Lightning's scheduler configuration (``scheduler``, ``interval``) for one optimizer's settings; ``None`` for ``'none'``.
+def build_schedule(optimizer: Optimizer, settings: dict[str, Any], trainer: Any | None) -> dict[str, Any] | None:
+    """Lightning's scheduler configuration (``scheduler``, ``interval``) of one optimizer's settings (``None``: none).
 
     Args:
         optimizer: The optimizer to schedule.
         settings: Its :data:`OPTIMIZATION_SETTINGS`.
-        trainer: The attached trainer, whose run sets the horizons of ``cosine`` and ``onecycle`` (``None``: not attached).
+        trainer: The attached trainer, whose run sets the horizons of ``cosine`` and ``onecycle`` (``None``: not
+            attached).
     """
     max_epochs = trainer.max_epochs if trainer is not None else None
     per_step = settings["lr_scheduler"] == "onecycle" and trainer is not None
     total_steps = run_optimizer_steps(trainer) if per_step else None
-    scheduler = build_scheduler(optimizer, settings["lr_scheduler"], settings["lr_milestones"], settings["lr_gamma"],
-                                max_epochs, total_steps)
+    scheduler = build_scheduler(
+        optimizer, settings["lr_scheduler"], settings["lr_milestones"], settings["lr_gamma"], max_epochs, total_steps
+    )
     if scheduler is None:
         return None
     return {"scheduler": scheduler, "interval": SCHEDULER_INTERVALS[settings["lr_scheduler"]]}

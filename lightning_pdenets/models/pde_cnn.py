@@ -13,11 +13,13 @@ from __future__ import annotations
 
 from lightning_pdenets.models.base import ClassifierModule
 
-__all__ = ["PDECNNModule", "ParabolicCNNModule", "HamiltonianCNNModule", "SecondOrderCNNModule"]
+__all__ = ["HamiltonianCNNModule", "PDECNNModule", "ParabolicCNNModule", "SecondOrderCNNModule"]
 
 
 class PDECNNModule(ClassifierModule):
-    """Classifier over a :class:`PDECNN`; subclasses name the registered network of their dynamics (:attr:`architecture`).
+    """Classifier over a :class:`PDECNN`; subclasses name the registered network of their dynamics.
+
+    The network's registered name is :attr:`architecture`.
 
     ``network``: the arguments of :class:`lightning_pdenets.architectures.pde_cnn.PDECNN` — ``widths`` (channels of
     the units: 16, 64, 128, 256 on STL-10), ``num_steps`` (3 in the paper), ``step_size`` (δ_t, 1 in the paper),

@@ -15,7 +15,8 @@ and computes no derivatives.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Any, ClassVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -24,12 +25,14 @@ from lightning.pytorch.utilities import rank_zero_warn
 try:  # Lightning >= 2.6
     from lightning.pytorch.callbacks import WeightAveraging
 except ImportError:  # earlier releases have no weight-averaging callback of this kind to refuse
-    WeightAveraging = None
+    WeightAveraging = None  # type: ignore[assignment,misc]
+
+from typing_extensions import override
 
 from lightning_pdenets.blocks.governing import GoverningEquation
+from lightning_pdenets.blocks.pde import PDEBlock
 from lightning_pdenets.errors import ConfigurationError
 from lightning_pdenets.evaluation import add_figure, add_text
-from lightning_pdenets.blocks.pde import PDEBlock
 from lightning_pdenets.metric_logging import log_replicated, step_values_are_read
 from lightning_pdenets.models.base import ClassifierModule
 from lightning_pdenets.models.optim import (
@@ -41,7 +44,6 @@ from lightning_pdenets.models.optim import (
     resolve_optimizer_options,
 )
 from lightning_pdenets.validation import check_non_negative, check_positive, check_positive_int
-from typing_extensions import override
 
 __all__ = ["PRNET_OPTIMIZERS", "PRNET_STEPS", "PRNetAlgorithmModule", "PRNetModule"]
 
@@ -52,14 +54,23 @@ _NONFINITE_POLICIES = ("raise", "skip")
 
 
 PRNET_OPTIMIZERS: dict[str, dict[str, Any]] = {
-    "theta": dict(optimizer="adam", lr=1e-3, weight_decay=0.0, momentum=0.9, lr_scheduler="none", lr_milestones=[],
-                  lr_gamma=0.1),
-    "query": dict(optimizer="adam", lr=1e-3, weight_decay=0.0, momentum=0.9, lr_scheduler="none", lr_milestones=[],
-                  lr_gamma=0.1),
-    "alpha": dict(optimizer="proximal", lr=1e-2, weight_decay=0.0, momentum=0.0, lr_scheduler="none", lr_milestones=[],
-                  lr_gamma=0.1),
+    "theta": dict(
+        optimizer="adam", lr=1e-3, weight_decay=0.0, momentum=0.9, lr_scheduler="none", lr_milestones=[], lr_gamma=0.1
+    ),
+    "query": dict(
+        optimizer="adam", lr=1e-3, weight_decay=0.0, momentum=0.9, lr_scheduler="none", lr_milestones=[], lr_gamma=0.1
+    ),
+    "alpha": dict(
+        optimizer="proximal",
+        lr=1e-2,
+        weight_decay=0.0,
+        momentum=0.0,
+        lr_scheduler="none",
+        lr_milestones=[],
+        lr_gamma=0.1,
+    ),
 }
-"""Defaults of the optimizers of Algorithm 1's theta, query and alpha steps, which ``theta``, ``query`` and ``alpha`` override."""
+"""Defaults of the optimizers of Algorithm 1's theta, query and alpha steps (overridden by ``theta``, ...)."""
 
 _PROXIMAL = "proximal"  # the ISTA step of alpha (ProximalSGD); the other groups take the optimizers of OPTIMIZERS
 
@@ -100,32 +111,38 @@ class PRNetAlgorithmModule(ClassifierModule):
     """
 
     optimizer_defaults: ClassVar[dict[str, dict[str, Any]]] = PRNET_OPTIMIZERS
+    network: Any  # Chen et al.'s classifier or the isometric MobileNet: each has a stem, a feature and a head
     inference_chunk_size = 16  # samples are independent in eval mode (GroupNorm per sample, no solver)
 
     def __init__(
         self,
-        max_power: Union[int, Sequence[int]] = 3,
-        max_derivative_order: Union[int, Sequence[int]] = 3,
+        max_power: int | Sequence[int] = 3,
+        max_derivative_order: int | Sequence[int] = 3,
         l1_weight: float = 1e-4,
         print_threshold: float = 1e-3,
         initial_weight: float = 1.0,
         governing_weight: float = 1.0,
-        governing_samples: Optional[int] = None,
+        governing_samples: int | None = None,
         step_order: Sequence[str] = PRNET_STEPS,
-        theta: Optional[OptimizerOptions] = None,
-        query: Optional[OptimizerOptions] = None,
-        alpha: Optional[OptimizerOptions] = None,
-        gradient_clip_val: Optional[float] = None,
+        theta: OptimizerOptions | None = None,
+        query: OptimizerOptions | None = None,
+        alpha: OptimizerOptions | None = None,
+        gradient_clip_val: float | None = None,
         on_nonfinite: str = "raise",
         **kwargs: Any,
     ) -> None:
         if self.architecture is None:  # Algorithm 1 needs a network with a stem, a PDE block and a head
-            raise TypeError(f"{type(self).__name__} sets no `architecture` (a name registered with @register_architecture); "
-                            f"use PRNetModule or PRNetMobileNetModule, or a subclass naming such a network.")
+            raise TypeError(
+                f"{type(self).__name__} sets no `architecture` (a name registered with @register_architecture); "
+                f"use PRNetModule or PRNetMobileNetModule, or a subclass naming such a network."
+            )
         super().__init__(**kwargs)  # saves every argument and builds the network
         self.automatic_optimization = False
-        if isinstance(step_order, str) or not step_order or len(set(step_order)) != len(step_order) or any(
-            s not in PRNET_STEPS for s in step_order
+        if (
+            isinstance(step_order, str)
+            or not step_order
+            or len(set(step_order)) != len(step_order)
+            or any(s not in PRNET_STEPS for s in step_order)
         ):
             raise ValueError(
                 f"`step_order` must be a non-empty list of distinct names from {list(PRNET_STEPS)}, got {step_order!r}."
@@ -173,13 +190,16 @@ class PRNetAlgorithmModule(ClassifierModule):
         optimizers, schedulers = [], []
         for name in PRNET_STEPS:
             s = settings[name]
+            optimizer: torch.optim.Optimizer
             if s["optimizer"] == _PROXIMAL:
                 optimizer = ProximalSGD(groups[name], s["lr"], self.governing.l1_weight, s["momentum"])
             else:
                 optimizer = build_optimizer(groups[name], s["optimizer"], s["lr"], s["weight_decay"], s["momentum"])
             # a constant schedule where none is set keeps the four schedulers aligned with the optimizers
             schedule = build_schedule(optimizer, s, self._trainer) or {
-                "scheduler": torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0), "interval": "epoch"}
+                "scheduler": torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0),
+                "interval": "epoch",
+            }
             optimizers.append(optimizer)
             schedulers.append({**schedule, "name": f"lr-{name}"})
         return optimizers, schedulers
@@ -188,7 +208,7 @@ class PRNetAlgorithmModule(ClassifierModule):
         """Manual optimization steps the schedules itself: per batch or per epoch, as each one's ``interval``."""
         for name, config in zip(PRNET_STEPS, self.trainer.lr_scheduler_configs):
             if name in self.step_order and config.interval == interval:  # optimizers outside step_order never step
-                config.scheduler.step()
+                config.scheduler.step()  # type: ignore[call-arg]  # build_schedule makes no ReduceLROnPlateau
 
     @override
     def on_fit_start(self) -> None:
@@ -197,8 +217,11 @@ class PRNetAlgorithmModule(ClassifierModule):
 
     def _refuse_weight_averaging(self) -> None:
         """Refuse Lightning's ``WeightAveraging`` callbacks (e.g. ``callbacks/ema.yaml``), which Algorithm 1 breaks."""
-        averaging = [type(c).__name__ for c in self.trainer.callbacks
-                     if WeightAveraging is not None and isinstance(c, WeightAveraging)]
+        averaging = [
+            type(c).__name__
+            for c in self.trainer.callbacks  # type: ignore[attr-defined]  # set by Lightning's callback connector
+            if WeightAveraging is not None and isinstance(c, WeightAveraging)
+        ]
         if not averaging:
             return
         raise ConfigurationError(
@@ -222,7 +245,7 @@ class PRNetAlgorithmModule(ClassifierModule):
 
     # -- Algorithm 1 ---------------------------------------------------------------------------
     @override
-    def training_step(self, batch: Any, batch_idx: int) -> None:
+    def training_step(self, batch: Any, batch_idx: int) -> None:  # type: ignore[override]  # manual optimization
         x, y = batch
         optimizers = dict(zip(PRNET_STEPS, self.optimizers()))
         cache: dict[str, Any] = {}
@@ -233,7 +256,9 @@ class PRNetAlgorithmModule(ClassifierModule):
             logged["total"] = sum(logged.values())
             for name, value in logged.items():
                 self.log_train_term(f"train/{name}", value)
-            self.log_train_term("train/loss", logged.get("loss_task", logged["total"]), prog_bar=True)
+            self.log_train_term(
+                "train/loss", logged["loss_task"] if "loss_task" in logged else logged["total"], prog_bar=True
+            )
         if step_values_are_read(self.trainer):
             self.log("train/skipped_steps", float(self.skipped_steps), on_step=True, on_epoch=False)
 
@@ -270,11 +295,12 @@ class PRNetAlgorithmModule(ClassifierModule):
         loss_task = F.cross_entropy(logits, y)
         loss_initial = self.block.initial_condition_loss(h0)
         library = self.governing.library(derivatives)
-        loss_governing = self.governing.governing_loss(derivatives.u_t, library)
+        u_t = cast(torch.Tensor, derivatives.u_t)  # derivatives() always returns the time derivative
+        loss_governing = self.governing.governing_loss(u_t, library)
         if "loss_task" not in cache.get("terms", {}):
             self.train_metrics.update(logits.detach(), y)
         self._record(cache, loss_task=loss_task, loss_initial=loss_initial, loss_governing=loss_governing)
-        cache["library"] = (library.detach(), derivatives.u_t.detach())  # reused by the alpha step
+        cache["library"] = (library.detach(), u_t.detach())  # reused by the alpha step
         total = loss_task + hp.initial_weight * loss_initial + hp.governing_weight * loss_governing
         terms = {"loss_task": loss_task, "loss_initial": loss_initial, "loss_governing": loss_governing}
         self._optimize(optimizer, total, terms)
@@ -321,12 +347,14 @@ class PRNetAlgorithmModule(ClassifierModule):
             stepped = [p for group in getattr(optimizer, "optimizer", optimizer).param_groups for p in group["params"]]
             self.manual_backward(loss, inputs=stepped)
         if self.hparams.gradient_clip_val is not None:
-            self.clip_gradients(optimizer, gradient_clip_val=self.hparams.gradient_clip_val, gradient_clip_algorithm="norm")
+            self.clip_gradients(
+                optimizer, gradient_clip_val=self.hparams.gradient_clip_val, gradient_clip_algorithm="norm"
+            )
         optimizer.step()
 
     def _all_finite(self, terms: dict[str, torch.Tensor]) -> bool:
         if self.hparams.on_nonfinite == "raise":
-            self.check_finite(**terms)
+            self.check_finite(None, **terms)
             return True
         bad, all_finite = self.finite_on_every_rank(terms)
         if not all_finite:
@@ -340,7 +368,9 @@ class PRNetAlgorithmModule(ClassifierModule):
     # -- logging ------------------------------------------------------------------------------
     @override
     def on_validation_epoch_end(self) -> None:
-        log_replicated(self, {f"governing/alpha[{name}]": value for name, value in self.governing.coefficients().items()})
+        log_replicated(
+            self, {f"governing/alpha[{name}]": value for name, value in self.governing.coefficients().items()}
+        )
         add_text(self.trainer, "governing/equation", self.governing.equation())
         add_figure(self.trainer, "governing/coefficients", self._coefficient_figure)
 

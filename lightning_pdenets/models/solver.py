@@ -12,19 +12,24 @@ Both cases are logged.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Optional
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from typing_extensions import override
 
 from lightning_pdenets.protocols import find_ode_blocks
 from lightning_pdenets.solvers import SolverConfig, SolverOptions
-from typing_extensions import override
+
+if TYPE_CHECKING:  # the mixin is only ever combined with a ClassifierModule; the checker sees it as one
+    from lightning_pdenets.models.base import ClassifierModule as _MixedInto
+else:
+    _MixedInto = object
 
 __all__ = ["ODESolverMixin"]
 
 
-class ODESolverMixin:
-    """Mixin for a :class:`~lightning_pdenets.models.ClassifierModule` whose ``solver`` hyperparameter configures its ODE blocks.
+class ODESolverMixin(_MixedInto):
+    """Mixin for a :class:`~lightning_pdenets.models.ClassifierModule` whose ``solver`` configures its ODE blocks.
 
     Subclasses set :attr:`solver_defaults`; the ``solver`` hyperparameter overrides them field by field, and the
     complete resolved configuration is stored in ``hparams.solver`` (so checkpoints say exactly how the model was
@@ -37,13 +42,13 @@ class ODESolverMixin:
     """
 
     solver_defaults: ClassVar[dict[str, Any]] = {}
-    _trained_solver: Optional[dict[str, Any]] = None
+    _trained_solver: dict[str, Any] | None = None
 
-    def __init__(self, solver: Optional[SolverOptions] = None, **kwargs: Any) -> None:
-        super().__init__(**kwargs)  # type: ignore[call-arg]  (ClassifierModule saves `solver` and builds)
+    def __init__(self, solver: SolverOptions | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)  # ClassifierModule saves `solver` and builds
 
     def network_arguments(self) -> dict[str, Any]:
-        return {**super().network_arguments(), "solver": self.resolve_solver()}  # type: ignore[misc]
+        return {**super().network_arguments(), "solver": self.resolve_solver()}
 
     def resolve_solver(self) -> SolverConfig:
         """The :class:`SolverConfig` of ``hparams.solver`` over :attr:`solver_defaults`; stores the full dict back."""
@@ -52,11 +57,11 @@ class ODESolverMixin:
         return config
 
     def solver_failure_context(self) -> list[dict[str, Any]]:
-        return [block.solver_settings() for block in find_ode_blocks(self)]  # type: ignore[arg-type]
+        return [block.solver_settings() for block in find_ode_blocks(self)]
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_load_checkpoint(checkpoint)  # type: ignore[misc]
+        super().on_load_checkpoint(checkpoint)
         self._trained_solver = checkpoint.get("hyper_parameters", {}).get("solver")
 
     def _solver_changes(self) -> dict[str, Any]:
@@ -67,9 +72,17 @@ class ODESolverMixin:
         return {k: v for k, v in self.hparams["solver"].items() if trained.get(k) != v}
 
     def _describe_blocks(self) -> str:
-        blocks = find_ode_blocks(self)  # type: ignore[arg-type]
-        texts = sorted({(b.solver if isinstance(getattr(b, "solver", None), SolverConfig)
-                         else SolverConfig.from_options(b.solver_settings())).describe() for b in blocks})
+        blocks = find_ode_blocks(self)
+        texts = sorted(
+            {
+                (
+                    b.solver
+                    if isinstance(getattr(b, "solver", None), SolverConfig)
+                    else SolverConfig.from_options(b.solver_settings())
+                ).describe()
+                for b in blocks
+            }
+        )
         return "; ".join(texts) or "no ODE block"
 
     def _evaluate_with_configured_solver(self) -> None:
@@ -77,38 +90,41 @@ class ODESolverMixin:
             return
         trained = self._describe_blocks()
         changes = self._solver_changes()
-        for block in find_ode_blocks(self):  # type: ignore[arg-type]
+        for block in find_ode_blocks(self):
             block.configure_solver(**changes)
         self._trained_solver = None  # applied once per restore
         if changes:
-            rank_zero_info(f"Solver: trained with {trained}; evaluated with {self._describe_blocks()} "
-                           f"(changed: {sorted(changes)}).")
+            rank_zero_info(
+                f"Solver: trained with {trained}; evaluated with {self._describe_blocks()} "
+                f"(changed: {sorted(changes)})."
+            )
         else:
             rank_zero_info(f"Solver: evaluated with the checkpoint's {trained}.")
 
     @override
     def on_test_start(self) -> None:
-        super().on_test_start()  # type: ignore[misc]
+        super().on_test_start()
         self._evaluate_with_configured_solver()
 
     @override
     def on_validation_start(self) -> None:
-        super().on_validation_start()  # type: ignore[misc]
-        if not self.trainer.training and not self.trainer.sanity_checking:  # type: ignore[attr-defined]
+        super().on_validation_start()
+        if not self.trainer.training and not self.trainer.sanity_checking:
             self._evaluate_with_configured_solver()
 
     @override
     def on_predict_start(self) -> None:
-        super().on_predict_start()  # type: ignore[misc]
+        super().on_predict_start()
         self._evaluate_with_configured_solver()
 
     @override
     def on_fit_start(self) -> None:
-        super().on_fit_start()  # type: ignore[misc]  (the learning rates of a resumed run, ClassifierModule)
+        super().on_fit_start()  # the learning rates of a resumed run (ClassifierModule)
         if self._trained_solver is None:
             return
         changes = self._solver_changes()
         self._trained_solver = None
         ignored = f"; the config's different {sorted(changes)} are not applied to a resumed run" if changes else ""
-        rank_zero_info(f"Solver: resuming with the checkpoint's {self._describe_blocks()} (adapted settings "
-                       f"included){ignored}.")
+        rank_zero_info(
+            f"Solver: resuming with the checkpoint's {self._describe_blocks()} (adapted settings included){ignored}."
+        )
