@@ -207,7 +207,10 @@ def main() -> None:
         text = report(args.report)
         print(text)
         if args.output:
-            args.output.write_text(text)
+            # the hand-written header (date, machine, which runs) above the table survives regeneration
+            old = args.output.read_text() if args.output.exists() else ""
+            header = old[: old.find("| model |")] if "| model |" in old else ""
+            args.output.write_text(header + text)
         return
     if not args.checkpoint or not args.raw:
         parser.error("give --checkpoint NAME=PATH and --raw FILE (or --report RAW ...)")
