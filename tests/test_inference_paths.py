@@ -104,6 +104,19 @@ def test_no_chunks_with_several_threads() -> None:
     assert calls == [10]
 
 
+@pytest.mark.usefixtures("one_thread")
+def test_no_chunks_off_the_cpu() -> None:
+    """One CPU thread (OMP_NUM_THREADS=1, as torchrun sets it) must not split a GPU batch into chunks."""
+    module = ResNetModule(**TINY_CHEN).eval().to("meta")  # a non-CPU device that needs no GPU
+    module.inference_chunk_size = 4
+    calls = []
+    module.network.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    with torch.no_grad():
+        logits = module(torch.randn(10, 1, 8, 8, device="meta"))
+    assert calls == [10]
+    assert logits.shape == (10, 10)
+
+
 def test_adaptive_solver_models_are_not_chunked() -> None:
     assert ODENetModule.inference_chunk_size is None  # dopri5's steps depend on the whole batch
     assert ResNetModule.inference_chunk_size and PRNetModule.inference_chunk_size

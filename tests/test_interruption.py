@@ -158,3 +158,23 @@ def test_ood_evaluation_stops_before_a_batch_and_names_itself() -> None:
     batch = (torch.rand(2, 1, 8, 8), torch.tensor([0, 1]))
     with pytest.raises(RunInterrupted, match=r"^OODEvaluation \(test batch 3\)$"):
         OODEvaluation().on_test_batch_end(trainer, None, None, batch, 3)
+
+
+def test_solver_check_interrupted_under_an_adaptive_solver_names_its_tolerance_not_a_stale_step() -> None:
+    """After a fixed-step setting, dopri5 keeps the (ignored) step_size; the message must name dopri5's tolerance."""
+    from torch import nn
+
+    from lightning_pdenets.blocks import ODEBlock
+    from lightning_pdenets.evaluation import configure_blocks, evaluate_batches
+
+    class Field(nn.Module):
+        def forward(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return -y
+
+    block = ODEBlock(Field(), method="rk4", step_size=0.25)
+    configure_blocks([block], "dopri5", tol=1e-4)
+    trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    set_received_sigterm(trainer)
+    batch = (torch.rand(2, 3), torch.tensor([0, 1]))
+    with pytest.raises(RunInterrupted, match=r"^SolverSwapCheck \(evaluating with dopri5, tol 0\.0001\)$"):
+        evaluate_batches(trainer, nn.Sequential(block), [block], iter([batch]), owner="SolverSwapCheck")

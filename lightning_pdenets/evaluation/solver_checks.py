@@ -18,7 +18,7 @@ from lightning_pdenets.errors import SolverFailedError, is_solver_failure
 from lightning_pdenets.evaluation.passes import split_batch
 from lightning_pdenets.interruption import raise_if_stop_requested
 from lightning_pdenets.protocols import ODEModule, find_ode_blocks
-from lightning_pdenets.solvers import fixed_step_count
+from lightning_pdenets.solvers import SOLVERS, fixed_step_count
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -150,11 +150,9 @@ def evaluate_batches(
 def _solver_text(blocks: Sequence[ODEModule]) -> str:
     settings = blocks[0].solver_settings() if blocks else {}
     method = settings.get("method", "?")
-    detail = (
-        f"step {settings['step_size']:g}"
-        if settings.get("step_size")
-        else f"tol {settings.get('rtol', float('nan')):g}"
-    )
+    # an adaptive solver keeps the step_size of an earlier fixed-step setting (ignored), so ask the method
+    adaptive = method not in SOLVERS or SOLVERS[method].adaptive
+    detail = f"tol {settings.get('rtol', float('nan')):g}" if adaptive else f"step {settings['step_size']:g}"
     return f"{method}, {detail}"
 
 

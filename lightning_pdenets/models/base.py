@@ -193,6 +193,7 @@ class ClassifierModule(pl.LightningModule):
             and x.shape[0] > chunk
             and not self.training
             and not torch.is_grad_enabled()
+            and x.device.type == "cpu"  # a GPU would only lose by small batches, whatever the CPU thread count
             and torch.get_num_threads() == 1
         ):
             return torch.cat([self.network(part) for part in x.split(chunk)])
