@@ -34,10 +34,11 @@ def make_trainer(root: Path, callbacks: list, max_epochs: int = 2) -> pl.Trainer
     )
 
 
-def train(root: Path, callbacks: list, ckpt_path: str | None = None) -> RKNetModule:
+def train(root: Path, callbacks: list, ckpt_path: str | None = None, lr_scheduler: str = "multistep") -> RKNetModule:
     pl.seed_everything(123, workers=True)
+    schedule = dict(lr_milestones=[1]) if lr_scheduler == "multistep" else {}
     model = RKNetModule(solver=dict(step_size=0.5), network=dict(width=8, num_downsamples=1), optimizer="sgd", lr=0.05,
-                        lr_scheduler="multistep", lr_milestones=[1])
+                        lr_scheduler=lr_scheduler, **schedule)
     make_trainer(root, callbacks).fit(model, datamodule=DigitsDataModule(batch_size=32), ckpt_path=ckpt_path)
     return model
 
@@ -89,3 +90,15 @@ def test_sigterm_saves_a_checkpoint_and_resume_matches(reference: torch.Tensor, 
     checkpoint = tmp_path / "ckpt" / "interrupted.ckpt"
     assert torch.load(checkpoint, weights_only=True)["global_step"] == 3
     assert torch.equal(parameters(train(tmp_path / "run", [], ckpt_path=str(checkpoint))), reference)
+
+
+def test_resume_mid_epoch_is_exact_when_the_schedule_sizes_itself_from_the_loader(tmp_path: Path) -> None:
+    """One-cycle asks ``trainer.estimated_stepping_batches`` in ``configure_optimizers``, so Lightning builds the
+    training loader before it restores the checkpoint and never hands it the saved loader state; the resumed epoch
+    must still skip the batches already trained on (it restarted the epoch's data at batch 0 before)."""
+    reference = parameters(train(tmp_path / "reference", [], lr_scheduler="onecycle"))
+    on_exception = OnExceptionCheckpoint(dirpath=tmp_path / "ckpt", filename="interrupted")
+    with pytest.raises(RuntimeError, match="simulated pre-emption"):
+        train(tmp_path / "run", [Interrupt(4), on_exception], lr_scheduler="onecycle")
+    checkpoint = str(tmp_path / "ckpt" / "interrupted.ckpt")
+    assert torch.equal(parameters(train(tmp_path / "run", [], ckpt_path=checkpoint, lr_scheduler="onecycle")), reference)

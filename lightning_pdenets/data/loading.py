@@ -4,10 +4,11 @@
   ``num_replicas=1`` on a single process, sharded across ranks under DDP. Lightning calls its
   ``set_epoch`` every epoch, so a resumed run sees the same order as an uninterrupted one.
 * :class:`ResumableDataLoader` is stateful, so Lightning saves its ``state_dict`` in checkpoints
-  and calls ``load_state_dict`` on resume. The first epoch after a resume then skips, without
-  loading them, the samples of the batches that Lightning's restored progress counts as completed
-  (``completed_batches``), so data and optimizer steps line up even when the interrupt struck
-  inside a hook, between fetching a batch and finishing its step.
+  and (when it builds the loader after restoring) calls ``load_state_dict`` on resume. Every epoch
+  skips, without loading them, the samples of the batches that Lightning's progress counts as
+  completed in that epoch when the first batch is fetched (``completed_batches``: 0 for a new epoch,
+  the restored count after a mid-epoch resume), so data and optimizer steps line up even when the
+  interrupt struck inside a hook, between fetching a batch and finishing its step.
 * Evaluation under DDP uses Lightning's ``UnrepeatedDistributedSampler``: every sample is
   evaluated exactly once, so padded duplicates never distort validation or test accuracy.
 
@@ -52,13 +53,14 @@ class ResumableDataLoader(DataLoader):
         super().__init__(*args, **kwargs)
         self.completed_batches = completed_batches
         self.batches_consumed = 0
-        self._resuming = False
 
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]  # a generator: skips a resumed epoch's batches
-        skip = 0
-        if self._resuming and self.completed_batches is not None:
-            skip = self.completed_batches()
-        self._resuming = False
+        # This body runs at the first ``next()``, when the epoch loop has reset its progress: the batches of this
+        # epoch it counts as completed are 0 for a new epoch and the restored count after a mid-epoch resume. It
+        # does not wait for ``load_state_dict``: Lightning skips that call when the loader was built before the
+        # checkpoint was restored (``trainer.estimated_stepping_batches`` in ``configure_optimizers``, e.g. the
+        # one-cycle schedule), and iterates the loader built then.
+        skip = self.completed_batches() if self.completed_batches is not None else 0
         if isinstance(self.sampler, ResumableSampler):
             self.sampler.skip = skip * (self.batch_size or 1)
         self.batches_consumed = skip
@@ -71,7 +73,6 @@ class ResumableDataLoader(DataLoader):
         return {"batches_consumed": self.batches_consumed, "epoch": epoch}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self._resuming = True
         if isinstance(self.sampler, ResumableSampler):
             self.sampler.set_epoch(int(state.get("epoch", 0)))
 
