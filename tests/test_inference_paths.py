@@ -89,19 +89,51 @@ def test_no_chunks_in_training_mode_or_with_autograd(cls: type) -> None:
     assert calls == [10, 10]
 
 
-def test_no_chunks_with_several_threads() -> None:
-    module = ResNetModule(**TINY_CHEN).eval()
+@pytest.mark.parametrize("cls", [ResNetModule, PRNetModule])
+def test_several_threads_share_the_chunks_out_and_give_the_one_thread_logits(cls: type) -> None:
+    torch.manual_seed(0)
+    module = cls(**TINY_CHEN).eval()
     module.inference_chunk_size = 4
-    calls = []
+    x = torch.randn(18, 1, 8, 8)  # five chunks: 4, 4, 4, 4, 2
+    calls, grad_modes = [], []
     module.network.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    module.network.register_forward_hook(lambda m, args, out: grad_modes.append(torch.is_grad_enabled()))
     threads = torch.get_num_threads()
-    torch.set_num_threads(2)
     try:
+        torch.set_num_threads(1)
         with torch.no_grad():
-            module(torch.randn(10, 1, 8, 8))
+            one_thread = module(x)
+        calls.clear()
+        torch.set_num_threads(2)
+        with torch.no_grad():
+            two_threads = module(x)
+        assert torch.get_num_threads() == 2  # restored after the workers
+        with torch.inference_mode():
+            inference = module(x)
     finally:
         torch.set_num_threads(threads)
-    assert calls == [10]
+    assert sorted(calls[:5]) == [2, 4, 4, 4, 4]  # the workers' calls, in any order
+    assert torch.equal(two_threads, one_thread)  # each chunk computed as at one thread
+    assert not any(grad_modes)  # grad mode is thread-local: every worker ran without autograd
+    assert inference.is_inference() and torch.equal(inference, one_thread)
+
+
+def test_the_thread_count_is_restored_when_a_chunk_fails() -> None:
+    module = ResNetModule(**TINY_CHEN).eval()
+    module.inference_chunk_size = 4
+
+    def fail(m, args):
+        raise RuntimeError("broken chunk")
+
+    module.network.register_forward_pre_hook(fail)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with torch.no_grad(), pytest.raises(RuntimeError, match="broken chunk"):
+            module(torch.randn(10, 1, 8, 8))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.usefixtures("one_thread")

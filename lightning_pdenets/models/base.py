@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import lightning.pytorch as pl
@@ -101,6 +102,40 @@ class WeightedMean(Metric):
         return (self.weighted_sum / self.total_weight).float()
 
 
+_CHUNK_WORKERS: dict[int, ThreadPoolExecutor] = {}
+os.register_at_fork(after_in_child=_CHUNK_WORKERS.clear)  # a forked child has none of the parent's threads
+
+
+def evaluate_in_chunks(network: nn.Module, x: torch.Tensor, chunk: int) -> torch.Tensor:
+    """``network(x)`` without autograd, chunk by chunk; with N > 1 intra-op threads, N worker threads at one intra-op
+    thread each take a contiguous share of the chunks.
+
+    Each chunk is computed exactly as at one thread, so the logits do not depend on the thread count. Written by
+    hand because torch has no inter-op parallel map over a batch; grad mode is thread-local, so every worker
+    enters the caller's mode, and the intra-op thread count (process-wide) is restored afterwards.
+    """
+    parts = x.split(chunk)
+    threads = torch.get_num_threads()
+    workers = min(threads, len(parts))
+    if workers == 1:
+        return torch.cat([network(part) for part in parts])
+    inference = torch.is_inference_mode_enabled()
+
+    def run(own: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+        # not inference_mode(False): that would switch grad mode back on in this thread
+        with torch.inference_mode() if inference else torch.no_grad():
+            return [network(part) for part in own]
+
+    pool = _CHUNK_WORKERS.get(workers) or _CHUNK_WORKERS.setdefault(workers, ThreadPoolExecutor(workers))
+    share = -(-len(parts) // workers)
+    torch.set_num_threads(1)
+    try:
+        futures = [pool.submit(run, parts[start : start + share]) for start in range(0, len(parts), share)]
+        return torch.cat([logits for future in futures for logits in future.result()])
+    finally:
+        torch.set_num_threads(threads)
+
+
 class ClassifierModule(pl.LightningModule):
     """Cross-entropy classifier over ``self.network``, built in ``__init__`` from the registered :attr:`architecture`.
 
@@ -139,10 +174,11 @@ class ClassifierModule(pl.LightningModule):
 
     """Name of the network in the architecture registry, built from ``network`` by :meth:`build_network`."""
     inference_chunk_size: int | None = None
-    """Evaluate ``forward`` in chunks of this many samples in eval mode without autograd and with one intra-op
-    thread (None: whole batches). Only for networks whose samples do not interact in eval mode (not adaptive ODE
-    solves, whose steps depend on the batch): large batches of large feature maps run out of cache. With more
-    threads, small chunks leave each parallel op too little work (BENCHMARKS.md, issue 27: PR-Net speed)."""
+    """Evaluate ``forward`` on the CPU in chunks of this many samples in eval mode without autograd (None: whole
+    batches). Only for networks whose samples do not interact in eval mode (not adaptive ODE solves, whose steps
+    depend on the batch): large batches of large feature maps run out of cache. With several intra-op threads the
+    chunks are shared out to as many worker threads at one intra-op thread each, because small chunks leave a
+    parallel op too little work (BENCHMARKS.md, issue 27: PR-Net speed)."""
 
     def __init__(
         self,
@@ -194,9 +230,8 @@ class ClassifierModule(pl.LightningModule):
             and not self.training
             and not torch.is_grad_enabled()
             and x.device.type == "cpu"  # a GPU would only lose by small batches, whatever the CPU thread count
-            and torch.get_num_threads() == 1
         ):
-            return torch.cat([self.network(part) for part in x.split(chunk)])
+            return evaluate_in_chunks(self.network, x, chunk)
         return self.network(x)
 
     # -- steps ------------------------------------------------------------------------------
