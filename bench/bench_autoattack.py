@@ -163,7 +163,9 @@ def report(paths: list[str]) -> str:
         else:
             same, gap = "—", "—"
         square = acc["autoattack-fab-t"] - acc["autoattack"]
-        earlier = (EXISTING_STAND_IN if solver != "own" else EXISTING).get(model, {}).get(epsilon)
+        # {"adjoint": false} differentiates the model's own dopri5 by backpropagation: the own-solver figure applies
+        own_forward = solver == "own" or set(json.loads(solver)) <= {"adjoint"}
+        earlier = (EXISTING if own_forward else EXISTING_STAND_IN).get(model, {}).get(epsilon)
         through = "own solver" if solver == "own" else f"`{solver}`"
         lines.append(
             f"| {model} | {through} | {epsilon:g} | {n:.0f} (first) | {acc['clean']:.4f} | {same} | "
