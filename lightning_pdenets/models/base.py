@@ -126,7 +126,9 @@ def evaluate_in_chunks(network: nn.Module, x: torch.Tensor, chunk: int) -> torch
         with torch.inference_mode() if inference else torch.no_grad():
             return [network(part) for part in own]
 
-    pool = _CHUNK_WORKERS.get(workers) or _CHUNK_WORKERS.setdefault(workers, ThreadPoolExecutor(workers))
+    if workers not in _CHUNK_WORKERS:
+        _CHUNK_WORKERS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="pdenets-chunks")
+    pool = _CHUNK_WORKERS[workers]
     share = -(-len(parts) // workers)
     torch.set_num_threads(1)
     try:
