@@ -8,8 +8,9 @@ import subprocess
 import sys
 
 import pytest
+from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
 
-from lightning_pdenets.callbacks import NFEMonitor
+from lightning_pdenets.callbacks import NFEMonitor, ResumeAwareProgressBar
 from lightning_pdenets.cli.app import build_cli
 from tests.conftest import REPO_ROOT
 from tests.fakedata.tinyimagenet import fake_tinyimagenet
@@ -42,6 +43,44 @@ def test_a_user_callback_of_another_class_keeps_every_default(tmp_path, monkeypa
                      "--trainer.callbacks.monitor=val/loss"], run=False)
     names = [type(callback).__name__ for callback in cli.trainer.callbacks]
     assert names.count("NFEMonitor") == 1 and names.count("EarlyStopping") == 1, names
+
+
+def progress_bars(cli) -> list[ProgressBar]:
+    return [callback for callback in cli.trainer.callbacks if isinstance(callback, ProgressBar)]
+
+
+def test_the_default_bar_survives_a_mid_epoch_resume(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    cli = build_cli([*QUICKSTART, *TINY, "--trainer.enable_progress_bar=true"], run=False)
+    assert [type(bar) for bar in progress_bars(cli)] == [ResumeAwareProgressBar]
+
+
+def test_a_bar_given_by_the_user_is_the_only_bar(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    cli = build_cli([*QUICKSTART, *TINY, "--trainer.enable_progress_bar=true", "--trainer.callbacks+=TQDMProgressBar",
+                     "--trainer.callbacks.refresh_rate=5"], run=False)
+    [bar] = progress_bars(cli)
+    assert type(bar) is TQDMProgressBar and bar.refresh_rate == 5
+
+
+def test_no_bar_when_it_is_switched_off(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    cli = build_cli([*QUICKSTART, *TINY, "--trainer.enable_progress_bar=false"], run=False)
+    assert progress_bars(cli) == [] and cli.trainer.progress_bar_callback is None
+
+
+SECOND_BAR = ["--trainer.enable_progress_bar=true", "--trainer.callbacks+=TQDMProgressBar"]
+
+
+@pytest.mark.parametrize("switched_off", [["--trainer.enable_progress_bar=false"], SECOND_BAR])
+def test_a_bar_with_the_bar_switched_off_or_a_second_bar_is_a_short_error(switched_off, tmp_path, capsys,
+                                                                           monkeypatch) -> None:
+    """Lightning's MisconfigurationException was a traceback wall."""
+    monkeypatch.chdir(tmp_path)
+    code, err = run(["fit", *QUICKSTART, *TINY, "--trainer.callbacks+=ResumeAwareProgressBar", *switched_off], capsys)
+    assert code == 2
+    assert "progress bar" in err and ("enable_progress_bar=false" in err or "Keep one of them" in err), err
+    assert len(err.splitlines()) <= 3, err
 
 
 def test_a_corrupt_file_found_before_the_first_step_is_the_only_news(tmp_path) -> None:

@@ -13,7 +13,7 @@ import warnings
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
@@ -22,6 +22,7 @@ from typing_extensions import override
 import lightning_pdenets.callbacks  # makes callback class names resolvable in configs (as do the next two)
 import lightning_pdenets.data
 import lightning_pdenets.models  # noqa: F401
+from lightning_pdenets.callbacks.progress_bar import ResumeAwareProgressBar
 from lightning_pdenets.checkpoints import AtomicCheckpointIO
 from lightning_pdenets.cli._library_adapters import command_name, constructor_error, interrupted_by_ctrl_c
 from lightning_pdenets.cli.arguments import PDENetsArgumentParser, debugging, short_message, usage_error
@@ -34,7 +35,8 @@ from lightning_pdenets.errors import CorruptCheckpointError, DivergedError, Untr
 
 
 class PDENetsCLI(LightningCLI):
-    """LightningCLI with the framework's defaults: TensorBoard, best/last checkpoints, LR monitor, prediction files.
+    """LightningCLI with the framework's defaults: TensorBoard, best/last checkpoints, LR monitor, prediction files,
+    a progress bar that survives a mid-epoch resume.
 
     On top of Lightning's: each config logs into a folder of its own (:mod:`.log_folders`), a checkpoint is checked
     before anything loads it (:mod:`.resume`), learning rates and an evaluation solver given for this run win over
@@ -152,13 +154,26 @@ class PDENetsCLI(LightningCLI):
             if found is None or not self.parser.exit_on_error or debugging():
                 raise
             owner, cause = found
-            subcommand = self.config.get("subcommand")
-            command = command_name(self.parser) + (f" {subcommand}" if subcommand else "")
-            usage_error(command, short_message(f"{owner}: {cause}" if owner else str(cause)))
+            usage_error(self._command(), short_message(f"{owner}: {cause}" if owner else str(cause)))
+
+    def _command(self) -> str:
+        """The command as the user typed it, e.g. ``pdenets fit``, for error messages."""
+        subcommand = self.config.get("subcommand")
+        return command_name(self.parser) + (f" {subcommand}" if subcommand else "")
 
     @override
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
-        """Lightning's trainer, saving checkpoints through :class:`AtomicCheckpointIO` unless a plugin says another."""
+        """Lightning's trainer, saving checkpoints through :class:`AtomicCheckpointIO` unless a plugin says another.
+
+        Its default progress bar is :class:`~lightning_pdenets.callbacks.ResumeAwareProgressBar` (Lightning's tqdm
+        bar, which keeps its epoch, total and ETA after a mid-epoch ``--ckpt_path`` resume). A progress bar given in
+        ``trainer.callbacks`` is kept, and ``enable_progress_bar: false`` still means no bar.
+        """
+        config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        trainer_config = config.get("trainer") or {}
+        callbacks = kwargs.get("callbacks", trainer_config.get("callbacks")) or []
+        callbacks = list(callbacks) if isinstance(callbacks, list) else [callbacks]
+        kwargs["callbacks"] = with_progress_bar(trainer_config, callbacks, self._command())
         trainer = super().instantiate_trainer(**kwargs)
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
@@ -222,6 +237,32 @@ def drop_replaced_default_callbacks(config: Any) -> None:
         for index, entry in enumerate(callbacks)
         if names[index] not in SINGLE_DEFAULT_CALLBACKS or names[index] not in names[index + 1 :]
     ]
+
+
+def with_progress_bar(trainer_config: Any, callbacks: list[Callback], command: str) -> list[Callback]:
+    """``callbacks`` with :class:`ResumeAwareProgressBar` added when the run shows a bar and names none.
+
+    Where Lightning would stop with a traceback (a bar in the callbacks while the bar is switched off, or two bars),
+    this ends with a short message and exit code 2 instead.
+    """
+    bars = [type(callback).__name__ for callback in callbacks if isinstance(callback, ProgressBar)]
+    shown = trainer_config.get("enable_progress_bar") is not False and not trainer_config.get("barebones")
+    if len(bars) > 1:
+        usage_error(
+            command,
+            f"trainer.callbacks holds {len(bars)} progress bars ({', '.join(bars)}); a run shows one. "
+            "Keep one of them.",
+        )
+    if bars and not shown:
+        switch = "--trainer.enable_progress_bar=false"
+        if trainer_config.get("barebones"):
+            switch = "--trainer.barebones=true"
+        usage_error(
+            command,
+            f"trainer.callbacks holds a progress bar ({bars[0]}), but {switch} switches the bar off. "
+            f"Drop the bar's entry (its --config or --trainer.callbacks+=...) or drop {switch}.",
+        )
+    return callbacks if bars or not shown else [*callbacks, ResumeAwareProgressBar()]
 
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> PDENetsCLI:
