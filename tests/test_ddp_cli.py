@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 import signal
 import socket
@@ -311,6 +312,8 @@ def test_sigterm_stopped_ddp_fit_resumes_on_two_ranks_and_on_one(tmp_path: Path)
     resumed = pdenets([*fit, "--config", DDP_CPU, "--ckpt_path", "last"], stopped)
     assert_ok(resumed)
     assert "Resuming from" in resumed.stdout + resumed.stderr
+    # the default bar names the epoch it resumed in and its total (Lightning's own read "Training: 0/?" there)
+    assert re.search(r"Epoch 1: +\d+%\|[^|]*\| \d/3 ", resumed.stdout), resumed.stdout[-2000:]
     finals, expected = _final_weights(stopped), _final_weights(reference)
     for name in expected:
         torch.testing.assert_close(finals[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
