@@ -9,7 +9,8 @@ differentiating a fixed-step stand-in (``--gradient-solver``), the attacked mode
 The images are the first ``--images`` MNIST test images, in the order of ``MNISTDataModule``'s test loader: the
 same 1,000 as the FGSM/PGD/SPSA rows of BENCHMARKS.md ("Robustness of the trained models"). Batches are attacked
 in order, every ε per batch, and each (batch, ε) is appended to ``--raw`` (JSON lines) as soon as it is done, so a
-partial run still gives rows on the first N images; a rerun skips the (batch, ε) already in ``--raw``.
+partial run still gives rows on the first N images; a rerun skips the (batch, ε) already in ``--raw``. ``--shard K/N``
+attacks only the batches whose index is K modulo N, so N processes (one per core) can append to the same ``--raw``.
 
 ``--existing`` runs FGSM and PGD-20 (the earlier rows' attacks and settings) on the same images instead, so that
 the gap is measured image for image; ``--pgd-steps 100`` with it gives PGD-100. The report's masking flag is the
@@ -72,6 +73,18 @@ def test_batches(data_dir: str, images: int, batch_size: int):
     return
 
 
+def shard_spec(text: str) -> tuple[int, int]:
+    """``K/N`` → (K, N) with 0 ≤ K < N."""
+    shard, _, shards = text.partition("/")
+    try:
+        shard_index, shard_count = int(shard), int(shards)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shard takes K/N, e.g. 0/2; got {text!r}") from None
+    if not 0 <= shard_index < shard_count:
+        raise argparse.ArgumentTypeError(f"--shard K/N needs 0 <= K < N; got {text!r}")
+    return shard_index, shard_count
+
+
 def run(args: argparse.Namespace) -> None:
     name, _, path = args.checkpoint.partition("=")
     model = load_model(Path(path))
@@ -93,7 +106,10 @@ def run(args: argparse.Namespace) -> None:
             record = json.loads(line)
             done.add((record["batch"], record["epsilon"]))
     solver = "own" if args.gradient_solver is None else json.dumps(args.gradient_solver, sort_keys=True)
+    shard, shards = args.shard
     for batch, (x, y) in enumerate(test_batches(args.data_dir, args.images, args.batch_size)):
+        if batch % shards != shard:
+            continue
         for epsilon in args.epsilons:
             if (batch, epsilon) in done:
                 continue
@@ -200,6 +216,8 @@ def main() -> None:
     parser.add_argument("--pgd-steps", type=int, default=20,
                         help="with --existing: PGD iterations (20: the earlier rows; other values are recorded as pgd<N>)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--shard", type=shard_spec, default=(0, 1), metavar="K/N",
+                        help="attack only the batches whose index is K modulo N (one process per core)")
     parser.add_argument("--raw", help="JSON-lines file the per-batch results are appended to")
     parser.add_argument("--report", nargs="+", metavar="RAW", help="write the Markdown table from these raw files")
     parser.add_argument("--output", type=Path, default=None)

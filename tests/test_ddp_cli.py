@@ -134,7 +134,8 @@ PRESET_GROUPS = {
     # RK-Net (fixed step) on digits: the evaluation presets, then the training ones
     "rknet_evaluation": (QUICKSTART, ["adversarial", "autoattack", "inference_timer", "ood", "solver_swap_check"],
                          ["--data.batch_size", "4"]),
-    "rknet_training": (QUICKSTART, ["device_stats", "early_stopping", "ema", "progress_bar", "step_size_adaptation"], []),
+    "rknet_training": (QUICKSTART, ["device_stats", "early_stopping", "ema", "progress_bar", "step_size_adaptation"],
+                       []),
     # the same network with an adaptive solver
     "adaptive": (QUICKSTART, ["tolerance_adaptation"], ["--model.init_args.solver.method", "dopri5"]),
     # the parabolic PDE-CNN, which has time-dependent weights and time-stepping blocks (fabricated STL-10)
