@@ -137,6 +137,13 @@ def run(args: argparse.Namespace) -> None:
                   f"{keys[-1]} {int(final.sum())} ({seconds:.0f} s)", flush=True)
 
 
+def coverage(images: set[int]) -> str:
+    """``1000 (first)`` for the first N test images, ``740 (of the first 1000)`` where sharded runs left gaps."""
+    if images == set(range(len(images))):
+        return f"{len(images)} (first)"
+    return f"{len(images)} (of the first {max(images) + 1})"
+
+
 def report(paths: list[str]) -> str:
     """Markdown table: per model, gradient route and ε, AutoAttack's stages against FGSM/PGD on the same images."""
     records = [json.loads(line) for path in paths for line in Path(path).read_text().splitlines()]
@@ -184,7 +191,7 @@ def report(paths: list[str]) -> str:
         earlier = (EXISTING if own_forward else EXISTING_STAND_IN).get(model, {}).get(epsilon)
         through = "own solver" if solver == "own" else f"`{solver}`"
         lines.append(
-            f"| {model} | {through} | {epsilon:g} | {n:.0f} (first) | {acc['clean']:.4f} | {same} | "
+            f"| {model} | {through} | {epsilon:g} | {coverage(cell['images_seen'])} | {acc['clean']:.4f} | {same} | "
             f"{acc['autoattack-apgd-ce']:.4f} | {acc['autoattack-apgd-t']:.4f} | {acc['autoattack-fab-t']:.4f} | "
             f"**{acc['autoattack']:.4f}** | {gap} | {square * 100:.1f} pp ({'raised' if square > 0 else 'not raised'}) | "
             f"{'—' if earlier is None else f'{earlier:.4f}'} |")
@@ -197,7 +204,42 @@ def report(paths: list[str]) -> str:
                      f"{max(cell['utc'])}, {cell['seconds'] / 60:.1f} min ({settings})")
     if notes:
         lines += ["", "Images robust to AutoAttack but fooled by an existing attack:", ""] + [f"- {n}" for n in notes]
+    lines += paired_comparison(cells)
     return "\n".join(lines) + "\n"
+
+
+def paired_comparison(cells: dict) -> list[str]:
+    """Per ε, every pair of models image for image on the images both were attacked on (each model's AutoAttack run
+    that covers the most images), with an exact two-sided sign test on the images only one of the two survives."""
+    from scipy.stats import binomtest
+
+    lines: list[str] = []
+    for epsilon in sorted({key[3] for key in cells}):
+        widest: dict[str, tuple[str, dict]] = {}
+        for (suite, model, solver, eps), cell in cells.items():
+            if suite == "autoattack" and eps == epsilon and (
+                    model not in widest or len(cell["images_seen"]) > len(widest[model][1]["images_seen"])):
+                widest[model] = (solver, cell)
+        models = sorted(widest)
+        rows = []
+        for index, first in enumerate(models):
+            for second in models[index + 1:]:
+                (route_a, a), (route_b, b) = widest[first], widest[second]
+                common = a["images_seen"] & b["images_seen"]
+                robust_a, robust_b = a["robust_images"] & common, b["robust_images"] & common
+                if not robust_a | robust_b:
+                    continue  # both at 0: nothing to compare
+                only_a, only_b = len(robust_a - robust_b), len(robust_b - robust_a)
+                p = binomtest(min(only_a, only_b), only_a + only_b, 0.5).pvalue if only_a + only_b else 1.0
+                rows.append(f"| {first} ({route_a}) vs {second} ({route_b}) | {len(common)} | "
+                            f"{len(robust_a) / len(common):.4f} / {len(robust_b) / len(common):.4f} | {only_a} / {only_b} "
+                            f"| {p:.2g} |")
+        if rows:
+            lines += ["", f"Paired, ε={epsilon:g}: AutoAttack accuracy on the images both models were attacked on, the "
+                      "images only one survives, and the exact two-sided sign test on those:", "",
+                      "| models (gradients through) | images | accuracy | survive only for the first / second | p |",
+                      "|---|---|---|---|---|", *rows]
+    return lines
 
 
 def main() -> None:
