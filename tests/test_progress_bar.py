@@ -11,19 +11,9 @@ from lightning.pytorch.callbacks import OnExceptionCheckpoint, TQDMProgressBar
 from lightning_pdenets.callbacks import ResumeAwareProgressBar
 from lightning_pdenets.data import DigitsDataModule
 from lightning_pdenets.models import RKNetModule
+from tests.test_resume import Interrupt
 
 BATCHES = 6
-
-
-class Interrupt(pl.Callback):
-    """Raise after ``step`` optimizer steps, like a pre-empted job."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step == self.step:
-            raise RuntimeError("simulated pre-emption")
 
 
 class BarAtFirstBatch(pl.Callback):
