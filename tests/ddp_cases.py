@@ -247,6 +247,7 @@ CASES: dict[str, DDPCase] = {
                                rank_only_metrics=("inference/",)),
     "sigterm_flag_only": DDPCase(("SigtermFlagOnly",), rknet, test=True, callbacks=lambda: [cb.SigtermFlagOnly()]),
     "ema": DDPCase(("EMAWeights",), rknet, test=True, callbacks=lambda: [cb.EMAWeights(decay=0.9)]),
+    "progress_bar": DDPCase(("ResumeAwareProgressBar",), rknet, test=True, callbacks=lambda: [cb.ResumeAwareProgressBar()]),
     "prediction_writer": DDPCase(("PredictionWriter",), rknet, predict=True,
                                  callbacks=lambda: [cb.PredictionWriter(output_dir="predictions")]),
     "checkpoint_on_interrupt": DDPCase(

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Checkpoint
+from lightning.pytorch.callbacks import Checkpoint, ProgressBar
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -46,7 +46,7 @@ def run_case(name: str, case: DDPCase, out_dir: Path, devices: int, batch_size: 
         limit_train_batches=case.train_batches, limit_val_batches=2, limit_test_batches=2, num_sanity_val_steps=0,
         callbacks=helpers + callbacks, logger=False,
         enable_checkpointing=any(isinstance(c, Checkpoint) for c in callbacks),
-        enable_progress_bar=False, enable_model_summary=False,
+        enable_progress_bar=any(isinstance(c, ProgressBar) for c in callbacks), enable_model_summary=False,
     )
     datamodule = case.data(batch_size)
     error, error_type, metrics = "", "", {}

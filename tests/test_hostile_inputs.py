@@ -122,6 +122,9 @@ def test_ctrl_c_exits_130_in_one_line_and_says_nothing_of_weights_only(tmp_path:
     config.write_text(f"trainer:\n  callbacks+:\n    - class_path: {__name__}.CtrlCAtStep\n")
     handler = signal.getsignal(signal.SIGINT)
     caplog.set_level("INFO")
+    # Ctrl-C in a terminal: Python's own handler. A suite started in the background (`.ci/run &`) inherits SIGINT
+    # ignored from the shell, and the SIGINT below would then be lost.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         code, err = run(["fit", *QUICK, "--config", str(config)], capsys)
     finally:
