@@ -16,6 +16,7 @@ from typing import Any, Optional
 import lightning.pytorch as pl
 import pytest
 import torch
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.loggers import Logger
 
 from lightning_pdenets.callbacks import CheckpointOnInterrupt
@@ -83,7 +84,8 @@ def run(case: DDPCase, root: Path, extra_callbacks: list[pl.Callback], ckpt_path
     trainer = pl.Trainer(
         accelerator="cpu", devices=1, max_epochs=max(EPOCHS, case.epochs), limit_train_batches=case.train_batches,
         limit_val_batches=2, limit_test_batches=2, num_sanity_val_steps=0, deterministic=True, default_root_dir=root,
-        logger=RecordingLogger({} if scalars is None else scalars), log_every_n_steps=1, enable_progress_bar=False,
+        logger=RecordingLogger({} if scalars is None else scalars), log_every_n_steps=1,
+        enable_progress_bar=any(isinstance(c, ProgressBar) for c in callbacks),
         enable_model_summary=False, callbacks=callbacks + extra_callbacks,
         enable_checkpointing=bool(extra_callbacks),
     )
