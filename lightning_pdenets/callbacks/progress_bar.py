@@ -22,6 +22,7 @@ class ResumeAwareProgressBar(TQDMProgressBar):
     Everywhere else it is ``TQDMProgressBar``; ``pdenets`` uses it as the default bar.
     """
 
+    # TQDMProgressBar's own arguments, declared again so that the generated docs page shows the signature
     def __init__(self, refresh_rate: int = 1, process_position: int = 0, leave: bool = False) -> None:
         super().__init__(refresh_rate=refresh_rate, process_position=process_position, leave=leave)
         self._restarted_in_epoch = False
