@@ -93,10 +93,17 @@ def run(args: argparse.Namespace) -> None:
     suite = ("existing" if args.pgd_steps == 20 else f"pgd{args.pgd_steps}") if args.existing else "autoattack"
     # --existing: FGSM and PGD-20 exactly as BENCHMARKS' earlier rows (bench_paper_scale.py: 20 steps of 2.5·ε/20
     # from a random start, seed = batch index, batches of 50), on the same images as the AutoAttack rows
-    callback = AdversarialEvaluation(epsilons=list(args.epsilons), attacks=["fgsm", "pgd"] if args.existing else ["autoattack"],
-                                     mean=stats[0], std=stats[1], pgd_steps=args.pgd_steps, autoattack_steps=args.steps,
-                                     autoattack_queries=args.queries, gradient_solver=args.gradient_solver,
-                                     log_figure=False)
+    callback = AdversarialEvaluation(
+        epsilons=list(args.epsilons),
+        attacks=["fgsm", "pgd"] if args.existing else ["autoattack"],
+        mean=stats[0],
+        std=stats[1],
+        pgd_steps=args.pgd_steps,
+        autoattack_steps=args.steps,
+        autoattack_queries=args.queries,
+        gradient_solver=args.gradient_solver,
+        log_figure=False,
+    )
     keys = ("fgsm", "pgd", "robust") if args.existing else STAGES
     raw = Path(args.raw)
     raw.parent.mkdir(parents=True, exist_ok=True)
@@ -122,19 +129,30 @@ def run(args: argparse.Namespace) -> None:
             correct.update({key: outputs[f"{key}_{label}"].argmax(1) == y for key in keys})
             final = correct[keys[-1]]
             record = {
-                "suite": suite, "model": name, "checkpoint": path, "gradient_solver": solver, "batch": batch,
-                "epsilon": epsilon, "images": len(y), "first_image": batch * args.batch_size, "steps": args.steps,
-                "queries": args.queries, "seconds": round(seconds, 2),
+                "suite": suite,
+                "model": name,
+                "checkpoint": path,
+                "gradient_solver": solver,
+                "batch": batch,
+                "epsilon": epsilon,
+                "images": len(y),
+                "first_image": batch * args.batch_size,
+                "steps": args.steps,
+                "queries": args.queries,
+                "seconds": round(seconds, 2),
                 "utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 "machine": f"{platform.node()}, {os.cpu_count()} CPUs (shared), torch {torch.__version__}, "
-                           f"{torch.get_num_threads()} thread(s)",
+                f"{torch.get_num_threads()} thread(s)",
                 **{f"correct_{key}": int(value.sum()) for key, value in correct.items()},
                 "robust_images": [int(i) for i in (final.nonzero().flatten() + batch * args.batch_size)],
             }
             with raw.open("a") as handle:
                 handle.write(json.dumps(record) + "\n")
-            print(f"{name} [{suite}, {solver}] batch {batch} ε={epsilon:g}: clean {record['correct_clean']}/{len(y)}, "
-                  f"{keys[-1]} {int(final.sum())} ({seconds:.0f} s)", flush=True)
+            print(
+                f"{name} [{suite}, {solver}] batch {batch} ε={epsilon:g}: clean {record['correct_clean']}/{len(y)}, "
+                f"{keys[-1]} {int(final.sum())} ({seconds:.0f} s)",
+                flush=True,
+            )
 
 
 def coverage(images: set[int]) -> str:
@@ -159,7 +177,7 @@ def report(paths: list[str]) -> str:
         cell["settings"].add((record["steps"], record["queries"], record["machine"]))
         for field, value in record.items():
             if field.startswith("correct_"):
-                cell[field[len("correct_"):]] += value
+                cell[field[len("correct_") :]] += value
     lines = [
         "| model | gradients through | ε | images | clean | FGSM / PGD-20 (best existing, same images) | APGD-CE "
         "| + APGD-T | + FAB-T | **AutoAttack** (+ Square) | gap: existing − AutoAttack | Square's gain (masking flag) "
@@ -167,11 +185,13 @@ def report(paths: list[str]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     notes: list[str] = []
-    for (suite, model, solver, epsilon), cell in sorted(cells.items(), key=lambda item: (item[0][1], item[0][2], item[0][3])):
+    for (suite, model, solver, epsilon), cell in sorted(
+        cells.items(), key=lambda item: (item[0][1], item[0][2], item[0][3])
+    ):
         if suite != "autoattack":
             continue
         n = cell["images"]
-        acc = {field: cell[field] / n for field in ("clean",) + STAGES}
+        acc = {field: cell[field] / n for field in ("clean", *STAGES)}
         existing = cells.get(("existing", model, solver, epsilon)) or cells.get(("existing", model, "own", epsilon))
         if existing is not None and existing["images_seen"] >= cell["images_seen"]:
             # restrict the existing attacks to the AutoAttack images
@@ -181,8 +201,10 @@ def report(paths: list[str]) -> str:
             gap = f"{(best - acc['autoattack']) * 100:+.1f} pp"
             missed = cell["robust_images"] - robust_existing
             if missed:
-                notes.append(f"{model} ({solver}) ε={epsilon:g}: {len(missed)} image(s) AutoAttack left robust were "
-                             f"fooled by FGSM/PGD: {sorted(missed)}")
+                notes.append(
+                    f"{model} ({solver}) ε={epsilon:g}: {len(missed)} image(s) AutoAttack left robust were "
+                    f"fooled by FGSM/PGD: {sorted(missed)}"
+                )
         else:
             same, gap = "—", "—"
         square = acc["autoattack-fab-t"] - acc["autoattack"]
@@ -194,14 +216,21 @@ def report(paths: list[str]) -> str:
             f"| {model} | {through} | {epsilon:g} | {coverage(cell['images_seen'])} | {acc['clean']:.4f} | {same} | "
             f"{acc['autoattack-apgd-ce']:.4f} | {acc['autoattack-apgd-t']:.4f} | {acc['autoattack-fab-t']:.4f} | "
             f"**{acc['autoattack']:.4f}** | {gap} | {square * 100:.1f} pp ({'raised' if square > 0 else 'not raised'}) | "
-            f"{'—' if earlier is None else f'{earlier:.4f}'} |")
+            f"{'—' if earlier is None else f'{earlier:.4f}'} |"
+        )
     lines += ["", "Runs (UTC span of the recorded batches; attack time summed over batches):", ""]
-    for (suite, model, solver, epsilon), cell in sorted(cells.items(), key=lambda item: (item[0][1], item[0][2], item[0][0], item[0][3])):
+    for (suite, model, solver, epsilon), cell in sorted(
+        cells.items(), key=lambda item: (item[0][1], item[0][2], item[0][0], item[0][3])
+    ):
         what = {"existing": "FGSM + PGD-20"}.get(suite, suite.upper())
-        settings = "; ".join(f"{what if suite != 'autoattack' else f'{s} iterations, {q} Square queries'}, {m}"
-                             for s, q, m in sorted(cell["settings"]))
-        lines.append(f"- {suite}, {model}, gradients through {solver}, ε={epsilon:g}: {min(cell['utc'])} – "
-                     f"{max(cell['utc'])}, {cell['seconds'] / 60:.1f} min ({settings})")
+        settings = "; ".join(
+            f"{what if suite != 'autoattack' else f'{s} iterations, {q} Square queries'}, {m}"
+            for s, q, m in sorted(cell["settings"])
+        )
+        lines.append(
+            f"- {suite}, {model}, gradients through {solver}, ε={epsilon:g}: {min(cell['utc'])} – "
+            f"{max(cell['utc'])}, {cell['seconds'] / 60:.1f} min ({settings})"
+        )
     if notes:
         lines += ["", "Images robust to AutoAttack but fooled by an existing attack:", ""] + [f"- {n}" for n in notes]
     lines += paired_comparison(cells)
@@ -217,13 +246,16 @@ def paired_comparison(cells: dict) -> list[str]:
     for epsilon in sorted({key[3] for key in cells}):
         widest: dict[str, tuple[str, dict]] = {}
         for (suite, model, solver, eps), cell in cells.items():
-            if suite == "autoattack" and eps == epsilon and (
-                    model not in widest or len(cell["images_seen"]) > len(widest[model][1]["images_seen"])):
+            if (
+                suite == "autoattack"
+                and eps == epsilon
+                and (model not in widest or len(cell["images_seen"]) > len(widest[model][1]["images_seen"]))
+            ):
                 widest[model] = (solver, cell)
         models = sorted(widest)
         rows = []
         for index, first in enumerate(models):
-            for second in models[index + 1:]:
+            for second in models[index + 1 :]:
                 (route_a, a), (route_b, b) = widest[first], widest[second]
                 common = a["images_seen"] & b["images_seen"]
                 robust_a, robust_b = a["robust_images"] & common, b["robust_images"] & common
@@ -231,14 +263,21 @@ def paired_comparison(cells: dict) -> list[str]:
                     continue  # both at 0: nothing to compare
                 only_a, only_b = len(robust_a - robust_b), len(robust_b - robust_a)
                 p = binomtest(min(only_a, only_b), only_a + only_b, 0.5).pvalue if only_a + only_b else 1.0
-                rows.append(f"| {first} ({route_a}) vs {second} ({route_b}) | {len(common)} | "
-                            f"{len(robust_a) / len(common):.4f} / {len(robust_b) / len(common):.4f} | {only_a} / {only_b} "
-                            f"| {p:.2g} |")
+                rows.append(
+                    f"| {first} ({route_a}) vs {second} ({route_b}) | {len(common)} | "
+                    f"{len(robust_a) / len(common):.4f} / {len(robust_b) / len(common):.4f} | {only_a} / {only_b} "
+                    f"| {p:.2g} |"
+                )
         if rows:
-            lines += ["", f"Paired, ε={epsilon:g}: AutoAttack accuracy on the images both models were attacked on, the "
-                      "images only one survives, and the exact two-sided sign test on those:", "",
-                      "| models (gradients through) | images | accuracy | survive only for the first / second | p |",
-                      "|---|---|---|---|---|", *rows]
+            lines += [
+                "",
+                f"Paired, ε={epsilon:g}: AutoAttack accuracy on the images both models were attacked on, the "
+                "images only one survives, and the exact two-sided sign test on those:",
+                "",
+                "| models (gradients through) | images | accuracy | survive only for the first / second | p |",
+                "|---|---|---|---|---|",
+                *rows,
+            ]
     return lines
 
 
@@ -251,15 +290,31 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--steps", type=int, default=100, help="APGD-CE/APGD-T/FAB-T iterations (Croce & Hein: 100)")
     parser.add_argument("--queries", type=int, default=5000, help="Square queries (Croce & Hein: 5,000)")
-    parser.add_argument("--gradient-solver", type=json.loads, default=None,
-                        help='JSON stand-in solver for the gradient-based stages, e.g. \'{"method": "rk4", "step_size": 0.1}\'')
-    parser.add_argument("--existing", action="store_true",
-                        help="run FGSM and PGD-20 (the earlier rows' attacks) instead of AutoAttack, on the same images")
-    parser.add_argument("--pgd-steps", type=int, default=20,
-                        help="with --existing: PGD iterations (20: the earlier rows; other values are recorded as pgd<N>)")
+    parser.add_argument(
+        "--gradient-solver",
+        type=json.loads,
+        default=None,
+        help='JSON stand-in solver for the gradient-based stages, e.g. \'{"method": "rk4", "step_size": 0.1}\'',
+    )
+    parser.add_argument(
+        "--existing",
+        action="store_true",
+        help="run FGSM and PGD-20 (the earlier rows' attacks) instead of AutoAttack, on the same images",
+    )
+    parser.add_argument(
+        "--pgd-steps",
+        type=int,
+        default=20,
+        help="with --existing: PGD iterations (20: the earlier rows; other values are recorded as pgd<N>)",
+    )
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--shard", type=shard_spec, default=(0, 1), metavar="K/N",
-                        help="attack only the batches whose index is K modulo N (one process per core)")
+    parser.add_argument(
+        "--shard",
+        type=shard_spec,
+        default=(0, 1),
+        metavar="K/N",
+        help="attack only the batches whose index is K modulo N (one process per core)",
+    )
     parser.add_argument("--raw", help="JSON-lines file the per-batch results are appended to")
     parser.add_argument("--report", nargs="+", metavar="RAW", help="write the Markdown table from these raw files")
     parser.add_argument("--output", type=Path, default=None)

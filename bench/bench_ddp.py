@@ -25,8 +25,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-CONFIGS = {"odenet": REPO / "configs/mnist/odenet.yaml", "prnet": REPO / "configs/mnist/prnet.yaml",
-           "resnet": REPO / "configs/mnist/resnet.yaml", "rknet": REPO / "configs/mnist/rknet.yaml"}
+CONFIGS = {
+    "odenet": REPO / "configs/mnist/odenet.yaml",
+    "prnet": REPO / "configs/mnist/prnet.yaml",
+    "resnet": REPO / "configs/mnist/resnet.yaml",
+    "rknet": REPO / "configs/mnist/rknet.yaml",
+}
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -36,12 +40,30 @@ def worker(args: argparse.Namespace) -> None:
     from lightning_pdenets.cli import build_cli
 
     pl.seed_everything(0)
-    cli = build_cli(["--config", str(CONFIGS[args.model]), f"--data.init_args.data_dir={args.data_dir}",
-                     "--data.init_args.download=false", f"--data.init_args.global_batch_size={args.global_batch}",
-                     "--data.init_args.augment=false", "--trainer.logger=false"], run=False)
-    trainer = pl.Trainer(accelerator="cpu", devices=args.devices, strategy="ddp" if args.devices > 1 else "auto",
-                         max_epochs=1, limit_train_batches=args.steps, limit_val_batches=0, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False)
+    cli = build_cli(
+        [
+            "--config",
+            str(CONFIGS[args.model]),
+            f"--data.init_args.data_dir={args.data_dir}",
+            "--data.init_args.download=false",
+            f"--data.init_args.global_batch_size={args.global_batch}",
+            "--data.init_args.augment=false",
+            "--trainer.logger=false",
+        ],
+        run=False,
+    )
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=args.devices,
+        strategy="ddp" if args.devices > 1 else "auto",
+        max_epochs=1,
+        limit_train_batches=args.steps,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     start = time.perf_counter()
     trainer.fit(cli.model, datamodule=cli.datamodule)
     seconds = time.perf_counter() - start
@@ -73,20 +95,44 @@ def main() -> None:
         for devices in (1, 2):
             out = Path(f"/tmp/bench_ddp_{model}_{devices}.pt")
             env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // devices))}
-            subprocess.run([sys.executable, __file__, "--worker", "--model", model, "--devices", str(devices),
-                            "--steps", str(args.steps), "--global-batch", str(args.global_batch),
-                            "--data-dir", args.data_dir, "--out", str(out)], check=True, env=env, cwd="/tmp")
+            subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--worker",
+                    "--model",
+                    model,
+                    "--devices",
+                    str(devices),
+                    "--steps",
+                    str(args.steps),
+                    "--global-batch",
+                    str(args.global_batch),
+                    "--data-dir",
+                    args.data_dir,
+                    "--out",
+                    str(out),
+                ],
+                check=True,
+                env=env,
+                cwd="/tmp",
+            )
             results[devices] = torch.load(out)
         difference = (results[1]["parameters"] - results[2]["parameters"]).abs().max().item()
         samples = args.steps * args.global_batch
         rows.append((model, samples / results[1]["seconds"], samples / results[2]["seconds"], difference))
         print(json.dumps(rows[-1]))
-    lines = [f"### DDP, 2 CPU processes (gloo) vs 1 ({datetime.date.today().isoformat()})", "",
-             f"Machine: {platform.machine()}, {os.cpu_count()} cores; {args.steps} steps at global batch "
-             f"{args.global_batch} on MNIST; threads split evenly between processes.", "",
-             f"Command: `python bench/bench_ddp.py {' '.join(sys.argv[1:])}`", "",
-             "| model | 1 process, samples/s | 2 processes, samples/s | speed-up | max parameter difference |",
-             "|---|---|---|---|---|"]
+    lines = [
+        f"### DDP, 2 CPU processes (gloo) vs 1 ({datetime.date.today().isoformat()})",
+        "",
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores; {args.steps} steps at global batch "
+        f"{args.global_batch} on MNIST; threads split evenly between processes.",
+        "",
+        f"Command: `python bench/bench_ddp.py {' '.join(sys.argv[1:])}`",
+        "",
+        "| model | 1 process, samples/s | 2 processes, samples/s | speed-up | max parameter difference |",
+        "|---|---|---|---|---|",
+    ]
     for model, single, double, difference in rows:
         lines.append(f"| {model} | {single:.1f} | {double:.1f} | {double / single:.2f}× | {difference:.2e} |")
     table = "\n".join(lines) + "\n"

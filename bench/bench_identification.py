@@ -49,9 +49,11 @@ from tests.closed_form_pdes import ONE_DIMENSIONAL, grid, sampled  # noqa: E402
 NOISE_LEVELS = (0.0, 0.001, 0.01, 0.05)
 WEAK = ("weak", None, None)  # the defaults: boxes of an eighth of the grid, test functions (1 - s^2)^6
 # name: (grid nx x nt, [(form, window, degree), ...]); the KdV solitons need a finer grid and shorter windows
-SETUPS = {"burgers": ((256, 101), [WEAK, ("pointwise", 21, 4), ("pointwise", 31, 5)]),
-          "heat": ((256, 101), [WEAK, ("pointwise", 21, 4), ("pointwise", 31, 5)]),
-          "kdv": ((512, 201), [WEAK, ("pointwise", 15, 5), ("pointwise", 21, 5)])}
+SETUPS = {
+    "burgers": ((256, 101), [WEAK, ("pointwise", 21, 4), ("pointwise", 31, 5)]),
+    "heat": ((256, 101), [WEAK, ("pointwise", 21, 4), ("pointwise", 31, 5)]),
+    "kdv": ((512, 201), [WEAK, ("pointwise", 15, 5), ("pointwise", 21, 5)]),
+}
 
 
 def errors(equation: GoverningEquation, expected: dict[str, float]) -> tuple[float, float]:
@@ -69,8 +71,9 @@ def old_fit(equation: GoverningEquation, library: torch.Tensor, h_t: torch.Tenso
     gram, correlation = flat @ flat.T / flat.shape[1], flat @ h_t.reshape(-1) / flat.shape[1]
     with torch.no_grad():
         equation.alpha.zero_()
-    optimizer = ProximalSGD([equation.alpha], lr=1 / equation.lipschitz_constant(library),
-                            l1_weight=equation.l1_weight, momentum=0.9)
+    optimizer = ProximalSGD(
+        [equation.alpha], lr=1 / equation.lipschitz_constant(library), l1_weight=equation.l1_weight, momentum=0.9
+    )
     for _ in range(5000):
         equation.alpha.grad = 2 * (gram @ equation.alpha.detach() - correlation)
         optimizer.step()
@@ -87,8 +90,10 @@ def points(kind: str, count: int, x_range, t_range, generator: torch.Generator) 
 
 
 def exact_table() -> list[str]:
-    rows = ["| PDE | points | true coeff. error | largest other / largest | steps | fit time | old fit: error | old fit: other / largest |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    rows = [
+        "| PDE | points | true coeff. error | largest other / largest | steps | fit time | old fit: error | old fit: other / largest |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     generator = torch.Generator().manual_seed(0)
     for name, (function, expected, x_range, t_range) in ONE_DIMENSIONAL.items():
         for kind, count in (("uniform", 200), ("uniform", 2000), ("grid", 4900)):
@@ -100,8 +105,10 @@ def exact_table() -> list[str]:
             error, other = errors(equation, expected)
             old_fit(equation, library, h_t)
             old_error, old_other = errors(equation, expected)
-            rows.append(f"| {name} | {kind} {count} | {error:.2%} | {other:.2%} | {fit.steps} | {elapsed * 1e3:.0f} ms "
-                        f"| {old_error:.1%} | {old_other:.1%} |")
+            rows.append(
+                f"| {name} | {kind} {count} | {error:.2%} | {other:.2%} | {fit.steps} | {elapsed * 1e3:.0f} ms "
+                f"| {old_error:.1%} | {old_other:.1%} |"
+            )
     return rows
 
 
@@ -124,16 +131,24 @@ def identify(samples: torch.Tensor, spacing, form: str, window, degree) -> tuple
 
 
 def setup_label(form: str, window, degree) -> str:
-    return "weak (defaults)" if form == "weak" else f"pointwise {window}, {degree}" + (
-        " (old default)" if (window, degree) == (21, 4) else "")
+    return (
+        "weak (defaults)"
+        if form == "weak"
+        else f"pointwise {window}, {degree}" + (" (old default)" if (window, degree) == (21, 4) else "")
+    )
 
 
 def noise_table(seeds: int, additive: bool = False, names=None) -> tuple[list[str], dict]:
-    rows = ["| PDE, grid | form, window, degree | " + " | ".join(f"noise {s:.1%}" for s in NOISE_LEVELS) + " |",
-            "| --- | --- |" + " --- |" * len(NOISE_LEVELS)]
+    rows = [
+        "| PDE, grid | form, window, degree | " + " | ".join(f"noise {s:.1%}" for s in NOISE_LEVELS) + " |",
+        "| --- | --- |" + " --- |" * len(NOISE_LEVELS),
+    ]
     curves = {}
-    fits = sum(len(setups) * sum(seeds if sigma > 0 else 1 for sigma in NOISE_LEVELS)
-               for name, (_, setups) in SETUPS.items() if not names or name in names)
+    fits = sum(
+        len(setups) * sum(seeds if sigma > 0 else 1 for sigma in NOISE_LEVELS)
+        for name, (_, setups) in SETUPS.items()
+        if not names or name in names
+    )
     progress = tqdm(total=fits, desc="noise table", unit="fit")
     for name, (shape, setups) in SETUPS.items():
         if names and name not in names:
@@ -151,19 +166,24 @@ def noise_table(seeds: int, additive: bool = False, names=None) -> tuple[list[st
                     wrong_support += set(support) != set(expected)
                 medians.append(statistics.median(worst))
                 worsts.append(max(worst))
-                cells.append(f"{statistics.median(worst):.2%} / {max(worst):.2%}"
-                             + (f" ({wrong_support} wrong support)" if wrong_support else ""))
+                cells.append(
+                    f"{statistics.median(worst):.2%} / {max(worst):.2%}"
+                    + (f" ({wrong_support} wrong support)" if wrong_support else "")
+                )
             curves[(name, form, window, degree)] = (medians, worsts)
-            rows.append(f"| {name} {shape[0]} x {shape[1]} | {setup_label(form, window, degree)} | "
-                        + " | ".join(cells) + " |")
+            rows.append(
+                f"| {name} {shape[0]} x {shape[1]} | {setup_label(form, window, degree)} | " + " | ".join(cells) + " |"
+            )
     progress.close()
     return rows, curves
 
 
 def box_scan(seeds: int, fractions=(4, 8, 12, 16), levels=(0.01, 0.05)) -> list[str]:
     """Weak form with boxes of half-width grid / fraction (the default: 8) at 1% and 5% noise."""
-    rows = ["| PDE, grid | half-width | " + " | ".join(f"noise {s:.0%}" for s in levels) + " |",
-            "| --- | --- |" + " --- |" * len(levels)]
+    rows = [
+        "| PDE, grid | half-width | " + " | ".join(f"noise {s:.0%}" for s in levels) + " |",
+        "| --- | --- |" + " --- |" * len(levels),
+    ]
     progress = tqdm(total=len(SETUPS) * len(fractions) * len(levels) * seeds, desc="box scan", unit="fit")
     for name, (shape, _) in SETUPS.items():
         expected = ONE_DIMENSIONAL[name][1]
@@ -175,18 +195,26 @@ def box_scan(seeds: int, fractions=(4, 8, 12, 16), levels=(0.01, 0.05)) -> list[
                 worst, wrong = [], 0
                 for seed in range(seeds):
                     equation = GoverningEquation(("x",))
-                    library, h_t = equation.library_from_samples(noisy(samples, sigma, seed), spacing,
-                                                                 half_width=half_width)
+                    library, h_t = equation.library_from_samples(
+                        noisy(samples, sigma, seed), spacing, half_width=half_width
+                    )
                     with warnings.catch_warnings():
                         warnings.simplefilter("ignore", RuntimeWarning)
                         fit = equation.fit_coefficients(library, h_t, threshold=0.05)
                     progress.update()
                     worst.append(errors(equation, expected)[0])
                     wrong += set(fit.support) != set(expected)
-                cells.append(f"{statistics.median(worst):.2%} / {max(worst):.2%}"
-                             + (f" ({wrong} wrong support)" if wrong else ""))
-            rows.append(f"| {name} {shape[0]} x {shape[1]} | grid / {fraction} = {half_width}"
-                        + (" (default)" if fraction == 8 else "") + " | " + " | ".join(cells) + " |")
+                cells.append(
+                    f"{statistics.median(worst):.2%} / {max(worst):.2%}"
+                    + (f" ({wrong} wrong support)" if wrong else "")
+                )
+            rows.append(
+                f"| {name} {shape[0]} x {shape[1]} | grid / {fraction} = {half_width}"
+                + (" (default)" if fraction == 8 else "")
+                + " | "
+                + " | ".join(cells)
+                + " |"
+            )
     progress.close()
     return rows
 
@@ -206,24 +234,43 @@ def figure(curves: dict, references: dict, path: Path) -> None:
             if pde != name:
                 continue
             pointwise += form != "weak"
-            style = (dict(linestyle="-", linewidth=2.2, color="C0") if form == "weak"
-                     else dict(linestyle="--", color=f"C{pointwise}"))
-            ax.plot(levels, [max(m, 1e-5) for m in medians], marker="o", label=setup_label(form, window, degree),
-                    **style)
+            style = (
+                dict(linestyle="-", linewidth=2.2, color="C0")
+                if form == "weak"
+                else dict(linestyle="--", color=f"C{pointwise}")
+            )
+            ax.plot(
+                levels, [max(m, 1e-5) for m in medians], marker="o", label=setup_label(form, window, degree), **style
+            )
             if form == "weak":
-                ax.fill_between(levels, [max(m, 1e-5) for m in medians], [max(w, 1e-5) for w in worsts],
-                                color="C0", alpha=0.15, label="weak: median to worst draw")
+                ax.fill_between(
+                    levels,
+                    [max(m, 1e-5) for m in medians],
+                    [max(w, 1e-5) for w in worsts],
+                    color="C0",
+                    alpha=0.15,
+                    label="weak: median to worst draw",
+                )
         for index, (method, by_level) in enumerate(references.get(name, {}).items()):
-            ax.plot([max(s, 1e-4) for s in by_level], [max(statistics.median(v), 1e-5) for v in by_level.values()],
-                    marker="xs^"[index % 3], linestyle=":", color=f"C{5 + index}", label=f"PySINDy {method}")
+            ax.plot(
+                [max(s, 1e-4) for s in by_level],
+                [max(statistics.median(v), 1e-5) for v in by_level.values()],
+                marker="xs^"[index % 3],
+                linestyle=":",
+                color=f"C{5 + index}",
+                label=f"PySINDy {method}",
+            )
         ax.axhline(0.05, color="grey", linestyle=":", linewidth=1)
         ax.axhline(0.02, color="grey", linestyle="--", linewidth=1)
         ax.set(xscale="log", yscale="log", title=name, xlabel="multiplicative noise sigma")
         ax.set_xticks(levels, ["0", "0.1%", "1%", "5%"])
         ax.legend(fontsize=6.5, loc="upper left")
     axes[0].set_ylabel("worst true-coefficient error (median over draws)")
-    fig.suptitle("Identification from noisy samples, threshold 0.05 (grey: 5% target, 2% goal at 1% noise; "
-                 "errors below 1e-5 drawn at 1e-5)", fontsize=10)
+    fig.suptitle(
+        "Identification from noisy samples, threshold 0.05 (grey: 5% target, 2% goal at 1% noise; "
+        "errors below 1e-5 drawn at 1e-5)",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -241,8 +288,12 @@ def pysindy_references(python: str, seeds: int) -> tuple[list[str], dict, str]:
     with tempfile.TemporaryDirectory() as folder:
         cases = Path(folder) / "cases.npz"
         np.savez(cases, **arrays)
-        done = subprocess.run([python, str(REPO / "bench" / "pysindy_reference.py"), str(cases)],
-                              capture_output=True, text=True, check=True)
+        done = subprocess.run(
+            [python, str(REPO / "bench" / "pysindy_reference.py"), str(cases)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
     output = json.loads(done.stdout)
     by_method: dict = {}
     for case, methods in output["results"].items():
@@ -252,8 +303,10 @@ def pysindy_references(python: str, seeds: int) -> tuple[list[str], dict, str]:
             worst = max(abs(coefficients.get(term, 0.0) / value - 1) for term, value in expected.items())
             wrong = {t for t, v in coefficients.items() if v != 0} != set(expected)
             by_method.setdefault(name, {}).setdefault(method, {}).setdefault(float(sigma), []).append((worst, wrong))
-    rows = ["| PDE | PySINDy method | " + " | ".join(f"noise {s:.1%}" for s in NOISE_LEVELS) + " |",
-            "| --- | --- |" + " --- |" * len(NOISE_LEVELS)]
+    rows = [
+        "| PDE | PySINDy method | " + " | ".join(f"noise {s:.1%}" for s in NOISE_LEVELS) + " |",
+        "| --- | --- |" + " --- |" * len(NOISE_LEVELS),
+    ]
     references: dict = {}
     for name, methods in by_method.items():
         for method, by_level in methods.items():
@@ -261,8 +314,10 @@ def pysindy_references(python: str, seeds: int) -> tuple[list[str], dict, str]:
             for sigma in NOISE_LEVELS:
                 runs = by_level[sigma]
                 wrong = sum(w for _, w in runs)
-                cells.append(f"{statistics.median(e for e, _ in runs):.2%} / {max(e for e, _ in runs):.2%}"
-                             + (f" ({wrong} wrong support)" if wrong else ""))
+                cells.append(
+                    f"{statistics.median(e for e, _ in runs):.2%} / {max(e for e, _ in runs):.2%}"
+                    + (f" ({wrong} wrong support)" if wrong else "")
+                )
             references.setdefault(name, {})[method] = {s: [e for e, _ in by_level[s]] for s in NOISE_LEVELS}
             rows.append(f"| {name} | {method} | " + " | ".join(cells) + " |")
     return rows, references, output["version"]
@@ -286,19 +341,28 @@ def pysindy_table(seeds: int) -> list[str]:
         "PySINDy, finite differences": lambda: (ps.PDELibrary(**library_kwargs), ps.FiniteDifference(axis=-2)),
         "PySINDy, Savitzky-Golay 21, 4": lambda: (
             ps.PDELibrary(**library_kwargs, differentiation_method=ps.SmoothedFiniteDifference, diff_kwargs=smoothing),
-            ps.SmoothedFiniteDifference(axis=-2, **smoothing)),
+            ps.SmoothedFiniteDifference(axis=-2, **smoothing),
+        ),
     }
-    library_kwargs = dict(function_library=ps.PolynomialLibrary(degree=3, include_bias=False), derivative_order=3,
-                          spatial_grid=x, include_bias=True, is_uniform=True)
-    rows = [f"PySINDy {ps.__version__}: `PDELibrary(PolynomialLibrary(degree=3), derivative_order=3)` (the same 16 "
-            "terms), `STLSQ(threshold, alpha=1e-5, normalize_columns=True)` with our threshold 0.05 converted to "
-            f"PySINDy's units (columns divided by their 2-norm, target not normalized: {threshold:.3g}), its default "
-            "finite differences or Savitzky-Golay smoothing (`SmoothedFiniteDifference`, window 21, degree 4, along "
-            "x for the library and t for h_t). lightning_pdenets: `library_from_samples` defaults + "
-            "`fit_coefficients(threshold=0.05)`. Coefficients of seed 0; error: worst true-coefficient error, "
-            "median / max over the seeds.", "",
-            "| noise | method | h h_x (−1) | h_xx (0.1) | other non-zero terms (seed 0) | error |",
-            "| --- | --- | --- | --- | --- | --- |"]
+    library_kwargs = dict(
+        function_library=ps.PolynomialLibrary(degree=3, include_bias=False),
+        derivative_order=3,
+        spatial_grid=x,
+        include_bias=True,
+        is_uniform=True,
+    )
+    rows = [
+        f"PySINDy {ps.__version__}: `PDELibrary(PolynomialLibrary(degree=3), derivative_order=3)` (the same 16 "
+        "terms), `STLSQ(threshold, alpha=1e-5, normalize_columns=True)` with our threshold 0.05 converted to "
+        f"PySINDy's units (columns divided by their 2-norm, target not normalized: {threshold:.3g}), its default "
+        "finite differences or Savitzky-Golay smoothing (`SmoothedFiniteDifference`, window 21, degree 4, along "
+        "x for the library and t for h_t). lightning_pdenets: `library_from_samples` defaults + "
+        "`fit_coefficients(threshold=0.05)`. Coefficients of seed 0; error: worst true-coefficient error, "
+        "median / max over the seeds.",
+        "",
+        "| noise | method | h h_x (−1) | h_xx (0.1) | other non-zero terms (seed 0) | error |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for sigma in NOISE_LEVELS:
         results: dict[str, list[dict[str, float]]] = {}
         for seed in range(seeds if sigma > 0 else 1):
@@ -308,19 +372,31 @@ def pysindy_table(seeds: int) -> list[str]:
             results.setdefault("lightning_pdenets", []).append(equation.coefficients())
             for label, build in methods.items():
                 library, differentiation = build()
-                model = ps.SINDy(feature_library=library, differentiation_method=differentiation,
-                                 optimizer=ps.STLSQ(threshold=threshold, alpha=1e-5, normalize_columns=True))
+                model = ps.SINDy(
+                    feature_library=library,
+                    differentiation_method=differentiation,
+                    optimizer=ps.STLSQ(threshold=threshold, alpha=1e-5, normalize_columns=True),
+                )
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     model.fit(data.numpy()[:, :, None], t=dt)
-                names = [n.replace("x0x0", "h h").replace("x0^", "h^").replace("x0", "h").replace("_111", "_xxx")
-                         .replace("_11", "_xx").replace("_1", "_x") for n in model.get_feature_names()]
+                names = [
+                    n.replace("x0x0", "h h")
+                    .replace("x0^", "h^")
+                    .replace("x0", "h")
+                    .replace("_111", "_xxx")
+                    .replace("_11", "_xx")
+                    .replace("_1", "_x")
+                    for n in model.get_feature_names()
+                ]
                 results.setdefault(label, []).append(dict(zip(names, map(float, model.coefficients()[0]))))
         for label, runs in results.items():
             worst = [max(abs(r.get(t, 0.0) / v - 1) for t, v in expected.items()) for r in runs]
             others = sum(1 for t, v in runs[0].items() if t not in expected and v != 0)
-            rows.append(f"| {sigma:.1%} | {label} | {runs[0].get('h h_x', 0.0):.4f} | {runs[0].get('h_xx', 0.0):.4f} "
-                        f"| {others} | {statistics.median(worst):.1%} / {max(worst):.1%} |")
+            rows.append(
+                f"| {sigma:.1%} | {label} | {runs[0].get('h h_x', 0.0):.4f} | {runs[0].get('h_xx', 0.0):.4f} "
+                f"| {others} | {statistics.median(worst):.1%} / {max(worst):.1%} |"
+            )
     return rows
 
 
@@ -328,8 +404,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--seeds", type=int, default=10, help="noise draws per level")
     parser.add_argument("--skip-exact", action="store_true", help="leave out section 1 (exact derivatives)")
-    parser.add_argument("--box-scan", action="store_true",
-                        help="only the weak form's box sizes (grid / 4, 8, 12, 16) at 1% and 5% noise; no figure")
+    parser.add_argument(
+        "--box-scan",
+        action="store_true",
+        help="only the weak form's box sizes (grid / 4, 8, 12, 16) at 1% and 5% noise; no figure",
+    )
     parser.add_argument("--additive", action="store_true", help="add KdV with PDE-FIND's additive noise")
     parser.add_argument("--pysindy", action="store_true", help="add PySINDy on the same noisy Burgers data")
     parser.add_argument("--pysindy-python", help="interpreter with PySINDy for its weak and ensemble references")
@@ -342,8 +421,11 @@ def main() -> None:
     torch.set_num_threads(1)
     lines = [f"# Equation identification ({datetime.date.today()}, {args.seeds} seeds)", ""]
     if args.box_scan:
-        lines += ["## Weak form: box half-width (median / max worst true-coefficient error, multiplicative noise)", "",
-                  *box_scan(args.seeds)]
+        lines += [
+            "## Weak form: box half-width (median / max worst true-coefficient error, multiplicative noise)",
+            "",
+            *box_scan(args.seeds),
+        ]
         print("\n".join(lines))
         if args.output:
             args.output.write_text("\n".join(lines) + "\n")
@@ -352,16 +434,28 @@ def main() -> None:
         lines += ["## 1. Defaults, exact derivatives (16-term library, `fit_coefficients()`)", "", *exact_table(), ""]
     start = time.perf_counter()
     rows, curves = noise_table(args.seeds)
-    lines += ["## 2. Samples with multiplicative noise h (1 + sigma N(0, 1)) (median / max worst true-coefficient "
-              "error, wrong supports)", "", *rows, "", f"({time.perf_counter() - start:.0f} s)", ""]
+    lines += [
+        "## 2. Samples with multiplicative noise h (1 + sigma N(0, 1)) (median / max worst true-coefficient "
+        "error, wrong supports)",
+        "",
+        *rows,
+        "",
+        f"({time.perf_counter() - start:.0f} s)",
+        "",
+    ]
     if args.additive:
         rows, _ = noise_table(args.seeds, additive=True, names=("kdv",))
         lines += ["### KdV with PDE-FIND's additive noise h + sigma std(h) N(0, 1)", "", *rows, ""]
     references: dict = {}
     if args.pysindy_python:
         rows, references, version = pysindy_references(args.pysindy_python, args.pysindy_seeds)
-        lines += [f"## 4. PySINDy {version} references on the same multiplicative-noise samples "
-                  f"({args.pysindy_seeds} draws per level; bench/pysindy_reference.py)", "", *rows, ""]
+        lines += [
+            f"## 4. PySINDy {version} references on the same multiplicative-noise samples "
+            f"({args.pysindy_seeds} draws per level; bench/pysindy_reference.py)",
+            "",
+            *rows,
+            "",
+        ]
     figure(curves, references, args.figure)
     if args.pysindy:
         lines += ["## 3. PySINDy on the same noisy Burgers data", "", *pysindy_table(args.seeds), ""]

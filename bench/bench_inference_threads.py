@@ -35,7 +35,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     x = test_images(args.data_dir, args.images)
-    models = {name: load_model(REPO / "bench" / "checkpoints" / "mnist" / f"{name}.ckpt") for name in ("resnet", "prnet")}
+    models = {
+        name: load_model(REPO / "bench" / "checkpoints" / "mnist" / f"{name}.ckpt") for name in ("resnet", "prnet")
+    }
     pool = ThreadPoolExecutor(args.threads)
 
     def workers(network: torch.nn.Module, chunk: int) -> torch.Tensor:
@@ -63,7 +65,7 @@ def main() -> None:
     times: dict[tuple[str, str], list[float]] = {key: [] for key in variants}
     with torch.inference_mode():
         reference = {name: m.network(x) for name, m in models.items()}
-        for (name, path), run in variants.items():  # every path gives the same logits
+        for (name, _path), run in variants.items():  # every path gives the same logits
             torch.testing.assert_close(run(), reference[name], rtol=1e-4, atol=1e-4)
         for round_ in range(args.rounds):
             for key, run in variants.items():

@@ -25,7 +25,7 @@ import datetime
 import os
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -125,9 +125,7 @@ def main() -> None:
     for clock in clocks:
         ratios = [lm / plain for lm, plain in zip(seconds["LM-ResNet", clock], seconds["ResNet", clock])]
         q1, ratio, q3 = quartiles(ratios)
-        summary.append(
-            f"| {clock} | **{ratio:.3f}** | {q1:.3f}–{q3:.3f} | {100 * (ratio - 1):+.1f}% |"
-        )
+        summary.append(f"| {clock} | **{ratio:.3f}** | {q1:.3f}–{q3:.3f} | {100 * (ratio - 1):+.1f}% |")
     command = (
         f"flock /tmp/pdenets-cpu.lock python bench/bench_lm_resnet.py --depth {args.depth} --batch-size {args.batch_size} "
         f"--threads {args.threads} --rounds {args.rounds} --steps-per-round {args.steps_per_round} --k-mode {args.k_mode}"

@@ -76,16 +76,31 @@ def inference_seconds(model: torch.nn.Module, images: torch.Tensor, repeats: int
 
 def run(config: Path, args: argparse.Namespace) -> dict:
     cli = build_cli(
-        ["--config", str(config), f"--data.init_args.data_dir={args.data_dir}", "--data.init_args.download=false",
-         f"--data.init_args.batch_size={args.batch_size}", "--trainer.logger=false", *args.override,
-         *[arg for stem, arg in args.override_for if stem == config.stem]],
+        [
+            "--config",
+            str(config),
+            f"--data.init_args.data_dir={args.data_dir}",
+            "--data.init_args.download=false",
+            f"--data.init_args.batch_size={args.batch_size}",
+            "--trainer.logger=false",
+            *args.override,
+            *[arg for stem, arg in args.override_for if stem == config.stem],
+        ],
         run=False,
     )
     model, datamodule = cli.model, cli.datamodule
     timer = TrainStepTimer()
     trainer = pl.Trainer(
-        accelerator="cpu", devices=1, max_epochs=args.epochs, limit_train_batches=args.train_fraction,
-        limit_val_batches=0, limit_test_batches=args.test_fraction, logger=False, enable_checkpointing=False, callbacks=[timer], enable_model_summary=False,
+        accelerator="cpu",
+        devices=1,
+        max_epochs=args.epochs,
+        limit_train_batches=args.train_fraction,
+        limit_val_batches=0,
+        limit_test_batches=args.test_fraction,
+        logger=False,
+        enable_checkpointing=False,
+        callbacks=[timer],
+        enable_model_summary=False,
     )
     trainer.fit(model, datamodule=datamodule)
     test = trainer.test(model, datamodule=datamodule, verbose=False)[0]
@@ -112,7 +127,9 @@ def interleaved_inference(configs: list[Path], args: argparse.Namespace) -> str:
     images = torch.randn(1000, 1, 28, 28)
     models = {}
     for config in configs:
-        cli = build_cli(["--config", str(config), "--data.init_args.download=false", "--trainer.logger=false"], run=False)
+        cli = build_cli(
+            ["--config", str(config), "--data.init_args.download=false", "--trainer.logger=false"], run=False
+        )
         models[config.stem] = cli.model.eval()
     seconds: dict[str, list[float]] = {name: [] for name in models}
     nfe: dict[str, int] = {}
@@ -122,17 +139,23 @@ def interleaved_inference(configs: list[Path], args: argparse.Namespace) -> str:
             seconds[name].append(elapsed)
     reference = statistics.median(seconds.get("resnet", next(iter(seconds.values()))))
     lines = [
-        f"### MNIST inference, 1,000 images, interleaved ({datetime.date.today().isoformat()})", "",
+        f"### MNIST inference, 1,000 images, interleaved ({datetime.date.today().isoformat()})",
+        "",
         f"Machine: {platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__} "
         f"({torch.get_num_threads()} threads); models at initialization; {args.rounds} rounds, each model once per "
-        f"round after one warm-up; median shown.", "",
-        f"Command: `python bench/bench_mnist.py {' '.join(sys.argv[1:])}`", "",
-        "| model | median | vs ResNet | min–max | NFE |", "|---|---|---|---|---|",
+        f"round after one warm-up; median shown.",
+        "",
+        f"Command: `python bench/bench_mnist.py {' '.join(sys.argv[1:])}`",
+        "",
+        "| model | median | vs ResNet | min–max | NFE |",
+        "|---|---|---|---|---|",
     ]
     for name, values in seconds.items():
         median = statistics.median(values)
-        lines.append(f"| {name} | {median * 1000:.0f} ms | {median / reference:.2f}× | "
-                     f"{min(values) * 1000:.0f}–{max(values) * 1000:.0f} ms | {nfe[name] or '—'} |")
+        lines.append(
+            f"| {name} | {median * 1000:.0f} ms | {median / reference:.2f}× | "
+            f"{min(values) * 1000:.0f}–{max(values) * 1000:.0f} ms | {nfe[name] or '—'} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -146,7 +169,8 @@ def markdown(rows: list[dict], args: argparse.Namespace, wall: float) -> str:
         f"total wall time {wall / 60:.1f} min.",
         "",
         f"Overrides applied to every config: {' '.join(args.override) or 'none'}"
-        + "".join(f"; to {stem} only: {arg}" for stem, arg in args.override_for) + ".",
+        + "".join(f"; to {stem} only: {arg}" for stem, arg in args.override_for)
+        + ".",
         "",
         f"Command: `python bench/bench_mnist.py {' '.join(sys.argv[1:])}`",
         "",
@@ -175,21 +199,38 @@ def _config_and_argument(text: str) -> tuple[str, str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"))
-    parser.add_argument("--configs", nargs="*", type=Path,
-                        default=[REPO / "configs" / "mnist" / f"{m}.yaml" for m in ("resnet", "rknet", "odenet", "prnet")])
+    parser.add_argument(
+        "--configs",
+        nargs="*",
+        type=Path,
+        default=[REPO / "configs" / "mnist" / f"{m}.yaml" for m in ("resnet", "rknet", "odenet", "prnet")],
+    )
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--train-fraction", type=float, default=1.0)
     parser.add_argument("--test-fraction", type=float, default=1.0)
     parser.add_argument("--output", type=Path, default=None, help="write the Markdown table here")
-    parser.add_argument("--override", action="append", default=[],
-                        help="CLI arguments applied to every config alike, e.g. a one-epoch recipe: "
-                             "--override=--model.init_args.optimizer=adam --override=--model.init_args.lr=0.001")
-    parser.add_argument("--override-for", action="append", default=[], type=_config_and_argument,
-                        metavar="CONFIG:ARG", help="a CLI argument for one config only (by file stem), e.g. "
-                        "--override-for=prnet:--model.init_args.theta.lr=0.003")
-    parser.add_argument("--inference-only", action="store_true",
-                        help="only time inference of 1,000 images, interleaving the models over --rounds rounds")
+    parser.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        help="CLI arguments applied to every config alike, e.g. a one-epoch recipe: "
+        "--override=--model.init_args.optimizer=adam --override=--model.init_args.lr=0.001",
+    )
+    parser.add_argument(
+        "--override-for",
+        action="append",
+        default=[],
+        type=_config_and_argument,
+        metavar="CONFIG:ARG",
+        help="a CLI argument for one config only (by file stem), e.g. "
+        "--override-for=prnet:--model.init_args.theta.lr=0.003",
+    )
+    parser.add_argument(
+        "--inference-only",
+        action="store_true",
+        help="only time inference of 1,000 images, interleaving the models over --rounds rounds",
+    )
     parser.add_argument("--rounds", type=int, default=7)
     args = parser.parse_args()
     configs = [c for c in args.configs if c.exists()]

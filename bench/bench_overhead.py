@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import itertools
 import os
 import statistics
 import sys
@@ -71,10 +72,18 @@ class BareModule(pl.LightningModule):
 
 
 def framework(steps: int, log_dir: str) -> tuple[pl.Trainer, pl.LightningModule, pl.LightningDataModule]:
-    cli = build_cli(["--config", str(REPO / "configs/quickstart.yaml"), f"--trainer.max_steps={steps}",
-                     "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
-                     f"--trainer.logger.init_args.save_dir={log_dir}", f"--trainer.default_root_dir={log_dir}"],
-                    run=False)
+    cli = build_cli(
+        [
+            "--config",
+            str(REPO / "configs/quickstart.yaml"),
+            f"--trainer.max_steps={steps}",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.enable_model_summary=false",
+            f"--trainer.logger.init_args.save_dir={log_dir}",
+            f"--trainer.default_root_dir={log_dir}",
+        ],
+        run=False,
+    )
     return cli.trainer, cli.model, cli.datamodule
 
 
@@ -105,9 +114,18 @@ def run_plain(network: torch.nn.Module, loader, steps: int, build_optimizer) -> 
 
 def run_lightning(network: torch.nn.Module, datamodule, steps: int, build_optimizer, log_dir: str) -> list[float]:
     clock = StepClock()
-    trainer = pl.Trainer(max_steps=steps, callbacks=[clock], logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1,
-                         default_root_dir=log_dir, limit_val_batches=0)
+    trainer = pl.Trainer(
+        max_steps=steps,
+        callbacks=[clock],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        devices=1,
+        default_root_dir=log_dir,
+        limit_val_batches=0,
+    )
     trainer.fit(BareModule(network, build_optimizer), datamodule=datamodule)
     return clock.starts
 
@@ -122,7 +140,7 @@ def run_framework(steps: int, log_dir: str) -> tuple[list[float], torch.nn.Modul
 
 
 def step_times(starts: list[float], warmup: int) -> float:
-    intervals = [b - a for a, b in zip(starts, starts[1:])][warmup:]
+    intervals = [b - a for a, b in itertools.pairwise(starts)][warmup:]
     return statistics.median(intervals)
 
 
@@ -137,7 +155,9 @@ def profile(steps: int, log_dir: str) -> None:
     profiler = cProfile.Profile()
     profiler.runcall(trainer.fit, model, datamodule=datamodule)
     stats = pstats.Stats(profiler).sort_stats("cumulative")
-    stats.print_stats(r"lightning_pdenets/(models/base|callbacks/nfe_monitor)|module\.py.*\(log\)|torchmetrics/collections")
+    stats.print_stats(
+        r"lightning_pdenets/(models/base|callbacks/nfe_monitor)|module\.py.*\(log\)|torchmetrics/collections"
+    )
 
 
 def main() -> None:
@@ -163,28 +183,37 @@ def main() -> None:
     datamodule.setup("fit")
     run_plain(plain_net := copy.deepcopy(initial), datamodule.train_dataloader(), args.steps, optimizer_factory(model))
     _, trained = run_framework(args.steps, log_dir)
-    identical = all(torch.equal(a, b) for a, b in zip(plain_net.state_dict().values(), trained.state_dict().values())
-                    if isinstance(a, torch.Tensor))  # the ODE block's solver settings are extra state, not tensors
+    identical = all(
+        torch.equal(a, b)
+        for a, b in zip(plain_net.state_dict().values(), trained.state_dict().values())
+        if isinstance(a, torch.Tensor)
+    )  # the ODE block's solver settings are extra state, not tensors
 
     ratios: dict[str, list[float]] = {"lightning": [], "framework": []}
     medians: dict[str, list[float]] = {"plain": [], "lightning": [], "framework": []}
     ways = ["plain", "lightning", "framework"]
     for round_index in range(args.rounds):
-        order = ways[round_index % 3:] + ways[:round_index % 3]
+        order = ways[round_index % 3 :] + ways[: round_index % 3]
         times = {}
         for way in order:
             if way == "plain":
-                starts = run_plain(copy.deepcopy(initial), datamodule.train_dataloader(), args.steps, optimizer_factory(model))
+                starts = run_plain(
+                    copy.deepcopy(initial), datamodule.train_dataloader(), args.steps, optimizer_factory(model)
+                )
             elif way == "lightning":
-                starts = run_lightning(copy.deepcopy(initial), datamodule, args.steps, optimizer_factory(model), log_dir)
+                starts = run_lightning(
+                    copy.deepcopy(initial), datamodule, args.steps, optimizer_factory(model), log_dir
+                )
             else:
                 starts, _ = run_framework(args.steps, log_dir)
             times[way] = step_times(starts, args.warmup)
             medians[way].append(times[way])
         for way in ("lightning", "framework"):
             ratios[way].append(times[way] / times["plain"])
-        print(f"round {round_index + 1}/{args.rounds}: " + ", ".join(f"{w} {times[w] * 1e3:.1f} ms" for w in ways),
-              flush=True)
+        print(
+            f"round {round_index + 1}/{args.rounds}: " + ", ".join(f"{w} {times[w] * 1e3:.1f} ms" for w in ways),
+            flush=True,
+        )
 
     def quartiles(values: list[float]) -> str:
         q = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
@@ -205,15 +234,22 @@ def main() -> None:
         "|---|---|---|---|",
         f"| plain PyTorch loop | {plain_ms:.2f} ms | 1.000 | — |",
     ]
-    for way, label in (("lightning", "bare LightningModule + Trainer"), ("framework", "lightning_pdenets (pdenets defaults)")):
-        lines.append(f"| {label} | {statistics.median(medians[way]) * 1e3:.2f} ms | "
-                     f"{statistics.median(ratios[way]):.3f} | {quartiles(ratios[way])} |")
+    for way, label in (
+        ("lightning", "bare LightningModule + Trainer"),
+        ("framework", "lightning_pdenets (pdenets defaults)"),
+    ):
+        lines.append(
+            f"| {label} | {statistics.median(medians[way]) * 1e3:.2f} ms | "
+            f"{statistics.median(ratios[way]):.3f} | {quartiles(ratios[way])} |"
+        )
     text = "\n".join(lines) + "\n"
     print(text)
     if args.output:
         args.output.write_text(text)
     if not identical:
-        raise SystemExit("the framework and the plain loop did not train to the same weights: the timing compares different work")
+        raise SystemExit(
+            "the framework and the plain loop did not train to the same weights: the timing compares different work"
+        )
 
 
 if __name__ == "__main__":

@@ -42,10 +42,10 @@ sys.path.insert(0, str(REPO))
 
 from lightning_pdenets.callbacks import AdversarialEvaluation, NFEMonitor, OODEvaluation  # noqa: E402
 from lightning_pdenets.callbacks.ood import PERTURBATIONS  # noqa: E402
-from lightning_pdenets.protocols import find_ode_blocks  # noqa: E402
-from lightning_pdenets.solvers import SOLVERS  # noqa: E402
 from lightning_pdenets.checkpoints import checkpoint_class_path, load_checkpoint  # noqa: E402
 from lightning_pdenets.data import MNISTDataModule  # noqa: E402
+from lightning_pdenets.protocols import find_ode_blocks  # noqa: E402
+from lightning_pdenets.solvers import SOLVERS  # noqa: E402
 
 NAMES = ("resnet", "rknet", "odenet", "prnet", "prnet_seed1")
 EPSILONS = (0.05, 0.1, 0.2, 0.3)
@@ -71,10 +71,17 @@ def test_images(data_dir: str, count: int) -> tuple[torch.Tensor, torch.Tensor]:
 def accuracy_table(models: dict[str, pl.LightningModule], data_dir: str) -> list[str]:
     lines = ["| model | parameters | test accuracy (10,000 images) | forward NFE per test batch |", "|---|---|---|---|"]
     for name, model in models.items():
-        trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                             enable_model_summary=False, callbacks=[NFEMonitor()])
-        result = trainer.test(model, datamodule=MNISTDataModule(data_dir=data_dir, download=False, batch_size=128),
-                              verbose=False)[0]
+        trainer = pl.Trainer(
+            accelerator="cpu",
+            devices=1,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[NFEMonitor()],
+        )
+        result = trainer.test(
+            model, datamodule=MNISTDataModule(data_dir=data_dir, download=False, batch_size=128), verbose=False
+        )[0]
         nfe = f"{result['test/nfe_forward']:.1f}" if "test/nfe_forward" in result else "—"
         params = sum(p.numel() for p in model.parameters())
         lines.append(f"| {name} | {params:,} | {result['test/acc_top1']:.4f} | {nfe} |")
@@ -87,7 +94,7 @@ def inference_table(models: dict[str, pl.LightningModule], images: torch.Tensor,
         for model in models.values():
             model(images)  # warm-up
         for round_index in range(rounds):
-            order = list(models)[round_index % len(models):] + list(models)[:round_index % len(models)]
+            order = list(models)[round_index % len(models) :] + list(models)[: round_index % len(models)]
             for name in order:
                 start = time.perf_counter()
                 models[name](images)
@@ -95,14 +102,20 @@ def inference_table(models: dict[str, pl.LightningModule], images: torch.Tensor,
     median = {name: statistics.median(values) for name, values in seconds.items()}
     lines = ["| model | 1,000 images (median) | min–max | vs ResNet | vs ODE-Net |", "|---|---|---|---|---|"]
     for name, values in seconds.items():
-        relative = [f"{median[name] / median[other]:.2f}×" if other in median else "—" for other in ("resnet", "odenet")]
-        lines.append(f"| {name} | {median[name] * 1e3:.0f} ms | {min(values) * 1e3:.0f}–{max(values) * 1e3:.0f} ms | "
-                     f"{relative[0]} | {relative[1]} |")
+        relative = [
+            f"{median[name] / median[other]:.2f}×" if other in median else "—" for other in ("resnet", "odenet")
+        ]
+        lines.append(
+            f"| {name} | {median[name] * 1e3:.0f} ms | {min(values) * 1e3:.0f}–{max(values) * 1e3:.0f} ms | "
+            f"{relative[0]} | {relative[1]} |"
+        )
     if "prnet" in median and "odenet" in median:
         lines.append("")
-        lines.append(f"PR-Net is {median['odenet'] / median['prnet']:.1f}× faster than the trained ODE-Net "
-                     f"(target ≥ 4×) and {median.get('resnet', float('nan')) / median['prnet']:.2f}× as fast as ResNet "
-                     f"(target > 1×).")
+        lines.append(
+            f"PR-Net is {median['odenet'] / median['prnet']:.1f}× faster than the trained ODE-Net "
+            f"(target ≥ 4×) and {median.get('resnet', float('nan')) / median['prnet']:.2f}× as fast as ResNet "
+            f"(target > 1×)."
+        )
     return lines
 
 
@@ -142,7 +155,8 @@ def equation_comparison(first: pl.LightningModule, second: pl.LightningModule) -
     top = {seed: sorted(c, key=lambda k: -abs(c[k]))[:3] for seed, c in (("seed 0", a), ("seed 1", b))}
     lines = ["| term | α, seed 0 | α, seed 1 |", "|---|---|---|"]
     lines += [f"| {term} | {a[term] + 0.0:.4g} | {b[term] + 0.0:.4g} |" for term in a]  # + 0.0: no "-0"
-    return lines + [
+    return [
+        *lines,
         "",
         f"Cosine similarity of the two α vectors {cosine:.3f}; ‖α₀ − α₁‖ / max ‖α‖ = {relative:.3f}; non-zero terms "
         f"{len(support_a)} and {len(support_b)}, {len(common)} in both (Jaccard {len(common) / max(1, len(support_a | support_b)):.2f}), "
@@ -171,8 +185,10 @@ def curves_figure(sources: dict[str, Path], output: Path) -> list[str]:
     from matplotlib import pyplot as plt
 
     figure, (accuracy_axis, nfe_axis) = plt.subplots(1, 2, figsize=(11, 4))
-    lines = ["| model | best val accuracy | epoch | validation accuracy per epoch | validation forward NFE per epoch |",
-             "|---|---|---|---|---|"]
+    lines = [
+        "| model | best val accuracy | epoch | validation accuracy per epoch | validation forward NFE per epoch |",
+        "|---|---|---|---|---|",
+    ]
     for index, (name, source) in enumerate(sources.items()):
         values = epoch_curve(source)
         nfe = epoch_curve(source, "val/nfe_forward")
@@ -180,16 +196,20 @@ def curves_figure(sources: dict[str, Path], output: Path) -> list[str]:
         if nfe:
             nfe_axis.plot(range(1, len(nfe) + 1), nfe, marker="o", label=name, color=f"C{index}")
         best = max(range(len(values)), key=values.__getitem__)
-        lines.append(f"| {name} | {values[best]:.4f} | {best + 1} | {', '.join(f'{v:.4f}' for v in values)} | "
-                     f"{', '.join(f'{v:.1f}' for v in nfe) or '—'} |")
-    accuracy_axis.set(xlabel="epoch", ylabel="validation accuracy", title="MNIST, configs/mnist/*.yaml", ylim=(0.9, 1.0))
+        lines.append(
+            f"| {name} | {values[best]:.4f} | {best + 1} | {', '.join(f'{v:.4f}' for v in values)} | "
+            f"{', '.join(f'{v:.1f}' for v in nfe) or '—'} |"
+        )
+    accuracy_axis.set(
+        xlabel="epoch", ylabel="validation accuracy", title="MNIST, configs/mnist/*.yaml", ylim=(0.9, 1.0)
+    )
     nfe_axis.set(xlabel="epoch", ylabel="forward NFE per validation batch", title="ODE blocks' function evaluations")
     for axis in (accuracy_axis, nfe_axis):
         axis.grid(alpha=0.3)
         axis.legend()
     figure.tight_layout()
     figure.savefig(output, dpi=120)
-    return lines + ["", f"Figure: `{output.relative_to(REPO)}`"]
+    return [*lines, "", f"Figure: `{output.relative_to(REPO)}`"]
 
 
 def _eps(epsilon: float) -> str:
@@ -200,8 +220,14 @@ def uses_adaptive_solver(model: pl.LightningModule) -> bool:
     return any(SOLVERS[block.solver_settings()["method"]].adaptive for block in find_ode_blocks(model))
 
 
-def robustness_test(model: pl.LightningModule, data_dir: str, images: int, spsa_images: int, pgd_steps: int,
-                    gradient_solver: dict | None) -> dict[str, float]:
+def robustness_test(
+    model: pl.LightningModule,
+    data_dir: str,
+    images: int,
+    spsa_images: int,
+    pgd_steps: int,
+    gradient_solver: dict | None,
+) -> dict[str, float]:
     """One ``trainer.test`` over the first ``images`` test images with the attacks (and, without a stand-in, OOD).
 
     Batches hold ``spsa_images`` images, so that SPSA attacks exactly the first batch.
@@ -209,73 +235,139 @@ def robustness_test(model: pl.LightningModule, data_dir: str, images: int, spsa_
     batch_size = spsa_images
     batches = -(-images // batch_size)
     attacks = ["fgsm", "pgd"] if gradient_solver else ["fgsm", "pgd", "spsa"]
-    callbacks: list[pl.Callback] = [AdversarialEvaluation(
-        epsilons=EPSILONS, attacks=attacks, pgd_steps=pgd_steps, num_batches=batches, log_figure=False,
-        spsa_num_batches=1, gradient_solver=gradient_solver)]
+    callbacks: list[pl.Callback] = [
+        AdversarialEvaluation(
+            epsilons=EPSILONS,
+            attacks=attacks,
+            pgd_steps=pgd_steps,
+            num_batches=batches,
+            log_figure=False,
+            spsa_num_batches=1,
+            gradient_solver=gradient_solver,
+        )
+    ]
     if not gradient_solver:
         callbacks.append(OODEvaluation(num_batches=batches))
-    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=True,
-                         enable_model_summary=False, callbacks=callbacks, limit_test_batches=batches)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=True,
+        enable_model_summary=False,
+        callbacks=callbacks,
+        limit_test_batches=batches,
+    )
     data = MNISTDataModule(data_dir=data_dir, download=False, batch_size=batch_size)
     return trainer.test(model, datamodule=data, verbose=False)[0]
 
 
-def robustness_tables(models: dict[str, pl.LightningModule], data_dir: str, images: int, spsa_images: int,
-                      pgd_steps: int, gradient_solver: dict) -> list[str]:
+def robustness_tables(
+    models: dict[str, pl.LightningModule],
+    data_dir: str,
+    images: int,
+    spsa_images: int,
+    pgd_steps: int,
+    gradient_solver: dict,
+) -> list[str]:
     """Adversarial (Table 4 format) and out-of-distribution (Table 3 format) top-1 accuracy per model."""
     header = " | ".join(f"ε={e:g}" for e in EPSILONS)
     rule = "|---|" + "---|" * len(EPSILONS)
-    tables = {attack: [f"| {attack} | {header} |", rule] for attack in
-              ("FGSM", "PGD", "SPSA", "robust (min over attacks)", "FGSM, stand-in gradients", "PGD, stand-in gradients")}
+    tables = {
+        attack: [f"| {attack} | {header} |", rule]
+        for attack in (
+            "FGSM",
+            "PGD",
+            "SPSA",
+            "robust (min over attacks)",
+            "FGSM, stand-in gradients",
+            "PGD, stand-in gradients",
+        )
+    }
     ood = [f"| model | clean | {' | '.join(PERTURBATIONS)} |", "|---|---|" + "---|" * len(PERTURBATIONS)]
     masking: list[str] = []
     for name, model in models.items():
         result = robustness_test(model, data_dir, images, spsa_images, pgd_steps, None)
-        for attack, key in (("FGSM", "fgsm"), ("PGD", "pgd"), ("SPSA", "spsa"), ("robust (min over attacks)", "robust")):
-            tables[attack].append(f"| {name} | " + " | ".join(f"{result[f'adv/{key}_{_eps(e)}/top1']:.4f}"
-                                                               for e in EPSILONS) + " |")
+        for attack, key in (
+            ("FGSM", "fgsm"),
+            ("PGD", "pgd"),
+            ("SPSA", "spsa"),
+            ("robust (min over attacks)", "robust"),
+        ):
+            tables[attack].append(
+                f"| {name} | " + " | ".join(f"{result[f'adv/{key}_{_eps(e)}/top1']:.4f}" for e in EPSILONS) + " |"
+            )
         flagged = [f"{e:g}" for e in EPSILONS if result.get(f"adv/gradient_masking_{_eps(e)}", 0.0) > 0]
         masking.append(f"{name}: {'flagged at ε = ' + ', '.join(flagged) if flagged else 'not flagged'}")
-        ood.append(f"| {name} | {result['adv/clean/top1']:.4f} | "
-                   + " | ".join(f"{result[f'ood/{p}/top1']:.4f}" for p in PERTURBATIONS) + " |")
+        ood.append(
+            f"| {name} | {result['adv/clean/top1']:.4f} | "
+            + " | ".join(f"{result[f'ood/{p}/top1']:.4f}" for p in PERTURBATIONS)
+            + " |"
+        )
         if uses_adaptive_solver(model):
             stand_in = robustness_test(model, data_dir, images, spsa_images, pgd_steps, gradient_solver)
             for attack, key in (("FGSM, stand-in gradients", "fgsm"), ("PGD, stand-in gradients", "pgd")):
-                tables[attack].append(f"| {name} | " + " | ".join(f"{stand_in[f'adv/{key}_{_eps(e)}/top1']:.4f}"
-                                                                   for e in EPSILONS) + " |")
-    lines = [f"Adversarial top-1 accuracy on the first {images} test images (SPSA: first {spsa_images}; PGD "
-             f"{pgd_steps} steps of 2.5·ε/{pgd_steps} from a random start; SPSA 20 Adam steps, 64 samples, δ = 0.01). "
-             f"Stand-in: white-box gradients through `{json.dumps(gradient_solver)}`, the attacked model keeping "
-             f"its own solver (adaptive-solver models only).", ""]
-    for attack, rows in tables.items():
+                tables[attack].append(
+                    f"| {name} | " + " | ".join(f"{stand_in[f'adv/{key}_{_eps(e)}/top1']:.4f}" for e in EPSILONS) + " |"
+                )
+    lines = [
+        f"Adversarial top-1 accuracy on the first {images} test images (SPSA: first {spsa_images}; PGD "
+        f"{pgd_steps} steps of 2.5·ε/{pgd_steps} from a random start; SPSA 20 Adam steps, 64 samples, δ = 0.01). "
+        f"Stand-in: white-box gradients through `{json.dumps(gradient_solver)}`, the attacked model keeping "
+        f"its own solver (adaptive-solver models only).",
+        "",
+    ]
+    for rows in tables.values():
         if len(rows) > 2:
-            lines += rows + [""]
-    lines += ["Gradient masking (an SPSA accuracy below every white-box one at the same ε): " + "; ".join(masking), "",
-              f"Out-of-distribution top-1 accuracy on the same {images} images (Kim et al.'s perturbations: N(0, 0.1) "
-              f"noise, 24×24 centre crop resized to 28×28, rotation up to 30°, brightness/contrast jitter 0.2):", ""]
+            lines += [*rows, ""]
+    lines += [
+        "Gradient masking (an SPSA accuracy below every white-box one at the same ε): " + "; ".join(masking),
+        "",
+        f"Out-of-distribution top-1 accuracy on the same {images} images (Kim et al.'s perturbations: N(0, 0.1) "
+        f"noise, 24×24 centre crop resized to 28×28, rotation up to 30°, brightness/contrast jitter 0.2):",
+        "",
+    ]
     return lines + ood
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"))
-    parser.add_argument("--checkpoint", action="append", default=[], metavar="NAME=PATH",
-                        help=f"a trained checkpoint per model, NAME one of {NAMES}")
-    parser.add_argument("--tables", nargs="+", default=["accuracy", "inference", "equation", "curves"],
-                        choices=["accuracy", "inference", "equation", "curves", "robustness"])
-    parser.add_argument("--curve", action="append", default=[], metavar="NAME=PATH",
-                        help="a run's TensorBoard folder; default: the folder of the checkpoint's run")
+    parser.add_argument(
+        "--checkpoint",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help=f"a trained checkpoint per model, NAME one of {NAMES}",
+    )
+    parser.add_argument(
+        "--tables",
+        nargs="+",
+        default=["accuracy", "inference", "equation", "curves"],
+        choices=["accuracy", "inference", "equation", "curves", "robustness"],
+    )
+    parser.add_argument(
+        "--curve",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="a run's TensorBoard folder; default: the folder of the checkpoint's run",
+    )
     parser.add_argument("--robust-images", type=int, default=1000, help="test images attacked and perturbed")
     parser.add_argument("--spsa-images", type=int, default=100, help="of those, the ones SPSA also attacks")
     parser.add_argument("--pgd-steps", type=int, default=20)
-    parser.add_argument("--gradient-solver", type=json.loads, default={"method": "rk4", "step_size": 0.1},
-                        help="JSON solver settings of the stand-in for white-box gradients of adaptive-solver models")
+    parser.add_argument(
+        "--gradient-solver",
+        type=json.loads,
+        default={"method": "rk4", "step_size": 0.1},
+        help="JSON solver settings of the stand-in for white-box gradients of adaptive-solver models",
+    )
     parser.add_argument("--rounds", type=int, default=11)
     parser.add_argument("--seed", type=int, default=0, help="the config's seed_everything (the initialization)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+
     def named_paths(option: str, items: list[str]) -> dict[str, Path]:
         paths = {}
         for item in items:
@@ -289,24 +381,33 @@ def main() -> None:
     curves = {**{name: path.parent.parent for name, path in paths.items()}, **named_paths("--curve", args.curve)}
     models = {name: load_model(path) for name, path in paths.items()}
     images, _ = test_images(args.data_dir, 1000)
-    sections: list[str] = [f"### MNIST at paper scale, from the trained checkpoints ({datetime.date.today()})", "",
-                           f"Machine: {os.cpu_count()} CPU cores, torch {torch.__version__}, {args.threads} thread(s).",
-                           "", f"Command: `python bench/bench_paper_scale.py {' '.join(sys.argv[1:])}`", ""]
+    sections: list[str] = [
+        f"### MNIST at paper scale, from the trained checkpoints ({datetime.date.today()})",
+        "",
+        f"Machine: {os.cpu_count()} CPU cores, torch {torch.__version__}, {args.threads} thread(s).",
+        "",
+        f"Command: `python bench/bench_paper_scale.py {' '.join(sys.argv[1:])}`",
+        "",
+    ]
     if "accuracy" in args.tables:
-        sections += accuracy_table(models, args.data_dir) + [""]
+        sections += [*accuracy_table(models, args.data_dir), ""]
     if "inference" in args.tables:
-        sections += inference_table(models, images, args.rounds) + [""]
+        sections += [*inference_table(models, images, args.rounds), ""]
     if "equation" in args.tables:
         for name, seed in (("prnet", args.seed), ("prnet_seed1", 1)):
             if name in models:
-                sections += [f"{name}:", ""] + equation_table(models[name], images[:256], seed) + [""]
+                sections += [f"{name}:", "", *equation_table(models[name], images[:256], seed), ""]
         if "prnet" in models and "prnet_seed1" in models:
-            sections += equation_comparison(models["prnet"], models["prnet_seed1"]) + [""]
+            sections += [*equation_comparison(models["prnet"], models["prnet_seed1"]), ""]
     if "curves" in args.tables:
-        sections += curves_figure(curves, REPO / "bench" / "mnist_paper_scale_val_accuracy.png") + [""]
+        sections += [*curves_figure(curves, REPO / "bench" / "mnist_paper_scale_val_accuracy.png"), ""]
     if "robustness" in args.tables:
-        sections += robustness_tables(models, args.data_dir, args.robust_images, args.spsa_images, args.pgd_steps,
-                                      args.gradient_solver) + [""]
+        sections += [
+            *robustness_tables(
+                models, args.data_dir, args.robust_images, args.spsa_images, args.pgd_steps, args.gradient_solver
+            ),
+            "",
+        ]
     text = "\n".join(sections)
     print(text)
     if args.output:

@@ -68,8 +68,9 @@ def measure_block(config: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(config["threads"])
     torch.manual_seed(0)
     block_class = {"hamiltonian": HamiltonianBlock, "second_order": SecondOrderBlock}[config["dynamics"]]
-    block = block_class(config["channels"], num_steps=config["steps"], step_size=1.0 / config["steps"],
-                        reversible=config["reversible"])
+    block = block_class(
+        config["channels"], num_steps=config["steps"], step_size=1.0 / config["steps"], reversible=config["reversible"]
+    )
     x = torch.randn(config["batch"], config["channels"], config["size"], config["size"], requires_grad=True)
 
     def forward_backward():
@@ -87,8 +88,13 @@ def measure_block(config: dict[str, Any]) -> dict[str, Any]:
         start = time.perf_counter()
         forward_backward()
         times.append(time.perf_counter() - start)
-    return {**config, "saved_bytes": stored, "peak_rss_growth": peak_growth, "time_s": statistics.median(times),
-            "state_bytes": x.numel() * 4}
+    return {
+        **config,
+        "saved_bytes": stored,
+        "peak_rss_growth": peak_growth,
+        "time_s": statistics.median(times),
+        "state_bytes": x.numel() * 4,
+    }
 
 
 def measure_network(config: dict[str, Any]) -> dict[str, Any]:
@@ -117,8 +123,12 @@ def measure_network(config: dict[str, Any]) -> dict[str, Any]:
         start = time.perf_counter()
         train_step()
         times.append(time.perf_counter() - start)
-    return {**config, "peak_rss_growth": max(0, peak_rss_bytes() - rss_before), "time_s": statistics.median(times),
-            "parameters": sum(p.numel() for p in network.parameters())}
+    return {
+        **config,
+        "peak_rss_growth": max(0, peak_rss_bytes() - rss_before),
+        "time_s": statistics.median(times),
+        "parameters": sum(p.numel() for p in network.parameters()),
+    }
 
 
 def smoke_run(config: dict[str, Any]) -> dict[str, Any]:
@@ -137,16 +147,29 @@ def smoke_run(config: dict[str, Any]) -> dict[str, Any]:
         overrides = fake_stl10(Path(folder) / "data", n_train=160, n_test=40)
         args = ["fit", "--config", str(REPO / "configs" / "stl10" / f"{config['dynamics']}.yaml")]
         args += [f"--data.init_args.{key}={value}" for key, value in overrides.items()]
-        args += ["--data.init_args.batch_size=16", "--data.init_args.num_workers=0", "--data.init_args.val_size=20",
-                 "--trainer.max_epochs=1", f"--trainer.max_steps={config['batches']}",
-                 "--trainer.limit_val_batches=1", "--trainer.accelerator=cpu", "--trainer.devices=1",
-                 "--trainer.enable_progress_bar=false", "--test_after_fit=false"]
+        args += [
+            "--data.init_args.batch_size=16",
+            "--data.init_args.num_workers=0",
+            "--data.init_args.val_size=20",
+            "--trainer.max_epochs=1",
+            f"--trainer.max_steps={config['batches']}",
+            "--trainer.limit_val_batches=1",
+            "--trainer.accelerator=cpu",
+            "--trainer.devices=1",
+            "--trainer.enable_progress_bar=false",
+            "--test_after_fit=false",
+        ]
         start = time.perf_counter()
         cli = build_cli(args)
         elapsed = time.perf_counter() - start
         metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
-    return {**config, "wall_s": elapsed, "train_loss": metrics.get("train/loss_epoch", float("nan")),
-            "tv_time": metrics.get("train/tv_time_epoch", float("nan")), "steps": cli.trainer.global_step}
+    return {
+        **config,
+        "wall_s": elapsed,
+        "train_loss": metrics.get("train/loss_epoch", float("nan")),
+        "tv_time": metrics.get("train/tv_time_epoch", float("nan")),
+        "steps": cli.trainer.global_step,
+    }
 
 
 def run_isolated(function, configs: list[dict[str, Any]], label: str) -> list[dict[str, Any]]:
@@ -192,9 +215,21 @@ def main() -> None:
     ]
 
     if "memory" not in args.skip:
-        configs = [dict(dynamics=d, steps=s, reversible=r, channels=args.channels, size=args.size, batch=args.batch,
-                        threads=args.threads, repeats=args.repeats)
-                   for d in ("hamiltonian", "second_order") for s in args.steps for r in (False, True)]
+        configs = [
+            dict(
+                dynamics=d,
+                steps=s,
+                reversible=r,
+                channels=args.channels,
+                size=args.size,
+                batch=args.batch,
+                threads=args.threads,
+                repeats=args.repeats,
+            )
+            for d in ("hamiltonian", "second_order")
+            for s in args.steps
+            for r in (False, True)
+        ]
         results = run_isolated(measure_block, configs, "memory vs depth")
         by_key = {(r["dynamics"], r["steps"], r["reversible"]): r for r in results}
         lines += [
@@ -221,9 +256,16 @@ def main() -> None:
         flush(lines, args.output)
 
     if "network" not in args.skip:
-        configs = [dict(dynamics=d, reversible=r, batch=args.network_batch, threads=args.threads, repeats=args.repeats)
-                   for d, r in (("parabolic", False), ("hamiltonian", False), ("hamiltonian", True),
-                                ("second_order", False), ("second_order", True))]
+        configs = [
+            dict(dynamics=d, reversible=r, batch=args.network_batch, threads=args.threads, repeats=args.repeats)
+            for d, r in (
+                ("parabolic", False),
+                ("hamiltonian", False),
+                ("hamiltonian", True),
+                ("second_order", False),
+                ("second_order", True),
+            )
+        ]
         results = run_isolated(measure_network, configs, "STL-10 network")
         lines += [
             f"## STL-10 network, three dynamics side by side (widths 16/64/128/256, 3 steps per block, 96×96, "
@@ -233,14 +275,18 @@ def main() -> None:
             "|---|---|---|---|---|",
         ]
         for r in results:
-            lines.append(f"| {r['dynamics']} | {r['reversible']} | {r['parameters']:,} | {r['time_s']:.2f} | "
-                         f"{mib(r['peak_rss_growth'])} |")
+            lines.append(
+                f"| {r['dynamics']} | {r['reversible']} | {r['parameters']:,} | {r['time_s']:.2f} | "
+                f"{mib(r['peak_rss_growth'])} |"
+            )
         lines.append("")
         flush(lines, args.output)
 
     if "smoke" not in args.skip:
-        configs = [dict(dynamics=d, batches=args.smoke_batches, threads=args.threads)
-                   for d in ("parabolic", "hamiltonian", "second_order")]
+        configs = [
+            dict(dynamics=d, batches=args.smoke_batches, threads=args.threads)
+            for d in ("parabolic", "hamiltonian", "second_order")
+        ]
         results = run_isolated(smoke_run, configs, "smoke runs")
         lines += [
             "## Smoke run: `pdenets fit --config configs/stl10/<dynamics>.yaml` on fabricated STL-10 files",
@@ -252,8 +298,9 @@ def main() -> None:
             "|---|---|---|---|---|",
         ]
         for r in results:
-            lines.append(f"| {r['dynamics']} | {r['steps']} | {r['train_loss']:.3f} | {r['tv_time']:.3f} | "
-                         f"{r['wall_s']:.1f} |")
+            lines.append(
+                f"| {r['dynamics']} | {r['steps']} | {r['train_loss']:.3f} | {r['tv_time']:.3f} | {r['wall_s']:.1f} |"
+            )
         lines.append("")
 
     flush(lines, args.output)

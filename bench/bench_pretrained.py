@@ -52,15 +52,23 @@ def main(argv: list[str] | None = None) -> None:
         entry = pretrained.info(name)
         model = pretrained.load(name)
         data = datamodule(name, args.data_dir)
-        trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                             enable_model_summary=False, callbacks=[NFEMonitor()])
+        trainer = pl.Trainer(
+            accelerator="cpu",
+            devices=1,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[NFEMonitor()],
+        )
         start = time.perf_counter()
         result = trainer.test(model, datamodule=data, verbose=False)[0]
         seconds = time.perf_counter() - start
         images = len(data.test_set)
         nfe = f"{result['test/nfe_forward']:.1f}" if "test/nfe_forward" in result else "—"
-        lines.append(f"| {name} | {entry.model.rsplit('.', 1)[-1]} | {entry.dataset} | {images:,} | {entry.test_accuracy:.4f} "
-                     f"| {result['test/acc_top1']:.4f} | {nfe} | {seconds:.1f} s | {entry.sha256[:12]} |")
+        lines.append(
+            f"| {name} | {entry.model.rsplit('.', 1)[-1]} | {entry.dataset} | {images:,} | {entry.test_accuracy:.4f} "
+            f"| {result['test/acc_top1']:.4f} | {nfe} | {seconds:.1f} s | {entry.sha256[:12]} |"
+        )
         print(lines[-1], flush=True)
     text = "\n".join(lines) + "\n"
     print(text)

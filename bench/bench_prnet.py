@@ -24,8 +24,9 @@ import datetime
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -89,8 +90,16 @@ class SubStepTimer:
 
 def trainer(steps: int, callbacks: list) -> pl.Trainer:
     return pl.Trainer(
-        accelerator="cpu", devices=1, max_epochs=1, limit_train_batches=steps, limit_val_batches=0, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        limit_train_batches=steps,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
     )
 
 
@@ -114,7 +123,9 @@ def theta_step_seconds(module, x: torch.Tensor, y: torch.Tensor, derivatives: st
         module.zero_grad(set_to_none=True)
         if derivatives is None:
             u = module.block(h0)
-            loss = F.cross_entropy(module.network.head(u), y) + hp.initial_weight * module.block.initial_condition_loss(h0)
+            loss = F.cross_entropy(module.network.head(u), y) + hp.initial_weight * module.block.initial_condition_loss(
+                h0
+            )
         else:
             d = module.block.derivatives(h0, orders, method=derivatives)
             library = module.governing.library(d)
@@ -206,8 +217,11 @@ def main() -> None:
         "",
         f"Command: `python bench/bench_prnet.py {' '.join(sys.argv[1:])}`; batch {args.batch_size} for training, "
         f"{args.inference_batch} images for inference; "
-        + ("random initialization, random MNIST-shaped inputs." if args.train_batches == 0
-           else f"each model first trained on {args.train_batches} batches of real MNIST."),
+        + (
+            "random initialization, random MNIST-shaped inputs."
+            if args.train_batches == 0
+            else f"each model first trained on {args.train_batches} batches of real MNIST."
+        ),
         "",
         "| model | params | inference 1,000 images (s) | training step (s) | train step / ResNet | NFE fwd |"
         + (" test acc |" if args.train_batches else ""),
@@ -227,7 +241,10 @@ def main() -> None:
         f"{rows['resnet']['inference_s'] / p_inf:.2f}x vs ResNet (target > 1x).",
         f"- One Algorithm-1 iteration: {iteration / resnet_step:.2f}x a ResNet step (target <= 3x), "
         f"{iteration / odenet_step:.2f}x an ODE-Net step (target < 1x).",
-        *(f"- {name} sub-steps (median s): " + ", ".join(f"{k} {v:.3f}" for k, v in steps.items()) for name, steps in substeps.items()),
+        *(
+            f"- {name} sub-steps (median s): " + ", ".join(f"{k} {v:.3f}" for k, v in steps.items())
+            for name, steps in substeps.items()
+        ),
         f"- With governing_samples=32: one iteration {rows[names[-1]]['train_step_s'] / resnet_step:.2f}x a ResNet step.",
         f"- Derivative computation: forward {derivative_forward:.3f} s; theta step (fwd+bwd) {theta['taylor']:.3f} s "
         f"with derivatives vs {theta[None]:.3f} s without, i.e. {100 * derivative_share:.0f}% of the iteration.",

@@ -91,7 +91,7 @@ def interleaved(variants: dict[str, Callable[[], object]], rounds: int) -> dict[
     for name in names:
         variants[name]()
     for r in range(rounds):
-        for name in names[r % len(names):] + names[: r % len(names)]:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             with clocks[name]:
                 variants[name]()
     return clocks
@@ -110,12 +110,14 @@ def inference(data_dir: str, count: int, rounds: int, chunks: list[int]) -> tupl
                 if isinstance(net.feature, PDEBlock):
                     return net.head(net.feature.field(net.stem(images), net.feature.query.unsqueeze(0)))
                 return net(images)
+
         return run
 
     def framework(module: pl.LightningModule) -> Callable[[], object]:
         def run() -> object:
             with torch.inference_mode():
                 return module(images)
+
         return run
 
     def chunked(module: pl.LightningModule, size: int) -> Callable[[], object]:
@@ -126,6 +128,7 @@ def inference(data_dir: str, count: int, rounds: int, chunks: list[int]) -> tupl
                     return module(images)
             finally:
                 module.inference_chunk_size = shipped
+
         return run
 
     for name, module in trained.items():  # the two paths agree (the full check is in the tests)
@@ -143,18 +146,23 @@ def inference(data_dir: str, count: int, rounds: int, chunks: list[int]) -> tupl
         for size in chunks:
             variants[f"{name}/chunks of {size}"] = chunked(module, size)
     clocks = interleaved(variants, rounds)
-    lines = [f"Inference, {count} MNIST test images, trained checkpoints, {rounds} interleaved rounds "
-             f"(chunk size {trained['prnet'].inference_chunk_size}):", "",
-             "| path | ResNet wall | PR-Net wall | ResNet / PR-Net (wall) | ResNet CPU | PR-Net CPU "
-             "| ResNet / PR-Net (CPU) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Inference, {count} MNIST test images, trained checkpoints, {rounds} interleaved rounds "
+        f"(chunk size {trained['prnet'].inference_chunk_size}):",
+        "",
+        "| path | ResNet wall | PR-Net wall | ResNet / PR-Net (wall) | ResNet CPU | PR-Net CPU "
+        "| ResNet / PR-Net (CPU) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     ratios = {}
     for path in ("one batch", "module", *(f"chunks of {size}" for size in chunks)):
         r, p = clocks[f"resnet/{path}"], clocks[f"prnet/{path}"]
         wall, cpu = r.median("wall") / p.median("wall"), r.median("cpu") / p.median("cpu")
         ratios[f"inference {path} wall"], ratios[f"inference {path} cpu"] = wall, cpu
-        lines.append(f"| {path} | {r.median('wall') * 1e3:.0f} ms | {p.median('wall') * 1e3:.0f} ms | {wall:.2f}× | "
-                     f"{r.median('cpu') * 1e3:.0f} ms | {p.median('cpu') * 1e3:.0f} ms | {cpu:.2f}× |")
+        lines.append(
+            f"| {path} | {r.median('wall') * 1e3:.0f} ms | {p.median('wall') * 1e3:.0f} ms | {wall:.2f}× | "
+            f"{r.median('cpu') * 1e3:.0f} ms | {p.median('cpu') * 1e3:.0f} ms | {cpu:.2f}× |"
+        )
     lines += ["", f"Target: PR-Net ≥ 1.6× faster than ResNet (MAC limit {MACS['resnet'] / MACS['prnet']:.2f}×)."]
     return lines, ratios
 
@@ -165,13 +173,15 @@ class StepClock(pl.Callback):
     def __init__(self, clock: Clock) -> None:
         self.clock = clock
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if batch_idx > 0:  # the first batch of every round is a warm-up
             self.clock.__enter__()
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if batch_idx > 0:
             self.clock.__exit__()
 
@@ -218,31 +228,45 @@ def training(data_dir: str, batch: int, steps: int, rounds: int) -> tuple[list[s
     clocks = {name: Clock() for name in names}
     substeps = SubStepClock(fresh["prnet"])
     for r in range(rounds):
-        for name in names[r % len(names):] + names[: r % len(names)]:
-            trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
-                                 enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                                 callbacks=[StepClock(clocks[name])])
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            trainer = pl.Trainer(
+                accelerator="cpu",
+                devices=1,
+                max_epochs=1,
+                logger=False,
+                enable_checkpointing=False,
+                enable_progress_bar=False,
+                enable_model_summary=False,
+                limit_val_batches=0,
+                callbacks=[StepClock(clocks[name])],
+            )
             trainer.fit(fresh[name], batches)
     p, r = clocks["prnet"], clocks["resnet"]
     wall, cpu = p.median("wall") / r.median("wall"), p.median("cpu") / r.median("cpu")
-    lines = [f"Training, batch {batch} of MNIST, {rounds} interleaved rounds of {steps} timed steps "
-             f"({len(p.wall)} steps per model):", "",
-             "| step | wall (median) | CPU (median) | vs ResNet step (wall) | vs ResNet step (CPU) |",
-             "|---|---|---|---|---|",
-             f"| ResNet step | {r.median('wall') * 1e3:.0f} ms | {r.median('cpu') * 1e3:.0f} ms | 1.00× | 1.00× |",
-             f"| PR-Net Algorithm-1 iteration | {p.median('wall') * 1e3:.0f} ms | {p.median('cpu') * 1e3:.0f} ms | "
-             f"{wall:.2f}× | {cpu:.2f}× |"]
+    lines = [
+        f"Training, batch {batch} of MNIST, {rounds} interleaved rounds of {steps} timed steps "
+        f"({len(p.wall)} steps per model):",
+        "",
+        "| step | wall (median) | CPU (median) | vs ResNet step (wall) | vs ResNet step (CPU) |",
+        "|---|---|---|---|---|",
+        f"| ResNet step | {r.median('wall') * 1e3:.0f} ms | {r.median('cpu') * 1e3:.0f} ms | 1.00× | 1.00× |",
+        f"| PR-Net Algorithm-1 iteration | {p.median('wall') * 1e3:.0f} ms | {p.median('cpu') * 1e3:.0f} ms | "
+        f"{wall:.2f}× | {cpu:.2f}× |",
+    ]
     b = clocks["prnet (before)"]
-    lines.append(f"| PR-Net iteration before (every backward over every parameter) | {b.median('wall') * 1e3:.0f} ms | "
-                 f"{b.median('cpu') * 1e3:.0f} ms | {b.median('wall') / r.median('wall'):.2f}× | "
-                 f"{b.median('cpu') / r.median('cpu'):.2f}× |")
+    lines.append(
+        f"| PR-Net iteration before (every backward over every parameter) | {b.median('wall') * 1e3:.0f} ms | "
+        f"{b.median('cpu') * 1e3:.0f} ms | {b.median('wall') / r.median('wall'):.2f}× | "
+        f"{b.median('cpu') / r.median('cpu'):.2f}× |"
+    )
     for step, clock in substeps.clocks.items():
-        lines.append(f"| — {step} sub-step | {clock.median('wall') * 1e3:.0f} ms | "
-                     f"{clock.median('cpu') * 1e3:.0f} ms | "
-                     f"{clock.median('wall') / r.median('wall'):.2f}× | {clock.median('cpu') / r.median('cpu'):.2f}× |")
+        lines.append(
+            f"| — {step} sub-step | {clock.median('wall') * 1e3:.0f} ms | "
+            f"{clock.median('cpu') * 1e3:.0f} ms | "
+            f"{clock.median('wall') / r.median('wall'):.2f}× | {clock.median('cpu') / r.median('cpu'):.2f}× |"
+        )
     lines += ["", "Target: one Algorithm-1 iteration ≤ 1.3× a ResNet step."]
-    return lines, {"training wall": wall, "training cpu": cpu,
-                   "training before cpu": b.median("cpu") / r.median("cpu")}
+    return lines, {"training wall": wall, "training cpu": cpu, "training before cpu": b.median("cpu") / r.median("cpu")}
 
 
 def profile(data_dir: str, count: int) -> list[str]:
@@ -280,8 +304,9 @@ def main() -> None:
     parser.add_argument("--train-rounds", type=int, default=8)
     parser.add_argument("--threads", type=int, nargs="+", default=[1])
     parser.add_argument("--chunks", type=int, nargs="*", default=[], help="also time these chunk sizes")
-    parser.add_argument("--parts", nargs="+", default=["inference", "training"],
-                        choices=["inference", "training", "profile"])
+    parser.add_argument(
+        "--parts", nargs="+", default=["inference", "training"], choices=["inference", "training", "profile"]
+    )
     args = parser.parse_args()
     summary: dict[int, dict[str, float]] = {}
     for threads in args.threads:

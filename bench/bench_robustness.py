@@ -17,7 +17,7 @@ import argparse
 import datetime
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from tqdm import tqdm

@@ -24,8 +24,8 @@ import importlib
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -62,7 +62,7 @@ def interleaved(variants: dict[str, Callable[[], object]], rounds: int) -> dict[
     for name in names:
         variants[name]()
     for r in range(rounds):
-        for name in names[r % len(names):] + names[:r % len(names)]:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             start = time.perf_counter()
             variants[name]()
             times[name].append(time.perf_counter() - start)
@@ -120,8 +120,15 @@ def field_times(block, y0: torch.Tensor, count: int) -> Callable[[], object]:
     return lambda: [block.vector_field(t, y0) for t in times]
 
 
-def inference(models: dict, y0s: dict, rounds: int, with_torchode: bool, torchode_compile: bool,
-              compile_combine: bool = False, compile_field: bool = False) -> list[str]:
+def inference(
+    models: dict,
+    y0s: dict,
+    rounds: int,
+    with_torchode: bool,
+    torchode_compile: bool,
+    compile_combine: bool = False,
+    compile_field: bool = False,
+) -> list[str]:
     lines = ["| model | what | NFE | time (median) | vs f × NFE |", "|---|---|---|---|---|"]
     for name, model in models.items():
         (block,) = find_ode_blocks(model)
@@ -129,11 +136,13 @@ def inference(models: dict, y0s: dict, rounds: int, with_torchode: bool, torchod
         variants: dict[str, Callable[[], object]] = {}
         nfe: dict[str, int] = {}
         for backend in ("native", "torchdiffeq"):
+
             def run(backend=backend):
                 block.configure_solver(backend=backend)
                 before = block.nfe_forward
                 block(y0)
                 nfe[backend] = block.nfe_forward - before
+
             variants[backend] = run
         if compile_combine:
             compiled_combine = torch.compile(runge_kutta._combine, dynamic=True)
@@ -148,6 +157,7 @@ def inference(models: dict, y0s: dict, rounds: int, with_torchode: bool, torchod
                     nfe[label] = block.nfe_forward - before
                 finally:
                     runge_kutta._combine = eager
+
             variants["native + torch.compile(combine)"] = run_compiled
         if compile_field:
             eager_field = block.field
@@ -169,6 +179,7 @@ def inference(models: dict, y0s: dict, rounds: int, with_torchode: bool, torchod
                     return field_times(block, y0, nfe["native"])()
                 finally:
                     block.field = eager_field
+
             variants["native + torch.compile(f)"] = run_compiled_field
             variants["compiled f × NFE"] = compiled_field_times
         with torch.no_grad():
@@ -176,7 +187,9 @@ def inference(models: dict, y0s: dict, rounds: int, with_torchode: bool, torchod
                 start = time.perf_counter()
                 run()
                 if "compile" in label:
-                    lines.append(f"| {name} | {label}: first call (compilation) {time.perf_counter() - start:.0f} s | | | |")
+                    lines.append(
+                        f"| {name} | {label}: first call (compilation) {time.perf_counter() - start:.0f} s | | | |"
+                    )
         variants["f × NFE"] = field_times(block, y0, nfe["native"])
         nfe["f × NFE"] = nfe["native"]
         if compile_field:
@@ -190,18 +203,24 @@ def inference(models: dict, y0s: dict, rounds: int, with_torchode: bool, torchod
                         start = time.perf_counter()
                         solve(y0)
                         if compiled:
-                            lines.append(f"| {name} | {label}: first call (compilation) "
-                                         f"{time.perf_counter() - start:.0f} s | | | |")
+                            lines.append(
+                                f"| {name} | {label}: first call (compilation) "
+                                f"{time.perf_counter() - start:.0f} s | | | |"
+                            )
                     variants[label] = lambda solve=solve: solve(y0)
                     nfe[label] = solve.nfe
-                except Exception as error:  # noqa: BLE001 - a peer that fails is reported, not fatal
-                    lines.append(f"| {name} | {label} | failed: {type(error).__name__}: {str(error).splitlines()[0][:120]} | | |")
+                except Exception as error:
+                    lines.append(
+                        f"| {name} | {label} | failed: {type(error).__name__}: {str(error).splitlines()[0][:120]} | | |"
+                    )
         with torch.no_grad():
             median = interleaved(variants, rounds)
         block.configure_solver(backend="native")
         base = median["f × NFE"]
         for label, seconds in median.items():
-            lines.append(f"| {name} | {label} | {nfe.get(label, '')} | {seconds * 1e3:.0f} ms | {seconds / base:.2f}× |")
+            lines.append(
+                f"| {name} | {label} | {nfe.get(label, '')} | {seconds * 1e3:.0f} ms | {seconds / base:.2f}× |"
+            )
     return lines
 
 
@@ -215,8 +234,10 @@ def training(model, y0: torch.Tensor, rounds: int, with_torchode: bool = False) 
     block.train()
     params = tuple(block.field.parameters())
     weight = torch.randn_like(y0)
-    lines = ["| mode | backend | NFE fwd / bwd | step (median) | parts: f fwd + bwd work | step / parts |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| mode | backend | NFE fwd / bwd | step (median) | parts: f fwd + bwd work | step / parts |",
+        "|---|---|---|---|---|---|",
+    ]
     variants: dict[str, Callable[[], object]] = {}
     counts: dict[str, tuple[int, int]] = {}
     for adjoint in (True, False):
@@ -230,6 +251,7 @@ def training(model, y0: torch.Tensor, rounds: int, with_torchode: bool = False) 
                 grads = torch.autograd.grad((out * weight).sum(), params)
                 counts[label] = (block.nfe_forward - f0, block.nfe_backward - b0)
                 return grads
+
             variants[label] = step
 
     def seminorm_step(label="adjoint seminorm / native"):
@@ -242,6 +264,7 @@ def training(model, y0: torch.Tensor, rounds: int, with_torchode: bool = False) 
             block.configure_solver(adjoint_options={})
         counts[label] = (block.nfe_forward - f0, block.nfe_backward - b0)
         return grads
+
     variants["adjoint seminorm / native"] = seminorm_step
     if with_torchode:
         for adjoint in (True, False):
@@ -255,6 +278,7 @@ def training(model, y0: torch.Tensor, rounds: int, with_torchode: bool = False) 
                 grads = torch.autograd.grad((out * weight).sum(), params)
                 counts[label] = (middle - before, solve.field.calls - middle)
                 return grads
+
             variants[label] = torchode_step
     for run in variants.values():
         run()
@@ -272,7 +296,7 @@ def training(model, y0: torch.Tensor, rounds: int, with_torchode: bool = False) 
         for _ in range(nfe_b):  # each backward evaluation: f, then its VJP with respect to y and the parameters
             y = y0.detach().requires_grad_(True)
             out = block.vector_field(t, y)
-            torch.autograd.grad(out, (y,) + params, cotangent)
+            torch.autograd.grad(out, (y, *params), cotangent)
 
     def backprop_parts():
         outs = [block.vector_field(t, y0) for _ in range(bp_f)]
@@ -290,12 +314,16 @@ def training(model, y0: torch.Tensor, rounds: int, with_torchode: bool = False) 
         f, b = counts[label]
         # each variant against the parts its own evaluation counts need (the adjoint's backward NFE differ)
         parts = f * per_f + b * per_vjp if label.startswith("adjoint") else median["backprop parts"]
-        lines.append(f"| {label.split(' / ')[0]} | {label.split(' / ')[1]} | {f} / {b} | {median[label] * 1e3:.0f} ms | "
-                     f"{parts * 1e3:.0f} ms | {median[label] / parts:.2f}× |")
+        lines.append(
+            f"| {label.split(' / ')[0]} | {label.split(' / ')[1]} | {f} / {b} | {median[label] * 1e3:.0f} ms | "
+            f"{parts * 1e3:.0f} ms | {median[label] / parts:.2f}× |"
+        )
     lines.append("")
-    lines.append(f"Parts: adjoint = forward NFE × f (no_grad, {per_f * 1e3:.1f} ms each) + backward NFE × (f + VJP, "
-                 f"{per_vjp * 1e3:.1f} ms each), each variant with its own counts; backprop = {bp_f} f recording the "
-                 f"graph + {bp_b} backward passes of f.")
+    lines.append(
+        f"Parts: adjoint = forward NFE × f (no_grad, {per_f * 1e3:.1f} ms each) + backward NFE × (f + VJP, "
+        f"{per_vjp * 1e3:.1f} ms each), each variant with its own counts; backprop = {bp_f} f recording the "
+        f"graph + {bp_b} backward passes of f."
+    )
     return lines
 
 
@@ -304,7 +332,10 @@ def accuracy(models: dict, data_dir: str) -> list[str]:
     data = MNISTDataModule(data_dir=data_dir, download=False)
     data.setup("test")
     loader = torch.utils.data.DataLoader(data.test_set, batch_size=1000)
-    lines = ["| model | backend | test accuracy | forward NFE per 1,000-image batch | predictions agree |", "|---|---|---|---|---|"]
+    lines = [
+        "| model | backend | test accuracy | forward NFE per 1,000-image batch | predictions agree |",
+        "|---|---|---|---|---|",
+    ]
     for name, model in models.items():
         (block,) = find_ode_blocks(model)
         predictions: dict[str, torch.Tensor] = {}
@@ -321,7 +352,9 @@ def accuracy(models: dict, data_dir: str) -> list[str]:
                     preds.append(pred)
             predictions[backend] = torch.cat(preds)
             agree = (predictions[backend] == predictions["torchdiffeq"]).float().mean().item()
-            lines.append(f"| {name} | {backend} | {correct / len(data.test_set):.4f} | {nfe / batches:.1f} | {agree:.4f} |")
+            lines.append(
+                f"| {name} | {backend} | {correct / len(data.test_set):.4f} | {nfe / batches:.1f} | {agree:.4f} |"
+            )
         block.configure_solver(backend="native")
     return lines
 
@@ -333,23 +366,36 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--parts", nargs="+", default=["inference", "training"], choices=["inference", "training", "accuracy"])
+    parser.add_argument(
+        "--parts", nargs="+", default=["inference", "training"], choices=["inference", "training", "accuracy"]
+    )
     parser.add_argument("--no-torchode", action="store_true")
-    parser.add_argument("--torchode-compile", action="store_true",
-                        help="also torchode under torch.compile (minutes of compilation on a CPU)")
-    parser.add_argument("--compile-combine", action="store_true",
-                        help="also the native loop with its stage combination under torch.compile (f stays eager)")
-    parser.add_argument("--compile-field", action="store_true",
-                        help="also the native loop around f under torch.compile, and that compiled f x NFE")
+    parser.add_argument(
+        "--torchode-compile",
+        action="store_true",
+        help="also torchode under torch.compile (minutes of compilation on a CPU)",
+    )
+    parser.add_argument(
+        "--compile-combine",
+        action="store_true",
+        help="also the native loop with its stage combination under torch.compile (f stays eager)",
+    )
+    parser.add_argument(
+        "--compile-field",
+        action="store_true",
+        help="also the native loop around f under torch.compile, and that compiled f x NFE",
+    )
     args = parser.parse_args()
     checkpoints = REPO / "bench" / "checkpoints" / "mnist"
     models = {"ODE-Net": load_model(checkpoints / "odenet.ckpt"), "RK-Net": load_model(checkpoints / "rknet.ckpt")}
     images = test_images(args.data_dir, max(args.images, args.batch))
     with torch.no_grad():
-        y0s = {name: model.network.stem(images[:args.images]) for name, model in models.items()}
-        train_y0 = models["ODE-Net"].network.stem(images[:args.batch])
-    print(f"torch {torch.__version__}, torchode {getattr(torchode, '__version__', 'not installed')}, "
-          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n")
+        y0s = {name: model.network.stem(images[: args.images]) for name, model in models.items()}
+        train_y0 = models["ODE-Net"].network.stem(images[: args.batch])
+    print(
+        f"torch {torch.__version__}, torchode {getattr(torchode, '__version__', 'not installed')}, "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n"
+    )
     if "accuracy" in args.parts:
         torch.set_num_threads(args.threads[0])
         print("#### Committed checkpoints on the 10,000 MNIST test images\n")
@@ -358,13 +404,33 @@ def main() -> None:
         torch.set_num_threads(threads)
         if "inference" in args.parts:
             print(f"#### Inference, {args.images:,} test images, no_grad, {threads} thread(s), {args.rounds} rounds\n")
-            print("\n".join(inference(models, y0s, args.rounds, torchode is not None and not args.no_torchode,
-                                       args.torchode_compile, args.compile_combine, args.compile_field)) + "\n")
+            print(
+                "\n".join(
+                    inference(
+                        models,
+                        y0s,
+                        args.rounds,
+                        torchode is not None and not args.no_torchode,
+                        args.torchode_compile,
+                        args.compile_combine,
+                        args.compile_field,
+                    )
+                )
+                + "\n"
+            )
         if "training" in args.parts:
-            print(f"#### ODE-Net training step of the ODE block, batch {args.batch}, {threads} thread(s), "
-                  f"{args.rounds} rounds\n")
-            print("\n".join(training(models["ODE-Net"], train_y0.clone(), args.rounds,
-                                      torchode is not None and not args.no_torchode)) + "\n")
+            print(
+                f"#### ODE-Net training step of the ODE block, batch {args.batch}, {threads} thread(s), "
+                f"{args.rounds} rounds\n"
+            )
+            print(
+                "\n".join(
+                    training(
+                        models["ODE-Net"], train_y0.clone(), args.rounds, torchode is not None and not args.no_torchode
+                    )
+                )
+                + "\n"
+            )
     print("Command: python bench/bench_solve_speed.py " + " ".join(sys.argv[1:]))
 
 

@@ -23,8 +23,8 @@ import lightning.pytorch as pl
 from tqdm import tqdm
 
 from lightning_pdenets.callbacks import NFEMonitor, SolverSwapCheck, StepSizeAdaptation, ToleranceAdaptation
-from lightning_pdenets.evaluation import configure_blocks, evaluate_batches, evaluation_pass
 from lightning_pdenets.data import ConcentricSpheresDataModule
+from lightning_pdenets.evaluation import configure_blocks, evaluate_batches, evaluation_pass
 from lightning_pdenets.models import VectorODEClassifierModule
 
 FIXED_STEPS = (1.0, 0.5, 0.25, 0.1, 0.05)
@@ -35,10 +35,20 @@ def setups() -> list[tuple[str, dict[str, Any], Any]]:
     rows: list[tuple[str, dict[str, Any], Any]] = [
         (f"Euler, fixed h = {h:g}", dict(method="euler", step_size=h), None) for h in FIXED_STEPS
     ]
-    rows.append(("Euler, step adaptation", dict(method="euler", step_size=0.5),
-                 lambda: StepSizeAdaptation(interval=5, threshold=0.1, initial_step_size="hairer")))
-    rows.append(("dopri5, tolerance adaptation", dict(method="dopri5", step_size=None, rtol=1e-6, atol=1e-6),
-                 lambda: ToleranceAdaptation(interval=5, threshold=0.1, initial_tol=1e-6)))
+    rows.append(
+        (
+            "Euler, step adaptation",
+            dict(method="euler", step_size=0.5),
+            lambda: StepSizeAdaptation(interval=5, threshold=0.1, initial_step_size="hairer"),
+        )
+    )
+    rows.append(
+        (
+            "dopri5, tolerance adaptation",
+            dict(method="dopri5", step_size=None, rtol=1e-6, atol=1e-6),
+            lambda: ToleranceAdaptation(interval=5, threshold=0.1, initial_tol=1e-6),
+        )
+    )
     return rows
 
 
@@ -49,9 +59,18 @@ def run(model_kwargs: dict[str, Any], adaptation: Any, seed: int, epochs: int) -
     monitor = NFEMonitor(log_steps=False)
     swap = SolverSwapCheck(log_figure=False)
     callbacks = [monitor] + ([adaptation()] if adaptation else [])
-    trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                         limit_val_batches=0, callbacks=callbacks + [swap])
+    trainer = pl.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=[*callbacks, swap],
+    )
     start = time.perf_counter()
     trainer.fit(module, data)
     seconds = time.perf_counter() - start

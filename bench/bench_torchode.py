@@ -47,7 +47,8 @@ def torchode_features(block, y0: torch.Tensor, first_step: float) -> tuple[torch
     solver = torchode.AutoDiffAdjoint(torchode.Dopri5(term=term), controller, max_steps=settings["max_num_steps"])
     n = len(y0)
     problem = torchode.InitialValueProblem(
-        y0=y0.flatten(1), t_start=torch.full((n,), settings["t0"]), t_end=torch.full((n,), settings["t1"]))
+        y0=y0.flatten(1), t_start=torch.full((n,), settings["t0"]), t_end=torch.full((n,), settings["t1"])
+    )
     solution = solver.solve(problem, dt0=torch.full((n,), first_step))
     return solution.ys[:, -1].view(-1, *shape), solution.stats["n_f_evals"]
 
@@ -95,19 +96,31 @@ def main() -> None:
     accuracy_ode = (logits_ode.argmax(1) == labels).float().mean().item()
     agreement = (logits.argmax(1) == logits_ode.argmax(1)).float().mean().item()
     nfe = nfe_per_sample.double()
-    print(f"weights {args.weights}, {args.images} test images in one batch, rtol = atol = {block.solver.rtol:g}, "
-          f"{torch.get_num_threads()} thread(s), median of {args.rounds} alternating rounds\n")
-    print(f"| backend | accuracy | NFE per sample: mean (min–max) | NFE the batch runs | time, {args.images:,} images |")
+    print(
+        f"weights {args.weights}, {args.images} test images in one batch, rtol = atol = {block.solver.rtol:g}, "
+        f"{torch.get_num_threads()} thread(s), median of {args.rounds} alternating rounds\n"
+    )
+    print(
+        f"| backend | accuracy | NFE per sample: mean (min–max) | NFE the batch runs | time, {args.images:,} images |"
+    )
     print("|---|---|---|---|---|")
-    print(f"| torchdiffeq dopri5 (batch error norm) | {accuracy:.4f} | {nfe_diffeq} (every sample) | {nfe_diffeq} | "
-          f"{statistics.median(times['torchdiffeq']) * 1000:.0f} ms |")
-    print(f"| torchode Dopri5 (per-sample control) | {accuracy_ode:.4f} | {nfe.mean():.1f} ({nfe.min():.0f}–{nfe.max():.0f}) | "
-          f"{nfe.max():.0f} | {statistics.median(times['torchode']) * 1000:.0f} ms |")
-    print(f"\n{nfe_diffeq} evaluations of the vector field alone on the same batch take "
-          f"{statistics.median(times['field']) * 1000:.0f} ms (the rest of torchdiffeq's time is its own work and the "
-          f"stem and head).")
-    print(f"\nPredictions agree on {agreement:.4f} of the images. Command: python bench/bench_torchode.py "
-          + " ".join(sys.argv[1:]))
+    print(
+        f"| torchdiffeq dopri5 (batch error norm) | {accuracy:.4f} | {nfe_diffeq} (every sample) | {nfe_diffeq} | "
+        f"{statistics.median(times['torchdiffeq']) * 1000:.0f} ms |"
+    )
+    print(
+        f"| torchode Dopri5 (per-sample control) | {accuracy_ode:.4f} | {nfe.mean():.1f} ({nfe.min():.0f}–{nfe.max():.0f}) | "
+        f"{nfe.max():.0f} | {statistics.median(times['torchode']) * 1000:.0f} ms |"
+    )
+    print(
+        f"\n{nfe_diffeq} evaluations of the vector field alone on the same batch take "
+        f"{statistics.median(times['field']) * 1000:.0f} ms (the rest of torchdiffeq's time is its own work and the "
+        f"stem and head)."
+    )
+    print(
+        f"\nPredictions agree on {agreement:.4f} of the images. Command: python bench/bench_torchode.py "
+        + " ".join(sys.argv[1:])
+    )
 
 
 if __name__ == "__main__":

@@ -56,7 +56,7 @@ def training_losses(dynamics: str, final_connector: bool, loader, lr: float, ste
 
 def window_means(losses: list[float]) -> list[str]:
     """Mean loss of step 0, then of each window of ``REPORT_EVERY`` steps."""
-    windows = [losses[:1]] + [losses[start:start + REPORT_EVERY] for start in range(1, len(losses), REPORT_EVERY)]
+    windows = [losses[:1]] + [losses[start : start + REPORT_EVERY] for start in range(1, len(losses), REPORT_EVERY)]
     return [f"{sum(w) / len(w):.3g}" for w in windows if w]
 
 
@@ -71,13 +71,18 @@ def main() -> None:
     args = parser.parse_args()
     if not (Path(args.data_dir) / "MNIST" / "raw").is_dir():
         parser.error(f"--data-dir: no MNIST/raw under {args.data_dir!r}; point it at torchvision's MNIST layout.")
-    dataset = datasets.MNIST(args.data_dir, train=True, transform=T.Compose([T.ToTensor(), T.Normalize((0.1307,), (0.3081,))]))
-    columns = ["step 0"] + [f"steps {s}–{min(s + REPORT_EVERY - 1, args.steps - 1)}" for s in range(1, args.steps, REPORT_EVERY)]
+    dataset = datasets.MNIST(
+        args.data_dir, train=True, transform=T.Compose([T.ToTensor(), T.Normalize((0.1307,), (0.3081,))])
+    )
+    columns = ["step 0"] + [
+        f"steps {s}–{min(s + REPORT_EVERY - 1, args.steps - 1)}" for s in range(1, args.steps, REPORT_EVERY)
+    ]
     lines = [
         f"Date: {datetime.date.today()}. Machine: {platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}. "
         f"Real MNIST, batch {args.batch_size}, SGD lr {args.lr}, momentum 0.9, weight decay 5e-4, box [-1, 1].",
         "",
-        "Command: `python bench/check_stl10_lr.py --data-dir ../shared/data " + f"--lr {args.lr} --steps {args.steps} --batch-size {args.batch_size}`",
+        "Command: `python bench/check_stl10_lr.py --data-dir ../shared/data "
+        + f"--lr {args.lr} --steps {args.steps} --batch-size {args.batch_size}`",
         "",
         "Mean training loss per window (log(10) = 2.30 is chance):",
         "",
@@ -92,8 +97,11 @@ def main() -> None:
             start = time.perf_counter()
             losses = training_losses(dynamics, final_connector, loader, args.lr, args.steps)
             cells = window_means(losses) + ["—"] * (len(columns) - len(window_means(losses)))
-            lines.append(f"| {dynamics} | {'yes' if final_connector else 'no'} | " + " | ".join(cells)
-                         + f" | {time.perf_counter() - start:.0f} |")
+            lines.append(
+                f"| {dynamics} | {'yes' if final_connector else 'no'} | "
+                + " | ".join(cells)
+                + f" | {time.perf_counter() - start:.0f} |"
+            )
             print(lines[-1], flush=True)
     report = "\n".join(lines) + "\n"
     print(report)

@@ -45,14 +45,21 @@ def label(name: str) -> str:
 def weak(samples: np.ndarray, x: np.ndarray, t: np.ndarray, fraction: float = 20) -> dict[str, float]:
     grid = np.stack(np.meshgrid(x, t, indexing="ij"), axis=-1)
     half = [(x[-1] - x[0]) / fraction, (t[-1] - t[0]) / fraction]
-    library = ps.WeakPDELibrary(function_library=ps.PolynomialLibrary(degree=3, include_bias=False),
-                                derivative_order=3, spatiotemporal_grid=grid, include_bias=True, is_uniform=True, K=500,
-                                H_xt=half)
+    library = ps.WeakPDELibrary(
+        function_library=ps.PolynomialLibrary(degree=3, include_bias=False),
+        derivative_order=3,
+        spatiotemporal_grid=grid,
+        include_bias=True,
+        is_uniform=True,
+        K=500,
+        H_xt=half,
+    )
     data = samples[:, :, None]
     target = library.convert_u_dot_integral(data)
-    model = ps.SINDy(feature_library=library,
-                     optimizer=ps.STLSQ(threshold=THRESHOLD * float(np.linalg.norm(target)), alpha=1e-5,
-                                        normalize_columns=True))
+    model = ps.SINDy(
+        feature_library=library,
+        optimizer=ps.STLSQ(threshold=THRESHOLD * float(np.linalg.norm(target)), alpha=1e-5, normalize_columns=True),
+    )
     model.fit(data, t=float(t[1] - t[0]))
     return dict(zip(map(label, model.get_feature_names()), map(float, model.coefficients()[0])))
 
@@ -62,14 +69,24 @@ def ensemble(samples: np.ndarray, x: np.ndarray, t: np.ndarray, seed: int) -> di
     target = ps.SmoothedFiniteDifference(axis=-2, **SMOOTHING)._differentiate(samples[:, :, None], dt)
     rows = 0.6  # EnsembleOptimizer's default subset: 60% of the rows
     threshold = THRESHOLD * float(np.sqrt(np.mean(target**2) * target.size * rows))
-    library = ps.PDELibrary(function_library=ps.PolynomialLibrary(degree=3, include_bias=False), derivative_order=3,
-                            spatial_grid=x, include_bias=True, is_uniform=True,
-                            differentiation_method=ps.SmoothedFiniteDifference, diff_kwargs=SMOOTHING)
+    library = ps.PDELibrary(
+        function_library=ps.PolynomialLibrary(degree=3, include_bias=False),
+        derivative_order=3,
+        spatial_grid=x,
+        include_bias=True,
+        is_uniform=True,
+        differentiation_method=ps.SmoothedFiniteDifference,
+        diff_kwargs=SMOOTHING,
+    )
     np.random.seed(seed)  # the bagging draws
-    optimizer = ps.EnsembleOptimizer(ps.STLSQ(threshold=threshold, alpha=1e-5, normalize_columns=True), bagging=True,
-                                     n_models=20)
-    model = ps.SINDy(feature_library=library, optimizer=optimizer,
-                     differentiation_method=ps.SmoothedFiniteDifference(axis=-2, **SMOOTHING))
+    optimizer = ps.EnsembleOptimizer(
+        ps.STLSQ(threshold=threshold, alpha=1e-5, normalize_columns=True), bagging=True, n_models=20
+    )
+    model = ps.SINDy(
+        feature_library=library,
+        optimizer=optimizer,
+        differentiation_method=ps.SmoothedFiniteDifference(axis=-2, **SMOOTHING),
+    )
     model.fit(samples[:, :, None], t=dt)
     return dict(zip(map(label, model.get_feature_names()), map(float, model.coefficients()[0])))
 

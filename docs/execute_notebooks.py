@@ -33,14 +33,24 @@ def execute(name: str, fast: bool = True, timeout: int = 900) -> Path:
     with tempfile.TemporaryDirectory(prefix="pdenets_docs_") as scratch:
         spec = Path(scratch) / "jupyter" / "kernels" / "pdenets-docs"
         spec.mkdir(parents=True)
-        spec.joinpath("kernel.json").write_text(json.dumps({
-            "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-            "display_name": "pdenets docs", "language": "python"}))
-        os.environ.update(JUPYTER_PATH=str(Path(scratch) / "jupyter"), TMPDIR=scratch,
-                          MPLBACKEND="module://matplotlib_inline.backend_inline",
-                          PDENETS_NOTEBOOK_FAST="1" if fast else "0")
-        NotebookClient(notebook, timeout=timeout, kernel_name="pdenets-docs",
-                       resources={"metadata": {"path": str(SOURCE)}}).execute()
+        spec.joinpath("kernel.json").write_text(
+            json.dumps(
+                {
+                    "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+                    "display_name": "pdenets docs",
+                    "language": "python",
+                }
+            )
+        )
+        os.environ.update(
+            JUPYTER_PATH=str(Path(scratch) / "jupyter"),
+            TMPDIR=scratch,
+            MPLBACKEND="module://matplotlib_inline.backend_inline",
+            PDENETS_NOTEBOOK_FAST="1" if fast else "0",
+        )
+        NotebookClient(
+            notebook, timeout=timeout, kernel_name="pdenets-docs", resources={"metadata": {"path": str(SOURCE)}}
+        ).execute()
     notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     TARGET.mkdir(parents=True, exist_ok=True)
     path = TARGET / f"{name}.ipynb"
@@ -51,7 +61,9 @@ def execute(name: str, fast: bool = True, timeout: int = 900) -> Path:
 def main(argv: list[str] | None = None) -> None:
     names = sorted(p.stem for p in SOURCE.glob("[0-9][0-9]_*.ipynb"))
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("names", nargs="*", metavar="NAME", help=f"notebooks to execute (default: all of {', '.join(names)})")
+    parser.add_argument(
+        "names", nargs="*", metavar="NAME", help=f"notebooks to execute (default: all of {', '.join(names)})"
+    )
     parser.add_argument("--full", action="store_true", help="full-size settings instead of PDENETS_NOTEBOOK_FAST=1")
     args = parser.parse_args(argv)
     unknown = sorted(set(args.names) - set(names))

@@ -36,8 +36,11 @@ def exported_callbacks() -> dict[str, str]:
 def presets(name: str) -> list[Path]:
     """The preset files of ``callbacks/`` that add the callback ``name``."""
     line = f"class_path: lightning_pdenets.callbacks.{name}"
-    return sorted(path for path in (REPO / "callbacks").glob("*.yaml")
-                  if any(text.strip().removeprefix("- ") == line for text in path.read_text().splitlines()))
+    return sorted(
+        path
+        for path in (REPO / "callbacks").glob("*.yaml")
+        if any(text.strip().removeprefix("- ") == line for text in path.read_text().splitlines())
+    )
 
 
 def page(name: str, module: str) -> str:
@@ -56,8 +59,10 @@ def pretrained_table() -> str:
     rows = ["| name | model | data | test accuracy | config | file | SHA-256 |", "|---|---|---|---|---|---|---|"]
     for entry in PRETRAINED.values():
         config = " ".join([f"`{entry.config}`", *(f"`{argument}`" for argument in entry.fit_arguments)])
-        rows.append(f"| `{entry.name}` | {entry.model.rsplit('.', 1)[-1]} | {entry.dataset} | {entry.test_accuracy:.4f} "
-                    f"| {config} | `{entry.file}` | `{entry.sha256[:16]}…` |")
+        rows.append(
+            f"| `{entry.name}` | {entry.model.rsplit('.', 1)[-1]} | {entry.dataset} | {entry.test_accuracy:.4f} "
+            f"| {config} | `{entry.file}` | `{entry.sha256[:16]}…` |"
+        )
     return "\n".join(rows)
 
 

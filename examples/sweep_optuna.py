@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import optuna
 from optuna_integration import PyTorchLightningPruningCallback
@@ -50,7 +50,8 @@ def objective(trial: optuna.Trial, config: str, log_dir: str, study_name: str, e
     step_size = trial.suggest_categorical("step_size", STEP_SIZES)
     cli = build_cli(
         [
-            "--config", config,
+            "--config",
+            config,
             f"--model.init_args.lr={lr}",
             f"--model.init_args.solver.step_size={step_size}",
             f"--trainer.logger.init_args.save_dir={log_dir}",
@@ -76,12 +77,12 @@ def objective(trial: optuna.Trial, config: str, log_dir: str, study_name: str, e
 def run_study(
     trials: int,
     config: str = str(REPO / "configs" / "quickstart.yaml"),
-    storage: Optional[str] = None,
+    storage: str | None = None,
     study_name: str = "quickstart_sweep",
     log_dir: str = "sweeps",
     seed: int = 0,
     extra: Sequence[str] = (),
-    pruner: Optional[optuna.pruners.BasePruner] = None,
+    pruner: optuna.pruners.BasePruner | None = None,
 ) -> optuna.Study:
     """Create (or, with ``storage``, continue) the study and run ``trials`` trials.
 
@@ -109,11 +110,11 @@ def run_study(
     return study
 
 
-def main(argv: Optional[Sequence[str]] = None) -> optuna.Study:
+def main(argv: Sequence[str] | None = None) -> optuna.Study:
     argv = list(sys.argv[1:] if argv is None else argv)
     extra: list[str] = []
     if "--" in argv:
-        extra, argv = argv[argv.index("--") + 1:], argv[:argv.index("--")]
+        extra, argv = argv[argv.index("--") + 1 :], argv[: argv.index("--")]
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--config", default=str(REPO / "configs" / "quickstart.yaml"))
@@ -125,8 +126,10 @@ def main(argv: Optional[Sequence[str]] = None) -> optuna.Study:
     study = run_study(args.trials, args.config, args.storage, args.study, args.log_dir, args.seed, extra)
     states = [t.state.name for t in study.trials]
     print(f"{len(study.trials)} trials: {states.count('COMPLETE')} complete, {states.count('PRUNED')} pruned")
-    print(f"best: val/acc_top1 {study.best_value:.4f} with {study.best_params} "
-          f"(trial {study.best_trial.number}, {study.best_trial.user_attrs.get('best_checkpoint')})")
+    print(
+        f"best: val/acc_top1 {study.best_value:.4f} with {study.best_params} "
+        f"(trial {study.best_trial.number}, {study.best_trial.user_attrs.get('best_checkpoint')})"
+    )
     return study
 
 

@@ -14,7 +14,7 @@ from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 HERE = Path(__file__).resolve().parent
 
-SETUP = '''\
+SETUP = """\
 import os
 import tempfile
 import warnings
@@ -30,7 +30,7 @@ FAST = os.environ.get("PDENETS_NOTEBOOK_FAST", "0") == "1"  # tiny settings (wha
 LOG_DIR = Path(tempfile.mkdtemp(prefix="pdenets_{name}_"))  # logs stay out of the repository
 TRAINER_ARGS = dict(accelerator="cpu", devices=1, enable_progress_bar=False, enable_model_summary=False,
                     enable_checkpointing=False, default_root_dir=LOG_DIR)
-print("fast mode:", FAST, "| logs in", LOG_DIR)'''
+print("fast mode:", FAST, "| logs in", LOG_DIR)"""
 
 
 def notebook(name: str, cells: list[tuple[str, str]]) -> nbformat.NotebookNode:
@@ -47,7 +47,9 @@ def notebook(name: str, cells: list[tuple[str, str]]) -> nbformat.NotebookNode:
 
 # ---------------------------------------------------------------------------------------------
 QUICKSTART = [
-    ("md", """
+    (
+        "md",
+        """
 # 01 · Quickstart: train from Python and from a config, then read the logs
 
 This notebook trains Chen et al.'s **RK-Net** (an ODE block solved with fixed-step RK4) on
@@ -58,10 +60,13 @@ scikit-learn's bundled handwritten digits (8×8 images, no download) twice:
 2. from the same YAML config that `pdenets fit --config configs/quickstart.yaml` uses.
 
 Both write TensorBoard logs; we read the event files back and plot the learning curves.
-"""),
+""",
+    ),
     ("code", SETUP.replace("{name}", "quickstart")),
     ("md", "## 1. From the Python API"),
-    ("code", '''
+    (
+        "code",
+        """
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from lightning_pdenets.data import DigitsDataModule
@@ -79,16 +84,22 @@ trainer = pl.Trainer(max_epochs=EPOCHS, logger=TensorBoardLogger(LOG_DIR, name="
 trainer.fit(model, datamodule=data)
 api_result = trainer.test(model, datamodule=data, verbose=False)[0]
 print(f"test accuracy (Python API): {api_result['test/acc_top1']:.3f}")
-'''),
-    ("md", """
+""",
+    ),
+    (
+        "md",
+        """
 ## 2. From a config file
 
 `build_cli` is the function behind the `pdenets` command; the list holds the command-line
 arguments. In a terminal the same run is
 `pdenets fit --config configs/quickstart.yaml --trainer.max_epochs 2`. After `fit` the CLI tests the
 best checkpoint.
-"""),
-    ("code", '''
+""",
+    ),
+    (
+        "code",
+        """
 from lightning_pdenets.cli import build_cli
 
 # The notebooks live in <repository>/notebooks; PDENETS_REPO overrides the repository root.
@@ -105,9 +116,12 @@ cli = build_cli([
     "--trainer.enable_progress_bar", "false",
 ])
 print(f"test accuracy (CLI): {float(cli.trainer.callback_metrics['test/acc_top1']):.3f}")
-'''),
+""",
+    ),
     ("md", "## 3. Learning curves from the TensorBoard event files"),
-    ("code", '''
+    (
+        "code",
+        '''
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 
@@ -131,17 +145,23 @@ for ax in (loss_ax, acc_ax):
     ax.legend()
 figure.tight_layout()
 plt.show()
-'''),
-    ("md", """
+''',
+    ),
+    (
+        "md",
+        """
 Run `tensorboard --logdir <log dir>` to browse the same curves interactively; every model of the
 package logs `train/`, `val/` and `test/` `loss`, `acc_top1` and `acc_top5`; for ODE models the
 `NFEMonitor` callback, which `pdenets` adds by default, logs `nfe_forward` and `nfe_backward`.
-"""),
+""",
+    ),
 ]
 
 # ---------------------------------------------------------------------------------------------
 SOLVER_ROBUSTNESS = [
-    ("md", """
+    (
+        "md",
+        """
 # 02 · Solver robustness: *ResNet After All* on concentric spheres
 
 Ott, Katiyar, Hennig & Tiemann (ICLR 2021) showed that a neural ODE trained with a coarse
@@ -154,9 +174,12 @@ We train `VectorODEClassifierModule` with Euler at several step sizes, test ever
 step size, and plot the trajectories of a coarse model and of one trained with an adaptive solver
 whose tolerance the `ToleranceAdaptation` callback tunes (`StepSizeAdaptation` does the same for
 the step of a fixed-step solver).
-"""),
+""",
+    ),
     ("code", SETUP.replace("{name}", "solver_robustness")),
-    ("code", '''
+    (
+        "code",
+        '''
 from lightning_pdenets.callbacks import SolverSwapCheck, ToleranceAdaptation
 from lightning_pdenets.data import ConcentricSpheresDataModule
 from lightning_pdenets.models import VectorODEClassifierModule
@@ -192,9 +215,12 @@ def accuracy_with_step(model, step_size):
 
 models = {h: train(h) for h in TRAIN_STEPS}
 heatmap = torch.tensor([[accuracy_with_step(models[h], g) for g in TEST_STEPS] for h in TRAIN_STEPS])
-'''),
+''',
+    ),
     ("md", "## Accuracy over train step × test step"),
-    ("code", '''
+    (
+        "code",
+        """
 figure, ax = plt.subplots(figsize=(6, 3.5))
 image = ax.imshow(heatmap, vmin=0.3, vmax=1.0, cmap="viridis")
 ax.set_xticks(range(len(TEST_STEPS)), [f"{g:g}" for g in TEST_STEPS])
@@ -206,13 +232,19 @@ for i in range(len(TRAIN_STEPS)):
 figure.colorbar(image)
 figure.tight_layout()
 plt.show()
-'''),
-    ("md", """
+""",
+    ),
+    (
+        "md",
+        """
 Each row is one trained model. The coarse models (top rows) lose accuracy to the right of their
 training step: what they learned depends on the solver's error. `SolverSwapCheck` measures the
 same thing during training and logs it (with a figure) to TensorBoard:
-"""),
-    ("code", '''
+""",
+    ),
+    (
+        "code",
+        """
 swap = SolverSwapCheck(solvers=["euler", "rk4", "dopri5"], step_factors=[0.25, 0.5, 1.0], tolerance_factors=[0.1, 1.0])
 coarse = models[TRAIN_STEPS[0]]
 pl.Trainer(logger=False, callbacks=[swap], **TRAINER_ARGS).test(coarse, datamodule=data, verbose=False)
@@ -222,9 +254,12 @@ print(f"trained with euler h={result['train_step_size']:g}: accuracy {result['tr
 from IPython.display import display
 
 display(SolverSwapCheck.figure(result))  # the figure TensorBoard receives
-'''),
+""",
+    ),
     ("md", "## Trajectories: crossing under a coarse solver, none under an adapted one"),
-    ("code", '''
+    (
+        "code",
+        '''
 adaptation = ToleranceAdaptation(interval=5, threshold=0.1, initial_tol=1e-4)
 adapted = train(None, callbacks=[adaptation], method="dopri5")
 (adapted_block,) = find_ode_blocks(adapted)
@@ -272,19 +307,25 @@ for ax, (title, paths) in zip(axes, panels):
     ax.set_aspect("equal")
 figure.tight_layout()
 plt.show()
-'''),
-    ("md", """
+''',
+    ),
+    (
+        "md",
+        """
 Under the coarse solver the trajectories of the two classes jump over each other (the straight
 segments are single Euler steps). The adapted model is drawn with a much finer Euler step than it
 was trained with: its trajectories are those of an ODE flow, which cannot cross in the plane (the
 few crossings counted are chords of curves that run side by side), so what it learned does not
 depend on the solver that evaluates it.
-"""),
+""",
+    ),
 ]
 
 # ---------------------------------------------------------------------------------------------
 PRNET = [
-    ("md", """
+    (
+        "md",
+        """
 # 03 · PR-Net: a learned governing equation, and inference in one evaluation
 
 Kim et al.'s PR-Net replaces the ODE block by a regression network h(d, t) = f(h(0), d, t; θ)
@@ -292,9 +333,12 @@ that is *trained* to obey a sparse PDE h_t = Σ α_ij h^i ∂^j h / ∂d^j (d = 
 small PR-Net on the digits, print the learned equation, plot h(d, t) and the residual g of the
 equation, and check that inference evaluates f exactly once. Last, the same `GoverningEquation`
 identifies Burgers' equation from noisy samples.
-"""),
+""",
+    ),
     ("code", SETUP.replace("{name}", "prnet")),
-    ("code", '''
+    (
+        "code",
+        """
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from lightning_pdenets.data import DigitsDataModule
@@ -309,20 +353,29 @@ trainer = pl.Trainer(max_epochs=1 if FAST else 10, limit_train_batches=8 if FAST
                      logger=TensorBoardLogger(LOG_DIR, name="prnet"), log_every_n_steps=5, **TRAINER_ARGS)
 trainer.fit(model, datamodule=data)
 print(f"test accuracy: {trainer.test(model, datamodule=data, verbose=False)[0]['test/acc_top1']:.3f}")
-'''),
+""",
+    ),
     ("md", "## The learned equation"),
-    ("code", '''
+    (
+        "code",
+        """
 print(model.governing.equation())
 coefficients = model.governing.coefficients()
 print(f"{sum(v != 0.0 for v in coefficients.values())} of {len(coefficients)} library terms are non-zero")
-'''),
-    ("md", """
+""",
+    ),
+    (
+        "md",
+        """
 ## h(d, t) and the residual g
 
 We evaluate the trained field on one test image, along the middle row of its feature map (the
 coordinate x), for times t ∈ [0, T]; the residual g = h_t − Σ α (terms) uses exact derivatives.
-"""),
-    ("code", '''
+""",
+    ),
+    (
+        "code",
+        '''
 from lightning_pdenets.blocks.pde import coordinate_derivatives
 
 block, governing = model.block, model.governing
@@ -366,14 +419,20 @@ figure.colorbar(image_plot)
 figure.tight_layout()
 plt.show()
 print(f"mean |g| over the plot: {residual.abs().mean():.4f}")
-'''),
-    ("md", """
+''',
+    ),
+    (
+        "md",
+        """
 ## Inference needs a single evaluation
 
 At test time PR-Net evaluates f once, at the learned query set; an ODE-Net calls its vector field
 once per solver stage and step. We count calls with forward hooks (plain PyTorch).
-"""),
-    ("code", '''
+""",
+    ),
+    (
+        "code",
+        """
 def count_calls(module, run):
     calls = []
     handle = module.register_forward_hook(lambda *args: calls.append(1))
@@ -389,16 +448,22 @@ odenet = ODENetModule(solver=dict(method="dopri5", adjoint=False), in_channels=1
                       network={"width": 8, "num_downsamples": 0}).eval()
 odenet_calls = count_calls(odenet.network.feature.field, lambda: odenet(batch))
 print(f"evaluations of the network f for one batch: PR-Net {prnet_calls}, ODE-Net (dopri5) {odenet_calls}")
-'''),
-    ("md", """
+""",
+    ),
+    (
+        "md",
+        """
 ## `GoverningEquation` on its own: identify a PDE from noisy samples
 
 The same term library and sparse fit identify equations from data (PDE-FIND, Rudy et al. 2017).
 We sample the Cole–Hopf solution of Burgers' equation h_t = −h h_x + 0.1 h_xx on a 256 × 101 grid,
 add 1% multiplicative noise, build the 16-term library from Savitzky–Golay derivatives and fit
 it with sequential thresholding at 0.05 (normalized units): the two true terms remain.
-"""),
-    ("code", '''
+""",
+    ),
+    (
+        "code",
+        """
 from lightning_pdenets.blocks import GoverningEquation
 
 x = torch.linspace(-4, 4, 257, dtype=torch.float64)[:-1]
@@ -411,12 +476,15 @@ equation = GoverningEquation(axes=("x",), max_power=3, max_derivative_order=3)
 library, h_t = equation.library_from_samples(noisy, spacing=(x[1] - x[0], t[1] - t[0]))
 fit = equation.fit_coefficients(library, h_t, threshold=0.05)
 print(equation, f"  (true: h_t = -1 h h_x + 0.1 h_xx; Lasso converged in {fit.steps} steps)")
-'''),
+""",
+    ),
 ]
 
 # ---------------------------------------------------------------------------------------------
 PDE_CNN = [
-    ("md", """
+    (
+        "md",
+        """
 # 04 · PDE-motivated CNNs: smoothing, energy preservation, reversibility
 
 Ruthotto & Haber (2020) build CNN blocks from PDEs with the symmetric layer
@@ -427,9 +495,12 @@ F_sym(θ, Y) = −K(θ)ᵀ σ(K(θ) Y + b):
 * the **Hamiltonian** block Y' = F_sym(θ¹, Z), Z' = −F_sym(θ², Y) conserves
   H = ½‖K¹ Z + b¹‖² + ½‖K² Y + b²‖² (time-constant weights), and its Verlet steps are exactly
   invertible: inputs can be recomputed from outputs (a memory-free backward pass).
-"""),
+""",
+    ),
     ("code", SETUP.replace("{name}", "pde_cnn")),
-    ("code", '''
+    (
+        "code",
+        """
 import torch.nn.functional as F
 
 from lightning_pdenets.blocks import HamiltonianBlock, ParabolicBlock
@@ -441,15 +512,21 @@ data.setup("test")
 images = torch.stack([data.test_dataloader().dataset[i][0] for i in range(8)])  # (8, 1, 8, 8) digits
 images = F.interpolate(images, scale_factor=4, mode="nearest")  # 32x32: room to see smoothing
 images = images + 0.3 * torch.randn(images.shape, generator=torch.Generator().manual_seed(0))  # noisy input
-'''),
-    ("md", """
+""",
+    ),
+    (
+        "md",
+        """
 ## Parabolic smoothing over time
 
 A parabolic block with one channel, σ = identity, no normalization, time-constant weights and the
 kernel K set to a discrete Laplacian: F_sym(Y) = −Kᵀ K Y is a fourth-order diffusion, stable for
 δ_t‖K‖² ≤ 2 (‖K‖ = 8).
-"""),
-    ("code", '''
+""",
+    ),
+    (
+        "code",
+        """
 parabolic = ParabolicBlock(channels=1, num_steps=STEPS, step_size=0.02, num_control_points=1,
                            norm="none", activation="identity")
 laplacian = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])
@@ -477,9 +554,12 @@ for ax, step in zip(axes, shown):
 figure.suptitle("parabolic block: a noisy digit diffuses over time")
 figure.tight_layout()
 plt.show()
-'''),
+""",
+    ),
     ("md", "## Energy: decreasing under the parabolic block, conserved by the Hamiltonian block"),
-    ("code", '''
+    (
+        "code",
+        """
 torch.manual_seed(0)
 hamiltonian = HamiltonianBlock(channels=4, num_steps=STEPS, step_size=0.05, num_control_points=1,
                                norm="none", activation="identity")
@@ -513,15 +593,21 @@ plt.show()
 drift = (hamiltonian_energies / hamiltonian_energies[0] - 1).abs().max()
 print(f"parabolic energy: {parabolic_energies[0]:.1f} -> {parabolic_energies[-1]:.1f}; "
       f"largest relative drift of the Hamiltonian energy: {drift:.2e}")
-'''),
-    ("md", """
+""",
+    ),
+    (
+        "md",
+        """
 ## Reversibility
 
 The Hamiltonian block (with its trained, time-dependent weights too) can be run backwards from its
 output to recover its input up to round-off; `reversible=True` uses this to backpropagate without
 storing the intermediate states.
-"""),
-    ("code", '''
+""",
+    ),
+    (
+        "code",
+        """
 block = HamiltonianBlock(channels=4, num_steps=STEPS, step_size=0.1)  # instance norm, ReLU, one weight per step
 with torch.no_grad():
     output_state = block.integrate(block.initial_state(features))
@@ -536,12 +622,15 @@ reversible(x).pow(2).sum().backward()
 x_plain = features.clone().requires_grad_(True)
 block(x_plain).pow(2).sum().backward()
 print(f"reversible backward matches plain autograd: max |grad difference| = {(x.grad - x_plain.grad).abs().max():.2e}")
-'''),
+""",
+    ),
 ]
 
 # ---------------------------------------------------------------------------------------------
 ROBUSTNESS = [
-    ("md", """
+    (
+        "md",
+        """
 # 05 · Robustness: adversarial and out-of-distribution accuracy against ε
 
 We train a ResNet, an ODE-Net and a PR-Net (tiny, on the bundled digits), then measure
@@ -552,9 +641,12 @@ We train a ResNet, an ODE-Net and a PR-Net (tiny, on the bundled digits), then m
 
 Both callbacks also run inside `trainer.test` (see the last cell), logging scalars and figures to
 TensorBoard; here we call their batch-level methods directly to sweep ε.
-"""),
+""",
+    ),
     ("code", SETUP.replace("{name}", "robustness")),
-    ("code", '''
+    (
+        "code",
+        """
 from lightning_pdenets.callbacks import PERTURBATIONS, AdversarialEvaluation, OODEvaluation
 from lightning_pdenets.data import DigitsDataModule
 from lightning_pdenets.models import ODENetModule, PRNetModule, ResNetModule
@@ -584,9 +676,12 @@ for name, factory in factories.items():
 data.setup("test")
 x, y = next(iter(data.test_dataloader()))
 x, y = (x[:48], y[:48]) if FAST else (x, y)
-'''),
+""",
+    ),
     ("md", "## Adversarial accuracy against ε"),
-    ("code", '''
+    (
+        "code",
+        """
 EPSILONS = ["4/255", "32/255"] if FAST else ["1/255", "2/255", "4/255", "8/255", "16/255", "32/255", "64/255"]
 attack = AdversarialEvaluation(epsilons=EPSILONS, attacks=["fgsm", "pgd"], pgd_steps=2 if FAST else 10,
                                mean=data.mean, std=data.std)
@@ -609,9 +704,12 @@ axes[0].set_ylabel("top-1 accuracy")
 axes[0].legend()
 figure.tight_layout()
 plt.show()
-'''),
+""",
+    ),
     ("md", "## Out-of-distribution accuracy: Gaussian noise of growing strength, and the four perturbations"),
-    ("code", '''
+    (
+        "code",
+        """
 NOISE_STDS = [0.1, 0.4] if FAST else [0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.6]
 figure, (noise_ax, bar_ax) = plt.subplots(1, 2, figsize=(11, 3.5))
 for index, (name, model) in enumerate(models.items()):
@@ -629,9 +727,12 @@ bar_ax.set_xticks([i + 0.25 for i in range(len(PERTURBATIONS))], PERTURBATIONS, 
 bar_ax.set(ylabel="top-1 accuracy", title="PR-Net paper's perturbations", ylim=(0, 1))
 figure.tight_layout()
 plt.show()
-'''),
+""",
+    ),
     ("md", "## The same measurements as callbacks in `trainer.test` (scalars and figures in TensorBoard)"),
-    ("code", '''
+    (
+        "code",
+        """
 from lightning.pytorch.loggers import TensorBoardLogger
 
 callbacks = [AdversarialEvaluation(epsilons=["1/255", "8/255"], pgd_steps=2, num_batches=1),
@@ -642,7 +743,8 @@ results = tester.test(models["ResNet"], datamodule=data, verbose=False)[0]
 for key in sorted(results):
     if key.startswith(("adv/", "ood/")) and key.endswith("top1"):
         print(f"{key:32s} {results[key]:.3f}")
-'''),
+""",
+    ),
 ]
 
 

@@ -45,7 +45,9 @@ def kdv(c: torch.Tensor, k1: float = 1.0, k2: float = 1.6, x1: float = -4.0, x2:
 
 def heat_2d(c: torch.Tensor, nu: float = 0.3) -> torch.Tensor:
     x, y, t = c
-    modes = torch.sin(x) * torch.sin(y) * torch.exp(-2 * nu * t) + torch.sin(x) * torch.sin(2 * y) * torch.exp(-5 * nu * t)
+    modes = torch.sin(x) * torch.sin(y) * torch.exp(-2 * nu * t) + torch.sin(x) * torch.sin(2 * y) * torch.exp(
+        -5 * nu * t
+    )
     return modes + torch.sin(2 * x) * torch.cos(y) * torch.exp(-5 * nu * t)  # no axis sees a single wave number
 
 

@@ -13,8 +13,8 @@ that one process with the whole batch is the exact reference.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import lightning.pytorch as pl
 import torch
@@ -141,8 +141,12 @@ class DDPCase:
 SGD = dict(optimizer="sgd", momentum=0.0)
 CHEN_TINY = dict(network=dict(width=8, num_downsamples=1), **SGD)
 PDE_CNN_TINY = dict(in_channels=1, network=dict(widths=[4, 8], num_steps=2), lr=0.05, **SGD)
-MOBILENET_TINY = dict(in_channels=1, num_classes=10,
-                      network=dict(channels=16, expanded_channels=32, num_blocks=2, patch_size=4, dropout=0.0), **SGD)
+MOBILENET_TINY = dict(
+    in_channels=1,
+    num_classes=10,
+    network=dict(channels=16, expanded_channels=32, num_blocks=2, patch_size=4, dropout=0.0),
+    **SGD,
+)
 CIFAR_TINY = dict(in_channels=1, network=dict(base_width=4), lr=0.05, **SGD)
 
 
@@ -166,108 +170,203 @@ CASES: dict[str, DDPCase] = {
     # dopri5 controls its error over the whole batch, so each rank's half-batch takes other steps
     # than the full batch: at rtol=atol=1e-6 the logits differ by ~1e-4 and the gradients by a few
     # percent (measured), hence the small lr and the wider tolerance of the adaptive cases
-    "odenet": DDPCase(("ODENetModule",), lambda: models.ODENetModule(solver=dict(rtol=1e-6, atol=1e-6), **CHEN_TINY, lr=0.01), atol=1e-3,
-                      rank_only_metrics=("nfe",)),
-    "prnet": DDPCase(("PRNetModule",), lambda: models.PRNetModule(
-        **CHEN_TINY, image_size=8, theta=dict(optimizer="sgd", lr=0.05), query=dict(optimizer="sgd", lr=0.05))),
+    "odenet": DDPCase(
+        ("ODENetModule",),
+        lambda: models.ODENetModule(solver=dict(rtol=1e-6, atol=1e-6), **CHEN_TINY, lr=0.01),
+        atol=1e-3,
+        rank_only_metrics=("nfe",),
+    ),
+    "prnet": DDPCase(
+        ("PRNetModule",),
+        lambda: models.PRNetModule(
+            **CHEN_TINY, image_size=8, theta=dict(optimizer="sgd", lr=0.05), query=dict(optimizer="sgd", lr=0.05)
+        ),
+    ),
     "parabolic": DDPCase(("ParabolicCNNModule",), parabolic, freeze_batchnorm=True),
-    "hamiltonian": DDPCase(("HamiltonianCNNModule",), lambda: models.HamiltonianCNNModule(**PDE_CNN_TINY),
-                           freeze_batchnorm=True),
+    "hamiltonian": DDPCase(
+        ("HamiltonianCNNModule",), lambda: models.HamiltonianCNNModule(**PDE_CNN_TINY), freeze_batchnorm=True
+    ),
     "second_order_reversible": DDPCase(
-        ("SecondOrderCNNModule",), lambda: models.SecondOrderCNNModule(**with_network(PDE_CNN_TINY, reversible=True)),
+        ("SecondOrderCNNModule",),
+        lambda: models.SecondOrderCNNModule(**with_network(PDE_CNN_TINY, reversible=True)),
         freeze_batchnorm=True,
     ),
-    "resnet_cifar": DDPCase(("ResNetCIFARModule",), lambda: models.ResNetCIFARModule(**with_network(CIFAR_TINY, depth=20)),
-                            freeze_batchnorm=True),
-    "lm_resnet": DDPCase(("LMResNetModule",), lambda: models.LMResNetModule(**with_network(CIFAR_TINY, depth=20)),
-                         freeze_batchnorm=True),
+    "resnet_cifar": DDPCase(
+        ("ResNetCIFARModule",),
+        lambda: models.ResNetCIFARModule(**with_network(CIFAR_TINY, depth=20)),
+        freeze_batchnorm=True,
+    ),
+    "lm_resnet": DDPCase(
+        ("LMResNetModule",), lambda: models.LMResNetModule(**with_network(CIFAR_TINY, depth=20)), freeze_batchnorm=True
+    ),
     # the one random case: every rank and the single process draw the same blocks to drop (same seed,
     # same draws); a dropped branch leaves its parameters without gradient, hence find_unused_parameters
     "lm_resnet_stochastic_depth": DDPCase(
-        ("LMResNetModule",), lambda: models.LMResNetModule(**with_network(CIFAR_TINY, depth=20, stochastic_depth=True)),
-        freeze_batchnorm=True, strategy="ddp_find_unused_parameters_true",
+        ("LMResNetModule",),
+        lambda: models.LMResNetModule(**with_network(CIFAR_TINY, depth=20, stochastic_depth=True)),
+        freeze_batchnorm=True,
+        strategy="ddp_find_unused_parameters_true",
     ),
     "vector_ode": DDPCase(
         ("VectorODEClassifierModule",),
-        lambda: models.VectorODEClassifierModule(solver=dict(method="rk4", step_size=0.25), input_dim=2,
-                                                 network=dict(hidden_width=16), lr=0.1, **SGD),
+        lambda: models.VectorODEClassifierModule(
+            solver=dict(method="rk4", step_size=0.25), input_dim=2, network=dict(hidden_width=16), lr=0.1, **SGD
+        ),
         data=lambda batch: ConcentricSpheresDataModule(dim=2, num_train=96, num_val=32, num_test=32, batch_size=batch),
     ),
-    "image_ode": DDPCase(("ImageODEClassifierModule",), lambda: models.ImageODEClassifierModule(
-        in_channels=1, image_size=8, network=dict(hidden_channels=4), solver=dict(step_size=0.5), lr=0.1, **SGD)),
-    "mobilenet": DDPCase(("IsometricMobileNetModule",), lambda: models.IsometricMobileNetModule(**MOBILENET_TINY),
-                         freeze_batchnorm=True),
-    "ode_mobilenet": DDPCase(("ODEMobileNetModule",), lambda: models.ODEMobileNetModule(
-        **MOBILENET_TINY, solver=dict(method="rk4", step_size=0.5, adjoint=False)), freeze_batchnorm=True),
-    "prnet_mobilenet": DDPCase(("PRNetMobileNetModule",), lambda: models.PRNetMobileNetModule(
-        **MOBILENET_TINY, image_size=8, max_power=2, max_derivative_order=1, theta=dict(optimizer="sgd"),
-        query=dict(optimizer="sgd")), freeze_batchnorm=True),
+    "image_ode": DDPCase(
+        ("ImageODEClassifierModule",),
+        lambda: models.ImageODEClassifierModule(
+            in_channels=1, image_size=8, network=dict(hidden_channels=4), solver=dict(step_size=0.5), lr=0.1, **SGD
+        ),
+    ),
+    "mobilenet": DDPCase(
+        ("IsometricMobileNetModule",), lambda: models.IsometricMobileNetModule(**MOBILENET_TINY), freeze_batchnorm=True
+    ),
+    "ode_mobilenet": DDPCase(
+        ("ODEMobileNetModule",),
+        lambda: models.ODEMobileNetModule(**MOBILENET_TINY, solver=dict(method="rk4", step_size=0.5, adjoint=False)),
+        freeze_batchnorm=True,
+    ),
+    "prnet_mobilenet": DDPCase(
+        ("PRNetMobileNetModule",),
+        lambda: models.PRNetMobileNetModule(
+            **MOBILENET_TINY,
+            image_size=8,
+            max_power=2,
+            max_derivative_order=1,
+            theta=dict(optimizer="sgd"),
+            query=dict(optimizer="sgd"),
+        ),
+        freeze_batchnorm=True,
+    ),
     # -- one per callback -------------------------------------------------------------------------
-    "step_size_adaptation": DDPCase(("StepSizeAdaptation",), rknet,
-                                    # a fixed first step: Hairer's estimate reads the (per-rank) batch
-                                    callbacks=lambda: [cb.StepSizeAdaptation(interval=1, threshold=0.5,
-                                                                             initial_step_size=0.25)]),
+    "step_size_adaptation": DDPCase(
+        ("StepSizeAdaptation",),
+        rknet,
+        # a fixed first step: Hairer's estimate reads the (per-rank) batch
+        callbacks=lambda: [cb.StepSizeAdaptation(interval=1, threshold=0.5, initial_step_size=0.25)],
+    ),
     "tolerance_adaptation": DDPCase(
-        ("ToleranceAdaptation",), lambda: models.ODENetModule(solver=dict(rtol=1e-6, atol=1e-6, adjoint=False), **CHEN_TINY, lr=0.01),
-        callbacks=lambda: [cb.ToleranceAdaptation(interval=1, initial_tol=1e-6, test_solver="dopri5")], atol=1e-3,
+        ("ToleranceAdaptation",),
+        lambda: models.ODENetModule(solver=dict(rtol=1e-6, atol=1e-6, adjoint=False), **CHEN_TINY, lr=0.01),
+        callbacks=lambda: [cb.ToleranceAdaptation(interval=1, initial_tol=1e-6, test_solver="dopri5")],
+        atol=1e-3,
         rank_only_metrics=("nfe",),
     ),
-    "solver_swap": DDPCase(("SolverSwapCheck",), rknet, test=True, callbacks=lambda: [cb.SolverSwapCheck(
-        solvers=["euler", "rk4"], step_factors=[0.5, 1.0], max_batches=2, log_figure=False)]),
+    "solver_swap": DDPCase(
+        ("SolverSwapCheck",),
+        rknet,
+        test=True,
+        callbacks=lambda: [
+            cb.SolverSwapCheck(solvers=["euler", "rk4"], step_factors=[0.5, 1.0], max_batches=2, log_figure=False)
+        ],
+    ),
     "nfe_monitor": DDPCase(("NFEMonitor",), rknet, test=True, callbacks=lambda: [cb.NFEMonitor()]),
     # 17 evaluation samples: rank 0 evaluates 2 batches (8 + 1), rank 1 one batch (8), one process 2 (16 + 1);
     # no per-batch collective may run in evaluation
     "nfe_monitor_uneven_evaluation": DDPCase(
         ("NFEMonitor",),
-        lambda: models.VectorODEClassifierModule(solver=dict(method="rk4", step_size=0.25), input_dim=2,
-                                                 network=dict(hidden_width=16), lr=0.1, **SGD),
+        lambda: models.VectorODEClassifierModule(
+            solver=dict(method="rk4", step_size=0.25), input_dim=2, network=dict(hidden_width=16), lr=0.1, **SGD
+        ),
         data=lambda batch: ConcentricSpheresDataModule(dim=2, num_train=96, num_val=17, num_test=17, batch_size=batch),
-        test=True, callbacks=lambda: [cb.NFEMonitor()],
+        test=True,
+        callbacks=lambda: [cb.NFEMonitor()],
     ),
     # solver statistics of an adaptive solver with an adjoint: accepted/rejected steps reduced over the ranks like
     # the NFE (the ranks log the same values); they depend on the half-batch, like the NFE
     "nfe_monitor_solver_statistics": DDPCase(
         ("NFEMonitor",),
         lambda: models.ODENetModule(solver=dict(rtol=1e-6, atol=1e-6, first_step=0.5), **CHEN_TINY, lr=0.01),
-        test=True, callbacks=lambda: [cb.NFEMonitor()], atol=1e-3, rank_only_metrics=("nfe", "steps_"),
+        test=True,
+        callbacks=lambda: [cb.NFEMonitor()],
+        atol=1e-3,
+        rank_only_metrics=("nfe", "steps_"),
     ),
-    "time_tv": DDPCase(("TimeTVRegularization",), parabolic, freeze_batchnorm=True,
-                       callbacks=lambda: [cb.TimeTVRegularization(alpha=0.1)]),
-    "box_projection": DDPCase(("WeightBoxProjection",), parabolic, freeze_batchnorm=True,
-                              callbacks=lambda: [cb.WeightBoxProjection(lower=-0.05, upper=0.05)]),
-    "multilevel": DDPCase(("MultilevelTraining",), parabolic, freeze_batchnorm=True, epochs=2, train_batches=2,
-                          callbacks=lambda: [cb.MultilevelTraining(refine_epochs=[1], refine_weights=False)]),
-    "adversarial": DDPCase(("AdversarialEvaluation",), rknet, test=True, callbacks=lambda: [cb.AdversarialEvaluation(
-        epsilons=["8/255"], attacks=["fgsm", "pgd", "spsa"], pgd_steps=2, num_batches=2, spsa_num_batches=1,
-        spsa_steps=2, spsa_samples=4, gradient_solver={"method": "euler", "step_size": 0.5}, log_figure=False)]),
-    "ood": DDPCase(("OODEvaluation",), rknet, test=True, callbacks=lambda: [cb.OODEvaluation(
-        perturbations=["gaussian_noise", "rotation"], num_batches=2)]),
-    "inference_timer": DDPCase(("InferenceTimer",), rknet, test=True,
-                               callbacks=lambda: [cb.InferenceTimer(batch_size=16, num_warmup=0, num_repeats=1)],
-                               rank_only_metrics=("inference/",)),
+    "time_tv": DDPCase(
+        ("TimeTVRegularization",),
+        parabolic,
+        freeze_batchnorm=True,
+        callbacks=lambda: [cb.TimeTVRegularization(alpha=0.1)],
+    ),
+    "box_projection": DDPCase(
+        ("WeightBoxProjection",),
+        parabolic,
+        freeze_batchnorm=True,
+        callbacks=lambda: [cb.WeightBoxProjection(lower=-0.05, upper=0.05)],
+    ),
+    "multilevel": DDPCase(
+        ("MultilevelTraining",),
+        parabolic,
+        freeze_batchnorm=True,
+        epochs=2,
+        train_batches=2,
+        callbacks=lambda: [cb.MultilevelTraining(refine_epochs=[1], refine_weights=False)],
+    ),
+    "adversarial": DDPCase(
+        ("AdversarialEvaluation",),
+        rknet,
+        test=True,
+        callbacks=lambda: [
+            cb.AdversarialEvaluation(
+                epsilons=["8/255"],
+                attacks=["fgsm", "pgd", "spsa"],
+                pgd_steps=2,
+                num_batches=2,
+                spsa_num_batches=1,
+                spsa_steps=2,
+                spsa_samples=4,
+                gradient_solver={"method": "euler", "step_size": 0.5},
+                log_figure=False,
+            )
+        ],
+    ),
+    "ood": DDPCase(
+        ("OODEvaluation",),
+        rknet,
+        test=True,
+        callbacks=lambda: [cb.OODEvaluation(perturbations=["gaussian_noise", "rotation"], num_batches=2)],
+    ),
+    "inference_timer": DDPCase(
+        ("InferenceTimer",),
+        rknet,
+        test=True,
+        callbacks=lambda: [cb.InferenceTimer(batch_size=16, num_warmup=0, num_repeats=1)],
+        rank_only_metrics=("inference/",),
+    ),
     "sigterm_flag_only": DDPCase(("SigtermFlagOnly",), rknet, test=True, callbacks=lambda: [cb.SigtermFlagOnly()]),
     "ema": DDPCase(("EMAWeights",), rknet, test=True, callbacks=lambda: [cb.EMAWeights(decay=0.9)]),
-    "progress_bar": DDPCase(("ResumeAwareProgressBar",), rknet, test=True, callbacks=lambda: [cb.ResumeAwareProgressBar()]),
-    "prediction_writer": DDPCase(("PredictionWriter",), rknet, predict=True,
-                                 callbacks=lambda: [cb.PredictionWriter(output_dir="predictions")]),
+    "progress_bar": DDPCase(
+        ("ResumeAwareProgressBar",), rknet, test=True, callbacks=lambda: [cb.ResumeAwareProgressBar()]
+    ),
+    "prediction_writer": DDPCase(
+        ("PredictionWriter",), rknet, predict=True, callbacks=lambda: [cb.PredictionWriter(output_dir="predictions")]
+    ),
     "checkpoint_on_interrupt": DDPCase(
-        ("CheckpointOnInterrupt",), rknet, train_batches=4, expect_error="simulated failure after 2 steps",
+        ("CheckpointOnInterrupt",),
+        rknet,
+        train_batches=4,
+        expect_error="simulated failure after 2 steps",
         callbacks=lambda: [RaiseAtStep(2), cb.CheckpointOnInterrupt(dirpath="interrupted")],
     ),
     # a solver failure on one rank stops both ranks (one collective decision per step), with the
     # last good checkpoint kept and no interrupt checkpoint, instead of leaving rank 0 hanging in
     # the gradient all-reduce
     "solver_failure_on_one_rank": DDPCase(
-        ("ODENetModule", "CheckpointOnInterrupt"), lambda: models.ODENetModule(solver=dict(adjoint=False), **CHEN_TINY, lr=0.01),
+        ("ODENetModule", "CheckpointOnInterrupt"),
+        lambda: models.ODENetModule(solver=dict(adjoint=False), **CHEN_TINY, lr=0.01),
         callbacks=lambda: [FailSolverOnRank(rank=1, step=2), cb.CheckpointOnInterrupt(dirpath="interrupted")],
         rank_errors=("PeerFailedError", "SolverFailedError"),
     ),
     # the same in validation, where the ranks meet only at the epoch-end metric sync (they may hold different
     # numbers of batches): the failing rank closes its connections, so the other's sync fails at once
     "solver_failure_in_validation_on_one_rank": DDPCase(
-        ("ODENetModule", "CheckpointOnInterrupt"), lambda: models.ODENetModule(solver=dict(adjoint=False), **CHEN_TINY, lr=0.01),
+        ("ODENetModule", "CheckpointOnInterrupt"),
+        lambda: models.ODENetModule(solver=dict(adjoint=False), **CHEN_TINY, lr=0.01),
         callbacks=lambda: [FailSolverInValidationOnRank(rank=1), cb.CheckpointOnInterrupt(dirpath="interrupted")],
-        rank_errors=("RuntimeError", "SolverFailedError"), breaks_process_group=True,
+        rank_errors=("RuntimeError", "SolverFailedError"),
+        breaks_process_group=True,
     ),
     # the same inside backward (adaptive adjoint solve): the failing rank explains the failure and closes its
     # connections, so rank 0's gradient all-reduce fails at once instead of waiting for the collective timeout
@@ -275,6 +374,7 @@ CASES: dict[str, DDPCase] = {
         ("ODENetModule", "CheckpointOnInterrupt"),
         lambda: models.ODENetModule(solver=dict(adjoint=True, max_num_steps=50), **CHEN_TINY, lr=0.01),
         callbacks=lambda: [StiffInBackwardOnRank(rank=1, step=2), cb.CheckpointOnInterrupt(dirpath="interrupted")],
-        rank_errors=("PeerFailedError", "SolverFailedError"), breaks_process_group=True,
+        rank_errors=("PeerFailedError", "SolverFailedError"),
+        breaks_process_group=True,
     ),
 }

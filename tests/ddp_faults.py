@@ -19,7 +19,7 @@ class SkipCollectiveOnRank1(Callback):
     def __init__(self, epoch: int = 1) -> None:
         self.epoch = epoch
 
-    def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch, batch_idx: int) -> None:
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
         if trainer.current_epoch != self.epoch or batch_idx != 1:
             return
         Path(f"blocked_rank{trainer.global_rank}").touch()
@@ -35,7 +35,7 @@ class TouchWhenStarted(Callback):
     def __init__(self, stage: str = "test", epoch: int = 0, batch: int = 0) -> None:
         self.stage, self.epoch, self.batch = stage, epoch, batch
 
-    def _touch(self, trainer: "pl.Trainer", batch_idx: int) -> None:
+    def _touch(self, trainer: pl.Trainer, batch_idx: int) -> None:
         if trainer.current_epoch == self.epoch and batch_idx == self.batch:
             Path(f"started_{self.stage}_rank{trainer.global_rank}").touch()
 

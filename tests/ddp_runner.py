@@ -16,13 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Checkpoint, ProgressBar
 import torch
+from lightning.pytorch.callbacks import Checkpoint, ProgressBar
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lightning_pdenets.protocols import find_ode_blocks  # noqa: E402
-from tests.ddp_cases import CASES, DDPCase, FreezeBatchNorm  # noqa: E402
+from lightning_pdenets.protocols import find_ode_blocks
+from tests.ddp_cases import CASES, DDPCase, FreezeBatchNorm
 
 
 def _floats(metrics: dict[str, Any]) -> dict[str, float]:
@@ -42,11 +42,19 @@ def run_case(name: str, case: DDPCase, out_dir: Path, devices: int, batch_size: 
     callbacks = case.callbacks()
     helpers = [FreezeBatchNorm()] if case.freeze_batchnorm else []
     trainer = pl.Trainer(
-        accelerator="cpu", devices=devices, strategy=case.strategy if devices > 1 else "auto", max_epochs=case.epochs,
-        limit_train_batches=case.train_batches, limit_val_batches=2, limit_test_batches=2, num_sanity_val_steps=0,
-        callbacks=helpers + callbacks, logger=False,
+        accelerator="cpu",
+        devices=devices,
+        strategy=case.strategy if devices > 1 else "auto",
+        max_epochs=case.epochs,
+        limit_train_batches=case.train_batches,
+        limit_val_batches=2,
+        limit_test_batches=2,
+        num_sanity_val_steps=0,
+        callbacks=helpers + callbacks,
+        logger=False,
         enable_checkpointing=any(isinstance(c, Checkpoint) for c in callbacks),
-        enable_progress_bar=any(isinstance(c, ProgressBar) for c in callbacks), enable_model_summary=False,
+        enable_progress_bar=any(isinstance(c, ProgressBar) for c in callbacks),
+        enable_model_summary=False,
     )
     datamodule = case.data(batch_size)
     error, error_type, metrics = "", "", {}
@@ -63,8 +71,10 @@ def run_case(name: str, case: DDPCase, out_dir: Path, devices: int, batch_size: 
             raise
         error = str(failure)
         error_type = type(failure).__name__
-    checkpoints = {path.name: _tensors(torch.load(path, weights_only=True)["state_dict"])
-                   for path in sorted(workdir.rglob("*.ckpt"))}
+    checkpoints = {
+        path.name: _tensors(torch.load(path, weights_only=True)["state_dict"])
+        for path in sorted(workdir.rglob("*.ckpt"))
+    }
     return {
         "state": _tensors(model.state_dict()),
         "metrics": metrics,

@@ -14,7 +14,11 @@ from lightning_pdenets.architectures.registry import DATA_FACTS, MODEL_SUPPLIED_
 from lightning_pdenets.models import ClassifierModule, PRNetAlgorithmModule
 
 MODELS = sorted(
-    (cls for name in models.__all__ if inspect.isclass(cls := getattr(models, name)) and issubclass(cls, pl.LightningModule)),
+    (
+        cls
+        for name in models.__all__
+        if inspect.isclass(cls := getattr(models, name)) and issubclass(cls, pl.LightningModule)
+    ),
     key=lambda cls: cls.__name__,
 )
 BASES = (ClassifierModule, PRNetAlgorithmModule)
@@ -23,7 +27,9 @@ BASES = (ClassifierModule, PRNetAlgorithmModule)
 
 def model_arguments(factory_kwargs: dict) -> dict:
     """A factory's keyword arguments as a model's: data facts and ``solver`` top-level, the rest as ``network``."""
-    top_level = {key: value for key, value in factory_kwargs.items() if key in DATA_FACTS or key in MODEL_SUPPLIED_ARGUMENTS}
+    top_level = {
+        key: value for key, value in factory_kwargs.items() if key in DATA_FACTS or key in MODEL_SUPPLIED_ARGUMENTS
+    }
     return {**top_level, "network": {key: value for key, value in factory_kwargs.items() if key not in top_level}}
 
 
@@ -70,7 +76,7 @@ def test_every_model_builds_its_registered_architecture(model_class: type, monke
 
 
 def test_unknown_architecture_lists_registered_names() -> None:
-    with pytest.raises(ValueError, match="registered: .*resnet_chen"):
+    with pytest.raises(ValueError, match=r"registered: .*resnet_chen"):
         create_architecture("resnet_9000")
 
 

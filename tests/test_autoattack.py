@@ -8,6 +8,7 @@ stages go through a stand-in solver.
 
 from __future__ import annotations
 
+import itertools
 import sys
 import warnings
 
@@ -34,7 +35,10 @@ def test_missing_extra_fails_at_construction_with_the_install_command(monkeypatc
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(attacks=["autoattack", "apgd"]), "`attacks` must be a non-empty subset of ['fgsm', 'pgd', 'spsa', 'autoattack']"),
+        (
+            dict(attacks=["autoattack", "apgd"]),
+            "`attacks` must be a non-empty subset of ['fgsm', 'pgd', 'spsa', 'autoattack']",
+        ),
         (dict(attacks=["autoattack"], autoattack_steps=0), "`autoattack_steps` must be an integer >= 1, got 0"),
         (dict(attacks=["autoattack"], autoattack_queries=2.5), "`autoattack_queries` must be an integer >= 1, got 2.5"),
     ],
@@ -48,7 +52,9 @@ def test_bad_autoattack_arguments_are_named(kwargs, message):
 
 def test_gradient_solver_accepts_autoattack_as_its_white_box_attack():
     pytest.importorskip("torchattacks")
-    callback = AdversarialEvaluation(epsilons=[0.1], attacks=["autoattack"], gradient_solver={"method": "rk4", "step_size": 0.5})
+    callback = AdversarialEvaluation(
+        epsilons=[0.1], attacks=["autoattack"], gradient_solver={"method": "rk4", "step_size": 0.5}
+    )
     assert callback.gradient_solver == {"method": "rk4", "step_size": 0.5}
 
 
@@ -97,14 +103,24 @@ def loader(x: torch.Tensor, y: torch.Tensor) -> DataLoader:
     return DataLoader(TensorDataset(x, y), batch_size=4)
 
 
-def run_test(model: pl.LightningModule, x: torch.Tensor, y: torch.Tensor, **kwargs) -> tuple[dict[str, float], list[str]]:
+def run_test(
+    model: pl.LightningModule, x: torch.Tensor, y: torch.Tensor, **kwargs
+) -> tuple[dict[str, float], list[str]]:
     callback = AdversarialEvaluation(epsilons=[EPSILON], num_batches=None, log_figure=False, **kwargs)
-    trainer = pl.Trainer(callbacks=[callback], logger=False, accelerator="cpu", devices=1, enable_progress_bar=False,
-                         enable_model_summary=False)
+    trainer = pl.Trainer(
+        callbacks=[callback],
+        logger=False,
+        accelerator="cpu",
+        devices=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.test(model, dataloaders=loader(x, y), verbose=False)
-    return {k: float(v) for k, v in trainer.callback_metrics.items()}, [str(w.message) for w in caught if "masked" in str(w.message)]
+    return {k: float(v) for k, v in trainer.callback_metrics.items()}, [
+        str(w.message) for w in caught if "masked" in str(w.message)
+    ]
 
 
 # -- AutoAttack itself -----------------------------------------------------------------------------------------
@@ -125,8 +141,9 @@ def test_autoattack_reaches_the_closed_form_worst_case_of_a_linear_classifier():
     robust = ratio > epsilon
     assert 0 < int(robust.sum()) < 16
     key = f"eps{round(epsilon * 255, 4):g}"
-    callback = AdversarialEvaluation(epsilons=[epsilon], attacks=["autoattack"], autoattack_steps=20,
-                                     autoattack_queries=50)
+    callback = AdversarialEvaluation(
+        epsilons=[epsilon], attacks=["autoattack"], autoattack_steps=20, autoattack_queries=50
+    )
     state = torch.get_rng_state()
     outputs = callback.attack_batch(model, x, y, seed=3)
     assert torch.equal(torch.get_rng_state(), state)  # the global RNG is left untouched
@@ -134,7 +151,7 @@ def test_autoattack_reaches_the_closed_form_worst_case_of_a_linear_classifier():
     # stage by stage the robust set only shrinks
     stages = ["autoattack-apgd-ce", "autoattack-apgd-t", "autoattack-fab-t", "autoattack"]
     correct = [(outputs[f"{stage}_{key}"].argmax(dim=1) == y) for stage in stages]
-    assert all(bool((later <= earlier).all()) for earlier, later in zip(correct, correct[1:]))
+    assert all(bool((later <= earlier).all()) for earlier, later in itertools.pairwise(correct))
     assert torch.equal(outputs[f"robust_{key}"].argmax(dim=1) == y, robust)
     again = callback.attack_batch(model, x, y, seed=3)
     assert torch.equal(again[f"autoattack_{key}"], outputs[f"autoattack_{key}"])  # seeded
@@ -145,8 +162,9 @@ def test_autoattack_perturbations_stay_in_the_eps_ball_and_pixel_range():
     model = Linear().eval()
     x, y = images(8)
     mean, std = (0.5,), (0.25,)
-    callback = AdversarialEvaluation(epsilons=[0.1], attacks=["autoattack"], autoattack_steps=5, autoattack_queries=20,
-                                     mean=mean, std=std)
+    callback = AdversarialEvaluation(
+        epsilons=[0.1], attacks=["autoattack"], autoattack_steps=5, autoattack_queries=20, mean=mean, std=std
+    )
     captured: dict = {}
     original = callback.autoattack
 
@@ -166,7 +184,7 @@ def test_autoattack_needs_three_classes():
     model = nn.Linear(SIDE * SIDE, 2)
     x = torch.rand(4, 1, SIDE, SIDE)
     callback = AdversarialEvaluation(epsilons=[0.1], attacks=["autoattack"], autoattack_steps=2, autoattack_queries=2)
-    with pytest.raises(ValueError, match="need at least 3 classes.*returns 2"):
+    with pytest.raises(ValueError, match=r"need at least 3 classes.*returns 2"):
         callback.attack_batch(nn.Sequential(nn.Flatten(), model), x, torch.zeros(4, dtype=torch.long))
 
 
@@ -174,8 +192,9 @@ def test_autoattack_needs_three_classes():
 def test_square_fooling_what_the_gradient_stages_left_raises_the_masking_flag():
     pytest.importorskip("torchattacks")
     x, y = images(8, value=0.3)
-    metrics, warned = run_test(Thresholded(), x, y, attacks=["pgd", "autoattack"], pgd_steps=5, autoattack_steps=10,
-                           autoattack_queries=200)
+    metrics, warned = run_test(
+        Thresholded(), x, y, attacks=["pgd", "autoattack"], pgd_steps=5, autoattack_steps=10, autoattack_queries=200
+    )
     assert metrics["adv/clean/top1"] == 1.0
     assert metrics["adv/pgd_eps63.75/top1"] == 1.0  # zero gradients: PGD is stuck
     assert metrics["adv/autoattack-fab-t_eps63.75/top1"] == 1.0  # and so are APGD-CE, APGD-T and FAB-T
@@ -192,8 +211,9 @@ def test_masking_margin_tolerates_a_small_square_gain(margin, flagged):
     out_of_reach, _ = images(6, value=0.0)  # 0 + ε stays below the threshold: no attack can fool these
     x = torch.cat([foolable, out_of_reach])
     y = torch.zeros(8, dtype=torch.long)
-    metrics, warned = run_test(Thresholded(), x, y, attacks=["autoattack"], autoattack_steps=10, autoattack_queries=200,
-                               masking_margin=margin)
+    metrics, warned = run_test(
+        Thresholded(), x, y, attacks=["autoattack"], autoattack_steps=10, autoattack_queries=200, masking_margin=margin
+    )
     assert metrics["adv/autoattack-fab-t_eps63.75/top1"] == 1.0
     assert metrics["adv/autoattack_eps63.75/top1"] == 0.75  # Square's gain: 0.25
     assert metrics["adv/gradient_masking_eps63.75"] == flagged and len(warned) == flagged
@@ -204,8 +224,17 @@ def test_masking_flag_stays_down_where_the_gradient_stages_do_the_work():
     x, y = images(8)
     with torch.no_grad():
         y = Linear()(x).argmax(dim=1)
-    metrics, warned = run_test(Linear(), x, y, attacks=["fgsm", "pgd", "spsa", "autoattack"], pgd_steps=10,
-                           autoattack_steps=20, autoattack_queries=100, spsa_steps=5, spsa_samples=8)
+    metrics, warned = run_test(
+        Linear(),
+        x,
+        y,
+        attacks=["fgsm", "pgd", "spsa", "autoattack"],
+        pgd_steps=10,
+        autoattack_steps=20,
+        autoattack_queries=100,
+        spsa_steps=5,
+        spsa_samples=8,
+    )
     assert metrics["adv/autoattack_eps63.75/top1"] < metrics["adv/clean/top1"]
     assert metrics["adv/autoattack_eps63.75/top1"] == metrics["adv/autoattack-fab-t_eps63.75/top1"]
     assert metrics["adv/autoattack_eps63.75/top1"] <= metrics["adv/pgd_eps63.75/top1"]
@@ -228,17 +257,29 @@ def test_gradient_stages_go_through_the_stand_in_solver_and_square_through_the_m
     from lightning_pdenets.blocks import ODEBlock
 
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), ODEBlock(Field(), method="dopri5", rtol=1e-3, atol=1e-3),
-                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2, 10))
+    model = nn.Sequential(
+        nn.Conv2d(1, 2, 3, padding=1),
+        ODEBlock(Field(), method="dopri5", rtol=1e-3, atol=1e-3),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(2, 10),
+    )
     block = model[1]
     before = block.solver_settings()
     seen: list[tuple[str, bool]] = []
-    block.register_forward_pre_hook(lambda module, args: seen.append((module.solver_settings()["method"], torch.is_grad_enabled())))
+    block.register_forward_pre_hook(
+        lambda module, args: seen.append((module.solver_settings()["method"], torch.is_grad_enabled()))
+    )
     x, _ = images(4)
     with torch.no_grad():
         y = model(x).argmax(dim=1)
-    callback = AdversarialEvaluation(epsilons=[0.1], attacks=["autoattack"], autoattack_steps=2, autoattack_queries=3,
-                                     gradient_solver=gradient_solver)
+    callback = AdversarialEvaluation(
+        epsilons=[0.1],
+        attacks=["autoattack"],
+        autoattack_steps=2,
+        autoattack_queries=3,
+        gradient_solver=gradient_solver,
+    )
     callback.attack_batch(model, x, y)
     differentiated = {method for method, grad in seen if grad}
     assert differentiated <= {"dopri5" if gradient_solver is None else "rk4"} and differentiated

@@ -30,8 +30,10 @@ trainer: {max_epochs: 1, accelerator: cpu, devices: 1}
 
 def add(callback: str, **init_args: str) -> list[str]:
     """Command-line arguments appending ``callback`` with ``init_args`` to the trainer's callbacks."""
-    return [f"--trainer.callbacks+=lightning_pdenets.callbacks.{callback}",
-            *(f"--trainer.callbacks.init_args.{key}={value}" for key, value in init_args.items())]
+    return [
+        f"--trainer.callbacks+=lightning_pdenets.callbacks.{callback}",
+        *(f"--trainer.callbacks.init_args.{key}={value}" for key, value in init_args.items()),
+    ]
 
 
 def assert_short_config_error(code: int, err: str, *fragments: str) -> None:
@@ -44,20 +46,33 @@ def assert_short_config_error(code: int, err: str, *fragments: str) -> None:
 
 
 @pytest.mark.cli
-@pytest.mark.parametrize(("args", "fragments"), [
-    (add("WeightBoxProjection"), ["WeightBoxProjection found no TimeDependentWeights module in RKNetModule",
-                                  "`parameter_names`"]),
-    (add("WeightBoxProjection", parameter_names="[nothing*]"), ["no parameter matching ['nothing*']"]),
-    (add("TimeTVRegularization"), ["TimeTVRegularization found no module following the TimeDependentWeights"]),
-    (add("MultilevelTraining", refine_epochs="[1]", block_names="[nowhere]"),
-     ["MultilevelTraining found no TimeSteppingBlock matching `block_names`=['nowhere']"]),
-    (add("ToleranceAdaptation"), ["ToleranceAdaptation adapts adaptive solvers: `train_solver` must be one of",
-                                  "got 'rk4'"]),
-    (add("AdversarialEvaluation", epsilons="[0.1]", mean="[0.5,0.5,0.5]", std="[0.2,0.2,0.2]"),
-     ["AdversarialEvaluation: `mean`/`std` give 3 channels but DigitsDataModule has 1"]),
-    (add("OODEvaluation", mean="[0.5,0.5,0.5]", std="[0.2,0.2,0.2]"),
-     ["OODEvaluation: `mean`/`std` give 3 channels but DigitsDataModule has 1"]),
-])
+@pytest.mark.parametrize(
+    ("args", "fragments"),
+    [
+        (
+            add("WeightBoxProjection"),
+            ["WeightBoxProjection found no TimeDependentWeights module in RKNetModule", "`parameter_names`"],
+        ),
+        (add("WeightBoxProjection", parameter_names="[nothing*]"), ["no parameter matching ['nothing*']"]),
+        (add("TimeTVRegularization"), ["TimeTVRegularization found no module following the TimeDependentWeights"]),
+        (
+            add("MultilevelTraining", refine_epochs="[1]", block_names="[nowhere]"),
+            ["MultilevelTraining found no TimeSteppingBlock matching `block_names`=['nowhere']"],
+        ),
+        (
+            add("ToleranceAdaptation"),
+            ["ToleranceAdaptation adapts adaptive solvers: `train_solver` must be one of", "got 'rk4'"],
+        ),
+        (
+            add("AdversarialEvaluation", epsilons="[0.1]", mean="[0.5,0.5,0.5]", std="[0.2,0.2,0.2]"),
+            ["AdversarialEvaluation: `mean`/`std` give 3 channels but DigitsDataModule has 1"],
+        ),
+        (
+            add("OODEvaluation", mean="[0.5,0.5,0.5]", std="[0.2,0.2,0.2]"),
+            ["OODEvaluation: `mean`/`std` give 3 channels but DigitsDataModule has 1"],
+        ),
+    ],
+)
 def test_a_callback_that_does_not_suit_the_quickstart_is_refused_before_the_run(args, fragments, tmp_path, capsys):
     code, err = run(["fit", *QUICKSTART, *args], capsys)
     assert_short_config_error(code, err, *fragments)
@@ -65,9 +80,17 @@ def test_a_callback_that_does_not_suit_the_quickstart_is_refused_before_the_run(
 
 @pytest.mark.cli
 def test_solver_swap_check_on_a_model_without_ode_blocks_is_refused_before_the_first_epoch(tmp_path, capsys):
-    code, err = run(["fit", *QUICKSTART, "--model=lightning_pdenets.models.ResNetModule",
-                     "--model.init_args.network.width=8", "--model.init_args.network.num_downsamples=1",
-                     *add("SolverSwapCheck")], capsys)
+    code, err = run(
+        [
+            "fit",
+            *QUICKSTART,
+            "--model=lightning_pdenets.models.ResNetModule",
+            "--model.init_args.network.width=8",
+            "--model.init_args.network.num_downsamples=1",
+            *add("SolverSwapCheck"),
+        ],
+        capsys,
+    )
     assert_short_config_error(code, err, "SolverSwapCheck found no ODE block in ResNetModule")
 
 
@@ -99,7 +122,8 @@ def test_multilevel_under_ddp_ends_every_rank_with_one_short_error(tmp_path: Pat
     config.write_text(PARABOLIC_DIGITS)
     result: subprocess.CompletedProcess = pdenets(
         ["fit", "--config", str(config), "--config", DDP_CPU, *TINY, *add("MultilevelTraining", refine_epochs="[1]")],
-        tmp_path)
+        tmp_path,
+    )
     assert result.returncode == 2, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert errors and all("DDP cannot follow" in line for line in errors), result.stderr[-3000:]

@@ -16,9 +16,15 @@ from tests.conftest import REPO_ROOT
 pytestmark = pytest.mark.cli
 
 QUICK = [
-    "--config", str(REPO_ROOT / "configs/quickstart.yaml"), "--model.init_args.network.width=8",
-    "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1", "--trainer.limit_test_batches=1",
-    "--trainer.enable_progress_bar=false", "--test_after_fit=false", "--trainer.max_epochs=1",
+    "--config",
+    str(REPO_ROOT / "configs/quickstart.yaml"),
+    "--model.init_args.network.width=8",
+    "--trainer.limit_train_batches=2",
+    "--trainer.limit_val_batches=1",
+    "--trainer.limit_test_batches=1",
+    "--trainer.enable_progress_bar=false",
+    "--test_after_fit=false",
+    "--trainer.max_epochs=1",
 ]
 
 
@@ -45,8 +51,9 @@ def quickstart_checkpoint(tmp_path: Path) -> Path:
 
 
 @pytest.mark.parametrize("subcommand", ["test", "fit"])
-def test_a_checkpoint_with_a_pickled_payload_runs_no_code(subcommand: str, quickstart_checkpoint: Path,
-                                                          tmp_path: Path) -> None:
+def test_a_checkpoint_with_a_pickled_payload_runs_no_code(
+    subcommand: str, quickstart_checkpoint: Path, tmp_path: Path
+) -> None:
     marker = tmp_path / "MARKER"
     evil = crafted(torch.load(quickstart_checkpoint, weights_only=True), tmp_path / "evil.ckpt", marker)
     for weights_only in ([], ["--weights_only=true"]):
@@ -55,14 +62,17 @@ def test_a_checkpoint_with_a_pickled_payload_runs_no_code(subcommand: str, quick
         assert not marker.exists()
 
 
-def test_an_untrusted_checkpoint_ends_with_a_short_error_and_exit_code_2(quickstart_checkpoint: Path, tmp_path: Path,
-                                                                        capsys) -> None:
+def test_an_untrusted_checkpoint_ends_with_a_short_error_and_exit_code_2(
+    quickstart_checkpoint: Path, tmp_path: Path, capsys
+) -> None:
     evil = crafted(torch.load(quickstart_checkpoint, weights_only=True), tmp_path / "evil.ckpt", tmp_path / "MARKER")
     with pytest.raises(SystemExit) as stop:
         main(["test", *QUICK, f"--ckpt_path={evil}"])
     assert stop.value.code == 2
     error = capsys.readouterr().err
-    assert "Traceback" not in error and error.strip().splitlines()[-1].endswith("load it explicitly with --weights_only false.")
+    assert "Traceback" not in error and error.strip().splitlines()[-1].endswith(
+        "load it explicitly with --weights_only false."
+    )
     assert not (tmp_path / "MARKER").exists()
 
 
@@ -78,22 +88,33 @@ def test_a_pretrained_checkpoint_with_a_pickled_payload_runs_no_code(tmp_path: P
     tiny = dict(channels=16, expanded_channels=32, num_blocks=2, patch_size=8)
     source = IsometricMobileNetModule(num_classes=7, network=tiny)
     marker = tmp_path / "MARKER"
-    checkpoint = {"state_dict": {f"network.{k}": v for k, v in source.network.state_dict().items()},
-                  "hyper_parameters": dict(source.hparams)}
+    checkpoint = {
+        "state_dict": {f"network.{k}": v for k, v in source.network.state_dict().items()},
+        "hyper_parameters": dict(source.hparams),
+    }
     evil = crafted(checkpoint, tmp_path / "evil.ckpt", marker)
-    with pytest.raises(UntrustedCheckpointError, match="--model.init_args.trust_pretrained_checkpoint true"):
+    with pytest.raises(UntrustedCheckpointError, match=r"--model\.init_args\.trust_pretrained_checkpoint true"):
         IsometricMobileNetModule(num_classes=3, pretrained_checkpoint=str(evil), network=tiny)
     assert not marker.exists()
-    trusted = IsometricMobileNetModule(num_classes=3, pretrained_checkpoint=str(evil), trust_pretrained_checkpoint=True,
-                                       network=tiny)
+    trusted = IsometricMobileNetModule(
+        num_classes=3, pretrained_checkpoint=str(evil), trust_pretrained_checkpoint=True, network=tiny
+    )
     assert marker.exists()
-    assert torch.equal(trusted.network.backbone.state_dict()["stem.0.weight"],
-                       source.network.backbone.state_dict()["stem.0.weight"])
+    assert torch.equal(
+        trusted.network.backbone.state_dict()["stem.0.weight"], source.network.backbone.state_dict()["stem.0.weight"]
+    )
 
 
 def test_a_checkpoint_of_another_model_class_is_refused(quickstart_checkpoint: Path) -> None:
-    prnet = ["--config", str(REPO_ROOT / "configs/digits/prnet.yaml"), "--trainer.limit_test_batches=1",
-             "--trainer.enable_progress_bar=false"]
-    with pytest.raises(CheckpointMismatchError, match=r"holds a lightning_pdenets\.models\.RKNetModule, but the config "
-                                                      r"asks for a lightning_pdenets\.models\.PRNetModule"):
+    prnet = [
+        "--config",
+        str(REPO_ROOT / "configs/digits/prnet.yaml"),
+        "--trainer.limit_test_batches=1",
+        "--trainer.enable_progress_bar=false",
+    ]
+    with pytest.raises(
+        CheckpointMismatchError,
+        match=r"holds a lightning_pdenets\.models\.RKNetModule, but the config "
+        r"asks for a lightning_pdenets\.models\.PRNetModule",
+    ):
         build_cli(["test", *prnet, f"--ckpt_path={quickstart_checkpoint}"])

@@ -24,8 +24,10 @@ QUICKSTART = ["--config", str(REPO_ROOT / "configs/quickstart.yaml"), "--model.i
 
 def test_a_second_nfe_monitor_given_by_the_user_replaces_the_default(tmp_path, capsys, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
-    user = ["--trainer.callbacks+=lightning_pdenets.callbacks.NFEMonitor",
-            "--trainer.callbacks.histogram_every_n_steps=7"]
+    user = [
+        "--trainer.callbacks+=lightning_pdenets.callbacks.NFEMonitor",
+        "--trainer.callbacks.histogram_every_n_steps=7",
+    ]
     assert run(["fit", *QUICKSTART, *TINY, *user], capsys)[0] == 0  # was Lightning's RuntimeError, a traceback
     cli = build_cli([*QUICKSTART, *TINY, *user], run=False)
     [monitor] = [callback for callback in cli.trainer.callbacks if isinstance(callback, NFEMonitor)]
@@ -39,8 +41,9 @@ def test_a_second_nfe_monitor_given_by_the_user_replaces_the_default(tmp_path, c
 
 def test_a_user_callback_of_another_class_keeps_every_default(tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
-    cli = build_cli([*QUICKSTART, *TINY, "--trainer.callbacks+=EarlyStopping",
-                     "--trainer.callbacks.monitor=val/loss"], run=False)
+    cli = build_cli(
+        [*QUICKSTART, *TINY, "--trainer.callbacks+=EarlyStopping", "--trainer.callbacks.monitor=val/loss"], run=False
+    )
     names = [type(callback).__name__ for callback in cli.trainer.callbacks]
     assert names.count("NFEMonitor") == 1 and names.count("EarlyStopping") == 1, names
 
@@ -57,8 +60,16 @@ def test_the_default_bar_survives_a_mid_epoch_resume(tmp_path, monkeypatch) -> N
 
 def test_a_bar_given_by_the_user_is_the_only_bar(tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
-    cli = build_cli([*QUICKSTART, *TINY, "--trainer.enable_progress_bar=true", "--trainer.callbacks+=TQDMProgressBar",
-                     "--trainer.callbacks.refresh_rate=5"], run=False)
+    cli = build_cli(
+        [
+            *QUICKSTART,
+            *TINY,
+            "--trainer.enable_progress_bar=true",
+            "--trainer.callbacks+=TQDMProgressBar",
+            "--trainer.callbacks.refresh_rate=5",
+        ],
+        run=False,
+    )
     [bar] = progress_bars(cli)
     assert type(bar) is TQDMProgressBar and bar.refresh_rate == 5
 
@@ -73,8 +84,9 @@ SECOND_BAR = ["--trainer.enable_progress_bar=true", "--trainer.callbacks+=TQDMPr
 
 
 @pytest.mark.parametrize("switched_off", [["--trainer.enable_progress_bar=false"], SECOND_BAR])
-def test_a_bar_with_the_bar_switched_off_or_a_second_bar_is_a_short_error(switched_off, tmp_path, capsys,
-                                                                           monkeypatch) -> None:
+def test_a_bar_with_the_bar_switched_off_or_a_second_bar_is_a_short_error(
+    switched_off, tmp_path, capsys, monkeypatch
+) -> None:
     """Lightning's MisconfigurationException was a traceback wall."""
     monkeypatch.chdir(tmp_path)
     code, err = run(["fit", *QUICKSTART, *TINY, "--trainer.callbacks+=ResumeAwareProgressBar", *switched_off], capsys)
@@ -89,8 +101,19 @@ def test_a_corrupt_file_found_before_the_first_step_is_the_only_news(tmp_path) -
     for path in (tmp_path / "data" / "tiny-imagenet-200" / "train").rglob("*.JPEG"):  # the sanity check reads one
         truncate(path)
     result = subprocess.run(
-        [sys.executable, "-m", "lightning_pdenets", "fit", *TINY_IMAGENET, "--data.init_args.data_dir",
-         settings["data_dir"]], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "lightning_pdenets",
+            "fit",
+            *TINY_IMAGENET,
+            "--data.init_args.data_dir",
+            settings["data_dir"],
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)},
     )
     assert result.returncode == 2, result.stderr[-3000:]

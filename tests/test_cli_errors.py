@@ -27,21 +27,40 @@ def error_of(args: list[str], capsys) -> str:
 @pytest.mark.parametrize(
     ("argument", "message"),
     [
-        ("--model.init_args.solver.method=rk5", r"error: RKNetModule: `solver.method` must be one of \['adaptive_heun', .*got 'rk5'\.$"),
-        ("--model.init_args.solver.step_size=-0.1", r"error: RKNetModule: `solver.step_size` must be a finite number > 0, got -0\.1\.$"),
+        (
+            "--model.init_args.solver.method=rk5",
+            r"error: RKNetModule: `solver.method` must be one of \['adaptive_heun', .*got 'rk5'\.$",
+        ),
+        (
+            "--model.init_args.solver.step_size=-0.1",
+            r"error: RKNetModule: `solver.step_size` must be a finite number > 0, got -0\.1\.$",
+        ),
         ("--data.init_args.batch_size=0", r"error: DigitsDataModule: `batch_size` must be an integer >= 1, got 0\.$"),
-        ("--model.class_path=lightning_pdenets.models.RKNetModul",
-         r"error: --model: there is no class 'lightning_pdenets\.models\.RKNetModul'\. Closest valid classes: "
-         r"lightning_pdenets\.models\.RKNetModule, "),
-        ("--model=RKNetModul", r"error: --model: there is no class 'RKNetModul'\. Closest valid classes: "
-                               r"lightning_pdenets\.models\.RKNetModule"),
-        ("--trainer.callbacks+=EarlyStoping", r"error: --trainer\.callbacks: there is no class 'EarlyStoping'\. "
-                                              r"Closest valid classes: lightning\.pytorch\.callbacks\.EarlyStopping\.$"),
-        ("--model.init_args.network.widht=8",
-         r"error: RKNetModule: `network` \(architecture 'odenet_chen'\): unknown `network` setting\(s\) 'widht' "
-         r"\(did you mean 'width'\?\); valid names are \['width', 'num_downsamples', 'activation'\]\.$"),
-        ("--model.init_args.lr_schedular=cosine", r"error: --model: lightning_pdenets\.models\.RKNetModule has no argument "
-                                                  r"'lr_schedular'\. Closest valid arguments: lr_scheduler\.$"),
+        (
+            "--model.class_path=lightning_pdenets.models.RKNetModul",
+            r"error: --model: there is no class 'lightning_pdenets\.models\.RKNetModul'\. Closest valid classes: "
+            r"lightning_pdenets\.models\.RKNetModule, ",
+        ),
+        (
+            "--model=RKNetModul",
+            r"error: --model: there is no class 'RKNetModul'\. Closest valid classes: "
+            r"lightning_pdenets\.models\.RKNetModule",
+        ),
+        (
+            "--trainer.callbacks+=EarlyStoping",
+            r"error: --trainer\.callbacks: there is no class 'EarlyStoping'\. "
+            r"Closest valid classes: lightning\.pytorch\.callbacks\.EarlyStopping\.$",
+        ),
+        (
+            "--model.init_args.network.widht=8",
+            r"error: RKNetModule: `network` \(architecture 'odenet_chen'\): unknown `network` setting\(s\) 'widht' "
+            r"\(did you mean 'width'\?\); valid names are \['width', 'num_downsamples', 'activation'\]\.$",
+        ),
+        (
+            "--model.init_args.lr_schedular=cosine",
+            r"error: --model: lightning_pdenets\.models\.RKNetModule has no argument "
+            r"'lr_schedular'\. Closest valid arguments: lr_scheduler\.$",
+        ),
         ("--trainer.max_epochs=x", r"error: --trainer\.max_epochs: expected int \(got 'x'\)$"),
     ],
 )
@@ -54,12 +73,28 @@ def test_a_bad_argument_ends_with_a_short_message_and_exit_code_2(argument: str,
 
 @pytest.mark.parametrize("schedule", ["cosine", "onecycle"])
 def test_a_schedule_that_needs_a_horizon_refuses_an_endless_run(schedule: str, capsys) -> None:
-    last_line = error_of([*QUICK, "--trainer.max_epochs=-1", f"--model.init_args.lr_scheduler={schedule}",
-                          "--trainer.limit_train_batches=2"], capsys)
+    last_line = error_of(
+        [
+            *QUICK,
+            "--trainer.max_epochs=-1",
+            f"--model.init_args.lr_scheduler={schedule}",
+            "--trainer.limit_train_batches=2",
+        ],
+        capsys,
+    )
     assert last_line.startswith(f"error: `lr_scheduler='{schedule}'`") and "Set --trainer.max_epochs N" in last_line
 
 
 def test_multistep_needs_no_horizon(tmp_path) -> None:
     """Milestones are epochs counted from the start: an endless run (stopped by max_steps here) is fine."""
-    main([*QUICK, "--trainer.max_epochs=-1", "--trainer.max_steps=2", "--model.init_args.lr_scheduler=multistep",
-          "--model.init_args.lr_milestones=[1]", "--model.init_args.network.width=8", "--test_after_fit=false"])
+    main(
+        [
+            *QUICK,
+            "--trainer.max_epochs=-1",
+            "--trainer.max_steps=2",
+            "--model.init_args.lr_scheduler=multistep",
+            "--model.init_args.lr_milestones=[1]",
+            "--model.init_args.network.width=8",
+            "--test_after_fit=false",
+        ]
+    )

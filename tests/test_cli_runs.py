@@ -20,8 +20,11 @@ pytestmark = pytest.mark.cli
 
 QUICKSTART = str(REPO_ROOT / "configs/quickstart.yaml")
 TINY = [
-    "--model.init_args.network.width=8", "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=1",
-    "--trainer.enable_progress_bar=false", "--test_after_fit=false",
+    "--model.init_args.network.width=8",
+    "--trainer.limit_train_batches=3",
+    "--trainer.limit_val_batches=1",
+    "--trainer.enable_progress_bar=false",
+    "--test_after_fit=false",
 ]
 QUICK = ["--config", QUICKSTART, *TINY]
 
@@ -89,8 +92,9 @@ class SigTermAtStep(pl.Callback):
 
 def sigterm_config(tmp_path: Path, step: int) -> list[str]:
     config = tmp_path / "sigterm.yaml"
-    config.write_text(f"trainer:\n  callbacks+:\n    - class_path: {__name__}.SigTermAtStep\n"
-                      f"      init_args:\n        step: {step}\n")
+    config.write_text(
+        f"trainer:\n  callbacks+:\n    - class_path: {__name__}.SigTermAtStep\n      init_args:\n        step: {step}\n"
+    )
     return ["--config", str(config)]
 
 
@@ -146,9 +150,16 @@ class DivergesAboveLR(RKNetModule):
 
 
 # SGD at 0.01, x100 from epoch 1 on: epoch 0 trains, epoch 1 diverges at 1.0 > 0.5
-DIVERGING = [*QUICK, f"--model={__name__}.DivergesAboveLR", "--model.init_args.optimizer=sgd",
-             "--model.init_args.lr=0.01", "--model.init_args.lr_scheduler=multistep", "--model.init_args.lr_milestones=[1]",
-             "--model.init_args.lr_gamma=100", "--trainer.max_epochs=3"]
+DIVERGING = [
+    *QUICK,
+    f"--model={__name__}.DivergesAboveLR",
+    "--model.init_args.optimizer=sgd",
+    "--model.init_args.lr=0.01",
+    "--model.init_args.lr_scheduler=multistep",
+    "--model.init_args.lr_milestones=[1]",
+    "--model.init_args.lr_gamma=100",
+    "--trainer.max_epochs=3",
+]
 
 
 def test_the_advice_after_a_nan_continues_the_run(tmp_path: Path) -> None:

@@ -45,8 +45,16 @@ def test_every_config_is_found() -> None:
 
 @pytest.mark.parametrize("config", RUN_CONFIGS, ids=rel)
 def test_config_runs_fast_dev_run_through_the_cli(config: Path, tmp_path: Path) -> None:
-    args = ["fit", "--config", str(config), "--config", CPU, "--trainer.fast_dev_run=true",
-            f"--trainer.default_root_dir={tmp_path}", *fake_data_args(config, tmp_path)]
+    args = [
+        "fit",
+        "--config",
+        str(config),
+        "--config",
+        CPU,
+        "--trainer.fast_dev_run=true",
+        f"--trainer.default_root_dir={tmp_path}",
+        *fake_data_args(config, tmp_path),
+    ]
     cli = build_cli(args)
     assert cli.trainer.state.finished, f"{rel(config)} did not finish"
     assert any(key.startswith("train/loss") for key in cli.trainer.callback_metrics)
@@ -64,7 +72,8 @@ def test_trainer_presets_validate_against_the_trainer_signature(preset: Path) ->
         if isinstance(value, dict):  # a class: its path, and the given init_args over the class's defaults
             assert parsed.class_path == value["class_path"]
             assert {name: str(parsed.init_args[name]) for name in value["init_args"]} == {
-                name: str(given) for name, given in value["init_args"].items()}
+                name: str(given) for name, given in value["init_args"].items()
+            }
         else:
             assert parsed == value, key
 
@@ -78,14 +87,28 @@ def test_ddp_presets_bound_the_wait_in_a_collective(name: str) -> None:
 
 
 def test_cpu_ddp_preset_sets_the_collective_timeout() -> None:
-    cli = build_cli(["--config", str(REPO_ROOT / "configs/quickstart.yaml"), "--config",
-                     str(REPO_ROOT / "configs/trainer/ddp_cpu.yaml")], run=False)
-    assert cli.trainer.strategy._timeout.total_seconds() == 180  # noqa: SLF001 (no public getter)
+    cli = build_cli(
+        [
+            "--config",
+            str(REPO_ROOT / "configs/quickstart.yaml"),
+            "--config",
+            str(REPO_ROOT / "configs/trainer/ddp_cpu.yaml"),
+        ],
+        run=False,
+    )
+    assert cli.trainer.strategy._timeout.total_seconds() == 180
 
 
 def test_cpu_ddp_preset_instantiates() -> None:
-    cli = build_cli(["--config", str(REPO_ROOT / "configs/quickstart.yaml"), "--config",
-                     str(REPO_ROOT / "configs/trainer/ddp_cpu.yaml")], run=False)
+    cli = build_cli(
+        [
+            "--config",
+            str(REPO_ROOT / "configs/quickstart.yaml"),
+            "--config",
+            str(REPO_ROOT / "configs/trainer/ddp_cpu.yaml"),
+        ],
+        run=False,
+    )
     assert cli.trainer.num_devices == 2 and type(cli.trainer.strategy).__name__ == "DDPStrategy"
 
 
@@ -123,8 +146,10 @@ def test_two_callback_presets_compose() -> None:
 
 
 def test_command_line_override_wins_over_config() -> None:
-    cli = build_cli(["--config", str(REPO_ROOT / "configs/quickstart.yaml"), "--model.init_args.lr=0.5",
-                     "--trainer.max_epochs=2"], run=False)
+    cli = build_cli(
+        ["--config", str(REPO_ROOT / "configs/quickstart.yaml"), "--model.init_args.lr=0.5", "--trainer.max_epochs=2"],
+        run=False,
+    )
     assert cli.model.optimization["lr"] == 0.5 and cli.trainer.max_epochs == 2
 
 
@@ -137,8 +162,12 @@ def test_entry_points_expose_the_subcommands(command: list[str]) -> None:
 
 
 def test_print_config_round_trips(tmp_path: Path) -> None:
-    result = subprocess.run(["pdenets", "fit", "--config", str(REPO_ROOT / "configs/mnist/odenet.yaml"),
-                             "--print_config"], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        ["pdenets", "fit", "--config", str(REPO_ROOT / "configs/mnist/odenet.yaml"), "--print_config"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     printed = yaml.safe_load(result.stdout)
     assert printed["model"]["init_args"]["solver"]["method"] == "dopri5"
@@ -147,6 +176,10 @@ def test_print_config_round_trips(tmp_path: Path) -> None:
 
 def test_unknown_solver_in_config_is_reported_with_valid_names(tmp_path: Path, capsys) -> None:
     with pytest.raises(SystemExit) as stop:
-        build_cli(["--config", str(REPO_ROOT / "configs/quickstart.yaml"), "--model.init_args.solver.method=rk45"], run=False)
+        build_cli(
+            ["--config", str(REPO_ROOT / "configs/quickstart.yaml"), "--model.init_args.solver.method=rk45"], run=False
+        )
     assert stop.value.code == 2
-    assert re.search(r"error: RKNetModule: `solver.method` must be one of .*dopri5.*got 'rk45'\.$", capsys.readouterr().err)
+    assert re.search(
+        r"error: RKNetModule: `solver.method` must be one of .*dopri5.*got 'rk45'\.$", capsys.readouterr().err
+    )

@@ -26,9 +26,15 @@ from tests.fakedata.tinyimagenet import fake_tinyimagenet
 from tests.fakedata.transfer import fake_dtd, fake_fgvc_aircraft, fake_food101, fake_stanford_cars
 from tests.test_hostile_resume import TINY, run
 
-TINY_IMAGENET = ["--config", str(REPO_ROOT / "configs/quickstart.yaml"), "--model.init_args.network.width=8",
-                 "--data=lightning_pdenets.data.TinyImageNetDataModule", "--data.init_args.batch_size=2",
-                 "--data.init_args.val_size=8", *TINY]
+TINY_IMAGENET = [
+    "--config",
+    str(REPO_ROOT / "configs/quickstart.yaml"),
+    "--model.init_args.network.width=8",
+    "--data=lightning_pdenets.data.TinyImageNetDataModule",
+    "--data.init_args.batch_size=2",
+    "--data.init_args.val_size=8",
+    *TINY,
+]
 
 
 def truncate(path: Path, keep: int = 300) -> None:
@@ -76,8 +82,15 @@ def test_a_damaged_jpeg_met_by_a_worker_mid_epoch_is_one_line_and_the_fit_resume
     broken = Path(train_order(settings)[5])  # third batch of two
     intact = broken.read_bytes()
     broken.write_bytes(b"\x89PNG but not an image")
-    args = ["fit", *TINY_IMAGENET, "--data.init_args.data_dir", str(tmp_path / "data"),
-            "--data.init_args.num_workers=1", "--trainer.limit_train_batches=4", "--trainer.limit_val_batches=0"]
+    args = [
+        "fit",
+        *TINY_IMAGENET,
+        "--data.init_args.data_dir",
+        str(tmp_path / "data"),
+        "--data.init_args.num_workers=1",
+        "--trainer.limit_train_batches=4",
+        "--trainer.limit_val_batches=0",
+    ]
     code, err = run(args, capsys)
     assert code == 2
     assert_one_short_error(err)
@@ -126,20 +139,35 @@ def test_a_cut_wnids_txt_is_named_not_called_missing(tmp_path, capsys) -> None:
 
 
 @pytest.mark.cli
-@pytest.mark.parametrize(("datamodule", "fabricate", "images"), [
-    ("FGVCAircraftDataModule", fake_fgvc_aircraft, "fgvc-aircraft-2013b/data/images"),
-    ("Food101DataModule", fake_food101, "food-101/images"),
-    ("DTDDataModule", fake_dtd, "dtd/dtd/images"),
-    ("StanfordCarsDataModule", fake_stanford_cars, "stanford_cars/cars_train"),
-])
+@pytest.mark.parametrize(
+    ("datamodule", "fabricate", "images"),
+    [
+        ("FGVCAircraftDataModule", fake_fgvc_aircraft, "fgvc-aircraft-2013b/data/images"),
+        ("Food101DataModule", fake_food101, "food-101/images"),
+        ("DTDDataModule", fake_dtd, "dtd/dtd/images"),
+        ("StanfordCarsDataModule", fake_stanford_cars, "stanford_cars/cars_train"),
+    ],
+)
 def test_a_truncated_image_of_a_transfer_set_is_named(datamodule, fabricate, images, tmp_path, capsys) -> None:
     fabricate(tmp_path / "data")
     for path in (tmp_path / "data" / images).rglob("*.jpg"):  # whichever the sanity check reads
         truncate(path)
-    code, err = run(["fit", "--config", str(REPO_ROOT / "configs/quickstart.yaml"), "--model.init_args.network.width=8",
-                     f"--data=lightning_pdenets.data.{datamodule}", "--data.init_args.resize=16",
-                     "--data.init_args.batch_size=2", "--data.init_args.val_size=4", *TINY,
-                     "--data.init_args.data_dir", str(tmp_path / "data")], capsys)
+    code, err = run(
+        [
+            "fit",
+            "--config",
+            str(REPO_ROOT / "configs/quickstart.yaml"),
+            "--model.init_args.network.width=8",
+            f"--data=lightning_pdenets.data.{datamodule}",
+            "--data.init_args.resize=16",
+            "--data.init_args.batch_size=2",
+            "--data.init_args.val_size=4",
+            *TINY,
+            "--data.init_args.data_dir",
+            str(tmp_path / "data"),
+        ],
+        capsys,
+    )
     assert code == 2
     assert_one_short_error(err)
     assert "is present but unreadable (OSError: Truncated File Read)" in err
@@ -148,13 +176,16 @@ def test_a_truncated_image_of_a_transfer_set_is_named(datamodule, fabricate, ima
 
 
 # -- annotation files and archives --------------------------------------------------------------------------------
-@pytest.mark.parametrize(("datamodule_class", "fabricate", "file", "keep"), [
-    (FGVCAircraftDataModule, fake_fgvc_aircraft, "fgvc-aircraft-2013b/data/images_variant_trainval.txt", 30),
-    (Food101DataModule, fake_food101, "food-101/meta/train.json", 30),
-    (StanfordCarsDataModule, fake_stanford_cars, "stanford_cars/devkit/cars_train_annos.mat", 200),
-    (StanfordCarsDataModule, fake_stanford_cars, "stanford_cars/devkit/cars_meta.mat", 100),
-    (TinyImageNetDataModule, fake_tinyimagenet, "tiny-imagenet-200/val/val_annotations.txt", 15),
-])
+@pytest.mark.parametrize(
+    ("datamodule_class", "fabricate", "file", "keep"),
+    [
+        (FGVCAircraftDataModule, fake_fgvc_aircraft, "fgvc-aircraft-2013b/data/images_variant_trainval.txt", 30),
+        (Food101DataModule, fake_food101, "food-101/meta/train.json", 30),
+        (StanfordCarsDataModule, fake_stanford_cars, "stanford_cars/devkit/cars_train_annos.mat", 200),
+        (StanfordCarsDataModule, fake_stanford_cars, "stanford_cars/devkit/cars_meta.mat", 100),
+        (TinyImageNetDataModule, fake_tinyimagenet, "tiny-imagenet-200/val/val_annotations.txt", 15),
+    ],
+)
 def test_a_cut_annotation_file_is_named(datamodule_class, fabricate, file: str, keep: int, tmp_path) -> None:
     settings = fabricate(tmp_path)
     truncate(tmp_path / file, keep=keep)
@@ -196,9 +227,11 @@ def test_stanford_cars_without_files_is_a_dataset_error() -> None:
 # -- the loader on its own ----------------------------------------------------------------------------------------
 def test_the_worker_traceback_around_the_message_is_dropped() -> None:
     """torch re-raises a worker's error as ``type(error)(text of the worker's traceback)``."""
-    wrapped = ("Caught UnreadableSampleError in DataLoader worker process 0.\nOriginal Traceback (most recent "
-               "call last):\n  File \"x.py\", line 1, in f\n"
-               "lightning_pdenets.data.base.UnreadableSampleError: the message\n")
+    wrapped = (
+        "Caught UnreadableSampleError in DataLoader worker process 0.\nOriginal Traceback (most recent "
+        'call last):\n  File "x.py", line 1, in f\n'
+        "lightning_pdenets.data.base.UnreadableSampleError: the message\n"
+    )
     assert str(UnreadableSampleError(wrapped)) == "the message"
     assert str(UnreadableSampleError("plain")) == "plain"
 

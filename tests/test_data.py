@@ -37,7 +37,7 @@ def test_real_loader_reads_fabricated_files(datamodule_class, fabricate, shape, 
     dm.setup("test")
     x, y = next(iter(dm.train_dataloader()))
     assert tuple(x.shape[1:]) == shape == (dm.in_channels, *dm.image_size)
-    assert y.dtype == torch.int64 and 0 <= int(y.min()) and int(y.max()) < dm.num_classes
+    assert y.dtype == torch.int64 and int(y.min()) >= 0 and int(y.max()) < dm.num_classes
     assert len(dm.train_set) + len(dm.val_set) == 40 and len(dm.val_set) == 8
     assert len(dm.test_set) == 20
     # normalization uses the published channel statistics: raw pixel p maps to (p/255 - mean) / std

@@ -61,12 +61,17 @@ def matrix(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     for (folder, devices, names), port in zip(plans, _distinct_free_ports(len(plans))):
         (out_dir / folder).mkdir()
         batch = PER_PROCESS_BATCH * (2 // devices)
-        launches.append(subprocess.Popen(
-            [sys.executable, str(RUNNER), str(out_dir / folder), str(devices), str(batch), *names],
-            # concurrent launches must not race for the same rendezvous port
-            env={**env, "MASTER_PORT": str(port)},
-            cwd=out_dir / folder, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        ))
+        launches.append(
+            subprocess.Popen(
+                [sys.executable, str(RUNNER), str(out_dir / folder), str(devices), str(batch), *names],
+                # concurrent launches must not race for the same rendezvous port
+                env={**env, "MASTER_PORT": str(port)},
+                cwd=out_dir / folder,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     results: dict[str, dict[str, Any]] = {"rank0_of_2": {}, "rank1_of_2": {}, "rank0_of_1": {}, "stderr": {}}
     for (folder, _, _), launch in zip(plans, launches):
         _, stderr = launch.communicate(timeout=1200)
@@ -79,8 +84,11 @@ def matrix(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 
 def _exported_classes(package: Any, base: type) -> set[str]:
-    return {name for name in package.__all__
-            if inspect.isclass(getattr(package, name)) and issubclass(getattr(package, name), base)}
+    return {
+        name
+        for name in package.__all__
+        if inspect.isclass(getattr(package, name)) and issubclass(getattr(package, name), base)
+    }
 
 
 def test_every_module_and_callback_has_a_ddp_case() -> None:
@@ -114,13 +122,17 @@ def test_ranks_agree_and_match_one_process(matrix: dict[str, Any], name: str) ->
         reference = single["state"][key]
         if value.is_floating_point():
             assert torch.allclose(value, reference, atol=case.atol, rtol=1e-4), (
-                f"{key}: max |2 ranks - 1 process| = {(value - reference).abs().max():.2e}")
+                f"{key}: max |2 ranks - 1 process| = {(value - reference).abs().max():.2e}"
+            )
         else:
             assert torch.equal(value, reference), key
     assert rank0["metrics"].keys() == single["metrics"].keys()
     compared = {k for k in rank0["metrics"] if not any(part in k for part in case.rank_only_metrics)}
-    mismatched = {k: (rank0["metrics"][k], single["metrics"][k]) for k in compared
-                  if not _close(rank0["metrics"][k], single["metrics"][k], case.atol)}
+    mismatched = {
+        k: (rank0["metrics"][k], single["metrics"][k])
+        for k in compared
+        if not _close(rank0["metrics"][k], single["metrics"][k], case.atol)
+    }
     assert not mismatched, f"metrics differ from the single process: {mismatched}"
     assert rank0["checkpoints"].keys() == single["checkpoints"].keys()
     for checkpoint, state in rank0["checkpoints"].items():
@@ -134,12 +146,16 @@ def test_a_failure_on_one_rank_stops_every_rank(matrix: dict[str, Any], name: st
     case = CASES[name]
     ranks = [matrix[key][name] for key in ("rank0_of_2", "rank1_of_2")]
     assert [rank["error_type"] for rank in ranks] == list(case.rank_errors)
-    peer_message = {"adjoint_failure_in_backward_on_one_rank": "another DDP process crashed during the backward pass",
-                    # Lightning's epoch-end metric sync is the first collective after the loop: torch's own message
-                    "solver_failure_in_validation_on_one_rank": "Connection closed by peer"}
+    peer_message = {
+        "adjoint_failure_in_backward_on_one_rank": "another DDP process crashed during the backward pass",
+        # Lightning's epoch-end metric sync is the first collective after the loop: torch's own message
+        "solver_failure_in_validation_on_one_rank": "Connection closed by peer",
+    }
     assert peer_message.get(name, "another DDP process stopped at global step") in ranks[0]["error"]
     assert "max_num_steps" in ranks[1]["error"] and "Try:" in ranks[1]["error"]
-    assert ("in the backward (adjoint) pass" in ranks[1]["error"]) == (name == "adjoint_failure_in_backward_on_one_rank")
+    assert ("in the backward (adjoint) pass" in ranks[1]["error"]) == (
+        name == "adjoint_failure_in_backward_on_one_rank"
+    )
     assert ranks[0]["steps"] == ranks[1]["steps"]
     for key, value in ranks[0]["state"].items():
         assert torch.equal(value, ranks[1]["state"][key]), f"{key} differs between the ranks"
@@ -183,9 +199,13 @@ def test_global_batch_size_must_divide_by_the_number_of_processes() -> None:
 def test_predictions_of_the_ranks_cover_every_sample_once_and_match_one_process(matrix: dict[str, Any]) -> None:
     shares = [matrix[key]["prediction_writer"]["predictions"] for key in ("rank0_of_2", "rank1_of_2")]
     # both ranks write into one folder, each its own file
-    assert all(f"predictions_rank{rank}.pt" in share and "predictions.pt" not in share for rank, share in enumerate(shares))
-    merged = {name: torch.cat([share[f"predictions_rank{rank}.pt"][name] for rank, share in enumerate(shares)])
-              for name in ("sample_index", "probabilities", "labels")}
+    assert all(
+        f"predictions_rank{rank}.pt" in share and "predictions.pt" not in share for rank, share in enumerate(shares)
+    )
+    merged = {
+        name: torch.cat([share[f"predictions_rank{rank}.pt"][name] for rank, share in enumerate(shares)])
+        for name in ("sample_index", "probabilities", "labels")
+    }
     single = matrix["rank0_of_1"]["prediction_writer"]["predictions"]["predictions.pt"]
     order = merged["sample_index"].argsort()
     assert torch.equal(merged["sample_index"][order], torch.arange(len(single["sample_index"])))

@@ -20,7 +20,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 import pytest
 import torch
@@ -37,8 +36,16 @@ DUMP_AFTER = 300
 QUICKSTART = str(REPO_ROOT / "configs" / "quickstart.yaml")
 PRNET = str(REPO_ROOT / "configs" / "digits" / "prnet.yaml")
 DDP_CPU = str(REPO_ROOT / "configs" / "trainer" / "ddp_cpu.yaml")
-SHORT = ["--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "2", "--trainer.limit_test_batches", "2",
-         "--trainer.limit_predict_batches", "2"]
+SHORT = [
+    "--trainer.limit_train_batches",
+    "3",
+    "--trainer.limit_val_batches",
+    "2",
+    "--trainer.limit_test_batches",
+    "2",
+    "--trainer.limit_predict_batches",
+    "2",
+]
 
 
 def _free_port() -> int:
@@ -47,19 +54,28 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _environment(port: Optional[int] = None) -> dict[str, str]:
+def _environment(port: int | None = None) -> dict[str, str]:
     return {
-        **os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg",
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "MPLBACKEND": "Agg",
         "PYTHONPATH": os.pathsep.join([str(REPO_ROOT / "tests" / "hang_dump"), str(REPO_ROOT)]),
-        "PDENETS_TEST_DUMP_AFTER": str(DUMP_AFTER), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port or _free_port()),
+        "PDENETS_TEST_DUMP_AFTER": str(DUMP_AFTER),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port or _free_port()),
     }
 
 
-def start(args: list[str], cwd: Path, command: Optional[list[str]] = None, **environment: str) -> subprocess.Popen:
+def start(args: list[str], cwd: Path, command: list[str] | None = None, **environment: str) -> subprocess.Popen:
     """Start ``python -m lightning_pdenets ARGS`` (or ``command``) in its own process group."""
     return subprocess.Popen(
-        (command or [sys.executable, "-m", "lightning_pdenets"]) + args, cwd=cwd, env={**_environment(), **environment},
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        (command or [sys.executable, "-m", "lightning_pdenets"]) + args,
+        cwd=cwd,
+        env={**_environment(), **environment},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
 
 
@@ -132,17 +148,29 @@ def test_evaluation_from_the_checkpoint_of_a_ddp_fit(fitted: tuple[str, Path], s
 PARABOLIC = str(REPO_ROOT / "configs" / "stl10" / "parabolic.yaml")
 PRESET_GROUPS = {
     # RK-Net (fixed step) on digits: the evaluation presets, then the training ones
-    "rknet_evaluation": (QUICKSTART, ["adversarial", "autoattack", "inference_timer", "ood", "solver_swap_check"],
-                         ["--data.batch_size", "4"]),
-    "rknet_training": (QUICKSTART, ["device_stats", "early_stopping", "ema", "progress_bar", "step_size_adaptation"],
-                       []),
+    "rknet_evaluation": (
+        QUICKSTART,
+        ["adversarial", "autoattack", "inference_timer", "ood", "solver_swap_check"],
+        ["--data.batch_size", "4"],
+    ),
+    "rknet_training": (
+        QUICKSTART,
+        ["device_stats", "early_stopping", "ema", "progress_bar", "step_size_adaptation"],
+        [],
+    ),
     # the same network with an adaptive solver
     "adaptive": (QUICKSTART, ["tolerance_adaptation"], ["--model.init_args.solver.method", "dopri5"]),
     # the parabolic PDE-CNN, which has time-dependent weights and time-stepping blocks (fabricated STL-10)
     "pde_cnn": (PARABOLIC, ["box_projection", "multilevel", "time_tv"], ["--data.batch_size", "4"]),
 }
-CHEAP = {"pgd_steps": 2, "spsa_steps": 2, "spsa_samples": 4, "autoattack_steps": 2, "autoattack_queries": 10,
-         "num_batches": 1}
+CHEAP = {
+    "pgd_steps": 2,
+    "spsa_steps": 2,
+    "spsa_samples": 4,
+    "autoattack_steps": 2,
+    "autoattack_queries": 10,
+    "num_batches": 1,
+}
 """The attack presets' cost settings, lowered for the test; their callbacks and every other setting stay."""
 
 
@@ -193,8 +221,20 @@ def test_short_ddp_fit_with_callback_presets(group: str, tmp_path: Path) -> None
 # -- SIGTERM -------------------------------------------------------------------------------------------------
 def test_sigterm_ends_a_ddp_job_with_a_rank_stuck_in_a_collective(tmp_path: Path) -> None:
     """Rank 0 waits in a barrier rank 1 never joins; SIGTERM to rank 0 alone ends both within 30 s."""
-    process = start(["fit", "--config", QUICKSTART, "--config", DDP_CPU, "--trainer.max_epochs", "3", *SHORT,
-                     "--trainer.callbacks+=tests.ddp_faults.SkipCollectiveOnRank1"], tmp_path)
+    process = start(
+        [
+            "fit",
+            "--config",
+            QUICKSTART,
+            "--config",
+            DDP_CPU,
+            "--trainer.max_epochs",
+            "3",
+            *SHORT,
+            "--trainer.callbacks+=tests.ddp_faults.SkipCollectiveOnRank1",
+        ],
+        tmp_path,
+    )
     wait_for(tmp_path / "blocked_rank0", process)
     wait_for(tmp_path / "blocked_rank1", process)
     time.sleep(1)
@@ -232,9 +272,21 @@ def test_sigterm_stops_an_attack_within_seconds_and_says_what_stopped(fitted: tu
     if config != QUICKSTART:
         pytest.skip("one model is enough")
     last = next(workdir.glob("logs/quickstart/version_0/checkpoints/last.ckpt"))
-    process = start(["test", "--config", QUICKSTART, "--config", str(REPO_ROOT / "callbacks" / "adversarial.yaml"),
-                     "--ckpt_path", str(last), "--trainer.callbacks+=tests.ddp_faults.TouchWhenStarted",
-                     "--trainer.enable_progress_bar", "false"], tmp_path)
+    process = start(
+        [
+            "test",
+            "--config",
+            QUICKSTART,
+            "--config",
+            str(REPO_ROOT / "callbacks" / "adversarial.yaml"),
+            "--ckpt_path",
+            str(last),
+            "--trainer.callbacks+=tests.ddp_faults.TouchWhenStarted",
+            "--trainer.enable_progress_bar",
+            "false",
+        ],
+        tmp_path,
+    )
     wait_for(tmp_path / "started_test_rank0", process)
     time.sleep(2)  # inside the attacks of the first batch
     sent = time.monotonic()
@@ -263,11 +315,40 @@ def test_torchrun_two_nodes_matches_two_processes_on_one_node(tmp_path: Path) ->
     for rank in range(2):
         folder = tmp_path / f"node{rank}"
         folder.mkdir()
-        torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
-                    "--node_rank", str(rank), "--master_addr", "127.0.0.1", "--master_port", str(port),
-                    "-m", "lightning_pdenets"]
-        nodes.append(start([*fit, "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.num_nodes", "2",
-                            "--trainer.strategy", "ddp"], folder, command=torchrun))
+        torchrun = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes",
+            "2",
+            "--nproc_per_node",
+            "1",
+            "--node_rank",
+            str(rank),
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(port),
+            "-m",
+            "lightning_pdenets",
+        ]
+        nodes.append(
+            start(
+                [
+                    *fit,
+                    "--trainer.accelerator",
+                    "cpu",
+                    "--trainer.devices",
+                    "1",
+                    "--trainer.num_nodes",
+                    "2",
+                    "--trainer.strategy",
+                    "ddp",
+                ],
+                folder,
+                command=torchrun,
+            )
+        )
     for node in nodes:
         # exit codes only: torchrun's agents print a traceback of their own when the other node's agent, which
         # hosts their store, has already exited (its "exit barrier"), after the training ended well
@@ -285,8 +366,11 @@ def _epoch_curves(folder: Path) -> dict[str, list[tuple[int, float]]]:
 
     events = EventAccumulator(str(folder / "logs" / "quickstart" / "version_0"), size_guidance={"scalars": 0})
     events.Reload()
-    return {tag: [(event.step, event.value) for event in events.Scalars(tag)] for tag in events.Tags()["scalars"]
-            if tag.startswith("val/") or tag.endswith("_epoch")}
+    return {
+        tag: [(event.step, event.value) for event in events.Scalars(tag)]
+        for tag in events.Tags()["scalars"]
+        if tag.startswith("val/") or tag.endswith("_epoch")
+    }
 
 
 # -- resume across world sizes ---------------------------------------------------------------------------------
@@ -298,9 +382,18 @@ def test_sigterm_stopped_ddp_fit_resumes_on_two_ranks_and_on_one(tmp_path: Path)
 
     stopped = tmp_path / "stopped"
     stopped.mkdir()
-    process = start([*fit, "--config", DDP_CPU, "--trainer.callbacks+=tests.ddp_faults.TouchWhenStarted",
-                     "--trainer.callbacks.stage=fit", "--trainer.callbacks.epoch=1", "--trainer.callbacks.batch=0"],
-                    stopped)
+    process = start(
+        [
+            *fit,
+            "--config",
+            DDP_CPU,
+            "--trainer.callbacks+=tests.ddp_faults.TouchWhenStarted",
+            "--trainer.callbacks.stage=fit",
+            "--trainer.callbacks.epoch=1",
+            "--trainer.callbacks.batch=0",
+        ],
+        stopped,
+    )
     wait_for(stopped / "started_fit_rank0", process)
     os.killpg(process.pid, signal.SIGTERM)  # as a scheduler does: every process of the job
     result = finish(process, timeout=90)
@@ -322,7 +415,9 @@ def test_sigterm_stopped_ddp_fit_resumes_on_two_ranks_and_on_one(tmp_path: Path)
     assert logged.keys() == uninterrupted.keys() and "val/acc_top1" in logged
     for tag, points in uninterrupted.items():  # the same values at the same steps, none twice
         assert [step for step, _ in logged[tag]] == [step for step, _ in points], tag
-        assert [value for _, value in logged[tag]] == pytest.approx([value for _, value in points], rel=1e-4, abs=1e-6), tag
+        assert [value for _, value in logged[tag]] == pytest.approx(
+            [value for _, value in points], rel=1e-4, abs=1e-6
+        ), tag
 
     single = pdenets([*fit, "--trainer.devices", "1", "--trainer.strategy", "auto", "--ckpt_path", "last"], on_one)
     assert_ok(single)

@@ -32,12 +32,27 @@ def test_a_corrupt_image_met_by_one_rank_mid_epoch_ends_both_ranks_at_once(faili
     # third batch of two (Lightning fetches one batch ahead, so it meets the file after the first optimizer step)
     broken = Path(train_order(settings_for_order)[2 * 4 + failing_rank])
     truncate(broken)
-    process = start(["fit", "--config", str(REPO_ROOT / "configs/quickstart.yaml"), "--config", DDP_CPU,
-                     "--model.init_args.network.width=8", "--data=lightning_pdenets.data.TinyImageNetDataModule",
-                     "--data.init_args.batch_size=2", "--data.init_args.val_size=8", "--data.init_args.num_workers=1",
-                     f"--data.init_args.data_dir={tmp_path / 'data'}", "--trainer.max_epochs=1",
-                     "--trainer.limit_train_batches=5", "--trainer.limit_val_batches=0", "--test_after_fit=false",
-                     "--trainer.enable_progress_bar=false"], tmp_path)
+    process = start(
+        [
+            "fit",
+            "--config",
+            str(REPO_ROOT / "configs/quickstart.yaml"),
+            "--config",
+            DDP_CPU,
+            "--model.init_args.network.width=8",
+            "--data=lightning_pdenets.data.TinyImageNetDataModule",
+            "--data.init_args.batch_size=2",
+            "--data.init_args.val_size=8",
+            "--data.init_args.num_workers=1",
+            f"--data.init_args.data_dir={tmp_path / 'data'}",
+            "--trainer.max_epochs=1",
+            "--trainer.limit_train_batches=5",
+            "--trainer.limit_val_batches=0",
+            "--test_after_fit=false",
+            "--trainer.enable_progress_bar=false",
+        ],
+        tmp_path,
+    )
     started = time.monotonic()
     result = finish(process, timeout=PROMPT + 60)
     elapsed = time.monotonic() - started

@@ -31,8 +31,14 @@ SCREENSHOT_DIR_VARIABLE = "PDENETS_DOCS_SCREENSHOTS"
 
 def _mkdocs_build(config: Path, site: Path, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
-    return subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-f", str(config), "-d", str(site)],
-                          cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    return subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "-f", str(config), "-d", str(site)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -52,9 +58,14 @@ def test_the_site_holds_the_readme_benchmarks_families_and_pretrained_models(sit
     assert "pdenets fit --config configs/quickstart.yaml" in home and "Usage" in home
     assert "mkdocs serve" in home  # the README names the command that serves the site
     assert "MNIST at paper scale" in _text(site / "BENCHMARKS" / "index.html")
-    for family, classes in {"neural_odes": ["ResNetModule", "RKNetModule", "ODENetModule"], "prnet": ["PRNetModule"],
-                            "pde_cnn": ["ParabolicCNNModule", "HamiltonianCNNModule"], "lm_resnet": ["LMResNetModule"],
-                            "mobilenet": ["IsometricMobileNetModule"], "base": ["ClassifierModule"]}.items():
+    for family, classes in {
+        "neural_odes": ["ResNetModule", "RKNetModule", "ODENetModule"],
+        "prnet": ["PRNetModule"],
+        "pde_cnn": ["ParabolicCNNModule", "HamiltonianCNNModule"],
+        "lm_resnet": ["LMResNetModule"],
+        "mobilenet": ["IsometricMobileNetModule"],
+        "base": ["ClassifierModule"],
+    }.items():
         text = _text(site / "models" / family / "index.html")
         assert all(name in text for name in classes), family
     pretrained_page = _text(site / "pretrained" / "index.html")
@@ -71,8 +82,12 @@ def test_every_exported_callback_has_a_page_with_its_preset(site: Path) -> None:
 
     names = hooks["exported_callbacks"]()
     assert {"SolverSwapCheck", "NFEMonitor", "EMAWeights", "AdversarialEvaluation"} <= set(names)
-    assert set(names) == {n for n in callbacks.__all__ if inspect.isclass(getattr(callbacks, n))
-                          and issubclass(getattr(callbacks, n), __import__("lightning").pytorch.Callback)}
+    assert set(names) == {
+        n
+        for n in callbacks.__all__
+        if inspect.isclass(getattr(callbacks, n))
+        and issubclass(getattr(callbacks, n), __import__("lightning").pytorch.Callback)
+    }
     for name in names:
         text = _text(site / "callbacks" / name / "index.html")
         assert f"from lightning_pdenets.callbacks import {name}" in text
@@ -98,18 +113,31 @@ def test_the_executed_notebooks_are_those_of_notebooks_and_show_outputs(site: Pa
 def test_a_broken_reference_fails_the_strict_build(tmp_path: Path) -> None:
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "index.md").write_text(
-        "# Broken\n\nSee [the block][lightning_pdenets.blocks.ode.NoSuchBlock].\n\n::: lightning_pdenets.blocks.ode.ODEBlock\n")
-    (tmp_path / "mkdocs.yml").write_text(json.dumps({
-        "site_name": "broken", "theme": {"name": "material"},
-        "plugins": ["autorefs", {"mkdocstrings": {"handlers": {"python": {"paths": [str(REPO_ROOT)]}}}}]}))
+        "# Broken\n\nSee [the block][lightning_pdenets.blocks.ode.NoSuchBlock].\n\n::: lightning_pdenets.blocks.ode.ODEBlock\n"
+    )
+    (tmp_path / "mkdocs.yml").write_text(
+        json.dumps(
+            {
+                "site_name": "broken",
+                "theme": {"name": "material"},
+                "plugins": ["autorefs", {"mkdocstrings": {"handlers": {"python": {"paths": [str(REPO_ROOT)]}}}}],
+            }
+        )
+    )
     result = _mkdocs_build(tmp_path / "mkdocs.yml", tmp_path / "site", tmp_path)
     assert result.returncode != 0
     assert "Could not find cross-reference target 'lightning_pdenets.blocks.ode.NoSuchBlock'" in result.stderr
 
 
 def _chromium() -> str | None:
-    return next((shutil.which(name) for name in ("chromium", "chromium-browser", "google-chrome", "chrome")
-                 if shutil.which(name)), None)
+    return next(
+        (
+            shutil.which(name)
+            for name in ("chromium", "chromium-browser", "google-chrome", "chrome")
+            if shutil.which(name)
+        ),
+        None,
+    )
 
 
 def _signature_text(page: str) -> str:
@@ -119,10 +147,13 @@ def _signature_text(page: str) -> str:
     return html.unescape(re.sub(r"<[^>]+>", "", match.group(1)))
 
 
-@pytest.mark.parametrize(("page", "qualified"), [
-    ("api/ode_block", "lightning_pdenets.blocks.ode.ODEBlock"),
-    ("callbacks/SolverSwapCheck", "lightning_pdenets.callbacks.solver_swap.SolverSwapCheck"),
-])
+@pytest.mark.parametrize(
+    ("page", "qualified"),
+    [
+        ("api/ode_block", "lightning_pdenets.blocks.ode.ODEBlock"),
+        ("callbacks/SolverSwapCheck", "lightning_pdenets.callbacks.solver_swap.SolverSwapCheck"),
+    ],
+)
 def test_chromium_renders_the_signature(site: Path, tmp_path: Path, page: str, qualified: str) -> None:
     browser = _chromium()
     if browser is None:

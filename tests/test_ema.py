@@ -18,10 +18,21 @@ pytestmark = pytest.mark.cli
 pytest.importorskip("lightning.pytorch.callbacks.weight_averaging")
 
 DECAY = 0.5  # far from 1, so the average and the raw weights differ after a few steps
-TINY = ["--trainer.enable_progress_bar=false", "--model.init_args.network.width=8", "--trainer.max_epochs=2",
-        "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=2", "--trainer.limit_test_batches=2",
-        f"--trainer.callbacks.decay={DECAY}"]
-QUICKSTART_EMA = ["--config", str(REPO_ROOT / "configs/quickstart.yaml"), "--config", str(REPO_ROOT / "callbacks/ema.yaml")]
+TINY = [
+    "--trainer.enable_progress_bar=false",
+    "--model.init_args.network.width=8",
+    "--trainer.max_epochs=2",
+    "--trainer.limit_train_batches=3",
+    "--trainer.limit_val_batches=2",
+    "--trainer.limit_test_batches=2",
+    f"--trainer.callbacks.decay={DECAY}",
+]
+QUICKSTART_EMA = [
+    "--config",
+    str(REPO_ROOT / "configs/quickstart.yaml"),
+    "--config",
+    str(REPO_ROOT / "callbacks/ema.yaml"),
+]
 
 
 class RawWeights(pl.Callback):
@@ -54,8 +65,10 @@ def test_the_saved_and_evaluated_weights_are_the_moving_average(tmp_path: Path) 
     assert len(raw.steps) == 6
 
     checkpoints = cli.trainer.checkpoint_callbacks
-    last = torch.load(next(c.last_model_path or c.best_model_path for c in checkpoints
-                           if getattr(c, "filename", None) == "last"), weights_only=True)
+    last = torch.load(
+        next(c.last_model_path or c.best_model_path for c in checkpoints if getattr(c, "filename", None) == "last"),
+        weights_only=True,
+    )
     for name in names:  # saved: the average in state_dict, the raw weights of the last step in current_model_state
         torch.testing.assert_close(last["state_dict"][name], expected[name])
         torch.testing.assert_close(last["current_model_state"][name], raw.steps[-1][name], rtol=0, atol=0)
@@ -81,8 +94,9 @@ def test_the_saved_and_evaluated_weights_are_the_moving_average(tmp_path: Path) 
 
 def test_pdenets_fit_with_the_preset_tests_the_averaged_weights(tmp_path: Path) -> None:
     cli = build_cli(["fit", *QUICKSTART_EMA, *TINY])
-    best_path = next(c.best_model_path for c in cli.trainer.checkpoint_callbacks
-                     if getattr(c, "monitor", None) == "val/acc_top1")
+    best_path = next(
+        c.best_model_path for c in cli.trainer.checkpoint_callbacks if getattr(c, "monitor", None) == "val/acc_top1"
+    )
     best = torch.load(best_path, weights_only=True)
     assert "test/acc_top1" in cli.trainer.callback_metrics
     for name, p in cli.model.named_parameters():  # the CLI's test after fit ran on the averaged weights
@@ -94,9 +108,19 @@ def test_pdenets_fit_with_the_preset_tests_the_averaged_weights(tmp_path: Path) 
 
 def test_prnet_refuses_weight_averaging_saying_why(capsys) -> None:
     with pytest.raises(SystemExit) as stop:
-        main(["fit", "--config", str(REPO_ROOT / "configs/digits/prnet.yaml"), "--config",
-              str(REPO_ROOT / "callbacks/ema.yaml"), "--trainer.enable_progress_bar=false",
-              "--trainer.limit_train_batches=1", "--trainer.limit_val_batches=1", "--trainer.max_epochs=1"])
+        main(
+            [
+                "fit",
+                "--config",
+                str(REPO_ROOT / "configs/digits/prnet.yaml"),
+                "--config",
+                str(REPO_ROOT / "callbacks/ema.yaml"),
+                "--trainer.enable_progress_bar=false",
+                "--trainer.limit_train_batches=1",
+                "--trainer.limit_val_batches=1",
+                "--trainer.max_epochs=1",
+            ]
+        )
     assert stop.value.code == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err
@@ -117,9 +141,11 @@ def test_without_lightning_26_the_package_imports_and_ema_says_what_it_needs() -
     import subprocess
     import sys
 
-    code = ("import lightning.pytorch.callbacks as c; del c.EMAWeightAveraging\n"
-            "import lightning_pdenets.callbacks as p, lightning_pdenets.models\n"
-            "try:\n    p.EMAWeights()\nexcept ImportError as e:\n    print(e)\n")
+    code = (
+        "import lightning.pytorch.callbacks as c; del c.EMAWeightAveraging\n"
+        "import lightning_pdenets.callbacks as p, lightning_pdenets.models\n"
+        "try:\n    p.EMAWeights()\nexcept ImportError as e:\n    print(e)\n"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "EMAWeights (callbacks/ema.yaml) needs Lightning >= 2.6" in result.stdout

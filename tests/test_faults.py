@@ -23,9 +23,15 @@ from tests.ddp_cases import RaiseAtStep, StiffInBackwardOnRank
 pytestmark = pytest.mark.cli
 
 QUICK = [
-    "--config", str(REPO_ROOT / "configs/quickstart.yaml"), "--config", str(REPO_ROOT / "configs/trainer/cpu.yaml"),
-    "--model.init_args.network.width=8", "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=2",
-    "--trainer.enable_progress_bar=false", "--test_after_fit=false",
+    "--config",
+    str(REPO_ROOT / "configs/quickstart.yaml"),
+    "--config",
+    str(REPO_ROOT / "configs/trainer/cpu.yaml"),
+    "--model.init_args.network.width=8",
+    "--trainer.limit_train_batches=3",
+    "--trainer.limit_val_batches=2",
+    "--trainer.enable_progress_bar=false",
+    "--test_after_fit=false",
 ]
 
 
@@ -48,15 +54,23 @@ def test_a_run_that_fails_before_its_first_step_leaves_the_resume_point_alone(tm
     ``--ckpt_path last`` would restart from it instead of from the real resume point."""
     build_cli(["fit", *QUICK, "--trainer.max_epochs=1"])
     with pytest.raises(ValueError, match="TimeTVRegularization found no module"):
-        build_cli(["fit", *QUICK, "--trainer.max_epochs=2", "--ckpt_path=last",
-                   "--config", str(REPO_ROOT / "callbacks/time_tv.yaml")])
+        build_cli(
+            [
+                "fit",
+                *QUICK,
+                "--trainer.max_epochs=2",
+                "--ckpt_path=last",
+                "--config",
+                str(REPO_ROOT / "callbacks/time_tv.yaml"),
+            ]
+        )
     assert not list(tmp_path.rglob("interrupted.ckpt"))
     resumed = build_cli(["fit", *QUICK, "--trainer.max_epochs=2", "--ckpt_path=last"])
     assert resumed.trainer.global_step == 6  # 3 restored + 3 new
 
 
 def test_ckpt_path_last_without_any_checkpoint_is_an_error(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="no readable last.ckpt or interrupted.ckpt under"):
+    with pytest.raises(FileNotFoundError, match=r"no readable last\.ckpt or interrupted\.ckpt under"):
         build_cli(["fit", *QUICK, "--ckpt_path=last"])
 
 
@@ -106,8 +120,13 @@ class FailingSolverModule(RKNetModule):
 def test_solver_failure_stops_cleanly_and_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:
     model = FailingSolverModule(network=dict(width=8, num_downsamples=1))
     trainer = pl.Trainer(
-        accelerator="cpu", max_epochs=3, limit_train_batches=2, limit_val_batches=1, default_root_dir=tmp_path,
-        logger=False, enable_progress_bar=False,
+        accelerator="cpu",
+        max_epochs=3,
+        limit_train_batches=2,
+        limit_val_batches=1,
+        default_root_dir=tmp_path,
+        logger=False,
+        enable_progress_bar=False,
         callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True), CheckpointOnInterrupt()],
     )
     with pytest.raises(SolverFailedError, match="max_num_steps"):
@@ -127,23 +146,34 @@ class CountBatches(pl.Callback):
 
 def _trainer(tmp_path: Path, *callbacks: pl.Callback, max_epochs: int = 1) -> pl.Trainer:
     return pl.Trainer(
-        accelerator="cpu", max_epochs=max_epochs, limit_train_batches=4, limit_val_batches=1, logger=False,
-        enable_progress_bar=False, default_root_dir=tmp_path,
+        accelerator="cpu",
+        max_epochs=max_epochs,
+        limit_train_batches=4,
+        limit_val_batches=1,
+        logger=False,
+        enable_progress_bar=False,
+        default_root_dir=tmp_path,
         callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True), *callbacks],
     )
 
 
-def test_interrupt_checkpoint_is_written_beside_the_model_checkpoints_and_removed_after_completion(tmp_path: Path) -> None:
+def test_interrupt_checkpoint_is_written_beside_the_model_checkpoints_and_removed_after_completion(
+    tmp_path: Path,
+) -> None:
     interrupt = CheckpointOnInterrupt()
     with pytest.raises(RuntimeError, match="simulated failure"):
-        _trainer(tmp_path, interrupt, RaiseAtStep(2)).fit(RKNetModule(network=dict(width=8, num_downsamples=1)),
-                                                           datamodule=DigitsDataModule(batch_size=16))
+        _trainer(tmp_path, interrupt, RaiseAtStep(2)).fit(
+            RKNetModule(network=dict(width=8, num_downsamples=1)), datamodule=DigitsDataModule(batch_size=16)
+        )
     written = tmp_path / "ckpt" / "interrupted.ckpt"
     assert Path(interrupt.ckpt_path) == written
     assert torch.load(written, weights_only=True)["global_step"] == 2
     resumed = _trainer(tmp_path, CheckpointOnInterrupt())
-    resumed.fit(RKNetModule(network=dict(width=8, num_downsamples=1)), datamodule=DigitsDataModule(batch_size=16),
-                ckpt_path=written)
+    resumed.fit(
+        RKNetModule(network=dict(width=8, num_downsamples=1)),
+        datamodule=DigitsDataModule(batch_size=16),
+        ckpt_path=written,
+    )
     assert resumed.global_step == 4  # continued from step 2, not restarted
     assert not written.exists()  # stale after the run completed
 
@@ -167,12 +197,19 @@ def disk_full(checkpoint, file) -> None:
 def test_a_failed_interrupt_checkpoint_keeps_the_original_error_and_the_last_good_checkpoint(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    trainer = _trainer(tmp_path, CheckpointOnInterrupt(), DiskFullFromStep(6, monkeypatch), RaiseAtStep(6), max_epochs=2)
+    trainer = _trainer(
+        tmp_path, CheckpointOnInterrupt(), DiskFullFromStep(6, monkeypatch), RaiseAtStep(6), max_epochs=2
+    )
     trainer.strategy.checkpoint_io = AtomicCheckpointIO()
-    with pytest.warns(UserWarning, match=r"stopped with RuntimeError: simulated failure after 6 steps; writing "
-                                         r".*interrupted\.ckpt failed too \(OSError: .*No space left on device\)"):
-        with pytest.raises(RuntimeError, match="simulated failure after 6 steps"):  # not the OSError
-            trainer.fit(RKNetModule(network=dict(width=8, num_downsamples=1)), datamodule=DigitsDataModule(batch_size=16))
+    with (
+        pytest.warns(
+            UserWarning,
+            match=r"stopped with RuntimeError: simulated failure after 6 steps; writing "
+            r".*interrupted\.ckpt failed too \(OSError: .*No space left on device\)",
+        ),
+        pytest.raises(RuntimeError, match="simulated failure after 6 steps"),
+    ):  # not the OSError
+        trainer.fit(RKNetModule(network=dict(width=8, num_downsamples=1)), datamodule=DigitsDataModule(batch_size=16))
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["epoch=0-step=4.ckpt", "last.ckpt"]  # no half file
     assert find_resume_checkpoint(tmp_path) == tmp_path / "ckpt" / "last.ckpt"
     assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["global_step"] == 4
@@ -209,10 +246,18 @@ def test_adjoint_failure_in_backward_stops_cleanly_with_remedies(tmp_path: Path)
     torchdiffeq AssertionError, and like a forward failure it leaves the last good checkpoint the newest one."""
     model = ODENetModule(solver=dict(adjoint=True, max_num_steps=50), network=dict(width=8, num_downsamples=1))
     trainer = pl.Trainer(
-        accelerator="cpu", max_epochs=3, limit_train_batches=2, limit_val_batches=1, default_root_dir=tmp_path,
-        logger=False, enable_progress_bar=False,
-        callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True), CheckpointOnInterrupt(),
-                   StiffInBackwardOnRank(rank=0, step=2)],
+        accelerator="cpu",
+        max_epochs=3,
+        limit_train_batches=2,
+        limit_val_batches=1,
+        default_root_dir=tmp_path,
+        logger=False,
+        enable_progress_bar=False,
+        callbacks=[
+            ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True),
+            CheckpointOnInterrupt(),
+            StiffInBackwardOnRank(rank=0, step=2),
+        ],
     )
     with pytest.raises(SolverFailedError, match=r"in the backward \(adjoint\) pass: underflow in dt") as failure:
         trainer.fit(model, datamodule=DigitsDataModule(batch_size=16))

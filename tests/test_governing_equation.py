@@ -8,6 +8,7 @@ route and the error messages are in tests/test_identification.py.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -15,8 +16,8 @@ import torch
 
 from lightning_pdenets.blocks.governing import GoverningEquation, LibraryTerm
 from lightning_pdenets.blocks.lasso import soft_threshold
-from lightning_pdenets.models.optim import ProximalSGD
 from lightning_pdenets.blocks.pde import coordinate_derivatives
+from lightning_pdenets.models.optim import ProximalSGD
 from tests.closed_form_pdes import ONE_DIMENSIONAL, heat_2d
 from tests.closed_form_pdes import heat as heat_1d
 
@@ -150,7 +151,7 @@ def test_lipschitz_cap_keeps_the_proximal_step_stable_on_a_steep_library():
             eq.governing_loss(h_t, library).backward()
             optimizer.step()
         objective.append(float(equation.governing_loss(h_t, library) + equation.l1_penalty()))
-    assert all(later <= earlier + 1e-9 for earlier, later in zip(objective, objective[1:]))
+    assert all(later <= earlier + 1e-9 for earlier, later in itertools.pairwise(objective))
     assert not torch.isfinite(uncapped.governing_loss(h_t, library)) or uncapped.governing_loss(h_t, library) > 1e6
 
 
@@ -175,8 +176,9 @@ def points(kind: str, count: int, x_range: tuple[float, float], t_range: tuple[f
     return torch.stack([x0 + (x1 - x0) * unit[0], t0 + (t1 - t0) * unit[1]])
 
 
-@pytest.mark.parametrize("kind, count", [("uniform", 200), ("uniform", 2000), ("grid", 400), ("grid", 4900),
-                                         ("clustered", 1000)])
+@pytest.mark.parametrize(
+    "kind, count", [("uniform", 200), ("uniform", 2000), ("grid", 400), ("grid", 4900), ("clustered", 1000)]
+)
 @pytest.mark.parametrize("name", sorted(ONE_DIMENSIONAL))
 def test_default_settings_identify_known_pdes_from_exact_derivatives(name, kind, count):
     """Issue 17: the paper's 16-term library and every default; each true coefficient within 1%,
@@ -202,7 +204,9 @@ def test_recovers_the_2d_heat_equation_with_a_per_axis_library():
 
 def test_coordinate_derivatives_match_closed_form_up_to_third_order():
     coordinates = torch.rand(2, 20)
-    derivatives = coordinate_derivatives(lambda c: torch.sin(3 * c[0]) * torch.exp(-c[1]), coordinates, ("x",), {"x": 3})
+    derivatives = coordinate_derivatives(
+        lambda c: torch.sin(3 * c[0]) * torch.exp(-c[1]), coordinates, ("x",), {"x": 3}
+    )
     x, t = coordinates
     decay = torch.exp(-t)
     torch.testing.assert_close(derivatives.spatial["x"][0], 3 * torch.cos(3 * x) * decay)

@@ -15,8 +15,13 @@ from tests.test_hostile_resume import TINY, run
 
 pytestmark = pytest.mark.cli
 
-MNIST = ["--config", str(REPO_ROOT / "configs/quickstart.yaml"), "--model.init_args.network.width=8",
-         "--data=lightning_pdenets.data.MNISTDataModule", *TINY]
+MNIST = [
+    "--config",
+    str(REPO_ROOT / "configs/quickstart.yaml"),
+    "--model.init_args.network.width=8",
+    "--data=lightning_pdenets.data.MNISTDataModule",
+    *TINY,
+]
 
 
 def truncate(path: Path, keep: int = 1000) -> None:
@@ -58,11 +63,14 @@ def test_one_missing_mnist_file_is_named(tmp_path: Path) -> None:
         MNISTDataModule(data_dir=str(tmp_path)).setup("fit")
 
 
-@pytest.mark.parametrize(("datamodule_class", "fabricate", "file"), [
-    (SVHNDataModule, fake_svhn, "train_32x32.mat"),
-    (CIFAR10DataModule, fake_cifar10, "cifar-10-batches-py/data_batch_1"),
-    (STL10DataModule, fake_stl10, "stl10_binary/train_X.bin"),
-])
+@pytest.mark.parametrize(
+    ("datamodule_class", "fabricate", "file"),
+    [
+        (SVHNDataModule, fake_svhn, "train_32x32.mat"),
+        (CIFAR10DataModule, fake_cifar10, "cifar-10-batches-py/data_batch_1"),
+        (STL10DataModule, fake_stl10, "stl10_binary/train_X.bin"),
+    ],
+)
 def test_an_unreadable_file_is_told_from_a_missing_one(datamodule_class, fabricate, file: str, tmp_path: Path) -> None:
     settings = fabricate(tmp_path)
     truncate(tmp_path / file, keep=101)
@@ -75,12 +83,15 @@ def test_following_the_advice_offline_ends_in_one_line_too(tmp_path: Path, capsy
     """`--data.download true` on a machine without network: torchvision's report spans a line per mirror."""
 
     def offline(self) -> None:
-        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:\nTried https://a/, got:\n"
-                           "<urlopen error [Errno -2] Name or service not known>\n")
+        raise RuntimeError(
+            "Error downloading train-images-idx3-ubyte.gz:\nTried https://a/, got:\n"
+            "<urlopen error [Errno -2] Name or service not known>\n"
+        )
 
     monkeypatch.setattr(MNISTDataModule, "download", offline)
-    code, err = run(["fit", *MNIST, "--data.init_args.data_dir", str(tmp_path / "data"),
-                     "--data.init_args.download=true"], capsys)
+    code, err = run(
+        ["fit", *MNIST, "--data.init_args.data_dir", str(tmp_path / "data"), "--data.init_args.download=true"], capsys
+    )
     assert code == 2
     assert len(err.strip().splitlines()) <= 2
     assert "could not be downloaded" in err and "Name or service not known" in err and "--data.data_dir" in err

@@ -18,13 +18,21 @@ EXPLODING = [*QUICKSTART, "--model.init_args.lr=1e6"]  # the issue's case: Adam 
 
 
 def test_a_fit_whose_loss_exploded_exits_1_with_the_symptom_and_keeps_its_checkpoints(tmp_path: Path, capsys) -> None:
-    short = [*EXPLODING, "--model.init_args.network.width=8", "--trainer.max_epochs=1",
-             "--trainer.limit_train_batches=5", "--trainer.limit_val_batches=1"]
+    short = [
+        *EXPLODING,
+        "--model.init_args.network.width=8",
+        "--trainer.max_epochs=1",
+        "--trainer.limit_train_batches=5",
+        "--trainer.limit_val_batches=1",
+    ]
     code, err = run(["fit", *short], capsys)
     assert code == 1
     error = err.strip().splitlines()[-1]
-    assert re.match(r"error: DivergedError: the model diverged: the training loss rose from \S+ at the first step to "
-                    r"\S+ in the last epoch", error), error
+    assert re.match(
+        r"error: DivergedError: the model diverged: the training loss rose from \S+ at the first step to "
+        r"\S+ in the last epoch",
+        error,
+    ), error
     assert "start a fresh run, i.e. the same command without --ckpt_path, with --model.init_args.lr 0.001" in error
     assert "test/acc_top1" not in err  # no test of a diverged model
     checkpoints = tmp_path / "logs" / "quickstart" / "version_0" / "checkpoints"

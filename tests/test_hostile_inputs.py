@@ -50,8 +50,13 @@ def test_a_binary_file_as_config_is_a_short_error(tmp_path: Path, capsys) -> Non
 
 
 def migrate(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lightning_pdenets.migration", *args], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "lightning_pdenets.migration", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        timeout=300,
+    )
 
 
 def test_the_migration_refuses_crafted_and_truncated_files_in_two_lines(last_checkpoint: Path, tmp_path: Path) -> None:
@@ -69,11 +74,14 @@ def test_the_migration_refuses_crafted_and_truncated_files_in_two_lines(last_che
 
 
 # -- item 7 ------------------------------------------------------------------------------------------------
-def test_a_corrupt_checkpoint_message_offers_only_files_that_load(last_checkpoint: Path, tmp_path: Path,
-                                                                  capsys) -> None:
+def test_a_corrupt_checkpoint_message_offers_only_files_that_load(
+    last_checkpoint: Path, tmp_path: Path, capsys
+) -> None:
     folder = last_checkpoint.parent
-    torch.save({**torch.load(last_checkpoint, weights_only=True), "payload": CreateMarker(tmp_path / "M")},
-               folder / "crafted.ckpt")
+    torch.save(
+        {**torch.load(last_checkpoint, weights_only=True), "payload": CreateMarker(tmp_path / "M")},
+        folder / "crafted.ckpt",
+    )
     broken = folder / "broken.ckpt"
     broken.write_bytes(last_checkpoint.read_bytes()[:3000])
     code, err = run(["test", *QUICK, f"--ckpt_path={broken}"], capsys)
@@ -82,11 +90,20 @@ def test_a_corrupt_checkpoint_message_offers_only_files_that_load(last_checkpoin
     assert "last.ckpt" in offered and "crafted.ckpt" not in offered
 
 
-def test_an_image_size_from_the_checkpoint_is_not_blamed_on_the_config(last_checkpoint: Path, tmp_path: Path,
-                                                                       capsys) -> None:
+def test_an_image_size_from_the_checkpoint_is_not_blamed_on_the_config(
+    last_checkpoint: Path, tmp_path: Path, capsys
+) -> None:
     fake_mnist(tmp_path / "data")
-    code, err = run(["test", *QUICK, "--data=lightning_pdenets.data.MNISTDataModule",
-                     f"--data.init_args.data_dir={tmp_path / 'data'}", f"--ckpt_path={last_checkpoint}"], capsys)
+    code, err = run(
+        [
+            "test",
+            *QUICK,
+            "--data=lightning_pdenets.data.MNISTDataModule",
+            f"--data.init_args.data_dir={tmp_path / 'data'}",
+            f"--ckpt_path={last_checkpoint}",
+        ],
+        capsys,
+    )
     assert code == 2
     assert "trained with `image_size` (8, 8), but MNISTDataModule gives (28, 28)" in err
     assert "remove it from the model's config" not in err
@@ -130,8 +147,10 @@ def test_ctrl_c_exits_130_in_one_line_and_says_nothing_of_weights_only(tmp_path:
     finally:
         signal.signal(signal.SIGINT, handler)  # Lightning ignores SIGINT after the first one
     assert code == 130
-    assert "pdenets: fit interrupted by Ctrl-C (exit code 130). The fit resumes with the same command and " \
-           "--ckpt_path last." in err
+    assert (
+        "pdenets: fit interrupted by Ctrl-C (exit code 130). The fit resumes with the same command and "
+        "--ckpt_path last." in err
+    )
     assert "weights_only" not in caplog.text + err
     interrupted = tmp_path / "logs" / "quickstart" / "version_0" / "checkpoints" / "interrupted.ckpt"
     assert torch.load(interrupted, weights_only=True)["global_step"] == 1

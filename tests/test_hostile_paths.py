@@ -20,16 +20,22 @@ def test_default_root_dir_holds_the_logs_and_last_resumes_from_there(tmp_path: P
     last = tmp_path / "runs" / "quickstart" / "version_0" / "checkpoints" / "last.ckpt"
     assert last.is_file() and not (tmp_path / "logs").exists()
 
-    code, err = run(["fit", *QUICK, "--trainer.default_root_dir", "runs", "--trainer.max_epochs=2",
-                     "--ckpt_path", "last"], capsys)
+    code, err = run(
+        ["fit", *QUICK, "--trainer.default_root_dir", "runs", "--trainer.max_epochs=2", "--ckpt_path", "last"], capsys
+    )
     assert code == 0, err
     assert torch.load(last, weights_only=True)["global_step"] == 4  # continued: 2 steps restored + 2 new
     assert not (tmp_path / "logs").exists()
 
 
 def test_an_explicit_logger_save_dir_still_wins(tmp_path: Path, capsys) -> None:
-    assert run(["fit", *QUICK, "--trainer.default_root_dir", "runs",
-                "--trainer.logger.init_args.save_dir", "elsewhere"], capsys)[0] == 0
+    assert (
+        run(
+            ["fit", *QUICK, "--trainer.default_root_dir", "runs", "--trainer.logger.init_args.save_dir", "elsewhere"],
+            capsys,
+        )[0]
+        == 0
+    )
     assert (tmp_path / "elsewhere" / "quickstart" / "version_0" / "checkpoints" / "last.ckpt").is_file()
 
 

@@ -13,8 +13,12 @@ pytestmark = pytest.mark.cli
 
 QUICKSTART = REPO_ROOT / "configs/quickstart.yaml"
 TINY = [
-    "--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1",
-    "--trainer.limit_test_batches=1", "--trainer.enable_progress_bar=false", "--test_after_fit=false",
+    "--trainer.max_epochs=1",
+    "--trainer.limit_train_batches=2",
+    "--trainer.limit_val_batches=1",
+    "--trainer.limit_test_batches=1",
+    "--trainer.enable_progress_bar=false",
+    "--test_after_fit=false",
 ]
 
 
@@ -64,38 +68,86 @@ def width8_run(tmp_path: Path, capsys) -> Path:
 
 def test_last_refuses_a_checkpoint_of_another_network_and_names_the_keys(width8_run: Path, capsys) -> None:
     before = snapshot(width8_run)
-    code, err = run(["fit", "--config", str(QUICKSTART), "--model.init_args.network.width=16",
-                     "--model.init_args.network.activation=silu", *TINY, "--trainer.max_epochs=2",
-                     "--ckpt_path", "last"], capsys)
+    code, err = run(
+        [
+            "fit",
+            "--config",
+            str(QUICKSTART),
+            "--model.init_args.network.width=16",
+            "--model.init_args.network.activation=silu",
+            *TINY,
+            "--trainer.max_epochs=2",
+            "--ckpt_path",
+            "last",
+        ],
+        capsys,
+    )
     assert code == 2
     assert len(err.strip().splitlines()) <= 2
-    assert "network.width (checkpoint 8, config 16)" in err and "network.activation (checkpoint 'relu', config 'silu')" in err
+    assert (
+        "network.width (checkpoint 8, config 16)" in err
+        and "network.activation (checkpoint 'relu', config 'silu')" in err
+    )
     assert "drop the overrides" in err and "start a fresh run without --ckpt_path" in err
     assert snapshot(width8_run) == before
 
 
 def test_a_resumed_fit_refuses_other_data_settings(width8_run: Path, capsys) -> None:
     before = snapshot(width8_run)
-    code, err = run(["fit", "--config", str(QUICKSTART), "--model.init_args.network.width=8", *TINY,
-                     "--trainer.max_epochs=2", "--data.init_args.batch_size=32", "--ckpt_path", "last"], capsys)
+    code, err = run(
+        [
+            "fit",
+            "--config",
+            str(QUICKSTART),
+            "--model.init_args.network.width=8",
+            *TINY,
+            "--trainer.max_epochs=2",
+            "--data.init_args.batch_size=32",
+            "--ckpt_path",
+            "last",
+        ],
+        capsys,
+    )
     assert code == 2
     assert "data.batch_size (checkpoint 64, config 32)" in err
     assert snapshot(width8_run) == before
 
 
 @pytest.mark.parametrize("subcommand", ["test", "fit"])
-def test_an_explicit_checkpoint_that_contradicts_the_network_is_a_short_error(subcommand: str, width8_run: Path,
-                                                                              capsys) -> None:
+def test_an_explicit_checkpoint_that_contradicts_the_network_is_a_short_error(
+    subcommand: str, width8_run: Path, capsys
+) -> None:
     """Before: `test` silently used the checkpoint's width; `fit` ended in a wall of `size mismatch` lines."""
     checkpoint = width8_run / "version_0" / "checkpoints" / "last.ckpt"
-    code, err = run([subcommand, "--config", str(QUICKSTART), "--model.init_args.network.width=32", *TINY,
-                     "--trainer.max_epochs=2", f"--ckpt_path={checkpoint}"], capsys)
+    code, err = run(
+        [
+            subcommand,
+            "--config",
+            str(QUICKSTART),
+            "--model.init_args.network.width=32",
+            *TINY,
+            "--trainer.max_epochs=2",
+            f"--ckpt_path={checkpoint}",
+        ],
+        capsys,
+    )
     assert code == 2
     assert "network.width (checkpoint 8, config 32)" in err and "size mismatch" not in err
 
 
 def test_the_same_settings_still_resume(width8_run: Path, capsys) -> None:
-    code, err = run(["fit", "--config", str(QUICKSTART), "--model.init_args.network.width=8", *TINY,
-                     "--trainer.max_epochs=2", "--ckpt_path", "last"], capsys)
+    code, err = run(
+        [
+            "fit",
+            "--config",
+            str(QUICKSTART),
+            "--model.init_args.network.width=8",
+            *TINY,
+            "--trainer.max_epochs=2",
+            "--ckpt_path",
+            "last",
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert not (width8_run / "version_1").exists()

@@ -28,8 +28,10 @@ def test_a_cosine_run_resumed_with_more_epochs_anneals_over_them(tmp_path: Path,
     code, err = run(["fit", *QUICK, "--trainer.max_epochs=4", "--ckpt_path", "last"], capsys)
     assert code == 0, err
     expected = LR * (1 + math.cos(math.pi * 3 / 4)) / 2  # epoch 3 of 4, not 0
-    assert (f"lr_scheduler 'cosine': the checkpoint's schedule annealed over 3 epochs, this run has max_epochs 4, so "
-            f"it now anneals over 4: learning rate {expected:.3g} at epoch 3 (was 0)") in caplog.text
+    assert (
+        f"lr_scheduler 'cosine': the checkpoint's schedule annealed over 3 epochs, this run has max_epochs 4, so "
+        f"it now anneals over 4: learning rate {expected:.3g} at epoch 3 (was 0)"
+    ) in caplog.text
     state = schedule_state(tmp_path)
     assert state["T_max"] == 4
     assert state["_last_lr"][0] == pytest.approx(0.0, abs=1e-12)  # annealed to 0 at the end, not rising again

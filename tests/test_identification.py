@@ -192,7 +192,10 @@ def test_points_outside_the_domain_are_named():
     "coordinates, message",
     [
         (torch.rand(3, 10), r"`coordinates` must be a tensor of shape \(2, \*points\)"),
-        (torch.tensor([[0.0, math.inf], [0.0, 1.0]]), r"`coordinates` are not finite at 1 of 2 points, e.g. \(x=inf, t=1\)"),
+        (
+            torch.tensor([[0.0, math.inf], [0.0, 1.0]]),
+            r"`coordinates` are not finite at 1 of 2 points, e.g. \(x=inf, t=1\)",
+        ),
     ],
 )
 def test_bad_coordinates_are_explained(coordinates, message):
@@ -235,8 +238,9 @@ def test_savgol_derivatives_are_exact_on_polynomials():
     grid_x, grid_t = torch.meshgrid(x, t, indexing="ij")
     p, q = grid_x**3 - 2 * grid_x, 1 + grid_t - 0.5 * grid_t**2
     samples = torch.stack([p * q, 2 * p * q])  # two trajectories
-    derivatives = savgol_derivatives(samples, (float(x[1] - x[0]), float(t[1] - t[0])), ("x",), {"x": 3},
-                                     window_length=(9, 7), polyorder=4)
+    derivatives = savgol_derivatives(
+        samples, (float(x[1] - x[0]), float(t[1] - t[0])), ("x",), {"x": 3}, window_length=(9, 7), polyorder=4
+    )
     inner = (slice(None), slice(4, -4), slice(3, -3))
     assert derivatives.u.shape == (2, 33, 25)
     factor = torch.tensor([1.0, 2.0])[:, None, None]
@@ -280,7 +284,11 @@ def test_clean_samples_identify_burgers_to_a_fraction_of_a_percent_with_a_short_
         (torch.rand(50, 15), {}, r"along 't' \(15 points, derivative order 1\) .* at most 15"),
         (torch.rand(50, 40), dict(window_length=8), r"window must be odd"),
         (torch.rand(50, 40), dict(polyorder=(2, 2)), r"along 'x' .* derivative order 3\) .* 3 <= polyorder < window"),
-        (torch.rand(50, 40), dict(window_length=(21, 21, 21)), r"`window_length` must be an integer or one integer per axis \['x', 't'\]"),
+        (
+            torch.rand(50, 40),
+            dict(window_length=(21, 21, 21)),
+            r"`window_length` must be an integer or one integer per axis \['x', 't'\]",
+        ),
     ],
 )
 def test_bad_samples_and_filter_settings_are_explained(samples, kwargs, message):
@@ -315,4 +323,6 @@ def test_readme_identification_example_prints_burgers(tmp_path, capsys):
     printed = capsys.readouterr().out.strip().splitlines()[-1]
     match = re.fullmatch(r"h_t = -(\S+) h h_x \+ (\S+) h_xx", printed)
     assert match, printed
-    assert float(match.group(1)) == pytest.approx(1.0, rel=0.02) and float(match.group(2)) == pytest.approx(0.1, rel=0.02)
+    assert float(match.group(1)) == pytest.approx(1.0, rel=0.02) and float(match.group(2)) == pytest.approx(
+        0.1, rel=0.02
+    )

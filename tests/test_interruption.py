@@ -16,8 +16,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from lightning_pdenets.evaluation import accuracy_metrics, compute_on_every_rank
 from lightning_pdenets.callbacks.sigterm import SigtermFlagOnly, set_received_sigterm
+from lightning_pdenets.evaluation import accuracy_metrics, compute_on_every_rank
 from lightning_pdenets.interruption import RunInterrupted, StopWatchdog, raise_if_stop_requested
 from tests.conftest import REPO_ROOT
 
@@ -57,14 +57,17 @@ def test_watchdog_grace_must_be_a_positive_number(grace) -> None:
 
 def test_watchdog_grace_from_the_environment_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PDENETS_STOP_GRACE_SECONDS", "soon")
-    with pytest.raises(ValueError, match=r"\$PDENETS_STOP_GRACE_SECONDS must be a positive number of seconds, got 'soon'"):
+    with pytest.raises(
+        ValueError, match=r"\$PDENETS_STOP_GRACE_SECONDS must be a positive number of seconds, got 'soon'"
+    ):
         StopWatchdog()
 
 
 def test_watchdog_ends_a_process_that_ignores_sigterm_with_one_line(tmp_path: Path) -> None:
     """A handler that only sets a flag, and a main thread that never looks at it: ended after the grace."""
     script = tmp_path / "stuck.py"
-    script.write_text(textwrap.dedent("""
+    script.write_text(
+        textwrap.dedent("""
         import signal, sys, time
         from lightning_pdenets.interruption import StopWatchdog
         signal.signal(signal.SIGTERM, lambda *_: None)   # like Lightning's: marks, does not exit
@@ -72,9 +75,15 @@ def test_watchdog_ends_a_process_that_ignores_sigterm_with_one_line(tmp_path: Pa
         print("ready", flush=True)
         while True:
             time.sleep(0.1)
-    """))
-    process = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    """)
+    )
+    process = subprocess.Popen(
+        [sys.executable, str(script)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+    )
     assert process.stdout.readline().strip() == "ready"
     sent = time.monotonic()
     process.send_signal(signal.SIGTERM)
@@ -90,7 +99,8 @@ def test_watchdog_ends_a_process_that_ignores_sigterm_with_one_line(tmp_path: Pa
 def test_watchdog_stopped_after_a_handled_sigterm_leaves_the_process_alone(tmp_path: Path) -> None:
     """``pdenets`` called in-process (tests, notebooks) stops the watchdog when it returns; the caller lives on."""
     script = tmp_path / "handled.py"
-    script.write_text(textwrap.dedent("""
+    script.write_text(
+        textwrap.dedent("""
         import os, signal, time
         from lightning_pdenets.interruption import StopWatchdog
         signal.signal(signal.SIGTERM, lambda *_: None)
@@ -100,9 +110,15 @@ def test_watchdog_stopped_after_a_handled_sigterm_leaves_the_process_alone(tmp_p
         watchdog.stop()          # the run stopped cleanly within the grace period
         time.sleep(1.5)
         print("alive", flush=True)
-    """))
-    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60,
-                            env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    """)
+    )
+    result = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+    )
     assert (result.returncode, result.stdout.strip(), result.stderr) == (0, "alive", "")
 
 
@@ -119,7 +135,10 @@ def test_watchdog_stop_restores_the_default_handler() -> None:
 
 
 def test_compute_on_every_rank_in_one_process() -> None:
-    metrics = {"clean": accuracy_metrics(3, device=torch.device("cpu")), "fgsm": accuracy_metrics(3, device=torch.device("cpu"))}
+    metrics = {
+        "clean": accuracy_metrics(3, device=torch.device("cpu")),
+        "fgsm": accuracy_metrics(3, device=torch.device("cpu")),
+    }
     metrics["clean"].update(torch.tensor([[2.0, 0.0, 0.0], [0.0, 2.0, 0.0]]), torch.tensor([0, 0]))
     assert compute_on_every_rank(None, metrics, torch.device("cpu")) == {"clean": {"top1": 0.5}}
     assert compute_on_every_rank(None, {}, torch.device("cpu")) == {}

@@ -40,17 +40,27 @@ LAYERS = {
 }
 
 CALLBACK_IMPORTS = (
-    "lightning_pdenets._compat", "lightning_pdenets._discovery", "lightning_pdenets.callbacks",
-    "lightning_pdenets.checkpoints", "lightning_pdenets.errors", "lightning_pdenets.evaluation",
-    "lightning_pdenets.interruption", "lightning_pdenets.metric_logging", "lightning_pdenets.protocols",
-    "lightning_pdenets.solvers", "lightning_pdenets.validation",
+    "lightning_pdenets._compat",
+    "lightning_pdenets._discovery",
+    "lightning_pdenets.callbacks",
+    "lightning_pdenets.checkpoints",
+    "lightning_pdenets.errors",
+    "lightning_pdenets.evaluation",
+    "lightning_pdenets.interruption",
+    "lightning_pdenets.metric_logging",
+    "lightning_pdenets.protocols",
+    "lightning_pdenets.solvers",
+    "lightning_pdenets.validation",
 )
 """What callbacks may import from the package: the protocols and low-level modules, never a model, architecture
 or block (they reach blocks through :mod:`lightning_pdenets.protocols`)."""
 
 EVALUATION_IMPORTS = (
-    "lightning_pdenets.errors", "lightning_pdenets.evaluation", "lightning_pdenets.interruption",
-    "lightning_pdenets.protocols", "lightning_pdenets.solvers",
+    "lightning_pdenets.errors",
+    "lightning_pdenets.evaluation",
+    "lightning_pdenets.interruption",
+    "lightning_pdenets.protocols",
+    "lightning_pdenets.solvers",
 )
 
 
@@ -130,7 +140,7 @@ def test_no_import_cycle() -> None:
         path.append(module)
         for target in sorted(GRAPH[module]):
             if state.get(target) == 1:
-                cycle = path[path.index(target):] + [target]
+                cycle = [*path[path.index(target) :], target]
                 raise AssertionError("import cycle: " + " -> ".join(cycle))
             if target in GRAPH and target not in state:
                 visit(target)

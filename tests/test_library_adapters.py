@@ -90,8 +90,15 @@ class FitOnlyCLI(LightningCLI):
 
 
 def run_cli(args: list[str], cli_class: type[LightningCLI] = FitOnlyCLI) -> LightningCLI:
-    return cli_class(pl.LightningModule, pl.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                     parser_class=RecordingParser, parser_kwargs={"prog": "prog"}, args=args)
+    return cli_class(
+        pl.LightningModule,
+        pl.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        parser_class=RecordingParser,
+        parser_kwargs={"prog": "prog"},
+        args=args,
+    )
 
 
 def recorded_error(args: list[str]) -> tuple[Any, str, Any]:
@@ -106,13 +113,26 @@ MODEL = [f"--model={HERE}.TinyModel", f"--data={HERE}.TinyData"]
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
-        (["--model=TinyModul", f"--data={HERE}.TinyData"], dict(key="model", class_path="TinyModul", missing_class=True)),
-        ([f"--model={HERE}.TinyModul", f"--data={HERE}.TinyData"],
-         dict(key="model", class_path=f"{HERE}.TinyModul", missing_class=True)),
-        ([*MODEL, "--model.init_args.widht=3"], dict(key="model", class_path=f"{HERE}.TinyModel", unknown_argument="widht")),
-        ([*MODEL, "--trainer.callbacks+=EarlyStoping"],
-         dict(key="trainer.callbacks", class_path="EarlyStoping", missing_class=True)),
-        ([*MODEL, "--trainer.max_epochs=x"], dict(key="trainer.max_epochs", summary="--trainer.max_epochs: expected int (got 'x')")),
+        (
+            ["--model=TinyModul", f"--data={HERE}.TinyData"],
+            dict(key="model", class_path="TinyModul", missing_class=True),
+        ),
+        (
+            [f"--model={HERE}.TinyModul", f"--data={HERE}.TinyData"],
+            dict(key="model", class_path=f"{HERE}.TinyModul", missing_class=True),
+        ),
+        (
+            [*MODEL, "--model.init_args.widht=3"],
+            dict(key="model", class_path=f"{HERE}.TinyModel", unknown_argument="widht"),
+        ),
+        (
+            [*MODEL, "--trainer.callbacks+=EarlyStoping"],
+            dict(key="trainer.callbacks", class_path="EarlyStoping", missing_class=True),
+        ),
+        (
+            [*MODEL, "--trainer.max_epochs=x"],
+            dict(key="trainer.max_epochs", summary="--trainer.max_epochs: expected int (got 'x')"),
+        ),
     ],
     ids=["short-class-name", "dotted-class-path", "unknown-argument", "appended-callback", "bad-int"],
 )
@@ -133,7 +153,7 @@ def test_parse_error_reads_jsonargparse_messages(args: list[str], expected: dict
 def test_an_error_found_by_the_main_parser_names_the_subcommand_parser(tmp_path: Path) -> None:
     config = tmp_path / "config.yaml"
     config.write_text("fit:\n  trainer:\n    max_epochz: 3\n")
-    parser, message, ex = recorded_error([f"--config={config}", "fit", *MODEL])
+    parser, _message, ex = recorded_error([f"--config={config}", "fit", *MODEL])
     assert command_name(failing_parser(parser, ex)) == "prog fit", (
         f"jsonargparse no longer attaches the subcommand's parser to an error about a subcommand's option as "
         f"`subcommand_parser`; update failing_parser in {ADAPTER} (the error: {ex!r}, raised by {parser.prog!r})"
@@ -190,8 +210,15 @@ def test_checkpoint_hyperparameters_are_merged_between_parse_arguments_and_befor
 
 
 def test_ctrl_c_in_a_fit_ends_as_system_exit_1_after_the_interrupt() -> None:
-    trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, accelerator="cpu", devices=1)
+    trainer = pl.Trainer(
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        devices=1,
+    )
     handler = signal.getsignal(signal.SIGINT)
     try:
         with pytest.raises(BaseException) as stopped:
@@ -219,8 +246,10 @@ def test_a_metric_with_restored_states_computes_as_updated() -> None:
         try:
             value = restored.compute()
         except UserWarning as warning:
-            pytest.fail(f"torchmetrics no longer counts updates in Metric._update_count ({warning}); update "
-                        f"mark_updated in lightning_pdenets/_compat/torchmetrics.py")
+            pytest.fail(
+                f"torchmetrics no longer counts updates in Metric._update_count ({warning}); update "
+                f"mark_updated in lightning_pdenets/_compat/torchmetrics.py"
+            )
     assert restored.update_called and value == source.compute()
 
 
@@ -245,8 +274,15 @@ def test_rms_norm_is_torchdiffeqs_default_error_norm() -> None:
 
     y0, times = torch.tensor([1.0, -0.5, 0.25], dtype=torch.float64), torch.tensor([0.0, 2.0], dtype=torch.float64)
     alone = odeint(decay, y0, times, method="dopri5", rtol=1e-4, atol=1e-6)
-    together = odeint(decay_and_integral, (y0, torch.zeros(1, dtype=torch.float64)), times, method="dopri5",
-                      rtol=1e-4, atol=1e-6, options={"norm": lambda tensors: rms_norm(tensors[0])})
+    together = odeint(
+        decay_and_integral,
+        (y0, torch.zeros(1, dtype=torch.float64)),
+        times,
+        method="dopri5",
+        rtol=1e-4,
+        atol=1e-6,
+        options={"norm": lambda tensors: rms_norm(tensors[0])},
+    )
     assert torch.equal(alone[-1], together[0][-1]), (
         "torchdiffeq's default error norm is no longer the root mean square of the state; update rms_norm in "
         "lightning_pdenets/_compat/torchdiffeq.py to the new default"
@@ -268,8 +304,14 @@ def test_a_config_that_is_not_text_reaches_parse_path_as_a_decode_error(tmp_path
     image = tmp_path / "image.yaml"
     image.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00")
     with pytest.raises(Recorded) as recorded:
-        FitOnlyCLI(pl.LightningModule, pl.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                   parser_class=RecordingPDENetsParser, args=["fit", f"--config={image}"])
+        FitOnlyCLI(
+            pl.LightningModule,
+            pl.LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            parser_class=RecordingPDENetsParser,
+            args=["fit", f"--config={image}"],
+        )
     message = recorded.value.args[1]
     assert "is not a text file (byte 0 is b'\\x89')" in message, (
         f"jsonargparse no longer reads a config file through parse_path, or wraps its UnicodeDecodeError; update "

@@ -185,7 +185,9 @@ def test_survival_probabilities_decay_linearly_to_p_last() -> None:
     assert linear_survival_probabilities(4, 0.5) == [0.875, 0.75, 0.625, 0.5]
     net = lm_resnet_cifar(20, base_width=4, stochastic_depth=True, survival_prob_last=0.5)
     probs = [block.survival_prob for _, block in net.blocks()]
-    torch.testing.assert_close(torch.tensor(probs, dtype=torch.float64), 1 - torch.arange(1, 10, dtype=torch.float64) / 9 * 0.5)
+    torch.testing.assert_close(
+        torch.tensor(probs, dtype=torch.float64), 1 - torch.arange(1, 10, dtype=torch.float64) / 9 * 0.5
+    )
     assert all(block.survival_prob == 1.0 for _, block in lm_resnet_cifar(20, base_width=4).blocks())
 
 
@@ -226,7 +228,9 @@ def test_single_block_eval_equals_expectation_of_training_batch_mode(update: str
 
 def test_single_block_eval_equals_expectation_of_training_sample_mode() -> None:
     torch.manual_seed(1)
-    block = PreActBottleneckBlock(8, 8, update="lm", survival_prob=0.6, stochastic_depth_mode="sample", k_mode="channel")
+    block = PreActBottleneckBlock(
+        8, 8, update="lm", survival_prob=0.6, stochastic_depth_mode="sample", k_mode="channel"
+    )
     block.eval()
     x, x_prev = torch.randn(1, 8, 3, 3), torch.randn(1, 8, 3, 3)
     with torch.no_grad():
@@ -263,7 +267,10 @@ def test_deep_linear_lm_network_eval_equals_expectation_of_training() -> None:
     torch.manual_seed(0)
     probs = linear_survival_probabilities(6, 0.5)
     blocks = nn.ModuleList(
-        [LinearBlock(2, update="plain" if i == 0 else "lm", survival_prob=p, k_init_range=(-0.5, 0.5)) for i, p in enumerate(probs)]
+        [
+            LinearBlock(2, update="plain" if i == 0 else "lm", survival_prob=p, k_init_range=(-0.5, 0.5))
+            for i, p in enumerate(probs)
+        ]
     )
 
     def run(x: torch.Tensor) -> torch.Tensor:
@@ -360,9 +367,11 @@ def test_network_passes_its_draws_to_the_blocks() -> None:
         (True, "batch", SingleDeviceStrategy("cpu"), False),
     ],
 )
-def test_batch_mode_stochastic_depth_needs_ddp_to_find_unused_parameters(stochastic_depth, mode, strategy, refused) -> None:
+def test_batch_mode_stochastic_depth_needs_ddp_to_find_unused_parameters(
+    stochastic_depth, mode, strategy, refused
+) -> None:
     if refused:
-        with pytest.raises(ValueError, match="ddp_find_unused_parameters_true.*stochastic_depth_mode sample"):
+        with pytest.raises(ValueError, match=r"ddp_find_unused_parameters_true.*stochastic_depth_mode sample"):
             check_stochastic_depth_strategy(stochastic_depth, mode, strategy)
     else:
         check_stochastic_depth_strategy(stochastic_depth, mode, strategy)
@@ -377,8 +386,14 @@ def test_batch_mode_stochastic_depth_needs_ddp_to_find_unused_parameters(stochas
         (lambda: lm_resnet_cifar(20, block="wide"), r"`block` must be one of \['basic', 'bottleneck'\]"),
         (lambda: lm_resnet_cifar(20, k_mode="pixel"), r"`k_mode` must be one of \['scalar', 'channel'\], got 'pixel'"),
         (lambda: lm_resnet_cifar(20, k_init_range=(0.0, -0.1)), "low <= high"),
-        (lambda: lm_resnet_cifar(20, stochastic_depth=True, survival_prob_last=0.0), r"`survival_prob_last` must be a probability in \(0, 1\]"),
-        (lambda: lm_resnet_cifar(20, stochastic_depth_mode="row"), r"`stochastic_depth_mode` must be one of \['batch', 'sample'\]"),
+        (
+            lambda: lm_resnet_cifar(20, stochastic_depth=True, survival_prob_last=0.0),
+            r"`survival_prob_last` must be a probability in \(0, 1\]",
+        ),
+        (
+            lambda: lm_resnet_cifar(20, stochastic_depth_mode="row"),
+            r"`stochastic_depth_mode` must be one of \['batch', 'sample'\]",
+        ),
         (lambda: lm_resnet_imagenet(77), r"`depth` of an ImageNet ResNet must be one of \[18, 34, 50, 101, 152\]"),
         (lambda: PreActBasicBlock(4, 8, stride=2, update="lm"), "transitions use update='plain'"),
     ],
@@ -417,8 +432,14 @@ def test_lm_module_logs_k_per_block_and_a_figure_and_reloads(tmp_path: Path) -> 
     data = TensorDataset(torch.randn(16, 3, 32, 32), torch.arange(16) % 10)
     logger = TensorBoardLogger(tmp_path, name="lm")
     trainer = pl.Trainer(
-        max_epochs=2, accelerator="cpu", devices=1, logger=logger, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=tmp_path, limit_val_batches=0,
+        max_epochs=2,
+        accelerator="cpu",
+        devices=1,
+        logger=logger,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        limit_val_batches=0,
     )
     trainer.fit(module, DataLoader(data, batch_size=8))
     events = EventAccumulator(logger.log_dir, size_guidance={"images": 0, "scalars": 0}).Reload()
@@ -440,7 +461,10 @@ def test_lm_module_logs_k_per_block_and_a_figure_and_reloads(tmp_path: Path) -> 
 
 
 def test_config_builds_the_paper_setup(repo_root: Path) -> None:
-    cli = build_cli(["--config", str(repo_root / "configs/cifar100/lm_resnet56.yaml"), "--data.init_args.download", "false"], run=False)
+    cli = build_cli(
+        ["--config", str(repo_root / "configs/cifar100/lm_resnet56.yaml"), "--data.init_args.download", "false"],
+        run=False,
+    )
     model, data = cli.model, cli.datamodule
     assert isinstance(model, LMResNetModule) and model.hparams.network["depth"] == 56 and model.num_classes == 100
     assert list(model.hparams.network["k_init_range"]) == [-0.1, 0.0] and model.hparams.lr_milestones == [80, 120]

@@ -16,9 +16,15 @@ from tests.conftest import REPO_ROOT
 
 pytestmark = pytest.mark.cli
 
-TINY = ["--config", str(REPO_ROOT / "configs/quickstart.yaml"), "--trainer.enable_progress_bar=false",
-        "--model.init_args.network.width=8", "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=1",
-        "--trainer.limit_test_batches=1"]
+TINY = [
+    "--config",
+    str(REPO_ROOT / "configs/quickstart.yaml"),
+    "--trainer.enable_progress_bar=false",
+    "--model.init_args.network.width=8",
+    "--trainer.limit_train_batches=3",
+    "--trainer.limit_val_batches=1",
+    "--trainer.limit_test_batches=1",
+]
 
 
 def test_csv_logger_records_hyperparameters_and_metrics_in_the_config_named_folder(tmp_path: Path) -> None:
@@ -35,8 +41,18 @@ def test_csv_logger_records_hyperparameters_and_metrics_in_the_config_named_fold
     assert tested == [pytest.approx(float(cli.trainer.callback_metrics["test/acc_top1"]))]
     assert (run / "checkpoints" / "last.ckpt").is_file() and (run / "config.yaml").is_file()
 
-    resumed = build_cli(["fit", *TINY, "--trainer.max_epochs=3", "--trainer.logger", "lightning.pytorch.loggers.CSVLogger",
-                         "--ckpt_path", "last", "--test_after_fit=false"])
+    resumed = build_cli(
+        [
+            "fit",
+            *TINY,
+            "--trainer.max_epochs=3",
+            "--trainer.logger",
+            "lightning.pytorch.loggers.CSVLogger",
+            "--ckpt_path",
+            "last",
+            "--test_after_fit=false",
+        ]
+    )
     assert Path(resumed.config.fit.ckpt_path) == Path("logs/quickstart/version_0/checkpoints/last.ckpt")
     assert resumed.trainer.current_epoch == 3
     # Lightning's CSV writer deletes metrics.csv in an existing folder: the first run's rows must survive the resume
@@ -58,8 +74,16 @@ def mlflow_file_store(monkeypatch: pytest.MonkeyPatch):
 def test_mlflow_logger_records_hyperparameters_metrics_and_the_checkpoint(tmp_path: Path, mlflow_file_store) -> None:
     from mlflow.tracking import MlflowClient
 
-    logger = ["--trainer.logger", "lightning.pytorch.loggers.MLFlowLogger", "--trainer.logger.save_dir", "mlruns",
-              "--trainer.logger.experiment_name", "quickstart", "--trainer.logger.log_model", "true"]
+    logger = [
+        "--trainer.logger",
+        "lightning.pytorch.loggers.MLFlowLogger",
+        "--trainer.logger.save_dir",
+        "mlruns",
+        "--trainer.logger.experiment_name",
+        "quickstart",
+        "--trainer.logger.log_model",
+        "true",
+    ]
     cli = build_cli(["fit", *TINY, "--trainer.max_epochs=2", *logger])
     client = MlflowClient(tracking_uri=(tmp_path / "mlruns").as_uri())
     experiment = client.get_experiment_by_name("quickstart")
@@ -76,6 +100,8 @@ def test_mlflow_logger_records_hyperparameters_metrics_and_the_checkpoint(tmp_pa
     assert hashlib.sha256(artifact.read_bytes()).digest() == hashlib.sha256(local.read_bytes()).digest()
     assert torch.load(artifact, weights_only=True)["epoch"] == 1
 
-    resumed = build_cli(["fit", *TINY, "--trainer.max_epochs=3", *logger, "--ckpt_path", "last", "--test_after_fit=false"])
+    resumed = build_cli(
+        ["fit", *TINY, "--trainer.max_epochs=3", *logger, "--ckpt_path", "last", "--test_after_fit=false"]
+    )
     assert Path(resumed.config.fit.ckpt_path).resolve() == local.resolve()
     assert resumed.trainer.current_epoch == 3

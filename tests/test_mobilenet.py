@@ -16,8 +16,12 @@ from lightning_pdenets.protocols import find_ode_blocks
 
 # Kim et al., Table 3 (Tiny ImageNet, 200 classes): parameters of each network at width 1 and 2.
 TABLE_3 = {
-    (mobilenetv3_isometric, 1): 1.21e6, (odenet_mobilenet, 1): 1.36e6, (prnet_mobilenet, 1): 1.36e6,
-    (mobilenetv3_isometric, 2): 4.30e6, (odenet_mobilenet, 2): 4.90e6, (prnet_mobilenet, 2): 4.56e6,
+    (mobilenetv3_isometric, 1): 1.21e6,
+    (odenet_mobilenet, 1): 1.36e6,
+    (prnet_mobilenet, 1): 1.36e6,
+    (mobilenetv3_isometric, 2): 4.30e6,
+    (odenet_mobilenet, 2): 4.90e6,
+    (prnet_mobilenet, 2): 4.56e6,
 }
 TINY = dict(channels=16, expanded_channels=32, num_blocks=2, patch_size=8)
 
@@ -86,18 +90,30 @@ def test_prnet_variant_rejects_image_size_not_multiple_of_patch():
 
 def _loader(num_classes: int = 5, n: int = 16) -> DataLoader:
     generator = torch.Generator().manual_seed(0)
-    return DataLoader(TensorDataset(torch.randn(n, 3, 64, 64, generator=generator), torch.arange(n) % num_classes), batch_size=8)
+    return DataLoader(
+        TensorDataset(torch.randn(n, 3, 64, 64, generator=generator), torch.arange(n) % num_classes), batch_size=8
+    )
 
 
 def _trainer(**kwargs) -> pl.Trainer:
-    return pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                      enable_model_summary=False, **kwargs)
+    return pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **kwargs,
+    )
 
 
 @pytest.mark.parametrize(
     "module_class, extra",
-    [(IsometricMobileNetModule, {}), (ODEMobileNetModule, dict(solver=dict(method="rk4", step_size=0.5, adjoint=False))),
-     (PRNetMobileNetModule, dict(max_power=2, max_derivative_order=1))],
+    [
+        (IsometricMobileNetModule, {}),
+        (ODEMobileNetModule, dict(solver=dict(method="rk4", step_size=0.5, adjoint=False))),
+        (PRNetMobileNetModule, dict(max_power=2, max_derivative_order=1)),
+    ],
     ids=["mobilenetv3", "odenet", "prnet"],
 )
 def test_modules_train_and_reload_from_checkpoint(module_class, extra, tmp_path):
@@ -134,8 +150,9 @@ def test_prnet_variant_fine_tunes_from_a_prnet_checkpoint(tmp_path):
     trainer.fit(source, _loader())
     path = tmp_path / "prnet.ckpt"
     trainer.save_checkpoint(path)
-    target = PRNetMobileNetModule(num_classes=3, pretrained_checkpoint=str(path), max_power=2, max_derivative_order=1,
-                                  network=TINY)
+    target = PRNetMobileNetModule(
+        num_classes=3, pretrained_checkpoint=str(path), max_power=2, max_derivative_order=1, network=TINY
+    )
     torch.testing.assert_close(target.block.query, source.block.query)
     torch.testing.assert_close(target.network.backbone.stem[0].weight, source.network.backbone.stem[0].weight)
     assert target.network.classifier.out_features == 3
@@ -148,8 +165,14 @@ def test_odenet_mobilenet_activation_reaches_its_vector_field_and_bad_names_list
     relu = odenet_mobilenet(num_classes=10, **TINY)
     assert silu.blocks[-1].field.activation == "silu" and isinstance(silu.blocks[-1].field.act, torch.nn.SiLU)
     assert relu.blocks[-1].field.activation == "relu"  # Chen et al.'s field stays the default
-    with pytest.raises(ValueError, match=r"`activation` must be one of \['elu', 'relu', 'silu', 'softplus', 'tanh'\], got 'gelu'"):
+    with pytest.raises(
+        ValueError, match=r"`activation` must be one of \['elu', 'relu', 'silu', 'softplus', 'tanh'\], got 'gelu'"
+    ):
         odenet_mobilenet(activation="gelu", num_classes=10, **TINY)
-    module = ODEMobileNetModule(network=dict(TINY, activation="silu"), num_classes=10, image_size=64,
-                                solver={"method": "rk4", "step_size": 0.5, "adjoint": False})
+    module = ODEMobileNetModule(
+        network=dict(TINY, activation="silu"),
+        num_classes=10,
+        image_size=64,
+        solver={"method": "rk4", "step_size": 0.5, "adjoint": False},
+    )
     assert find_ode_blocks(module)[0].field.activation == "silu"

@@ -24,16 +24,27 @@ def tiny(**network) -> dict:
 
 def tiny_trainer(tmp_path: Path, **kwargs) -> pl.Trainer:
     defaults = dict(
-        accelerator="cpu", devices=1, max_epochs=1, limit_train_batches=3, limit_val_batches=2, limit_test_batches=2,
-        default_root_dir=tmp_path, enable_progress_bar=False, enable_model_summary=False, logger=False,
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        limit_train_batches=3,
+        limit_val_batches=2,
+        limit_test_batches=2,
+        default_root_dir=tmp_path,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        logger=False,
     )
     return pl.Trainer(**{**defaults, **kwargs})
 
 
 @pytest.mark.parametrize(
     "module_class, kwargs",
-    [(ResNetModule, tiny(num_blocks=2)), (RKNetModule, dict(tiny(), solver=dict(step_size=0.5))),
-     (ODENetModule, dict(tiny(), solver=dict(rtol=1e-2, atol=1e-2)))],
+    [
+        (ResNetModule, tiny(num_blocks=2)),
+        (RKNetModule, dict(tiny(), solver=dict(step_size=0.5))),
+        (ODENetModule, dict(tiny(), solver=dict(rtol=1e-2, atol=1e-2))),
+    ],
 )
 def test_fit_logs_namespaced_metrics_and_reloads_from_checkpoint(module_class, kwargs, tmp_path: Path) -> None:
     pl.seed_everything(0)
@@ -48,8 +59,10 @@ def test_fit_logs_namespaced_metrics_and_reloads_from_checkpoint(module_class, k
     path = tmp_path / "model.ckpt"
     trainer.save_checkpoint(path)
     checkpoint = torch.load(path, weights_only=True)
-    assert all(isinstance(v, (int, float, str, bool, type(None), list, tuple, dict))
-               for v in checkpoint["hyper_parameters"].values())
+    assert all(
+        isinstance(v, (int, float, str, bool, type(None), list, tuple, dict))
+        for v in checkpoint["hyper_parameters"].values()
+    )
     restored = module_class.load_from_checkpoint(path)
     assert dict(restored.hparams) == dict(model.hparams)
     x = torch.randn(4, 1, 8, 8)
@@ -70,8 +83,14 @@ def test_adapted_solver_settings_travel_with_the_checkpoint(tmp_path: Path) -> N
     model.network.feature.configure_solver(rtol=1e-5, atol=1e-5)
     tiny_trainer(tmp_path, max_epochs=0).fit(model, datamodule=DigitsDataModule())  # attaches a trainer only
     path = tmp_path / "adapted.ckpt"
-    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams),
-                "pytorch-lightning_version": pl.__version__}, path)
+    torch.save(
+        {
+            "state_dict": model.state_dict(),
+            "hyper_parameters": dict(model.hparams),
+            "pytorch-lightning_version": pl.__version__,
+        },
+        path,
+    )
     assert ODENetModule.load_from_checkpoint(path).network.feature.solver_settings()["rtol"] == 1e-5
 
 
@@ -150,8 +169,9 @@ def one_cycle_rates(peak: float, total_steps: int) -> list[float]:
 def test_one_cycle_schedule_steps_every_batch_over_the_whole_run(tmp_path: Path) -> None:
     recorder = RecordLearningRates()
     trainer = tiny_trainer(tmp_path, max_epochs=2, limit_train_batches=4, limit_val_batches=0, callbacks=[recorder])
-    trainer.fit(ResNetModule(**tiny(num_blocks=1), lr=0.02, lr_scheduler="onecycle"),
-                datamodule=DigitsDataModule(batch_size=16))
+    trainer.fit(
+        ResNetModule(**tiny(num_blocks=1), lr=0.02, lr_scheduler="onecycle"), datamodule=DigitsDataModule(batch_size=16)
+    )
     assert [rates[0] for rates in recorder.rates] == pytest.approx(one_cycle_rates(0.02, 8))
 
 
@@ -173,8 +193,13 @@ def test_validation_loss_is_the_mean_over_samples_with_a_short_last_batch(tmp_pa
     torch.manual_seed(0)
     model = RKNetModule(network=dict(width=8, num_downsamples=1))
     data = DigitsDataModule(batch_size=100)
-    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         default_root_dir=tmp_path)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        default_root_dir=tmp_path,
+    )
     trainer.validate(model, datamodule=data, verbose=False)
     model.eval()
     images, labels = map(torch.cat, zip(*data.val_dataloader()))
@@ -220,9 +245,15 @@ def test_per_step_values_are_logged_only_on_steps_that_someone_reads(progress_ba
     from lightning.pytorch.loggers import CSVLogger
 
     recorder = _StepLogRecorder()
-    trainer = tiny_trainer(tmp_path, limit_train_batches=6, limit_val_batches=0, log_every_n_steps=3,
-                           enable_progress_bar=progress_bar, logger=CSVLogger(tmp_path),
-                           callbacks=[NFEMonitor(), recorder])
+    trainer = tiny_trainer(
+        tmp_path,
+        limit_train_batches=6,
+        limit_val_batches=0,
+        log_every_n_steps=3,
+        enable_progress_bar=progress_bar,
+        logger=CSVLogger(tmp_path),
+        callbacks=[NFEMonitor(), recorder],
+    )
     trainer.fit(RKNetModule(**tiny(), solver=dict(step_size=0.5)), datamodule=DigitsDataModule(batch_size=16))
     nfe_steps = [i for i, names in enumerate(recorder.logged) if "train/nfe_forward_step" in names]
     loss_steps = [i for i, names in enumerate(recorder.logged) if "train/loss_step" in names]

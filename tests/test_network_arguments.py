@@ -20,14 +20,23 @@ from lightning_pdenets.architectures.registry import (
 )
 from lightning_pdenets.cli import build_cli
 from lightning_pdenets.errors import ConfigurationError
-from lightning_pdenets.migration import UPGRADED_FROM_KEY, VERSION_KEY, LegacyCheckpointError, check_layout, upgrade_checkpoint
+from lightning_pdenets.migration import (
+    UPGRADED_FROM_KEY,
+    VERSION_KEY,
+    LegacyCheckpointError,
+    check_layout,
+    upgrade_checkpoint,
+)
 from lightning_pdenets.models import ClassifierModule, LMResNetModule, ODENetModule, PRNetModule, ResNetModule
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 MODEL_CLASSES = sorted(
-    (cls for cls in vars(models).values()
-     if inspect.isclass(cls) and issubclass(cls, ClassifierModule) and getattr(cls, "architecture", None)),
+    (
+        cls
+        for cls in vars(models).values()
+        if inspect.isclass(cls) and issubclass(cls, ClassifierModule) and getattr(cls, "architecture", None)
+    ),
     key=lambda cls: cls.__name__,
 )
 SUPPLIED = MODEL_SUPPLIED_ARGUMENTS
@@ -78,30 +87,48 @@ def test_the_model_builds_exactly_the_factorys_network() -> None:
     assert all(torch.equal(a, b) for a, b in zip(model.network.state_dict().values(), direct.state_dict().values()))
 
 
-@pytest.mark.parametrize(("network", "message"), [
-    ({"widht": 8}, r"unknown `network` setting\(s\) 'widht' \(did you mean 'width'\?\); valid names are \['width', 'num_downsamples', 'activation'\]"),
-    ({"width": "wide"}, r"`network.width` expected int, got 'wide'"),
-    ({"in_channels": 3}, r"'in_channels' describes the data; set `model.init_args.in_channels` instead"),
-    ({"solver": {"method": "rk4"}}, r"'solver' is set by its own model argument `solver`"),
-])
+@pytest.mark.parametrize(
+    ("network", "message"),
+    [
+        (
+            {"widht": 8},
+            r"unknown `network` setting\(s\) 'widht' \(did you mean 'width'\?\); valid names are \['width', 'num_downsamples', 'activation'\]",
+        ),
+        ({"width": "wide"}, r"`network.width` expected int, got 'wide'"),
+        ({"in_channels": 3}, r"'in_channels' describes the data; set `model.init_args.in_channels` instead"),
+        ({"solver": {"method": "rk4"}}, r"'solver' is set by its own model argument `solver`"),
+    ],
+)
 def test_bad_network_settings_name_the_key_and_the_fix(network: dict, message: str) -> None:
     with pytest.raises(ConfigurationError, match=message):
         ODENetModule(network=network)
 
 
 def test_image_size_pairs_must_be_square_for_architectures_that_take_it() -> None:
-    assert PRNetModule(network={"width": 4, "num_downsamples": 0}, image_size=(8, 8), in_channels=1).hparams.image_size == 8
+    assert (
+        PRNetModule(network={"width": 4, "num_downsamples": 0}, image_size=(8, 8), in_channels=1).hparams.image_size
+        == 8
+    )
     with pytest.raises(ConfigurationError, match=r"needs square images, but `image_size` is 8x6"):
         PRNetModule(network={"width": 4, "num_downsamples": 0}, image_size=(8, 6), in_channels=1)
     ResNetModule(network={"width": 4}, image_size=(8, 6))  # takes no image_size: any shape
 
 
 def test_network_settings_from_the_command_line_and_yaml_reach_the_architecture(tmp_path: Path) -> None:
-    cli = build_cli(["--config", str(REPO_ROOT / "configs/quickstart.yaml"), "--model.init_args.network.width", "6"],
-                    run=False)
-    assert cli.model.hparams.network == {"width": 6, "num_downsamples": 1, "activation": "relu"}  # the config's num_downsamples kept
+    cli = build_cli(
+        ["--config", str(REPO_ROOT / "configs/quickstart.yaml"), "--model.init_args.network.width", "6"], run=False
+    )
+    assert cli.model.hparams.network == {
+        "width": 6,
+        "num_downsamples": 1,
+        "activation": "relu",
+    }  # the config's num_downsamples kept
     assert cli.model.network.head[-1].in_features == 6
-    assert (cli.model.hparams.in_channels, cli.model.hparams.num_classes, cli.model.hparams.image_size) == (1, 10, (8, 8))
+    assert (cli.model.hparams.in_channels, cli.model.hparams.num_classes, cli.model.hparams.image_size) == (
+        1,
+        10,
+        (8, 8),
+    )
 
     override = tmp_path / "override.yaml"
     override.write_text("model:\n  init_args:\n    network: {width: 5, num_downsamples: 0}\n")
@@ -111,7 +138,9 @@ def test_network_settings_from_the_command_line_and_yaml_reach_the_architecture(
 
 def test_a_misspelled_network_setting_on_the_command_line_is_one_line(capsys) -> None:
     with pytest.raises(SystemExit) as stop:
-        build_cli(["fit", "--config", str(REPO_ROOT / "configs/quickstart.yaml"), "--model.init_args.network.widht", "6"])
+        build_cli(
+            ["fit", "--config", str(REPO_ROOT / "configs/quickstart.yaml"), "--model.init_args.network.widht", "6"]
+        )
     assert stop.value.code == 2
     err = capsys.readouterr().err
     assert "unknown `network` setting(s) 'widht' (did you mean 'width'?)" in err and "Traceback" not in err
@@ -123,23 +152,39 @@ def _flat_checkpoint(tmp_path: Path, with_class_path: bool) -> tuple[Path, LMRes
     hparams = {k: v for k, v in model.hparams.items() if k != "network"}
     hparams.update(model.hparams.network)
     if with_class_path:  # as LightningCLI records them
-        hparams.update(_class_path="lightning_pdenets.models.LMResNetModule",
-                       _instantiator="lightning.pytorch.cli.instantiate_module")
+        hparams.update(
+            _class_path="lightning_pdenets.models.LMResNetModule",
+            _instantiator="lightning.pytorch.cli.instantiate_module",
+        )
     path = tmp_path / "old.ckpt"
-    torch.save({"state_dict": model.state_dict(), "hyper_parameters": hparams, VERSION_KEY: "0.2.0",
-                "pytorch-lightning_version": "2.6.0"}, path)
+    torch.save(
+        {
+            "state_dict": model.state_dict(),
+            "hyper_parameters": hparams,
+            VERSION_KEY: "0.2.0",
+            "pytorch-lightning_version": "2.6.0",
+        },
+        path,
+    )
     return path, model
 
 
 def test_a_checkpoint_with_flat_architecture_arguments_names_its_release_and_upgrades(tmp_path: Path) -> None:
     old, model = _flat_checkpoint(tmp_path, with_class_path=True)
-    with pytest.raises(LegacyCheckpointError, match=r"written by lightning_pdenets 0\.2\.0, whose models took flat "
-                                                    r"architecture arguments .*python -m lightning_pdenets\.migration"):
+    with pytest.raises(
+        LegacyCheckpointError,
+        match=r"written by lightning_pdenets 0\.2\.0, whose models took flat "
+        r"architecture arguments .*python -m lightning_pdenets\.migration",
+    ):
         LMResNetModule.load_from_checkpoint(old)
 
     new = tmp_path / "new.ckpt"
-    result = subprocess.run([sys.executable, "-m", "lightning_pdenets.migration", str(old), str(new)],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "lightning_pdenets.migration", str(old), str(new)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     upgraded = torch.load(new, weights_only=True)
     assert upgraded["hyper_parameters"]["network"] == model.hparams.network
@@ -158,24 +203,44 @@ def test_a_flat_checkpoint_without_its_model_class_asks_for_it(tmp_path: Path) -
         LMResNetModule.load_from_checkpoint(old)  # the command names the class it was loaded into
 
     new = tmp_path / "new.ckpt"
-    refused = subprocess.run([sys.executable, "-m", "lightning_pdenets.migration", str(old), str(new)],
-                             capture_output=True, text=True, timeout=120)
+    refused = subprocess.run(
+        [sys.executable, "-m", "lightning_pdenets.migration", str(old), str(new)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert refused.returncode == 2 and "pass the model class of the run" in refused.stderr and not new.exists()
-    result = subprocess.run([sys.executable, "-m", "lightning_pdenets.migration", str(old), str(new),
-                             "--model", "lightning_pdenets.models.LMResNetModule"], capture_output=True, text=True,
-                            timeout=120)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lightning_pdenets.migration",
+            str(old),
+            str(new),
+            "--model",
+            "lightning_pdenets.models.LMResNetModule",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     assert LMResNetModule.load_from_checkpoint(new).hparams.network == model.hparams.network
 
 
-@pytest.mark.parametrize(("argument", "hint"), [
-    ("--model.init_args.width=6", "has no argument 'width'. Did you mean network.width? Architecture arguments go in "
-                                  "`network` since lightning_pdenets 0.3.0 (`--model.init_args.network.width VALUE`"),
-    ("--model.init_args.netwrk.width=6", "has no argument 'netwrk'. Closest valid arguments: network."),
-])
+@pytest.mark.parametrize(
+    ("argument", "hint"),
+    [
+        (
+            "--model.init_args.width=6",
+            "has no argument 'width'. Did you mean network.width? Architecture arguments go in "
+            "`network` since lightning_pdenets 0.3.0 (`--model.init_args.network.width VALUE`",
+        ),
+        ("--model.init_args.netwrk.width=6", "has no argument 'netwrk'. Closest valid arguments: network."),
+    ],
+)
 def test_an_architecture_argument_outside_network_points_to_it(argument: str, hint: str, capsys) -> None:
     with pytest.raises(SystemExit) as stop:
         build_cli(["fit", "--config", str(REPO_ROOT / "configs/quickstart.yaml"), argument])
     assert stop.value.code == 2
     assert hint in capsys.readouterr().err
-

@@ -22,19 +22,30 @@ from tests.conftest import REPO_ROOT
 pytestmark = pytest.mark.notebooks
 
 nbformat = pytest.importorskip("nbformat", reason="install the notebook extras: pip install -e '.[notebooks]'")
-NotebookClient = pytest.importorskip("nbclient", reason="install the notebook extras: pip install -e '.[notebooks]'").NotebookClient
+NotebookClient = pytest.importorskip(
+    "nbclient", reason="install the notebook extras: pip install -e '.[notebooks]'"
+).NotebookClient
 
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))
-EXPECTED = ["01_quickstart", "02_solver_robustness", "03_prnet_governing_equation", "04_pde_cnn_dynamics", "05_robustness"]
+EXPECTED = [
+    "01_quickstart",
+    "02_solver_robustness",
+    "03_prnet_governing_equation",
+    "04_pde_cnn_dynamics",
+    "05_robustness",
+]
 
 
 def _kernel_spec(tmp_path: Path) -> str:
     """A kernel spec that runs ipykernel with this interpreter, so the notebooks see the tested package."""
     spec_dir = tmp_path / "jupyter" / "kernels" / "pdenets-test"
     spec_dir.mkdir(parents=True)
-    spec = {"argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-            "display_name": "pdenets test", "language": "python"}
+    spec = {
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "pdenets test",
+        "language": "python",
+    }
     (spec_dir / "kernel.json").write_text(json.dumps(spec))
     return str(tmp_path / "jupyter")
 

@@ -125,13 +125,13 @@ def test_bad_run_time_change_is_rejected_and_keeps_old_settings() -> None:
     block = ODEBlock(LinearField(0.1), method="dopri5")
     with pytest.raises(ValueError, match=r"unknown `solver` setting\(s\) 'stepsize' \(did you mean 'step_size'\?\)"):
         block.configure_solver(stepsize=0.1)
-    with pytest.raises(ValueError, match="needs `solver.step_size`"):
+    with pytest.raises(ValueError, match=r"needs `solver\.step_size`"):
         block.configure_solver(method="rk4")
     assert block.solver_settings()["method"] == "dopri5"
 
 
 def test_vector_field_must_be_a_module() -> None:
-    with pytest.raises(TypeError, match="`vector_field` must be an nn.Module"):
+    with pytest.raises(TypeError, match=r"`vector_field` must be an nn\.Module"):
         ODEBlock(lambda t, y: y)  # type: ignore[arg-type]
 
 
@@ -144,8 +144,15 @@ def test_solver_failure_explains_remedies() -> None:
     with pytest.raises(SolverFailedError) as info:
         block(torch.zeros(1, dtype=torch.float64))
     message = str(info.value)
-    for remedy in ("--model.init_args.solver.rtol", "`max_num_steps`", "`rtol`/`atol`", "`min_step` > 0",
-                   "`failure_retries`", "fixed-step solver", "ToleranceAdaptation"):
+    for remedy in (
+        "--model.init_args.solver.rtol",
+        "`max_num_steps`",
+        "`rtol`/`atol`",
+        "`min_step` > 0",
+        "`failure_retries`",
+        "fixed-step solver",
+        "ToleranceAdaptation",
+    ):
         assert remedy in message
 
 

@@ -46,14 +46,17 @@ def test_linear_interpolation_matches_numpy_interp():
         t = j * 3.0 / 7
         assert weight.at_step(j, 7).item() == pytest.approx(np.interp(t, nodes, values), abs=1e-6)
     times = torch.tensor([0.0, 0.4, 1.7, 3.0])
-    np.testing.assert_allclose(weight.at_times(times).detach().numpy(), np.interp(times.numpy(), nodes, values), atol=1e-6)
+    np.testing.assert_allclose(
+        weight.at_times(times).detach().numpy(), np.interp(times.numpy(), nodes, values), atol=1e-6
+    )
     assert weight.weight_time_step() == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize("interpolation", ["constant", "linear"])
 def test_nested_prolongation_keeps_theta_of_t(interpolation):
-    weight = TimeDependentWeight((3,), num_control_points=4, interpolation=interpolation, final_time=2.0,
-                                 init=lambda t: t.normal_())
+    weight = TimeDependentWeight(
+        (3,), num_control_points=4, interpolation=interpolation, final_time=2.0, init=lambda t: t.normal_()
+    )
     times = torch.linspace(0.0, 1.999, 41)
     before = weight.at_times(times).detach().clone()
     parameter = weight.control_points
@@ -64,13 +67,13 @@ def test_nested_prolongation_keeps_theta_of_t(interpolation):
 
 
 def test_time_dependent_weight_rejects_bad_arguments():
-    with pytest.raises(ValueError, match="`interpolation` must be one of .*'cubic'"):
+    with pytest.raises(ValueError, match=r"`interpolation` must be one of .*'cubic'"):
         TimeDependentWeight((2,), 3, interpolation="cubic")
     with pytest.raises(ValueError, match="`num_control_points` must be an integer >= 1, got 0"):
         TimeDependentWeight((2,), 0)
     with pytest.raises(ValueError, match="`kernel_size` must be odd"):
         SymmetricLayer(4, 2, kernel_size=2)
-    with pytest.raises(ValueError, match="`norm` must be one of .*'batch'"):
+    with pytest.raises(ValueError, match=r"`norm` must be one of .*'batch'"):
         SymmetricLayer(4, 2, norm="batch")
 
 
@@ -90,7 +93,7 @@ def test_blocks_follow_the_protocols_and_validate():
     block = HamiltonianBlock(4, num_steps=2)
     assert isinstance(block, TimeSteppingBlock)
     assert all(isinstance(w, TimeDependentWeights) for w in block.layers[0].time_weights())
-    with pytest.raises(ValueError, match="must be even .* got 5"):
+    with pytest.raises(ValueError, match=r"must be even .* got 5"):
         HamiltonianBlock(5)
     with pytest.raises(ValueError, match="ParabolicBlock is not reversible"):
         ParabolicBlock(4, reversible=True)
@@ -217,8 +220,9 @@ def leapfrog_energy(layer: SymmetricLayer, previous: torch.Tensor, current: torc
 def test_second_order_block_conserves_the_discrete_energy_for_linear_sigma():
     torch.manual_seed(6)
     h = 0.2
-    block = SecondOrderBlock(3, num_steps=1, step_size=h, num_control_points=1, norm="none",
-                             activation="identity").double()
+    block = SecondOrderBlock(
+        3, num_steps=1, step_size=h, num_control_points=1, norm="none", activation="identity"
+    ).double()
     random_weights(block, 0.2)
     torch.nn.init.zeros_(block.layers[0].shift.control_points)  # F(Y) = −KᵀK Y exactly
     state = (torch.randn(1, 3, 8, 8, dtype=torch.float64),) * 2
@@ -243,7 +247,10 @@ def test_second_order_block_keeps_the_energy_bounded_for_relu():
 
     def energy(previous, current, following):
         velocity = (following - previous) / (2 * h)
-        return 0.5 * (velocity**2).sum().item() + 0.5 * (torch.relu(F.conv2d(current, kernel, padding=1) + shift) ** 2).sum().item()
+        return (
+            0.5 * (velocity**2).sum().item()
+            + 0.5 * (torch.relu(F.conv2d(current, kernel, padding=1) + shift) ** 2).sum().item()
+        )
 
     y0 = torch.randn(1, 3, 8, 8, dtype=torch.float64) * 3
     trajectory = [y0, y0 + h * torch.randn_like(y0)]
@@ -298,7 +305,9 @@ def expected_parameter_count(
 @pytest.mark.parametrize("dynamics", ["parabolic", "hamiltonian", "second_order"])
 def test_stl10_network_shapes_and_parameter_count(dynamics):
     network = PDECNN(dynamics)
-    assert sum(p.numel() for p in network.parameters()) == expected_parameter_count(dynamics, [16, 64, 128, 256], 3, 10, 3)
+    assert sum(p.numel() for p in network.parameters()) == expected_parameter_count(
+        dynamics, [16, 64, 128, 256], 3, 10, 3
+    )
     as_in_the_text = PDECNN(dynamics, final_connector=False)
     assert sum(p.numel() for p in as_in_the_text.parameters()) == expected_parameter_count(
         dynamics, [16, 64, 128, 256], 3, 10, 3, final_connector=False
@@ -330,7 +339,9 @@ def test_final_connector_normalizes_what_the_classifier_sees(dynamics):
     features = {}
     for final_connector in (True, False):
         network = PDECNN(dynamics, final_connector=final_connector).train()
-        network.head.register_forward_hook(lambda m, inputs, out, key=final_connector: features.update({key: inputs[0]}))
+        network.head.register_forward_hook(
+            lambda m, inputs, out, key=final_connector: features.update({key: inputs[0]})
+        )
         with torch.no_grad():
             network(images)
     last = PDECNN(dynamics).units[-1]
@@ -350,7 +361,9 @@ def test_paper_learning_rate_trains_on_real_digits_only_with_the_final_connector
     from sklearn.datasets import load_digits
 
     digits = load_digits()
-    images = F.interpolate(torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0, size=16, mode="bilinear")
+    images = F.interpolate(
+        torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0, size=16, mode="bilinear"
+    )
     images = (images - images.mean()) / images.std()
     labels = torch.tensor(digits.target)
     losses = {}
@@ -405,18 +418,35 @@ def test_default_initialization_is_the_authors_meganet_rule(dynamics):
     with pytest.raises(ValueError, match="`init` must be one of"):
         PDECNN(dynamics, init="xavier")
     he = PDECNN(dynamics, widths=[16, 64], init="he", kernel_std=0.3)
-    assert torch.cat([p.detach().flatten() for n, p in he.named_parameters() if n.endswith("kernel.control_points")]).abs().max() > 0.2
+    assert (
+        torch.cat([p.detach().flatten() for n, p in he.named_parameters() if n.endswith("kernel.control_points")])
+        .abs()
+        .max()
+        > 0.2
+    )
 
 
 def test_modules_train_one_step_and_reload_from_checkpoint(tmp_path):
     import lightning.pytorch as pl
 
     data = STL10DataModule(**fake_stl10(tmp_path / "data"))
-    for module_class, reversible in ((ParabolicCNNModule, False), (HamiltonianCNNModule, True), (SecondOrderCNNModule, True)):
+    for module_class, reversible in (
+        (ParabolicCNNModule, False),
+        (HamiltonianCNNModule, True),
+        (SecondOrderCNNModule, True),
+    ):
         model = module_class(network=dict(widths=[4, 8], num_steps=2, reversible=reversible), optimizer="sgd", lr=0.1)
         before = [p.detach().clone() for p in model.parameters()]
-        trainer = pl.Trainer(max_steps=1, limit_val_batches=1, accelerator="cpu", devices=1, logger=False,
-                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+        trainer = pl.Trainer(
+            max_steps=1,
+            limit_val_batches=1,
+            accelerator="cpu",
+            devices=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
         trainer.fit(model, datamodule=data)
         assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
         path = tmp_path / f"{module_class.__name__}.ckpt"
@@ -466,5 +496,5 @@ def test_stl10_errors_are_actionable(tmp_path):
     with pytest.raises(ValueError, match=r"`train_fraction` must be in \(0, 1\].*got 0"):
         STL10DataModule(train_fraction=0)
     data = STL10DataModule(data_dir=str(tmp_path))
-    with pytest.raises(FileNotFoundError, match="STL-10 was not found.*train_X.bin.*download: true"):
+    with pytest.raises(FileNotFoundError, match=r"STL-10 was not found.*train_X\.bin.*download: true"):
         data.setup("fit")

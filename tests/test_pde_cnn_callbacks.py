@@ -62,9 +62,13 @@ class ToyModule(pl.LightningModule):
 
 def toy_batches(count: int = 2) -> list[list[torch.Tensor]]:
     generator = torch.Generator().manual_seed(0)
-    return [[torch.randn(4, 2, generator=generator, dtype=torch.float64), torch.randn(4, generator=generator,
-                                                                                       dtype=torch.float64)]
-            for _ in range(count)]
+    return [
+        [
+            torch.randn(4, 2, generator=generator, dtype=torch.float64),
+            torch.randn(4, generator=generator, dtype=torch.float64),
+        ]
+        for _ in range(count)
+    ]
 
 
 def toy_loader(batches: list[list[torch.Tensor]]) -> DataLoader:
@@ -74,8 +78,14 @@ def toy_loader(batches: list[list[torch.Tensor]]) -> DataLoader:
 
 
 def quiet_trainer(**kwargs) -> pl.Trainer:
-    defaults = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                    enable_model_summary=False)
+    defaults = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     return pl.Trainer(**{**defaults, **kwargs})
 
 
@@ -91,7 +101,9 @@ def test_tv_value_matches_the_formula_on_known_weights():
     # weights constant in time leave only the ε floor h·√ε per entry and interval
     with torch.no_grad():
         module[0].theta.copy_(torch.ones(4, 2))
-    assert TimeTVRegularization(alpha, epsilon).penalty(module).item() == pytest.approx(alpha * 6 * h * math.sqrt(epsilon))
+    assert TimeTVRegularization(alpha, epsilon).penalty(module).item() == pytest.approx(
+        alpha * 6 * h * math.sqrt(epsilon)
+    )
 
 
 @pytest.mark.parametrize("manual,accumulate", [(False, 1), (False, 2), (True, 1)])
@@ -106,8 +118,12 @@ def test_tv_gradient_is_added_once_per_optimizer_step(manual, accumulate):
     grads = torch.autograd.grad(objective, [reference.weights.theta, reference.other])
     expected = [p.detach() - lr * g for p, g in zip((reference.weights.theta, reference.other), grads)]
 
-    trainer = quiet_trainer(max_steps=1, limit_train_batches=len(used), accumulate_grad_batches=accumulate,
-                            callbacks=[TimeTVRegularization(alpha, epsilon)])
+    trainer = quiet_trainer(
+        max_steps=1,
+        limit_train_batches=len(used),
+        accumulate_grad_batches=accumulate,
+        callbacks=[TimeTVRegularization(alpha, epsilon)],
+    )
     trainer.fit(model, toy_loader(batches))
     torch.testing.assert_close(model.weights.theta.detach(), expected[0], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(model.other.detach(), expected[1], rtol=1e-12, atol=1e-12)
@@ -182,10 +198,19 @@ def image_loader(seed: int = 0) -> DataLoader:
 
 def small_pde_cnn() -> ParabolicCNNModule:
     torch.manual_seed(0)
-    return ParabolicCNNModule(network=dict(widths=[4, 4], num_steps=4, step_size=0.25, interpolation="linear",
-                                           num_control_points=2,
-                                           final_connector=False),  # probes read the last PDE block's output directly
-                              optimizer="sgd", lr=0.01, momentum=0.9)
+    return ParabolicCNNModule(
+        network=dict(
+            widths=[4, 4],
+            num_steps=4,
+            step_size=0.25,
+            interpolation="linear",
+            num_control_points=2,
+            final_connector=False,
+        ),  # probes read the last PDE block's output directly
+        optimizer="sgd",
+        lr=0.01,
+        momentum=0.9,
+    )
 
 
 class ProbeOutputs(Callback):

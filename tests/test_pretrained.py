@@ -14,11 +14,16 @@ import torch
 from lightning_pdenets import pretrained
 from lightning_pdenets.cli import build_cli, main
 from lightning_pdenets.data import DigitsDataModule
-from lightning_pdenets.errors import CheckpointNotFoundError, ConfigurationError, CorruptCheckpointError
+from lightning_pdenets.errors import CheckpointNotFoundError, CorruptCheckpointError
 from tests.conftest import REPO_ROOT
 
-PARAMETERS = {"resnet_mnist": 576_778, "rknet_mnist": 208_266, "odenet_mnist": 208_266, "prnet_mnist": 210_578,
-              "prnet_mnist_seed1": 210_578}
+PARAMETERS = {
+    "resnet_mnist": 576_778,
+    "rknet_mnist": 208_266,
+    "odenet_mnist": 208_266,
+    "prnet_mnist": 210_578,
+    "prnet_mnist_seed1": 210_578,
+}
 """Parameter counts recorded in BENCHMARKS.md ("MNIST at paper scale")."""
 DIGITS_TEST_IMAGES = 270
 
@@ -44,8 +49,9 @@ def test_each_mnist_model_loads_as_its_class_in_eval_mode(name: str) -> None:
 
 
 def _digits_accuracy(model: pl.LightningModule) -> float:
-    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                         enable_model_summary=False)
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False
+    )
     return trainer.test(model, datamodule=DigitsDataModule(), verbose=False)[0]["test/acc_top1"]
 
 
@@ -56,8 +62,16 @@ def test_the_quickstart_model_reproduces_its_recorded_accuracy_on_digits() -> No
 
 
 def test_the_cli_tests_a_pretrained_model_by_name() -> None:
-    cli = build_cli(["test", "--config", str(REPO_ROOT / "configs/quickstart.yaml"), "--trainer.enable_progress_bar=false",
-                     "--ckpt_path", "pretrained:quickstart_digits"])
+    cli = build_cli(
+        [
+            "test",
+            "--config",
+            str(REPO_ROOT / "configs/quickstart.yaml"),
+            "--trainer.enable_progress_bar=false",
+            "--ckpt_path",
+            "pretrained:quickstart_digits",
+        ]
+    )
     accuracy = float(cli.trainer.callback_metrics["test/acc_top1"])
     assert round(accuracy * DIGITS_TEST_IMAGES) == round(0.9852 * DIGITS_TEST_IMAGES)
     assert cli.config.test.ckpt_path == str(REPO_ROOT / "bench/checkpoints/digits/quickstart.ckpt")
@@ -74,19 +88,24 @@ def _cli_error(args: list[str], capsys) -> str:
 
 
 def test_the_cli_refuses_an_unknown_name_listing_the_valid_ones(capsys) -> None:
-    message = _cli_error(["test", "--config", str(REPO_ROOT / "configs/quickstart.yaml"), "--ckpt_path",
-                          "pretrained:prnet"], capsys)
+    message = _cli_error(
+        ["test", "--config", str(REPO_ROOT / "configs/quickstart.yaml"), "--ckpt_path", "pretrained:prnet"], capsys
+    )
     assert "no pretrained model 'prnet'" in message and "prnet_mnist, prnet_mnist_seed1" in message
 
 
 def test_the_cli_refuses_a_pretrained_model_of_another_class_than_the_config(capsys) -> None:
-    message = _cli_error(["test", "--config", str(REPO_ROOT / "configs/quickstart.yaml"), "--ckpt_path",
-                          "pretrained:prnet_mnist"], capsys)
+    message = _cli_error(
+        ["test", "--config", str(REPO_ROOT / "configs/quickstart.yaml"), "--ckpt_path", "pretrained:prnet_mnist"],
+        capsys,
+    )
     assert "holds a lightning_pdenets.models.PRNetModule" in message and "RKNetModule" in message
 
 
 def test_an_unknown_name_is_a_value_error_listing_the_names() -> None:
-    with pytest.raises(ValueError, match=r"no pretrained model 'mnist'; valid names: odenet_mnist, .*quickstart_digits"):
+    with pytest.raises(
+        ValueError, match=r"no pretrained model 'mnist'; valid names: odenet_mnist, .*quickstart_digits"
+    ):
         pretrained.load("mnist")
 
 
@@ -112,8 +131,11 @@ def test_a_changed_file_is_refused_naming_it_and_both_hashes(tmp_path: Path) -> 
 
 def test_a_missing_file_is_refused_with_what_to_do(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(pretrained.ROOT_VARIABLE, str(tmp_path))  # as a wheel without the repository would see it
-    with pytest.raises(CheckpointNotFoundError, match=r"'.*bench/checkpoints/mnist/odenet.ckpt' does not exist.*"
-                                                      r"no download URL is registered.*pip install -e \."):
+    with pytest.raises(
+        CheckpointNotFoundError,
+        match=r"'.*bench/checkpoints/mnist/odenet.ckpt' does not exist.*"
+        r"no download URL is registered.*pip install -e \.",
+    ):
         pretrained.load("odenet_mnist")
     monkeypatch.setenv(pretrained.ROOT_VARIABLE, str(REPO_ROOT))
     assert pretrained.checkpoint_path("odenet_mnist").is_file()

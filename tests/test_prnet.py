@@ -16,7 +16,8 @@ from lightning_pdenets.blocks.pde import CoordinateConvField, PDEBlock, coordina
 from lightning_pdenets.cli import build_cli, main
 from lightning_pdenets.data import DigitsDataModule
 from lightning_pdenets.errors import NonFiniteLossError
-from lightning_pdenets.migration import VERSION_KEY, LegacyCheckpointError, main as upgrade_main
+from lightning_pdenets.migration import VERSION_KEY, LegacyCheckpointError
+from lightning_pdenets.migration import main as upgrade_main
 from lightning_pdenets.models.prnet import PRNET_OPTIMIZERS, PRNET_STEPS, PRNetAlgorithmModule, PRNetModule
 from tests.conftest import REPO_ROOT
 from tests.test_models import RecordLearningRates, one_cycle_rates
@@ -31,7 +32,9 @@ class TinyDigits(pl.LightningDataModule):
     def __init__(self, batch_size: int = 8) -> None:
         super().__init__()
         generator = torch.Generator().manual_seed(0)
-        self.data = TensorDataset(torch.randn(24, 1, 8, 8, generator=generator), torch.randint(0, 10, (24,), generator=generator))
+        self.data = TensorDataset(
+            torch.randn(24, 1, 8, 8, generator=generator), torch.randint(0, 10, (24,), generator=generator)
+        )
         self.batch_size = batch_size
 
     def train_dataloader(self) -> DataLoader:
@@ -43,8 +46,13 @@ class TinyDigits(pl.LightningDataModule):
 
 def make_trainer(tmp_path: Path, **kwargs) -> pl.Trainer:
     defaults = dict(
-        accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=tmp_path,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
     )
     return pl.Trainer(**{**defaults, **kwargs})
 
@@ -65,7 +73,9 @@ def test_parameter_count_matches_table_2_and_shares_stem_and_head_with_odenet():
 
 def test_stem_output_size_matches_the_stem():
     for image_size, downsamples in ((28, 2), (32, 2), (8, 1)):
-        h0 = prnet(image_size=image_size, num_downsamples=downsamples, width=8).stem(torch.zeros(1, 1, image_size, image_size))
+        h0 = prnet(image_size=image_size, num_downsamples=downsamples, width=8).stem(
+            torch.zeros(1, 1, image_size, image_size)
+        )
         assert tuple(h0.shape[-2:]) == stem_output_size(image_size, downsamples)
 
 
@@ -79,7 +89,9 @@ def test_pde_block_keeps_the_shape_and_starts_the_query_set_on_the_grid_at_t_end
         block(torch.randn(3, 8, 6, 6))
 
 
-@pytest.mark.parametrize("activation, output_norm", [("softplus", False), ("tanh", False), ("relu", False), ("softplus", True)])
+@pytest.mark.parametrize(
+    "activation, output_norm", [("softplus", False), ("tanh", False), ("relu", False), ("softplus", True)]
+)
 def test_taylor_mode_derivatives_equal_nested_jvp(activation, output_norm):
     torch.manual_seed(0)
     block = PDEBlock(CoordinateConvField(16, activation=activation, output_norm=output_norm), (5, 4)).double()
@@ -131,11 +143,21 @@ def test_module_has_four_optimizers_with_schedulers_and_a_proximal_alpha_step(tm
 
 def test_one_cycle_schedules_step_per_batch_and_per_epoch_ones_per_epoch(tmp_path):
     recorder = RecordLearningRates()
-    module = PRNetModule(**TINY, lr=0.02, lr_scheduler="onecycle",
-                         theta=dict(lr=0.01, lr_scheduler="multistep", lr_milestones=[1]))
-    trainer = pl.Trainer(accelerator="cpu", max_epochs=2, limit_train_batches=3, limit_val_batches=0, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         callbacks=[recorder], default_root_dir=tmp_path)
+    module = PRNetModule(
+        **TINY, lr=0.02, lr_scheduler="onecycle", theta=dict(lr=0.01, lr_scheduler="multistep", lr_milestones=[1])
+    )
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=2,
+        limit_train_batches=3,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[recorder],
+        default_root_dir=tmp_path,
+    )
     trainer.fit(module, datamodule=DigitsDataModule(batch_size=16))
     assert [rates[0] for rates in recorder.rates] == pytest.approx(one_cycle_rates(0.02, 6))
     assert [rates[1] for rates in recorder.rates] == pytest.approx([0.01] * 3 + [0.001] * 3)
@@ -149,10 +171,16 @@ def test_each_sub_step_updates_only_its_own_parameters(tmp_path, step, changed):
     torch.manual_seed(0)
     module = PRNetModule(**TINY, step_order=[step], l1_weight=0.0, governing_weight=1.0)
     parts = {
-        "stem": module.network.stem, "field": module.block.field, "head": module.network.head,
-        "query": module.block.query, "alpha": module.governing.alpha,
+        "stem": module.network.stem,
+        "field": module.block.field,
+        "head": module.network.head,
+        "query": module.block.query,
+        "alpha": module.governing.alpha,
     }
-    before = {name: copy.deepcopy(list(p.parameters()) if isinstance(p, torch.nn.Module) else [p]) for name, p in parts.items()}
+    before = {
+        name: copy.deepcopy(list(p.parameters()) if isinstance(p, torch.nn.Module) else [p])
+        for name, p in parts.items()
+    }
     make_trainer(tmp_path, max_steps=1, limit_val_batches=0).fit(module, TinyDigits())
     for name, part in parts.items():
         now = list(part.parameters()) if isinstance(part, torch.nn.Module) else [part]
@@ -217,12 +245,21 @@ def test_nonfinite_term_skips_only_the_affected_steps_when_configured(tmp_path):
     [
         (dict(step_order=["task", "dream"]), "`step_order` must be a non-empty list of distinct names"),
         (dict(step_order=["task", "task"]), "distinct"),
-        (dict(alpha=dict(optimizer="lbfgs")), "`alpha.optimizer` must be one of ['adam', 'adamw', 'proximal', 'rmsprop', 'sgd']"),
-        (dict(theta=dict(optimizer="proximal")), "`theta.optimizer` must be one of ['adam', 'adamw', 'rmsprop', 'sgd']"),
+        (
+            dict(alpha=dict(optimizer="lbfgs")),
+            "`alpha.optimizer` must be one of ['adam', 'adamw', 'proximal', 'rmsprop', 'sgd']",
+        ),
+        (
+            dict(theta=dict(optimizer="proximal")),
+            "`theta.optimizer` must be one of ['adam', 'adamw', 'rmsprop', 'sgd']",
+        ),
         (dict(theta=dict(lr=-1.0)), "`theta.lr` must be a finite number > 0"),
         (dict(query=dict(lr_scheduler="multistep")), "`query.lr_scheduler='multistep'` needs `query.lr_milestones`"),
         (dict(alpha=dict(momentum=1.0)), "`alpha.momentum` must be in [0, 1)"),
-        (dict(theta=dict(learning_rate=0.1)), "unknown `theta` setting(s) 'learning_rate'; valid names are ['optimizer', 'lr',"),
+        (
+            dict(theta=dict(learning_rate=0.1)),
+            "unknown `theta` setting(s) 'learning_rate'; valid names are ['optimizer', 'lr',",
+        ),
         (dict(query=dict(lr_sheduler="cosine")), "'lr_sheduler' (did you mean 'lr_scheduler'?)"),
         (dict(on_nonfinite="ignore"), "`on_nonfinite` must be one of ['raise', 'skip']"),
         (dict(max_derivative_order=(3, 3, 3)), "one integer per axis ['x', 'y']"),
@@ -265,15 +302,22 @@ def test_step_order_names_are_the_papers_lines_5_to_8():
 
 
 def test_algorithm_1_alone_names_no_network():
-    with pytest.raises(TypeError, match=r"PRNetAlgorithmModule sets no `architecture` \(a name registered with @register_architecture\)"):
+    with pytest.raises(
+        TypeError,
+        match=r"PRNetAlgorithmModule sets no `architecture` \(a name registered with @register_architecture\)",
+    ):
         PRNetAlgorithmModule()
 
 
 # -- optimizer specs ------------------------------------------------------------------------------
 def test_optimizer_specs_merge_over_the_defaults_and_are_stored_complete():
     module = PRNetModule(**TINY, theta=dict(lr=0.003, lr_scheduler="multistep", lr_milestones=(2, 4)))
-    assert module.hparams.theta == {**PRNET_OPTIMIZERS["theta"], "lr": 0.003, "lr_scheduler": "multistep",
-                                    "lr_milestones": [2, 4]}
+    assert module.hparams.theta == {
+        **PRNET_OPTIMIZERS["theta"],
+        "lr": 0.003,
+        "lr_scheduler": "multistep",
+        "lr_milestones": [2, 4],
+    }
     assert module.hparams.query == PRNET_OPTIMIZERS["query"] and module.hparams.alpha["optimizer"] == "proximal"
     assert PRNET_OPTIMIZERS["theta"]["lr"] == 1e-3  # the defaults are not modified
     optimizers, schedulers = module.configure_optimizers()
@@ -281,7 +325,9 @@ def test_optimizer_specs_merge_over_the_defaults_and_are_stored_complete():
 
 
 def test_an_optimizer_spec_that_is_not_a_mapping_is_refused():
-    with pytest.raises(TypeError, match=r"`theta` must be a mapping of optimizer settings such as \{'optimizer': 'adam'"):
+    with pytest.raises(
+        TypeError, match=r"`theta` must be a mapping of optimizer settings such as \{'optimizer': 'adam'"
+    ):
         PRNetModule(**TINY, theta=0.001)
 
 
@@ -295,13 +341,18 @@ def test_checkpoint_holds_primitive_optimizer_specs_and_rebuilds_the_same_optimi
     assert hparams["alpha"] == {**PRNET_OPTIMIZERS["alpha"], "lr": 0.02}
     restored = PRNetModule.load_from_checkpoint(tmp_path / "prnet.ckpt")
     assert [(type(o).__name__, o.defaults["lr"]) for o in restored.configure_optimizers()[0]] == [
-        ("Adam", 1e-3), ("SGD", 0.05), ("Adam", 1e-3), ("ProximalSGD", 0.02)]
+        ("Adam", 1e-3),
+        ("SGD", 0.05),
+        ("Adam", 1e-3),
+        ("ProximalSGD", 0.02),
+    ]
 
 
 def test_nested_optimizer_settings_from_the_command_line():
     config = str(REPO_ROOT / "configs/digits/prnet.yaml")
-    cli = build_cli(["--config", config, "--model.init_args.theta.lr=0.003",
-                     "--model.init_args.alpha.optimizer=adam"], run=False)
+    cli = build_cli(
+        ["--config", config, "--model.init_args.theta.lr=0.003", "--model.init_args.alpha.optimizer=adam"], run=False
+    )
     assert cli.model.hparams.theta == {**PRNET_OPTIMIZERS["theta"], "lr": 0.003}
     assert cli.model.hparams.alpha == {**PRNET_OPTIMIZERS["alpha"], "optimizer": "adam"}  # the YAML's lr 0.01 kept
 
@@ -311,13 +362,21 @@ def test_a_flat_optimizer_argument_of_an_old_config_points_to_the_nested_one(cap
         main(["fit", "--config", str(REPO_ROOT / "configs/digits/prnet.yaml"), "--model.init_args.theta_lr=0.01"])
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "error: --model: lightning_pdenets.models.PRNetModule has no argument 'theta_lr'. Did you mean theta.lr? "
-        "(`--model.init_args.theta.lr VALUE`, or `theta: {lr: VALUE}` in YAML)")
+        "(`--model.init_args.theta.lr VALUE`, or `theta: {lr: VALUE}` in YAML)"
+    )
 
 
 def test_a_learning_rate_given_for_a_resumed_run_replaces_the_checkpoints(tmp_path):
-    command = ["fit", "--config", str(REPO_ROOT / "configs/digits/prnet.yaml"), "--model.init_args.network.width=8",
-               "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false",
-               "--test_after_fit=false"]
+    command = [
+        "fit",
+        "--config",
+        str(REPO_ROOT / "configs/digits/prnet.yaml"),
+        "--model.init_args.network.width=8",
+        "--trainer.limit_train_batches=2",
+        "--trainer.limit_val_batches=1",
+        "--trainer.enable_progress_bar=false",
+        "--test_after_fit=false",
+    ]
     build_cli([*command, "--trainer.max_epochs=1"])
     resumed = build_cli([*command, "--trainer.max_epochs=2", "--ckpt_path=last", "--model.init_args.theta.lr=0.0005"])
     assert resumed.trainer.global_step == 4 * 2 * 2
@@ -334,7 +393,9 @@ def test_a_checkpoint_with_flat_optimizer_arguments_names_its_release_and_is_upg
     for group in ("theta", "query", "alpha"):
         flat.update({f"{group}_{setting}": value for setting, value in module.hparams[group].items()})
     old = tmp_path / "old.ckpt"
-    torch.save({"state_dict": module.state_dict(), "hyper_parameters": flat, "pytorch-lightning_version": pl.__version__}, old)
+    torch.save(
+        {"state_dict": module.state_dict(), "hyper_parameters": flat, "pytorch-lightning_version": pl.__version__}, old
+    )
 
     with pytest.raises(LegacyCheckpointError) as error:
         PRNetModule.load_from_checkpoint(old)
@@ -347,8 +408,13 @@ def test_a_checkpoint_with_flat_optimizer_arguments_names_its_release_and_is_upg
     new = tmp_path / "new.ckpt"
     upgrade_main([str(old), str(new), "--model", "lightning_pdenets.models.PRNetModule"])
     upgraded = torch.load(new, weights_only=True)
-    assert upgraded[VERSION_KEY] and not any(key.startswith(("theta_", "query_", "alpha_")) for key in upgraded["hyper_parameters"])
-    assert upgraded["hyper_parameters"]["network"] == module.hparams.network and "width" not in upgraded["hyper_parameters"]
+    assert upgraded[VERSION_KEY] and not any(
+        key.startswith(("theta_", "query_", "alpha_")) for key in upgraded["hyper_parameters"]
+    )
+    assert (
+        upgraded["hyper_parameters"]["network"] == module.hparams.network
+        and "width" not in upgraded["hyper_parameters"]
+    )
     restored = PRNetModule.load_from_checkpoint(new)
     assert dict(restored.hparams) == dict(module.hparams)
     assert all(torch.equal(value, module.state_dict()[key]) for key, value in restored.state_dict().items())
@@ -380,7 +446,9 @@ def _assert_same(a, b, where="") -> None:
 
 
 def test_resumed_run_equals_uninterrupted_run(tmp_path):
-    settings = dict(**TINY, l1_weight=1e-3, theta=dict(lr_scheduler="multistep", lr_milestones=[1]), alpha=dict(momentum=0.5))
+    settings = dict(
+        **TINY, l1_weight=1e-3, theta=dict(lr_scheduler="multistep", lr_milestones=[1]), alpha=dict(momentum=0.5)
+    )
 
     def run(max_epochs: int, ckpt_path=None, directory="a") -> PRNetModule:
         pl.seed_everything(0)
@@ -407,7 +475,10 @@ class SaveRankState(pl.Callback):
         self.directory = directory
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        torch.save({k: v.detach().cpu() for k, v in pl_module.state_dict().items()}, f"{self.directory}/rank{trainer.global_rank}.pt")
+        torch.save(
+            {k: v.detach().cpu() for k, v in pl_module.state_dict().items()},
+            f"{self.directory}/rank{trainer.global_rank}.pt",
+        )
 
 
 @pytest.mark.ddp
@@ -416,11 +487,21 @@ def test_ddp_ranks_hold_identical_theta_query_set_and_alpha(tmp_path):
     module = PRNetModule(**TINY, l1_weight=0.0, alpha=dict(optimizer="adam", lr=1e-2))
     initial = {k: v.clone() for k, v in module.state_dict().items()}
     trainer = make_trainer(
-        tmp_path, devices=2, strategy="ddp_spawn", max_steps=4 * 3, limit_val_batches=0, callbacks=[SaveRankState(str(tmp_path))]
+        tmp_path,
+        devices=2,
+        strategy="ddp_spawn",
+        max_steps=4 * 3,
+        limit_val_batches=0,
+        callbacks=[SaveRankState(str(tmp_path))],
     )
     trainer.fit(module, TinyDigits(batch_size=4))
     rank0, rank1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
-    for key in ("network.feature.query", "governing.alpha", "network.feature.field.conv2.weight", "network.stem.0.weight"):
+    for key in (
+        "network.feature.query",
+        "governing.alpha",
+        "network.feature.field.conv2.weight",
+        "network.stem.0.weight",
+    ):
         assert not torch.equal(rank0[key], initial[key]), f"{key} did not train"
     for key in rank0:
         assert torch.equal(rank0[key], rank1[key]), f"{key} differs between ranks"

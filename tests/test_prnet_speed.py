@@ -27,10 +27,19 @@ class FullBackward(PRNetModule):
 
 def fit(module: pl.LightningModule, batches: int = 3) -> pl.LightningModule:
     generator = torch.Generator().manual_seed(0)
-    data = TensorDataset(torch.randn(8 * batches, 1, 8, 8, generator=generator),
-                         torch.randint(0, 10, (8 * batches,), generator=generator))
-    pl.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
-               enable_progress_bar=False, enable_model_summary=False).fit(module, DataLoader(data, batch_size=8))
+    data = TensorDataset(
+        torch.randn(8 * batches, 1, 8, 8, generator=generator),
+        torch.randint(0, 10, (8 * batches,), generator=generator),
+    )
+    pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    ).fit(module, DataLoader(data, batch_size=8))
     return module
 
 

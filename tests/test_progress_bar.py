@@ -30,8 +30,15 @@ def fit(root: Path, callbacks: list, ckpt_path: str | None = None) -> pl.Trainer
     pl.seed_everything(0)
     model = RKNetModule(solver=dict(step_size=0.5), network=dict(width=4, num_downsamples=1))
     trainer = pl.Trainer(
-        accelerator="cpu", devices=1, max_epochs=2, limit_train_batches=BATCHES, limit_val_batches=1,
-        default_root_dir=root, logger=False, enable_model_summary=False, callbacks=callbacks,
+        accelerator="cpu",
+        devices=1,
+        max_epochs=2,
+        limit_train_batches=BATCHES,
+        limit_val_batches=1,
+        default_root_dir=root,
+        logger=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
     )
     trainer.fit(model, datamodule=DigitsDataModule(batch_size=16), ckpt_path=ckpt_path)
     return trainer

@@ -11,9 +11,11 @@ from tests.conftest import REPO_ROOT
 
 pytestmark = pytest.mark.cli
 
+
 def test_quickstart_reaches_the_documented_accuracy_and_writes_logs(tmp_path: Path) -> None:
-    cli = build_cli(["fit", "--config", str(REPO_ROOT / "configs" / "quickstart.yaml"),
-                     "--trainer.enable_progress_bar=false"])
+    cli = build_cli(
+        ["fit", "--config", str(REPO_ROOT / "configs" / "quickstart.yaml"), "--trainer.enable_progress_bar=false"]
+    )
     test_accuracy = float(cli.trainer.callback_metrics["test/acc_top1"])
     assert test_accuracy >= 0.95, f"quickstart test accuracy {test_accuracy:.3f} < 0.95"
     version = tmp_path / "logs" / "quickstart" / "version_0"

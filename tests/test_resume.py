@@ -28,17 +28,32 @@ class Interrupt(pl.Callback):
 
 def make_trainer(root: Path, callbacks: list, max_epochs: int = 2) -> pl.Trainer:
     return pl.Trainer(
-        accelerator="cpu", devices=1, max_epochs=max_epochs, limit_train_batches=6, limit_val_batches=2,
-        deterministic=True, default_root_dir=root, logger=False, enable_progress_bar=False,
-        enable_model_summary=False, callbacks=callbacks, enable_checkpointing=True,
+        accelerator="cpu",
+        devices=1,
+        max_epochs=max_epochs,
+        limit_train_batches=6,
+        limit_val_batches=2,
+        deterministic=True,
+        default_root_dir=root,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+        enable_checkpointing=True,
     )
 
 
 def train(root: Path, callbacks: list, ckpt_path: str | None = None, lr_scheduler: str = "multistep") -> RKNetModule:
     pl.seed_everything(123, workers=True)
     schedule = dict(lr_milestones=[1]) if lr_scheduler == "multistep" else {}
-    model = RKNetModule(solver=dict(step_size=0.5), network=dict(width=8, num_downsamples=1), optimizer="sgd", lr=0.05,
-                        lr_scheduler=lr_scheduler, **schedule)
+    model = RKNetModule(
+        solver=dict(step_size=0.5),
+        network=dict(width=8, num_downsamples=1),
+        optimizer="sgd",
+        lr=0.05,
+        lr_scheduler=lr_scheduler,
+        **schedule,
+    )
     make_trainer(root, callbacks).fit(model, datamodule=DigitsDataModule(batch_size=32), ckpt_path=ckpt_path)
     return model
 
@@ -101,4 +116,6 @@ def test_resume_mid_epoch_is_exact_when_the_schedule_sizes_itself_from_the_loade
     with pytest.raises(RuntimeError, match="simulated pre-emption"):
         train(tmp_path / "run", [Interrupt(4), on_exception], lr_scheduler="onecycle")
     checkpoint = str(tmp_path / "ckpt" / "interrupted.ckpt")
-    assert torch.equal(parameters(train(tmp_path / "run", [], ckpt_path=checkpoint, lr_scheduler="onecycle")), reference)
+    assert torch.equal(
+        parameters(train(tmp_path / "run", [], ckpt_path=checkpoint, lr_scheduler="onecycle")), reference
+    )

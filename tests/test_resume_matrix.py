@@ -11,7 +11,7 @@ interrupted epoch included: the final values, and every scalar sent to the logge
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import lightning.pytorch as pl
 import pytest
@@ -71,22 +71,36 @@ class RecordingLogger(Logger):
     def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
         pass
 
-    def log_metrics(self, metrics: dict[str, float], step: Optional[int] = None) -> None:
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         for name, value in metrics.items():
             if not name.startswith("inference/"):  # wall time
                 self.scalars[(name, step)] = float(value)
 
 
-def run(case: DDPCase, root: Path, extra_callbacks: list[pl.Callback], ckpt_path: Optional[str] = None,
-        scalars: Optional[dict[tuple[str, int], float]] = None) -> dict[str, Any]:
+def run(
+    case: DDPCase,
+    root: Path,
+    extra_callbacks: list[pl.Callback],
+    ckpt_path: str | None = None,
+    scalars: dict[tuple[str, int], float] | None = None,
+) -> dict[str, Any]:
     pl.seed_everything(7, workers=True)
     model, callbacks = case.model(), case.callbacks()
     trainer = pl.Trainer(
-        accelerator="cpu", devices=1, max_epochs=max(EPOCHS, case.epochs), limit_train_batches=case.train_batches,
-        limit_val_batches=2, limit_test_batches=2, num_sanity_val_steps=0, deterministic=True, default_root_dir=root,
-        logger=RecordingLogger({} if scalars is None else scalars), log_every_n_steps=1,
+        accelerator="cpu",
+        devices=1,
+        max_epochs=max(EPOCHS, case.epochs),
+        limit_train_batches=case.train_batches,
+        limit_val_batches=2,
+        limit_test_batches=2,
+        num_sanity_val_steps=0,
+        deterministic=True,
+        default_root_dir=root,
+        logger=RecordingLogger({} if scalars is None else scalars),
+        log_every_n_steps=1,
         enable_progress_bar=any(isinstance(c, ProgressBar) for c in callbacks),
-        enable_model_summary=False, callbacks=callbacks + extra_callbacks,
+        enable_model_summary=False,
+        callbacks=callbacks + extra_callbacks,
         enable_checkpointing=bool(extra_callbacks),
     )
     datamodule = case.data(BATCH_SIZE)
@@ -112,8 +126,12 @@ def test_preempted_and_resumed_run_matches_the_uninterrupted_one(name: str, tmp_
     checkpoint = tmp_path / "ckpt" / "interrupted.ckpt"
     scalars: dict[tuple[str, int], float] = {}
     with pytest.raises(RuntimeError, match="simulated pre-emption"):
-        run(case, tmp_path / "run", [PreemptAfterBatches(case.train_batches + 1),
-                                      CheckpointOnInterrupt(dirpath=str(checkpoint.parent))], scalars=scalars)
+        run(
+            case,
+            tmp_path / "run",
+            [PreemptAfterBatches(case.train_batches + 1), CheckpointOnInterrupt(dirpath=str(checkpoint.parent))],
+            scalars=scalars,
+        )
     resumed = run(case, tmp_path / "run", [], ckpt_path=str(checkpoint), scalars=scalars)
 
     assert resumed["steps"] == reference["steps"]

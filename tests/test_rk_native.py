@@ -95,8 +95,11 @@ def test_fixed_step_methods_equal_torchdiffeq(method: str, step_size: float) -> 
         with torch.no_grad():
             outs[backend] = (block(y0), block.nfe_forward, block.steps_accepted_forward, block.last_step_sizes)
     assert torch.allclose(outs["native"][0], outs["torchdiffeq"][0], rtol=1e-12, atol=1e-13)
-    assert outs["native"][1:3] == outs["torchdiffeq"][1:3] == (len(TABLE_STAGES[method]) * math.ceil(T1 / step_size),
-                                                            math.ceil(T1 / step_size))
+    assert (
+        outs["native"][1:3]
+        == outs["torchdiffeq"][1:3]
+        == (len(TABLE_STAGES[method]) * math.ceil(T1 / step_size), math.ceil(T1 / step_size))
+    )
     assert torch.allclose(outs["native"][3], outs["torchdiffeq"][3].double(), rtol=1e-6)
 
 
@@ -154,13 +157,17 @@ def test_gradients_match_autograd_through_the_closed_forms(adjoint: bool, norm: 
     options = {"norm": norm} if norm else None
     cases = [
         (Linear(_matrix()), _y0(), _exact_linear),
-        (Logistic(torch.tensor([0.5, 1.5, -0.7], dtype=torch.float64)),
-         torch.tensor([[0.2, 0.5, 0.9], [0.7, 0.1, 0.4]], dtype=torch.float64), _exact_logistic),
+        (
+            Logistic(torch.tensor([0.5, 1.5, -0.7], dtype=torch.float64)),
+            torch.tensor([[0.2, 0.5, 0.9], [0.7, 0.1, 0.4]], dtype=torch.float64),
+            _exact_logistic,
+        ),
     ]
     for field, y0, exact in cases:
         y0 = y0.clone().requires_grad_(True)
-        block = ODEBlock(field, rtol=1e-11, atol=1e-11, t1=T1, adjoint=adjoint, adjoint_options=options,
-                         max_num_steps=10_000)
+        block = ODEBlock(
+            field, rtol=1e-11, atol=1e-11, t1=T1, adjoint=adjoint, adjoint_options=options, max_num_steps=10_000
+        )
         got = _gradients(field, y0, block(y0))
         parameter = next(field.parameters()).detach().clone().requires_grad_(True)
         y0_ref = y0.detach().clone().requires_grad_(True)
@@ -179,8 +186,9 @@ def test_seminorm_takes_no_more_backward_steps_than_the_default_norm() -> None:
     for norm in (None, "seminorm"):
         field = Linear(_matrix())
         y0 = _y0().requires_grad_(True)
-        block = ODEBlock(field, rtol=1e-6, atol=1e-6, t1=T1, adjoint=True,
-                         adjoint_options={"norm": norm} if norm else None)
+        block = ODEBlock(
+            field, rtol=1e-6, atol=1e-6, t1=T1, adjoint=True, adjoint_options={"norm": norm} if norm else None
+        )
         _gradients(field, y0, block(y0))
         steps[norm] = block.steps_accepted_backward + block.steps_rejected_backward
     assert steps["seminorm"] <= steps[None]
@@ -214,8 +222,9 @@ def test_rnode_integrals_agree_with_torchdiffeq_and_stay_out_of_step_control() -
     results = {}
     for backend in ("native", "torchdiffeq"):
         torch.manual_seed(1)
-        block = ODEBlock(Linear(matrix), rtol=1e-8, atol=1e-8, t1=T1, kinetic_weight=1.0, jacobian_weight=1.0,
-                         backend=backend)
+        block = ODEBlock(
+            Linear(matrix), rtol=1e-8, atol=1e-8, t1=T1, kinetic_weight=1.0, jacobian_weight=1.0, backend=backend
+        )
         block.train()
         out = block(y0)
         terms = block.pop_regularization()
@@ -241,8 +250,9 @@ def test_max_num_steps_and_min_step_on_the_native_path() -> None:
 
 
 def test_failure_retries_loosen_the_tolerance_on_the_native_path() -> None:
-    block = ODEBlock(Linear(_matrix() * 20), rtol=1e-10, atol=1e-10, max_num_steps=40, failure_retries=20,
-                     failure_tol_factor=10.0)
+    block = ODEBlock(
+        Linear(_matrix() * 20), rtol=1e-10, atol=1e-10, max_num_steps=40, failure_retries=20, failure_tol_factor=10.0
+    )
     with torch.no_grad():
         block(_y0())
     assert block.solver.rtol > 1e-10 and block.solver.backend == "native"
@@ -261,7 +271,7 @@ def test_torchdiffeq_only_methods_fall_back_and_backend_is_validated() -> None:
     assert block.steps_accepted_forward > 0  # torchdiffeq's step callbacks count on the fallback too
     with pytest.raises(ValueError, match=r"`solver.backend` must be one of \['native', 'torchdiffeq'\], got 'scipy'"):
         SolverConfig.from_options({"backend": "scipy"})
-    with pytest.raises(ValueError, match="integrates .* not 'dopri8'"):
+    with pytest.raises(ValueError, match=r"integrates .* not 'dopri8'"):
         StepControl(method="dopri8")
     with pytest.raises(ValueError, match="needs a step_size > 0"):
         StepControl(method="rk4")

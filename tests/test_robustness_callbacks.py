@@ -144,11 +144,15 @@ def test_callback_logs_every_attack_and_eps_for_a_plain_module(tmp_path):
 
 def test_binary_linear_model_accuracy_cannot_rise_under_attack():
     model, data = PlainClassifier(num_classes=2), PlainData(num_classes=2)
-    callback = AdversarialEvaluation(epsilons=["1/255", "3/255", "30/255"], attacks=["pgd"], num_batches=None, pgd_steps=5)
+    callback = AdversarialEvaluation(
+        epsilons=["1/255", "3/255", "30/255"], attacks=["pgd"], num_batches=None, pgd_steps=5
+    )
     trainer = pl.Trainer(callbacks=[callback], logger=False, accelerator="cpu", devices=1, enable_progress_bar=False)
     trainer.test(model, datamodule=data, verbose=False)
     m = trainer.callback_metrics
-    accuracies = [float(m[key]) for key in ("adv/clean/top1", "adv/pgd_eps1/top1", "adv/pgd_eps3/top1", "adv/pgd_eps30/top1")]
+    accuracies = [
+        float(m[key]) for key in ("adv/clean/top1", "adv/pgd_eps1/top1", "adv/pgd_eps3/top1", "adv/pgd_eps30/top1")
+    ]
     assert accuracies == sorted(accuracies, reverse=True)
     assert accuracies[-1] < accuracies[0]
     assert "adv/pgd_eps1/top5" not in m  # top-5 is meaningless with two classes
@@ -164,8 +168,15 @@ def test_validation_attacks_every_n_epochs(tmp_path):
             seen.append("val_adv/fgsm_eps1/top1" in trainer.callback_metrics)
 
     trainer = pl.Trainer(
-        callbacks=[callback, Spy()], logger=False, accelerator="cpu", devices=1, max_epochs=2,
-        enable_progress_bar=False, enable_checkpointing=False, limit_train_batches=1, num_sanity_val_steps=0,
+        callbacks=[callback, Spy()],
+        logger=False,
+        accelerator="cpu",
+        devices=1,
+        max_epochs=2,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        limit_train_batches=1,
+        num_sanity_val_steps=0,
     )
     trainer.fit(model, datamodule=data)
     assert seen == [False, True]
@@ -189,9 +200,14 @@ def test_validation_attacks_every_n_epochs(tmp_path):
         (dict(spsa_delta=0), "`spsa_delta` must be a finite number > 0, got 0"),
         (dict(spsa_lr=-0.01), "`spsa_lr` must be a finite number > 0, got -0.01"),
         (dict(gradient_solver={"method": "rk4"}), "fixed-step solver 'rk4' needs `gradient_solver.step_size`"),
-        (dict(gradient_solver={"methd": "rk4"}), "unknown `gradient_solver` setting(s) 'methd' (did you mean 'method'?)"),
-        (dict(gradient_solver={"method": "rk4", "step_size": 0.1}, attacks=["spsa"]),
-         "`attacks` ['spsa'] has none; add 'fgsm', 'pgd' or 'autoattack', or drop `gradient_solver`"),
+        (
+            dict(gradient_solver={"methd": "rk4"}),
+            "unknown `gradient_solver` setting(s) 'methd' (did you mean 'method'?)",
+        ),
+        (
+            dict(gradient_solver={"method": "rk4", "step_size": 0.1}, attacks=["spsa"]),
+            "`attacks` ['spsa'] has none; add 'fgsm', 'pgd' or 'autoattack', or drop `gradient_solver`",
+        ),
         (dict(masking_margin=1.0), "`masking_margin` must be an accuracy difference in [0, 1), got 1.0"),
         (dict(gradient_solver="rk4"), "`gradient_solver` must be a mapping of solver settings"),
     ],
@@ -221,16 +237,26 @@ class TinyCNN(PlainClassifier):
     def __init__(self) -> None:
         super().__init__()
         torch.manual_seed(0)
-        self.features = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
-                                      nn.Linear(16, 2))
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(16, 2)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)
 
 
 def masking_check(model: pl.LightningModule, **kwargs) -> tuple[dict[str, float], list[str]]:
-    callback = AdversarialEvaluation(epsilons=[0.1], attacks=["fgsm", "pgd", "spsa"], pgd_steps=5, num_batches=None,
-                                     spsa_num_batches=2, spsa_steps=10, spsa_samples=32, spsa_delta=0.05, **kwargs)
+    callback = AdversarialEvaluation(
+        epsilons=[0.1],
+        attacks=["fgsm", "pgd", "spsa"],
+        pgd_steps=5,
+        num_batches=None,
+        spsa_num_batches=2,
+        spsa_steps=10,
+        spsa_samples=32,
+        spsa_delta=0.05,
+        **kwargs,
+    )
     trainer = pl.Trainer(callbacks=[callback], logger=False, accelerator="cpu", devices=1, enable_progress_bar=False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -280,8 +306,13 @@ def ode_image_classifier() -> nn.Module:
     from lightning_pdenets.blocks import ODEBlock
 
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), ODEBlock(ConvField(), method="dopri5", rtol=1e-3, atol=1e-3),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        ODEBlock(ConvField(), method="dopri5", rtol=1e-3, atol=1e-3),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 2),
+    )
 
 
 @pytest.mark.parametrize("gradient_solver", [None, {"method": "rk4", "step_size": 0.25}], ids=["own", "stand-in"])
@@ -290,9 +321,19 @@ def test_white_box_gradients_go_through_the_stand_in_solver_and_the_model_keeps_
     block = model[1]
     before = block.solver_settings()
     seen: list[tuple[str, bool]] = []
-    block.register_forward_pre_hook(lambda module, args: seen.append((module.solver_settings()["method"], torch.is_grad_enabled())))
-    callback = AdversarialEvaluation(epsilons=[0.1], attacks=["fgsm", "pgd", "spsa"], pgd_steps=2, spsa_steps=1,
-                                     spsa_samples=2, gradient_solver=gradient_solver, mean=MEAN, std=STD)
+    block.register_forward_pre_hook(
+        lambda module, args: seen.append((module.solver_settings()["method"], torch.is_grad_enabled()))
+    )
+    callback = AdversarialEvaluation(
+        epsilons=[0.1],
+        attacks=["fgsm", "pgd", "spsa"],
+        pgd_steps=2,
+        spsa_steps=1,
+        spsa_samples=2,
+        gradient_solver=gradient_solver,
+        mean=MEAN,
+        std=STD,
+    )
     data = PlainData()
     outputs = callback.attack_batch(model, data.x[:4], data.y[:4])
     crafting = {method for method, grad in seen if grad}  # FGSM and PGD differentiate
@@ -305,8 +346,9 @@ def test_white_box_gradients_go_through_the_stand_in_solver_and_the_model_keeps_
 
 
 def test_gradient_solver_on_a_model_without_ode_blocks_warns_and_attacks_as_is():
-    callback = AdversarialEvaluation(epsilons=[0.1], attacks=["fgsm"], gradient_solver={"method": "rk4", "step_size": 0.25},
-                                     mean=MEAN, std=STD)
+    callback = AdversarialEvaluation(
+        epsilons=[0.1], attacks=["fgsm"], gradient_solver={"method": "rk4", "step_size": 0.25}, mean=MEAN, std=STD
+    )
     data = PlainData()
     with pytest.warns(UserWarning, match=r"`gradient_solver` is set but PlainClassifier has no ODE block"):
         outputs = callback.attack_batch(PlainClassifier(), data.x[:4], data.y[:4])
@@ -326,7 +368,7 @@ def test_center_crop_keeps_exactly_the_central_fraction(size, crop):
     """56/64 of the side is kept (scaled for other sizes): a frame just outside the crop disappears."""
     pixels = torch.ones(2, 3, size, size)
     margin = (size - crop) // 2
-    pixels[..., margin: margin + crop, margin: margin + crop] = 0.25
+    pixels[..., margin : margin + crop, margin : margin + crop] = 0.25
     out = perturb_pixels(pixels, "center_crop", torch.Generator().manual_seed(0))
     assert out.shape == pixels.shape
     torch.testing.assert_close(out, torch.full_like(out, 0.25))
@@ -343,7 +385,7 @@ def test_random_perturbations_are_per_image_seeded_and_leave_global_rng_alone(na
     assert torch.equal(torch.get_rng_state(), state)
     assert torch.equal(first, again) and not torch.equal(first, other)
     assert not torch.equal(first[0], first[1])  # independent draws per image
-    assert 0.0 <= first.min() and first.max() <= 1.0
+    assert first.min() >= 0.0 and first.max() <= 1.0
 
 
 def test_rotation_by_a_fixed_angle_matches_torchvision():
@@ -358,10 +400,14 @@ def test_ood_callback_logs_each_perturbation_reproducibly():
     results = []
     for _ in range(2):
         model, data = PlainClassifier(num_classes=10, image_shape=(3, 16, 16)), PlainData(num_classes=10, size=16)
-        trainer = pl.Trainer(callbacks=[OODEvaluation()], logger=False, accelerator="cpu", devices=1, enable_progress_bar=False)
+        trainer = pl.Trainer(
+            callbacks=[OODEvaluation()], logger=False, accelerator="cpu", devices=1, enable_progress_bar=False
+        )
         trainer.test(model, datamodule=data, verbose=False)
         results.append({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("ood/")})
-    expected = {f"ood/{p}/{k}" for p in ("gaussian_noise", "center_crop", "rotation", "color_jitter") for k in ("top1", "top5")}
+    expected = {
+        f"ood/{p}/{k}" for p in ("gaussian_noise", "center_crop", "rotation", "color_jitter") for k in ("top1", "top5")
+    }
     assert set(results[0]) == expected
     assert results[0] == results[1]
 
@@ -419,7 +465,9 @@ def test_callbacks_on_an_adjoint_ode_network_leave_gradients_alone():
     from lightning_pdenets.architectures import odenet_mobilenet
     from lightning_pdenets.protocols import find_ode_blocks
 
-    net = odenet_mobilenet(solver=dict(adjoint=True), channels=16, expanded_channels=32, num_blocks=2, patch_size=8, num_classes=10)
+    net = odenet_mobilenet(
+        solver=dict(adjoint=True), channels=16, expanded_channels=32, num_blocks=2, patch_size=8, num_classes=10
+    )
     (block,) = find_ode_blocks(net)
     x, y = torch.randn(4, 3, 64, 64), torch.arange(4)
     outputs = AdversarialEvaluation(epsilons=["3/255"], pgd_steps=2).attack_batch(net, x, y)
@@ -439,12 +487,22 @@ def test_evaluation_passes_of_callbacks_never_reach_the_logged_nfe(monitor_first
     from lightning_pdenets.models import RKNetModule
 
     model = RKNetModule(network=dict(width=8, num_downsamples=1))  # rk4, 4 steps: 16 evaluations per forward pass
-    evaluations = [AdversarialEvaluation(epsilons=[0.1], pgd_steps=2, num_batches=2), OODEvaluation(num_batches=2),
-                   InferenceTimer(batch_size=8, num_warmup=1, num_repeats=1)]
+    evaluations = [
+        AdversarialEvaluation(epsilons=[0.1], pgd_steps=2, num_batches=2),
+        OODEvaluation(num_batches=2),
+        InferenceTimer(batch_size=8, num_warmup=1, num_repeats=1),
+    ]
     monitor = NFEMonitor()
     callbacks = [monitor, *evaluations] if monitor_first else [*evaluations, monitor]
-    trainer = pl.Trainer(callbacks=callbacks, logger=False, accelerator="cpu", devices=1, enable_progress_bar=False,
-                         limit_test_batches=2, enable_model_summary=False)
+    trainer = pl.Trainer(
+        callbacks=callbacks,
+        logger=False,
+        accelerator="cpu",
+        devices=1,
+        enable_progress_bar=False,
+        limit_test_batches=2,
+        enable_model_summary=False,
+    )
     block = model.network.feature
     before = block.nfe_forward
     trainer.test(model, datamodule=DigitsDataModule(batch_size=16), verbose=False)
@@ -461,11 +519,19 @@ def test_paper_evaluation_on_a_framework_model_and_datamodule(tmp_path):
 
     data = TinyImageNetDataModule(**fake_tinyimagenet(tmp_path))
     model = IsometricMobileNetModule(network=dict(channels=16, expanded_channels=32, num_blocks=2, patch_size=8))
-    callbacks = [AdversarialEvaluation(num_batches=1, pgd_steps=2), OODEvaluation(num_batches=1),
-                 InferenceTimer(batch_size=8, num_warmup=1, num_repeats=1)]
+    callbacks = [
+        AdversarialEvaluation(num_batches=1, pgd_steps=2),
+        OODEvaluation(num_batches=1),
+        InferenceTimer(batch_size=8, num_warmup=1, num_repeats=1),
+    ]
     trainer = pl.Trainer(callbacks=callbacks, logger=False, accelerator="cpu", devices=1, enable_progress_bar=False)
     trainer.test(model, datamodule=data, verbose=False)
     keys = set(trainer.callback_metrics)
-    assert {"test/acc_top1", "adv/fgsm_eps0.5/top5", "adv/pgd_eps3/top1", "ood/rotation/top5",
-            "inference/seconds_per_batch"} <= keys
+    assert {
+        "test/acc_top1",
+        "adv/fgsm_eps0.5/top5",
+        "adv/pgd_eps3/top1",
+        "ood/rotation/top5",
+        "inference/seconds_per_batch",
+    } <= keys
     assert callbacks[0]._warned_raw_pixels is False  # mean/std were found on the datamodule

@@ -16,10 +16,10 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torchdiffeq import odeint
 
+from lightning_pdenets.blocks import ODEBlock
 from lightning_pdenets.callbacks import NFEMonitor, SolverSwapCheck, StepSizeAdaptation, ToleranceAdaptation
 from lightning_pdenets.callbacks.solver_adaptation import hairer_initial_step, step_for_test_solver
 from lightning_pdenets.data import ConcentricSpheresDataModule
-from lightning_pdenets.blocks import ODEBlock
 from lightning_pdenets.errors import SolverFailedError
 from lightning_pdenets.models import VectorODEClassifierModule
 
@@ -27,8 +27,15 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::Deprecat
 
 
 def quiet_trainer(**kwargs) -> pl.Trainer:
-    defaults = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                    enable_model_summary=False, num_sanity_val_steps=0)
+    defaults = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
     return pl.Trainer(**{**defaults, **kwargs})
 
 
@@ -133,7 +140,10 @@ def test_test_step_size_makes_test_error_50_times_smaller():
     [
         (lambda: StepSizeAdaptation(train_solver="eulr"), r"`train_solver` must be one of .*got 'eulr'"),
         (lambda: StepSizeAdaptation(train_solver="euler", test_solver="rk5"), r"`test_solver` must be one of"),
-        (lambda: StepSizeAdaptation(train_solver="midpoint", test_solver="euler"), r"less accurate than `train_solver`"),
+        (
+            lambda: StepSizeAdaptation(train_solver="midpoint", test_solver="euler"),
+            r"less accurate than `train_solver`",
+        ),
         (lambda: StepSizeAdaptation(train_solver="dopri5"), r"fixed-step solvers: `train_solver` must be one of"),
         (lambda: StepSizeAdaptation(threshold=0), r"`threshold` must be an accuracy difference in \(0, 1\], got 0"),
         (lambda: StepSizeAdaptation(threshold=1.5), r"`threshold` .*got 1.5"),
@@ -142,7 +152,10 @@ def test_test_step_size_makes_test_error_50_times_smaller():
         (lambda: StepSizeAdaptation(initial_step_size="auto"), r"`initial_step_size` must be a finite number"),
         (lambda: ToleranceAdaptation(train_solver="rk4"), r"adaptive solvers: `train_solver` must be one of"),
         (lambda: ToleranceAdaptation(test_solver="rk4"), r"needs an adaptive `test_solver`"),
-        (lambda: ToleranceAdaptation(train_solver="dopri5", test_solver="bosh3"), r"'bosh3' \(order 3\) is less accurate"),
+        (
+            lambda: ToleranceAdaptation(train_solver="dopri5", test_solver="bosh3"),
+            r"'bosh3' \(order 3\) is less accurate",
+        ),
         (lambda: ToleranceAdaptation(threshold=2.0), r"`threshold`"),
         (lambda: ToleranceAdaptation(test_tol_factor=1.5), r"`test_tol_factor` must lie in"),
         (lambda: SolverSwapCheck(solvers=["euler", "rk45"]), r"`solvers` must be one of .*got 'rk45'"),
@@ -187,7 +200,9 @@ class ScriptedSteps(StepSizeAdaptation):
 
 
 def ode_block():
-    return VectorODEClassifierModule(solver=dict(method="euler", step_size=0.4), network=dict(hidden_width=4)).network.ode
+    return VectorODEClassifierModule(
+        solver=dict(method="euler", step_size=0.4), network=dict(hidden_width=4)
+    ).network.ode
 
 
 def test_step_check_halves_h_on_disagreement_and_uses_sqrt_h_over_50_for_midpoint():
@@ -233,7 +248,12 @@ class ScriptedTolerances(ToleranceAdaptation):
 
 def test_tolerance_check_tightens_test_tolerance_until_its_nfe_exceeds_training():
     nfe_at = {1e-4: 20, 1e-5: 14, 1e-6: 26}
-    callback = ScriptedTolerances(lambda m, tol: (0.9 if m == "dopri5" and tol < 1e-4 else 0.5, nfe_at[min(nfe_at, key=lambda k: abs(math.log(k / tol)))]))
+    callback = ScriptedTolerances(
+        lambda m, tol: (
+            0.9 if m == "dopri5" and tol < 1e-4 else 0.5,
+            nfe_at[min(nfe_at, key=lambda k: abs(math.log(k / tol)))],
+        )
+    )
     callback.value = 1e-4
     record = callback.check(None, None, [ode_block()], None)
     assert record["test_tol"] == pytest.approx(1e-6)  # 1e-5 gave 14 NFE <= 20, so tightened once more
@@ -298,9 +318,14 @@ def test_nfe_monitor_counts_rk4_evaluations_and_ignores_solver_checks():
     trainer.test(module, tiny_spheres())
     # 4 steps × 4 stages, each backpropagated; a fixed-step solver accepts each of its 4 steps, and backpropagating
     # through the solver takes no backward steps of its own
-    assert monitor.last_step == {"forward": 16.0, "backward": 16.0, "steps_accepted_forward": 4.0,
-                                 "steps_rejected_forward": 0.0, "steps_accepted_backward": 0.0,
-                                 "steps_rejected_backward": 0.0}
+    assert monitor.last_step == {
+        "forward": 16.0,
+        "backward": 16.0,
+        "steps_accepted_forward": 4.0,
+        "steps_rejected_forward": 0.0,
+        "steps_accepted_backward": 0.0,
+        "steps_rejected_backward": 0.0,
+    }
     by_stage = {e["stage"]: e for e in monitor.epoch_history}
     assert by_stage["train"]["train/nfe_forward_epoch"] == 16.0
     assert by_stage["train"]["train/nfe_backward_epoch"] == 16.0
@@ -328,8 +353,15 @@ def test_solver_swap_check_keeps_its_results_in_checkpoints(tmp_path: Path) -> N
 @pytest.mark.parametrize("progress_bar", [True, False])
 def test_solver_swap_check_counts_its_passes_in_a_progress_bar(progress_bar: bool, capfd) -> None:
     swap = SolverSwapCheck(solvers=["euler", "rk4"], step_factors=[0.5, 1.0])
-    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=1, logger=False,
-                         enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=progress_bar)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        limit_train_batches=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=progress_bar,
+    )
     module = ForeignClassifier()
     trainer.fit(module, foreign_loader(), foreign_loader(32, seed=1))
     capfd.readouterr()
@@ -384,8 +416,9 @@ class StiffenAtEpoch(Callback):
 
 
 def test_without_tolerance_adaptation_a_solver_failure_stops_training_and_keeps_the_last_checkpoint(tmp_path):
-    module = VectorODEClassifierModule(solver=dict(method="dopri5", step_size=None, rtol=1e-3, atol=1e-3),
-                                       network=dict(hidden_width=8))
+    module = VectorODEClassifierModule(
+        solver=dict(method="dopri5", step_size=None, rtol=1e-3, atol=1e-3), network=dict(hidden_width=8)
+    )
     checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
     trainer = quiet_trainer(max_epochs=3, callbacks=[checkpoint, StiffenAtEpoch(1)], enable_checkpointing=True)
     with pytest.raises(SolverFailedError, match=r"max_num_steps.*ToleranceAdaptation callback"):
@@ -406,8 +439,9 @@ class RecordSolverDuringFit(Callback):
 
 
 def test_tolerance_adaptation_backs_off_on_solver_failure_and_finishes_training():
-    module = VectorODEClassifierModule(solver=dict(method="dopri5", step_size=None, max_num_steps=6),
-                                       network=dict(hidden_width=8))
+    module = VectorODEClassifierModule(
+        solver=dict(method="dopri5", step_size=None, max_num_steps=6), network=dict(hidden_width=8)
+    )
     adaptation = ToleranceAdaptation(interval=1000, initial_tol=1e-12, backoff_factor=10.0, max_backoffs=12)
     probe = RecordSolverDuringFit()
     with warnings.catch_warnings(record=True) as caught:
@@ -424,7 +458,8 @@ def test_tolerance_adaptation_backs_off_on_solver_failure_and_finishes_training(
     # the block retried through its own solver configuration, with nothing patched; restored after fit
     assert not probe.patched
     assert {k: probe.settings[k] for k in ("failure_retries", "failure_tol_factor", "failure_max_tol")} == dict(
-        failure_retries=12, failure_tol_factor=10.0, failure_max_tol=1.0)
+        failure_retries=12, failure_tol_factor=10.0, failure_max_tol=1.0
+    )
     assert module.network.ode.solver_settings()["failure_retries"] == 0
 
 
@@ -438,7 +473,8 @@ def test_tolerance_adaptation_adopts_a_back_off_made_during_validation():
     adaptation = ToleranceAdaptation(interval=1000, initial_tol=1e-6, backoff_factor=10.0)
     with pytest.warns(RuntimeWarning, match="loosening tol 1e-06 -> 1e-05"):
         quiet_trainer(max_epochs=1, limit_train_batches=1, callbacks=[StiffInValidation(), adaptation]).fit(
-            module, tiny_spheres())
+            module, tiny_spheres()
+        )
     backoffs = adaptation.history[1:]  # no training step came after validation: only on_validation_end saw them
     assert backoffs and all(r["decision"] == "backoff" and r["step"] == 1 for r in backoffs)
     assert adaptation.value == backoffs[-1]["tol"] == module.network.ode.solver_settings()["atol"]
@@ -446,12 +482,21 @@ def test_tolerance_adaptation_adopts_a_back_off_made_during_validation():
 
 def test_block_retries_loosen_up_to_exactly_the_maximum_tolerance():
     """A retry that would pass failure_max_tol uses it instead (ToleranceAdaptation's max_tol is reachable)."""
+
     class Oscillation(nn.Module):  # dy/dt = 30 cos(30 t): dopri5 needs ~15 steps even at rtol 1e-2
         def forward(self, t, y):
             return 30 * torch.cos(30 * t) * torch.ones_like(y)
 
-    block = ODEBlock(Oscillation(), method="dopri5", rtol=1e-5, atol=1e-5, max_num_steps=2, failure_retries=10,
-                     failure_tol_factor=10.0, failure_max_tol=3e-3)
+    block = ODEBlock(
+        Oscillation(),
+        method="dopri5",
+        rtol=1e-5,
+        atol=1e-5,
+        max_num_steps=2,
+        failure_retries=10,
+        failure_tol_factor=10.0,
+        failure_max_tol=3e-3,
+    )
     with pytest.raises(SolverFailedError, match=r"rtol=0\.003"):
         block(torch.zeros(1, dtype=torch.float64))
     assert block.solver_settings()["rtol"] == block.solver_settings()["atol"] == 3e-3
@@ -462,15 +507,17 @@ def test_tolerance_adaptation_keeps_the_blocks_own_retry_settings_across_a_resum
     solver = dict(method="dopri5", step_size=None, failure_retries=1, failure_tol_factor=3.0)
     module = VectorODEClassifierModule(solver=solver, network=dict(hidden_width=8))
     checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
-    quiet_trainer(max_epochs=1, callbacks=[ToleranceAdaptation(interval=1000), checkpoint],
-                  enable_checkpointing=True).fit(module, data)
+    quiet_trainer(
+        max_epochs=1, callbacks=[ToleranceAdaptation(interval=1000), checkpoint], enable_checkpointing=True
+    ).fit(module, data)
     assert module.network.ode.solver_settings()["failure_retries"] == 1
     stored = torch.load(tmp_path / "last.ckpt", weights_only=True)["state_dict"]["network.ode._extra_state"]
     assert (stored["solver_settings"]["failure_retries"], stored["solver_settings"]["failure_tol_factor"]) == (1, 3.0)
     resumed = VectorODEClassifierModule(solver=solver, network=dict(hidden_width=8))
     probe = RecordSolverDuringFit()
     quiet_trainer(max_epochs=2, callbacks=[ToleranceAdaptation(interval=1000), probe]).fit(
-        resumed, data, ckpt_path=str(tmp_path / "last.ckpt"))
+        resumed, data, ckpt_path=str(tmp_path / "last.ckpt")
+    )
     assert probe.settings["failure_retries"] == 10  # the callback's max_backoffs while it is active ...
     settings = resumed.network.ode.solver_settings()
     assert (settings["failure_retries"], settings["failure_tol_factor"]) == (1, 3.0)  # ... the model's own after
@@ -550,8 +597,11 @@ class DumpSettings(Callback):
     def on_train_end(self, trainer, pl_module):
         adaptation = next(c for c in trainer.callbacks if isinstance(c, StepSizeAdaptation))
         monitor = next(c for c in trainer.callbacks if isinstance(c, NFEMonitor))
-        record = {"settings": pl_module.network.ode.solver_settings(), "history": adaptation.history,
-                  "nfe": monitor.last_step}
+        record = {
+            "settings": pl_module.network.ode.solver_settings(),
+            "history": adaptation.history,
+            "nfe": monitor.last_step,
+        }
         Path(self.folder, f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
 
 
@@ -573,7 +623,9 @@ def test_ddp_two_processes_keep_identical_solver_settings(tmp_path):
 def train_spheres(adapt: bool, epochs: int, interval: int) -> dict:
     pl.seed_everything(0)
     data = ConcentricSpheresDataModule(dim=2, variant="ott", batch_size=128, num_val=500)
-    module = VectorODEClassifierModule(solver=dict(method="euler", step_size=0.5), network=dict(hidden_width=32), lr=1e-2)
+    module = VectorODEClassifierModule(
+        solver=dict(method="euler", step_size=0.5), network=dict(hidden_width=32), lr=1e-2
+    )
     swap = SolverSwapCheck(solvers=["rk4"], step_factors=[0.02], log_figure=False)
     callbacks = [swap] + ([StepSizeAdaptation(interval=interval, initial_step_size=0.5)] if adapt else [])
     quiet_trainer(max_epochs=epochs, check_val_every_n_epoch=epochs, callbacks=callbacks).fit(module, data)
@@ -607,7 +659,9 @@ def test_split_batch_reads_tuples_dicts_and_bare_inputs_and_names_the_caller_whe
     assert split_batch({"inputs": x, "targets": y}) == (x, y)
     assert split_batch(x, need_targets=False) == (x, None)
     assert split_batch([x], need_targets=False) == (x, None)
-    with pytest.raises(TypeError, match=r"OODEvaluation needs batches of the form \(inputs, targets, \.\.\.\) .*got Tensor"):
+    with pytest.raises(
+        TypeError, match=r"OODEvaluation needs batches of the form \(inputs, targets, \.\.\.\) .*got Tensor"
+    ):
         split_batch(x, "OODEvaluation")
 
 
@@ -621,16 +675,16 @@ def test_configured_solvers_restores_exactly_also_when_a_block_rejects_the_chang
         assert [b.solver_settings()["method"] for b in blocks] == ["rk4", "rk4"]
         assert all(b.solver_settings()["max_num_steps"] >= 1000 for b in blocks)  # room for the 1,000 steps
     assert [b.solver_settings() for b in blocks] == before
-    with pytest.raises(ValueError, match="step_size"):
-        with configured_solvers(blocks, method="rk4", step_size=-1.0):
-            pass
+    with pytest.raises(ValueError, match="step_size"), configured_solvers(blocks, method="rk4", step_size=-1.0):
+        pass
     assert [b.solver_settings() for b in blocks] == before
 
 
 def test_nfe_monitor_counts_accepted_and_rejected_dopri5_steps_and_their_nfe():
     # a first step of the whole interval on a fast-decaying field: the first attempt is rejected
-    module = VectorODEClassifierModule(solver=dict(method="dopri5", rtol=1e-6, atol=1e-6, first_step=1.0, adjoint=True),
-                                       network=dict(hidden_width=8))
+    module = VectorODEClassifierModule(
+        solver=dict(method="dopri5", rtol=1e-6, atol=1e-6, first_step=1.0, adjoint=True), network=dict(hidden_width=8)
+    )
     monitor = NFEMonitor()
     trainer = quiet_trainer(max_epochs=1, callbacks=[monitor], log_every_n_steps=1)
     trainer.fit(module, tiny_spheres())
@@ -641,8 +695,9 @@ def test_nfe_monitor_counts_accepted_and_rejected_dopri5_steps_and_their_nfe():
     assert step["backward"] == 1 + 6 * (step["steps_accepted_backward"] + step["steps_rejected_backward"])
     assert step["steps_accepted_backward"] >= 1
     train = next(e for e in monitor.epoch_history if e["stage"] == "train")
-    assert train["train/nfe_forward_epoch"] == 1 + 6 * (train["train/steps_accepted_forward_epoch"]
-                                                         + train["train/steps_rejected_forward_epoch"])
+    assert train["train/nfe_forward_epoch"] == 1 + 6 * (
+        train["train/steps_accepted_forward_epoch"] + train["train/steps_rejected_forward_epoch"]
+    )
     assert "train/steps_rejected_backward_step" in trainer.callback_metrics
     assert {"val/steps_accepted_forward", "val/steps_rejected_forward"} <= set(trainer.callback_metrics)
 
@@ -657,8 +712,9 @@ def test_nfe_monitor_logs_no_step_statistics_for_blocks_without_counters():
 
 def test_nfe_monitor_resumes_from_a_state_written_before_solver_statistics():
     monitor = NFEMonitor()
-    monitor.load_state_dict({"epoch_history": [], "last_step": {"forward": 16.0, "backward": 16.0},
-                             "train_sums": [32.0, 30.0, 2]})
+    monitor.load_state_dict(
+        {"epoch_history": [], "last_step": {"forward": 16.0, "backward": 16.0}, "train_sums": [32.0, 30.0, 2]}
+    )
     assert monitor.state_dict()["train_sums"] == {"nfe_forward": 32.0, "nfe_backward": 30.0, "count": 2}
 
 

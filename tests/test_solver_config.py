@@ -16,7 +16,7 @@ from torch import nn
 from lightning_pdenets.blocks import ODEBlock
 from lightning_pdenets.cli import build_cli
 from lightning_pdenets.errors import ConfigurationError, SolverFailedError
-from lightning_pdenets.migration import LegacyCheckpointError, VERSION_KEY, check_layout, upgrade_checkpoint
+from lightning_pdenets.migration import VERSION_KEY, LegacyCheckpointError, check_layout, upgrade_checkpoint
 from lightning_pdenets.models import ODENetModule, RKNetModule
 from lightning_pdenets.solvers import SolverConfig
 
@@ -82,8 +82,9 @@ def test_every_field_is_reachable_from_yaml(tmp_path: Path) -> None:
 
 
 def test_command_line_merges_into_the_config_solver() -> None:
-    cli = build_cli(["--config", str(REPO_ROOT / "configs/quickstart.yaml"), "--model.init_args.solver.min_step", "0.01"],
-                    run=False)
+    cli = build_cli(
+        ["--config", str(REPO_ROOT / "configs/quickstart.yaml"), "--model.init_args.solver.min_step", "0.01"], run=False
+    )
     settings = _block_settings(cli)
     assert (settings["method"], settings["step_size"], settings["min_step"]) == ("rk4", 0.25, 0.01)
 
@@ -106,24 +107,35 @@ def test_unknown_setting_suggests_the_closest_names() -> None:
 
 def test_bad_solver_on_the_command_line_names_the_field(capsys) -> None:
     with pytest.raises(SystemExit) as stop:
-        build_cli(["--config", str(REPO_ROOT / "configs/quickstart.yaml"), "--model.init_args.solver.step_size", "-0.1"],
-                  run=False)
+        build_cli(
+            ["--config", str(REPO_ROOT / "configs/quickstart.yaml"), "--model.init_args.solver.step_size", "-0.1"],
+            run=False,
+        )
     assert stop.value.code == 2
     assert "`solver.step_size` must be a finite number > 0, got -0.1" in capsys.readouterr().err
 
 
 def test_data_facts_come_from_the_datamodule_and_contradictions_stop(tmp_path: Path) -> None:
-    cli = build_cli(["--config", str(REPO_ROOT / "configs/spheres/odenet_euler.yaml"), "--data.init_args.dim", "3"],
-                    run=False)
+    cli = build_cli(
+        ["--config", str(REPO_ROOT / "configs/spheres/odenet_euler.yaml"), "--data.init_args.dim", "3"], run=False
+    )
     assert (cli.model.hparams.input_dim, cli.model.hparams.num_classes) == (3, 2)  # linked, not in the config
-    with pytest.raises(ConfigurationError, match=r"`model.init_args.num_classes` is 7, but DigitsDataModule gives 10: "
-                                                 r"it is taken from the datamodule"):
-        build_cli(["--config", str(REPO_ROOT / "configs/quickstart.yaml"), "--model.init_args.num_classes", "7"],
-                  run=False)
-    with pytest.raises(ConfigurationError, match=r"`model.init_args.image_size` is 28, but DigitsDataModule gives \(8, 8\): "
-                                                 r"it is taken from the datamodule"):  # linked like num_classes
-        build_cli(["--config", str(REPO_ROOT / "configs/digits/prnet.yaml"), "--model.init_args.image_size", "28"],
-                  run=False)
+    with pytest.raises(
+        ConfigurationError,
+        match=r"`model.init_args.num_classes` is 7, but DigitsDataModule gives 10: "
+        r"it is taken from the datamodule",
+    ):
+        build_cli(
+            ["--config", str(REPO_ROOT / "configs/quickstart.yaml"), "--model.init_args.num_classes", "7"], run=False
+        )
+    with pytest.raises(
+        ConfigurationError,
+        match=r"`model.init_args.image_size` is 28, but DigitsDataModule gives \(8, 8\): "
+        r"it is taken from the datamodule",
+    ):  # linked like num_classes
+        build_cli(
+            ["--config", str(REPO_ROOT / "configs/digits/prnet.yaml"), "--model.init_args.image_size", "28"], run=False
+        )
 
 
 class Decay(nn.Module):
@@ -150,8 +162,9 @@ def test_seminorm_adjoint_gives_the_closed_form_gradient_with_no_more_backward_s
 
 
 def test_adjoint_method_and_tolerances_reach_torchdiffeq() -> None:
-    config = SolverConfig(method="dopri5", adjoint=True, adjoint_method="rk4", adjoint_options={"step_size": 0.1},
-                          adjoint_rtol=1e-5)
+    config = SolverConfig(
+        method="dopri5", adjoint=True, adjoint_method="rk4", adjoint_options={"step_size": 0.1}, adjoint_rtol=1e-5
+    )
     kwargs = config.odeint_kwargs()
     assert kwargs["adjoint_method"] == "rk4" and kwargs["adjoint_options"] == {"step_size": 0.1}
     assert (kwargs["adjoint_rtol"], kwargs["adjoint_atol"]) == (1e-5, config.atol)
@@ -193,17 +206,29 @@ def test_checkpoint_of_the_previous_layout_fails_with_the_release_and_the_upgrad
     old = tmp_path / "old.ckpt"
     torch.save({"state_dict": model.state_dict(), "hyper_parameters": flat, "pytorch-lightning_version": "2.6.0"}, old)
 
-    with pytest.raises(LegacyCheckpointError,
-                       match=r"written by lightning_pdenets 0\.1\.x.*python -m lightning_pdenets\.migration") as error:
+    with pytest.raises(
+        LegacyCheckpointError, match=r"written by lightning_pdenets 0\.1\.x.*python -m lightning_pdenets\.migration"
+    ) as error:
         RKNetModule.load_from_checkpoint(old)
     assert "flat solver arguments" in str(error.value) and "flat architecture arguments" in str(error.value)
     with pytest.raises(LegacyCheckpointError):
         build_cli(["test", "--config", str(REPO_ROOT / "configs/quickstart.yaml"), "--ckpt_path", str(old)])
 
     new = tmp_path / "new.ckpt"
-    result = subprocess.run([sys.executable, "-m", "lightning_pdenets.migration", str(old), str(new),
-                             "--model", "lightning_pdenets.models.RKNetModule"],  # saved without the CLI: no class path
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lightning_pdenets.migration",
+            str(old),
+            str(new),
+            "--model",
+            "lightning_pdenets.models.RKNetModule",
+        ],  # saved without the CLI: no class path
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     upgraded = torch.load(new, weights_only=True)
     assert upgraded[VERSION_KEY] and upgraded["hyper_parameters"]["solver"]["step_size"] == 0.5
@@ -217,7 +242,10 @@ def test_checkpoint_of_the_previous_layout_fails_with_the_release_and_the_upgrad
 def test_description_names_the_step_bounds_that_change_an_adaptive_solve() -> None:
     """A test-time `first_step` must be visible in "trained with ...; evaluated with ...", not only in `changed`."""
     assert SolverConfig().describe() == "dopri5, rtol=0.001, atol=0.001"
-    assert SolverConfig(first_step=1.0, max_step=0.5).describe() == "dopri5, rtol=0.001, atol=0.001, first_step=1, max_step=0.5"
+    assert (
+        SolverConfig(first_step=1.0, max_step=0.5).describe()
+        == "dopri5, rtol=0.001, atol=0.001, first_step=1, max_step=0.5"
+    )
     assert SolverConfig(method="rk4", step_size=0.25).describe() == "rk4, step_size=0.25"
 
 
@@ -227,10 +255,20 @@ def test_solver_config_is_frozen() -> None:
 
 
 def _fit_tiny(tmp_path: Path, *extra: str) -> Path:
-    args = ["fit", "--config", str(REPO_ROOT / "configs/quickstart.yaml"), "--model.init_args.network.width=8",
-            "--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1",
-            "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--test_after_fit=false",
-            f"--trainer.logger.init_args.save_dir={tmp_path}", *extra]
+    args = [
+        "fit",
+        "--config",
+        str(REPO_ROOT / "configs/quickstart.yaml"),
+        "--model.init_args.network.width=8",
+        "--trainer.max_epochs=1",
+        "--trainer.limit_train_batches=2",
+        "--trainer.limit_val_batches=1",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        "--test_after_fit=false",
+        f"--trainer.logger.init_args.save_dir={tmp_path}",
+        *extra,
+    ]
     build_cli(args)
     (checkpoint,) = tmp_path.glob("**/last.ckpt")
     return checkpoint
@@ -239,10 +277,21 @@ def _fit_tiny(tmp_path: Path, *extra: str) -> Path:
 def test_test_time_solver_from_the_command_line_applies_after_loading(tmp_path: Path, caplog) -> None:
     checkpoint = _fit_tiny(tmp_path)
     caplog.set_level("INFO")
-    cli = build_cli(["test", "--config", str(REPO_ROOT / "configs/quickstart.yaml"), "--model.init_args.network.width=8",
-                     "--ckpt_path", str(checkpoint), "--trainer.limit_test_batches=1", "--trainer.enable_progress_bar=false",
-                     f"--trainer.logger.init_args.save_dir={tmp_path}",
-                     "--model.init_args.solver.method=euler", "--model.init_args.solver.step_size=0.1"])
+    cli = build_cli(
+        [
+            "test",
+            "--config",
+            str(REPO_ROOT / "configs/quickstart.yaml"),
+            "--model.init_args.network.width=8",
+            "--ckpt_path",
+            str(checkpoint),
+            "--trainer.limit_test_batches=1",
+            "--trainer.enable_progress_bar=false",
+            f"--trainer.logger.init_args.save_dir={tmp_path}",
+            "--model.init_args.solver.method=euler",
+            "--model.init_args.solver.step_size=0.1",
+        ]
+    )
     settings = cli.model.network.feature.solver_settings()
     assert (settings["method"], settings["step_size"]) == ("euler", 0.1)
     assert cli.trainer.callback_metrics["test/nfe_forward"].item() == 10.0  # Euler, 10 steps: evaluated as asked
@@ -257,9 +306,21 @@ def test_resumed_fit_continues_with_the_adapted_solver_and_says_so(tmp_path: Pat
     adapted = tmp_path / "adapted.ckpt"
     torch.save(state, adapted)
     caplog.set_level("INFO")
-    cli = build_cli(["fit", "--config", str(REPO_ROOT / "configs/quickstart.yaml"), "--model.init_args.network.width=8",
-                     "--ckpt_path", str(adapted), "--trainer.max_epochs=2", "--trainer.limit_train_batches=2",
-                     "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false", "--test_after_fit=false",
-                     f"--trainer.logger.init_args.save_dir={tmp_path}"])
+    cli = build_cli(
+        [
+            "fit",
+            "--config",
+            str(REPO_ROOT / "configs/quickstart.yaml"),
+            "--model.init_args.network.width=8",
+            "--ckpt_path",
+            str(adapted),
+            "--trainer.max_epochs=2",
+            "--trainer.limit_train_batches=2",
+            "--trainer.limit_val_batches=1",
+            "--trainer.enable_progress_bar=false",
+            "--test_after_fit=false",
+            f"--trainer.logger.init_args.save_dir={tmp_path}",
+        ]
+    )
     assert cli.model.network.feature.solver_settings()["step_size"] == 0.125
     assert "resuming with the checkpoint's rk4, step_size=0.125" in caplog.text

@@ -76,8 +76,9 @@ def test_bad_datamodule_arguments(kwargs, match):
 
 
 def test_vector_classifier_is_ode_then_linear_with_expected_parameter_count():
-    module = VectorODEClassifierModule(solver=dict(method="rk4", step_size=0.5), input_dim=3,
-                                       network=dict(hidden_width=16, num_hidden_layers=2))
+    module = VectorODEClassifierModule(
+        solver=dict(method="rk4", step_size=0.5), input_dim=3, network=dict(hidden_width=16, num_hidden_layers=2)
+    )
     field = (3 * 16 + 16) + (16 * 16 + 16) + (16 * 3 + 3)
     assert sum(p.numel() for p in module.parameters()) == field + (3 * 2 + 2)
     x = torch.randn(5, 3)
@@ -96,8 +97,9 @@ def test_vector_classifier_is_ode_then_linear_with_expected_parameter_count():
 
 
 def test_image_classifier_keeps_resolution_and_uses_1x1_3x3_1x1_field():
-    module = ImageODEClassifierModule(solver=dict(step_size=0.5), in_channels=3, image_size=8, num_classes=10,
-                                      network=dict(hidden_channels=4))
+    module = ImageODEClassifierModule(
+        solver=dict(step_size=0.5), in_channels=3, image_size=8, num_classes=10, network=dict(hidden_channels=4)
+    )
     convs = [m for m in module.network.ode.field.modules() if isinstance(m, torch.nn.Conv2d)]
     assert [c.kernel_size for c in convs] == [(1, 1), (3, 3), (1, 1)]
     assert module.network.classifier.in_features == 3 * 8 * 8  # no downsampling before the linear classifier
@@ -115,10 +117,17 @@ def test_architectures_are_registered():
 def test_load_from_checkpoint_restores_hyperparameters(tmp_path):
     import lightning.pytorch as pl
 
-    module = VectorODEClassifierModule(solver=dict(method="midpoint", step_size=0.25), input_dim=2,
-                                       network=dict(hidden_width=8))
-    trainer = pl.Trainer(max_steps=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                         default_root_dir=tmp_path, num_sanity_val_steps=0)
+    module = VectorODEClassifierModule(
+        solver=dict(method="midpoint", step_size=0.25), input_dim=2, network=dict(hidden_width=8)
+    )
+    trainer = pl.Trainer(
+        max_steps=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        num_sanity_val_steps=0,
+    )
     data = ConcentricSpheresDataModule(num_train=16, num_val=8, num_test=8, batch_size=8)
     trainer.fit(module, data)
     path = tmp_path / "m.ckpt"

@@ -15,8 +15,13 @@ pytestmark = pytest.mark.cli
 optuna = pytest.importorskip("optuna")
 pytest.importorskip("optuna_integration")
 
-TINY = ["--model.init_args.network.width=8", "--trainer.max_epochs=2", "--trainer.limit_train_batches=2",
-        "--trainer.limit_val_batches=1", "--trainer.limit_test_batches=1"]
+TINY = [
+    "--model.init_args.network.width=8",
+    "--trainer.max_epochs=2",
+    "--trainer.limit_train_batches=2",
+    "--trainer.limit_val_batches=1",
+    "--trainer.limit_test_batches=1",
+]
 
 
 @pytest.fixture(scope="module")

@@ -18,8 +18,14 @@ from lightning_pdenets.callbacks import AdversarialEvaluation, NFEMonitor, OODEv
 from lightning_pdenets.data import ConcentricSpheresDataModule, DigitsDataModule
 from lightning_pdenets.models import LMResNetModule, PRNetModule, ResNetModule, VectorODEClassifierModule
 
-QUICK = dict(accelerator="cpu", devices=1, enable_progress_bar=False, enable_model_summary=False,
-             enable_checkpointing=False, num_sanity_val_steps=0)
+QUICK = dict(
+    accelerator="cpu",
+    devices=1,
+    enable_progress_bar=False,
+    enable_model_summary=False,
+    enable_checkpointing=False,
+    num_sanity_val_steps=0,
+)
 
 
 def _trainer(tmp_path: Path, callbacks: list = (), **kwargs) -> pl.Trainer:
@@ -47,7 +53,9 @@ def _tiny_digits() -> DigitsDataModule:
 
 def test_solver_swap_check_logs_accuracy_against_step_size_figure(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    model = VectorODEClassifierModule(solver=dict(method="euler", step_size=0.5), input_dim=2, network=dict(hidden_width=8))
+    model = VectorODEClassifierModule(
+        solver=dict(method="euler", step_size=0.5), input_dim=2, network=dict(hidden_width=8)
+    )
     data = ConcentricSpheresDataModule(dim=2, num_train=64, num_test=32, batch_size=32)
     swap = SolverSwapCheck(solvers=["euler", "rk4", "dopri5"], step_factors=[0.5, 1.0], tolerance_factors=[1.0])
     trainer = _trainer(tmp_path, [swap], max_epochs=1, limit_train_batches=2, limit_val_batches=1)
@@ -81,8 +89,14 @@ def test_ood_evaluation_logs_accuracy_per_perturbation_figure(tmp_path: Path) ->
 
 def test_prnet_logs_learned_equation_as_text_and_coefficient_figure(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    model = PRNetModule(in_channels=1, image_size=8, network=dict(width=4, num_downsamples=1), max_power=1,
-                        max_derivative_order=1, governing_samples=4)
+    model = PRNetModule(
+        in_channels=1,
+        image_size=8,
+        network=dict(width=4, num_downsamples=1),
+        max_power=1,
+        max_derivative_order=1,
+        governing_samples=4,
+    )
     trainer = _trainer(tmp_path, max_epochs=1, limit_train_batches=2, limit_val_batches=1)
     trainer.fit(model, datamodule=_tiny_digits())
     events = _events(trainer)
@@ -95,7 +109,9 @@ def test_prnet_logs_learned_equation_as_text_and_coefficient_figure(tmp_path: Pa
 
 def test_lm_resnet_logs_k_n_profile_figure(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    model = LMResNetModule(num_classes=10, network=dict(depth=14, base_width=4))  # two blocks per stage: the second is LM
+    model = LMResNetModule(
+        num_classes=10, network=dict(depth=14, base_width=4)
+    )  # two blocks per stage: the second is LM
     images, labels = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
     loader = DataLoader(TensorDataset(images, labels), batch_size=8)
     trainer = _trainer(tmp_path, max_epochs=1, limit_train_batches=2, limit_val_batches=0)
@@ -109,8 +125,9 @@ def test_lm_resnet_logs_k_n_profile_figure(tmp_path: Path) -> None:
 
 def test_nfe_monitor_draws_the_step_size_distribution_over_training(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    model = VectorODEClassifierModule(solver=dict(method="dopri5", rtol=1e-5, atol=1e-5), input_dim=2,
-                                      network=dict(hidden_width=8))
+    model = VectorODEClassifierModule(
+        solver=dict(method="dopri5", rtol=1e-5, atol=1e-5), input_dim=2, network=dict(hidden_width=8)
+    )
     data = ConcentricSpheresDataModule(dim=2, num_train=64, num_test=32, batch_size=16)
     trainer = _trainer(tmp_path, [NFEMonitor(histogram_every_n_steps=2)], max_epochs=2, limit_val_batches=1)
     trainer.fit(model, datamodule=data)

@@ -45,7 +45,7 @@ def test_tinyimagenet_reads_the_official_layout(tmp_path):
     # the official val images are the test set, labelled by val_annotations.txt
     assert len(dm.test_set) == 16
     assert dm.test_set.targets == [sorted(WNIDS).index(WNIDS[i % len(WNIDS)]) for i in range(16)]
-    x, y = next(iter(dm.train_dataloader()))
+    x, _y = next(iter(dm.train_dataloader()))
     assert x.shape == (2, 3, 64, 64)  # greyscale JPEGs come out as RGB
 
 
@@ -62,8 +62,13 @@ def test_tinyimagenet_download_fetches_the_official_archive_once(tmp_path, monke
         lambda url, download_root, md5: calls.append((url, download_root, md5)),
     )
     TinyImageNetDataModule(data_dir=str(tmp_path / "fresh"), download=True).prepare_data()
-    assert calls == [("http://cs231n.stanford.edu/tiny-imagenet-200.zip", str(tmp_path / "fresh"),
-                      "90528d7ca1a48142e341f4ef8d21d0de")]
+    assert calls == [
+        (
+            "http://cs231n.stanford.edu/tiny-imagenet-200.zip",
+            str(tmp_path / "fresh"),
+            "90528d7ca1a48142e341f4ef8d21d0de",
+        )
+    ]
     fake_tinyimagenet(tmp_path / "present")
     TinyImageNetDataModule(data_dir=str(tmp_path / "present"), download=True).prepare_data()
     assert len(calls) == 1  # already there: nothing fetched
@@ -90,7 +95,7 @@ def test_transfer_datamodules_resize_to_the_source_input(datamodule_class, fabri
     for loader in (dm.train_dataloader(), dm.test_dataloader()):
         x, y = next(iter(loader))
         assert x.shape[1:] == (3, resize, resize)
-        assert 0 <= int(y.min()) and int(y.max()) < num_classes
+        assert int(y.min()) >= 0 and int(y.max()) < num_classes
 
 
 def test_transfer_labels_follow_each_datasets_convention(tmp_path):
@@ -105,10 +110,15 @@ def test_transfer_labels_follow_each_datasets_convention(tmp_path):
     assert aircraft.test_set.classes[3] == "Boeing 717" and aircraft.test_set._labels[:4] == [0, 1, 2, 3]
 
 
-@pytest.mark.parametrize("datamodule_class, folder", [
-    (FGVCAircraftDataModule, "fgvc-aircraft-2013b/"), (Food101DataModule, "food-101/"), (DTDDataModule, "dtd/dtd/"),
-    (StanfordCarsDataModule, "stanford_cars/"),
-])
+@pytest.mark.parametrize(
+    "datamodule_class, folder",
+    [
+        (FGVCAircraftDataModule, "fgvc-aircraft-2013b/"),
+        (Food101DataModule, "food-101/"),
+        (DTDDataModule, "dtd/dtd/"),
+        (StanfordCarsDataModule, "stanford_cars/"),
+    ],
+)
 def test_transfer_missing_data_is_actionable(datamodule_class, folder, tmp_path):
     with pytest.raises(FileNotFoundError) as error:
         datamodule_class(data_dir=str(tmp_path)).setup("test")
@@ -135,8 +145,15 @@ def _loader(num_classes: int, n: int = 16) -> DataLoader:
 
 
 def _trainer(**kwargs) -> pl.Trainer:
-    return pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False, **kwargs)
+    return pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **kwargs,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +170,9 @@ def source_checkpoint(tmp_path_factory) -> Path:
 def test_pretrained_checkpoint_loads_backbone_and_swaps_the_head(source_checkpoint):
     source = IsometricMobileNetModule.load_from_checkpoint(source_checkpoint)
     target = IsometricMobileNetModule(num_classes=3, pretrained_checkpoint=str(source_checkpoint), network=TINY)
-    for (name, a), (_, b) in zip(source.network.backbone.state_dict().items(), target.network.backbone.state_dict().items()):
+    for (name, a), (_, b) in zip(
+        source.network.backbone.state_dict().items(), target.network.backbone.state_dict().items()
+    ):
         assert torch.equal(a, b), name
     assert target.network.classifier.out_features == 3
     assert target(torch.randn(2, 3, 64, 64)).shape == (2, 3)
@@ -161,8 +180,10 @@ def test_pretrained_checkpoint_loads_backbone_and_swaps_the_head(source_checkpoi
 
 def test_pretrained_checkpoint_of_another_architecture_is_rejected(source_checkpoint, tmp_path):
     with pytest.raises(ValueError, match=r"different architecture \(channels: checkpoint 16 vs this model 24\)"):
-        IsometricMobileNetModule(num_classes=3, pretrained_checkpoint=str(source_checkpoint), network=dict(TINY, channels=24))
-    with pytest.raises(FileNotFoundError, match="does not exist; point it to the .ckpt file"):
+        IsometricMobileNetModule(
+            num_classes=3, pretrained_checkpoint=str(source_checkpoint), network=dict(TINY, channels=24)
+        )
+    with pytest.raises(FileNotFoundError, match=r"does not exist; point it to the \.ckpt file"):
         IsometricMobileNetModule(num_classes=3, pretrained_checkpoint=str(tmp_path / "nope.ckpt"), network=TINY)
 
 
@@ -173,15 +194,23 @@ class Snapshots(pl.Callback):
         self.backbone, self.classifier, self.groups = [], [], []
 
     def on_train_epoch_end(self, trainer, pl_module):
-        self.backbone.append(torch.cat([p.detach().flatten().clone() for p in pl_module.network.backbone.stem.parameters()]))
+        self.backbone.append(
+            torch.cat([p.detach().flatten().clone() for p in pl_module.network.backbone.stem.parameters()])
+        )
         self.classifier.append(pl_module.network.classifier.weight.detach().clone())
         self.groups.append([g["lr"] for g in trainer.optimizers[0].param_groups])
 
 
 def test_head_first_freezes_the_backbone_until_the_unfreeze_epoch(source_checkpoint):
     model = IsometricMobileNetModule(
-        num_classes=3, pretrained_checkpoint=str(source_checkpoint), finetune="head_first",
-        unfreeze_backbone_at_epoch=1, backbone_lr_ratio=0.1, optimizer="sgd", lr=0.1, network=TINY,
+        num_classes=3,
+        pretrained_checkpoint=str(source_checkpoint),
+        finetune="head_first",
+        unfreeze_backbone_at_epoch=1,
+        backbone_lr_ratio=0.1,
+        optimizer="sgd",
+        lr=0.1,
+        network=TINY,
     )
     initial = torch.cat([p.detach().flatten().clone() for p in model.network.backbone.stem.parameters()])
     spy = Snapshots()
@@ -193,8 +222,14 @@ def test_head_first_freezes_the_backbone_until_the_unfreeze_epoch(source_checkpo
 
 
 def test_full_finetuning_trains_everything_from_the_start(source_checkpoint, tmp_path):
-    model = IsometricMobileNetModule(num_classes=3, pretrained_checkpoint=str(source_checkpoint), finetune="full",
-                                     optimizer="sgd", lr=0.1, network=TINY)
+    model = IsometricMobileNetModule(
+        num_classes=3,
+        pretrained_checkpoint=str(source_checkpoint),
+        finetune="full",
+        optimizer="sgd",
+        lr=0.1,
+        network=TINY,
+    )
     initial = torch.cat([p.detach().flatten().clone() for p in model.network.backbone.stem.parameters()])
     spy = Snapshots()
     trainer = _trainer(max_epochs=1, callbacks=[spy])
@@ -207,11 +242,14 @@ def test_full_finetuning_trains_everything_from_the_start(source_checkpoint, tmp
     torch.testing.assert_close(reloaded.eval()(x), model.eval()(x))
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(finetune="last_layer"), "`finetune` must be one of ['full', 'head_first']"),
-    (dict(unfreeze_backbone_at_epoch=-1), "`unfreeze_backbone_at_epoch` must be an integer >= 0"),
-    (dict(backbone_lr_ratio=0), "`backbone_lr_ratio` must be a finite number > 0"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(finetune="last_layer"), "`finetune` must be one of ['full', 'head_first']"),
+        (dict(unfreeze_backbone_at_epoch=-1), "`unfreeze_backbone_at_epoch` must be an integer >= 0"),
+        (dict(backbone_lr_ratio=0), "`backbone_lr_ratio` must be a finite number > 0"),
+    ],
+)
 def test_bad_finetune_arguments(kwargs, message):
     with pytest.raises(ValueError) as error:
         IsometricMobileNetModule(network=TINY, **kwargs)

@@ -20,7 +20,9 @@ def write_stl10_split(folder: Path, split: str, images: np.ndarray, labels: np.n
     after reading) and labels 1..10.
     """
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"{split}_X.bin").write_bytes(np.ascontiguousarray(images.transpose(0, 1, 3, 2)).astype(np.uint8).tobytes())
+    (folder / f"{split}_X.bin").write_bytes(
+        np.ascontiguousarray(images.transpose(0, 1, 3, 2)).astype(np.uint8).tobytes()
+    )
     (folder / f"{split}_y.bin").write_bytes((labels.astype(np.uint8) + 1).tobytes())
 
 

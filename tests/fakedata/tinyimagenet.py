@@ -32,7 +32,9 @@ def fake_tinyimagenet(root: Path, per_class: int = 4, n_val: int = 16) -> dict[s
         boxes = []
         for i in range(per_class):
             name = f"{wnid}_{i}.JPEG"
-            write_jpeg(base / "train" / wnid / "images" / name, rng, mode="L" if i == 0 else "RGB")  # some are greyscale
+            write_jpeg(
+                base / "train" / wnid / "images" / name, rng, mode="L" if i == 0 else "RGB"
+            )  # some are greyscale
             boxes.append(f"{name}\t0\t0\t63\t63\n")
         (base / "train" / wnid / f"{wnid}_boxes.txt").write_text("".join(boxes))
     annotations = []
