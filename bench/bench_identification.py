@@ -407,7 +407,7 @@ def main() -> None:
     parser.add_argument(
         "--box-scan",
         action="store_true",
-        help="only the weak form's box sizes (grid / 4, 8, 12, 16) at 1% and 5% noise; no figure",
+        help="only the weak form's box sizes (grid / 4, 8, 12, 16) at 1%% and 5%% noise; no figure",
     )
     parser.add_argument("--additive", action="store_true", help="add KdV with PDE-FIND's additive noise")
     parser.add_argument("--pysindy", action="store_true", help="add PySINDy on the same noisy Burgers data")
