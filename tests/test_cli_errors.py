@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 import pytest
+import torch
 
 from lightning_pdenets.cli import main
 from tests.conftest import REPO_ROOT
@@ -62,6 +63,25 @@ def error_of(args: list[str], capsys) -> str:
             r"'lr_schedular'\. Closest valid arguments: lr_scheduler\.$",
         ),
         ("--trainer.max_epochs=x", r"error: --trainer\.max_epochs: expected int \(got 'x'\)$"),
+        # Lightning's own checks of trainer settings (a MisconfigurationException traceback before)
+        (
+            "--trainer.max_epochs=-2",
+            r"error: Trainer: `max_epochs` must be a non-negative integer or -1\. You passed in -2\.$",
+        ),
+        ("--trainer.limit_train_batches=-1", r"error: Trainer: You have passed invalid value -1\.0 for limit_train"),
+        ("--trainer.gradient_clip_algorithm=foo", r"error: Trainer: `gradient_clip_algorithm` foo is invalid\."),
+        ("--trainer.max_time=abc", r"error: Trainer: `Timer\(duration='abc'\)` is not a valid duration\."),
+        # counts Lightning let through: a ZeroDivisionError in the first batch, or silently "none"
+        (
+            "--trainer.accumulate_grad_batches=0",
+            r"error: --trainer\.accumulate_grad_batches must be an integer >= 1 \(batches per optimizer step\), "
+            r"got 0\.$",
+        ),
+        ("--trainer.check_val_every_n_epoch=0", r"error: --trainer\.check_val_every_n_epoch must be an integer >= 1"),
+        ("--trainer.val_check_interval=0", r"error: --trainer\.val_check_interval must be an integer >= 1 \(batches\)"),
+        ("--trainer.num_sanity_val_steps=-5", r"error: --trainer\.num_sanity_val_steps must be an integer >= 0"),
+        ("--trainer.log_every_n_steps=-3", r"error: --trainer\.log_every_n_steps must be an integer >= 0"),
+        ("--trainer.min_epochs=-1", r"error: --trainer\.min_epochs must be an integer >= 0, got -1\.$"),
     ],
 )
 def test_a_bad_argument_ends_with_a_short_message_and_exit_code_2(argument: str, message: str, capsys) -> None:
@@ -98,3 +118,10 @@ def test_multistep_needs_no_horizon(tmp_path) -> None:
             "--test_after_fit=false",
         ]
     )
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or torch.backends.mps.is_available(), reason="this machine has a GPU")
+def test_asking_for_a_gpu_on_a_machine_without_one_says_which_setting_to_change(capsys) -> None:
+    last_line = error_of([*QUICK, "--trainer.accelerator=gpu"], capsys)
+    assert last_line.startswith("error: Trainer: No supported gpu backend found!"), last_line
+    assert "use --trainer.accelerator=cpu" in last_line, last_line

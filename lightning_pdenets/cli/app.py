@@ -16,6 +16,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from typing_extensions import override
 
@@ -173,8 +174,17 @@ class PDENetsCLI(LightningCLI):
         trainer_config = config.get("trainer") or {}
         callbacks = kwargs.get("callbacks", trainer_config.get("callbacks")) or []
         callbacks = list(callbacks) if isinstance(callbacks, list) else [callbacks]
+        check_trainer_counts(trainer_config, self._command())
         kwargs["callbacks"] = with_progress_bar(trainer_config, callbacks, self._command())
-        trainer = super().instantiate_trainer(**kwargs)
+        try:
+            trainer = super().instantiate_trainer(**kwargs)
+        except MisconfigurationException as error:  # Lightning's check of a trainer setting: one line, not a traceback
+            if not self.parser.exit_on_error or debugging():
+                raise
+            message = f"Trainer: {error}"
+            if "No supported gpu backend" in message:  # Lightning's message names neither the setting nor the fix
+                message += " --trainer.accelerator=gpu needs a CUDA or MPS device; use --trainer.accelerator=cpu."
+            usage_error(self._command(), short_message(message))
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         return trainer
@@ -237,6 +247,35 @@ def drop_replaced_default_callbacks(config: Any) -> None:
         for index, entry in enumerate(callbacks)
         if names[index] not in SINGLE_DEFAULT_CALLBACKS or names[index] not in names[index + 1 :]
     ]
+
+
+_TRAINER_COUNTS = {
+    # setting: (smallest value, what it means); Lightning divides by the first three (a ZeroDivisionError mid-run)
+    # and reads values below the smallest of the others as "none" in silence
+    "accumulate_grad_batches": (1, "an integer >= 1 (batches per optimizer step)"),
+    "check_val_every_n_epoch": (1, "an integer >= 1 (epochs), or null to validate by val_check_interval alone"),
+    "val_check_interval": (None, "an integer >= 1 (batches) or a float in (0.0, 1.0] (a fraction of the epoch)"),
+    "num_sanity_val_steps": (-1, "an integer >= 0 (batches), or -1 for the whole validation set"),
+    "log_every_n_steps": (0, "an integer >= 0 (steps; 0 logs no per-step values)"),
+    "min_epochs": (0, "an integer >= 0"),
+    "min_steps": (0, "an integer >= 0"),
+}
+
+
+def check_trainer_counts(trainer_config: Any, command: str) -> None:
+    """Refuse the trainer counts that Lightning accepts and then divides by or ignores, with one short message.
+
+    Lightning's own checks (e.g. a negative ``max_epochs``) are turned into short messages by
+    :meth:`PDENetsCLI.instantiate_trainer`; these are the values it lets through.
+    """
+    for key, (smallest, allowed) in _TRAINER_COUNTS.items():
+        value = trainer_config.get(key)
+        if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue  # unset, or a form Lightning checks itself (e.g. a time interval)
+        # val_check_interval (no smallest): Lightning itself refuses negative values and floats above 1
+        bad = value == 0 if smallest is None else not isinstance(value, int) or value < smallest
+        if bad:
+            usage_error(command, f"--trainer.{key} must be {allowed}, got {value!r}.")
 
 
 def with_progress_bar(trainer_config: Any, callbacks: list[Callback], command: str) -> list[Callback]:
