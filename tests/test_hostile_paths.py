@@ -48,3 +48,20 @@ def test_a_default_root_dir_that_is_a_file_is_a_short_error(tmp_path: Path, caps
         assert len(err.strip().splitlines()) <= 2
     assert (tmp_path / "notes.txt").read_text() == "keep me"
     assert snapshot(tmp_path) == {"notes.txt": b"keep me"}
+
+
+def test_a_default_root_dir_that_cannot_be_created_is_a_short_error(tmp_path: Path, capsys) -> None:
+    """os.access says yes under /proc (and for root almost everywhere); creating the folder there fails. It was a
+    FileNotFoundError traceback from the logger's first write."""
+    if not Path("/proc/self").is_dir():
+        pytest.skip("no /proc on this system")
+    code, err = run(["fit", *QUICK, "--trainer.default_root_dir", "/proc/no_such_folder/runs"], capsys)
+    assert code == 2
+    assert err.startswith("error: --trainer.default_root_dir '/proc/no_such_folder/runs' cannot be created"), err
+    assert "Pass a folder you can write to" in err and len(err.strip().splitlines()) <= 2
+
+
+def test_the_creation_probe_leaves_no_folder_behind(tmp_path: Path, capsys) -> None:
+    code, _ = run(["fit", *QUICK, "--trainer.default_root_dir", "new/deeper/runs", "--trainer.max_epochs=-2"], capsys)
+    assert code == 2  # stopped by the bad max_epochs after the folder check
+    assert not (tmp_path / "new").exists()

@@ -7,6 +7,7 @@ outside ``configs/`` adds a hash of its path to its stem); ``--trainer.default_r
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -98,6 +99,24 @@ def check_folder(path: Any, option: str) -> None:
         raise ConfigurationError(
             f"{option} {str(path)!r}: {str(existing)!r} is not writable. Pass a folder you can write to."
         )
+    if existing != path and "LOCAL_RANK" not in os.environ:  # a DDP process started by a launcher: the launcher probed
+        _probe_creation(path, option)
+
+
+def _probe_creation(path: Path, option: str) -> None:
+    """Create the missing folders of ``path`` and remove them again: ``os.access`` passes places where creating a
+    folder fails all the same (e.g. under /proc, or for root on a file system that refuses it)."""
+    missing = [p for p in (path, *path.parents) if not p.exists()]  # the deepest first
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigurationError(
+            f"{option} {str(path)!r} cannot be created ({error.strerror or error}). Pass a folder you can write to."
+        ) from None
+    finally:
+        for folder in missing:
+            with contextlib.suppress(OSError):  # not created after all, or no longer empty: leave it
+                folder.rmdir()
 
 
 def log_root(config: Namespace) -> Path:
