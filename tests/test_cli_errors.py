@@ -125,3 +125,22 @@ def test_asking_for_a_gpu_on_a_machine_without_one_says_which_setting_to_change(
     last_line = error_of([*QUICK, "--trainer.accelerator=gpu"], capsys)
     assert last_line.startswith("error: Trainer: No supported gpu backend found!"), last_line
     assert "use --trainer.accelerator=cpu" in last_line, last_line
+
+
+def test_a_monitor_no_metric_has_ends_with_a_short_message_after_the_first_validation(tmp_path, capsys) -> None:
+    """Lightning finds it only when the checkpoint is first saved, mid-run; it was a traceback wall."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(tmp_path)
+        last_line = error_of(
+            [
+                *QUICK,
+                "--trainer.max_epochs=1",
+                "--trainer.limit_train_batches=2",
+                "--trainer.limit_val_batches=1",
+                "--trainer.callbacks+=ModelCheckpoint",
+                "--trainer.callbacks.monitor=val/accuracy",
+            ],
+            capsys,
+        )
+    assert last_line.startswith("error: `ModelCheckpoint(monitor='val/accuracy')` could not find the monitored key")
+    assert "'val/acc_top1'" in last_line  # Lightning's message lists the keys there are

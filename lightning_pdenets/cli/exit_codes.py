@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+
 from lightning_pdenets.errors import (
     CheckpointMismatchError,
     CheckpointNotFoundError,
@@ -51,6 +53,7 @@ USER_ERRORS = (
     UntrustedCheckpointError,
     LegacyCheckpointError,
     DatasetDownloadError,
+    MisconfigurationException,  # Lightning's check of a setting, also mid-run: a ModelCheckpoint monitor no metric has
 )
 """Errors of the user's input that reach the user as one message and :data:`EXIT_USAGE`, not a traceback."""
 
