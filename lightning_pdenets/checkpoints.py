@@ -63,7 +63,7 @@ def load_checkpoint(path: str | Path, trusted: bool = False, how_to_trust: str =
     except Exception as error:  # torch raises several types for truncated, foreign or unsafe files
         unsafe = _unsafe_globals(path)
         if not unsafe:
-            raise CorruptCheckpointError(_corrupt_message(path, f"it cannot be read ({_first_line(error)})")) from error
+            raise CorruptCheckpointError(_unreadable_message(path, error)) from error
     if not trusted:
         raise UntrustedCheckpointError(
             f"checkpoint {str(path)!r} holds pickled Python objects ({', '.join(unsafe[:5])}), and unpickling them "
@@ -91,9 +91,7 @@ def check_checkpoint(path: str | Path, expected_class_path: str | None = None, t
     path = Path(path)
     checkpoint = load_checkpoint(path, trusted=trusted)
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise CorruptCheckpointError(
-            _corrupt_message(path, "it holds no `state_dict`, so it is not a Lightning checkpoint")
-        )
+        raise CorruptCheckpointError(_corrupt_message(path, "is not a Lightning checkpoint: it holds no `state_dict`"))
     found = checkpoint_class_path(checkpoint)
     if expected_class_path and found and found != expected_class_path:
         config = path.parent.parent / "config.yaml"
@@ -213,16 +211,36 @@ def _first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
 
 
-def _corrupt_message(path: Path, reason: str) -> str:
+# How the files torch.save writes begin: a zip archive (the default since torch 1.6), or a pickle (the legacy format)
+_CHECKPOINT_MAGIC = (b"PK\x03\x04", b"\x80")
+
+
+def _unreadable_message(path: Path, error: BaseException) -> str:
+    """Why a file that torch cannot load is refused: not a checkpoint at all, or a damaged one."""
+    with path.open("rb") as handle:
+        start = handle.read(8)
+    if not start:
+        return _corrupt_message(path, "is corrupt: the file is empty", damaged=True)
+    if not start.startswith(_CHECKPOINT_MAGIC):
+        return _corrupt_message(
+            path, f"is not a checkpoint: torch.save writes a zip archive, and this file begins with {start!r}"
+        )
+    return _corrupt_message(path, f"is corrupt: it cannot be read ({_first_line(error)})", damaged=True)
+
+
+def _corrupt_message(path: Path, problem: str, damaged: bool = False) -> str:
+    """``checkpoint PATH <problem>.``, the checkpoints beside it that load, and what to pass instead."""
     readable: list[str] = []
     skipped: list[str] = []
     for other in sorted((p for p in path.parent.glob("*.ckpt") if p != path), key=lambda p: -p.stat().st_mtime):
         # a file that needs unpickling would be refused: it is no way out
         (skipped if unreadable_reason(other) or needs_unpickling(other) else readable).append(str(other))
+    cause = " It was probably truncated by a crash or a full disk." if damaged else ""
     hint = f" Checkpoints in that folder that load, newest first: {readable[:5]}." if readable else ""
     if skipped:
         hint += f" Unreadable or refused, skipped: {skipped[:5]}."
+    instead = "one of those" if readable else "another checkpoint"
     return (
-        f"checkpoint {str(path)!r} is corrupt: {reason}. It was probably truncated by a crash or a full disk.{hint} "
-        f"Resume from one of those with --ckpt_path PATH, or start afresh without --ckpt_path."
+        f"checkpoint {str(path)!r} {problem}.{cause}{hint} Pass {instead} with --ckpt_path PATH, "
+        f"or (for fit) start afresh without --ckpt_path."
     )
