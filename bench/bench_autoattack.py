@@ -237,47 +237,72 @@ def report(paths: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def paired_comparison(cells: dict) -> list[str]:
-    """Per ε, every pair of models image for image on the images both were attacked on (each model's AutoAttack run
-    that covers the most images), with an exact two-sided sign test on the images only one of the two survives."""
+def _paired_row(label: str, a: dict, b: dict) -> str | None:
+    """One table row: two AutoAttack runs image for image on the images both attacked, with an exact two-sided
+    sign test on the images only one of them leaves robust; None when neither leaves any."""
     from scipy.stats import binomtest
 
+    common = a["images_seen"] & b["images_seen"]
+    robust_a, robust_b = a["robust_images"] & common, b["robust_images"] & common
+    if not robust_a | robust_b:
+        return None  # both at 0: nothing to compare
+    only_a, only_b = len(robust_a - robust_b), len(robust_b - robust_a)
+    p = binomtest(min(only_a, only_b), only_a + only_b, 0.5).pvalue if only_a + only_b else 1.0
+    return (
+        f"| {label} | {len(common)} | {len(robust_a) / len(common):.4f} / {len(robust_b) / len(common):.4f} | "
+        f"{only_a} / {only_b} | {p:.2g} |"
+    )
+
+
+def paired_comparison(cells: dict) -> list[str]:
+    """Per ε, every pair of models image for image on the images both were attacked on (each model's AutoAttack run
+    that covers the most images); then every pair of gradient routes of one model (the masking check)."""
     lines: list[str] = []
+    header = ["| {} | images | accuracy | survive only for the first / second | p |", "|---|---|---|---|---|"]
     for epsilon in sorted({key[3] for key in cells}):
+        runs = {
+            (model, solver): cell
+            for (suite, model, solver, eps), cell in cells.items()
+            if suite == "autoattack" and eps == epsilon
+        }
         widest: dict[str, tuple[str, dict]] = {}
-        for (suite, model, solver, eps), cell in cells.items():
-            if (
-                suite == "autoattack"
-                and eps == epsilon
-                and (model not in widest or len(cell["images_seen"]) > len(widest[model][1]["images_seen"]))
-            ):
+        for (model, solver), cell in runs.items():
+            if model not in widest or len(cell["images_seen"]) > len(widest[model][1]["images_seen"]):
                 widest[model] = (solver, cell)
         models = sorted(widest)
-        rows = []
-        for index, first in enumerate(models):
-            for second in models[index + 1 :]:
-                (route_a, a), (route_b, b) = widest[first], widest[second]
-                common = a["images_seen"] & b["images_seen"]
-                robust_a, robust_b = a["robust_images"] & common, b["robust_images"] & common
-                if not robust_a | robust_b:
-                    continue  # both at 0: nothing to compare
-                only_a, only_b = len(robust_a - robust_b), len(robust_b - robust_a)
-                p = binomtest(min(only_a, only_b), only_a + only_b, 0.5).pvalue if only_a + only_b else 1.0
-                rows.append(
-                    f"| {first} ({route_a}) vs {second} ({route_b}) | {len(common)} | "
-                    f"{len(robust_a) / len(common):.4f} / {len(robust_b) / len(common):.4f} | {only_a} / {only_b} "
-                    f"| {p:.2g} |"
-                )
-        if rows:
-            lines += [
-                "",
-                f"Paired, ε={epsilon:g}: AutoAttack accuracy on the images both models were attacked on, the "
-                "images only one survives, and the exact two-sided sign test on those:",
-                "",
-                "| models (gradients through) | images | accuracy | survive only for the first / second | p |",
-                "|---|---|---|---|---|",
-                *rows,
-            ]
+        rows = [
+            _paired_row(
+                f"{first} ({widest[first][0]}) vs {second} ({widest[second][0]})", widest[first][1], widest[second][1]
+            )
+            for index, first in enumerate(models)
+            for second in models[index + 1 :]
+        ]
+        routes = [
+            _paired_row(f"{model}: {first} vs {second}", runs[model, first], runs[model, second])
+            for model in models
+            for index, first in enumerate(sorted(s for m, s in runs if m == model))
+            for second in sorted(s for m, s in runs if m == model)[index + 1 :]
+        ]
+        for kept, text, what in (
+            ([r for r in rows if r], "models (gradients through)", "the images both models were attacked on"),
+            (
+                [r for r in routes if r],
+                "model: gradients through",
+                "the images both gradient routes of one model "
+                "were attacked on (the attacked model keeps its own solver; a route that masks gradients leaves more "
+                "images robust)",
+            ),
+        ):
+            if kept:
+                lines += [
+                    "",
+                    f"Paired, ε={epsilon:g}: AutoAttack accuracy on {what}, the images only one run leaves robust, "
+                    "and the exact two-sided sign test on those:",
+                    "",
+                    header[0].format(text),
+                    header[1],
+                    *kept,
+                ]
     return lines
 
 
