@@ -150,12 +150,21 @@ class PDENetsCLI(LightningCLI):
         """Instantiate as Lightning does; a constructor's argument error ends as a short message with exit code 2."""
         try:
             super().instantiate_classes()
-        except (ValueError, FileNotFoundError, UntrustedCheckpointError, CorruptCheckpointError) as error:
+        except (
+            ValueError,
+            FileNotFoundError,
+            UntrustedCheckpointError,
+            CorruptCheckpointError,
+            MisconfigurationException,  # the Trainer's own checks of its settings (e.g. a negative max_epochs)
+        ) as error:
             found = constructor_error(error)
             if found is None or not self.parser.exit_on_error or debugging():
                 raise
             owner, cause = found
-            usage_error(self._command(), short_message(f"{owner}: {cause}" if owner else str(cause)))
+            message = f"{owner}: {cause}" if owner else str(cause)
+            if "No supported gpu backend" in message:  # Lightning's message names neither the setting nor the fix
+                message += " --trainer.accelerator=gpu needs a CUDA or MPS device; use --trainer.accelerator=cpu."
+            usage_error(self._command(), short_message(message))
 
     def _command(self) -> str:
         """The command as the user typed it, e.g. ``pdenets fit``, for error messages."""
@@ -176,15 +185,7 @@ class PDENetsCLI(LightningCLI):
         callbacks = list(callbacks) if isinstance(callbacks, list) else [callbacks]
         check_trainer_counts(trainer_config, self._command())
         kwargs["callbacks"] = with_progress_bar(trainer_config, callbacks, self._command())
-        try:
-            trainer = super().instantiate_trainer(**kwargs)
-        except MisconfigurationException as error:  # Lightning's check of a trainer setting: one line, not a traceback
-            if not self.parser.exit_on_error or debugging():
-                raise
-            message = f"Trainer: {error}"
-            if "No supported gpu backend" in message:  # Lightning's message names neither the setting nor the fix
-                message += " --trainer.accelerator=gpu needs a CUDA or MPS device; use --trainer.accelerator=cpu."
-            usage_error(self._command(), short_message(message))
+        trainer = super().instantiate_trainer(**kwargs)
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         return trainer
@@ -265,8 +266,8 @@ _TRAINER_COUNTS = {
 def check_trainer_counts(trainer_config: Any, command: str) -> None:
     """Refuse the trainer counts that Lightning accepts and then divides by or ignores, with one short message.
 
-    Lightning's own checks (e.g. a negative ``max_epochs``) are turned into short messages by
-    :meth:`PDENetsCLI.instantiate_trainer`; these are the values it lets through.
+    Lightning's own checks (e.g. a negative ``max_epochs``) end as short messages through
+    :meth:`PDENetsCLI.instantiate_classes`; these are the values it lets through.
     """
     for key, (smallest, allowed) in _TRAINER_COUNTS.items():
         value = trainer_config.get(key)
