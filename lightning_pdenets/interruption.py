@@ -38,6 +38,7 @@ __all__ = [
     "RunInterrupted",
     "StopWatchdog",
     "failed_peer",
+    "leave_process_group",
     "raise_if_stop_requested",
     "release_peers_after_local_failure",
     "stop_requested",
@@ -84,6 +85,17 @@ AGREEMENT_SECONDS = 5.0
 """How long a DDP process that met an error waits for the others to report one too before it leaves alone."""
 
 
+def leave_process_group() -> None:
+    """Destroy this process's default process group, if there is one.
+
+    Also at the end of a run that succeeded: a process that exits with a gloo group alive can be aborted during
+    interpreter shutdown (``terminate called without an active exception``, exit status -6), when gloo's worker
+    threads still hold tensors as Python tears down (pytorch/pytorch#190489).
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def release_peers_after_local_failure(
     error: BaseException, where: str = "", wait_seconds: float = AGREEMENT_SECONDS
 ) -> bool:
@@ -119,7 +131,7 @@ def release_peers_after_local_failure(
         store.set(_FAILED_RANK_KEY, json.dumps(record))
     except Exception:  # best effort: the peers then say "another process" without its rank
         pass
-    torch.distributed.destroy_process_group()
+    leave_process_group()
     return True
 
 

@@ -197,3 +197,32 @@ def test_solver_check_interrupted_under_an_adaptive_solver_names_its_tolerance_n
     batch = (torch.rand(2, 3), torch.tensor([0, 1]))
     with pytest.raises(RunInterrupted, match=r"^SolverSwapCheck \(evaluating with dopri5, tol 0\.0001\)$"):
         evaluate_batches(trainer, nn.Sequential(block), [block], iter([batch]), owner="SolverSwapCheck")
+
+
+@pytest.mark.parametrize("outcome", ["success", "usage error"])
+def test_pdenets_leaves_its_process_group_before_the_interpreter_shuts_down(
+    outcome: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A DDP process that exits with its gloo group alive was sometimes aborted at shutdown (exit status -6, "terminate
+    called without an active exception", after a fit that succeeded: seen in CI). ``main`` destroys the group on
+    every way out; here a one-process gloo group stands in for the group Lightning creates."""
+    from lightning_pdenets.cli import entry
+    from lightning_pdenets.errors import ConfigurationError
+
+    def run(args):
+        assert torch.distributed.is_initialized()
+        if outcome == "usage error":
+            raise ConfigurationError("a bad setting")
+
+    monkeypatch.setattr(entry, "build_cli", run)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        if outcome == "success":
+            entry.main(["fit"])
+        else:
+            with pytest.raises(SystemExit):
+                entry.main(["fit"])
+        assert not torch.distributed.is_initialized()
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

@@ -22,7 +22,7 @@ from lightning_pdenets.cli.exit_codes import (
     subcommand_of,
 )
 from lightning_pdenets.errors import ModelFailure, is_peer_crash
-from lightning_pdenets.interruption import StopWatchdog
+from lightning_pdenets.interruption import StopWatchdog, leave_process_group
 
 
 def main(args: list[str] | None = None) -> None:
@@ -66,3 +66,4 @@ def main(args: list[str] | None = None) -> None:
         sys.exit(code)
     finally:
         watchdog.stop()
+        leave_process_group()  # before interpreter shutdown, which a live gloo group can abort

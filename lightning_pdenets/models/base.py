@@ -38,6 +38,7 @@ from lightning_pdenets.errors import (
     is_solver_failure,
 )
 from lightning_pdenets.evaluation import accuracy_metrics
+from lightning_pdenets.interruption import leave_process_group
 from lightning_pdenets.metric_logging import log_replicated, step_values_are_read
 from lightning_pdenets.migration import VERSION_KEY, check_layout
 from lightning_pdenets.models.optim import (
@@ -638,5 +639,4 @@ def _release_peers() -> None:
     default): after backward they raise :class:`PeerFailedError`, after evaluation torch's
     "Connection closed by peer" error. The DDP state of this step is unusable anyway.
     """
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    leave_process_group()
