@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_pdenets.callbacks import AdversarialEvaluation
+from tests.trainers import quiet_trainer
 
 EPSILON = 0.25
 SIDE = 6  # 1 x 6 x 6 images: 36 pixels
@@ -107,14 +108,7 @@ def run_test(
     model: pl.LightningModule, x: torch.Tensor, y: torch.Tensor, **kwargs
 ) -> tuple[dict[str, float], list[str]]:
     callback = AdversarialEvaluation(epsilons=[EPSILON], num_batches=None, log_figure=False, **kwargs)
-    trainer = pl.Trainer(
-        callbacks=[callback],
-        logger=False,
-        accelerator="cpu",
-        devices=1,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = quiet_trainer(callbacks=[callback])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.test(model, dataloaders=loader(x, y), verbose=False)

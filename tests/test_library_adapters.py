@@ -32,6 +32,7 @@ from lightning_pdenets.cli._library_adapters import (
 )
 from lightning_pdenets.cli.arguments import PDENetsArgumentParser
 from lightning_pdenets.solvers import SOLVERS
+from tests.trainers import quiet_trainer
 
 pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI.s args parameter", "ignore:No seed found")
 
@@ -210,15 +211,7 @@ def test_checkpoint_hyperparameters_are_merged_between_parse_arguments_and_befor
 
 
 def test_ctrl_c_in_a_fit_ends_as_system_exit_1_after_the_interrupt() -> None:
-    trainer = pl.Trainer(
-        max_steps=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-        devices=1,
-    )
+    trainer = quiet_trainer(max_steps=1)
     handler = signal.getsignal(signal.SIGINT)
     try:
         with pytest.raises(BaseException) as stopped:

@@ -27,6 +27,7 @@ from lightning_pdenets.blocks import (
 )
 from lightning_pdenets.cli import build_cli
 from lightning_pdenets.models import LMResNetModule, ResNetCIFARModule, check_stochastic_depth_strategy
+from tests.trainers import quiet_trainer
 
 
 def count(model: nn.Module) -> int:
@@ -431,15 +432,8 @@ def test_lm_module_logs_k_per_block_and_a_figure_and_reloads(tmp_path: Path) -> 
     initial = {name: k.detach().clone() for name, k in module.network.lm_coefficients().items()}
     data = TensorDataset(torch.randn(16, 3, 32, 32), torch.arange(16) % 10)
     logger = TensorBoardLogger(tmp_path, name="lm")
-    trainer = pl.Trainer(
-        max_epochs=2,
-        accelerator="cpu",
-        devices=1,
-        logger=logger,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        limit_val_batches=0,
+    trainer = quiet_trainer(
+        max_epochs=2, logger=logger, default_root_dir=tmp_path, limit_val_batches=0, enable_checkpointing=True
     )
     trainer.fit(module, DataLoader(data, batch_size=8))
     events = EventAccumulator(logger.log_dir, size_guidance={"images": 0, "scalars": 0}).Reload()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import inspect
 
-import lightning.pytorch as pl
 import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
@@ -13,6 +12,7 @@ from lightning_pdenets.architectures import mobilenetv3_isometric, odenet_mobile
 from lightning_pdenets.architectures.registry import DATA_FACTS
 from lightning_pdenets.models import IsometricMobileNetModule, ODEMobileNetModule, PRNetMobileNetModule
 from lightning_pdenets.protocols import find_ode_blocks
+from tests.trainers import quiet_trainer
 
 # Kim et al., Table 3 (Tiny ImageNet, 200 classes): parameters of each network at width 1 and 2.
 TABLE_3 = {
@@ -95,18 +95,6 @@ def _loader(num_classes: int = 5, n: int = 16) -> DataLoader:
     )
 
 
-def _trainer(**kwargs) -> pl.Trainer:
-    return pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        **kwargs,
-    )
-
-
 @pytest.mark.parametrize(
     "module_class, extra",
     [
@@ -119,7 +107,7 @@ def _trainer(**kwargs) -> pl.Trainer:
 def test_modules_train_and_reload_from_checkpoint(module_class, extra, tmp_path):
     model = module_class(num_classes=5, lr=0.01, network=TINY, **extra)
     before = {k: v.clone() for k, v in model.state_dict().items() if torch.is_tensor(v) and v.is_floating_point()}
-    trainer = _trainer(max_steps=2)
+    trainer = quiet_trainer(max_steps=2)
     trainer.fit(model, _loader(), _loader())
     assert torch.isfinite(trainer.callback_metrics["train/loss_epoch"])
     changed = [k for k, v in model.state_dict().items() if k in before and not torch.equal(v, before[k])]
@@ -146,7 +134,7 @@ def test_prnet_variant_stores_only_its_own_arguments_and_algorithm_1s():
 
 def test_prnet_variant_fine_tunes_from_a_prnet_checkpoint(tmp_path):
     source = PRNetMobileNetModule(num_classes=5, max_power=2, max_derivative_order=1, network=TINY)
-    trainer = _trainer(max_steps=1)
+    trainer = quiet_trainer(max_steps=1)
     trainer.fit(source, _loader())
     path = tmp_path / "prnet.ckpt"
     trainer.save_checkpoint(path)

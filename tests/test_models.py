@@ -13,6 +13,7 @@ from lightning_pdenets.data import DigitsDataModule
 from lightning_pdenets.errors import NonFiniteLossError
 from lightning_pdenets.models import ODENetModule, ResNetModule, RKNetModule
 from lightning_pdenets.models.base import WeightedMean
+from tests.trainers import quiet_trainer
 
 TINY = dict(width=8, num_downsamples=1)
 
@@ -24,18 +25,14 @@ def tiny(**network) -> dict:
 
 def tiny_trainer(tmp_path: Path, **kwargs) -> pl.Trainer:
     defaults = dict(
-        accelerator="cpu",
-        devices=1,
         max_epochs=1,
         limit_train_batches=3,
         limit_val_batches=2,
         limit_test_batches=2,
         default_root_dir=tmp_path,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        logger=False,
+        enable_checkpointing=True,
     )
-    return pl.Trainer(**{**defaults, **kwargs})
+    return quiet_trainer(**{**defaults, **kwargs})
 
 
 @pytest.mark.parametrize(

@@ -14,6 +14,7 @@ from lightning_pdenets.dynamics import SymmetricLayer, TimeDependentWeight
 from lightning_pdenets.models import HamiltonianCNNModule, ParabolicCNNModule, SecondOrderCNNModule
 from lightning_pdenets.protocols import TimeDependentWeights, TimeSteppingBlock
 from tests.fakedata.stl10 import fake_stl10, write_stl10_split
+from tests.trainers import quiet_trainer
 
 REVERSIBLE_BLOCKS = [HamiltonianBlock, SecondOrderBlock]
 
@@ -427,7 +428,6 @@ def test_default_initialization_is_the_authors_meganet_rule(dynamics):
 
 
 def test_modules_train_one_step_and_reload_from_checkpoint(tmp_path):
-    import lightning.pytorch as pl
 
     data = STL10DataModule(**fake_stl10(tmp_path / "data"))
     for module_class, reversible in (
@@ -437,16 +437,7 @@ def test_modules_train_one_step_and_reload_from_checkpoint(tmp_path):
     ):
         model = module_class(network=dict(widths=[4, 8], num_steps=2, reversible=reversible), optimizer="sgd", lr=0.1)
         before = [p.detach().clone() for p in model.parameters()]
-        trainer = pl.Trainer(
-            max_steps=1,
-            limit_val_batches=1,
-            accelerator="cpu",
-            devices=1,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-        )
+        trainer = quiet_trainer(max_steps=1, limit_val_batches=1)
         trainer.fit(model, datamodule=data)
         assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
         path = tmp_path / f"{module_class.__name__}.ckpt"

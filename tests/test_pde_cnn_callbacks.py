@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_pdenets.callbacks import MultilevelTraining, TimeTVRegularization, WeightBoxProjection
 from lightning_pdenets.callbacks.time_tv import collect_time_dependent_parameters
 from lightning_pdenets.models import ParabolicCNNModule
+from tests.trainers import quiet_trainer
 
 THETA = [[0.5, -1.0], [0.25, 0.0], [1.0, 2.0], [1.0, 2.0]]
 
@@ -75,18 +76,6 @@ def toy_loader(batches: list[list[torch.Tensor]]) -> DataLoader:
     x = torch.cat([b[0] for b in batches])
     y = torch.cat([b[1] for b in batches])
     return DataLoader(TensorDataset(x, y), batch_size=4, shuffle=False)
-
-
-def quiet_trainer(**kwargs) -> pl.Trainer:
-    defaults = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    return pl.Trainer(**{**defaults, **kwargs})
 
 
 # -- TimeTVRegularization -----------------------------------------------------------------------

@@ -16,6 +16,7 @@ from lightning_pdenets.cli import build_cli, main
 from lightning_pdenets.data import DigitsDataModule
 from lightning_pdenets.errors import CheckpointNotFoundError, CorruptCheckpointError
 from tests.conftest import REPO_ROOT
+from tests.trainers import quiet_trainer
 
 PARAMETERS = {
     "resnet_mnist": 576_778,
@@ -49,10 +50,7 @@ def test_each_mnist_model_loads_as_its_class_in_eval_mode(name: str) -> None:
 
 
 def _digits_accuracy(model: pl.LightningModule) -> float:
-    trainer = pl.Trainer(
-        accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False
-    )
-    return trainer.test(model, datamodule=DigitsDataModule(), verbose=False)[0]["test/acc_top1"]
+    return quiet_trainer().test(model, datamodule=DigitsDataModule(), verbose=False)[0]["test/acc_top1"]
 
 
 def test_the_quickstart_model_reproduces_its_recorded_accuracy_on_digits() -> None:

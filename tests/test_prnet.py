@@ -21,6 +21,7 @@ from lightning_pdenets.migration import main as upgrade_main
 from lightning_pdenets.models.prnet import PRNET_OPTIMIZERS, PRNET_STEPS, PRNetAlgorithmModule, PRNetModule
 from tests.conftest import REPO_ROOT
 from tests.test_models import RecordLearningRates, one_cycle_rates
+from tests.trainers import quiet_trainer
 
 TINY_NETWORK = dict(width=8, num_downsamples=1)
 TINY = dict(network=TINY_NETWORK, image_size=8)
@@ -45,16 +46,7 @@ class TinyDigits(pl.LightningDataModule):
 
 
 def make_trainer(tmp_path: Path, **kwargs) -> pl.Trainer:
-    defaults = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
-    return pl.Trainer(**{**defaults, **kwargs})
+    return quiet_trainer(**{"default_root_dir": tmp_path, **kwargs})
 
 
 def count(module: torch.nn.Module) -> int:
@@ -146,18 +138,7 @@ def test_one_cycle_schedules_step_per_batch_and_per_epoch_ones_per_epoch(tmp_pat
     module = PRNetModule(
         **TINY, lr=0.02, lr_scheduler="onecycle", theta=dict(lr=0.01, lr_scheduler="multistep", lr_milestones=[1])
     )
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_epochs=2,
-        limit_train_batches=3,
-        limit_val_batches=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[recorder],
-        default_root_dir=tmp_path,
-    )
+    trainer = make_trainer(tmp_path, max_epochs=2, limit_train_batches=3, limit_val_batches=0, callbacks=[recorder])
     trainer.fit(module, datamodule=DigitsDataModule(batch_size=16))
     assert [rates[0] for rates in recorder.rates] == pytest.approx(one_cycle_rates(0.02, 6))
     assert [rates[1] for rates in recorder.rates] == pytest.approx([0.01] * 3 + [0.001] * 3)

@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_pdenets.models.prnet import PRNetModule
+from tests.trainers import quiet_trainer
 
 TINY = dict(network=dict(width=8, num_downsamples=1), image_size=8)
 
@@ -31,15 +32,7 @@ def fit(module: pl.LightningModule, batches: int = 3) -> pl.LightningModule:
         torch.randn(8 * batches, 1, 8, 8, generator=generator),
         torch.randint(0, 10, (8 * batches,), generator=generator),
     )
-    pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    ).fit(module, DataLoader(data, batch_size=8))
+    quiet_trainer(max_epochs=1).fit(module, DataLoader(data, batch_size=8))
     return module
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import itertools
 
-import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
@@ -21,6 +20,7 @@ from lightning_pdenets.dynamics.conv import ConvODEFunc
 from lightning_pdenets.models import ODENetModule, VectorODEClassifierModule
 from lightning_pdenets.protocols import RegularizedModule, find_regularized_modules, pop_regularization
 from lightning_pdenets.solvers import SolverConfig
+from tests.trainers import quiet_trainer
 
 T1 = 1.5
 SOLVES = [
@@ -178,16 +178,7 @@ def test_classifier_adds_the_terms_to_the_training_loss_and_logs_them() -> None:
     expected = torch.nn.functional.cross_entropy(logits, y) + terms["kinetic_energy"] + terms["jacobian_frobenius"]
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
     assert terms["kinetic_energy"].item() > 0 and terms["jacobian_frobenius"].item() > 0
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        max_steps=2,
-        log_every_n_steps=1,
-    )
+    trainer = quiet_trainer(max_steps=2, log_every_n_steps=1)
     trainer.fit(module, DataLoader(TensorDataset(torch.randn(32, 2), torch.randint(0, 2, (32,))), batch_size=16))
     logged = trainer.callback_metrics
     assert {"train/kinetic_energy_step", "train/kinetic_energy_epoch", "train/jacobian_frobenius_epoch"} <= set(logged)

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_pdenets.callbacks import AdversarialEvaluation, InferenceTimer, OODEvaluation
 from lightning_pdenets.callbacks.ood import perturb_pixels
+from tests.trainers import quiet_trainer
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 
@@ -494,15 +495,7 @@ def test_evaluation_passes_of_callbacks_never_reach_the_logged_nfe(monitor_first
     ]
     monitor = NFEMonitor()
     callbacks = [monitor, *evaluations] if monitor_first else [*evaluations, monitor]
-    trainer = pl.Trainer(
-        callbacks=callbacks,
-        logger=False,
-        accelerator="cpu",
-        devices=1,
-        enable_progress_bar=False,
-        limit_test_batches=2,
-        enable_model_summary=False,
-    )
+    trainer = quiet_trainer(callbacks=callbacks, limit_test_batches=2)
     block = model.network.feature
     before = block.nfe_forward
     trainer.test(model, datamodule=DigitsDataModule(batch_size=16), verbose=False)

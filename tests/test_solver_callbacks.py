@@ -22,21 +22,13 @@ from lightning_pdenets.callbacks.solver_adaptation import hairer_initial_step, s
 from lightning_pdenets.data import ConcentricSpheresDataModule
 from lightning_pdenets.errors import SolverFailedError
 from lightning_pdenets.models import VectorODEClassifierModule
+from tests import trainers
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
 
 
 def quiet_trainer(**kwargs) -> pl.Trainer:
-    defaults = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
-    return pl.Trainer(**{**defaults, **kwargs})
+    return trainers.quiet_trainer(**{"num_sanity_val_steps": 0, **kwargs})
 
 
 def tiny_spheres(**kwargs) -> ConcentricSpheresDataModule:
@@ -353,15 +345,7 @@ def test_solver_swap_check_keeps_its_results_in_checkpoints(tmp_path: Path) -> N
 @pytest.mark.parametrize("progress_bar", [True, False])
 def test_solver_swap_check_counts_its_passes_in_a_progress_bar(progress_bar: bool, capfd) -> None:
     swap = SolverSwapCheck(solvers=["euler", "rk4"], step_factors=[0.5, 1.0])
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_epochs=1,
-        limit_train_batches=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        enable_progress_bar=progress_bar,
-    )
+    trainer = quiet_trainer(max_epochs=1, limit_train_batches=1, enable_progress_bar=progress_bar)
     module = ForeignClassifier()
     trainer.fit(module, foreign_loader(), foreign_loader(32, seed=1))
     capfd.readouterr()

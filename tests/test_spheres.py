@@ -11,6 +11,7 @@ from lightning_pdenets.architectures.registry import create_architecture
 from lightning_pdenets.data import ConcentricSpheresDataModule
 from lightning_pdenets.data.spheres import sample_spheres
 from lightning_pdenets.models import ImageODEClassifierModule, VectorODEClassifierModule
+from tests.trainers import quiet_trainer
 
 
 @pytest.mark.parametrize("dim", [2, 3, 10, 900])
@@ -115,19 +116,11 @@ def test_architectures_are_registered():
 
 
 def test_load_from_checkpoint_restores_hyperparameters(tmp_path):
-    import lightning.pytorch as pl
 
     module = VectorODEClassifierModule(
         solver=dict(method="midpoint", step_size=0.25), input_dim=2, network=dict(hidden_width=8)
     )
-    trainer = pl.Trainer(
-        max_steps=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        num_sanity_val_steps=0,
-    )
+    trainer = quiet_trainer(max_steps=1, default_root_dir=tmp_path, num_sanity_val_steps=0)
     data = ConcentricSpheresDataModule(num_train=16, num_val=8, num_test=8, batch_size=8)
     trainer.fit(module, data)
     path = tmp_path / "m.ckpt"

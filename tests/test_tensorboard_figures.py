@@ -17,20 +17,14 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_pdenets.callbacks import AdversarialEvaluation, NFEMonitor, OODEvaluation, SolverSwapCheck
 from lightning_pdenets.data import ConcentricSpheresDataModule, DigitsDataModule
 from lightning_pdenets.models import LMResNetModule, PRNetModule, ResNetModule, VectorODEClassifierModule
-
-QUICK = dict(
-    accelerator="cpu",
-    devices=1,
-    enable_progress_bar=False,
-    enable_model_summary=False,
-    enable_checkpointing=False,
-    num_sanity_val_steps=0,
-)
+from tests.trainers import quiet_trainer
 
 
 def _trainer(tmp_path: Path, callbacks: list = (), **kwargs) -> pl.Trainer:
     logger = TensorBoardLogger(tmp_path / "tb", name="run")
-    return pl.Trainer(logger=logger, callbacks=list(callbacks), default_root_dir=tmp_path, **QUICK, **kwargs)
+    return quiet_trainer(
+        logger=logger, callbacks=list(callbacks), default_root_dir=tmp_path, num_sanity_val_steps=0, **kwargs
+    )
 
 
 def _events(trainer: pl.Trainer) -> EventAccumulator:

@@ -28,6 +28,7 @@ from tests.fakedata.transfer import (
     fake_resized_cifar100,
     fake_stanford_cars,
 )
+from tests.trainers import quiet_trainer
 
 TINY = dict(channels=16, expanded_channels=32, num_blocks=2, patch_size=8)
 
@@ -144,23 +145,11 @@ def _loader(num_classes: int, n: int = 16) -> DataLoader:
     return DataLoader(data, batch_size=8)
 
 
-def _trainer(**kwargs) -> pl.Trainer:
-    return pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        **kwargs,
-    )
-
-
 @pytest.fixture(scope="module")
 def source_checkpoint(tmp_path_factory) -> Path:
     """A 7-class source model trained for two steps, saved by Lightning."""
     model = IsometricMobileNetModule(num_classes=7, lr=0.05, network=TINY)
-    trainer = _trainer(max_steps=2)
+    trainer = quiet_trainer(max_steps=2)
     trainer.fit(model, _loader(7))
     path = tmp_path_factory.mktemp("source") / "source.ckpt"
     trainer.save_checkpoint(path)
@@ -214,7 +203,7 @@ def test_head_first_freezes_the_backbone_until_the_unfreeze_epoch(source_checkpo
     )
     initial = torch.cat([p.detach().flatten().clone() for p in model.network.backbone.stem.parameters()])
     spy = Snapshots()
-    _trainer(max_epochs=2, callbacks=[spy]).fit(model, _loader(3))
+    quiet_trainer(max_epochs=2, callbacks=[spy]).fit(model, _loader(3))
     assert torch.equal(spy.backbone[0], initial)  # epoch 0: only the head trains
     assert not torch.equal(spy.classifier[0], model.network.classifier.weight.new_zeros(0))
     assert not torch.equal(spy.backbone[1], initial)  # epoch 1: the backbone is unfrozen
@@ -232,7 +221,7 @@ def test_full_finetuning_trains_everything_from_the_start(source_checkpoint, tmp
     )
     initial = torch.cat([p.detach().flatten().clone() for p in model.network.backbone.stem.parameters()])
     spy = Snapshots()
-    trainer = _trainer(max_epochs=1, callbacks=[spy])
+    trainer = quiet_trainer(max_epochs=1, callbacks=[spy])
     trainer.fit(model, _loader(3))
     assert not torch.equal(spy.backbone[0], initial) and spy.groups[0] == [0.1]
     path = tmp_path / "finetuned.ckpt"
