@@ -7,7 +7,7 @@ import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-__all__ = ["check_non_negative", "check_positive", "check_positive_int", "check_setting_names"]
+__all__ = ["check_bool", "check_non_negative", "check_positive", "check_positive_int", "check_setting_names"]
 
 
 def check_positive(value: Any, argument: str, allow_none: bool = False) -> None:
@@ -32,6 +32,12 @@ def check_positive_int(value: Any, argument: str, minimum: int = 1, allow_none: 
         raise ValueError(
             f"`{argument}` must be an integer >= {minimum}{' or None' if allow_none else ''}, got {value!r}."
         )
+
+
+def check_bool(value: Any, argument: str) -> None:
+    """Raise a ``ValueError`` naming ``argument`` unless ``value`` is True or False ("no" would be truthy)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"`{argument}` must be True or False, got {value!r}.")
 
 
 def check_setting_names(names: Iterable[Any], valid: Sequence[str], argument: str) -> None:

@@ -5,13 +5,17 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import torch
+from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_pdenets.callbacks import PredictionWriter
 from lightning_pdenets.checkpoints import find_resume_checkpoint
 from lightning_pdenets.cli import build_cli
+from lightning_pdenets.errors import ConfigurationError
 from tests.test_faults import QUICK
+from tests.trainers import quiet_trainer
 
 
 def test_predict_writes_one_row_per_test_sample_agreeing_with_test_accuracy(tmp_path: Path) -> None:
@@ -44,3 +48,48 @@ def test_prediction_writer_rejects_what_it_cannot_write() -> None:
     writer.on_predict_epoch_start(None, None)
     with pytest.raises(TypeError, match=r"needs `predict_step` to return a \(batch, classes\) tensor"):
         writer.write_on_batch_end(None, None, torch.zeros(4), [0, 1, 2, 3], None, 0, 0)
+
+
+class _LogitsModel(pl.LightningModule):
+    """A ``predict_step`` returning logits, as Lightning's default does (the model's output)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(3, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 10 * self.layer(x)
+
+    def predict_step(self, batch: list[torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
+        return self(batch[0])
+
+
+def test_prediction_writer_turns_logits_into_probabilities_and_names_each_rows_dataloader(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    loaders = [
+        DataLoader(TensorDataset(torch.randn(n, 3), torch.zeros(n, dtype=torch.long)), batch_size=4) for n in (6, 5)
+    ]
+    model = _LogitsModel()
+    writer = PredictionWriter(output_dir=tmp_path / "out")
+    quiet_trainer(callbacks=[writer]).predict(model, loaders)
+    saved = torch.load(writer.written[0])
+    with torch.no_grad():
+        expected = torch.cat([model(loader.dataset.tensors[0]).softmax(1) for loader in loaders])
+    assert torch.allclose(saved["probabilities"], expected, atol=1e-6)
+    assert saved["confidence"].max() <= 1.0
+    assert saved["dataloader_idx"].tolist() == [0] * 6 + [1] * 5
+    assert saved["sample_index"].tolist() == list(range(6)) + list(range(5))
+    with open(writer.written[1], newline="") as handle:
+        assert next(csv.reader(handle))[:2] == ["dataloader_idx", "sample_index"]
+
+
+def test_prediction_writer_refuses_a_bad_output_dir_before_predicting(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="`output_dir` must be a folder path or None"):
+        PredictionWriter(output_dir=123)
+    taken = tmp_path / "a_file"
+    taken.write_text("")
+    writer = PredictionWriter(output_dir=taken)
+    model = _LogitsModel()
+    model.predict_step = lambda *args: pytest.fail("predicted before refusing the output folder")
+    with pytest.raises(ConfigurationError, match="is a file, not a folder"):
+        quiet_trainer(callbacks=[writer]).predict(model, DataLoader(TensorDataset(torch.randn(2, 3)), batch_size=2))

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_pdenets.callbacks import AdversarialEvaluation, InferenceTimer, OODEvaluation
 from lightning_pdenets.callbacks.ood import perturb_pixels
+from lightning_pdenets.errors import ConfigurationError
 from tests.trainers import quiet_trainer
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
@@ -470,7 +471,7 @@ def test_callbacks_on_an_adjoint_ode_network_leave_gradients_alone():
         solver=dict(adjoint=True), channels=16, expanded_channels=32, num_blocks=2, patch_size=8, num_classes=10
     )
     (block,) = find_ode_blocks(net)
-    x, y = torch.randn(4, 3, 64, 64), torch.arange(4)
+    x, y = torch.rand(4, 3, 64, 64), torch.arange(4)  # [0, 1] pixels
     outputs = AdversarialEvaluation(epsilons=["3/255"], pgd_steps=2).attack_batch(net, x, y)
     OODEvaluation().evaluate_batch(net.eval(), x)
     InferenceTimer(batch_size=4, num_warmup=1, num_repeats=1).time_model(net, x)
@@ -528,3 +529,39 @@ def test_paper_evaluation_on_a_framework_model_and_datamodule(tmp_path):
         "inference/seconds_per_batch",
     } <= keys
     assert callbacks[0]._warned_raw_pixels is False  # mean/std were found on the datamodule
+
+
+# -- inputs the pixel-space evaluations cannot take --------------------------------------------------------------
+def _attack(callback: AdversarialEvaluation, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> object:
+    return callback.attack_batch(model, x, y)
+
+
+def _perturb(callback: OODEvaluation, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> object:
+    return callback.evaluate_batch(model, x)
+
+
+@pytest.mark.parametrize(
+    ("callback_class", "evaluate"),
+    [(lambda **kw: AdversarialEvaluation(epsilons=[0.1], **kw), _attack), (OODEvaluation, _perturb)],
+    ids=["adversarial", "ood"],
+)
+def test_standardized_inputs_without_their_normalization_are_refused_not_clipped(callback_class, evaluate) -> None:
+    # they were clipped to [0, 1] as "pixels": a model perfect on the clean batch scored at chance, silently
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 2))
+    x, y = torch.randn(8, 1, 8, 8), torch.zeros(8, dtype=torch.long)
+    with pytest.raises(ConfigurationError, match=r"spans \[-\d.*: clipping it to \[0, 1\] would change the clean"):
+        evaluate(callback_class(), model, x, y)
+    with pytest.raises(ConfigurationError, match=r"de-normalized with mean=\[0\.5\] and std=\[2\.0\]"):
+        evaluate(callback_class(mean=[0.5], std=[2.0]), model, x, y)  # the wrong normalization: refused too
+    evaluate(callback_class(mean=[0.5], std=[0.25]), model, x.clamp(-2, 2), y)  # the right one is taken
+    with pytest.raises(ConfigurationError, match=r"needs batches of shape \(N, C, H, W\), got \(8, 64\)"):
+        evaluate(callback_class(), nn.Linear(64, 2), torch.rand(8, 64), y)
+
+
+def test_color_jitter_on_images_with_two_channels_names_the_perturbation_to_drop() -> None:
+    model = nn.Sequential(nn.Flatten(), nn.Linear(128, 2))
+    with pytest.raises(ConfigurationError, match="`color_jitter` needs images with 1 or 3 channels, got 2"):
+        OODEvaluation().evaluate_batch(model, torch.rand(4, 2, 8, 8))
+    OODEvaluation(perturbations=["gaussian_noise", "rotation"], crop_size=7, reference_size=8).evaluate_batch(
+        model, torch.rand(4, 2, 8, 8)
+    )

@@ -141,7 +141,10 @@ def test_test_step_size_makes_test_error_50_times_smaller():
         (lambda: StepSizeAdaptation(threshold=1.5), r"`threshold` .*got 1.5"),
         (lambda: StepSizeAdaptation(threshold=-0.1), r"`threshold`"),
         (lambda: StepSizeAdaptation(interval=0), r"`interval` must be an integer >= 1, got 0"),
-        (lambda: StepSizeAdaptation(initial_step_size="auto"), r"`initial_step_size` must be a finite number"),
+        (
+            lambda: StepSizeAdaptation(initial_step_size="auto"),
+            r"`initial_step_size` must be 'hairer' or a number > 0, got 'auto'",
+        ),
         (lambda: ToleranceAdaptation(train_solver="rk4"), r"adaptive solvers: `train_solver` must be one of"),
         (lambda: ToleranceAdaptation(test_solver="rk4"), r"needs an adaptive `test_solver`"),
         (
@@ -705,3 +708,22 @@ def test_nfe_monitor_resumes_from_a_state_written_before_solver_statistics():
 def test_nfe_monitor_rejects_a_bad_histogram_interval():
     with pytest.raises(ValueError, match="histogram_every_n_steps"):
         NFEMonitor(histogram_every_n_steps=0)
+
+
+@pytest.mark.parametrize("limit", [2, 0.25])
+def test_solver_swap_check_reads_the_batches_the_trainer_validates(limit: float) -> None:
+    # it read every validation batch, whatever limit_val_batches said: accuracy on another set than val's, and slow
+    class CountingLoader(DataLoader):
+        batches_read = 0
+
+        def __iter__(self):
+            for batch in super().__iter__():
+                CountingLoader.batches_read += 1
+                yield batch
+
+    validation = CountingLoader(foreign_loader(128, seed=1).dataset, batch_size=16)  # 8 batches
+    swap = SolverSwapCheck(solvers=["euler"], step_factors=[1.0], log_figure=False)
+    trainer = quiet_trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=limit, callbacks=[swap])
+    trainer.fit(ForeignClassifier(), foreign_loader(), validation)
+    passes = 1 + 1 + 1  # the trainer's validation, the training solver, euler x1
+    assert CountingLoader.batches_read == 2 * passes

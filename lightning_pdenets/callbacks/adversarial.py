@@ -43,7 +43,7 @@ from lightning_pdenets.interruption import raise_if_stop_requested
 from lightning_pdenets.metric_logging import log_replicated
 from lightning_pdenets.protocols import find_ode_blocks
 from lightning_pdenets.solvers import SolverConfig, SolverOptions
-from lightning_pdenets.validation import check_positive, check_positive_int
+from lightning_pdenets.validation import check_bool, check_positive, check_positive_int
 
 __all__ = ["AdversarialEvaluation", "PixelSpace", "normalization_of", "parse_epsilon", "worst_case_logits"]
 
@@ -223,6 +223,9 @@ class AdversarialEvaluation(Callback):
             raise ValueError(f"`attacks` must be a non-empty subset of {list(ATTACKS)}, got {attacks!r}.")
         self.attacks = list(dict.fromkeys(attacks))
         check_positive_int(pgd_steps, "pgd_steps")
+        check_bool(pgd_random_init, "pgd_random_init")
+        check_bool(log_figure, "log_figure")
+        check_positive_int(seed, "seed", minimum=0)
         check_positive_int(num_batches, "num_batches", allow_none=True)
         check_positive_int(every_n_val_epochs, "every_n_val_epochs", allow_none=True)
         if pgd_step_size is not None:
@@ -395,7 +398,7 @@ class AdversarialEvaluation(Callback):
             total=crafts, desc="AdversarialEvaluation", unit="attack", leave=False, disable=not show, dynamic_ncols=True
         )
         with progress, evaluation_pass(model, input_gradients=True):  # tensors made here are usable by autograd
-            pixel_model = PixelSpace.for_batch(model, x, stats)
+            pixel_model = PixelSpace.for_batch(model, x, stats, type(self).__name__)
             pixels = pixel_model.to_pixels(x.detach().clone())
             labels = y.detach().clone()
 

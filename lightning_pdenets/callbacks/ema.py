@@ -18,6 +18,8 @@ import lightning.pytorch as pl
 import torch
 from typing_extensions import override
 
+from lightning_pdenets.validation import check_bool, check_positive_int
+
 try:
     from lightning.pytorch.callbacks import EMAWeightAveraging
 except ImportError:  # Lightning < 2.6 (setup.cfg allows 2.4): the package imports, EMAWeights refuses to be built
@@ -60,6 +62,12 @@ class EMAWeights(EMAWeightAveraging):
     ) -> None:
         if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay <= 1.0:
             raise ValueError(f"`decay` must be a number in [0, 1], got {decay!r}.")
+        # Lightning accepts 0 (never update: the untouched initial copy then replaces the trained weights at the
+        # end of fit) and a string (a TypeError at the first step); refuse both here.
+        check_positive_int(update_every_n_steps, "update_every_n_steps")
+        check_positive_int(update_starting_at_step, "update_starting_at_step", minimum=0, allow_none=True)
+        check_positive_int(update_starting_at_epoch, "update_starting_at_epoch", minimum=0, allow_none=True)
+        check_bool(use_buffers, "use_buffers")
         super().__init__(
             device=device,
             use_buffers=use_buffers,

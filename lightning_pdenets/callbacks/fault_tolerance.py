@@ -58,11 +58,25 @@ class CheckpointOnInterrupt(Checkpoint):
 
     FILE_EXTENSION = ".ckpt"
 
-    def __init__(self, dirpath: str | None = None, filename: str = "interrupted") -> None:
+    def __init__(self, dirpath: str | os.PathLike[str] | None = None, filename: str = "interrupted") -> None:
         super().__init__()
-        if not isinstance(filename, str) or not filename:
-            raise ValueError(f"`filename` must be a non-empty file stem (without .ckpt), got {filename!r}.")
-        self.dirpath = dirpath or "."
+        # checked here: a bad one would otherwise surface only when the run is interrupted, replacing the interrupt
+        if (
+            not isinstance(filename, str)
+            or not filename
+            or os.sep in filename
+            or (os.altsep is not None and os.altsep in filename)
+            or filename.endswith(self.FILE_EXTENSION)
+        ):
+            raise ValueError(
+                f"`filename` must be a plain file stem such as 'interrupted' (no folder, no {self.FILE_EXTENSION}: "
+                f"it is added), got {filename!r}."
+            )
+        if dirpath is not None and (not isinstance(dirpath, (str, os.PathLike)) or not str(dirpath)):
+            raise ValueError(
+                f"`dirpath` must be a folder path or None (the run's ModelCheckpoint folder), got {dirpath!r}."
+            )
+        self.dirpath = str(dirpath) if dirpath is not None else "."
         self.filename = filename
         self.follow_model_checkpoint = dirpath is None
         self._steps_at_train_start: int | None = None

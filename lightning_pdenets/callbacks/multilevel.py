@@ -14,7 +14,7 @@ Lightning project's blocks can take part.
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -25,7 +25,7 @@ from typing_extensions import override
 from lightning_pdenets.errors import ConfigurationError
 from lightning_pdenets.metric_logging import log_replicated
 from lightning_pdenets.protocols import find_time_stepping_blocks
-from lightning_pdenets.validation import check_positive_int
+from lightning_pdenets.validation import check_bool, check_positive_int
 
 __all__ = ["MultilevelTraining"]
 
@@ -58,12 +58,12 @@ class MultilevelTraining(Callback):
         block_names: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
-        epochs = list(refine_epochs)
+        listed = isinstance(refine_epochs, Iterable) and not isinstance(refine_epochs, str)
+        epochs = list(refine_epochs) if listed else []
         if not epochs or any(isinstance(e, bool) or not isinstance(e, int) or e < 1 for e in epochs):
             raise ValueError(f"`refine_epochs` must be a non-empty list of epochs >= 1, got {refine_epochs!r}.")
         check_positive_int(factor, "factor", minimum=2)
-        if not isinstance(refine_weights, bool):
-            raise ValueError(f"`refine_weights` must be True or False, got {refine_weights!r}.")
+        check_bool(refine_weights, "refine_weights")
         if block_names is not None and (
             isinstance(block_names, str) or not all(isinstance(n, str) for n in block_names)
         ):

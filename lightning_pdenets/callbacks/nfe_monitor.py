@@ -18,7 +18,7 @@ from lightning_pdenets.errors import ConfigurationError
 from lightning_pdenets.evaluation import in_callback_pass
 from lightning_pdenets.metric_logging import log_replicated, step_values_are_read
 from lightning_pdenets.protocols import ODEModule, find_ode_blocks
-from lightning_pdenets.validation import check_positive_int
+from lightning_pdenets.validation import check_bool, check_positive_int
 
 __all__ = ["NFEMonitor"]
 
@@ -66,8 +66,7 @@ class NFEMonitor(Callback):
 
     def __init__(self, log_steps: bool = True, histogram_every_n_steps: int | None = None) -> None:
         super().__init__()
-        if not isinstance(log_steps, bool):
-            raise ValueError(f"`log_steps` must be True or False, got {log_steps!r}.")
+        check_bool(log_steps, "log_steps")
         if histogram_every_n_steps is not None:
             check_positive_int(histogram_every_n_steps, "histogram_every_n_steps")
         self.log_steps = log_steps

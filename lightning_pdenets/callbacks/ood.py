@@ -20,6 +20,7 @@ from torchvision.transforms.v2 import functional as TF
 from typing_extensions import override
 
 from lightning_pdenets.callbacks._setup_checks import check_stats_match_data
+from lightning_pdenets.errors import ConfigurationError
 from lightning_pdenets.evaluation import (
     PixelSpace,
     accuracy_metrics,
@@ -126,6 +127,7 @@ class OODEvaluation(Callback):
             raise ValueError(f"`crop_size` ({crop_size}) must not exceed `reference_size` ({reference_size}).")
         check_positive_int(num_batches, "num_batches", allow_none=True)
         check_channel_stats(mean, std)
+        check_positive_int(seed, "seed", minimum=0)
         self.perturbations = list(dict.fromkeys(perturbations))
         self.noise_std = noise_std
         self.crop_fraction = crop_size / reference_size
@@ -140,7 +142,13 @@ class OODEvaluation(Callback):
         self, model: nn.Module, x: torch.Tensor, trainer: pl.Trainer | None = None, seed: int = 0
     ) -> dict[str, torch.Tensor]:
         """Logits of ``model`` (in eval mode, under ``no_grad``) on every perturbation of the normalized batch ``x``."""
-        pixel_model = PixelSpace.for_batch(model, x, normalization_of(trainer, self.mean, self.std))
+        stats = normalization_of(trainer, self.mean, self.std)
+        pixel_model = PixelSpace.for_batch(model, x, stats, type(self).__name__)
+        if "color_jitter" in self.perturbations and x.shape[1] not in (1, 3):
+            raise ConfigurationError(
+                f"{type(self).__name__}: `color_jitter` needs images with 1 or 3 channels, got {x.shape[1]}; "
+                f"leave it out of `perturbations`."
+            )
         generator = torch.Generator(device="cpu").manual_seed(seed)
         outputs = {}
         with evaluation_pass(model):

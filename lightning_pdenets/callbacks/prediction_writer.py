@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
+from lightning_pdenets.errors import ConfigurationError
 from lightning_pdenets.evaluation import split_batch
 
 __all__ = ["PredictionWriter"]
@@ -23,11 +24,13 @@ class PredictionWriter(BasePredictionWriter):
     """Save the class probabilities returned by ``predict_step`` as ``predictions.pt`` and ``predictions.csv``.
 
     Works with any LightningModule whose ``predict_step`` returns a ``(batch, classes)`` tensor of
-    scores. ``predictions.pt`` holds ``probabilities``, ``predicted`` (the arg-max class),
-    ``sample_index`` (position in the prediction dataset) and, when the batches carry targets
+    class probabilities (this library's models) or of logits (Lightning's default ``predict_step``, the
+    model's output), which are turned into probabilities with a softmax, once announced. ``predictions.pt``
+    holds ``probabilities``, ``predicted`` (the arg-max class), ``sample_index`` (position in the prediction
+    dataset), with several predict dataloaders ``dataloader_idx``, and, when the batches carry targets
     (``(inputs, labels, ...)`` or ``{"inputs": ..., "targets": ...}``), ``labels``; the CSV has one row per
     sample with the same columns
-    (``confidence`` is the top score). Under DDP every process writes its own share, suffixed
+    (``confidence`` is the top probability). Under DDP every process writes its own share, suffixed
     ``_rank{N}``; ``sample_index`` tells where each row belongs.
 
     Args:
@@ -36,18 +39,29 @@ class PredictionWriter(BasePredictionWriter):
         filename: File stem.
     """
 
-    def __init__(self, output_dir: str | None = None, filename: str = "predictions") -> None:
+    def __init__(self, output_dir: str | os.PathLike[str] | None = None, filename: str = "predictions") -> None:
         super().__init__(write_interval="batch")
-        if not isinstance(filename, str) or not filename or os.sep in filename:
-            raise ValueError(f"`filename` must be a plain file stem such as 'predictions', got {filename!r}.")
+        if not isinstance(filename, str) or not filename or os.sep in filename or filename.endswith((".pt", ".csv")):
+            raise ValueError(
+                f"`filename` must be a plain file stem such as 'predictions' (the files get .pt and .csv), "
+                f"got {filename!r}."
+            )
+        if output_dir is not None and (not isinstance(output_dir, (str, os.PathLike)) or not str(output_dir)):
+            raise ValueError(f"`output_dir` must be a folder path or None (the run's log folder), got {output_dir!r}.")
         self.output_dir = output_dir
         self.filename = filename
         self._parts: dict[str, list[torch.Tensor]] = {}
+        self._announced_softmax = False
         self.written: list[Path] = []
 
     @override
     def on_predict_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._parts = {"probabilities": [], "sample_index": [], "labels": []}
+        if self.output_dir is not None and Path(self.output_dir).exists() and not Path(self.output_dir).is_dir():
+            # found before predicting, not after every prediction has been computed
+            raise ConfigurationError(
+                f"PredictionWriter: `output_dir` {str(self.output_dir)!r} is a file, not a folder; name a folder."
+            )
+        self._parts = {"probabilities": [], "sample_index": [], "labels": [], "dataloader_idx": []}
 
     def write_on_batch_end(
         self,
@@ -66,7 +80,8 @@ class PredictionWriter(BasePredictionWriter):
                 f"{tuple(prediction.shape) if isinstance(prediction, torch.Tensor) else ''}; "
                 f"drop the callback or return class scores."
             )
-        self._parts["probabilities"].append(prediction.detach().float().cpu())
+        self._parts["probabilities"].append(self._probabilities(prediction.detach().float().cpu()))
+        self._parts["dataloader_idx"].append(torch.full((prediction.shape[0],), dataloader_idx))
         if batch_indices is not None:
             self._parts["sample_index"].append(torch.as_tensor(list(batch_indices)))
         _, labels = split_batch(batch, need_targets=False)
@@ -88,6 +103,9 @@ class PredictionWriter(BasePredictionWriter):
         columns["confidence"] = confidence
         if len(self._parts["labels"]) == len(self._parts["probabilities"]):
             columns["labels"] = torch.cat(self._parts["labels"])
+        loader_index = torch.cat(self._parts["dataloader_idx"])
+        if loader_index.any():  # several predict dataloaders: sample_index restarts in each
+            columns = {"dataloader_idx": loader_index, **columns}
         folder.mkdir(parents=True, exist_ok=True)
         stem = self.filename if trainer.world_size == 1 else f"{self.filename}_rank{trainer.global_rank}"
         tensors_path, table_path = folder / f"{stem}.pt", folder / f"{stem}.csv"
@@ -99,6 +117,23 @@ class PredictionWriter(BasePredictionWriter):
                 writer.writerow([f"{value:.6g}" if isinstance(value, float) else value for value in row])
         self.written = [tensors_path, table_path]
         rank_zero_info(f"Wrote {len(probabilities)} predictions to {table_path} and {tensors_path.name}.")
+
+    def _probabilities(self, scores: torch.Tensor) -> torch.Tensor:
+        """``scores`` if every row is a probability distribution, else their softmax (logits, log-probabilities)."""
+        distributions = (
+            (scores >= 0).all()
+            and (scores <= 1).all()
+            and torch.allclose(scores.sum(dim=1), torch.ones(scores.shape[0]), atol=1e-3)
+        )
+        if distributions:
+            return scores
+        if not self._announced_softmax:
+            self._announced_softmax = True
+            rank_zero_info(
+                "PredictionWriter: predict_step returns scores that are not probabilities (rows outside [0, 1] or "
+                "not summing to 1), e.g. logits; writing their softmax as `probabilities`."
+            )
+        return scores.softmax(dim=1)
 
     def _folder(self, trainer: pl.Trainer) -> Path:
         log_dir = cast(str, trainer.log_dir)  # a trainer with loggers has a log folder

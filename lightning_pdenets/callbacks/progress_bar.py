@@ -8,6 +8,8 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import TQDMProgressBar
 from typing_extensions import override
 
+from lightning_pdenets.validation import check_bool, check_positive_int
+
 __all__ = ["ResumeAwareProgressBar"]
 
 
@@ -24,6 +26,9 @@ class ResumeAwareProgressBar(TQDMProgressBar):
 
     # TQDMProgressBar's own arguments, declared again so that the generated docs page shows the signature
     def __init__(self, refresh_rate: int = 1, process_position: int = 0, leave: bool = False) -> None:
+        check_positive_int(refresh_rate, "refresh_rate", minimum=0)  # 0 turns the bar off, as in TQDMProgressBar
+        check_positive_int(process_position, "process_position", minimum=0)
+        check_bool(leave, "leave")
         super().__init__(refresh_rate=refresh_rate, process_position=process_position, leave=leave)
         self._restarted_in_epoch = False
 

@@ -362,6 +362,8 @@ class StepSizeAdaptation(_SolverAdaptation):
         error_ratio: float = 50.0,
     ) -> None:
         super().__init__(interval, threshold, train_solver, test_solver)
+        if isinstance(initial_step_size, str) and initial_step_size != "hairer":
+            raise ValueError(f"`initial_step_size` must be 'hairer' or a number > 0, got {initial_step_size!r}.")
         if initial_step_size != "hairer":
             check_positive(initial_step_size, "initial_step_size")
         check_positive_int(max_num_steps, "max_num_steps")

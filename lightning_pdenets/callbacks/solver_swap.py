@@ -64,7 +64,8 @@ class SolverSwapCheck(Callback):
         step_factors: Multiples of the training step size for fixed-step test solvers.
         tolerance_factors: Multiples of the training tolerance for adaptive test solvers.
         every_n_epochs: Validation epochs between measurements.
-        max_batches: Evaluate at most this many batches per combination (default: all).
+        max_batches: Evaluate at most this many batches per combination (default: all the batches the trainer
+            validates or tests, after its ``limit_val_batches``/``limit_test_batches``).
         base_step_size: Step size multiplied by the factors when training with an adaptive solver
             (default: (t1 − t0)/10).
         log_figure: Add the accuracy-versus-step-size figure to TensorBoard.
@@ -114,18 +115,21 @@ class SolverSwapCheck(Callback):
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs != 0:
             return
-        self._run(trainer, pl_module, "val", trainer.val_dataloaders)
+        self._run(trainer, pl_module, "val", trainer.val_dataloaders, trainer.num_val_batches)
 
     @override
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._run(trainer, pl_module, "test", trainer.test_dataloaders)
+        self._run(trainer, pl_module, "test", trainer.test_dataloaders, trainer.num_test_batches)
 
     # -- measurement ----------------------------------------------------------------------------------
-    def _batches(self, trainer: pl.Trainer, dataloaders: Any):
+    def _batches(self, trainer: pl.Trainer, dataloaders: Any, batch_limits: Sequence[float] | None = None):
         loaders = dataloaders if isinstance(dataloaders, (list, tuple)) else [dataloaders]
-        limit = 1 if trainer.fast_dev_run else self.max_batches  # type: ignore[attr-defined]  # Trainer sets it
-        for loader in loaders:
-            for batch in itertools.islice(loader, limit):
+        for index, loader in enumerate(loaders):
+            limits = [1 if trainer.fast_dev_run else self.max_batches]  # type: ignore[attr-defined]  # Trainer sets it
+            if batch_limits is not None and index < len(batch_limits) and math.isfinite(batch_limits[index]):
+                limits.append(int(batch_limits[index]))  # the trainer's own limit_val_batches / limit_test_batches
+            bounded = [limit for limit in limits if limit is not None]
+            for batch in itertools.islice(loader, min(bounded) if bounded else None):
                 yield trainer.strategy.batch_to_device(batch)
 
     def grid(self, step_size: float, tol: float, quick: bool = False) -> list[tuple[str, float, float]]:
@@ -139,12 +143,19 @@ class SolverSwapCheck(Callback):
         return combos
 
     def measure(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, dataloaders: Any, stage: str = ""
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        dataloaders: Any,
+        stage: str = "",
+        batch_limits: Sequence[float] | None = None,
     ) -> dict[str, Any]:
         """Accuracy of every grid combination and of the training solver; restores the training solver.
 
-        Each combination is a full pass over ``dataloaders``; a progress bar counts them on rank 0
-        when the trainer shows progress bars.
+        Each combination is a pass over ``dataloaders`` (at most ``max_batches`` and ``batch_limits[i]`` batches
+        of loader i: the hooks pass the trainer's ``num_val_batches``/``num_test_batches``, so
+        ``limit_val_batches``/``limit_test_batches`` hold); a progress bar counts them on rank 0 when the trainer
+        shows progress bars.
         """
         blocks = require_ode_blocks(pl_module, type(self).__name__)
         settings = blocks[0].solver_settings()
@@ -170,7 +181,7 @@ class SolverSwapCheck(Callback):
         with progress, evaluation_pass(pl_module), restored_solvers(blocks):
             progress.set_postfix_str(f"{method} (training solver)")
             train_acc, train_nfe, _ = evaluate_batches(
-                trainer, pl_module, blocks, self._batches(trainer, dataloaders), "SolverSwapCheck"
+                trainer, pl_module, blocks, self._batches(trainer, dataloaders, batch_limits), "SolverSwapCheck"
             )
             progress.update()
             for solver, factor, value in grid:
@@ -180,7 +191,7 @@ class SolverSwapCheck(Callback):
                     blocks, solver, step_size=None if is_adaptive else value, tol=value if is_adaptive else None
                 )
                 acc, nfe, _ = evaluate_batches(
-                    trainer, pl_module, blocks, self._batches(trainer, dataloaders), "SolverSwapCheck"
+                    trainer, pl_module, blocks, self._batches(trainer, dataloaders, batch_limits), "SolverSwapCheck"
                 )
                 combos[(solver, factor)] = {"accuracy": acc, "nfe": nfe, "value": value}
                 progress.update()
@@ -195,10 +206,17 @@ class SolverSwapCheck(Callback):
             "max_drop": max(drops) if drops else math.nan,
         }
 
-    def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str, dataloaders: Any) -> None:
+    def _run(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        stage: str,
+        dataloaders: Any,
+        batch_limits: Sequence[float],
+    ) -> None:
         if dataloaders is None:
             return
-        result = self.measure(trainer, pl_module, dataloaders, stage)
+        result = self.measure(trainer, pl_module, dataloaders, stage, batch_limits)
         result["epoch"] = trainer.current_epoch
         self.results[stage] = result
         metrics = {f"solver_swap/{stage}/train_solver_acc": result["train_solver_acc"]}

@@ -8,10 +8,15 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from lightning_pdenets.errors import ConfigurationError
+
 if TYPE_CHECKING:
     import lightning.pytorch as pl
 
 __all__ = ["PixelSpace", "check_channel_stats", "normalization_of"]
+
+PIXEL_TOLERANCE = 1e-3
+"""How far outside [0, 1] a de-normalized input may lie (float rounding of normalize, then de-normalize)."""
 
 
 def check_channel_stats(mean: Sequence[float] | None, std: Sequence[float] | None) -> None:
@@ -76,13 +81,40 @@ class PixelSpace(nn.Module):
         model: Callable[[torch.Tensor], torch.Tensor],
         inputs: torch.Tensor,
         stats: tuple[Sequence[float], Sequence[float]] | None,
+        owner: str = "This evaluation",
     ) -> PixelSpace:
-        """The pixel-space view of ``model`` for ``inputs`` normalized with ``stats`` (``None``: raw pixels)."""
+        """The pixel-space view of ``model`` for ``inputs`` normalized with ``stats`` (``None``: raw pixels).
+
+        Raises:
+            ConfigurationError: (naming ``owner``) unless ``inputs`` is an image batch (N, C, H, W) whose
+                de-normalized values lie in [0, 1]: attacks and perturbations clip to [0, 1], so standardized
+                inputs taken for pixels, or the wrong ``mean``/``std``, would silently change the clean images.
+        """
+        if inputs.dim() != 4:
+            raise ConfigurationError(
+                f"{owner} works on images: it needs batches of shape (N, C, H, W), got {tuple(inputs.shape)}."
+            )
         channels = inputs.shape[1]
         mean, std = stats if stats is not None else ((0.0,) * channels, (1.0,) * channels)
         if len(mean) != channels:
             raise ValueError(f"normalization has {len(mean)} channels but the batch has {channels}; fix `mean`/`std`.")
-        return cls(model, mean, std, device=inputs.device)
+        space = cls(model, mean, std, device=inputs.device)
+        with torch.no_grad():
+            pixels = inputs.detach() * space.std.to(inputs) + space.mean.to(inputs)
+            low, high = pixels.min().item(), pixels.max().item()
+        if low < -PIXEL_TOLERANCE or high > 1 + PIXEL_TOLERANCE:
+            how = (
+                f"de-normalized with mean={list(mean)} and std={list(std)}"
+                if stats is not None
+                else "taken as pixels (no `mean`/`std` given, and the datamodule exposes none)"
+            )
+            raise ConfigurationError(
+                f"{owner} perturbs [0, 1] pixels, but this batch, {how}, spans [{low:.3g}, {high:.3g}]: clipping "
+                f"it to [0, 1] would change the clean images. Pass the inputs' normalization as `mean` and `std` "
+                f"(one value per channel, as in transforms.Normalize), or give the datamodule `mean`/`std` "
+                f"attributes."
+            )
+        return space
 
     def to_pixels(self, x: torch.Tensor) -> torch.Tensor:
         return (x * self.std.to(x) + self.mean.to(x)).clamp(0.0, 1.0)
