@@ -12,6 +12,7 @@ from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
+from lightning_pdenets._discovery import import_class
 from lightning_pdenets.errors import (
     CheckpointMismatchError,
     CheckpointNotFoundError,
@@ -93,7 +94,7 @@ def check_checkpoint(path: str | Path, expected_class_path: str | None = None, t
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise CorruptCheckpointError(_corrupt_message(path, "is not a Lightning checkpoint: it holds no `state_dict`"))
     found = checkpoint_class_path(checkpoint)
-    if expected_class_path and found and found != expected_class_path:
+    if expected_class_path and found and not _same_class(found, expected_class_path):
         config = path.parent.parent / "config.yaml"
         source = f" (its run saved it as {str(config)!r})" if config.is_file() else ""
         raise CheckpointMismatchError(
@@ -102,6 +103,14 @@ def check_checkpoint(path: str | Path, expected_class_path: str | None = None, t
             f"{expected_class_path.rsplit('.', 1)[-1]}."
         )
     return checkpoint
+
+
+def _same_class(class_path: str, other_class_path: str) -> bool:
+    """Whether two import paths name one class (``...models.RKNetModule`` and ``...models.odenet.RKNetModule``)."""
+    if class_path == other_class_path:
+        return True
+    found = import_class(class_path)
+    return found is not None and found is import_class(other_class_path)
 
 
 def checkpoint_class_path(checkpoint: dict) -> str | None:
@@ -120,11 +129,13 @@ def unreadable_reason(path: str | Path) -> str | None:
     try:
         if path.stat().st_size == 0:
             return "the file is empty"
-        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as error:
         if _unsafe_globals(path):
             return None
         return _first_line(error)
+    if not isinstance(loaded, dict) or "state_dict" not in loaded:
+        return "it holds no `state_dict` (not a Lightning checkpoint)"
     return None
 
 

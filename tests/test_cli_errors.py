@@ -68,7 +68,7 @@ def error_of(args: list[str], capsys) -> str:
             "--trainer.max_epochs=-2",
             r"error: Trainer: `max_epochs` must be a non-negative integer or -1\. You passed in -2\.$",
         ),
-        ("--trainer.limit_train_batches=-1", r"error: Trainer: You have passed invalid value -1\.0 for limit_train"),
+        ("--trainer.limit_train_batches=-1", r"error: Trainer: You have passed invalid value -1 for limit_train"),
         ("--trainer.gradient_clip_algorithm=foo", r"error: Trainer: `gradient_clip_algorithm` foo is invalid\."),
         ("--trainer.max_time=abc", r"error: Trainer: `Timer\(duration='abc'\)` is not a valid duration\."),
         # counts Lightning let through: a ZeroDivisionError in the first batch, or silently "none"
@@ -89,6 +89,17 @@ def test_a_bad_argument_ends_with_a_short_message_and_exit_code_2(argument: str,
         patch.delenv("JSONARGPARSE_DEBUG", raising=False)
         last_line = error_of([*QUICK, argument], capsys)
     assert re.search(message, last_line), last_line
+
+
+def test_two_entries_of_one_stateful_callback_end_with_a_short_message(capsys) -> None:
+    # Lightning's Trainer refuses them with a RuntimeError traceback (one checkpoint state per class)
+    args = [
+        "--trainer.callbacks+=SolverSwapCheck",
+        "--trainer.callbacks+=SolverSwapCheck",
+        "--trainer.callbacks.solvers=[euler]",
+    ]
+    last_line = error_of([*QUICK, *args], capsys)
+    assert last_line.startswith("error: trainer.callbacks holds SolverSwapCheck twice; a run takes one"), last_line
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "onecycle"])

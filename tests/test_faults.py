@@ -12,7 +12,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_pdenets.callbacks import CheckpointOnInterrupt
-from lightning_pdenets.checkpoints import AtomicCheckpointIO, find_resume_checkpoint
+from lightning_pdenets.checkpoints import AtomicCheckpointIO, check_checkpoint, find_resume_checkpoint
 from lightning_pdenets.cli import build_cli
 from lightning_pdenets.data import DigitsDataModule
 from lightning_pdenets.errors import CorruptCheckpointError, SolverFailedError
@@ -92,6 +92,18 @@ def test_corrupt_checkpoint_gives_a_clear_error_naming_alternatives(damage: str,
     else:  # not a checkpoint at all: no guess about crashes
         assert "is not a checkpoint: torch.save writes a zip archive, and this file begins with b'not a ch" in message
         assert "truncated" not in message
+
+
+def test_the_checkpoints_offered_instead_of_a_refused_one_are_themselves_accepted(tmp_path: Path) -> None:
+    # a torch.save'd dict without a state_dict was listed among the "checkpoints that load", though refused itself
+    torch.save({"epoch": 3}, tmp_path / "nostate.ckpt")
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "epoch": 1}, tmp_path / "good.ckpt")
+    (tmp_path / "broken.ckpt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CorruptCheckpointError) as info:
+        check_checkpoint(tmp_path / "broken.ckpt")
+    message = str(info.value)
+    assert f"Checkpoints in that folder that load, newest first: ['{tmp_path / 'good.ckpt'}']" in message
+    assert f"Unreadable or refused, skipped: ['{tmp_path / 'nostate.ckpt'}']" in message
 
 
 def test_a_failed_checkpoint_write_leaves_the_previous_file_intact(tmp_path: Path, monkeypatch) -> None:
@@ -275,6 +287,9 @@ def test_adjoint_failure_in_backward_stops_cleanly_with_remedies(tmp_path: Path)
 
 
 def test_checkpoint_on_interrupt_rejects_an_empty_filename() -> None:
-    with pytest.raises(ValueError, match=r"`filename` must be a non-empty file stem \(without \.ckpt\), got ''"):
+    with pytest.raises(
+        ValueError,
+        match=r"`filename` must be a plain file stem such as 'interrupted' \(no folder, no \.ckpt: it is added\), got ''",
+    ):
         CheckpointOnInterrupt(filename="")
     assert CheckpointOnInterrupt(dirpath="ckpt", filename="stop").ckpt_path == os.path.join("ckpt", "stop.ckpt")

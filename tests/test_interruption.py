@@ -226,3 +226,17 @@ def test_pdenets_leaves_its_process_group_before_the_interpreter_shuts_down(
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+def test_ctrl_c_before_the_run_starts_ends_with_one_line_and_exit_130(monkeypatch, capsys) -> None:
+    # a KeyboardInterrupt while the config was parsed or the model built was a traceback of some 40 frames
+    from lightning_pdenets.cli import entry
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(entry, "build_cli", interrupted)
+    with pytest.raises(SystemExit) as stop:
+        entry.main(["fit", "--config", "configs/quickstart.yaml"])
+    assert stop.value.code == 130
+    assert capsys.readouterr().err == "pdenets: fit interrupted by Ctrl-C before it started (exit code 130).\n"

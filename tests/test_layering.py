@@ -37,6 +37,7 @@ LAYERS = {
     "lightning_pdenets.models": 5,  # thin LightningModules
     "lightning_pdenets.cli": 6,
     "lightning_pdenets.__main__": 6,
+    "lightning_pdenets._console": 6,  # the console script, importing the CLI once Ctrl-C can be answered
 }
 
 CALLBACK_IMPORTS = (

@@ -13,11 +13,12 @@ import warnings
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ProgressBar
+from lightning.pytorch.callbacks import Callback, Checkpoint, LearningRateMonitor, ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 import lightning_pdenets.callbacks  # makes callback class names resolvable in configs (as do the next two)
@@ -161,6 +162,7 @@ class PDENetsCLI(LightningCLI):
             if found is None or not self.parser.exit_on_error or debugging():
                 raise
             owner, cause = found
+            owner = "Trainer" if owner == CLITrainer.__name__ else owner  # the user configures `trainer`
             message = f"{owner}: {cause}" if owner else str(cause)
             if "No supported gpu backend" in message:  # Lightning's message names neither the setting nor the fix
                 message += " --trainer.accelerator=gpu needs a CUDA or MPS device; use --trainer.accelerator=cpu."
@@ -184,7 +186,13 @@ class PDENetsCLI(LightningCLI):
         callbacks = kwargs.get("callbacks", trainer_config.get("callbacks")) or []
         callbacks = list(callbacks) if isinstance(callbacks, list) else [callbacks]
         check_trainer_counts(trainer_config, self._command())
+        callbacks = without_switched_off_callbacks(trainer_config, callbacks)
         kwargs["callbacks"] = with_progress_bar(trainer_config, callbacks, self._command())
+        check_one_state_per_callback(kwargs["callbacks"], self._command())
+        # test/validate/predict of `--ckpt_path last` log into the training run's folder: its config.yaml stays fit's
+        self.save_config_kwargs["config_filename"] = (
+            "config.yaml" if self.subcommand in (None, "fit") else f"config_{self.subcommand}.yaml"
+        )
         trainer = super().instantiate_trainer(**kwargs)
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
@@ -279,6 +287,24 @@ def check_trainer_counts(trainer_config: Any, command: str) -> None:
             usage_error(command, f"--trainer.{key} must be {allowed}, got {value!r}.")
 
 
+def without_switched_off_callbacks(trainer_config: Any, callbacks: list[Callback]) -> list[Callback]:
+    """``callbacks`` without the default ones that a trainer switch turns off, which Lightning would refuse.
+
+    ``--trainer.logger false`` leaves out ``LearningRateMonitor`` (it needs a logger) and
+    ``--trainer.enable_checkpointing false`` the checkpoint callbacks (``ModelCheckpoint``, ``CheckpointOnInterrupt``);
+    each is said in one line.
+    """
+    dropped: list[Callback] = []
+    if trainer_config.get("logger") is False:
+        dropped += [c for c in callbacks if isinstance(c, LearningRateMonitor)]
+    if trainer_config.get("enable_checkpointing") is False:
+        dropped += [c for c in callbacks if isinstance(c, Checkpoint)]
+    if dropped:
+        names = sorted({type(c).__name__ for c in dropped})
+        rank_zero_info(f"Left out {', '.join(names)}: --trainer.logger / --trainer.enable_checkpointing switch it off.")
+    return [c for c in callbacks if c not in dropped]
+
+
 def with_progress_bar(trainer_config: Any, callbacks: list[Callback], command: str) -> list[Callback]:
     """``callbacks`` with :class:`ResumeAwareProgressBar` added when the run shows a bar and names none.
 
@@ -305,6 +331,53 @@ def with_progress_bar(trainer_config: Any, callbacks: list[Callback], command: s
     return callbacks if bars or not shown else [*callbacks, ResumeAwareProgressBar()]
 
 
+def check_one_state_per_callback(callbacks: list[Callback], command: str) -> None:
+    """Refuse two stateful callbacks with one checkpoint key (e.g. two SolverSwapChecks), as Lightning would, briefly.
+
+    Lightning's Trainer raises a RuntimeError with a traceback for them; :data:`SINGLE_DEFAULT_CALLBACKS` given again
+    have already replaced their defaults (:func:`drop_replaced_default_callbacks`), so what is left is the user's.
+    """
+    seen: set[str] = set()
+    for callback in callbacks:
+        if not is_overridden("state_dict", instance=callback, parent=Callback):
+            continue
+        if callback.state_key in seen:
+            name = type(callback).__name__
+            usage_error(
+                command,
+                f"trainer.callbacks holds {name} twice; a run takes one {name} (Lightning keeps one checkpoint state "
+                f"per {name}). Keep one entry and put all its settings there (list-valued settings take several "
+                f"values).",
+            )
+        seen.add(callback.state_key)
+
+
+class CLITrainer(pl.Trainer):
+    """Lightning's ``Trainer``, with its batch limits typed ``int | float`` so that ``1`` means one batch.
+
+    Lightning annotates ``limit_{train,val,test,predict}_batches`` as ``float | int``; the CLI's parser tries the
+    types in that order, so ``--trainer.limit_val_batches=1`` (or ``1`` in a YAML file) became 1.0: all the
+    batches, where Lightning's docs (and ``Trainer(limit_val_batches=1)``) mean one. ``1.0`` still means all.
+    """
+
+    def __init__(
+        self,
+        *,
+        limit_train_batches: int | float | None = None,
+        limit_val_batches: int | float | None = None,
+        limit_test_batches: int | float | None = None,
+        limit_predict_batches: int | float | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            limit_train_batches=limit_train_batches,
+            limit_val_batches=limit_val_batches,
+            limit_test_batches=limit_test_batches,
+            limit_predict_batches=limit_predict_batches,
+            **kwargs,
+        )
+
+
 def build_cli(args: list[str] | None = None, run: bool = True) -> PDENetsCLI:
     """Parse ``args`` (default: ``sys.argv``) and, with ``run=True``, execute the subcommand."""
     warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
@@ -316,6 +389,10 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> PDENetsCLI:
         args=args,
         save_config_kwargs={"overwrite": True},
         run=run,
+        trainer_class=CLITrainer,
+        # no top-level --optimizer/--lr_scheduler: they would replace the model's configure_optimizers while the
+        # checkpoint's hyperparameters still named the model's own (and a resume then failed on the optimizer state)
+        auto_configure_optimizers=False,
         parser_class=PDENetsArgumentParser,
         parser_kwargs={"prog": "pdenets"},
     )

@@ -13,6 +13,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning_pdenets.cli.app import build_cli
 from lightning_pdenets.cli.arguments import debugging
 from lightning_pdenets.cli.exit_codes import (
+    EXIT_INTERRUPTED,
     EXIT_MODEL_FAILURE,
     EXIT_SIGTERM,
     EXIT_USAGE,
@@ -41,6 +42,12 @@ def main(args: list[str] | None = None) -> None:
     watchdog = StopWatchdog(describe=lambda: after_sigterm_advice(subcommand)).start()
     try:
         build_cli(args)
+    except KeyboardInterrupt:  # before the Trainer runs (it ends its own Ctrl-C, see PDENetsCLI): nothing to resume
+        sys.stderr.write(
+            f"pdenets: {subcommand or 'the run'} interrupted by Ctrl-C before it started "
+            f"(exit code {EXIT_INTERRUPTED}).\n"
+        )
+        sys.exit(EXIT_INTERRUPTED)
     except SIGTERMException as error:
         what = f" during {error}" if str(error) else ""
         sys.stderr.write(

@@ -45,7 +45,8 @@ def evaluation_solver(config: Namespace, subcommand: str) -> Any:
     return init_args.get("solver") if hasattr(init_args, "get") else None
 
 
-def _is_learning_rate(key: str) -> bool:
+def is_learning_rate(key: str) -> bool:
+    """Whether a model argument (or a setting of a dict-valued one) is a learning rate: ``lr`` or ``*_lr``."""
     return key.split(".")[-1] == "lr" or key.endswith("_lr")
 
 
@@ -61,10 +62,10 @@ def learning_rates(config: Namespace) -> dict[tuple[str, ...], Any]:
         return {}
     rates: dict[tuple[str, ...], Any] = {}
     for key, value in init_args.items():
-        if _is_learning_rate(key):
+        if is_learning_rate(key):
             rates[(key,)] = value
         elif isinstance(value, dict):
-            rates.update({(key, name): rate for name, rate in value.items() if _is_learning_rate(name)})
+            rates.update({(key, name): rate for name, rate in value.items() if is_learning_rate(name)})
     return rates
 
 

@@ -10,13 +10,19 @@ from pathlib import Path
 from typing import Any
 
 from jsonargparse import Namespace
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from lightning_pdenets._discovery import import_class
 from lightning_pdenets.architectures.registry import ARCHITECTURES, architecture_parameters
-from lightning_pdenets.checkpoints import check_checkpoint, find_resume_checkpoint, needs_unpickling
+from lightning_pdenets.checkpoints import (
+    check_checkpoint,
+    checkpoint_class_path,
+    find_resume_checkpoint,
+    needs_unpickling,
+)
 from lightning_pdenets.cli.data_facts import stored_facts
 from lightning_pdenets.cli.log_folders import continue_logger_version, log_root, older_log_folder_note
+from lightning_pdenets.cli.overrides import EVALUATION_SUBCOMMANDS, is_learning_rate
 from lightning_pdenets.errors import CheckpointMismatchError, CheckpointNotFoundError
 from lightning_pdenets.migration import check_layout
 from lightning_pdenets.pretrained import PRETRAINED_PREFIX
@@ -33,8 +39,8 @@ class CheckedCheckpoint:
     Attributes:
         path: The checkpoint file, or ``None`` without one (or with Lightning's ``best``/``hpc``/``registry``).
         data_facts: The data facts its model was trained with (see :func:`~.data_facts.stored_facts`).
-        config_alone: Whether the model is built from the config alone: a file trusted with
-            ``--weights_only false`` that needs unpickling, whose hyperparameters are not merged.
+        config_alone: Whether the model is built from the config alone, the file's hyperparameters not merged: a
+            file trusted with ``--weights_only false`` that needs unpickling, or one that records no model class.
     """
 
     path: str | None = None
@@ -65,7 +71,22 @@ def resolve_ckpt_path(config: Namespace, subcommand: str) -> CheckedCheckpoint:
         rank_zero_info(f"{'Resuming from' if subcommand == 'fit' else f'Running {subcommand} on'} {found}")
     if str(ckpt_path).startswith(PRETRAINED_PREFIX):  # a named pretrained model: its file, SHA-256 verified
         config["ckpt_path"] = ckpt_path = resolve_pretrained(ckpt_path)
-    if ckpt_path in (None, "best", "hpc", "registry") or str(ckpt_path).startswith("registry:"):
+    if ckpt_path in ("best", "hpc", "registry") or str(ckpt_path).startswith("registry:"):
+        # Lightning's names for the checkpoints of a Trainer that has just run fit (or of a cluster or model
+        # registry): a fresh pdenets process has none, and Lightning would end with a traceback
+        raise CheckpointNotFoundError(
+            f"--ckpt_path {ckpt_path}: a fresh pdenets run has no {ckpt_path!r} checkpoint (Lightning resolves it "
+            f"inside the process that trained). Pass a checkpoint file, 'last' (this config's newest last.ckpt or "
+            f"interrupted.ckpt) or '{PRETRAINED_PREFIX}NAME'; the best checkpoints of a run are "
+            f"logs/<config>/version_N/checkpoints/epoch=*.ckpt."
+        )
+    if ckpt_path is None:
+        if subcommand in EVALUATION_SUBCOMMANDS:
+            rank_zero_warn(
+                f"pdenets {subcommand} without --ckpt_path: the model is built from the config, with freshly "
+                f"initialized weights (unless it loads weights itself). Pass --ckpt_path (a checkpoint file, 'last' "
+                f"or '{PRETRAINED_PREFIX}NAME') to {subcommand} a trained model."
+            )
         return CheckedCheckpoint()
     # Lightning's own load runs with torch's default, which an environment variable can turn into unpickling.
     trusted = config.get("weights_only") is False
@@ -81,6 +102,14 @@ def resolve_ckpt_path(config: Namespace, subcommand: str) -> CheckedCheckpoint:
         rank_zero_info(
             f"{ckpt_path} needs unpickling, trusted by --weights_only false; the model is built from "
             f"the config alone, not from the hyperparameters stored in the file."
+        )
+        checked.config_alone = True
+    elif checkpoint.get("hyper_parameters") and checkpoint_class_path(checkpoint) is None:
+        # saved by a plain Trainer (no LightningCLI): Lightning would merge its arguments without a class and fail;
+        # its network (and for fit its training settings) were compared with the config's above
+        rank_zero_info(
+            f"{ckpt_path} records no model class (it was not saved by pdenets); the model is the config's "
+            f"{class_path}, whose settings match the file's."
         )
         checked.config_alone = True
     return checked
@@ -110,6 +139,8 @@ def check_checkpoint_settings(checkpoint: dict, ckpt_path: Any, config: Namespac
             value = given.get(key, defaults.get(key, trained))
             if _plain(value) != _plain(trained):
                 differences.append(f"network.{key} (checkpoint {trained!r}, config {value!r})")
+    if subcommand == "fit" and hasattr(init_args, "items"):
+        differences += _changed_training_settings(stored, init_args)
     stored_data = checkpoint.get("datamodule_hyper_parameters")
     data = config.get("data")
     if subcommand == "fit" and isinstance(stored_data, dict) and isinstance(data, Namespace):
@@ -138,6 +169,25 @@ def check_checkpoint_settings(checkpoint: dict, ckpt_path: Any, config: Namespac
         f"{'; '.join(differences)}. Either {action}: drop the overrides, or pass its config{source}; or start a fresh "
         f"run without --ckpt_path."
     )
+
+
+def _changed_training_settings(stored: dict[str, Any], init_args: Any) -> list[str]:
+    """The model arguments (besides ``network`` and learning rates) that a resumed fit's config changes.
+
+    Lightning rebuilds the model from the checkpoint's arguments, so a changed optimizer, schedule or weight decay
+    would be dropped in silence. Dict-valued arguments (PR-Net's ``theta: {...}``) compare the settings given.
+    """
+    changed = []
+    for key, value in init_args.items():
+        if key == "network" or key not in stored or value is None or is_learning_rate(key):
+            continue
+        given, trained = _plain(value), _plain(stored[key])
+        if isinstance(given, dict) and isinstance(trained, dict):
+            given = {name: setting for name, setting in given.items() if not is_learning_rate(name)}
+            trained = {name: trained.get(name) for name in given}
+        if given != trained:
+            changed.append(f"{key} (checkpoint {_plain(stored[key])!r}, config {_plain(value)!r})")
+    return changed
 
 
 def _plain(value: Any) -> Any:
