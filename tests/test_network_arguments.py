@@ -244,3 +244,32 @@ def test_an_architecture_argument_outside_network_points_to_it(argument: str, hi
         build_cli(["fit", "--config", str(REPO_ROOT / "configs/quickstart.yaml"), argument])
     assert stop.value.code == 2
     assert hint in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("architecture", "kwargs", "images", "message"),
+    [
+        # a bare "Calculated padded input size per channel: (3 x 3). Kernel size: (4 x 4)" before
+        ("resnet_chen", dict(width=4, num_downsamples=3, num_blocks=1), (1, 8, 8), r"`num_downsamples`=3: .* <= 2\."),
+        ("odenet_chen", dict(width=4, num_downsamples=3), (1, 8, 8), r"`num_downsamples`=3: .* <= 2\."),
+        # "Kernel size can't be greater than actual input size" before
+        (
+            "mobilenetv3_isometric",
+            dict(channels=8, expanded_channels=16, num_blocks=1, patch_size=16),
+            (3, 8, 8),
+            r"images of 8x8 pixels are smaller than the stem's patches \(`patch_size` 16\); use `patch_size` <= 8",
+        ),
+    ],
+)
+def test_images_too_small_for_the_stem_are_a_configuration_error_naming_the_fix(
+    architecture: str, kwargs: dict, images: tuple[int, ...], message: str
+) -> None:
+    network = create_architecture(architecture, in_channels=images[0], num_classes=3, **kwargs)
+    with pytest.raises(ConfigurationError, match=message):
+        network(torch.zeros(2, *images))
+
+
+def test_a_bottleneck_without_channels_is_refused_at_construction() -> None:
+    # a bare "weight of size [0, 3, 1, 1]" RuntimeError at the first batch before
+    with pytest.raises(ValueError, match=r"`hidden_channels` must be an integer >= 1, got 0"):
+        create_architecture("image_odenet", hidden_channels=0)

@@ -35,6 +35,7 @@ from lightning_pdenets.architectures.odenet import ODENET_SOLVER
 from lightning_pdenets.architectures.registry import register_architecture
 from lightning_pdenets.blocks.ode import ODEBlock
 from lightning_pdenets.dynamics.conv import ConvODEFunc
+from lightning_pdenets.errors import ConfigurationError
 from lightning_pdenets.solvers import SolverConfig
 from lightning_pdenets.validation import check_positive, check_positive_int
 
@@ -171,6 +172,12 @@ class IsometricMobileNetV3(nn.Module):
             raise ValueError(
                 f"expected images of shape (N, {self.in_channels}, H, W), got {tuple(x.shape)}; "
                 f"set `in_channels` to the dataset's number of channels."
+            )
+        if min(x.shape[-2:]) < self.patch_size:  # the stem's convolution would fail with a bare kernel-size error
+            raise ConfigurationError(
+                f"images of {x.shape[-2]}x{x.shape[-1]} pixels are smaller than the stem's patches (`patch_size` "
+                f"{self.patch_size}); use `patch_size` <= {min(x.shape[-2:])}, or larger images (e.g. the "
+                f"datamodule's `resize`)."
             )
         return self.classifier(self.backbone(x))
 

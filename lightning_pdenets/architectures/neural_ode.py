@@ -64,6 +64,8 @@ class ConvBottleneckODEFunc(nn.Module):
 
     def __init__(self, channels: int = 3, hidden_channels: int = 64, activation: str = "relu") -> None:
         super().__init__()
+        check_positive_int(channels, "channels")
+        check_positive_int(hidden_channels, "hidden_channels")
         act = check_activation(activation)
         self.net = nn.Sequential(
             nn.Conv2d(channels, hidden_channels, 1),

@@ -19,6 +19,7 @@ from lightning_pdenets.architectures.registry import register_architecture
 from lightning_pdenets.blocks.ode import ODEBlock
 from lightning_pdenets.blocks.residual import ResBlock
 from lightning_pdenets.dynamics.conv import ConvODEFunc, group_norm
+from lightning_pdenets.errors import ConfigurationError
 from lightning_pdenets.solvers import SolverConfig
 from lightning_pdenets.validation import check_positive_int
 
@@ -30,6 +31,7 @@ __all__ = [
     "downsampling_stem",
     "odenet_chen",
     "resnet_chen",
+    "stem_output_size",
 ]
 
 _TINY = dict(width=8, num_downsamples=1)
@@ -55,6 +57,32 @@ def downsampling_stem(in_channels: int, width: int, num_downsamples: int = 2) ->
     return nn.Sequential(*layers)
 
 
+def stem_output_size(image_size: int, num_downsamples: int) -> tuple[int, int]:
+    """(H, W) of :func:`downsampling_stem`'s feature maps for square images of side ``image_size`` (28 -> 6 on MNIST).
+
+    Raises:
+        ConfigurationError: (a ``ValueError``) when the images are too small for ``num_downsamples`` (naming both and
+            the fix).
+    """
+    check_positive_int(image_size, "image_size")
+    side = _stem_side(image_size, num_downsamples)
+    if side < 1:
+        fitting = [n for n in range(num_downsamples) if _stem_side(image_size, n) >= 1]
+        fix = f"use `num_downsamples` <= {fitting[-1]}" if fitting else "use larger images"
+        raise ConfigurationError(
+            f"`image_size`={image_size} is too small for `num_downsamples`={num_downsamples}: the feature maps "
+            f"would vanish; {fix}."
+        )
+    return side, side
+
+
+def _stem_side(image_size: int, num_downsamples: int) -> int:
+    side = image_size - 2  # the stem's unpadded 3x3 convolution
+    for _ in range(num_downsamples):
+        side = (side + 2 - 4) // 2 + 1  # 4x4, stride 2, padding 1
+    return side
+
+
 def classifier_head(width: int, num_classes: int) -> nn.Sequential:
     """norm → ReLU → global average pool → linear."""
     return nn.Sequential(
@@ -78,6 +106,7 @@ class StemFeatureHeadClassifier(nn.Module):
     ) -> None:
         super().__init__()
         check_positive_int(num_classes, "num_classes")
+        self.num_downsamples = num_downsamples
         self.in_channels = in_channels
         self.stem = downsampling_stem(in_channels, width, num_downsamples)
         self.feature = feature
@@ -90,6 +119,8 @@ class StemFeatureHeadClassifier(nn.Module):
                 f"expected images of shape (N, {self.in_channels}, H, W), got {tuple(x.shape)}; "
                 f"set `in_channels` to the dataset's number of channels."
             )
+        if _stem_side(min(x.shape[-2:]), self.num_downsamples) < 1:  # else a bare "kernel size can't be greater"
+            stem_output_size(min(x.shape[-2:]), self.num_downsamples)
         return self.feature(self.stem(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

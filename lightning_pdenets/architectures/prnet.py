@@ -7,26 +7,12 @@ f(h(0), x, y, t; theta) queried at a learned set of coordinates (about 0.21M par
 
 from __future__ import annotations
 
-from lightning_pdenets.architectures.odenet import StemFeatureHeadClassifier
+from lightning_pdenets.architectures.odenet import StemFeatureHeadClassifier, stem_output_size
 from lightning_pdenets.architectures.registry import register_architecture
 from lightning_pdenets.blocks.pde import CoordinateConvField, PDEBlock
 from lightning_pdenets.validation import check_positive_int
 
 __all__ = ["prnet", "stem_output_size"]
-
-
-def stem_output_size(image_size: int, num_downsamples: int) -> tuple[int, int]:
-    """(H, W) of the stem's feature maps for square images of side ``image_size`` (28 -> 6 on MNIST)."""
-    check_positive_int(image_size, "image_size")
-    side = image_size - 2  # the stem's unpadded 3x3 convolution
-    for _ in range(num_downsamples):
-        side = (side + 2 - 4) // 2 + 1  # 4x4, stride 2, padding 1
-    if side < 1:
-        raise ValueError(
-            f"`image_size`={image_size} is too small for `num_downsamples`={num_downsamples}: the feature maps "
-            "would vanish."
-        )
-    return side, side
 
 
 @register_architecture("prnet", input_shape=(1, 28, 28), tiny_kwargs=dict(width=8, num_downsamples=1, image_size=28))
