@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypedDict, cast, get_type_hints
 
@@ -84,8 +84,7 @@ BACKENDS = ("native", "torchdiffeq")
 TORCHDIFFEQ_ONLY = tuple(name for name in SOLVERS if name not in NATIVE_METHODS)
 """Methods the native backend leaves to torchdiffeq (``dopri8`` and the Adams methods)."""
 
-ADJOINT_OPTION_NAMES = (
-    "norm",
+STEP_SETTING_NAMES = (
     "step_size",
     "max_num_steps",
     "min_step",
@@ -95,6 +94,9 @@ ADJOINT_OPTION_NAMES = (
     "ifactor",
     "dfactor",
 )
+"""Fields of :class:`SolverConfig` that set how one solve steps (torchdiffeq's solver options)."""
+
+ADJOINT_OPTION_NAMES = ("norm", *STEP_SETTING_NAMES)
 """Keys allowed in :attr:`SolverConfig.adjoint_options` (torchdiffeq's solver options, and ``norm``)."""
 
 
@@ -116,6 +118,26 @@ def _is_number(value: Any) -> bool:
     return not isinstance(value, bool) and isinstance(value, (int, float))
 
 
+def _check_in(value: Any, argument: str, interval: str, inside: Callable[[float], bool]) -> None:
+    """Raise a ``ValueError`` naming ``argument`` unless ``value`` is a finite number for which ``inside`` holds.
+
+    Args:
+        value: The setting's value.
+        argument: Its name in the message.
+        interval: The allowed values as the message writes them, e.g. ``(0, 1]``.
+        inside: The test of that interval, e.g. ``lambda x: 0 < x <= 1``.
+    """
+    if not _is_number(value) or not math.isfinite(value) or not inside(value):
+        raise ValueError(f"`{argument}` must be a number in {interval}, got {value!r}.")
+
+
+def _step_count_text(steps: float) -> str:
+    """A step count for a message: exact up to a million, else in scientific notation (never 300 digits)."""
+    if steps < 1e6:
+        return f"{int(steps)}"
+    return f"about {steps:.1e}" if math.isfinite(steps) else "more than 1e308"
+
+
 @dataclass(frozen=True)
 class SolverConfig:
     """How an ODE block integrates dy/dt = f(t, y) on [t0, t1] (torchdiffeq's ``odeint``/``odeint_adjoint``).
@@ -129,24 +151,24 @@ class SolverConfig:
         step_size: Step of fixed-step solvers.
         rtol: Relative tolerance of adaptive solvers.
         atol: Absolute tolerance of adaptive solvers.
-        t0: Start of the integration interval.
-        t1: End of the integration interval.
+        t0: Start of the integration interval (a finite number).
+        t1: End of the integration interval (a finite number > t0).
         max_num_steps: Upper bound on solver steps (adaptive solvers stop with an error past it).
         min_step: Smallest step an adaptive solver may take; with ``min_step > 0`` it accepts steps of that size
-            instead of failing with "underflow in dt".
+            instead of failing with "underflow in dt"; at most ``max_step``.
         max_step: Largest step an adaptive solver may take (``None``: no bound).
         first_step: Initial step of an adaptive solver (``None``: torchdiffeq's heuristic).
-        safety: Safety factor of the step-size controller.
-        ifactor: Largest factor by which the controller grows a step.
-        dfactor: Smallest factor by which the controller shrinks a step.
+        safety: Safety factor of the step-size controller, in (0, 1].
+        ifactor: Largest factor by which the controller grows a step, >= 1.
+        dfactor: Smallest factor by which the controller shrinks a rejected step, in (0, 1].
         adjoint: Backpropagate with the adjoint method (O(1) memory in time) instead of through the solver.
         adjoint_method: Solver of the adjoint (backward) solve; ``None``: the same as ``method``.
         adjoint_rtol: Relative tolerance of the adjoint solve; ``None``: ``rtol``.
         adjoint_atol: Absolute tolerance of the adjoint solve; ``None``: ``atol``.
         adjoint_options: Options of the adjoint solve, over those of the forward solve (keys
-            :data:`ADJOINT_OPTION_NAMES`); ``{norm: seminorm}`` is the seminorm adjoint of Kidger, Chen & Lyons
-            ("Hey, that's not an ODE", ICML 2021), which skips the parameter-gradient channels in the error
-            estimate and so takes fewer backward steps.
+            :data:`ADJOINT_OPTION_NAMES`, each value checked as its field is); ``{norm: seminorm}`` is the
+            seminorm adjoint of Kidger, Chen & Lyons ("Hey, that's not an ODE", ICML 2021), which skips the
+            parameter-gradient channels in the error estimate and so takes fewer backward steps.
         failure_retries: On a solver failure ("underflow in dt", too many steps) in the forward pass, loosen
             ``rtol`` and ``atol`` by ``failure_tol_factor`` and retry, at most this many times in a row (0: fail at
             once). The loosened tolerances are kept, so they show in :meth:`as_options` and in checkpoints.
@@ -281,20 +303,22 @@ class SolverConfig:
     def validate(self, argument: str = "solver") -> SolverConfig:
         """Raise ``ValueError`` naming the bad field; return ``self`` when all fields are valid."""
         info = check_solver_name(self.method, f"{argument}.method")
-        for name in ("rtol", "atol", "safety", "ifactor", "dfactor"):
+        for name in ("rtol", "atol"):
             check_positive(getattr(self, name), f"{argument}.{name}")
-        for name in ("adjoint_rtol", "adjoint_atol", "max_step", "first_step"):
+        for name in ("adjoint_rtol", "adjoint_atol"):
             check_positive(getattr(self, name), f"{argument}.{name}", allow_none=True)
         if not isinstance(self.adjoint, bool):
             raise ValueError(f"`{argument}.adjoint` must be true or false, got {self.adjoint!r}.")
-        if not (_is_number(self.t0) and _is_number(self.t1) and self.t1 > self.t0):
+        for name in ("t0", "t1"):
+            value = getattr(self, name)
+            if not _is_number(value) or not math.isfinite(value):
+                raise ValueError(f"`{argument}.{name}` must be a finite number, got {value!r}.")
+        if not self.t1 > self.t0:
             raise ValueError(
                 f"the integration interval needs numbers t1 > t0, got {argument}.t0={self.t0!r}, "
                 f"{argument}.t1={self.t1!r}."
             )
-        check_positive_int(self.max_num_steps, f"{argument}.max_num_steps")
-        if not _is_number(self.min_step) or not 0 <= self.min_step < self.t1 - self.t0:
-            raise ValueError(f"`{argument}.min_step` must be a number in [0, t1 - t0), got {self.min_step!r}.")
+        self._check_step_settings(argument, self.method)
         if self.adjoint_method is not None:
             adjoint_info = check_solver_name(self.adjoint_method, f"{argument}.adjoint_method")
             step = (self.adjoint_options or {}).get("step_size", self.step_size)
@@ -304,6 +328,8 @@ class SolverConfig:
                     f"`{argument}.adjoint_options: {{step_size: ...}}` (or `{argument}.step_size`)."
                 )
         self._validate_adjoint_options(argument)
+        if self.adjoint or self.adjoint_options:  # the backward solve's steps: the fields under adjoint_options
+            self._check_step_settings(argument, self.adjoint_method or self.method, self.adjoint_options)
         check_positive_int(self.failure_retries, f"{argument}.failure_retries", minimum=0)
         if not _is_number(self.failure_tol_factor) or not self.failure_tol_factor > 1:
             raise ValueError(f"`{argument}.failure_tol_factor` must be a number > 1, got {self.failure_tol_factor!r}.")
@@ -321,21 +347,57 @@ class SolverConfig:
                 f"`{argument}.hutchinson_noise` must be one of {list(HUTCHINSON_NOISES)}, "
                 f"got {self.hutchinson_noise!r}."
             )
-        if info.adaptive:
-            return self
-        if self.step_size is None:
+        if not info.adaptive and self.step_size is None:
             raise ValueError(
                 f"fixed-step solver {self.method!r} needs `{argument}.step_size` (e.g. step_size: "
                 f"{(self.t1 - self.t0) / 10:g}); or choose an adaptive method such as 'dopri5'."
             )
-        check_positive(self.step_size, f"{argument}.step_size")
-        if self.num_fixed_steps > self.max_num_steps:
-            raise ValueError(
-                f"`{argument}.step_size`={self.step_size} needs {self.num_fixed_steps} steps over "
-                f"[{self.t0}, {self.t1}], more than `{argument}.max_num_steps`={self.max_num_steps}; "
-                "raise max_num_steps or use a larger step_size."
-            )
         return self
+
+    def _check_step_settings(self, argument: str, method: str, overrides: Mapping[str, Any] | None = None) -> None:
+        """Check the step settings (:data:`STEP_SETTING_NAMES`) of one solve; t0 < t1 must be valid already.
+
+        The same checks serve the forward solve and, with ``overrides`` (:attr:`adjoint_options`) over the fields,
+        the adjoint's. Each message names where its value came from: ``solver.<name>``, or
+        ``solver.adjoint_options.<name>`` for an override.
+
+        Args:
+            argument: Name of the configuration in messages (``solver``).
+            method: The solve's method (a fixed-step one must fit ``max_num_steps`` steps of ``step_size``).
+            overrides: Settings that replace the fields of the same name.
+        """
+        overrides = {name: value for name, value in (overrides or {}).items() if name in STEP_SETTING_NAMES}
+        value = {name: overrides.get(name, getattr(self, name)) for name in STEP_SETTING_NAMES}
+        where = {
+            name: f"{argument}.adjoint_options.{name}" if name in overrides else f"{argument}.{name}"
+            for name in STEP_SETTING_NAMES
+        }
+        for name in ("step_size", "max_step", "first_step"):
+            check_positive(value[name], where[name], allow_none=True)
+        check_positive_int(value["max_num_steps"], where["max_num_steps"])
+        span = self.t1 - self.t0
+        _check_in(value["min_step"], where["min_step"], "[0, t1 - t0)", lambda x: 0 <= x < span)
+        if value["max_step"] is not None and value["min_step"] > value["max_step"]:
+            raise ValueError(
+                f"`{where['min_step']}`={value['min_step']!r} must be <= `{where['max_step']}`={value['max_step']!r}."
+            )
+        # torchdiffeq's controller scales a step by min(ifactor, max(safety / error^(1/order), dfactor)) (dfactor
+        # only after a rejected step): safety > 1 or dfactor > 1 can grow a rejected step, ifactor < 1 shrinks every
+        # accepted one, and the solve ends in "max_num_steps exceeded" or "underflow in dt" for no fault of the ODE.
+        _check_in(value["safety"], where["safety"], "(0, 1]", lambda x: 0 < x <= 1)
+        _check_in(value["ifactor"], where["ifactor"], "[1, inf)", lambda x: x >= 1)
+        _check_in(value["dfactor"], where["dfactor"], "(0, 1]", lambda x: 0 < x <= 1)
+        step = value["step_size"]
+        if SOLVERS[method].adaptive or step is None:
+            return
+        steps = span / step  # inf for a subnormal step, and fixed_step_count's int can have hundreds of digits
+        count = fixed_step_count(self.t0, self.t1, step) if math.isfinite(steps) else steps
+        if count > value["max_num_steps"]:
+            raise ValueError(
+                f"`{where['step_size']}`={step!r} needs {_step_count_text(count)} steps over [{self.t0}, {self.t1}], "
+                f"more than `{where['max_num_steps']}`={value['max_num_steps']}; raise max_num_steps or use a "
+                "larger step_size."
+            )
 
     def _validate_adjoint_options(self, argument: str) -> None:
         options = self.adjoint_options
@@ -417,6 +479,8 @@ class SolverConfig:
             adjoint_method = self.adjoint_method or self.method
             adjoint_options = self.step_options(adjoint_method)
             adjoint_options.update(self.adjoint_options or {})
+            if "max_step" in adjoint_options and adjoint_options["max_step"] is None:
+                del adjoint_options["max_step"]  # no bound, as step_options leaves it (torchdiffeq takes no None)
             kwargs.update(
                 adjoint_method=adjoint_method,
                 adjoint_rtol=self.adjoint_rtol if self.adjoint_rtol is not None else self.rtol,

@@ -341,8 +341,14 @@ def fixed_step_count(start: float, end: float, step_size: float) -> int:
 
     A span within 1e-9 steps of a whole number of steps counts as that number, so rounding in ``end - start``
     never adds a sliver of a step.
+
+    Raises:
+        ValueError: when the count is not finite (a step so small that ``(end - start) / step_size`` overflows).
     """
-    return math.ceil((end - start) / step_size - 1e-9)
+    steps = (end - start) / step_size - 1e-9
+    if not math.isfinite(steps):
+        raise ValueError(f"step_size={step_size!r} over [{start}, {end}] gives no finite number of steps.")
+    return math.ceil(steps)
 
 
 def _solve_fixed(
