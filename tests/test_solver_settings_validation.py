@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,8 +11,7 @@ from torch import nn
 from lightning_pdenets.blocks import ODEBlock
 from lightning_pdenets.cli import build_cli
 from lightning_pdenets.solvers import SolverConfig, fixed_step_count
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import REPO_ROOT
 
 
 def _refused(settings: dict, message: str, error: type[Exception] = ValueError) -> str:
