@@ -5,9 +5,11 @@ meets the file in the middle of an epoch."""
 from __future__ import annotations
 
 import io
+import shutil
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -22,7 +24,7 @@ from lightning_pdenets.data.base import CheckedImageLoader, UnreadableSampleErro
 from lightning_pdenets.data.loading import ResumableSampler
 from lightning_pdenets.errors import CorruptDatasetError, DatasetNotFoundError
 from tests.conftest import REPO_ROOT
-from tests.fakedata.tinyimagenet import fake_tinyimagenet
+from tests.fakedata.tinyimagenet import WNIDS, fake_tinyimagenet, write_jpeg
 from tests.fakedata.transfer import fake_dtd, fake_fgvc_aircraft, fake_food101, fake_stanford_cars
 from tests.test_hostile_resume import TINY, run
 
@@ -139,6 +141,21 @@ def test_a_cut_wnids_txt_is_named_not_called_missing(tmp_path, capsys) -> None:
 
 
 @pytest.mark.cli
+def test_a_tiny_imagenet_image_of_another_size_is_named_instead_of_failing_to_batch(tmp_path, capsys) -> None:
+    settings = fake_tinyimagenet(tmp_path / "data")
+    datamodule = TinyImageNetDataModule(**settings)
+    datamodule.setup("fit")
+    resized = Path(datamodule.val_set.dataset.samples[datamodule.val_set.indices[0]][0])  # the sanity check reads it
+    write_jpeg(resized, np.random.default_rng(0), size=(80, 80))
+    code, err = run(["fit", *TINY_IMAGENET, "--data.init_args.data_dir", str(tmp_path / "data")], capsys)
+    assert code == 2
+    assert_one_short_error(err)
+    assert f"Tiny ImageNet file {str(resized)!r} is 80x80 pixels, but every Tiny ImageNet image is 64x64" in err
+    assert "stack expects" not in err
+    assert version_folders(tmp_path) == []
+
+
+@pytest.mark.cli
 @pytest.mark.parametrize(
     ("datamodule", "fabricate", "images"),
     [
@@ -193,6 +210,31 @@ def test_a_cut_annotation_file_is_named(datamodule_class, fabricate, file: str, 
         datamodule_class(**settings).setup()
     assert f"file {str(tmp_path / file)!r} is present but unreadable" in str(error.value)
     assert "not found" not in str(error.value)
+
+
+@pytest.mark.parametrize("gone", ["val/val_annotations.txt", "val/images"])
+def test_tiny_imagenet_without_its_test_split_is_refused_before_the_fit(gone: str, tmp_path) -> None:
+    settings = fake_tinyimagenet(tmp_path)
+    path = tmp_path / "tiny-imagenet-200" / gone
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+    with pytest.raises(
+        DatasetNotFoundError, match=rf"Tiny ImageNet was not found .*\(expected tiny-imagenet-200/{gone}\)"
+    ):
+        TinyImageNetDataModule(**settings).setup("fit")
+
+
+def test_a_wnid_listed_twice_is_named(tmp_path) -> None:
+    settings = fake_tinyimagenet(tmp_path)
+    wnids = tmp_path / "tiny-imagenet-200" / "wnids.txt"
+    wnids.write_text(wnids.read_text() + f"{WNIDS[2]}\n")
+    with pytest.raises(CorruptDatasetError) as error:
+        TinyImageNetDataModule(**settings).setup("fit")
+    message = str(error.value)
+    assert f"Tiny ImageNet file {str(wnids)!r} lists {WNIDS[2]} more than once" in message
+    assert "unlisted: []" not in message
 
 
 def test_an_incomplete_extraction_says_to_delete_the_folder_when_download_is_already_on(tmp_path) -> None:

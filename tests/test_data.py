@@ -18,7 +18,7 @@ from lightning_pdenets.data import (
     SVHNDataModule,
     seeded_split,
 )
-from lightning_pdenets.errors import DatasetDownloadError
+from lightning_pdenets.errors import ConfigurationError, DatasetDownloadError
 from tests.fakedata.torchvision_sets import fake_cifar10, fake_cifar100, fake_mnist, fake_svhn
 
 VISION = [
@@ -128,7 +128,7 @@ def test_bad_datamodule_arguments(kwargs: dict, fragment: str) -> None:
 
 def test_val_size_larger_than_dataset(tmp_path: Path) -> None:
     dm = MNISTDataModule(**{**fake_mnist(tmp_path), "val_size": 1000})
-    with pytest.raises(ValueError, match="gives 1000 validation samples out of 40"):
+    with pytest.raises(ConfigurationError, match=r"gives 1000 validation samples out of 40.*a count between 1 and 39"):
         dm.setup("fit")
 
 

@@ -16,10 +16,12 @@ import tarfile
 import zipfile
 import zlib
 from collections.abc import Callable, Sized
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, cast
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import transforms as T
@@ -27,13 +29,19 @@ from torchvision.datasets.folder import default_loader
 from typing_extensions import override
 
 from lightning_pdenets.data.loading import check_global_batch_size, make_loader
-from lightning_pdenets.errors import CorruptDatasetError, DatasetDownloadError, DatasetNotFoundError
+from lightning_pdenets.errors import (
+    ConfigurationError,
+    CorruptDatasetError,
+    DatasetDownloadError,
+    DatasetNotFoundError,
+)
 from lightning_pdenets.validation import check_positive_int
 
 __all__ = [
     "CheckedImageLoader",
     "ClassificationDataModule",
     "SampleNotFoundError",
+    "StoredSplit",
     "UnreadableSampleError",
     "VisionDataModule",
     "seeded_split",
@@ -103,16 +111,35 @@ class CheckedImageLoader:
         dataset: The dataset's name in messages.
         advice: What to do about a broken or missing file (how to fetch it again).
         loader: The decoder (``torchvision.datasets.folder.default_loader``: a PIL RGB image).
+        size: The (height, width) every image of the dataset has, for datasets released at one size; an image of
+            another size is refused (:class:`UnreadableSampleError`) instead of failing to batch with the others.
     """
 
     RESUME = " A fit it stopped resumes with --ckpt_path last once the files are intact."
 
-    def __init__(self, dataset: str, advice: str, loader: Callable[[str], Any] = default_loader) -> None:
+    def __init__(
+        self,
+        dataset: str,
+        advice: str,
+        loader: Callable[[str], Any] = default_loader,
+        size: tuple[int, int] | None = None,
+    ) -> None:
         self.dataset = dataset
         self.advice = advice
         self.loader = loader
+        self.size = size
 
     def __call__(self, path: str) -> Any:
+        image = self._decode(path)
+        if self.size is not None and (image.height, image.width) != self.size:
+            raise UnreadableSampleError(
+                f"{self.dataset} file {os.path.abspath(path)!r} is {image.width}x{image.height} pixels, but every "
+                f"{self.dataset} image is {self.size[1]}x{self.size[0]}: it was replaced or resized. {self.advice}"
+                f"{self.RESUME}"
+            )
+        return image
+
+    def _decode(self, path: str) -> Any:
         try:
             return self.loader(path)
         except FileNotFoundError as error:
@@ -142,13 +169,29 @@ def check_val_size(val_size: int | float) -> None:
 
 
 def split_sizes(total: int, val_size: int | float) -> tuple[int, int]:
-    """(train, val) sizes from ``val_size`` given as a count or as a fraction in (0, 1)."""
+    """(train, val) sizes of a set of ``total`` samples, at least one each.
+
+    Args:
+        total: Samples to split.
+        val_size: The validation part, as a count or as a fraction in (0, 1) (rounded to the nearest count).
+
+    Returns:
+        The number of training and of validation samples.
+
+    Raises:
+        ConfigurationError: ``val_size`` leaves no training or no validation sample.
+    """
     check_val_size(val_size)
     n_val = round(val_size * total) if isinstance(val_size, float) else val_size
     if not 0 < n_val < total:
-        raise ValueError(
-            f"`val_size`={val_size!r} gives {n_val} validation samples out of {total}; "
-            f"use a fraction in (0, 1) or a count between 1 and {total - 1}."
+        allowed = (
+            f"use a count between 1 and {total - 1} or a fraction between {1 / total:.6g} and {(total - 1) / total:.6g}"
+            if total > 1
+            else "a split needs at least 2 samples, one to train on and one to validate"
+        )
+        raise ConfigurationError(
+            f"`val_size`={val_size!r} gives {n_val} validation samples out of {total}, leaving "
+            f"{'no validation' if n_val <= 0 else 'no training'} sample; {allowed} (--data.val_size)."
         )
     return total - n_val, n_val
 
@@ -158,6 +201,43 @@ def seeded_split(total: int, val_size: int | float, seed: int) -> tuple[list[int
     n_train, _ = split_sizes(total, val_size)
     order = torch.randperm(total, generator=torch.Generator().manual_seed(seed)).tolist()
     return sorted(order[:n_train]), sorted(order[n_train:])
+
+
+@dataclass(frozen=True)
+class StoredSplit:
+    """What a dataset split (or one of its files) holds: an image count and the labels that go with them.
+
+    Attributes:
+        n_images: How many images there are.
+        labels: The labels as the dataset reads them, class indices (``None``: not known without decoding).
+        images_file: The file that holds the images (``None``: not known).
+        labels_file: The file that holds the labels (the same as ``images_file`` where one file holds both).
+    """
+
+    n_images: int
+    labels: np.ndarray | None = None
+    images_file: Path | None = None
+    labels_file: Path | None = None
+
+
+def loaded_split(dataset: Dataset) -> StoredSplit:
+    """The image count and labels of a loaded dataset, where it holds them in memory.
+
+    torchvision's array datasets keep the images in ``data`` and the labels in ``targets`` (MNIST, CIFAR) or
+    ``labels`` (SVHN, STL-10); folder datasets list one label per sample in ``targets``.
+
+    Args:
+        dataset: A loaded split.
+
+    Returns:
+        Its images count and labels (``labels`` is ``None`` where the dataset does not expose them).
+    """
+    labels = getattr(dataset, "targets", None)
+    if labels is None:
+        labels = getattr(dataset, "labels", None)
+    data = getattr(dataset, "data", None)
+    n_images = len(data) if data is not None else len(cast(Sized, dataset))
+    return StoredSplit(n_images, None if labels is None else np.asarray(labels).reshape(-1))
 
 
 class ClassificationDataModule(pl.LightningDataModule):
@@ -231,6 +311,7 @@ class VisionDataModule(ClassificationDataModule):
 
     name: str = ""
     num_classes: int = 0
+    label_note: str = ""  # "; <how the files store the classes>", where not as the class indices (messages only)
     in_channels: int = 0
     image_size: tuple[int, int] = (0, 0)
     channel_mean: tuple[float, ...] = ()
@@ -270,6 +351,25 @@ class VisionDataModule(ClassificationDataModule):
         """Training-only augmentations applied to PIL images before ``ToTensor``."""
         return []
 
+    def split_files(self, train: bool) -> tuple[Path, Path] | None:
+        """The files of the split's images and of its labels (the same file twice where one holds both), named by
+        the errors about them; ``None``: the split has no such pair of files."""
+        return None
+
+    def stored_splits(self, train: bool, whole: StoredSplit) -> list[StoredSplit]:
+        """The split's files and what each holds, read only to name the one with a bad count or label.
+
+        Args:
+            train: The training split (else the test split).
+            whole: What the loaded split holds (see :func:`loaded_split`).
+
+        Returns:
+            By default ``whole`` in the files of :meth:`split_files`; datasets that spread a split over several
+            files (CIFAR's batches) read each.
+        """
+        files = self.split_files(train)
+        return [replace(whole, images_file=files[0], labels_file=files[1])] if files else [whole]
+
     # -- normalization contract read by the robustness callbacks ----------------------------------
     @property
     def mean(self) -> tuple[float, ...]:
@@ -306,6 +406,73 @@ class VisionDataModule(ClassificationDataModule):
         """The error for a file that is there but does not read; ``path`` is the file (``None``: not known)."""
         return CorruptDatasetError(unreadable_message(self.name, path, error, self.refetch_advice(path), self.data_dir))
 
+    def corrupt_file_error(self, path: str | Path, problem: str) -> CorruptDatasetError:
+        """The error for a file that reads but holds the wrong content; ``problem`` says what is wrong and why."""
+        return CorruptDatasetError(f"{self.name} file {os.path.abspath(path)!r} {problem}. {self.refetch_advice(path)}")
+
+    def split_error(self, part: StoredSplit, train: bool) -> CorruptDatasetError | None:
+        """The error for a split, or one of its files, that has no images, a label count other than its image count,
+        or labels outside [0, :attr:`num_classes`).
+
+        Args:
+            part: What the split or file holds.
+            train: The training split (else the test split), named where ``part`` names no file.
+
+        Returns:
+            The error naming the file and the problem, or ``None`` when ``part`` has none of these problems.
+        """
+        where = f"{'training' if train else 'test'} split under {os.path.abspath(self.data_dir)!r}"
+        images = f"file {os.path.abspath(part.images_file)!r}" if part.images_file else where
+        labels = f"file {os.path.abspath(part.labels_file)!r}" if part.labels_file else where
+        if part.n_images == 0:
+            problem, path = f"{images} holds no images: it is empty or truncated", part.images_file
+        elif part.labels is None:
+            return None
+        elif len(part.labels) != part.n_images and part.images_file == part.labels_file:  # one file, or not known
+            problem = f"{images} holds {part.n_images} images but {len(part.labels)} labels: it is truncated or corrupt"
+            path = part.images_file
+        elif len(part.labels) != part.n_images:
+            problem = (
+                f"{images} ({part.n_images} images) and {labels} ({len(part.labels)} labels) do not match: one is "
+                f"truncated or corrupt, or they come from different releases"
+            )
+            path = None
+        else:
+            bad = np.flatnonzero((part.labels < 0) | (part.labels >= self.num_classes))
+            if not bad.size:
+                return None
+            values = sorted(set(part.labels[bad].tolist()))
+            shown = ", ".join(map(str, values[:5])) + (", ..." if len(values) > 5 else "")
+            problem = (
+                f"{labels} holds {bad.size} labels outside the range [0, {self.num_classes}) of its classes (found "
+                f"{shown}; the first at sample {bad[0]}{self.label_note}): it is corrupt or belongs to another dataset"
+            )
+            path = part.labels_file
+        return CorruptDatasetError(f"{self.name} {problem}. {self.refetch_advice(path)}")
+
+    def check_split(self, dataset: Dataset, train: bool) -> None:
+        """Refuse a loaded split that has no images, a label count that differs from its image count, or labels
+        outside [0, :attr:`num_classes`): each would otherwise fail deep inside training or testing (or train on
+        without the images or labels it lacks). Arrays held in memory make this cheap; the files are read again
+        only to name the bad one.
+
+        Args:
+            dataset: The split as :meth:`load_dataset` returned it.
+            train: The training split (else the test split).
+
+        Raises:
+            CorruptDatasetError: Naming the file and what is wrong with it.
+        """
+        whole = loaded_split(dataset)
+        error = self.split_error(whole, train)
+        if error is None:
+            return
+        for part in self.stored_splits(train, whole):
+            named = self.split_error(part, train)
+            if named is not None:
+                raise named
+        raise error
+
     def image_loader(self) -> CheckedImageLoader:
         """The decoder of the dataset's image files, naming a file that is damaged or gone (see
         :class:`CheckedImageLoader`)."""
@@ -337,15 +504,18 @@ class VisionDataModule(ClassificationDataModule):
 
     def load_checked(self, train: bool, transform: Callable) -> Dataset:
         """:meth:`load_dataset`, telling missing files (:class:`DatasetNotFoundError`) from unreadable ones
-        (:class:`CorruptDatasetError`, naming the file), each a short message instead of a library's traceback."""
+        (:class:`CorruptDatasetError`, naming the file), each a short message instead of a library's traceback,
+        and refusing a split whose counts or labels are wrong (:meth:`check_split`)."""
         try:
-            return self.load_dataset(train=train, transform=transform)
+            dataset = self.load_dataset(train=train, transform=transform)
         except (DatasetNotFoundError, CorruptDatasetError):
             raise
         except FileNotFoundError as error:  # a part of the layout is missing
             raise self.missing_data_error(f" ({error})") from error
         except Exception as error:  # numpy, pickle, scipy and torchvision raise many types for a damaged file
             raise self.unreadable_data_error(self.unreadable_file(train, error), error) from error
+        self.check_split(dataset, train)
+        return dataset
 
     # -- LightningDataModule hooks -------------------------------------------------------------
     @override

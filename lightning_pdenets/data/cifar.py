@@ -8,11 +8,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from torch.utils.data import Dataset
 from torchvision import datasets
 from torchvision import transforms as T
 
-from lightning_pdenets.data.base import VisionDataModule
+from lightning_pdenets.data.base import StoredSplit, VisionDataModule
 
 __all__ = ["CIFAR10DataModule", "CIFAR100DataModule"]
 
@@ -73,18 +74,30 @@ class CIFAR10DataModule(VisionDataModule):
             raise self.missing_data_error(f" (incomplete {loader.base_folder}/: no {', '.join(missing)})")
         return loader(self.data_dir, train=train, transform=transform, download=False)
 
-    def unreadable_file(self, train: bool, error: BaseException) -> Path | None:
+    def batch_files(self, train: bool) -> list[Path]:
+        """The pickled batches of the split, each a dict with the images (``data``) and their labels."""
         loader = self.torchvision_class
         folder = Path(self.data_dir) / loader.base_folder
-        for name in [name for name, _ in (loader.train_list if train else loader.test_list)] + [
-            loader.meta["filename"]
-        ]:
+        return [folder / name for name, _ in (loader.train_list if train else loader.test_list)]
+
+    def unreadable_file(self, train: bool, error: BaseException) -> Path | None:
+        meta = Path(self.data_dir) / self.torchvision_class.base_folder / self.torchvision_class.meta["filename"]
+        for path in [*self.batch_files(train), meta]:
             try:
-                with open(folder / name, "rb") as handle:
+                with open(path, "rb") as handle:
                     pickle.load(handle, encoding="latin1")
             except Exception:  # the file torchvision could not unpickle
-                return folder / name
+                return path
         return None
+
+    def stored_splits(self, train: bool, whole: StoredSplit) -> list[StoredSplit]:
+        parts = []
+        for path in self.batch_files(train):
+            with open(path, "rb") as handle:
+                entry = pickle.load(handle, encoding="latin1")
+            labels = entry["labels"] if "labels" in entry else entry["fine_labels"]  # as torchvision reads them
+            parts.append(StoredSplit(len(entry["data"]), np.asarray(labels).reshape(-1), path, path))
+        return parts
 
 
 class CIFAR100DataModule(CIFAR10DataModule):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,6 +14,48 @@ from torchvision.datasets.mnist import read_image_file, read_label_file
 from lightning_pdenets.data.base import VisionDataModule
 
 __all__ = ["MNISTDataModule"]
+
+IDX_UNSIGNED_BYTE = 0x08  # the IDX type code of MNIST's pixels and labels
+
+
+def idx_header_problem(path: Path, trailing_shape: tuple[int, ...]) -> str | None:
+    """What keeps ``path`` from being an IDX file of unsigned bytes shaped (N, *trailing_shape), if anything.
+
+    An IDX file starts with two zero bytes, its type code (0x08: unsigned bytes), its number of dimensions and one
+    big-endian 32-bit size per dimension. torchvision only asserts these, with an empty message.
+
+    Args:
+        path: An MNIST images (trailing shape (28, 28)) or labels (trailing shape ()) file.
+        trailing_shape: The sizes of every dimension but the first, the sample count.
+
+    Returns:
+        ``None`` if the header is right, else what is wrong with the file and why (for an error message).
+    """
+    ndim = 1 + len(trailing_shape)
+    magic = bytes([0, 0, IDX_UNSIGNED_BYTE, ndim])
+    with open(path, "rb") as handle:
+        header = handle.read(len(magic) + 4 * ndim)
+    if len(header) < len(magic) + 4 * ndim:
+        return f"has only {len(header)} bytes, too few for its IDX header: it is truncated"
+    if header[:3] != magic[:3]:
+        return (
+            f"starts with 0x{header[:4].hex()}, not with the magic number 0x{magic.hex()} of an IDX file of unsigned "
+            f"bytes: it is corrupt or in another format"
+        )
+    if header[3] != ndim:
+        return (
+            f"has the magic number 0x{header[:4].hex()} of {header[3]}-dimensional data, where MNIST's "
+            f"{'images' if trailing_shape else 'labels'} are {ndim}-dimensional (0x{magic.hex()}): it is corrupt or "
+            f"from another dataset"
+        )
+    shape = struct.unpack(f">{ndim}I", header[len(magic) :])
+    if shape[1:] != trailing_shape:
+        sizes = "x".join(map(str, shape[1:]))
+        return (
+            f"holds images of {sizes} pixels, where MNIST's are {'x'.join(map(str, trailing_shape))}: it is from "
+            f"another dataset"
+        )
+    return None
 
 
 class MNISTDataModule(VisionDataModule):
@@ -43,7 +86,15 @@ class MNISTDataModule(VisionDataModule):
         missing = [path.name for path in self.raw_files(True) + self.raw_files(False) if not path.is_file()]
         if missing:
             raise self.missing_data_error(f" (expected MNIST/raw/ with {', '.join(missing)})")
+        for path, trailing_shape in zip(self.raw_files(train), (self.image_size, ())):
+            problem = idx_header_problem(path, trailing_shape)
+            if problem is not None:
+                raise self.corrupt_file_error(path, problem)
         return datasets.MNIST(self.data_dir, train=train, transform=transform, download=False)
+
+    def split_files(self, train: bool) -> tuple[Path, Path]:
+        images, labels = self.raw_files(train)
+        return images, labels
 
     def unreadable_file(self, train: bool, error: BaseException) -> Path | None:
         for path in self.raw_files(train):

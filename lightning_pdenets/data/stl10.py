@@ -38,29 +38,61 @@ class _LabeledSTL10(datasets.STL10):
         return all(os.path.isfile(os.path.join(folder, name)) for name in _LABELED_FILES)
 
 
+def class_shares(counts: np.ndarray, n_val: int) -> np.ndarray:
+    """How many of each class's ``counts`` samples go to a validation set of ``n_val`` samples.
+
+    Each class gives its proportional share n_c · n_val / n rounded down, and the samples still missing go to the
+    classes with the largest remainders (ties: the lower class first), so that the shares add up to ``n_val``
+    exactly and each is within one sample of proportional (Hamilton's apportionment).
+
+    Args:
+        counts: Samples per class.
+        n_val: Validation samples in all, at most ``counts.sum()``.
+
+    Returns:
+        The validation samples per class, each at most the class's count.
+    """
+    total = int(counts.sum())
+    shares = counts * n_val // total
+    remainders = counts * n_val % total
+    shares[np.argsort(-remainders, kind="stable")[: n_val - int(shares.sum())]] += 1
+    return shares
+
+
 def stratified_split(
     labels: np.ndarray, val_size: int | float, train_fraction: float, seed: int
 ) -> tuple[list[int], list[int]]:
     """Seeded, per-class train/val split, then keep ``train_fraction`` of each class's training part.
 
-    Each class gives round(n_c · n_val / n) samples to validation (at least one overall), and
-    round(train_fraction · m_c) of its remaining m_c samples to training; a balanced dataset thus
-    stays exactly balanced, and the validation set does not depend on ``train_fraction``.
+    The validation set has the size ``val_size`` asks for (see
+    :func:`~lightning_pdenets.data.base.split_sizes`), spread over the classes in proportion to their sizes
+    (:func:`class_shares`); each class then trains on round(train_fraction · m_c) of its remaining m_c samples
+    (at least one). A balanced dataset thus stays balanced, and the validation set does not depend on
+    ``train_fraction``.
+
+    Args:
+        labels: The class of each sample.
+        val_size: Validation samples, as a count or as a fraction in (0, 1).
+        train_fraction: Part of each class's training samples to keep, in (0, 1].
+        seed: Seed of the split.
+
+    Returns:
+        The sorted training and validation indices, disjoint, each at least one.
+
+    Raises:
+        ConfigurationError: ``val_size`` leaves no training or no validation sample.
     """
-    total = len(labels)
-    _, n_val = split_sizes(total, val_size)
+    _, n_val = split_sizes(len(labels), val_size)
+    classes, counts = np.unique(labels, return_counts=True)
     generator = torch.Generator().manual_seed(seed)
     train_idx: list[int] = []
     val_idx: list[int] = []
-    for label in np.unique(labels):
+    for label, n_class_val in zip(classes, class_shares(counts, n_val)):
         members = np.flatnonzero(labels == label)
         members = members[torch.randperm(len(members), generator=generator).numpy()]
-        n_class_val = round(len(members) * n_val / total)
         rest = members[n_class_val:]
         val_idx.extend(members[:n_class_val].tolist())
         train_idx.extend(rest[: max(1, round(train_fraction * len(rest)))].tolist())
-    if not val_idx:
-        raise ValueError(f"`val_size`={val_size!r} leaves no validation sample per class; increase it.")
     return sorted(train_idx), sorted(val_idx)
 
 
@@ -83,6 +115,7 @@ class STL10DataModule(VisionDataModule):
     image_size = (96, 96)
     channel_mean = (0.4467, 0.4398, 0.4066)
     channel_std = (0.2603, 0.2566, 0.2713)
+    label_note = "; STL-10 files store class k as k + 1, and a stored 0 reads as 255"
 
     def __init__(self, train_fraction: float = 1.0, **kwargs: Any) -> None:
         if (
@@ -107,9 +140,13 @@ class STL10DataModule(VisionDataModule):
             raise self.missing_data_error(f" (expected {_LabeledSTL10.base_folder}/ with {', '.join(missing)})")
         return _LabeledSTL10(self.data_dir, split="train" if train else "test", transform=transform, download=False)
 
-    def unreadable_file(self, train: bool, error: BaseException) -> Path | None:
+    def split_files(self, train: bool) -> tuple[Path, Path]:
         folder = Path(self.data_dir) / _LabeledSTL10.base_folder
         images, labels = (folder / f"{'train' if train else 'test'}_{part}.bin" for part in ("X", "y"))
+        return images, labels
+
+    def unreadable_file(self, train: bool, error: BaseException) -> Path | None:
+        images, labels = self.split_files(train)
         return images if images.stat().st_size % (3 * 96 * 96) else labels  # whole 96x96x3 images, or the labels
 
     @override

@@ -6,6 +6,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 from torch.utils.data import Dataset
 from torchvision import datasets
 from torchvision import transforms as T
@@ -24,6 +25,7 @@ class SVHNDataModule(VisionDataModule):
     image_size = (32, 32)
     channel_mean = (0.4377, 0.4438, 0.4728)
     channel_std = (0.1980, 0.2010, 0.1970)
+    label_note = "; SVHN stores the digit 0 as 10"
 
     def download(self) -> None:
         datasets.SVHN(self.data_dir, split="train", download=True)
@@ -32,17 +34,32 @@ class SVHNDataModule(VisionDataModule):
     def augmentations(self) -> list[Callable]:
         return [T.RandomCrop(32, padding=4)]
 
+    def mat_file(self, train: bool) -> Path:
+        """The split's ``.mat`` file, which holds its images (``X``) and labels (``y``)."""
+        return Path(self.data_dir) / f"{'train' if train else 'test'}_32x32.mat"
+
     def load_dataset(self, train: bool, transform: Callable) -> Dataset:
-        split = "train" if train else "test"
-        path = os.path.join(self.data_dir, f"{split}_32x32.mat")
-        if not os.path.isfile(path):
-            raise self.missing_data_error(f" (expected {split}_32x32.mat)")
+        # both splits up front, so that a missing test split is not found only after the whole fit
+        missing = [path.name for path in (self.mat_file(True), self.mat_file(False)) if not path.is_file()]
+        if missing:
+            raise self.missing_data_error(f" (expected {', '.join(missing)})")
         # torchvision verifies the official file's MD5 before loading, which only the real file passes;
         # the path check above already gives the actionable error, so load the .mat directly.
-        return _SVHNMat(self.data_dir, split=split, transform=transform)
+        dataset = _SVHNMat(self.data_dir, split="train" if train else "test", transform=transform)
+        stored = np.transpose(dataset.data, (2, 3, 1, 0))  # torchvision's (N, C, H, W) back to the file's layout
+        if dataset.data.dtype != np.uint8 or stored.shape[:3] != (*self.image_size, self.in_channels):
+            raise self.corrupt_file_error(
+                self.mat_file(train),
+                f"stores X as {dataset.data.dtype} of shape {stored.shape}, where SVHN's are uint8 pixels of shape "
+                f"(32, 32, 3, N): it was written by another tool or belongs to another dataset",
+            )
+        return dataset
+
+    def split_files(self, train: bool) -> tuple[Path, Path]:
+        return self.mat_file(train), self.mat_file(train)
 
     def unreadable_file(self, train: bool, error: BaseException) -> Path | None:
-        return Path(self.data_dir) / f"{'train' if train else 'test'}_32x32.mat"
+        return self.mat_file(train)
 
 
 class _SVHNMat(datasets.SVHN):

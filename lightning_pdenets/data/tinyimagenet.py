@@ -7,6 +7,7 @@ the test set (the official test images have no labels), as in Kim et al.'s PR-Ne
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from torchvision import transforms as T
 from torchvision.datasets.folder import default_loader
 from torchvision.datasets.utils import download_and_extract_archive
 
-from lightning_pdenets.data.base import VisionDataModule
+from lightning_pdenets.data.base import CheckedImageLoader, VisionDataModule
 from lightning_pdenets.errors import CorruptDatasetError, DatasetNotFoundError
 
 __all__ = ["TinyImageNetDataModule", "TinyImageNetVal"]
@@ -110,8 +111,13 @@ class TinyImageNetDataModule(VisionDataModule):
             f"is reused, else it is downloaded), or copy an intact file there."
         )
 
+    def image_loader(self) -> CheckedImageLoader:
+        """The decoder of the images, which also refuses one that is not 64x64 as every Tiny ImageNet image is."""
+        return CheckedImageLoader(self.name, self.refetch_advice(None), size=self.image_size)
+
     def load_dataset(self, train: bool, transform: Callable) -> Dataset:
-        required = ["wnids.txt", "train" if train else os.path.join("val", "val_annotations.txt")]
+        # both splits up front, so that a missing test split is not found only after the whole fit
+        required = ["wnids.txt", "train", os.path.join("val", "images"), os.path.join("val", "val_annotations.txt")]
         for name in required:
             if not os.path.exists(os.path.join(self.root, name)):
                 raise self.missing_data_error(f" (expected {FOLDER}/{name})")
@@ -120,6 +126,13 @@ class TinyImageNetDataModule(VisionDataModule):
             wnids = read_wnids(self.root)
         except (UnicodeDecodeError, OSError) as error:
             raise self.unreadable_data_error(wnids_file, error) from error
+        duplicates = sorted(wnid for wnid, count in Counter(wnids).items() if count > 1)
+        if duplicates:
+            raise self.corrupt_file_error(
+                wnids_file,
+                f"lists {', '.join(duplicates[:3])}{', ...' if len(duplicates) > 3 else ''} more than once, where each "
+                f"class has one line: it is corrupt or was edited",
+            )
         if train:
             self._check_class_folders(wnids, wnids_file)
             return TinyImageNetTrain(self.root, transform, self.image_loader())

@@ -32,27 +32,34 @@ def fake_mnist(root: Path, n_train: int = 40, n_test: int = 20) -> dict[str, Any
     return {"data_dir": str(root), "download": False, "batch_size": 4, "val_size": 8}
 
 
+def write_svhn_split(root: Path, split: str, images: np.ndarray, labels: np.ndarray) -> None:
+    """Write ``<split>_32x32.mat`` with ``images`` as ``X`` (SVHN stores H, W, C, N) and ``labels`` as stored
+    (the digit 0 as 10) as the column ``y``."""
+    scipy.io.savemat(root / f"{split}_32x32.mat", {"X": images, "y": np.asarray(labels).reshape(-1, 1)})
+
+
 @fake_dataset("SVHNDataModule")
 def fake_svhn(root: Path, n_train: int = 40, n_test: int = 20) -> dict[str, Any]:
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(RNG_SEED)
     for split, n in (("train", n_train), ("test", n_test)):
-        images = rng.integers(0, 256, (32, 32, 3, n), dtype=np.uint8)  # SVHN stores H, W, C, N
-        labels = (np.arange(n) % 10 + 1).reshape(n, 1).astype(np.uint8)  # digit 0 is stored as label 10
-        scipy.io.savemat(root / f"{split}_32x32.mat", {"X": images, "y": labels})
+        images = rng.integers(0, 256, (32, 32, 3, n), dtype=np.uint8)
+        write_svhn_split(root, split, images, (np.arange(n) % 10 + 1).astype(np.uint8))
     return {"data_dir": str(root), "download": False, "batch_size": 4, "val_size": 8}
+
+
+def write_cifar_batch(path: Path, data: np.ndarray, labels: list[int], label_key: str = "labels") -> None:
+    """Pickle one CIFAR batch: ``data`` (N, 3072) uint8 rows and their ``labels`` under ``label_key``."""
+    with open(path, "wb") as handle:
+        pickle.dump({"data": data, label_key: labels}, handle)
 
 
 def _write_cifar(folder: Path, files: dict[str, int], label_key: str, num_classes: int, meta: dict) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(RNG_SEED)
     for name, n in files.items():
-        batch = {
-            "data": rng.integers(0, 256, (n, 3 * 32 * 32), dtype=np.uint8),
-            label_key: [int(i % num_classes) for i in range(n)],
-        }
-        with open(folder / name, "wb") as handle:
-            pickle.dump(batch, handle)
+        data = rng.integers(0, 256, (n, 3 * 32 * 32), dtype=np.uint8)
+        write_cifar_batch(folder / name, data, [int(i % num_classes) for i in range(n)], label_key)
     name, content = next(iter(meta.items()))
     with open(folder / name, "wb") as handle:
         pickle.dump(content, handle)
