@@ -250,3 +250,14 @@ def test_a_checkpoint_saved_by_a_plain_trainer_is_tested_with_the_configs_class(
         ]
     )
     assert float(tested.trainer.callback_metrics["test/acc_top1"]) == pytest.approx(expected, abs=1e-6)
+
+
+def test_a_resumed_fit_keeps_the_checkpoints_solver_and_names_the_configs_ignored_settings(
+    width8_run: Path, capsys
+) -> None:
+    # the solver is not refused (a resumed run continues the checkpoint's, possibly adapted, solver), nor dropped
+    # in silence; and the data facts (image_size as a pair in the config, one side in the file) never differ
+    args = ["fit", "--config", str(QUICKSTART), "--model.init_args.network.width=8", *TINY, "--trainer.max_epochs=2"]
+    with pytest.warns(UserWarning, match=r"the config's different solver\.\{step_size\} are not applied"):
+        code, err = run([*args, "--model.init_args.solver.step_size=0.5", "--ckpt_path", "last"], capsys)
+    assert code == 0, err

@@ -13,7 +13,7 @@ from jsonargparse import Namespace
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from lightning_pdenets._discovery import import_class
-from lightning_pdenets.architectures.registry import ARCHITECTURES, architecture_parameters
+from lightning_pdenets.architectures.registry import ARCHITECTURES, DATA_FACTS, architecture_parameters
 from lightning_pdenets.checkpoints import (
     check_checkpoint,
     checkpoint_class_path,
@@ -141,6 +141,15 @@ def check_checkpoint_settings(checkpoint: dict, ckpt_path: Any, config: Namespac
                 differences.append(f"network.{key} (checkpoint {trained!r}, config {value!r})")
     if subcommand == "fit" and hasattr(init_args, "items"):
         differences += _changed_training_settings(stored, init_args)
+        given_solver, trained_solver = _plain(init_args.get("solver")), stored.get("solver")
+        if isinstance(given_solver, dict) and isinstance(trained_solver, dict):
+            ignored = sorted(key for key, value in given_solver.items() if trained_solver.get(key, value) != value)
+            if ignored:  # Lightning rebuilds the model with the checkpoint's solver: say so instead of dropping them
+                rank_zero_warn(
+                    f"--ckpt_path: a resumed fit continues with the checkpoint's solver (adapted settings included); "
+                    f"the config's different solver.{{{', '.join(ignored)}}} are not applied. Evaluate with them "
+                    f"(pdenets test ... --model.init_args.solver...), or start a fresh run to train with them."
+                )
     stored_data = checkpoint.get("datamodule_hyper_parameters")
     data = config.get("data")
     if subcommand == "fit" and isinstance(stored_data, dict) and isinstance(data, Namespace):
@@ -179,7 +188,9 @@ def _changed_training_settings(stored: dict[str, Any], init_args: Any) -> list[s
     """
     changed = []
     for key, value in init_args.items():
-        if key == "network" or key not in stored or value is None or is_learning_rate(key):
+        # compared elsewhere: network (above), the data facts (stored_facts); applied: learning rates; announced
+        # and kept from the checkpoint by the model (ODESolverMixin.on_fit_start): the possibly adapted solver
+        if key in ("network", "solver", *DATA_FACTS) or key not in stored or value is None or is_learning_rate(key):
             continue
         given, trained = _plain(value), _plain(stored[key])
         if isinstance(given, dict) and isinstance(trained, dict):
