@@ -118,3 +118,22 @@ def test_a_checkpoint_of_another_model_class_is_refused(quickstart_checkpoint: P
         r"asks for a lightning_pdenets\.models\.PRNetModule",
     ):
         build_cli(["test", *prnet, f"--ckpt_path={quickstart_checkpoint}"])
+
+
+def test_load_from_checkpoint_names_what_the_file_is_instead_of_a_key_error(
+    quickstart_checkpoint: Path, tmp_path: Path
+) -> None:
+    from lightning_pdenets.errors import CorruptCheckpointError
+    from lightning_pdenets.models import ODENetModule, ResNetModule, RKNetModule
+
+    text, empty, no_state = tmp_path / "notes.ckpt", tmp_path / "empty.ckpt", tmp_path / "dict.ckpt"
+    text.write_text("hello")  # was KeyError: 101
+    empty.write_bytes(b"")  # was EOFError with no message
+    torch.save({"a": 1}, no_state)  # was KeyError: 'pytorch-lightning_version'
+    for path, problem in ((text, "is not a checkpoint"), (empty, "the file is empty"), (no_state, "holds no")):
+        with pytest.raises(CorruptCheckpointError, match=problem):
+            RKNetModule.load_from_checkpoint(path)
+    # another class: was "blocked ... import the module that defines the class", which was imported
+    with pytest.raises(CheckpointMismatchError, match=r"holds a lightning_pdenets\.models\.RKNetModule, not a Res"):
+        ResNetModule.load_from_checkpoint(quickstart_checkpoint)
+    assert type(ODENetModule.load_from_checkpoint(quickstart_checkpoint)) is RKNetModule  # a subclass: what it holds

@@ -273,3 +273,35 @@ def test_a_bottleneck_without_channels_is_refused_at_construction() -> None:
     # a bare "weight of size [0, 3, 1, 1]" RuntimeError at the first batch before
     with pytest.raises(ValueError, match=r"`hidden_channels` must be an integer >= 1, got 0"):
         create_architecture("image_odenet", hidden_channels=0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(network=[1, 2]), r"`network` must be a mapping of architecture 'odenet_chen'.s settings"),
+        (dict(network="width=8"), r"`network` must be a mapping"),  # was "cannot convert dictionary update sequence"
+        (dict(image_size=-1), r"`image_size` must be a positive side or a \(height, width\) pair of them, got -1"),
+        (dict(image_size="28"), r"`image_size` must be a positive side"),  # was accepted and stored
+        (dict(num_classes=1), r"`num_classes` must be an integer >= 2, got 1"),  # failed inside torchmetrics
+        (dict(in_channels=0), r"`in_channels` must be an integer >= 1, got 0"),
+    ],
+)
+def test_data_facts_and_network_of_the_wrong_kind_are_named(kwargs: dict, message: str) -> None:
+    with pytest.raises(ConfigurationError, match=message):
+        ODENetModule(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("inputs", "fix"),
+    [
+        (
+            torch.zeros(2, 1, 28, 28, dtype=torch.float64),
+            r"torch\.float64 inputs; convert them with x\.to\(torch\.float32",
+        ),
+        (torch.zeros(2, 1, 28, 28, dtype=torch.uint8), r"torch\.uint8 inputs; convert them to floats first"),
+    ],
+)
+def test_inputs_of_another_dtype_than_the_weights_are_named(inputs: torch.Tensor, fix: str) -> None:
+    # a bare "Input type (double) and bias type (float) should be the same" before
+    with pytest.raises(TypeError, match=r"ResNetModule has torch\.float32 weights but got " + fix):
+        ResNetModule(network={"width": 4, "num_blocks": 1})(inputs)

@@ -29,6 +29,7 @@ __all__ = [
     "ArchitectureEntry",
     "NetworkOptions",
     "architecture_parameters",
+    "check_data_facts",
     "create_architecture",
     "register_architecture",
     "resolve_network_arguments",
@@ -119,6 +120,11 @@ def resolve_network_arguments(
             type, or non-square images for an architecture that needs square ones.
     """
     parameters = architecture_parameters(name)
+    if network is not None and not isinstance(network, Mapping):
+        raise ConfigurationError(
+            f"{model}: `network` must be a mapping of architecture {name!r}'s settings such as {{width: 64}}, got "
+            f"{network!r}."
+        )
     given = dict(network or {})
     where = f"`network` (architecture {name!r})"
     for key in given:
@@ -151,6 +157,27 @@ def resolve_network_arguments(
             )
         taken["image_size"] = height
     return completed, taken
+
+
+def check_data_facts(facts: Mapping[str, Any], model: str = "the model") -> None:
+    """Refuse data facts (:data:`DATA_FACTS`) that no dataset has, naming the argument; ``None`` means not given.
+
+    Raises:
+        ConfigurationError: ``num_classes`` below 2, ``in_channels``/``input_dim`` below 1, or an ``image_size`` that
+            is not a positive side or a (height, width) pair of them.
+    """
+    for name, smallest in (("num_classes", 2), ("in_channels", 1), ("input_dim", 1)):
+        value = facts.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < smallest):
+            raise ConfigurationError(f"{model}: `{name}` must be an integer >= {smallest}, got {value!r}.")
+    size = facts.get("image_size")
+    sides = list(size) if isinstance(size, (list, tuple)) else [size]
+    if size is not None and (
+        len(sides) not in (1, 2) or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in sides)
+    ):
+        raise ConfigurationError(
+            f"{model}: `image_size` must be a positive side or a (height, width) pair of them, got {size!r}."
+        )
 
 
 @functools.cache

@@ -21,15 +21,19 @@ from typing_extensions import override
 
 import lightning_pdenets
 from lightning_pdenets._compat.torchmetrics import mark_updated
+from lightning_pdenets._discovery import import_class
 from lightning_pdenets.architectures.registry import (
     DATA_FACTS,
     NetworkOptions,
     architecture_parameters,
+    check_data_facts,
     create_architecture,
     resolve_network_arguments,
 )
 from lightning_pdenets.blocks.ode import explain_solver_failure
+from lightning_pdenets.checkpoints import check_checkpoint, checkpoint_class_path
 from lightning_pdenets.errors import (
+    CheckpointMismatchError,
     ModelFailure,
     NonFiniteLossError,
     PeerFailedError,
@@ -200,6 +204,8 @@ class ClassifierModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         check_optimization_settings(optimizer, lr, weight_decay, momentum, lr_scheduler, lr_milestones, lr_gamma)
+        facts = dict(num_classes=num_classes, in_channels=in_channels, image_size=image_size, input_dim=input_dim)
+        check_data_facts(facts, type(self).__name__)
         # Lightning collects the arguments of every __init__ up the subclass chain: subclasses need no call of their own
         self.save_hyperparameters()
         self.optimization: dict[str, Any] = dict(
@@ -226,6 +232,7 @@ class ClassifierModule(pl.LightningModule):
 
     @override
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input_dtype(x)
         chunk = self.inference_chunk_size
         if (
             chunk is not None
@@ -236,6 +243,19 @@ class ClassifierModule(pl.LightningModule):
         ):
             return evaluate_in_chunks(self.network, x, chunk)
         return self.network(x)
+
+    def _check_input_dtype(self, x: torch.Tensor) -> None:
+        """Refuse inputs of another dtype than the weights (else a bare "Input type (double) and bias type ...")."""
+        weight = next(self.parameters(), None)
+        if weight is None or x.dtype == weight.dtype:
+            return
+        fix = (
+            "convert them to floats first, e.g. x.float() / 255 for uint8 pixels, then normalize them as the "
+            "datamodule does"
+            if not x.is_floating_point()
+            else f"convert them with x.to({weight.dtype}), or the model with model.to({x.dtype})"
+        )
+        raise TypeError(f"{type(self).__name__} has {weight.dtype} weights but got {x.dtype} inputs; {fix}.")
 
     # -- steps ------------------------------------------------------------------------------
     def _shared_step(self, batch: Any, stage: str, metrics: MetricCollection) -> torch.Tensor:
@@ -357,13 +377,24 @@ class ClassifierModule(pl.LightningModule):
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:
-        """Lightning's ``load_from_checkpoint``; refuses a checkpoint of an earlier release with the upgrade command."""
+        """Lightning's ``load_from_checkpoint``, after the file is checked.
+
+        A file that is no Lightning checkpoint (or is damaged), one that needs unpickling without
+        ``weights_only=False``, or one that holds a model class other than this one or a subclass is refused with a
+        short message naming what it is (instead of a ``KeyError`` or ``EOFError``); a checkpoint of an earlier
+        release, with the upgrade command.
+        """
         if isinstance(checkpoint_path, (str, os.PathLike)) and os.path.isfile(checkpoint_path):
-            check_layout(
-                torch.load(checkpoint_path, map_location="cpu", weights_only=True),
-                checkpoint_path,
-                model=f"{cls.__module__}.{cls.__qualname__}",
-            )
+            model = f"{cls.__module__}.{cls.__qualname__}"
+            checkpoint = check_checkpoint(os.fspath(checkpoint_path), trusted=kwargs.get("weights_only") is False)
+            recorded_path = checkpoint_class_path(checkpoint)
+            recorded = import_class(recorded_path) if recorded_path else None
+            if recorded is not None and not issubclass(recorded, cls):
+                raise CheckpointMismatchError(
+                    f"checkpoint {str(checkpoint_path)!r} holds a {recorded_path}, not a {cls.__qualname__}: load it "
+                    f"with {recorded.__qualname__}.load_from_checkpoint, or pass a checkpoint of a {cls.__qualname__}."
+                )
+            check_layout(checkpoint, checkpoint_path, model=model)
         return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     @override
