@@ -41,7 +41,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from bench_paper_scale import load_model  # noqa: E402
+from _common import (  # noqa: E402
+    MODEL_CLASSES,
+    check_output,
+    load_model,
+    missing_data_exits,
+    named_checkpoints,
+    positive_int,
+)
 
 from lightning_pdenets.callbacks import AdversarialEvaluation  # noqa: E402
 from lightning_pdenets.data import MNISTDataModule  # noqa: E402
@@ -86,8 +93,9 @@ def shard_spec(text: str) -> tuple[int, int]:
 
 
 def run(args: argparse.Namespace) -> None:
-    name, _, path = args.checkpoint.partition("=")
-    model = load_model(Path(path))
+    ((name, checkpoint),) = args.checkpoints.items()
+    path = str(checkpoint)
+    model = load_model(checkpoint)
     data = MNISTDataModule(data_dir=args.data_dir, download=False)
     stats = (tuple(data.mean), tuple(data.std))  # the inputs' normalization: ε is in pixel units
     suite = ("existing" if args.pgd_steps == 20 else f"pgd{args.pgd_steps}") if args.existing else "autoattack"
@@ -164,7 +172,7 @@ def coverage(images: set[int]) -> str:
 
 def report(paths: list[str]) -> str:
     """Markdown table: per model, gradient route and ε, AutoAttack's stages against FGSM/PGD on the same images."""
-    records = [json.loads(line) for path in paths for line in Path(path).read_text().splitlines()]
+    records = [json.loads(line) for path in paths for line in Path(path).read_text().splitlines() if line.strip()]
     cells: dict[tuple[str, str, str, float], dict] = {}
     for record in records:
         key = (record.get("suite", "autoattack"), record["model"], record["gradient_solver"], record["epsilon"])
@@ -309,12 +317,16 @@ def paired_comparison(cells: dict) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"))
-    parser.add_argument("--checkpoint", metavar="NAME=PATH", help="the model to attack")
+    parser.add_argument(
+        "--checkpoint", metavar="NAME=PATH", help=f"the model to attack, NAME one of {', '.join(MODEL_CLASSES)}"
+    )
     parser.add_argument("--epsilons", type=float, nargs="+", default=list(EPSILONS))
-    parser.add_argument("--images", type=int, default=1000, help="the first N MNIST test images")
-    parser.add_argument("--batch-size", type=int, default=50)
-    parser.add_argument("--steps", type=int, default=100, help="APGD-CE/APGD-T/FAB-T iterations (Croce & Hein: 100)")
-    parser.add_argument("--queries", type=int, default=5000, help="Square queries (Croce & Hein: 5,000)")
+    parser.add_argument("--images", type=positive_int, default=1000, help="the first N MNIST test images")
+    parser.add_argument("--batch-size", type=positive_int, default=50)
+    parser.add_argument(
+        "--steps", type=positive_int, default=100, help="APGD-CE/APGD-T/FAB-T iterations (Croce & Hein: 100)"
+    )
+    parser.add_argument("--queries", type=positive_int, default=5000, help="Square queries (Croce & Hein: 5,000)")
     parser.add_argument(
         "--gradient-solver",
         type=json.loads,
@@ -328,11 +340,11 @@ def main() -> None:
     )
     parser.add_argument(
         "--pgd-steps",
-        type=int,
+        type=positive_int,
         default=20,
         help="with --existing: PGD iterations (20: the earlier rows; other values are recorded as pgd<N>)",
     )
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=positive_int, default=1)
     parser.add_argument(
         "--shard",
         type=shard_spec,
@@ -344,8 +356,14 @@ def main() -> None:
     parser.add_argument("--report", nargs="+", metavar="RAW", help="write the Markdown table from these raw files")
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()
+    check_output(parser, args.output)
     torch.set_num_threads(args.threads)
     if args.report:
+        for path in args.report:
+            if not Path(path).is_file():
+                parser.error(f"--report {path!r}: no such file")
+        if not any(line.strip() for path in args.report for line in Path(path).read_text().splitlines()):
+            parser.error(f"--report {' '.join(args.report)}: no records to report (the files are empty)")
         text = report(args.report)
         print(text)
         if args.output:
@@ -356,7 +374,9 @@ def main() -> None:
         return
     if not args.checkpoint or not args.raw:
         parser.error("give --checkpoint NAME=PATH and --raw FILE (or --report RAW ...)")
-    run(args)
+    args.checkpoints = named_checkpoints(parser, "--checkpoint", [args.checkpoint])
+    with missing_data_exits(args.data_dir):
+        run(args)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from _common import check_output, missing_data_exits, positive_int
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -75,8 +77,8 @@ def worker(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="*", default=["odenet", "prnet"], choices=sorted(CONFIGS))
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--global-batch", type=int, default=128)
+    parser.add_argument("--steps", type=positive_int, default=20)
+    parser.add_argument("--global-batch", type=positive_int, default=128)
     parser.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"))
     parser.add_argument("--output", type=Path)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -85,7 +87,9 @@ def main() -> None:
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        return worker(args)
+        with missing_data_exits(args.data_dir):
+            return worker(args)
+    check_output(parser, args.output)
 
     import torch
 
@@ -95,7 +99,7 @@ def main() -> None:
         for devices in (1, 2):
             out = Path(f"/tmp/bench_ddp_{model}_{devices}.pt")
             env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // devices))}
-            subprocess.run(
+            finished = subprocess.run(
                 [
                     sys.executable,
                     __file__,
@@ -113,10 +117,14 @@ def main() -> None:
                     "--out",
                     str(out),
                 ],
-                check=True,
                 env=env,
                 cwd="/tmp",
             )
+            if finished.returncode:
+                raise SystemExit(
+                    f"bench_ddp.py: the {model} run on {devices} process(es) failed (exit status "
+                    f"{finished.returncode}; its error is above)"
+                )
             results[devices] = torch.load(out)
         difference = (results[1]["parameters"] - results[2]["parameters"]).abs().max().item()
         samples = args.steps * args.global_batch

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _common import check_output, positive_int
 from tqdm import tqdm
 
 REPO = Path(__file__).resolve().parents[1]
@@ -402,7 +403,7 @@ def pysindy_table(seeds: int) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--seeds", type=int, default=10, help="noise draws per level")
+    parser.add_argument("--seeds", type=positive_int, default=10, help="noise draws per level")
     parser.add_argument("--skip-exact", action="store_true", help="leave out section 1 (exact derivatives)")
     parser.add_argument(
         "--box-scan",
@@ -412,10 +413,12 @@ def main() -> None:
     parser.add_argument("--additive", action="store_true", help="add KdV with PDE-FIND's additive noise")
     parser.add_argument("--pysindy", action="store_true", help="add PySINDy on the same noisy Burgers data")
     parser.add_argument("--pysindy-python", help="interpreter with PySINDy for its weak and ensemble references")
-    parser.add_argument("--pysindy-seeds", type=int, default=5, help="noise draws per level for PySINDy")
+    parser.add_argument("--pysindy-seeds", type=positive_int, default=5, help="noise draws per level for PySINDy")
     parser.add_argument("--figure", type=Path, default=REPO / "bench" / "identification_noise.png")
     parser.add_argument("--output", type=Path, help="also write the tables to this markdown file")
     args = parser.parse_args()
+    check_output(parser, args.output)
+    check_output(parser, args.figure, "--figure")
     torch.set_default_dtype(torch.float64)
     torch.manual_seed(0)
     torch.set_num_threads(1)

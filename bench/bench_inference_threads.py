@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+from _common import at_least, missing_data_exits, positive_int
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
@@ -29,12 +30,13 @@ from bench_solve_speed import load_model, test_images  # noqa: E402
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"))
-    parser.add_argument("--images", type=int, default=1000)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--images", type=positive_int, default=1000)
+    parser.add_argument("--threads", type=positive_int, default=2)
+    parser.add_argument("--rounds", type=at_least(2), default=8)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    x = test_images(args.data_dir, args.images)
+    with missing_data_exits(args.data_dir):
+        x = test_images(args.data_dir, args.images)
     models = {
         name: load_model(REPO / "bench" / "checkpoints" / "mnist" / f"{name}.ckpt") for name in ("resnet", "prnet")
     }

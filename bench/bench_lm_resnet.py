@@ -29,6 +29,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from _common import check_output, non_negative_int, positive_int
 from tqdm import tqdm
 
 from lightning_pdenets.architectures import lm_resnet_cifar, preact_resnet_cifar
@@ -74,18 +75,19 @@ def machine(device: torch.device) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--depth", type=int, default=56)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--steps-per-round", type=int, default=3)
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--depth", type=positive_int, default=56)
+    parser.add_argument("--batch-size", type=positive_int, default=32)
+    parser.add_argument("--threads", type=positive_int, default=2)
+    parser.add_argument("--rounds", type=positive_int, default=15)
+    parser.add_argument("--steps-per-round", type=positive_int, default=3)
+    parser.add_argument("--warmup", type=non_negative_int, default=3)
     parser.add_argument("--k-mode", default="scalar", choices=["scalar", "channel"])
     parser.add_argument("--compile", action="store_true", help="torch.compile both networks (inductor) before timing")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     parser.add_argument("--channels-last", action="store_true", help="networks and input in NHWC memory format")
     parser.add_argument("--output", default=None, help="also write the Markdown report to this file")
     args = parser.parse_args()
+    check_output(parser, args.output)
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)

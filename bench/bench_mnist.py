@@ -26,7 +26,10 @@ from tqdm import tqdm
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from _common import check_output, fraction, missing_data_exits, positive_int  # noqa: E402
+
 from lightning_pdenets.cli import build_cli  # noqa: E402
+from lightning_pdenets.errors import DatasetNotFoundError  # noqa: E402
 from lightning_pdenets.protocols import find_ode_blocks  # noqa: E402
 
 
@@ -205,10 +208,10 @@ def main() -> None:
         type=Path,
         default=[REPO / "configs" / "mnist" / f"{m}.yaml" for m in ("resnet", "rknet", "odenet", "prnet")],
     )
-    parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--train-fraction", type=float, default=1.0)
-    parser.add_argument("--test-fraction", type=float, default=1.0)
+    parser.add_argument("--epochs", type=positive_int, default=1)
+    parser.add_argument("--batch-size", type=positive_int, default=128)
+    parser.add_argument("--train-fraction", type=fraction, default=1.0, help="of the training batches, in (0, 1]")
+    parser.add_argument("--test-fraction", type=fraction, default=1.0, help="of the test batches, in (0, 1]")
     parser.add_argument("--output", type=Path, default=None, help="write the Markdown table here")
     parser.add_argument(
         "--override",
@@ -231,9 +234,20 @@ def main() -> None:
         action="store_true",
         help="only time inference of 1,000 images, interleaving the models over --rounds rounds",
     )
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--rounds", type=positive_int, default=7)
     args = parser.parse_args()
-    configs = [c for c in args.configs if c.exists()]
+    missing = [str(c) for c in args.configs if not c.is_file()]
+    if missing:
+        parser.error(f"--configs: no such file: {', '.join(missing)}")
+    if not args.configs:
+        parser.error("--configs: give at least one config")
+    check_output(parser, args.output)
+    configs = args.configs
+    with missing_data_exits(args.data_dir):
+        measure(configs, args)
+
+
+def measure(configs: list[Path], args: argparse.Namespace) -> None:
     pl.seed_everything(0)
     if args.inference_only:
         table = interleaved_inference(configs, args)
@@ -243,16 +257,25 @@ def main() -> None:
         return
     start = time.perf_counter()
     rows = []
+    failed = []
     for config in tqdm(configs, desc="models"):
         try:
             rows.append(run(config, args))
-        except Exception as error:  # keep the rows measured so far; report the failure
+        except DatasetNotFoundError:
+            raise  # no config can run without the data
+        except (Exception, SystemExit) as error:  # keep the rows measured so far; report the failure (SystemExit:
+            # the CLI rejected the config's arguments, and said why)
             print(f"{config}: failed with {type(error).__name__}: {error}", file=sys.stderr)
+            failed.append(str(config))
             continue
         table = markdown(rows, args, time.perf_counter() - start)
         print(table, flush=True)
         if args.output:
             args.output.write_text(table)
+    if failed:
+        raise SystemExit(
+            f"bench_mnist.py: {len(failed)} of {len(configs)} config(s) failed (see above): {', '.join(failed)}"
+        )
 
 
 if __name__ == "__main__":

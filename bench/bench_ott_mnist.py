@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _common import check_output, missing_data_exits, non_negative_int, positive_int
 
 ROOT = Path(__file__).resolve().parents[1]
 LOG_ROOT = ROOT / "logs" / "mnist" / "ott"
@@ -61,6 +62,7 @@ FIXED_SOLVERS = ("euler", "midpoint", "rk4")
 ORDER = {"euler": 1, "midpoint": 2, "rk4": 4}
 DOPRI5_TOL = 1e-4
 DROP = 0.01  # 1 percentage point
+TEST_IMAGES = 10000
 KEEP_MARKER = "<!-- hand-written below: kept when the report is regenerated -->"
 
 
@@ -643,14 +645,21 @@ def plot(results: dict[str, dict[str, Any]], figure_path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", nargs="+", default=[n for n, *_ in RUNS])
-    parser.add_argument("--test-size", type=int, default=1000)
-    parser.add_argument("--batch-size", type=int, default=500)
+    parser.add_argument(
+        "--runs", nargs="+", default=[n for n, *_ in RUNS], choices=[n for n, *_ in RUNS], metavar="RUN"
+    )
+    parser.add_argument(
+        "--test-size",
+        type=positive_int,
+        default=1000,
+        help=f"the first N test images, a multiple of --batch-size, at most {TEST_IMAGES:,}",
+    )
+    parser.add_argument("--batch-size", type=positive_int, default=500)
     parser.add_argument("--data-dir", default="/work/shared/data")
     parser.add_argument("--report-only", action="store_true", help="no evaluation: table and figure from the cache")
     parser.add_argument(
         "--full-check",
-        type=int,
+        type=non_negative_int,
         default=0,
         metavar="N",
         help="also compare the training solver with dopri5 1e-4 on the first N test images (cached)",
@@ -664,6 +673,16 @@ def main() -> None:
         help="write weights-only copies of the runs' checkpoints to bench/checkpoints/mnist/ott/",
     )
     args = parser.parse_args()
+    # SolverSwapCheck measures whole batches: a size that is not a multiple of the batch would measure more images
+    # than it records
+    for option, size in (("--test-size", args.test_size), ("--full-check", args.full_check)):
+        if size and (size % args.batch_size or size > TEST_IMAGES):  # --full-check 0: none
+            parser.error(
+                f"{option} {size}: give a multiple of --batch-size ({args.batch_size}) of at most {TEST_IMAGES:,} "
+                "(the MNIST test images)"
+            )
+    check_output(parser, args.out, "--out")
+    check_output(parser, args.figure, "--figure")
     if args.export:
         for name in args.runs:
             if checkpoint_of(name) is not None:
@@ -671,6 +690,12 @@ def main() -> None:
         return
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     CACHE.mkdir(parents=True, exist_ok=True)
+    with missing_data_exits(args.data_dir):
+        evaluate_runs(args)
+    report(args)
+
+
+def evaluate_runs(args: argparse.Namespace) -> None:
     for name in args.runs:
         cache = CACHE / f"{name}.json"
         if args.report_only or (cache.exists() and not args.force):
@@ -695,6 +720,9 @@ def main() -> None:
         result["full_check"] = full_check(name, result, args.full_check, args.batch_size, args.data_dir)
         cache.write_text(json.dumps(result, indent=1))
         print(f"{name}: {more_images(result)}", flush=True)
+
+
+def report(args: argparse.Namespace) -> None:
     results = {n: json.loads((CACHE / f"{n}.json").read_text()) for n, *_ in RUNS if (CACHE / f"{n}.json").exists()}
     if not results:
         return

@@ -38,6 +38,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from _common import at_least, check_output, non_negative_int, positive_int
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -162,13 +163,22 @@ def profile(steps: int, log_dir: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--steps", type=int, default=18, help="steps per fit (an epoch of the quickstart has 20)")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rounds", type=positive_int, default=15)
+    parser.add_argument(
+        "--steps", type=at_least(2), default=18, help="steps per fit (an epoch of the quickstart has 20)"
+    )
+    parser.add_argument("--warmup", type=non_negative_int, default=2)
+    parser.add_argument("--threads", type=positive_int, default=1)
     parser.add_argument("--output", type=Path, default=None)
-    parser.add_argument("--profile", type=int, metavar="STEPS", help="only print a cProfile of STEPS framework steps")
+    parser.add_argument(
+        "--profile", type=positive_int, metavar="STEPS", help="only print a cProfile of STEPS framework steps"
+    )
     args = parser.parse_args()
+    if args.steps < args.warmup + 2:  # the median is over the step intervals after the warm-up
+        parser.error(
+            f"--steps {args.steps} leaves no timed step after --warmup {args.warmup}: give at least {args.warmup + 2}"
+        )
+    check_output(parser, args.output)
     sys.argv = sys.argv[:1]  # build_cli gets its own arguments
     torch.set_num_threads(args.threads)
     log_dir = tempfile.mkdtemp(prefix="pdenets-overhead-")

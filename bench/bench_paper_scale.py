@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib
 import json
 import os
 import statistics
@@ -40,9 +39,17 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from _common import (  # noqa: E402
+    check_output,
+    load_model,
+    missing_data_exits,
+    named_checkpoints,
+    named_path,
+    positive_int,
+)
+
 from lightning_pdenets.callbacks import AdversarialEvaluation, NFEMonitor, OODEvaluation  # noqa: E402
 from lightning_pdenets.callbacks.ood import PERTURBATIONS  # noqa: E402
-from lightning_pdenets.checkpoints import checkpoint_class_path, load_checkpoint  # noqa: E402
 from lightning_pdenets.data import MNISTDataModule  # noqa: E402
 from lightning_pdenets.protocols import find_ode_blocks  # noqa: E402
 from lightning_pdenets.solvers import SOLVERS  # noqa: E402
@@ -50,15 +57,6 @@ from lightning_pdenets.solvers import SOLVERS  # noqa: E402
 NAMES = ("resnet", "rknet", "odenet", "prnet", "prnet_seed1")
 EPSILONS = (0.05, 0.1, 0.2, 0.3)
 """Attack budgets in pixel units (issue 18; Madry et al.'s MNIST budget is 0.3)."""
-
-
-def load_model(path: Path) -> pl.LightningModule:
-    """The LightningModule saved in ``path`` (the class LightningCLI recorded), in eval mode."""
-    class_path = checkpoint_class_path(load_checkpoint(path))
-    if class_path is None:
-        raise ValueError(f"{path} records no model class; pass a checkpoint written by `pdenets fit`.")
-    module, _, name = class_path.rpartition(".")
-    return getattr(importlib.import_module(module), name).load_from_checkpoint(path, map_location="cpu").eval()
 
 
 def test_images(data_dir: str, count: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -170,7 +168,13 @@ def epoch_curve(source: Path, tag: str = "val/acc_top1") -> list[float]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     values: dict[int, float] = {}
-    for events_file in sorted(source.glob("events.out.tfevents.*")):  # a resumed run writes a second file
+    events_files = sorted(source.glob("events.out.tfevents.*"))  # a resumed run writes a second file
+    if not events_files:
+        raise SystemExit(
+            f"bench_paper_scale.py: error: no TensorBoard logs (events.out.tfevents.*) in {str(source)!r}; "
+            "give the run's log folder with --curve NAME=PATH"
+        )
+    for events_file in events_files:
         events = EventAccumulator(str(events_file))
         events.Reload()
         if tag in events.Tags()["scalars"]:
@@ -191,6 +195,11 @@ def curves_figure(sources: dict[str, Path], output: Path) -> list[str]:
     ]
     for index, (name, source) in enumerate(sources.items()):
         values = epoch_curve(source)
+        if not values:
+            raise SystemExit(
+                f"bench_paper_scale.py: error: the TensorBoard logs in {str(source)!r} hold no val/acc_top1; give "
+                "the run's log folder with --curve NAME=PATH"
+            )
         nfe = epoch_curve(source, "val/nfe_forward")
         accuracy_axis.plot(range(1, len(values) + 1), values, marker="o", label=name, color=f"C{index}")
         if nfe:
@@ -352,35 +361,55 @@ def main() -> None:
         metavar="NAME=PATH",
         help="a run's TensorBoard folder; default: the folder of the checkpoint's run",
     )
-    parser.add_argument("--robust-images", type=int, default=1000, help="test images attacked and perturbed")
-    parser.add_argument("--spsa-images", type=int, default=100, help="of those, the ones SPSA also attacks")
-    parser.add_argument("--pgd-steps", type=int, default=20)
+    parser.add_argument("--robust-images", type=positive_int, default=1000, help="test images attacked and perturbed")
+    parser.add_argument("--spsa-images", type=positive_int, default=100, help="of those, the ones SPSA also attacks")
+    parser.add_argument("--pgd-steps", type=positive_int, default=20)
     parser.add_argument(
         "--gradient-solver",
         type=json.loads,
         default={"method": "rk4", "step_size": 0.1},
         help="JSON solver settings of the stand-in for white-box gradients of adaptive-solver models",
     )
-    parser.add_argument("--rounds", type=int, default=11)
+    parser.add_argument("--rounds", type=positive_int, default=11)
     parser.add_argument("--seed", type=int, default=0, help="the config's seed_everything (the initialization)")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=positive_int, default=2)
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()
+    check_output(parser, args.output)
+    # every table but the curves is measured on the checkpoints' models: without one, it would be a bare header
+    if not args.checkpoint and set(args.tables) - {"curves"}:
+        parser.error(
+            f"--tables {' '.join(t for t in args.tables if t != 'curves')} need the models: give --checkpoint NAME=PATH"
+        )
+    if "curves" in args.tables and not args.checkpoint and not args.curve:
+        parser.error("--tables curves needs runs: give --curve NAME=PATH (or --checkpoint NAME=PATH)")
     torch.set_num_threads(args.threads)
-
-    def named_paths(option: str, items: list[str]) -> dict[str, Path]:
-        paths = {}
-        for item in items:
-            name, separator, path = item.partition("=")
-            if not separator or name not in NAMES:
-                parser.error(f"{option} takes NAME=PATH with NAME one of {NAMES}, got {item!r}")
-            paths[name] = Path(path)
-        return paths
-
-    paths = named_paths("--checkpoint", args.checkpoint)
-    curves = {**{name: path.parent.parent for name, path in paths.items()}, **named_paths("--curve", args.curve)}
+    paths = named_checkpoints(parser, "--checkpoint", args.checkpoint, NAMES)
+    curves = {
+        **{name: path.parent.parent for name, path in paths.items()},
+        **dict(named_path(parser, "--curve", item, NAMES) for item in args.curve),
+    }
+    if "equation" in args.tables and not {"prnet", "prnet_seed1"} & set(paths):
+        parser.error("--tables equation needs a PR-Net: give --checkpoint prnet=PATH (or prnet_seed1=PATH)")
+    if "curves" in args.tables:  # checked before the work: the figure is only written once every run has a curve
+        for name, folder in curves.items():
+            if not any(folder.glob("events.out.tfevents.*")):
+                parser.error(
+                    f"no TensorBoard logs (events.out.tfevents.*) for {name} in {str(folder)!r}; give the run's log "
+                    f"folder with --curve {name}=PATH"
+                )
     models = {name: load_model(path) for name, path in paths.items()}
-    images, _ = test_images(args.data_dir, 1000)
+    with missing_data_exits(args.data_dir):
+        images = test_images(args.data_dir, 1000)[0] if {"inference", "equation"} & set(args.tables) else None
+        main_tables(args, models, curves, images)
+
+
+def main_tables(
+    args: argparse.Namespace,
+    models: dict[str, pl.LightningModule],
+    curves: dict[str, Path],
+    images: torch.Tensor | None,
+) -> None:
     sections: list[str] = [
         f"### MNIST at paper scale, from the trained checkpoints ({datetime.date.today()})",
         "",

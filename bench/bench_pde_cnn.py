@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _common import check_output, positive_int
 from tqdm import tqdm
 
 REPO = Path(__file__).resolve().parents[1]
@@ -194,16 +195,17 @@ def mib(value: float) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", type=Path, default=None, help="write the Markdown results here")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--steps", type=int, nargs="+", default=[4, 16, 64])
-    parser.add_argument("--channels", type=int, default=32)
-    parser.add_argument("--size", type=int, default=32)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--network-batch", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--smoke-batches", type=int, default=3)
+    parser.add_argument("--threads", type=positive_int, default=2)
+    parser.add_argument("--steps", type=positive_int, nargs="+", default=[4, 16, 64])
+    parser.add_argument("--channels", type=positive_int, default=32)
+    parser.add_argument("--size", type=positive_int, default=32)
+    parser.add_argument("--batch", type=positive_int, default=16)
+    parser.add_argument("--network-batch", type=positive_int, default=16)
+    parser.add_argument("--repeats", type=positive_int, default=3)
+    parser.add_argument("--smoke-batches", type=positive_int, default=3)
     parser.add_argument("--skip", nargs="*", default=[], choices=["memory", "network", "smoke"])
     args = parser.parse_args()
+    check_output(parser, args.output)
     lines = [
         "# PDE-motivated CNNs (Ruthotto & Haber): benchmarks",
         "",

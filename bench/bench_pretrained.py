@@ -17,6 +17,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from _common import check_output, missing_data_exits, positive_int
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -37,10 +38,16 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", required=True, help="folder holding MNIST/ (as for configs/mnist/*.yaml)")
     parser.add_argument("--names", nargs="+", default=pretrained.list_models(), choices=pretrained.list_models())
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=positive_int, default=1)
     parser.add_argument("--output", type=Path, help="write the table here (Markdown) besides printing it")
     args = parser.parse_args(argv)
+    check_output(parser, args.output)
     torch.set_num_threads(args.threads)
+    with missing_data_exits(args.data_dir):
+        measure(args)
+
+
+def measure(args: argparse.Namespace) -> None:
     lines = [
         f"Pretrained models against their recorded accuracies, {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, "
         f"torch {torch.__version__}, {args.threads} thread(s).",

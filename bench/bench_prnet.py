@@ -32,6 +32,7 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 import yaml
+from _common import check_output, non_negative_int, positive_int
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
@@ -148,15 +149,22 @@ def mnist(data_dir: str, train: bool):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--inference-batch", type=int, default=1000)
-    parser.add_argument("--steps", type=int, default=8, help="timed training steps per model (after 2 warm-up steps)")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--train-batches", type=int, default=0, help="train on real MNIST first (0: random init)")
+    parser.add_argument("--batch-size", type=positive_int, default=128)
+    parser.add_argument("--inference-batch", type=positive_int, default=1000)
+    parser.add_argument(
+        "--steps", type=positive_int, default=8, help="timed training steps per model (after 2 warm-up steps)"
+    )
+    parser.add_argument("--repeats", type=positive_int, default=5)
+    parser.add_argument("--threads", type=positive_int, default=2)
+    parser.add_argument(
+        "--train-batches", type=non_negative_int, default=0, help="train on real MNIST first (0: random init)"
+    )
     parser.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"))
     parser.add_argument("--output", default=None, help="append a Markdown table to this file")
     args = parser.parse_args()
+    check_output(parser, args.output)
+    if args.train_batches and not (Path(args.data_dir) / "MNIST" / "raw").is_dir():
+        parser.error(f"--data-dir {args.data_dir!r}: no MNIST/raw there (torchvision's layout) for --train-batches")
     torch.set_num_threads(args.threads)
     pl.seed_everything(0, verbose=False)
 

@@ -33,6 +33,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import yaml
+from _common import missing_data_exits, positive_int
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -297,17 +298,22 @@ def profile(data_dir: str, count: int) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"))
-    parser.add_argument("--images", type=int, default=1000)
-    parser.add_argument("--rounds", type=int, default=15, help="interleaved inference rounds")
-    parser.add_argument("--batch", type=int, default=32, help="training batch (configs/mnist: 32)")
-    parser.add_argument("--steps", type=int, default=3, help="timed training steps per model per round")
-    parser.add_argument("--train-rounds", type=int, default=8)
-    parser.add_argument("--threads", type=int, nargs="+", default=[1])
-    parser.add_argument("--chunks", type=int, nargs="*", default=[], help="also time these chunk sizes")
+    parser.add_argument("--images", type=positive_int, default=1000)
+    parser.add_argument("--rounds", type=positive_int, default=15, help="interleaved inference rounds")
+    parser.add_argument("--batch", type=positive_int, default=32, help="training batch (configs/mnist: 32)")
+    parser.add_argument("--steps", type=positive_int, default=3, help="timed training steps per model per round")
+    parser.add_argument("--train-rounds", type=positive_int, default=8)
+    parser.add_argument("--threads", type=positive_int, nargs="+", default=[1])
+    parser.add_argument("--chunks", type=positive_int, nargs="*", default=[], help="also time these chunk sizes")
     parser.add_argument(
         "--parts", nargs="+", default=["inference", "training"], choices=["inference", "training", "profile"]
     )
     args = parser.parse_args()
+    with missing_data_exits(args.data_dir):
+        measure(args)
+
+
+def measure(args: argparse.Namespace) -> None:
     summary: dict[int, dict[str, float]] = {}
     for threads in args.threads:
         torch.set_num_threads(threads)

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from _common import missing_data_exits, non_negative_int, positive_int
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -439,9 +440,11 @@ def main() -> None:
     parser.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"))
     parser.add_argument("--override", action="append", default=[], help="CLI arguments of this variant")
     parser.add_argument("--seed", type=int, default=0, help="seed of the initial weights and the batch order")
-    parser.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: one epoch, then test)")
+    parser.add_argument(
+        "--max-steps", type=non_negative_int, default=0, help="stop after this many steps (0: one epoch, then test)"
+    )
     parser.add_argument("--swap-check", nargs="+", metavar="NAME", help="run SolverSwapCheck on these runs' weights")
-    parser.add_argument("--swap-batches", type=int, default=20)
+    parser.add_argument("--swap-batches", type=positive_int, default=20)
     parser.add_argument(
         "--first-step-check",
         nargs="+",
@@ -456,13 +459,13 @@ def main() -> None:
         help="dopri5's error ratio for one step of each of --step-sizes on these runs' weights",
     )
     parser.add_argument("--step-sizes", type=float, nargs="+", default=[0.03, 0.06, 0.12, 0.25, 0.5, 1.0])
-    parser.add_argument("--error-batches", type=int, default=10)
+    parser.add_argument("--error-batches", type=positive_int, default=10)
     parser.add_argument(
         "--seminorm-check",
         action="store_true",
         help="backward NFE of the weights of --name with and without the seminorm adjoint",
     )
-    parser.add_argument("--seminorm-batches", type=int, default=20)
+    parser.add_argument("--seminorm-batches", type=positive_int, default=20)
     parser.add_argument("--tolerances", type=float, nargs="+", default=[1e-3, 1e-4, 1e-5])
     parser.add_argument("--report", nargs="+", metavar="NAME", help="print the Markdown table of these runs")
     parser.add_argument(
@@ -470,6 +473,14 @@ def main() -> None:
     )
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
+    checks = (args.report, args.swap_report, args.swap_check, args.first_step_check, args.local_error_check)
+    if not any(checks) and not args.seminorm_check and not args.name:
+        parser.error("--name is required to train")
+    with missing_data_exits(args.data_dir):
+        dispatch(args)
+
+
+def dispatch(args: argparse.Namespace) -> None:
     if args.report:
         print(report(args.report))
     elif args.swap_report:
@@ -483,8 +494,6 @@ def main() -> None:
     elif args.seminorm_check:
         seminorm_check(args)
     else:
-        if not args.name:
-            parser.error("--name is required to train")
         train(args)
 
 

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from _common import check_output, positive_int
 from tqdm import tqdm
 
 from lightning_pdenets.architectures import mobilenetv3_isometric, odenet_mobilenet
@@ -36,13 +37,16 @@ def seconds(work: Callable[[], object]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch-size", type=positive_int, default=16)
+    parser.add_argument("--rounds", type=positive_int, default=3)
+    parser.add_argument("--threads", type=positive_int, default=2)
     parser.add_argument("--model", default="mobilenetv3", choices=["mobilenetv3", "odenet"])
-    parser.add_argument("--timer-images", type=int, default=1000, help="InferenceTimer batch (the paper: 1,000)")
+    parser.add_argument(
+        "--timer-images", type=positive_int, default=1000, help="InferenceTimer batch (the paper: 1,000)"
+    )
     parser.add_argument("--output", default=None, help="also write the Markdown report to this file")
     args = parser.parse_args()
+    check_output(parser, args.output)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     factory = mobilenetv3_isometric if args.model == "mobilenetv3" else odenet_mobilenet

@@ -26,6 +26,7 @@ import tempfile
 from pathlib import Path
 
 import yaml
+from _common import check_output, non_negative_int
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -122,7 +123,7 @@ def main() -> None:
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)  # configs, in the tree on PYTHONPATH
     parser.add_argument(
         "--steps",
-        type=int,
+        type=non_negative_int,
         default=30,
         help="optimizer steps per config, at most one epoch; 0: "
         "compare the weights at initialization only (no data needed)",
@@ -130,6 +131,7 @@ def main() -> None:
     parser.add_argument("--data-dir", default=None, help="for configs of real datasets (absolute or relative to here)")
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()
+    check_output(parser, args.output)
     if args.worker:
         worker(args.worker, args.steps, args.data_dir)
         return

@@ -28,6 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from _common import missing_data_exits, positive_int
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -362,10 +363,10 @@ def accuracy(models: dict, data_dir: str) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"))
-    parser.add_argument("--images", type=int, default=1000)
-    parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--images", type=positive_int, default=1000)
+    parser.add_argument("--batch", type=positive_int, default=128)
+    parser.add_argument("--rounds", type=positive_int, default=7)
+    parser.add_argument("--threads", type=positive_int, nargs="+", default=[1, 2])
     parser.add_argument(
         "--parts", nargs="+", default=["inference", "training"], choices=["inference", "training", "accuracy"]
     )
@@ -386,6 +387,11 @@ def main() -> None:
         help="also the native loop around f under torch.compile, and that compiled f x NFE",
     )
     args = parser.parse_args()
+    with missing_data_exits(args.data_dir):
+        measure(args)
+
+
+def measure(args: argparse.Namespace) -> None:
     checkpoints = REPO / "bench" / "checkpoints" / "mnist"
     models = {"ODE-Net": load_model(checkpoints / "odenet.ckpt"), "RK-Net": load_model(checkpoints / "rknet.ckpt")}
     images = test_images(args.data_dir, max(args.images, args.batch))

@@ -20,6 +20,7 @@ import warnings
 from typing import Any
 
 import lightning.pytorch as pl
+from _common import check_output, positive_int
 from tqdm import tqdm
 
 from lightning_pdenets.callbacks import NFEMonitor, SolverSwapCheck, StepSizeAdaptation, ToleranceAdaptation
@@ -33,19 +34,19 @@ FIXED_STEPS = (1.0, 0.5, 0.25, 0.1, 0.05)
 def setups() -> list[tuple[str, dict[str, Any], Any]]:
     """(name, model kwargs, adaptation callback factory or None)."""
     rows: list[tuple[str, dict[str, Any], Any]] = [
-        (f"Euler, fixed h = {h:g}", dict(method="euler", step_size=h), None) for h in FIXED_STEPS
+        (f"Euler, fixed h = {h:g}", dict(solver={"method": "euler", "step_size": h}), None) for h in FIXED_STEPS
     ]
     rows.append(
         (
             "Euler, step adaptation",
-            dict(method="euler", step_size=0.5),
+            dict(solver={"method": "euler", "step_size": 0.5}),
             lambda: StepSizeAdaptation(interval=5, threshold=0.1, initial_step_size="hairer"),
         )
     )
     rows.append(
         (
             "dopri5, tolerance adaptation",
-            dict(method="dopri5", step_size=None, rtol=1e-6, atol=1e-6),
+            dict(solver={"method": "dopri5", "step_size": None, "rtol": 1e-6, "atol": 1e-6}),
             lambda: ToleranceAdaptation(interval=5, threshold=0.1, initial_tol=1e-6),
         )
     )
@@ -105,9 +106,10 @@ def mean_std(values: list[float], digits: int = 3) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--epochs", type=positive_int, default=30)
     parser.add_argument("--out", default=None, help="write the Markdown table here")
     args = parser.parse_args()
+    check_output(parser, args.out, "--out")
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     rows = setups()

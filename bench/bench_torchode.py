@@ -26,14 +26,28 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import torchode  # noqa: E402
+from _common import missing_data_exits, positive_int  # noqa: E402
 
 from bench.bench_rnode import build  # noqa: E402
 from lightning_pdenets.protocols import find_ode_blocks  # noqa: E402
 
 
+def import_torchode():
+    """torchode, a bench-only peer library (not a dependency of the package): imported when the run starts, so that
+    ``--help`` works without it."""
+    try:
+        import torchode
+    except ModuleNotFoundError:
+        raise SystemExit(
+            "bench_torchode.py: error: torchode is not installed here; run this script in the bench-only environment "
+            "that has it (BENCHMARKS.md, 'torchode against torchdiffeq')"
+        ) from None
+    return torchode
+
+
 def torchode_features(block, y0: torch.Tensor, first_step: float) -> tuple[torch.Tensor, torch.Tensor]:
     """y(t1) of every sample with torchode's Dopri5 at the block's tolerances, and each sample's NFE."""
+    torchode = import_torchode()
     settings = block.solver_settings()
     shape = y0.shape[1:]
 
@@ -57,10 +71,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--weights", type=Path, required=True)
     parser.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"))
-    parser.add_argument("--images", type=int, default=1000)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--images", type=positive_int, default=1000)
+    parser.add_argument("--rounds", type=positive_int, default=5)
     args = parser.parse_args()
+    if not args.weights.is_file():
+        parser.error(f"--weights {str(args.weights)!r}: no such file")
+    import_torchode()
     args.override = []
+    with missing_data_exits(args.data_dir):
+        measure(args)
+
+
+def measure(args: argparse.Namespace) -> None:
     model, datamodule = build(args, [])
     model.load_state_dict(torch.load(args.weights, weights_only=True))
     model.eval()

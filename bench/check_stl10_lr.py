@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _common import check_output, positive_int
 from torchvision import datasets
 from torchvision import transforms as T
 from tqdm import tqdm
@@ -65,10 +66,11 @@ def main() -> None:
     parser.add_argument("--data-dir", default="../shared/data", help="directory holding MNIST/raw (torchvision layout)")
     parser.add_argument("--dynamics", nargs="+", default=sorted(PDE_CNN_DYNAMICS), choices=sorted(PDE_CNN_DYNAMICS))
     parser.add_argument("--lr", type=float, default=0.1)
-    parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--steps", type=positive_int, default=100)
+    parser.add_argument("--batch-size", type=positive_int, default=128)
     parser.add_argument("--output", type=Path, help="also write the table to this Markdown file")
     args = parser.parse_args()
+    check_output(parser, args.output)
     if not (Path(args.data_dir) / "MNIST" / "raw").is_dir():
         parser.error(f"--data-dir: no MNIST/raw under {args.data_dir!r}; point it at torchvision's MNIST layout.")
     dataset = datasets.MNIST(
