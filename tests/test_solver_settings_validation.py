@@ -6,12 +6,12 @@ import re
 
 import pytest
 import torch
-from torch import nn
 
 from lightning_pdenets.blocks import ODEBlock
 from lightning_pdenets.cli import build_cli
 from lightning_pdenets.solvers import SolverConfig, fixed_step_count
 from tests.conftest import REPO_ROOT
+from tests.test_solver_config import Decay
 
 
 def _refused(settings: dict, message: str, error: type[Exception] = ValueError) -> str:
@@ -76,17 +76,6 @@ def test_fixed_step_adjoint_options_are_checked_for_the_adjoint_method() -> None
         "`solver.adjoint_options.max_num_steps`=2",
     )
     SolverConfig.from_options({**fixed, "adjoint_options": {"step_size": 0.25, "max_num_steps": 4}})
-
-
-class Decay(nn.Module):
-    """dy/dt = a·y with a learnable rate."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.rate = nn.Parameter(torch.tensor(-0.8, dtype=torch.float64))
-
-    def forward(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.rate * y
 
 
 @pytest.mark.parametrize("backend", ["native", "torchdiffeq"])
