@@ -60,13 +60,18 @@ def train_order(settings: dict) -> list[str]:
     return [subset.dataset.samples[subset.indices[i]][0] for i in ResumableSampler(subset, shuffle=True, seed=42)]
 
 
+def first_validation_image(data_dir: Path) -> Path:
+    """A fabricated Tiny ImageNet under ``data_dir``; the file of its first validation image (the sanity check
+    reads it first)."""
+    datamodule = TinyImageNetDataModule(**fake_tinyimagenet(data_dir))
+    datamodule.setup("fit")
+    return Path(datamodule.val_set.dataset.samples[datamodule.val_set.indices[0]][0])
+
+
 # -- through the CLI, as a user runs it ---------------------------------------------------------------------------
 @pytest.mark.cli
 def test_a_truncated_jpeg_read_at_the_first_validation_is_named_and_leaves_no_version_folder(tmp_path, capsys) -> None:
-    settings = fake_tinyimagenet(tmp_path / "data")
-    datamodule = TinyImageNetDataModule(**settings)
-    datamodule.setup("fit")
-    broken = Path(datamodule.val_set.dataset.samples[datamodule.val_set.indices[0]][0])  # the sanity check reads it
+    broken = first_validation_image(tmp_path / "data")
     truncate(broken)
     code, err = run(["fit", *TINY_IMAGENET, "--data.init_args.data_dir", str(tmp_path / "data")], capsys)
     assert code == 2
@@ -142,10 +147,7 @@ def test_a_cut_wnids_txt_is_named_not_called_missing(tmp_path, capsys) -> None:
 
 @pytest.mark.cli
 def test_a_tiny_imagenet_image_of_another_size_is_named_instead_of_failing_to_batch(tmp_path, capsys) -> None:
-    settings = fake_tinyimagenet(tmp_path / "data")
-    datamodule = TinyImageNetDataModule(**settings)
-    datamodule.setup("fit")
-    resized = Path(datamodule.val_set.dataset.samples[datamodule.val_set.indices[0]][0])  # the sanity check reads it
+    resized = first_validation_image(tmp_path / "data")
     write_jpeg(resized, np.random.default_rng(0), size=(80, 80))
     code, err = run(["fit", *TINY_IMAGENET, "--data.init_args.data_dir", str(tmp_path / "data")], capsys)
     assert code == 2

@@ -105,14 +105,21 @@ def test_unknown_setting_suggests_the_closest_names() -> None:
         SolverConfig.from_options("rk4")  # type: ignore[arg-type]
 
 
-def test_bad_solver_on_the_command_line_names_the_field(capsys) -> None:
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("step_size", "-0.1", "`solver.step_size` must be a finite number > 0, got -0.1"),
+        ("t1", ".inf", "`solver.t1` must be a finite number, got inf."),  # was "cannot convert float infinity"
+    ],
+)
+def test_bad_solver_on_the_command_line_names_the_field(field: str, value: str, message: str, capsys) -> None:
     with pytest.raises(SystemExit) as stop:
         build_cli(
-            ["--config", str(REPO_ROOT / "configs/quickstart.yaml"), "--model.init_args.solver.step_size", "-0.1"],
+            ["--config", str(REPO_ROOT / "configs/quickstart.yaml"), f"--model.init_args.solver.{field}", value],
             run=False,
         )
     assert stop.value.code == 2
-    assert "`solver.step_size` must be a finite number > 0, got -0.1" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
 
 
 def test_data_facts_come_from_the_datamodule_and_contradictions_stop(tmp_path: Path) -> None:

@@ -8,9 +8,7 @@ import pytest
 import torch
 
 from lightning_pdenets.blocks import ODEBlock
-from lightning_pdenets.cli import build_cli
 from lightning_pdenets.solvers import SolverConfig, fixed_step_count
-from tests.conftest import REPO_ROOT
 from tests.test_solver_config import Decay
 
 
@@ -99,16 +97,6 @@ def test_adjoint_max_step_none_lifts_the_forward_bound_on_both_backends(backend:
 )
 def test_interval_ends_must_be_finite_numbers(settings: dict, message: str) -> None:
     _refused(settings, message)
-
-
-def test_infinite_t1_on_the_command_line_names_the_setting(capsys) -> None:
-    with pytest.raises(SystemExit) as stop:
-        build_cli(
-            ["--config", str(REPO_ROOT / "configs/quickstart.yaml"), "--model.init_args.solver.t1", ".inf"],
-            run=False,
-        )
-    assert stop.value.code == 2
-    assert "`solver.t1` must be a finite number, got inf." in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

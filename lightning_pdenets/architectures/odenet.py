@@ -119,8 +119,8 @@ class StemFeatureHeadClassifier(nn.Module):
                 f"expected images of shape (N, {self.in_channels}, H, W), got {tuple(x.shape)}; "
                 f"set `in_channels` to the dataset's number of channels."
             )
-        if _stem_side(min(x.shape[-2:]), self.num_downsamples) < 1:  # else a bare "kernel size can't be greater"
-            stem_output_size(min(x.shape[-2:]), self.num_downsamples)
+        stem_output_size(min(x.shape[-2:]), self.num_downsamples)  # too small: a ConfigurationError, not a bare
+        # "kernel size can't be greater than actual input size" from the stem's convolution
         return self.feature(self.stem(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

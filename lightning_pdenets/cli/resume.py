@@ -141,15 +141,13 @@ def check_checkpoint_settings(checkpoint: dict, ckpt_path: Any, config: Namespac
                 differences.append(f"network.{key} (checkpoint {trained!r}, config {value!r})")
     if subcommand == "fit" and hasattr(init_args, "items"):
         differences += _changed_training_settings(stored, init_args)
-        given_solver, trained_solver = _plain(init_args.get("solver")), stored.get("solver")
-        if isinstance(given_solver, dict) and isinstance(trained_solver, dict):
-            ignored = sorted(key for key, value in given_solver.items() if trained_solver.get(key, value) != value)
-            if ignored:  # Lightning rebuilds the model with the checkpoint's solver: say so instead of dropping them
-                rank_zero_warn(
-                    f"--ckpt_path: a resumed fit continues with the checkpoint's solver (adapted settings included); "
-                    f"the config's different solver.{{{', '.join(ignored)}}} are not applied. Evaluate with them "
-                    f"(pdenets test ... --model.init_args.solver...), or start a fresh run to train with them."
-                )
+        ignored = _changed_solver_settings(stored, init_args)
+        if ignored:  # Lightning rebuilds the model with the checkpoint's solver: say so instead of dropping them
+            rank_zero_warn(
+                f"--ckpt_path: a resumed fit continues with the checkpoint's solver (adapted settings included); "
+                f"the config's different solver.{{{', '.join(ignored)}}} are not applied. Evaluate with them "
+                f"(pdenets test ... --model.init_args.solver...), or start a fresh run to train with them."
+            )
     stored_data = checkpoint.get("datamodule_hyper_parameters")
     data = config.get("data")
     if subcommand == "fit" and isinstance(stored_data, dict) and isinstance(data, Namespace):
@@ -199,6 +197,14 @@ def _changed_training_settings(stored: dict[str, Any], init_args: Any) -> list[s
         if given != trained:
             changed.append(f"{key} (checkpoint {_plain(stored[key])!r}, config {_plain(value)!r})")
     return changed
+
+
+def _changed_solver_settings(stored: dict[str, Any], init_args: Any) -> list[str]:
+    """The solver settings the config gives that differ from the checkpoint's (a resumed fit keeps the latter's)."""
+    given, trained = _plain(init_args.get("solver")), stored.get("solver")
+    if not isinstance(given, dict) or not isinstance(trained, dict):
+        return []
+    return sorted(key for key, value in given.items() if trained.get(key, value) != value)
 
 
 def _plain(value: Any) -> Any:

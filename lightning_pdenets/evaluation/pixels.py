@@ -101,7 +101,7 @@ class PixelSpace(nn.Module):
         space = cls(model, mean, std, device=inputs.device)
         with torch.no_grad():
             pixels = inputs.detach() * space.std.to(inputs) + space.mean.to(inputs)
-            low, high = pixels.min().item(), pixels.max().item()
+            low, high = (bound.item() for bound in torch.aminmax(pixels))  # one pass
         if low < -PIXEL_TOLERANCE or high > 1 + PIXEL_TOLERANCE:
             how = (
                 f"de-normalized with mean={list(mean)} and std={list(std)}"
