@@ -259,3 +259,26 @@ def test_per_step_values_are_logged_only_on_steps_that_someone_reads(progress_ba
     assert recorder.reduces == 0  # one process: the step's NFE need no collective
     written = (tmp_path / "lightning_logs/version_0/metrics.csv").read_text()
     assert written.count("\n") >= 2 and "train/loss_step" in written.splitlines()[0]
+
+
+@pytest.mark.parametrize(
+    "model, remedy",
+    [
+        (ResNetModule(num_classes=10, in_channels=1, image_size=8, network=dict(width=8, num_downsamples=1)), None),
+        (
+            RKNetModule(num_classes=10, in_channels=1, image_size=8, network=dict(width=8, num_downsamples=1)),
+            "a smaller --model.init_args.solver.step_size (now 0.25)",
+        ),
+        (
+            ODENetModule(num_classes=10, in_channels=1, image_size=8, network=dict(width=8, num_downsamples=1)),
+            "tighter --model.init_args.solver.rtol/atol (now 0.001/0.001)",
+        ),
+    ],
+)
+def test_the_nan_advice_offers_a_solver_remedy_only_to_models_with_a_solver(model, remedy) -> None:
+    advice = model._non_finite_advice(["loss"])
+    assert "--model.init_args.lr 0.0001" in advice and "--trainer.gradient_clip_val 1.0" in advice
+    if remedy is None:
+        assert "solver" not in advice and "step_size" not in advice and "rtol" not in advice
+    else:
+        assert remedy in advice

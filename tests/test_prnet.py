@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -144,6 +145,34 @@ def test_one_cycle_schedules_step_per_batch_and_per_epoch_ones_per_epoch(tmp_pat
     assert [rates[1] for rates in recorder.rates] == pytest.approx([0.01] * 3 + [0.001] * 3)
 
 
+class RecordAlphaGroup(pl.Callback):
+    def __init__(self) -> None:
+        self.rates: list[tuple[float, float]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        group = trainer.optimizers[-1].param_groups[0]
+        self.rates.append((group["lr"], group["momentum"]))
+
+
+def test_a_one_cycle_ista_step_peaks_at_its_learning_rate_without_momentum(tmp_path):
+    recorder = RecordAlphaGroup()
+    module = PRNetModule(**TINY, alpha=dict(optimizer="proximal", lr=0.01, lr_scheduler="onecycle"))
+    trainer = make_trainer(tmp_path, max_epochs=2, limit_train_batches=3, limit_val_batches=0, callbacks=[recorder])
+    trainer.fit(module, TinyDigits())
+    # the 1/L cap of the ISTA step is not the schedule's peak, and plain ISTA gets no heavy-ball momentum
+    assert [rate for rate, _ in recorder.rates] == pytest.approx(one_cycle_rates(0.01, 6))
+    assert [momentum for _, momentum in recorder.rates] == [0.0] * 6
+    assert "momentum_buffer" not in trainer.optimizers[-1].state[module.governing.alpha]
+
+
+def test_one_cycle_cycles_the_momentum_of_optimizers_that_have_one(tmp_path):
+    recorder = RecordLearningRates()
+    module = PRNetModule(**TINY, theta=dict(optimizer="sgd", momentum=0.9, lr_scheduler="onecycle"))
+    make_trainer(tmp_path, max_steps=8, limit_val_batches=0, callbacks=[recorder]).fit(module, TinyDigits())
+    momenta = {group["momentum"] for group in module.trainer.optimizers[1].param_groups}
+    assert momenta and all(0.85 <= value <= 0.95 for value in momenta)
+
+
 @pytest.mark.parametrize(
     "step, changed",
     [("task", {"stem", "field", "head"}), ("theta", {"field"}), ("query", {"query"}), ("alpha", {"alpha"})],
@@ -204,8 +233,48 @@ def test_nonfinite_term_is_named_and_stops_the_run(tmp_path):
     module = PRNetModule(**TINY)
     with torch.no_grad():
         module.governing.alpha[3] = float("nan")
-    with pytest.raises(NonFiniteLossError, match="loss_governing"):
+    with pytest.raises(NonFiniteLossError, match="loss_governing") as failure:
         make_trainer(tmp_path, max_steps=4, limit_val_batches=0).fit(module, TinyDigits())
+    message = str(failure.value)
+    # the learning rates of the parameters behind L_G, PR-Net's own clipping; no solver, no Trainer clipping
+    assert "(--model.init_args.theta.lr 0.0001 --model.init_args.alpha.lr 0.001)" in message
+    assert "(in the theta sub-step)" in message and "--model.init_args.gradient_clip_val 1.0" in message
+    assert "step_size" not in message and "rtol" not in message and "--trainer.gradient_clip_val 1.0" not in message
+
+
+EXPLODING_ALPHA = [
+    "fit",
+    f"--config={REPO_ROOT / 'configs/digits/prnet.yaml'}",
+    "--model.init_args.network.width=8",
+    "--model.init_args.alpha={optimizer: sgd, lr: 1000000.0}",  # diverges; 1e5 trains
+    "--trainer.max_epochs=1",
+    "--trainer.limit_train_batches=4",
+    "--trainer.limit_val_batches=1",
+    "--trainer.limit_test_batches=1",
+    "--trainer.enable_progress_bar=false",
+]
+
+
+@pytest.mark.cli  # four small fits through the CLI: about 40 s
+def test_every_remedy_the_nan_advice_offers_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(NonFiniteLossError) as failure:
+        build_cli(EXPLODING_ALPHA)
+    message = str(failure.value)
+    lower = re.search(r"with lower learning rates \(((?:--model\.init_args\.\S+ \S+ ?)+)\)", message)
+    assert lower and "--model.init_args.alpha.lr 100000" in lower.group(1), message
+    remedies = [lower.group(1).split()]
+    remedies += [
+        option.split() for option in re.findall(r"--model\.init_args\.(?:gradient_clip_val|on_nonfinite) \S+", message)
+    ]
+    assert len(remedies) == 3, message
+    for remedy in remedies:  # each, followed to the letter, gives a run that ends (the old advice's Trainer clipping
+        try:  # was refused under manual optimization)
+            cli = build_cli([*EXPLODING_ALPHA, *remedy])
+        except NonFiniteLossError:
+            assert remedy[0] == "--model.init_args.gradient_clip_val"  # clipping bounds the step, not the rate
+        else:
+            assert "test/acc_top1" in cli.trainer.callback_metrics
 
 
 def test_nonfinite_term_skips_only_the_affected_steps_when_configured(tmp_path):
@@ -247,6 +316,7 @@ def test_nonfinite_term_skips_only_the_affected_steps_when_configured(tmp_path):
         (dict(network=dict(TINY_NETWORK, activation="swish")), "`activation` must be one of"),
         (dict(image_size=3, network=dict(TINY_NETWORK, num_downsamples=2)), "too small"),
         (dict(governing_samples=0), "`governing_samples` must be an integer >= 1"),
+        (dict(alpha=dict(weight_decay=0.5)), "`alpha.weight_decay` does not apply to `alpha: {optimizer: proximal}`"),
     ],
 )
 def test_invalid_settings_fail_at_construction(kwargs, message):

@@ -543,8 +543,7 @@ class ClassifierModule(pl.LightningModule):
                 f"failure; its error message names the cause and the remedies). {self._kept_checkpoint_note()}"
             )
         raise NonFiniteLossError(
-            f"non-finite loss term(s) {bad} at global step {self.global_step}. Likely causes: a learning rate too "
-            f"high for these dynamics, or an ODE solver whose step size is too large. {self._non_finite_advice()}"
+            f"non-finite loss term(s) {bad} at global step {self.global_step}. {self._non_finite_advice(bad)}"
         )
 
     def finite_on_every_rank(self, terms: dict[str, torch.Tensor], ok_here: bool = True) -> tuple[list[str], bool]:
@@ -573,19 +572,31 @@ class ClassifierModule(pl.LightningModule):
         kept = self._kept_checkpoint()
         return f"The last good checkpoint is kept: {kept}." if kept else "No checkpoint was written yet."
 
-    def _non_finite_advice(self) -> str:
+    def _non_finite_advice(self, bad: Sequence[str]) -> str:
+        """The likely causes of the non-finite loss terms ``bad`` and the remedies that work from here."""
         lower_lr = f"--model.init_args.lr {self.optimization['lr'] / 10:g}"
+        solver = self._solver_remedy()
+        cause = "a learning rate too high for this model" + (", or an ODE solver too coarse for it" if solver else "")
         if self._kept_checkpoint() is None:
             return (
-                f"No checkpoint was written yet, so start afresh: run the same command with a lower learning rate "
-                f"({lower_lr}), or with --trainer.gradient_clip_val 1.0, a smaller step_size or tighter rtol/atol."
+                f"Likely cause: {cause}. No checkpoint was written yet, so start afresh: run the same command with a "
+                f"lower learning rate ({lower_lr}), or with --trainer.gradient_clip_val 1.0"
+                + (f", or with {solver}." if solver else ".")
             )
         return (
-            f"{self._kept_checkpoint_note()} Continue from it with a lower learning rate: run the same command with "
-            f"--ckpt_path last {lower_lr} (a learning rate given for the resumed run replaces the checkpoint's in "
-            f"its optimizers and schedules), optionally with --trainer.gradient_clip_val 1.0. A smaller step_size "
-            f"or tighter rtol/atol needs a fresh run: the checkpoint restores its solver settings."
+            f"Likely cause: {cause}. {self._kept_checkpoint_note()} Continue from it with a lower learning rate: run "
+            f"the same command with --ckpt_path last {lower_lr} (a learning rate given for the resumed run replaces "
+            f"the checkpoint's in its optimizers and schedules), optionally with --trainer.gradient_clip_val 1.0."
+            + (
+                f" A fresh run can also train with {solver} (a resumed one keeps its checkpoint's solver)."
+                if solver
+                else ""
+            )
         )
+
+    def _solver_remedy(self) -> str:
+        """The solver setting that makes the dynamics easier to integrate (``""``: the model has no ODE solver)."""
+        return ""
 
     # -- divergence ---------------------------------------------------------------------------
     def divergence_symptom(self) -> str | None:

@@ -149,7 +149,8 @@ class ProximalSGD(torch.optim.Optimizer):
 
     ISTA converges only for ``lr <= 1 / L`` (L: Lipschitz constant of the smooth gradient). When L
     changes between steps, as for PR-Net's library of a network in training, set each group's
-    ``"max_lr"`` to ``1 / L`` before :meth:`step`: the step then uses ``min(lr, max_lr)``.
+    ``"lipschitz_lr"`` to ``1 / L`` before :meth:`step`: the step then uses ``min(lr, lipschitz_lr)``. (Not
+    ``"max_lr"``: torch's one-cycle schedule keeps its peak under that key.)
 
     Args:
         params: Parameters (typically ``GoverningEquation.alpha``).
@@ -172,7 +173,7 @@ class ProximalSGD(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            lr = min(group["lr"], group.get("max_lr", math.inf))
+            lr = min(group["lr"], group.get("lipschitz_lr", math.inf))
             weight, momentum = group["l1_weight"], group["momentum"]
             for param in group["params"]:
                 if param.grad is None:
@@ -199,7 +200,9 @@ def build_scheduler(
     """Scheduler named ``lr_scheduler`` (stepped as ``SCHEDULER_INTERVALS`` says), or ``None`` for ``'none'``.
 
     ``'onecycle'`` is Smith & Topin's one-cycle schedule ("Super-convergence", 2019) peaking at the
-    optimizer's ``lr``; it needs ``total_steps``, the optimizer steps of the whole run.
+    optimizer's ``lr``; it needs ``total_steps``, the optimizer steps of the whole run. It cycles the momentum
+    (SGD's and RMSprop's ``momentum``, Adam's beta1) inversely between 0.95 and 0.85, as the paper does, for
+    optimizers that have one: an optimizer configured with ``momentum`` 0 (plain SGD, the ISTA step) keeps none.
 
     Raises:
         ConfigurationError: when ``'cosine'`` or ``'onecycle'`` gets a run without an end (``max_epochs=-1``).
@@ -217,7 +220,8 @@ def build_scheduler(
                 "set trainer.max_epochs or trainer.max_steps."
             )
         peak = [group["lr"] for group in optimizer.param_groups]
-        return RunLengthOneCycleLR(optimizer, max_lr=peak, total_steps=int(total_steps))
+        with_momentum = all("betas" in group or group.get("momentum", 0) > 0 for group in optimizer.param_groups)
+        return RunLengthOneCycleLR(optimizer, max_lr=peak, total_steps=int(total_steps), cycle_momentum=with_momentum)
     if lr_scheduler == "cosine":
         if max_epochs is not None and max_epochs < 1:
             meaning = "no limit" if max_epochs == -1 else "no epoch to train"

@@ -52,6 +52,14 @@ PRNET_STEPS = ("task", "theta", "query", "alpha")
 
 _NONFINITE_POLICIES = ("raise", "skip")
 
+# The learning rates (command-line names) of the parameters each loss term depends on.
+_TERM_LEARNING_RATES = {
+    "loss_task": ("lr", "theta.lr", "query.lr"),
+    "loss_initial": ("theta.lr",),
+    "loss_governing": ("theta.lr", "alpha.lr"),
+    "penalty_l1": ("alpha.lr",),
+}
+
 
 PRNET_OPTIMIZERS: dict[str, dict[str, Any]] = {
     "theta": dict(
@@ -150,6 +158,12 @@ class PRNetAlgorithmModule(ClassifierModule):
         for group, defaults in self.optimizer_defaults.items():
             allowed = (*OPTIMIZERS, _PROXIMAL) if group == "alpha" else tuple(OPTIMIZERS)
             self.hparams[group] = resolve_optimizer_options(self.hparams.get(group), defaults, group, allowed)
+        if self.hparams["alpha"]["optimizer"] == _PROXIMAL and self.hparams["alpha"]["weight_decay"] != 0:
+            raise ValueError(
+                f"`alpha.weight_decay` does not apply to `alpha: {{optimizer: {_PROXIMAL}}}`, got "
+                f"{self.hparams['alpha']['weight_decay']!r}: the ISTA step's only penalty is the L1 term (set its "
+                f"weight with `l1_weight`). Set alpha.weight_decay 0, or choose another alpha.optimizer."
+            )
         if on_nonfinite not in _NONFINITE_POLICIES:
             raise ValueError(f"`on_nonfinite` must be one of {list(_NONFINITE_POLICIES)}, got {on_nonfinite!r}.")
         check_positive(gradient_clip_val, "gradient_clip_val", allow_none=True)
@@ -162,6 +176,7 @@ class PRNetAlgorithmModule(ClassifierModule):
             PDEBlock.axes, max_power, max_derivative_order, l1_weight, print_threshold, variable="h"
         )
         self.skipped_steps = 0
+        self._active_step = self.step_order[0]
 
     # -- parts ------------------------------------------------------------------------------
     @property
@@ -250,6 +265,7 @@ class PRNetAlgorithmModule(ClassifierModule):
         optimizers = dict(zip(PRNET_STEPS, self.optimizers()))
         cache: dict[str, Any] = {}
         for name in self.step_order:
+            self._active_step = name  # named by the advice after a non-finite loss
             getattr(self, f"_{name}_step")(x, y, optimizers[name], cache)
         logged = dict(cache.get("terms", {}))
         if logged:
@@ -325,9 +341,9 @@ class PRNetAlgorithmModule(ClassifierModule):
         if proximal:
             # The library changes with the network: cap the ISTA step at 1/L of this batch's library,
             # or alpha diverges as soon as the derivative terms grow (measured on MNIST at alpha_lr=0.01).
-            max_lr = 1.0 / max(self.governing.lipschitz_constant(library), 1e-12)
+            lipschitz_lr = 1.0 / max(self.governing.lipschitz_constant(library), 1e-12)
             for group in optimizer.optimizer.param_groups:
-                group["max_lr"] = max_lr
+                group["lipschitz_lr"] = lipschitz_lr
         loss = loss_governing if proximal else loss_governing + penalty  # the proximal step applies R_G itself
         self._optimize(optimizer, loss, {"loss_governing": loss_governing, "penalty_l1": penalty})
 
@@ -390,7 +406,35 @@ class PRNetAlgorithmModule(ClassifierModule):
         return figure
 
     def learning_rate_options(self) -> dict[str, float]:
-        return {f"{group}.lr": self.hparams[group]["lr"] for group in self.optimizer_defaults}
+        groups = {f"{group}.lr": self.hparams[group]["lr"] for group in self.optimizer_defaults}
+        return {**super().learning_rate_options(), **groups}  # "lr": the task step's
+
+    @override
+    def _non_finite_advice(self, bad: Sequence[str]) -> str:
+        rates = self.learning_rate_options()
+        options = dict.fromkeys(
+            option for term in bad for option in _TERM_LEARNING_RATES.get(term.split(" (")[0], ("lr",))
+        )
+        lower_lr = " ".join(f"--model.init_args.{option} {rates[option] / 10:g}" for option in options)
+        fresh = (
+            "--model.init_args.gradient_clip_val 1.0 (PR-Net clips in its own sub-steps; --trainer.gradient_clip_val "
+            "does not apply to manual optimization), or --model.init_args.on_nonfinite skip (skips such sub-steps "
+            "and counts them in train/skipped_steps)"
+        )
+        cause = (
+            f"Likely cause: learning rates too high for the parameters behind {', '.join(bad)} (in the "
+            f"{self._active_step} sub-step)."
+        )
+        if self._kept_checkpoint() is None:
+            return (
+                f"{cause} No checkpoint was written yet, so start afresh: run the same command with lower learning "
+                f"rates ({lower_lr}), or with {fresh}."
+            )
+        return (
+            f"{cause} {self._kept_checkpoint_note()} Continue from it with lower learning rates: run the same command "
+            f"with --ckpt_path last {lower_lr} (learning rates given for the resumed run replace the checkpoint's in "
+            f"its optimizers and schedules). A fresh run can also train with {fresh}."
+        )
 
     # -- checkpoints --------------------------------------------------------------------------
     @override

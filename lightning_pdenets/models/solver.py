@@ -18,7 +18,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
 from lightning_pdenets.protocols import find_ode_blocks
-from lightning_pdenets.solvers import SolverConfig, SolverOptions
+from lightning_pdenets.solvers import ADAPTIVE_SOLVERS, SolverConfig, SolverOptions
 
 if TYPE_CHECKING:  # the mixin is only ever combined with a ClassifierModule; the checker sees it as one
     from lightning_pdenets.models.base import ClassifierModule as _MixedInto
@@ -55,6 +55,14 @@ class ODESolverMixin(_MixedInto):
         config = SolverConfig.from_options(self.hparams.get("solver"), defaults=self.solver_defaults)
         self.hparams["solver"] = config.as_options()
         return config
+
+    @override
+    def _solver_remedy(self) -> str:
+        settings = self.hparams["solver"]
+        if settings["method"] in ADAPTIVE_SOLVERS:
+            return f"tighter --model.init_args.solver.rtol/atol (now {settings['rtol']:g}/{settings['atol']:g})"
+        step = settings.get("step_size")
+        return "a smaller --model.init_args.solver.step_size" + (f" (now {step:g})" if step is not None else "")
 
     def solver_failure_context(self) -> list[dict[str, Any]]:
         return [block.solver_settings() for block in find_ode_blocks(self)]
