@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import shlex
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, ClassVar, cast
@@ -78,6 +79,13 @@ and the first epochs of a slow start are left alone)."""
 
 SAFE_LEARNING_RATE = 1e-3
 """The learning rate the advice after a divergence proposes (the models' default, which trains every shipped config)."""
+
+
+def lower_learning_rate(rate: float) -> float:
+    """The learning rate the advice after a non-finite loss proposes: a tenth, or :data:`SAFE_LEARNING_RATE` from
+    rates so high that a tenth would fail the same way."""
+    return rate / 10 if rate <= 10 * SAFE_LEARNING_RATE else SAFE_LEARNING_RATE
+
 
 DEFAULT_NUM_CLASSES = 10
 """Classes of a model whose architecture does not say (no registered architecture, no ``num_classes`` given)."""
@@ -574,7 +582,7 @@ class ClassifierModule(pl.LightningModule):
 
     def _non_finite_advice(self, bad: Sequence[str]) -> str:
         """The likely causes of the non-finite loss terms ``bad`` and the remedies that work from here."""
-        lower_lr = f"--model.init_args.lr {self.optimization['lr'] / 10:g}"
+        lower_lr = f"--model.init_args.lr {lower_learning_rate(self.optimization['lr']):g}"
         solver = self._solver_remedy()
         cause = "a learning rate too high for this model" + (", or an ODE solver too coarse for it" if solver else "")
         if self._kept_checkpoint() is None:
@@ -585,14 +593,24 @@ class ClassifierModule(pl.LightningModule):
             )
         return (
             f"Likely cause: {cause}. {self._kept_checkpoint_note()} Continue from it with a lower learning rate: run "
-            f"the same command with --ckpt_path last {lower_lr} (a learning rate given for the resumed run replaces "
-            f"the checkpoint's in its optimizers and schedules), optionally with --trainer.gradient_clip_val 1.0."
+            f"the same command with {self._resume_option()} {lower_lr} (a learning rate given for the resumed run "
+            f"replaces the checkpoint's in its optimizers and schedules), optionally with "
+            f"--trainer.gradient_clip_val 1.0."
             + (
                 f" A fresh run can also train with {solver} (a resumed one keeps its checkpoint's solver)."
                 if solver
                 else ""
             )
         )
+
+    def _resume_option(self) -> str:
+        """``--ckpt_path`` for the kept checkpoint: ``last`` where that finds it (this run's folder), else its path."""
+        kept = self._kept_checkpoint()
+        folders = [getattr(callback, "dirpath", None) for callback in self.trainer.checkpoint_callbacks]
+        own_folders = {os.path.abspath(str(folder)) for folder in folders if folder}
+        if kept is None or os.path.dirname(os.path.abspath(kept)) in own_folders:
+            return "--ckpt_path last"
+        return f"--ckpt_path {shlex.quote(kept)}"
 
     def _solver_remedy(self) -> str:
         """The solver setting that makes the dynamics easier to integrate (``""``: the model has no ODE solver)."""

@@ -34,7 +34,7 @@ from lightning_pdenets.blocks.pde import PDEBlock
 from lightning_pdenets.errors import ConfigurationError
 from lightning_pdenets.evaluation import add_figure, add_text
 from lightning_pdenets.metric_logging import log_replicated, step_values_are_read
-from lightning_pdenets.models.base import ClassifierModule
+from lightning_pdenets.models.base import ClassifierModule, lower_learning_rate
 from lightning_pdenets.models.optim import (
     OPTIMIZERS,
     OptimizerOptions,
@@ -415,7 +415,7 @@ class PRNetAlgorithmModule(ClassifierModule):
         options = dict.fromkeys(
             option for term in bad for option in _TERM_LEARNING_RATES.get(term.split(" (")[0], ("lr",))
         )
-        lower_lr = " ".join(f"--model.init_args.{option} {rates[option] / 10:g}" for option in options)
+        lower_lr = " ".join(f"--model.init_args.{option} {lower_learning_rate(rates[option]):g}" for option in options)
         fresh = (
             "--model.init_args.gradient_clip_val 1.0 (PR-Net clips in its own sub-steps; --trainer.gradient_clip_val "
             "does not apply to manual optimization), or --model.init_args.on_nonfinite skip (skips such sub-steps "
@@ -432,8 +432,8 @@ class PRNetAlgorithmModule(ClassifierModule):
             )
         return (
             f"{cause} {self._kept_checkpoint_note()} Continue from it with lower learning rates: run the same command "
-            f"with --ckpt_path last {lower_lr} (learning rates given for the resumed run replace the checkpoint's in "
-            f"its optimizers and schedules). A fresh run can also train with {fresh}."
+            f"with {self._resume_option()} {lower_lr} (learning rates given for the resumed run replace the "
+            f"checkpoint's in its optimizers and schedules). A fresh run can also train with {fresh}."
         )
 
     # -- checkpoints --------------------------------------------------------------------------
