@@ -290,10 +290,13 @@ def pysindy_references(python: str, seeds: int) -> tuple[list[str], dict, str]:
         cases = Path(folder) / "cases.npz"
         np.savez(cases, **arrays)
         done = subprocess.run(
-            [python, str(REPO / "bench" / "pysindy_reference.py"), str(cases)],
-            capture_output=True,
-            text=True,
-            check=True,
+            [python, str(REPO / "bench" / "pysindy_reference.py"), str(cases)], capture_output=True, text=True
+        )
+    if done.returncode != 0:
+        tail = " | ".join(done.stderr.strip().splitlines()[-3:]) or "no error output"
+        raise SystemExit(
+            f"{Path(sys.argv[0]).name}: error: bench/pysindy_reference.py failed under --pysindy-python {python} "
+            f"(exit status {done.returncode}): {tail}"
         )
     output = json.loads(done.stdout)
     by_method: dict = {}
@@ -322,6 +325,24 @@ def pysindy_references(python: str, seeds: int) -> tuple[list[str], dict, str]:
             references.setdefault(name, {})[method] = {s: [e for e, _ in by_level[s]] for s in NOISE_LEVELS}
             rows.append(f"| {name} | {method} | " + " | ".join(cells) + " |")
     return rows, references, output["version"]
+
+
+def check_pysindy_python(python: str) -> None:
+    """Exit with status 2 and one line unless ``python`` runs and imports pysindy (before the bench's work)."""
+    try:
+        done = subprocess.run([python, "-c", "import pysindy"], capture_output=True, text=True, timeout=120)
+        problem = (
+            (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1] if done.returncode else ""
+        )
+    except (OSError, subprocess.TimeoutExpired) as error:
+        problem = f"{type(error).__name__}: {error}"
+    if problem:
+        print(
+            f"{Path(sys.argv[0]).name}: error: --pysindy-python {python} cannot import pysindy ({problem}); install "
+            f"it there ({python} -m pip install pysindy) or leave out --pysindy-python.",
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
 
 
 def pysindy_table(seeds: int) -> list[str]:
@@ -419,6 +440,8 @@ def main() -> None:
     args = parser.parse_args()
     check_output(parser, args.output)
     check_output(parser, args.figure, "--figure")
+    if args.pysindy_python:
+        check_pysindy_python(args.pysindy_python)
     torch.set_default_dtype(torch.float64)
     torch.manual_seed(0)
     torch.set_num_threads(1)

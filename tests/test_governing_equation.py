@@ -143,7 +143,7 @@ def test_lipschitz_cap_keeps_the_proximal_step_stable_on_a_steep_library():
     uncapped = GoverningEquation(("x",), 2, 2, l1_weight=1e-3)
     capped_optimizer = ProximalSGD([equation.alpha], lr=lr, l1_weight=1e-3)
     uncapped_optimizer = ProximalSGD([uncapped.alpha], lr=lr, l1_weight=1e-3)
-    capped_optimizer.param_groups[0]["max_lr"] = 1.0 / lipschitz
+    capped_optimizer.param_groups[0]["lipschitz_lr"] = 1.0 / lipschitz
     objective = []
     for _ in range(50):
         for eq, optimizer in ((equation, capped_optimizer), (uncapped, uncapped_optimizer)):

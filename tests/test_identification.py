@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import re
 import runpy
+import sys
 import warnings
 
 import pytest
@@ -326,3 +327,42 @@ def test_readme_identification_example_prints_burgers(tmp_path, capsys):
     assert float(match.group(1)) == pytest.approx(1.0, rel=0.02) and float(match.group(2)) == pytest.approx(
         0.1, rel=0.02
     )
+
+
+# -- bench/bench_identification.py --pysindy-python ------------------------------------------------------------
+BENCH = REPO_ROOT / "bench"
+
+
+def fake_python(folder, imports_pysindy: bool) -> str:
+    """An 'interpreter' that answers `-c "import pysindy"` as told and fails on any script with a traceback."""
+    path = folder / "python"
+    answer = "exit 0" if imports_pysindy else "echo \"ModuleNotFoundError: No module named 'pysindy'\" >&2; exit 1"
+    path.write_text(
+        f'#!/bin/sh\nif [ "$1" = "-c" ]; then {answer}; fi\n'
+        'echo "Traceback (most recent call last):" >&2\necho "ValueError: the reference broke" >&2\nexit 1\n'
+    )
+    path.chmod(0o755)
+    return str(path)
+
+
+def test_bench_refuses_an_interpreter_without_pysindy_before_the_work(tmp_path, monkeypatch, capsys):
+    """It ran the whole noise table, then died with CalledProcessError and wrote nothing."""
+    python = fake_python(tmp_path, imports_pysindy=False)
+    monkeypatch.setattr(sys, "argv", [str(BENCH / "bench_identification.py"), "--pysindy-python", python])
+    monkeypatch.syspath_prepend(str(BENCH))
+    with pytest.raises(SystemExit) as exited:
+        runpy.run_path(str(BENCH / "bench_identification.py"), run_name="__main__")
+    error = capsys.readouterr().err.strip()
+    assert exited.value.code == 2 and len(error.splitlines()) == 1
+    assert f"--pysindy-python {python} cannot import pysindy (ModuleNotFoundError" in error
+    assert f"{python} -m pip install pysindy" in error
+
+
+def test_bench_reports_a_failing_pysindy_reference_in_one_message(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    bench = runpy.run_path(str(BENCH / "bench_identification.py"))
+    with pytest.raises(SystemExit) as exited:
+        bench["pysindy_references"](fake_python(tmp_path, imports_pysindy=True), 1)
+    message = str(exited.value.code)
+    assert "pysindy_reference.py failed" in message and "(exit status 1)" in message
+    assert message.endswith("Traceback (most recent call last): | ValueError: the reference broke")

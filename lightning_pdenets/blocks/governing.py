@@ -36,9 +36,9 @@ from lightning_pdenets.blocks.lasso import (
     sequential_threshold,
 )
 from lightning_pdenets.blocks.pde import CoordinateDerivatives, coordinate_derivatives
-from lightning_pdenets.blocks.sampled import IntPerAxis, _per_axis, savgol_derivatives
+from lightning_pdenets.blocks.sampled import IntPerAxis, Spacing, _per_axis, check_float_tensor, savgol_derivatives
 from lightning_pdenets.blocks.weak_form import weak_form_library
-from lightning_pdenets.validation import check_non_negative, check_positive, check_positive_int
+from lightning_pdenets.validation import check_bool, check_non_negative, check_positive, check_positive_int
 
 __all__ = ["GoverningEquation", "LibraryTerm", "SparseFit"]
 
@@ -90,6 +90,16 @@ def _first_line(error: BaseException) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
+def _check_relative_threshold(value: object, argument: str) -> float:
+    """``value`` as a float, after checking it is a fraction in [0, 1] (of the largest |coefficient|)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise ValueError(
+            f"`{argument}` is relative to the largest |coefficient| and must be a number in [0, 1] (e.g. 1e-3; "
+            f"0 prints every non-zero term), got {value!r}."
+        )
+    return float(value)
+
+
 def _reverse_mode_derivatives(
     function: Callable[[torch.Tensor], torch.Tensor],
     coordinates: torch.Tensor,
@@ -134,12 +144,14 @@ class GoverningEquation(nn.Module):
         l1_weight: Weight w of the sparsity penalty R_G = w * sum |alpha|; also the default of
             :meth:`fit_coefficients`, where it acts on normalized coefficients (1e-4 identifies
             heat, Burgers and KdV from exact derivatives to 0.2%).
-        print_threshold: Terms with |alpha| below this are left out of :meth:`equation`.
-        variable: Name of the field in printed equations.
+        print_threshold: Relative: terms with |alpha| below this fraction of the largest |alpha| are
+            left out of :meth:`equation` (so data of any scale prints all its terms), in [0, 1].
+        variable: Name of the field in printed equations and term labels, an identifier such as ``h``.
         init_std: Standard deviation of the normal initialization of alpha (0 gives zeros).
 
     Raises:
-        ValueError: on empty or duplicated axes or out-of-range powers and orders.
+        ValueError: on empty or duplicated axes, axis names whose term labels collide (``x`` and ``xx``),
+            out-of-range powers and orders, or a bad ``variable``, ``print_threshold`` or ``init_std``.
     """
 
     def __init__(
@@ -161,16 +173,29 @@ class GoverningEquation(nn.Module):
         powers = _per_axis(max_power, axes, "max_power")
         orders = _per_axis(max_derivative_order, axes, "max_derivative_order")
         check_non_negative(l1_weight, "l1_weight")
-        check_non_negative(print_threshold, "print_threshold")
+        check_non_negative(init_std, "init_std")
+        if not isinstance(variable, str) or not variable.isidentifier():
+            raise ValueError(
+                f"`variable` (the field's name in term labels) must be a non-empty identifier such as 'h' or 'u', "
+                f"got {variable!r}."
+            )
         self.axes = tuple(axes)
         self.max_power = dict(zip(self.axes, powers))
         self.max_derivative_order = dict(zip(self.axes, orders))
         self.l1_weight = float(l1_weight)
-        self.print_threshold = float(print_threshold)
+        self.print_threshold = _check_relative_threshold(print_threshold, "print_threshold")
         self.variable = variable
         terms = [LibraryTerm(i, None, 0) for i in range(max(powers) + 1)]
         for axis, power, order in zip(self.axes, powers, orders):
             terms += [LibraryTerm(i, axis, j) for j in range(1, order + 1) for i in range(power + 1)]
+        labels = [term.label(variable) for term in terms]
+        repeated = sorted({label for label in labels if labels.count(label) > 1})
+        if repeated:
+            raise ValueError(
+                f"the axes {self.axes} give several terms the labels {repeated}: a derivative's label repeats the "
+                "axis name (h_xx is x twice or xx once), so coefficients() and the printed equation would mix them "
+                "up. Use axis names that are not repetitions of one another, e.g. ('x', 'y')."
+            )
         self.terms: tuple[LibraryTerm, ...] = tuple(terms)
         self.alpha = nn.Parameter(torch.randn(len(terms)) * init_std if init_std > 0 else torch.zeros(len(terms)))
 
@@ -230,17 +255,14 @@ class GoverningEquation(nn.Module):
         Raises:
             ValueError: on a wrong number of coordinate rows, an output of the wrong shape, or
                 points where the function or its derivatives are not finite (they are named).
-            TypeError: if ``function`` cannot be differentiated by torch at all.
+            TypeError: on coordinates that are not a float32 or float64 tensor, or if ``function``
+                cannot be differentiated by torch at all.
         """
-        if (
-            not isinstance(coordinates, torch.Tensor)
-            or coordinates.ndim < 2
-            or coordinates.shape[0] != len(self.axes) + 1
-        ):
-            shape = tuple(coordinates.shape) if isinstance(coordinates, torch.Tensor) else type(coordinates).__name__
+        check_float_tensor(coordinates, "coordinates")
+        if coordinates.ndim < 2 or coordinates.shape[0] != len(self.axes) + 1:
             raise ValueError(
                 f"`coordinates` must be a tensor of shape ({len(self.axes) + 1}, *points): one row per axis "
-                f"({', '.join(self.axes)}) then t; got {shape}."
+                f"({', '.join(self.axes)}) then t; got {tuple(coordinates.shape)}."
             )
         names = (*self.axes, "t")
         self._check_finite_points(coordinates, ~torch.isfinite(coordinates), names, "`coordinates` are not finite")
@@ -277,7 +299,7 @@ class GoverningEquation(nn.Module):
     def library_from_samples(
         self,
         samples: torch.Tensor,
-        spacing: Sequence[float],
+        spacing: Spacing,
         window_length: IntPerAxis = 21,
         polyorder: IntPerAxis = 4,
         trim: bool = True,
@@ -304,7 +326,8 @@ class GoverningEquation(nn.Module):
         Args:
             samples: Shape (..., *grid): the last len(axes) + 1 dimensions are the axes in order,
                 then the time; leading dimensions hold independent trajectories.
-            spacing: Grid step of each axis, then of the time (uniform grids).
+            spacing: Grid step of each axis, then of the time (uniform grids only): numbers, 0-d
+                tensors, or a 1-d NumPy array or tensor of the steps.
             window_length: Odd filter length in points, one for all or one per axis and the time.
             polyorder: Degree of the local polynomial (at least the highest derivative order).
             trim: ``"pointwise"`` only: drop ``window_length // 2`` points at every edge, where the
@@ -318,11 +341,16 @@ class GoverningEquation(nn.Module):
 
         Returns:
             ``(library, h_t)``: shapes (num_terms, ..., *trimmed grid) and (..., *trimmed grid)
-            (pointwise), or (num_terms, ..., *box centres) and (..., *box centres) (weak).
+            (pointwise), or (num_terms, ..., *box centres) and (..., *box centres) (weak), in the
+            samples' dtype. h_t is exactly 0 when the samples do not change in time to within
+            rounding, and :meth:`fit_coefficients` then returns h_t = 0.
 
         Raises:
+            TypeError: on samples that are not a float32 or float64 tensor (convert integer data
+                with ``samples.double()``; complex data is not supported).
             ValueError: on an unknown ``form`` or settings that do not fit the grid.
         """
+        check_bool(trim, "trim")
         if form == "weak":
             return weak_form_library(
                 samples,
@@ -364,7 +392,6 @@ class GoverningEquation(nn.Module):
         gram = flat @ flat.T / flat.shape[1]
         return 2 * float(torch.linalg.eigvalsh(gram).max())
 
-    @torch.no_grad()
     def fit_coefficients(
         self,
         library: torch.Tensor,
@@ -410,51 +437,97 @@ class GoverningEquation(nn.Module):
         Returns:
             A :class:`SparseFit` with the objective, duality gap, steps and the support.
 
+        Raises:
+            TypeError: on a library or h_t that is not a real floating-point tensor.
+            ValueError: on bad settings, shapes that do not match, no points, non-finite values, data
+                whose sums of squares overflow or underflow float64 (rescale it), or coefficients that
+                ``alpha``'s dtype cannot hold (use a float64 equation, ``equation.double()``).
+
         Warns:
-            RuntimeWarning: if the library is ill-conditioned, naming its near-collinear terms.
+            RuntimeWarning: if the library is ill-conditioned, naming its near-collinear terms; if h_t
+                is 0 at every point (the data does not change in time: the fit is h_t = 0); if
+                ``max_steps`` did not suffice.
         """
         l1_weight = self.l1_weight if l1_weight is None else l1_weight
         check_non_negative(l1_weight, "l1_weight")
         check_non_negative(threshold, "threshold")
+        check_bool(debias, "debias")
+        check_bool(normalize, "normalize")
         check_positive(tol, "tol")
         check_positive_int(max_steps, "max_steps")
-        if library.shape[0] != self.num_terms or library.shape[1:] != time_derivative.shape:
+        # any real floating dtype: the fit runs in float64 (a no_grad block, not the decorator, so that the
+        # warnings' stacklevel reaches the caller)
+        check_float_tensor(library, "library", dtypes=None)
+        check_float_tensor(time_derivative, "time_derivative", dtypes=None)
+        if library.ndim < 1 or library.shape[0] != self.num_terms or library.shape[1:] != time_derivative.shape:
             raise ValueError(
                 f"`library` must have shape ({self.num_terms}, *points) and `time_derivative` shape (*points); "
                 f"got {tuple(library.shape)} and {tuple(time_derivative.shape)}."
             )
-        flat = library.reshape(self.num_terms, -1).double()
-        target = time_derivative.reshape(-1).double()
-        if not (torch.isfinite(flat).all() and torch.isfinite(target).all()):
-            raise ValueError("`library` and `time_derivative` must be finite; drop the points where they are not.")
-        gram, correlation = flat @ flat.T / flat.shape[1], flat @ target / flat.shape[1]
-        energy = target @ target / flat.shape[1]
-        # Solved in normalized units either way (fast, well-scaled steps); without `normalize` the
-        # per-term weights w / (rms(h_t) rms(term_k)) make it the raw problem divided by mean(h_t^2).
-        column_scale = torch.where(gram.diagonal() > 0, gram.diagonal().sqrt(), torch.ones(()))
-        target_scale = energy.sqrt() if energy > 0 else torch.ones((), dtype=torch.float64)
-        gram = gram / torch.outer(column_scale, column_scale)
-        correlation = correlation / (column_scale * target_scale)
-        self._warn_if_ill_conditioned(gram)
-        weights = torch.full_like(correlation, float(l1_weight))
-        objective_scale = 1.0
-        if not normalize:
-            weights, objective_scale = weights / (target_scale * column_scale), float(energy)
-        solution = lasso(gram, correlation, torch.ones((), dtype=torch.float64), weights, tol, max_steps)
-        beta = solution.coefficients
-        if threshold > 0:
-            beta = sequential_threshold(gram, correlation, beta, threshold)
-        elif debias:
-            beta = least_squares_on_support(gram, correlation, beta != 0)
-        if not solution.converged:
-            warnings.warn(
-                f"fit_coefficients stopped after max_steps={max_steps} with a relative duality gap of "
-                f"{solution.duality_gap / solution.objective:.1e} > tol={tol:g}; raise `max_steps` or `tol`.",
-                RuntimeWarning,
-                stacklevel=2,
+        if time_derivative.numel() == 0:
+            raise ValueError(
+                f"`library` and `time_derivative` hold no points (shapes {tuple(library.shape)} and "
+                f"{tuple(time_derivative.shape)}); pass at least as many points as the {self.num_terms} terms."
             )
-        self.alpha.copy_((beta * target_scale / column_scale).to(self.alpha))
-        objective = lasso_objective(gram, correlation, torch.ones((), dtype=torch.float64), weights, beta)
+        with torch.no_grad():
+            flat = library.detach().reshape(self.num_terms, -1).double()
+            target = time_derivative.detach().reshape(-1).double()
+            if not (torch.isfinite(flat).all() and torch.isfinite(target).all()):
+                raise ValueError(
+                    "`library` and `time_derivative` must be finite; drop the points where they are not (or rescale "
+                    "data so large that the library's powers overflow)."
+                )
+            if not bool(target.any()):
+                # library_from_samples sets an h_t that is rounding everywhere to 0: no time scale is known here,
+                # so an h_t "small next to the library" (whose units differ) cannot be told from slow dynamics
+                warnings.warn(
+                    "`time_derivative` is 0 at every point: the data does not change in time (to within rounding, "
+                    "for samples), so the fitted equation is h_t = 0.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                self.alpha.zero_()
+                return SparseFit(objective=0.0, duality_gap=0.0, steps=0, converged=True, support=())
+            column_max, target_max = flat.abs().amax(1), target.abs().max()
+            self._check_normal_range(column_max, target_max)
+            # Mean products of the columns and target scaled to a largest |value| of 1, the scales put back
+            # after: no overflow or underflow in the squares for data of any scale (h * 1e60, h * 1e-60).
+            column_max = torch.where(column_max > 0, column_max, torch.ones(()))
+            scaled, scaled_target = flat / column_max[:, None], target / target_max
+            gram = scaled @ scaled.T / flat.shape[1]
+            correlation = scaled @ scaled_target / flat.shape[1]
+            column_rms = torch.where(gram.diagonal() > 0, gram.diagonal().sqrt(), torch.ones(()))
+            target_rms = (scaled_target @ scaled_target / flat.shape[1]).sqrt()
+            # Solved in normalized units either way (fast, well-scaled steps); without `normalize` the
+            # per-term weights w / (rms(h_t) rms(term_k)) make it the raw problem divided by mean(h_t^2).
+            gram = gram / torch.outer(column_rms, column_rms)
+            correlation = correlation / (column_rms * target_rms)
+            column_scale, target_scale = column_max * column_rms, target_max * target_rms  # the raw RMS
+            self._warn_if_ill_conditioned(gram)
+            weights = torch.full_like(correlation, float(l1_weight))
+            objective_scale = 1.0
+            if not normalize:
+                weights, objective_scale = weights / (target_scale * column_scale), float(target_scale) ** 2
+                if not (torch.isfinite(weights).all() and math.isfinite(objective_scale)):
+                    raise ValueError(
+                        "with normalize=False the L1 weights in the data's units overflow float64 (rms of h_t "
+                        f"{float(target_scale):.3g}); rescale the data, or fit with normalize=True."
+                    )
+            solution = lasso(gram, correlation, torch.ones((), dtype=torch.float64), weights, tol, max_steps)
+            beta = solution.coefficients
+            if threshold > 0:
+                beta = sequential_threshold(gram, correlation, beta, threshold)
+            elif debias:
+                beta = least_squares_on_support(gram, correlation, beta != 0)
+            if not solution.converged:
+                warnings.warn(
+                    f"fit_coefficients stopped after max_steps={max_steps} with a relative duality gap of "
+                    f"{solution.duality_gap / solution.objective:.1e} > tol={tol:g}; raise `max_steps` or `tol`.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            self.alpha.copy_(self._fits_alpha(beta * target_scale / column_scale))
+            objective = lasso_objective(gram, correlation, torch.ones((), dtype=torch.float64), weights, beta)
         return SparseFit(
             objective=objective * objective_scale,
             duality_gap=solution.duality_gap * objective_scale,
@@ -462,6 +535,34 @@ class GoverningEquation(nn.Module):
             converged=solution.converged,
             support=tuple(term.label(self.variable) for term, keep in zip(self.terms, beta != 0) if keep),
         )
+
+    def _check_normal_range(self, column_max: torch.Tensor, target_max: torch.Tensor) -> None:
+        """Refuse a library term or h_t whose largest |value| is subnormal in float64: too few digits to fit."""
+        largest = torch.cat([column_max, target_max[None]])
+        subnormal = (largest > 0) & (largest < torch.finfo(torch.float64).tiny)
+        if subnormal.any():
+            index = int(subnormal.nonzero()[0])
+            name = self.terms[index].label(self.variable) if index < self.num_terms else "h_t (`time_derivative`)"
+            raise ValueError(
+                f"{name} is at most {float(largest[index]):.3g} in magnitude, below float64's normal range, where "
+                "too few digits are left to fit it: rescale the data, e.g. divide the samples by their largest "
+                "|value| and the steps or coordinates by a typical length and time."
+            )
+
+    def _fits_alpha(self, alpha: torch.Tensor) -> torch.Tensor:
+        """The float64 coefficients ``alpha`` in alpha's dtype, after checking that dtype holds them."""
+        info = torch.finfo(self.alpha.dtype)
+        magnitude = alpha.abs()
+        bad = ~torch.isfinite(alpha) | (magnitude > info.max) | ((magnitude > 0) & (magnitude < info.tiny))
+        if bad.any():
+            index = int(bad.nonzero()[0])
+            raise ValueError(
+                f"the fitted coefficient of {self.terms[index].label(self.variable)} is {float(alpha[index]):.3g}, "
+                f"outside what alpha's dtype {self.alpha.dtype} holds (|alpha| from {info.tiny:.1e} to "
+                f"{info.max:.1e}): use a float64 equation (`equation.double()`) or rescale the data (e.g. divide "
+                "the samples by their largest |value|)."
+            )
+        return alpha.to(self.alpha)
 
     def _warn_if_ill_conditioned(self, normalized_gram: torch.Tensor) -> None:
         """Warn when some combination of the normalized terms is (nearly) zero on the points."""
@@ -490,11 +591,19 @@ class GoverningEquation(nn.Module):
         return {term.label(self.variable): float(a) for term, a in zip(self.terms, self.alpha.detach().cpu())}
 
     def equation(self, threshold: float | None = None) -> str:
-        """The learned equation, e.g. ``h_t = 0.031 h_xx - 0.98 h h_x``, without terms below ``threshold``."""
-        threshold = self.print_threshold if threshold is None else threshold
+        """The learned equation, e.g. ``h_t = 0.031 h_xx - 0.98 h h_x``.
+
+        Args:
+            threshold: Terms with |alpha| below this fraction of the largest |alpha| are left out;
+                None: ``print_threshold``. Relative, so that a heat equation with nu = 1e-4 prints
+                its h_xx term; 0 prints every non-zero term.
+        """
+        threshold = self.print_threshold if threshold is None else _check_relative_threshold(threshold, "threshold")
+        coefficients = self.coefficients()
+        largest = max((abs(value) for value in coefficients.values()), default=0.0)
         parts = []
-        for label, value in self.coefficients().items():
-            if abs(value) < threshold or value == 0.0:
+        for label, value in coefficients.items():
+            if value == 0.0 or abs(value) < threshold * largest:
                 continue
             sign = "-" if value < 0 else "+"
             body = f"{abs(value):.3g}" if label == "1" else f"{abs(value):.3g} {label}"

@@ -13,14 +13,26 @@ import math
 import numbers
 from collections.abc import Mapping, Sequence
 
+import numpy as np
 import torch
 from scipy.signal import savgol_filter
 
 from lightning_pdenets.blocks.pde import CoordinateDerivatives
+from lightning_pdenets.validation import check_bool
 
-__all__ = ["check_finite_samples", "check_sample_grid", "savgol_derivatives"]
+__all__ = ["check_finite_samples", "check_float_tensor", "check_sample_grid", "savgol_derivatives", "zero_if_steady"]
 
 IntPerAxis = int | Sequence[int]
+Spacing = Sequence[float] | np.ndarray | torch.Tensor
+"""Grid steps, one per axis and then the time: numbers, 0-d tensors, or a 1-d array or tensor."""
+
+SINGLE_AND_DOUBLE = (torch.float32, torch.float64)
+"""The dtypes of samples and coordinates: half precision overflows in the library's powers (float16 at 65504)
+and its 3 significant digits make spurious terms."""
+
+STEADY_SAFETY = 4.0
+"""Slack on the rounding bound of h_t in :func:`zero_if_steady` (FFT and edge-fit rounding, which the sum bound
+covers only roughly)."""
 
 
 def _per_axis(value: IntPerAxis, axes: Sequence[str], name: str, low: int = 0, high: int = 6) -> tuple[int, ...]:
@@ -34,20 +46,86 @@ def _per_axis(value: IntPerAxis, axes: Sequence[str], name: str, low: int = 0, h
     return tuple(values)
 
 
-def _grid_steps(spacing: object, count: int) -> tuple[float, ...] | None:
-    """``count`` finite steps > 0 (numbers or 0-d tensors), or None."""
-    if isinstance(spacing, (str, bytes)) or not isinstance(spacing, (Sequence, torch.Tensor)) or len(spacing) != count:
-        return None
+def check_float_tensor(
+    value: object, argument: str, dtypes: Sequence[torch.dtype] | None = SINGLE_AND_DOUBLE
+) -> torch.Tensor:
+    """``value``, after checking it is a real floating-point tensor (of one of ``dtypes``; None: any such dtype).
+
+    Raises:
+        TypeError: naming ``argument``, what it got and the conversion that fixes it.
+    """
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(
+            f"`{argument}` must be a torch.Tensor, got {type(value).__name__}; convert it first with "
+            f"torch.as_tensor({argument}, dtype=torch.float64)."
+        )
+    if value.is_complex():
+        raise TypeError(
+            f"`{argument}` is complex ({value.dtype}): complex data is not supported, the library and the fit are "
+            "real. Pass real fields (e.g. the real and the imaginary part as two separate fields)."
+        )
+    if not value.is_floating_point():
+        raise TypeError(
+            f"`{argument}` must be a floating-point tensor, got {value.dtype} (integer values would truncate the "
+            f"library); convert it first, e.g. {argument}.double()."
+        )
+    if dtypes is not None and value.dtype not in dtypes:
+        raise TypeError(
+            f"`{argument}` must be float32 or float64, got {value.dtype}: half precision overflows in the library's "
+            f"powers and rounds to 3 digits; convert it first, e.g. {argument}.double()."
+        )
+    return value
+
+
+def _short(value: object) -> str:
+    """``repr`` of ``value`` with at most three entries of an array, tensor or sequence (a spacing in errors)."""
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        flat = np.asarray(value.detach().cpu() if isinstance(value, torch.Tensor) else value).reshape(-1)
+        if flat.size <= 3 or flat.dtype.kind not in "biuf":
+            return repr(value) if flat.size <= 3 else f"{type(value).__name__} of {flat.size} values"
+        return f"{type(value).__name__} of {flat.size} values ({', '.join(f'{v:.4g}' for v in flat[:3])}, ...)"
+    if isinstance(value, (list, tuple)):
+        shown = ", ".join(_short(v) for v in value[:3]) + (", ..." if len(value) > 3 else "")
+        return f"({shown})" if isinstance(value, tuple) else f"[{shown}]"
+    return repr(value.item() if isinstance(value, np.generic) else value)
+
+
+def _count(value: object) -> int:
+    """How many values ``value`` holds: a tensor's or array's elements, a sequence's length, 1 for a number."""
+    if isinstance(value, torch.Tensor):
+        return value.numel()
+    if isinstance(value, (str, bytes)):
+        return 1
+    return int(np.size(value)) if isinstance(value, (np.ndarray, Sequence)) else 1
+
+
+def _grid_steps(spacing: object, dims: Sequence[str]) -> tuple[float, ...]:
+    """One finite step > 0 per dimension of ``dims``, from numbers, 0-d tensors or a 1-d array or tensor.
+
+    Raises:
+        ValueError: naming the dimensions, with at most three values of ``spacing``; arrays of steps (a
+            non-uniform grid) are told that only uniform grids are supported.
+    """
+    expected = f"`spacing` must hold one grid step > 0 per dimension {list(dims)}"
+    uniform = "only uniform grids are supported: give one step per dimension, for a grid x float(x[1] - x[0])"
+    if isinstance(spacing, (torch.Tensor, np.ndarray)):
+        entries = list(spacing.reshape(-1)) if spacing.ndim <= 1 or _count(spacing) == len(dims) else [spacing]
+    elif isinstance(spacing, Sequence) and not isinstance(spacing, (str, bytes)):
+        entries = list(spacing)
+    else:
+        raise ValueError(f"{expected}, e.g. {tuple(0.1 for _ in dims)}; got {_short(spacing)}.")
+    if len(entries) != len(dims) or any(_count(entry) != 1 for entry in entries):
+        raise ValueError(f"{expected}; {uniform}. Got {_short(spacing)}.")
     steps = []
-    for step in spacing:
-        if (
-            isinstance(step, bool)
-            or not isinstance(step, (numbers.Real, torch.Tensor))
-            or (isinstance(step, torch.Tensor) and step.numel() != 1)
-        ):
-            return None
-        steps.append(float(step))
-    return tuple(steps) if all(math.isfinite(s) and s > 0 for s in steps) else None
+    for entry in entries:
+        if isinstance(entry, (torch.Tensor, np.ndarray)):
+            entry = entry.item()
+        if isinstance(entry, (bool, np.bool_)) or not isinstance(entry, numbers.Real):
+            raise ValueError(f"{expected} (numbers); got {_short(spacing)}.")
+        steps.append(float(entry))
+    if not all(math.isfinite(step) and step > 0 for step in steps):
+        raise ValueError(f"{expected}; got {_short(spacing)}.")
+    return tuple(steps)
 
 
 def check_sample_grid(
@@ -56,20 +134,37 @@ def check_sample_grid(
     """The grid's dimensions (``axes`` then ``"t"``) and steps, after checking ``samples`` and ``spacing`` fit them.
 
     Raises:
-        ValueError: on samples that are not a tensor with one trailing dimension per axis and time, or a
-            spacing without one finite step > 0 per dimension.
+        TypeError: on samples that are not a float32 or float64 tensor.
+        ValueError: on samples without one trailing dimension per axis and time, or a spacing without one
+            finite step > 0 per dimension.
     """
     dims = (*axes, "t")
-    if not isinstance(samples, torch.Tensor) or samples.ndim < len(dims):
-        shape = tuple(samples.shape) if isinstance(samples, torch.Tensor) else type(samples).__name__
+    tensor = check_float_tensor(samples, "samples")
+    if tensor.ndim < len(dims):
         raise ValueError(
             f"`samples` must be a tensor of shape (..., {', '.join(dims)}): one grid dimension per axis, then "
-            f"the time; got {shape}."
+            f"the time; got {tuple(tensor.shape)}."
         )
-    steps = _grid_steps(spacing, len(dims))
-    if steps is None:
-        raise ValueError(f"`spacing` must hold one grid step > 0 per dimension {list(dims)}, got {spacing!r}.")
-    return dims, steps
+    return dims, _grid_steps(spacing, dims)
+
+
+def zero_if_steady(
+    time_derivative: torch.Tensor, samples: torch.Tensor, gains: Sequence[float], taps: int
+) -> torch.Tensor:
+    """``time_derivative``, or zeros where all of it is rounding: the samples do not change in time.
+
+    h_t is a linear filter of the samples with per-dimension weight vectors w_d (the time derivative along t,
+    smoothing or integration along the others; ``gains`` are their largest L1 norms). Samples that vary in
+    time by at most one unit in the last place of their dtype, plus the float64 rounding of the ``taps``
+    products summed, give |h_t| <= (eps(dtype) + taps * eps(float64)) * max|h| * prod_d |w_d|_1 (Higham's
+    bound for sums). A bound in the samples' units: an h_t below it everywhere is rounding, whatever the
+    scale of the data, and a regression on it identifies noise (all 16 terms).
+    """
+    scale = float(samples.detach().abs().max()) * math.prod(gains) if samples.numel() else 0.0
+    rounding = torch.finfo(samples.dtype).eps + taps * torch.finfo(torch.float64).eps
+    if time_derivative.numel() and float(time_derivative.abs().max()) <= STEADY_SAFETY * rounding * scale:
+        return torch.zeros_like(time_derivative)
+    return time_derivative
 
 
 def check_finite_samples(samples: torch.Tensor) -> None:
@@ -85,7 +180,7 @@ def check_finite_samples(samples: torch.Tensor) -> None:
 
 def savgol_derivatives(
     samples: torch.Tensor,
-    spacing: Sequence[float],
+    spacing: Spacing,
     axes: Sequence[str],
     orders: Mapping[str, int],
     window_length: IntPerAxis = 21,
@@ -103,7 +198,8 @@ def savgol_derivatives(
     Args:
         samples: Shape (..., *grid): the last len(axes) + 1 dimensions are the axes, then the
             time; leading dimensions are independent trajectories (never mixed by the filters).
-        spacing: Grid step of each axis, then of the time (numbers or 0-d tensors).
+        spacing: Grid step of each axis, then of the time (numbers, 0-d tensors, or a 1-d NumPy array or
+            tensor of the steps).
         axes: Names of the spatial axes, in the order of the grid dimensions.
         orders: Highest derivative order per axis.
         window_length: Odd window length in points, one for all or one per axis and the time.
@@ -113,12 +209,15 @@ def savgol_derivatives(
             windows are one-sided and the derivatives least accurate.
 
     Returns:
-        :class:`CoordinateDerivatives` of the samples' dtype on the (trimmed) grid.
+        :class:`CoordinateDerivatives` of the samples' dtype on the (trimmed) grid. ``u_t`` is exactly 0
+        when the samples do not change in time to within rounding (:func:`zero_if_steady`).
 
     Raises:
+        TypeError: on samples that are not a float32 or float64 tensor.
         ValueError: on a shape, spacing, window or degree that does not fit, or non-finite samples.
     """
     dims, steps = check_sample_grid(samples, axes, spacing)
+    check_bool(trim, "trim")
     windows = _per_axis(window_length, dims, "window_length", 3, 10_001)
     degrees = _per_axis(polyorder, dims, "polyorder", 1, 12)
     grid_shape = samples.shape[samples.ndim - len(dims) :]
@@ -158,4 +257,11 @@ def savgol_derivatives(
     spatial = {
         axis: tuple(fitted(index, k) for k in range(1, orders.get(axis, 0) + 1)) for index, axis in enumerate(axes)
     }
-    return CoordinateDerivatives(fitted(), fitted(len(axes), 1), spatial)
+    gains = []
+    for dim_index, (window, degree, step) in enumerate(zip(windows, degrees, steps)):
+        # the filter as a matrix on `window` points: row i holds the weights of output i, the edge fits included
+        rows = savgol_filter(np.eye(window), window, degree, int(dim_index == len(axes)), step, axis=0, mode="interp")
+        norms = np.abs(rows).sum(axis=1)
+        gains.append(float(norms[window // 2] if trim else norms.max()))
+    time_derivative = zero_if_steady(fitted(len(axes), 1), samples, gains, sum(windows))
+    return CoordinateDerivatives(fitted(), time_derivative, spatial)

@@ -44,10 +44,12 @@ from scipy.signal import oaconvolve
 
 from lightning_pdenets.blocks.sampled import (
     IntPerAxis,
+    Spacing,
     _per_axis,
     check_finite_samples,
     check_sample_grid,
     savgol_derivatives,
+    zero_if_steady,
 )
 
 __all__ = [
@@ -99,7 +101,7 @@ def quadrature_weights(half_width: int, step: float, degree: int, max_order: int
 
 def weak_form_library(
     samples: torch.Tensor,
-    spacing: Sequence[float],
+    spacing: Spacing,
     axes: Sequence[str],
     terms: Sequence[Term],
     half_width: IntPerAxis | None = None,
@@ -113,7 +115,7 @@ def weak_form_library(
     Args:
         samples: Shape (..., *grid): the last len(axes) + 1 dimensions are the axes, then the
             time; leading dimensions are independent trajectories.
-        spacing: Grid step of each axis, then of the time.
+        spacing: Grid step of each axis, then of the time (uniform grids only).
         axes: Names of the spatial axes, in the order of the grid dimensions.
         terms: The library terms (``power``, ``axis``, ``order``), e.g. ``GoverningEquation.terms``;
             orders up to :data:`MAX_WEAK_ORDER`.
@@ -131,9 +133,11 @@ def weak_form_library(
 
     Returns:
         ``(library, h_t)``: shapes (len(terms), ..., *centres) and (..., *centres), one value per
-        test function, in the samples' dtype.
+        test function, in the samples' dtype. h_t is exactly 0 when the samples do not change in time
+        to within rounding (:func:`~lightning_pdenets.blocks.sampled.zero_if_steady`).
 
     Raises:
+        TypeError: on samples that are not a float32 or float64 tensor.
         ValueError: on a shape, spacing, box, degree or term that does not fit, or non-finite samples.
     """
     dims, steps = check_sample_grid(samples, axes, spacing)
@@ -213,6 +217,8 @@ def weak_form_library(
                     column = column + 0.5 * i * (i - 1) * integral(powers[i - 2] * slope**3)
         return column
 
-    library = np.stack([weak_term(term) for term in terms])
-    time_derivative = -integral(h, len(axes), 1)
-    return (torch.as_tensor(library).to(samples.dtype), torch.as_tensor(time_derivative).to(samples.dtype))
+    library = torch.as_tensor(np.stack([weak_term(term) for term in terms])).to(samples.dtype)
+    time_derivative = torch.as_tensor(-integral(h, len(axes), 1)).to(samples.dtype)
+    gains = [float(np.abs(weights[1 if dim == "t" else 0]).sum()) for dim, weights in zip(dims, kernels)]
+    taps = sum(2 * width + 1 for width in widths)
+    return library, zero_if_steady(time_derivative, samples, gains, taps)

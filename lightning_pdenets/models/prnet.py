@@ -101,7 +101,8 @@ class PRNetAlgorithmModule(ClassifierModule):
         max_power: Highest power of h in the governing equation (int or one per axis x, y).
         max_derivative_order: Highest derivative order in d (int or one per axis x, y).
         l1_weight: Weight w of R_G = w * sum |alpha|.
-        print_threshold: |alpha| below which terms are left out of the printed equation.
+        print_threshold: Fraction of the largest |alpha| below which terms are left out of the printed
+            equation, in [0, 1].
         initial_weight: Weight of L_I in the theta step.
         governing_weight: Weight of L_G in the theta step.
         governing_samples: Evaluate the derivatives and L_G on only this many samples of each batch
