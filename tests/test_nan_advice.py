@@ -7,11 +7,15 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_pdenets.cli import build_cli
 from lightning_pdenets.errors import NonFiniteLossError
+from lightning_pdenets.models import RKNetModule
 from lightning_pdenets.models.base import SAFE_LEARNING_RATE, lower_learning_rate
 from tests.test_cli_runs import DIVERGING
+from tests.trainers import quiet_trainer
 
 
 def test_the_lower_learning_rate_is_a_tenth_or_the_safe_rate_from_absurd_ones() -> None:
@@ -37,3 +41,14 @@ def test_the_advice_names_a_kept_checkpoint_outside_the_runs_folder_by_its_path(
 
     resumed = build_cli(["fit", *DIVERGING, *advice.group(1).split()])  # the advice, followed to the letter
     assert resumed.trainer.global_step == 9
+
+
+def test_nan_inputs_are_named_as_the_cause_instead_of_the_learning_rate(tmp_path: Path) -> None:
+    images = torch.rand(16, 1, 8, 8)
+    images[3, 0, 2, 2] = float("nan")
+    loader = DataLoader(TensorDataset(images, torch.randint(0, 10, (16,))), batch_size=8)
+    model = RKNetModule(num_classes=10, in_channels=1, image_size=8, network=dict(width=8, num_downsamples=1))
+    with pytest.raises(NonFiniteLossError) as failure:
+        quiet_trainer(max_epochs=1, default_root_dir=tmp_path).fit(model, loader)
+    message = str(failure.value)
+    assert "'inputs'" in message and "check the data" in message and "--model.init_args.lr" not in message

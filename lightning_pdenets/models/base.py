@@ -283,7 +283,7 @@ class ClassifierModule(pl.LightningModule):
         terms = self._pop_regularization() if stage == "train" else {}
         if stage == "train":
             # before any logging: sync_dist logging is itself a collective, which a failed rank never reaches
-            self.check_finite(None, loss=loss, **terms)
+            self.check_finite(None, inputs=x, loss=loss, **terms)  # NaN inputs need another remedy than NaN losses
         metrics.update(logits.detach(), y)
         if stage == "train":
             self.log_train_term("train/loss", loss, prog_bar=True)  # training accuracy: on_train_epoch_end
@@ -582,6 +582,12 @@ class ClassifierModule(pl.LightningModule):
 
     def _non_finite_advice(self, bad: Sequence[str]) -> str:
         """The likely causes of the non-finite loss terms ``bad`` and the remedies that work from here."""
+        if "inputs" in bad:
+            return (
+                "The training batch itself holds NaN/Inf values, so no learning rate or solver setting can help: "
+                "check the data (a corrupt file, a normalization by a zero standard deviation). "
+                f"{self._kept_checkpoint_note()}"
+            )
         lower_lr = f"--model.init_args.lr {lower_learning_rate(self.optimization['lr']):g}"
         solver = self._solver_remedy()
         cause = "a learning rate too high for this model" + (", or an ODE solver too coarse for it" if solver else "")
