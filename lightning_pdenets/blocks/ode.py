@@ -54,6 +54,8 @@ class ODEBlock(nn.Module):
 
     Raises:
         ValueError: on an unknown solver name or an invalid setting, listing the allowed values.
+        TypeError: in forward, when the input is not one floating-point (or complex) tensor, or the vector field
+            does not return a tensor of the state's shape and dtype (checked at the first evaluation of each solve).
         SolverFailedError: when the solver underflows or exceeds ``max_num_steps`` during forward (after
             ``failure_retries`` loosened retries, if any).
     """
@@ -70,8 +72,11 @@ class ODEBlock(nn.Module):
                 f"`vector_field` must be an nn.Module computing f(t, y), got {type(vector_field).__name__}."
             )
         self.field = vector_field
-        config = SolverConfig.from_options(solver)  # a SolverConfig is taken as it is
-        self.solver = config.replace(**options) if options else config
+        if solver is None or isinstance(solver, Mapping):  # one validation of the merged settings
+            self.solver = SolverConfig.from_options({**(solver or {}), **options})
+        else:  # a SolverConfig is taken as it is (validated when built); anything else is refused
+            config = SolverConfig.from_options(solver)
+            self.solver = config.replace(**options) if options else config
         self.nfe_forward = 0
         self.nfe_backward = 0
         self.steps_accepted_forward = 0
@@ -192,7 +197,8 @@ class ODEBlock(nn.Module):
 
     def _solve_torchdiffeq(self, y0: torch.Tensor) -> torch.Tensor:
         s = self.solver
-        times = torch.tensor([s.t0, s.t1], dtype=y0.dtype, device=y0.device)
+        real = torch.empty(0, dtype=y0.dtype).real.dtype  # torchdiffeq takes a complex state, but real times
+        times = torch.tensor([s.t0, s.t1], dtype=real, device=y0.device)
         kwargs = s.odeint_kwargs()
         if s.adjoint:
             kwargs["adjoint_params"] = tuple(self.field.parameters())
@@ -225,17 +231,53 @@ class ODEBlock(nn.Module):
         return s.replace(rtol=min(s.rtol * factor, cap), atol=max(s.atol, min(s.atol * factor, cap)))
 
     def forward(self, y0: torch.Tensor) -> torch.Tensor:
+        _check_state(y0)
+        if y0.numel() == 0:  # an empty batch: nothing to integrate (torchdiffeq's controller fails on it)
+            return y0.clone()
         retries_left = self.solver.failure_retries
         while True:
             try:
                 return self._solve(y0)
             except (AssertionError, RuntimeError) as error:
+                if isinstance(error, AssertionError) and "non-finite values in state" in str(error):
+                    # torchdiffeq's check, reached with min_step > 0; the native backend's wording
+                    raise SolverFailedError(f"the state held NaN/Inf in the solve: {str(error)[:200]}") from error
                 if not is_solver_failure(error):
                     raise
                 loosened = self._loosened() if retries_left > 0 else None
                 if loosened is None:
                     raise explain_solver_failure(error, [self.solver_settings()], "forward") from error
                 self.solver, retries_left = loosened, retries_left - 1
+
+
+def _check_state(y0: Any) -> None:
+    """Refuse an input that is not one floating-point or complex tensor, naming the fix."""
+    if not isinstance(y0, torch.Tensor):
+        kind = type(y0).__name__
+        hint = " (e.g. torch.cat the parts along a feature axis)" if isinstance(y0, (tuple, list)) else ""
+        raise TypeError(f"ODEBlock integrates one tensor state y(t0), got a {kind}{hint}.")
+    if not (y0.is_floating_point() or y0.is_complex()):
+        raise TypeError(
+            f"ODEBlock needs a floating-point (or complex) state, got {y0.dtype}: convert it with y0.float() "
+            "(or .double())."
+        )
+
+
+def _check_output(out: Any, state: torch.Tensor) -> None:
+    """Refuse a vector-field value that is not a tensor of the state's shape, dtype and device."""
+    if (
+        isinstance(out, torch.Tensor)
+        and out.shape == state.shape
+        and out.dtype == state.dtype
+        and out.device == state.device
+    ):
+        return
+    expected = f"{list(state.shape)} {str(state.dtype).removeprefix('torch.')} on {state.device}"
+    if isinstance(out, torch.Tensor):
+        got = f"{list(out.shape)} {str(out.dtype).removeprefix('torch.')} on {out.device}"
+    else:
+        got = f"a {type(out).__name__}"
+    raise TypeError(f"the vector field must return a tensor of the state's shape and dtype {expected}, got {got}.")
 
 
 class _SolveDynamics:
@@ -262,6 +304,7 @@ class _SolveDynamics:
             else:
                 self.probe = torch.randn_like(y0)
         self._step_sizes: list[torch.Tensor | float] = []
+        self._checked = False  # the vector field's first value of this solve has the state's shape and dtype
         self._set_callbacks("", solver.is_adaptive)
         if solver.adjoint:
             self._set_callbacks("_adjoint", SOLVERS[solver.adjoint_method or solver.method].adaptive)
@@ -299,17 +342,28 @@ class _SolveDynamics:
 
     def __call__(self, t: torch.Tensor, state: Any) -> Any:
         if not self.regularized:
-            return self.block._counted_field(t, state)
+            if self._checked:
+                return self.block._counted_field(t, state)
+            out = self.block.field(t, state)
+            _check_output(out, state)
+            self._checked = True
+            return self.block._count(out)
         y = state[0]
         field = self.block.field
         if self.probe is None:
             out = field(t, y)
+            if not self._checked:
+                _check_output(out, y)
+                self._checked = True
             jacobian = torch.zeros_like(state[2])
         else:
             if not (torch.is_grad_enabled() and y.requires_grad):
                 y = y.detach().requires_grad_(True)  # the adjoint's forward solve runs under no_grad
             with torch.enable_grad():
                 out = field(t, y)
+                if not self._checked:
+                    _check_output(out, y)
+                    self._checked = True
                 (probe_jacobian,) = torch.autograd.grad(out, y, self.probe, create_graph=True)
             jacobian = _per_sample_squared_norm(probe_jacobian)
         # counted after the probe's product, whose gradient computation must not count as a backward evaluation
@@ -322,12 +376,28 @@ def _per_sample_squared_norm(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.pow(2).flatten(1).sum(1) if tensor.dim() > 1 else tensor.pow(2).sum()
 
 
-def _settings_text(settings: Mapping[str, Any]) -> str:
-    return ", ".join(f"{name}={settings[name]!r}" for name in ("method", "rtol", "atol", "max_num_steps", "min_step"))
+def _settings_text(settings: Mapping[str, Any], backward: bool = False) -> str:
+    """The settings that stepped the failed solve: the forward ones, or the adjoint's effective ones."""
+    if not backward:
+        return ", ".join(
+            f"{name}={settings[name]!r}" for name in ("method", "rtol", "atol", "max_num_steps", "min_step")
+        )
+    options = settings.get("adjoint_options") or {}
+    effective = {
+        "adjoint_method": settings.get("adjoint_method") or settings["method"],
+        "adjoint_rtol": settings["rtol"] if settings.get("adjoint_rtol") is None else settings["adjoint_rtol"],
+        "adjoint_atol": settings["atol"] if settings.get("adjoint_atol") is None else settings["adjoint_atol"],
+        **{f"adjoint_options.{name}": options.get(name, settings[name]) for name in ("max_num_steps", "min_step")},
+    }
+    return ", ".join(f"{name}={value!r}" for name, value in effective.items())
 
 
 def explain_solver_failure(error: Exception, settings: Sequence[Mapping[str, Any]], phase: str) -> Exception:
     """``SolverFailedError`` with remedies for a torchdiffeq failure in the ``phase`` pass; other errors unchanged.
+
+    A backward failure names the adjoint solve's effective settings (``adjoint_rtol``/``adjoint_atol``, or
+    ``rtol``/``atol`` where unset, and ``adjoint_options`` over the forward step settings) of the blocks that
+    solve an adjoint, and advises changing those (``failure_retries`` only retries forward solves).
 
     Args:
         error: What torchdiffeq raised.
@@ -337,12 +407,23 @@ def explain_solver_failure(error: Exception, settings: Sequence[Mapping[str, Any
     """
     if isinstance(error, SolverFailedError) or not is_solver_failure(error):
         return error
-    where = "" if phase == "forward" else f" in the {phase} pass"
-    blocks = "; ".join(_settings_text(s) for s in settings) or "no ODE block found"
+    if phase == "forward":
+        blocks = "; ".join(_settings_text(s) for s in settings) or "no ODE block found"
+        return SolverFailedError(
+            f"ODE solver failed: {error} ({blocks}). The dynamics became too stiff for this tolerance. Try: a "
+            f"looser `rtol`/`atol`, a `min_step` > 0 (accept steps of that size instead of failing), a larger "
+            f"`max_num_steps`, `failure_retries` > 0 (loosen the tolerance and retry), or a fixed-step solver "
+            f"(`method: rk4` with a `step_size`), all in the model's `solver` settings (e.g. "
+            f"--model.init_args.solver.rtol 1e-2); or the ToleranceAdaptation callback, or a lower learning rate."
+        )
+    adjoint = [s for s in settings if s.get("adjoint")] or list(settings)  # only adjoint blocks solve in backward
+    blocks = "; ".join(_settings_text(s, backward=True) for s in adjoint) or "no ODE block found"
     return SolverFailedError(
-        f"ODE solver failed{where}: {error} ({blocks}). The dynamics became too stiff for this tolerance. Try: a "
-        f"looser `rtol`/`atol`, a `min_step` > 0 (accept steps of that size instead of failing), a larger "
-        f"`max_num_steps`, `failure_retries` > 0 (loosen the tolerance and retry), or a fixed-step solver (`method: "
-        f"rk4` with a `step_size`), all in the model's `solver` settings (e.g. --model.init_args.solver.rtol 1e-2); "
-        f"or the ToleranceAdaptation callback, or a lower learning rate."
+        f"ODE solver failed in the {phase} pass: {error} (the adjoint solve's settings: {blocks}). The adjoint "
+        f"dynamics became too stiff for its tolerance. Try, in the model's `solver` settings: a looser "
+        f"`adjoint_rtol`/`adjoint_atol`, `adjoint_options: {{min_step: ...}}` > 0 (accept steps of that size "
+        f"instead of failing), a larger `adjoint_options: {{max_num_steps: ...}}`, `adjoint_options: {{norm: "
+        f"seminorm}}` (fewer backward steps), or a fixed-step `adjoint_method` with `adjoint_options: {{step_size: "
+        f"...}}` (e.g. --model.init_args.solver.adjoint_rtol 1e-2); `failure_retries` does not help here (it "
+        f"retries forward solves only); or a lower learning rate."
     )

@@ -52,7 +52,9 @@ class NFEMonitor(Callback):
     see :mod:`lightning_pdenets.protocols`): accepted and rejected steps per batch, named and reduced like
     the NFE, ``train/steps_{accepted,rejected}_{forward,backward}_{step,epoch}`` and
     ``{val,test}/steps_{accepted,rejected}_forward``. For an adaptive solver, NFE = 1 (or 2 without
-    ``first_step``) + stages × (accepted + rejected); a fixed-step solver accepts every step; backpropagating
+    ``first_step``) + (stages - 1) × (accepted + rejected), plus one per accepted step for the native backend's
+    ``adaptive_heun`` and ``fehlberg2`` (not first-same-as-last; see :mod:`lightning_pdenets.solvers.runge_kutta`);
+    a fixed-step solver accepts every step; backpropagating
     through the solver takes no backward steps. With a logger that has ``add_histogram`` (TensorBoard), the
     log10 of the accepted forward step sizes of the training batches (of rank 0) is drawn as the histogram
     ``train/log10_step_size`` every ``histogram_every_n_steps`` steps and at the end of each training epoch:

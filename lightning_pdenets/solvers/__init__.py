@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, TypedDict, cast, get_type_hints
 
@@ -100,6 +102,12 @@ ADJOINT_OPTION_NAMES = ("norm", *STEP_SETTING_NAMES)
 """Keys allowed in :attr:`SolverConfig.adjoint_options` (torchdiffeq's solver options, and ``norm``)."""
 
 
+EXPLICIT_ADAMS_MAX_ORDER = 5
+"""torchdiffeq's ``max_order`` for ``explicit_adams``: its Adams–Bashforth formula uses ``max_order - 1`` past values,
+so 5 is the 4-step, 4th-order method of :data:`SOLVERS` (its default, 12, raises the order to 11 with a stability
+region so small that a step of 0.01 on y' = -y diverges)."""
+
+
 HUTCHINSON_NOISES = ("gaussian", "rademacher")
 """Probe distributions of the Hutchinson estimator of RNODE's Jacobian term (:attr:`SolverConfig.hutchinson_noise`)."""
 
@@ -129,6 +137,19 @@ def _check_in(value: Any, argument: str, interval: str, inside: Callable[[float]
     """
     if not _is_number(value) or not math.isfinite(value) or not inside(value):
         raise ValueError(f"`{argument}` must be a number in {interval}, got {value!r}.")
+
+
+_ARGUMENT: ContextVar[str] = ContextVar("solver_config_argument", default="solver")
+"""Name of the configuration in the messages of :meth:`SolverConfig.__post_init__` (set by ``from_options``)."""
+
+
+@contextmanager
+def _argument_name(argument: str) -> Iterator[None]:
+    token = _ARGUMENT.set(argument)
+    try:
+        yield
+    finally:
+        _ARGUMENT.reset(token)
 
 
 def _step_count_text(steps: float) -> str:
@@ -214,6 +235,10 @@ class SolverConfig:
     backend: str = "native"
 
     # -- construction ---------------------------------------------------------------------------
+    def __post_init__(self) -> None:
+        # every instance is valid, however it was built (directly, from a dict, or by replace), and is checked once
+        self.validate(_ARGUMENT.get())
+
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
         """Names of every setting, in declaration order."""
@@ -229,7 +254,8 @@ class SolverConfig:
         """Build and validate a configuration from a dict of settings over ``defaults``.
 
         Args:
-            options: A :class:`SolverConfig` (returned as it is: it holds every field), a mapping of some of its
+            options: A :class:`SolverConfig` (returned as it is: it holds every field and was validated when it was
+                built), a mapping of some of its
                 fields (the YAML/command-line form), or ``None`` for the defaults alone.
             defaults: Settings that ``options`` overrides (e.g. a model's ``{method: dopri5, adjoint: true}``).
             argument: Name used in error messages.
@@ -239,7 +265,7 @@ class SolverConfig:
             ValueError: on an unknown setting (with the closest valid names) or an invalid value.
         """
         if isinstance(options, SolverConfig):
-            return options  # complete and validated already: taken as it is, over no defaults
+            return options  # validated by __post_init__: taken as it is, over no defaults
         if options is not None and not isinstance(options, Mapping):
             raise TypeError(
                 f"`{argument}` must be a mapping of solver settings such as {{'method': 'rk4', 'step_size': 0.25}}, "
@@ -247,7 +273,8 @@ class SolverConfig:
             )
         merged = {**(defaults or {}), **(options or {})}
         cls._check_names(merged, argument)
-        return cls(**merged).validate(argument)
+        with _argument_name(argument):
+            return cls(**merged)
 
     @classmethod
     def _check_names(cls, settings: Mapping[str, Any], argument: str) -> None:
@@ -256,7 +283,8 @@ class SolverConfig:
     def replace(self, argument: str = "solver", **changes: Any) -> SolverConfig:
         """A validated copy with ``changes`` applied (unknown names list the valid ones)."""
         self._check_names(changes, argument)
-        return dataclasses.replace(self, **changes).validate(argument)
+        with _argument_name(argument):
+            return dataclasses.replace(self, **changes)
 
     def as_options(self) -> dict[str, Any]:
         """Every field as a plain dict (what models store as hyperparameters and blocks in checkpoints)."""
@@ -301,7 +329,10 @@ class SolverConfig:
 
     # -- validation -----------------------------------------------------------------------------
     def validate(self, argument: str = "solver") -> SolverConfig:
-        """Raise ``ValueError`` naming the bad field; return ``self`` when all fields are valid."""
+        """Raise ``ValueError`` naming the bad field; return ``self`` when all fields are valid.
+
+        Construction calls it (every instance is valid), so callers need not.
+        """
         info = check_solver_name(self.method, f"{argument}.method")
         for name in ("rtol", "atol"):
             check_positive(getattr(self, name), f"{argument}.{name}")
@@ -387,16 +418,18 @@ class SolverConfig:
         _check_in(value["safety"], where["safety"], "(0, 1]", lambda x: 0 < x <= 1)
         _check_in(value["ifactor"], where["ifactor"], "[1, inf)", lambda x: x >= 1)
         _check_in(value["dfactor"], where["dfactor"], "(0, 1]", lambda x: 0 < x <= 1)
-        step = value["step_size"]
-        if SOLVERS[method].adaptive or step is None:
+        # a fixed step, or the largest step of an adaptive solve, bounds the number of steps from below
+        name = "max_step" if SOLVERS[method].adaptive else "step_size"
+        step = value[name]
+        if step is None:
             return
         steps = span / step  # inf for a subnormal step, and fixed_step_count's int can have hundreds of digits
         count = fixed_step_count(self.t0, self.t1, step) if math.isfinite(steps) else steps
         if count > value["max_num_steps"]:
             raise ValueError(
-                f"`{where['step_size']}`={step!r} needs {_step_count_text(count)} steps over [{self.t0}, {self.t1}], "
-                f"more than `{where['max_num_steps']}`={value['max_num_steps']}; raise max_num_steps or use a "
-                "larger step_size."
+                f"`{where[name]}`={step!r} needs {'at least ' if name == 'max_step' else ''}"
+                f"{_step_count_text(count)} steps over [{self.t0}, {self.t1}], more than "
+                f"`{where['max_num_steps']}`={value['max_num_steps']}; raise max_num_steps or use a larger {name}."
             )
 
     def _validate_adjoint_options(self, argument: str) -> None:
@@ -454,10 +487,17 @@ class SolverConfig:
 
     # -- torchdiffeq ----------------------------------------------------------------------------
     def step_options(self, method: str) -> dict[str, Any]:
-        """torchdiffeq's ``options`` for ``method``: the step size, or the adaptive step-size controller."""
+        """torchdiffeq's ``options`` for ``method``: the step size, or the adaptive step-size controller.
+
+        A fixed step larger than the interval is cut to it (one step, as the native backend takes): torchdiffeq's
+        grid fails on it with a bare ``AssertionError``.
+        """
         if not SOLVERS[method].adaptive:
-            return {"step_size": self.step_size}
-        options: dict[str, Any] = {
+            options: dict[str, Any] = {"step_size": self._fixed_step(self.step_size)}
+            if method == "explicit_adams":
+                options["max_order"] = EXPLICIT_ADAMS_MAX_ORDER
+            return options
+        options = {
             "max_num_steps": self.max_num_steps,
             "min_step": self.min_step,
             "safety": self.safety,
@@ -470,6 +510,9 @@ class SolverConfig:
             options["first_step"] = self.first_step
         return options
 
+    def _fixed_step(self, step: float | None) -> float | None:
+        return None if step is None else min(step, self.t1 - self.t0)
+
     def odeint_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of ``torchdiffeq.odeint`` (and of ``odeint_adjoint`` with :attr:`adjoint`)."""
         kwargs: dict[str, Any] = dict(
@@ -481,6 +524,8 @@ class SolverConfig:
             adjoint_options.update(self.adjoint_options or {})
             if "max_step" in adjoint_options and adjoint_options["max_step"] is None:
                 del adjoint_options["max_step"]  # no bound, as step_options leaves it (torchdiffeq takes no None)
+            if "step_size" in adjoint_options:
+                adjoint_options["step_size"] = self._fixed_step(adjoint_options["step_size"])
             kwargs.update(
                 adjoint_method=adjoint_method,
                 adjoint_rtol=self.adjoint_rtol if self.adjoint_rtol is not None else self.rtol,

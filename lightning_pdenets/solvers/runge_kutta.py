@@ -23,11 +23,26 @@ What is kept from torchdiffeq, so that trained models behave the same:
   norm (the maximum of the RMS errors of y, the adjoint and each parameter gradient) or the seminorm of Kidger,
   Chen & Lyons ("Hey, that's not an ODE", ICML 2021), which leaves the parameter gradients out.
 
-Where it differs: an adaptive solve steps exactly to t1 (its last step is shortened to end there) instead of
-stepping past t1 and evaluating torchdiffeq's dense-output polynomial at t1. The returned state is then the
-method's own solution (order 5 for dopri5) rather than the 4th-order interpolant, and the accepted steps are
-torchdiffeq's except the last, which ends at t1. The control arithmetic runs in Python floats (float64), as
-torchdiffeq's does in float64 tensors; only the rounding of the last bits can differ.
+Where it differs:
+
+* an adaptive solve steps exactly to t1 (its last step is shortened to end there) instead of stepping past t1 and
+  evaluating torchdiffeq's dense-output polynomial at t1. The returned state is then the method's own solution
+  (order 5 for dopri5) rather than the 4th-order interpolant.
+* the first stage of a step is f(t, y) at the step's start. For the FSAL methods (``bosh3``, ``dopri5``) that is
+  the previous step's last stage, as in torchdiffeq, so their accepted steps are torchdiffeq's except the last,
+  which ends at t1. For ``adaptive_heun`` and ``fehlberg2``, whose last stage is not evaluated at the solution,
+  torchdiffeq still reuses that last stage as the next step's f(t, y) (``rk_common._runge_kutta_step`` returns
+  ``k[-1]``), which is not the method as published; here f(t1, y1) is evaluated after each accepted step (one more
+  evaluation per accepted step). Their states therefore differ from torchdiffeq's from the second step on and
+  their step sizes from the third, and they take more evaluations. The fixed-step methods evaluate f(t, y) at
+  every step in both backends and take torchdiffeq's steps exactly.
+* so an adaptive native solve evaluates f ``1 + (1 without first_step) + (s - 1) · (accepted + rejected)`` times,
+  plus ``accepted`` for ``adaptive_heun`` and ``fehlberg2``, where s is the number of stages (2, 3, 4 and 7 for
+  adaptive_heun, fehlberg2, bosh3 and dopri5); a fixed-step one ``s · steps``.
+
+The control arithmetic runs in Python floats (float64), as torchdiffeq's does in float64 tensors; only the
+rounding of the last bits can differ. NaN/Inf in an adaptive step ends the solve at once (SolverFailedError), where
+torchdiffeq rejects a few steps and fails with "underflow in dt nan".
 
 Methods not written out here (``dopri8``, ``explicit_adams``, ``implicit_adams``) are solved by torchdiffeq
 (:data:`NATIVE_METHODS` lists the others).
@@ -41,6 +56,8 @@ from dataclasses import dataclass
 from typing import cast
 
 import torch
+
+from lightning_pdenets.errors import SolverFailedError
 
 __all__ = ["NATIVE_METHODS", "TABLEAUS", "StepControl", "Tableau", "adjoint_solve", "fixed_step_count", "solve"]
 
@@ -162,12 +179,38 @@ class StepControl:
     def __post_init__(self) -> None:
         if self.method not in TABLEAUS:
             raise ValueError(f"the native Runge-Kutta backend integrates {list(TABLEAUS)}, not {self.method!r}.")
-        if TABLEAUS[self.method].e is None and (self.step_size is None or not self.step_size > 0):
-            raise ValueError(f"fixed-step method {self.method!r} needs a step_size > 0, got {self.step_size!r}.")
+        if TABLEAUS[self.method].e is None and self.step_size is None:
+            raise ValueError(f"fixed-step method {self.method!r} needs a step_size > 0, got None.")
+        for name in ("step_size", "first_step"):
+            _check_number(getattr(self, name), name, "a finite number > 0 (or None)", lambda x: 0 < x < math.inf, True)
+        for name in ("rtol", "atol"):
+            _check_number(getattr(self, name), name, "a finite number > 0", lambda x: 0 < x < math.inf)
+        _check_number(self.min_step, "min_step", "a finite number >= 0", lambda x: 0 <= x < math.inf)
+        _check_number(
+            self.max_step,
+            "max_step",
+            f"a number >= min_step={self.min_step!r} (inf: no bound)",
+            lambda x: x > 0 and x >= self.min_step,
+        )
+        _check_number(self.safety, "safety", "a number in (0, 1]", lambda x: 0 < x <= 1)
+        _check_number(self.ifactor, "ifactor", "a finite number >= 1", lambda x: 1 <= x < math.inf)
+        _check_number(self.dfactor, "dfactor", "a number in (0, 1]", lambda x: 0 < x <= 1)
+        if isinstance(self.max_num_steps, bool) or not isinstance(self.max_num_steps, int) or self.max_num_steps < 1:
+            raise ValueError(f"`max_num_steps` must be an integer >= 1, got {self.max_num_steps!r}.")
 
     @property
     def tableau(self) -> Tableau:
         return TABLEAUS[self.method]
+
+
+def _check_number(
+    value: object, name: str, allowed: str, inside: Callable[[float], bool], allow_none: bool = False
+) -> None:
+    """Raise a ``ValueError`` naming ``name`` unless ``value`` is a real number for which ``inside`` holds."""
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or not inside(value):
+        raise ValueError(f"`{name}` must be {allowed}, got {value!r}.")
 
 
 # -- stage arithmetic -------------------------------------------------------------------------------
@@ -222,7 +265,8 @@ def _error_ratio(
 ) -> tuple[float, State]:
     """Hairer's error measure: the largest over the controlled tensors of RMS(err / (atol + rtol·max(|y0|, |y1|))).
 
-    Returns the ratio and |y1| of the controlled tensors (the next step's |y0|, when this one is accepted).
+    Returns the ratio (NaN when y1 is not finite: an infinite |y1| would make the ratio 0 and the step accepted) and
+    |y1| of the controlled tensors (the next step's |y0|, when this one is accepted).
     """
     terms = [(j, dt * w) for j, w in enumerate(weights) if w != 0.0]
     norms = []
@@ -236,8 +280,9 @@ def _error_ratio(
         y1_abs.append(magnitude)
         scale = torch.maximum(y0_abs[index], magnitude).mul_(rtol).add_(atol)
         norms.append(_rms(error.div_(scale)))
-    ratio = (norms[0] if len(norms) == 1 else torch.stack(norms).max()).item()
-    return ratio, tuple(y1_abs)
+    finite = torch.stack([torch.isfinite(v).all() for v in y1_abs]).all()
+    ratio = norms[0] if len(norms) == 1 else torch.stack(norms).max()
+    return torch.where(finite, ratio, math.nan).item(), tuple(y1_abs)
 
 
 @torch.no_grad()
@@ -260,21 +305,35 @@ def _initial_step(
 
     d0 = norm([y0[i] for i in controlled])
     d1 = norm([f0[i] for i in controlled])
+    if not (math.isfinite(d0) and math.isfinite(d1)):
+        raise _non_finite(float(time(t0)), "state" if not math.isfinite(d0) else "vector field")
     h0 = 1e-6 if d0 < 1e-5 or d1 < 1e-5 else 0.01 * d0 / d1
-    if not (math.isfinite(h0) and h0 > 0):  # f is not finite at y0: the solve fails with "underflow in dt"
-        return 0.0
     y1 = tuple(torch.add(y, f, alpha=h0) for y, f in zip(y0, f0))
     f1 = field(time(t0 + h0), y1)
     d2 = norm([f1[i] - f0[i] for i in controlled]) / h0
-    if d1 <= 1e-15 and d2 <= 1e-15:
-        h1 = max(1e-6, h0 * 1e-3)
-    else:
-        h1 = (0.01 / max(d1, d2)) ** (1.0 / order) if math.isfinite(max(d1, d2)) else 0.0
+    if not math.isfinite(d2):
+        raise _non_finite(float(time(t0 + h0)))
+    h1 = max(1e-6, h0 * 1e-3) if d1 <= 1e-15 and d2 <= 1e-15 else (0.01 / max(d1, d2)) ** (1.0 / order)
     return min(100 * h0, h1)
 
 
+def _non_finite(t: float, what: str = "vector field", end: float | None = None) -> SolverFailedError:
+    """The failure of a solve whose ``what`` ("vector field" or "state") turned NaN/Inf at time ``t``."""
+    returned = "returned" if what == "vector field" else "held"
+    step = "" if end is None else f" (in the step to t = {end:g})"
+    return SolverFailedError(
+        f"the {what} {returned} NaN/Inf at t = {t:g}{step}: no step size can help; look for an overflow or a "
+        "division by zero in the vector field, or lower the learning rate if training made it diverge."
+    )
+
+
 def _next_step(dt: float, ratio: float, control: StepControl) -> float:
-    """Hairer's controller as torchdiffeq applies it: never shrink after an accepted step."""
+    """Hairer's controller as torchdiffeq applies it: never shrink after an accepted step.
+
+    ``ratio`` must be finite: Python's ``max``/``min`` would turn a NaN into ``ifactor`` and grow the step.
+    """
+    if not math.isfinite(ratio):
+        raise ValueError(f"the error ratio must be finite, got {ratio!r}.")
     if ratio == 0.0:
         return dt * control.ifactor
     dfactor = 1.0 if ratio < 1.0 else control.dfactor
@@ -298,7 +357,7 @@ def solve(
     and a state or parameter requiring grad); see :func:`adjoint_solve` for the adjoint method.
 
     Args:
-        field: f(t, y) on tuples of tensors (t a 0-d tensor of the state's dtype).
+        field: f(t, y) on tuples of tensors (t a 0-d tensor of the state's real dtype).
         y0: The initial state, a tuple of tensors.
         t0, t1: The interval.
         control: Method and step control.
@@ -309,13 +368,22 @@ def solve(
         RuntimeError: "underflow in dt" when an adaptive step vanishes next to t, "max_num_steps exceeded" after
             ``control.max_num_steps`` attempts (torchdiffeq's wording, which
             :func:`~lightning_pdenets.errors.is_solver_failure` recognises).
+        SolverFailedError: "the vector field returned NaN/Inf at t = ..." when an adaptive step meets NaN/Inf
+            (at once: torchdiffeq fails on it with "underflow in dt nan" after a few rejected steps).
+        ValueError: when ``t0`` or ``t1`` is not a finite number.
     """
-    if not isinstance(y0, tuple) or not all(isinstance(y, torch.Tensor) for y in y0):
-        raise TypeError(f"`y0` must be a tuple of tensors, got {type(y0).__name__}.")
+    if not isinstance(y0, tuple) or not y0 or not all(isinstance(y, torch.Tensor) for y in y0):
+        raise TypeError(f"`y0` must be a tuple of tensors (at least one), got {type(y0).__name__}.")
+    for name, value in (("t0", t0), ("t1", t1)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"`{name}` must be a finite number, got {value!r}.")
+    if not isinstance(control, StepControl):
+        raise TypeError(f"`control` must be a StepControl, got {type(control).__name__}.")
     if t1 == t0:
         return y0
     sign = 1.0 if t1 > t0 else -1.0
-    dtype, device = y0[0].dtype, y0[0].device
+    dtype = torch.empty(0, dtype=y0[0].dtype).real.dtype  # the real dtype of a complex state
+    device = y0[0].device
 
     def time(s: float) -> torch.Tensor:
         return torch.tensor(sign * s, dtype=dtype, device=device)
@@ -408,8 +476,8 @@ def _solve_adaptive(
         step = end - t if last else dt  # step exactly to the end (torchdiffeq steps past it and interpolates)
         y1, f1, stages = _step(field, tableau, t, step, y, f, time)
         ratio, y1_abs = _error_ratio(stages, error_weights, step, y_abs, y1, controlled, rtol, atol)
-        if not math.isfinite(ratio) and not all(bool(torch.isfinite(v).all()) for v in y):
-            raise RuntimeError(f"non-finite values in the state at t = {t:g}")
+        if not math.isfinite(ratio):  # NaN/Inf in y1 or in the stages: a smaller step cannot remove it
+            raise _non_finite(float(time(t)), end=float(time(t + step)))
         accepted = ratio <= 1.0 or step <= control.min_step
         if observer is not None:
             observer(accepted, step)
