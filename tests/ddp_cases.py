@@ -304,6 +304,8 @@ CASES: dict[str, DDPCase] = {
         train_batches=2,
         callbacks=lambda: [cb.MultilevelTraining(refine_epochs=[1], refine_weights=False)],
     ),
+    # num_batches counts per-process batches, and the matrix halves them on 2 ranks: limit_test_batches bounds the
+    # evaluation callbacks instead (tests/test_evaluation_ddp_invariance.py runs them at equal per-process batches)
     "adversarial": DDPCase(
         ("AdversarialEvaluation",),
         rknet,
@@ -313,8 +315,8 @@ CASES: dict[str, DDPCase] = {
                 epsilons=["8/255"],
                 attacks=["fgsm", "pgd", "spsa"],
                 pgd_steps=2,
-                num_batches=2,
-                spsa_num_batches=1,
+                num_batches=None,
+                spsa_num_batches=None,
                 spsa_steps=2,
                 spsa_samples=4,
                 gradient_solver={"method": "euler", "step_size": 0.5},
@@ -326,7 +328,7 @@ CASES: dict[str, DDPCase] = {
         ("OODEvaluation",),
         rknet,
         test=True,
-        callbacks=lambda: [cb.OODEvaluation(perturbations=["gaussian_noise", "rotation"], num_batches=2)],
+        callbacks=lambda: [cb.OODEvaluation(perturbations=["gaussian_noise", "rotation"], num_batches=None)],
     ),
     "inference_timer": DDPCase(
         ("InferenceTimer",),

@@ -159,3 +159,30 @@ def test_subclassed_vision_datamodules_take_every_base_argument() -> None:
     assert ResizedCIFAR10DataModule(resize=48, val_size=100).val_size == 100
     with pytest.raises(ValueError, match=r"`partition` must be an integer in \[1, 10\]"):
         DTDDataModule(partition=11)
+
+
+def _as_rank(monkeypatch: pytest.MonkeyPatch, rank: int, world_size: int) -> None:
+    """Make the loaders built here believe they run on ``rank`` of a ``world_size``-process group."""
+    import torch.distributed as dist
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda *args, **kwargs: world_size)
+    monkeypatch.setattr(dist, "get_rank", lambda *args, **kwargs: rank)
+
+
+@pytest.mark.parametrize(("train", "split", "size"), [(False, "validation", 3), (True, "training", 2)])
+def test_a_split_smaller_than_the_process_count_is_refused_naming_the_fix(
+    monkeypatch: pytest.MonkeyPatch, train: bool, split: str, size: int
+) -> None:
+    from torch.utils.data import TensorDataset
+
+    from lightning_pdenets.data.loading import make_loader
+
+    _as_rank(monkeypatch, rank=3, world_size=4)  # rank 3 of 4 holds none of 3 evaluation samples
+    small = TensorDataset(torch.arange(size))
+    with pytest.raises(ConfigurationError, match=rf"at least 4 samples or run on at most {size} devices"):
+        make_loader(small, batch_size=8, train=train, seed=0)
+    with pytest.raises(ConfigurationError, match=rf"The {split} split has {size} samples, fewer than the 4 processes"):
+        make_loader(small, batch_size=8, train=train, seed=0, split=split if not train else None)
+    assert len(make_loader(TensorDataset(torch.arange(4)), batch_size=8, train=train, seed=0)) == 1  # one each
+    assert len(make_loader(TensorDataset(torch.arange(0)), batch_size=8, train=False, seed=0)) == 0  # empty: allowed

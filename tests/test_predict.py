@@ -93,3 +93,39 @@ def test_prediction_writer_refuses_a_bad_output_dir_before_predicting(tmp_path: 
     model.predict_step = lambda *args: pytest.fail("predicted before refusing the output folder")
     with pytest.raises(ConfigurationError, match="is a file, not a folder"):
         quiet_trainer(callbacks=[writer]).predict(model, DataLoader(TensorDataset(torch.randn(2, 3)), batch_size=2))
+
+
+def test_prediction_writer_removes_shards_of_an_earlier_ddp_run_and_reports_the_total(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lightning_pdenets.callbacks import prediction_writer
+
+    folder = tmp_path / "out"
+    folder.mkdir()
+    stale = [f"predictions_rank{rank}.{suffix}" for rank in (0, 1) for suffix in ("csv", "pt")]
+    kept = ["predictions_old.csv", "other.csv", "predictions_rank1.txt"]  # not files this writer writes
+    for name in stale + kept:
+        (folder / name).write_text("an earlier run")
+    messages: list[str] = []
+    monkeypatch.setattr(prediction_writer, "rank_zero_info", messages.append)
+    writer = PredictionWriter(output_dir=folder)
+    loader = DataLoader(TensorDataset(torch.randn(11, 3)), batch_size=4)
+    quiet_trainer(callbacks=[writer]).predict(_LogitsModel(), loader)
+    assert sorted(path.name for path in folder.iterdir()) == sorted(["predictions.csv", "predictions.pt", *kept])
+    assert messages[-1].startswith(f"Wrote 11 predictions to {folder}: predictions.csv (and .pt); removed 4 stale")
+    assert all(name in messages[-1] for name in stale)
+
+
+def test_a_ddp_run_counts_as_stale_the_unsharded_files_and_shards_it_did_not_write(tmp_path: Path) -> None:
+    from lightning_pdenets.callbacks.prediction_writer import _remove_stale_files
+
+    names = [
+        f"{stem}.{suffix}" for stem in ("p", "p_rank0", "p_rank1", "p_rank2", "p_rank10") for suffix in ("pt", "csv")
+    ]
+    for name in [*names, "p_rankX.csv", "q_rank2.pt"]:
+        (tmp_path / name).write_text("")
+    removed = _remove_stale_files(tmp_path, "p", {"p_rank0", "p_rank1"})  # what 2 processes wrote now
+    assert removed == ["p.csv", "p.pt", "p_rank10.csv", "p_rank10.pt", "p_rank2.csv", "p_rank2.pt"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(
+        ["p_rank0.pt", "p_rank0.csv", "p_rank1.pt", "p_rank1.csv", "p_rankX.csv", "q_rank2.pt"]
+    )

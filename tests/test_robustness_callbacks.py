@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from typing import Any
 
 import lightning.pytorch as pl
 import pytest
@@ -565,3 +566,111 @@ def test_color_jitter_on_images_with_two_channels_names_the_perturbation_to_drop
     OODEvaluation(perturbations=["gaussian_noise", "rotation"], crop_size=7, reference_size=8).evaluate_batch(
         model, torch.rand(4, 2, 8, 8)
     )
+
+
+# -- the same images and draws on one process and on N (sample positions in the evaluation set) ------------
+def test_batch_positions_follow_the_sampler_that_deals_samples_out_to_the_ranks() -> None:
+    from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+    from torch.utils.data import DistributedSampler
+
+    from lightning_pdenets.evaluation import batch_positions
+
+    data = TensorDataset(torch.arange(11))
+    plain = batch_positions(DataLoader(data, batch_size=4), 2, 3)
+    assert plain.indices.tolist() == [8, 9, 10] and plain.among_first(2).tolist() == [False] * 3
+    rank1 = DataLoader(data, batch_size=4, sampler=UnrepeatedDistributedSampler(data, 3, 1, shuffle=False))
+    assert batch_positions(rank1, 0, 4).indices.tolist() == next(iter(rank1))[0].tolist() == [1, 4, 7, 10]
+    # a padding DistributedSampler repeats the first samples: rank 2 of 3 gets 2, 5, 8 and the padded 0
+    padded = DataLoader(data, batch_size=4, sampler=DistributedSampler(data, 3, 2, shuffle=False))
+    assert batch_positions(padded, 0, 4).indices.tolist() == [2, 5, 8, 0]
+    assert batch_positions(rank1, 0, 4).among_first(1).tolist() == [True, False, False, False]  # first 4 of the set
+    for unknown in (DataLoader(data, batch_size=4, shuffle=True), DataLoader(data, batch_size=None), None):
+        positions = batch_positions(unknown, 1, 4)
+        assert positions.indices is None
+        assert positions.among_first(2).all() and not positions.among_first(1).any()  # per-process batches
+
+
+def _simulated_ranks(world_size: int, batch_size: int = 8) -> list[DataLoader]:
+    """The test loader each rank of a ``world_size``-process run builds (data/loading.py), here in one process."""
+    from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+
+    data = PlainData(num_classes=10, n=36)
+    dataset = TensorDataset(data.x, data.y)
+    if world_size == 1:
+        return [DataLoader(dataset, batch_size=batch_size)]
+    return [
+        DataLoader(dataset, batch_size=batch_size, sampler=UnrepeatedDistributedSampler(dataset, world_size, r, False))
+        for r in range(world_size)
+    ]
+
+
+def _per_sample_outputs(callback: pl.Callback, method: str, loaders: list[DataLoader]) -> dict[str, dict[int, Any]]:
+    """``{key: {sample: logits}}`` of every call of ``callback.<method>`` over test runs on ``loaders`` (one per rank).
+
+    Rows are matched to samples by their image, so this reads what was evaluated whatever the callback reports.
+    """
+    images = loaders[0].dataset.tensors[0].flatten(1)
+    outputs: dict[str, dict[int, Any]] = {}
+    evaluate = getattr(callback, method)
+
+    def spy(model, x, *args, **kwargs):
+        result = evaluate(model, x, *args, **kwargs)
+        rows = [int((images == row).all(1).nonzero()) for row in x.flatten(1).cpu()]
+        for key, logits in result.items():
+            outputs.setdefault(key, {}).update(zip(rows, logits))
+        return result
+
+    setattr(callback, method, spy)
+    for loader in loaders:
+        quiet_trainer(callbacks=[callback]).test(PlainClassifier(num_classes=10), dataloaders=loader, verbose=False)
+    return outputs
+
+
+def test_ood_perturbs_the_same_images_alike_on_one_process_and_on_two() -> None:
+    runs = [
+        _per_sample_outputs(
+            OODEvaluation(
+                perturbations=["gaussian_noise", "rotation"], noise_std=0.3, num_batches=3, mean=MEAN, std=STD
+            ),
+            "evaluate_batch",
+            _simulated_ranks(world_size),
+        )
+        for world_size in (1, 2)
+    ]
+    one, two = runs
+    assert one.keys() == two.keys() == {"gaussian_noise", "rotation"}
+    for name in one:
+        assert sorted(one[name]) == sorted(two[name]) == list(range(24)), "the first 3 × 8 samples of the set"
+        for sample, logits in one[name].items():
+            torch.testing.assert_close(two[name][sample], logits, msg=f"{name} of sample {sample}")
+
+
+def test_adversarial_attacks_the_same_images_from_the_same_starts_on_one_process_and_on_two() -> None:
+    def callback() -> AdversarialEvaluation:
+        return AdversarialEvaluation(
+            epsilons=["8/255"],
+            attacks=["pgd", "spsa"],
+            pgd_steps=2,
+            num_batches=2,
+            spsa_num_batches=1,
+            spsa_steps=1,
+            spsa_samples=2,
+            mean=MEAN,
+            std=STD,
+            log_figure=False,
+        )
+
+    one, two = (_per_sample_outputs(callback(), "attack_batch", _simulated_ranks(n)) for n in (1, 2))
+    assert sorted(one["clean"]) == sorted(two["clean"]) == list(range(16))
+    assert sorted(one["spsa_eps8"]) == sorted(two["spsa_eps8"]) == list(range(8))  # SPSA: the first 8 of them
+    for sample, logits in one["pgd_eps8"].items():  # the random start is drawn per image: the same on 2 ranks
+        torch.testing.assert_close(two["pgd_eps8"][sample], logits, msg=f"PGD on sample {sample}")
+
+
+def test_a_loader_of_unknown_order_falls_back_to_per_batch_seeds_with_a_warning() -> None:
+    data = PlainData(num_classes=10, n=16)
+    loader = DataLoader(TensorDataset(data.x, data.y), batch_size=8, shuffle=True)
+    callback = OODEvaluation(perturbations=["gaussian_noise"], num_batches=1, mean=MEAN, std=STD)
+    with pytest.warns(UserWarning, match=r"its sampler is RandomSampler.*depend on the number of processes") as caught:
+        quiet_trainer(callbacks=[callback]).test(PlainClassifier(num_classes=10), dataloaders=loader, verbose=False)
+    assert sum("cannot tell which samples" in str(w.message) for w in caught) == 1  # once, not per batch

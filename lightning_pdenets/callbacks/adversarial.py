@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -32,12 +32,16 @@ from lightning_pdenets.evaluation import (
     PixelSpace,
     accuracy_metrics,
     add_figure,
+    batch_positions,
     check_channel_stats,
     compute_on_every_rank,
     configured_solvers,
+    derive_seed,
     evaluation_pass,
     normalization_of,
+    running_loader,
     split_batch,
+    unknown_order_message,
 )
 from lightning_pdenets.interruption import raise_if_stop_requested
 from lightning_pdenets.metric_logging import log_replicated
@@ -114,6 +118,47 @@ class _StopChecked(nn.Module):
         return self.model(inputs)
 
 
+_PGD_STARTS, _BATCH_DRAWS = 0, 1
+"""Streams of :func:`~lightning_pdenets.evaluation.derive_seed`: PGD's start per image, the other draws per batch."""
+
+
+def _unit_starts(pixels: torch.Tensor, seed: int, sample_indices: torch.Tensor) -> torch.Tensor:
+    """Uniform points of [-1, 1]^(C, H, W), one per image, each drawn from ``seed`` and the image's index only."""
+    starts = []
+    for index in sample_indices.tolist():
+        generator = torch.Generator().manual_seed(derive_seed(seed, _PGD_STARTS, index))
+        starts.append(torch.empty(pixels.shape[1:]).uniform_(-1.0, 1.0, generator=generator))
+    return torch.stack(starts).to(pixels)
+
+
+def _pgd_from(attack: Any, pixels: torch.Tensor, labels: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+    """advertorch's PGD ``attack`` on ``pixels`` from the offset ``start`` in place of its own (whole-batch) draw.
+
+    What ``PGDAttack.perturb`` does with ``rand_init``, but for the draw: clip the start into the pixel range, then
+    iterate.
+    """
+    from lightning_pdenets._compat.advertorch import import_advertorch_attacks
+
+    iterate = import_advertorch_attacks().iterative_projected_gradient.perturb_iterative
+    pixels = pixels.detach().clone()
+    delta = nn.Parameter(torch.clamp(pixels + start, attack.clip_min, attack.clip_max) - pixels)
+    return iterate(
+        pixels,
+        labels,
+        attack.predict,
+        nb_iter=attack.nb_iter,
+        eps=attack.eps,
+        eps_iter=attack.eps_iter,
+        loss_fn=attack.loss_fn,
+        minimize=attack.targeted,
+        ord=attack.ord,
+        clip_min=attack.clip_min,
+        clip_max=attack.clip_max,
+        delta_init=delta,
+        l1_sparsity=attack.l1_sparsity,
+    ).data
+
+
 def _label(epsilon: float) -> str:
     return f"eps{round(epsilon * 255, 4):g}"
 
@@ -131,7 +176,7 @@ class AdversarialEvaluation(Callback):
     fails while gradient-free attacks succeed, so a white-box number alone can overstate robustness. Hence:
 
     * ``"spsa"`` in ``attacks`` runs advertorch's ``LinfSPSAAttack`` (Uesato et al., ICML 2018), which only
-      queries the model's outputs, on the first ``spsa_num_batches`` attacked batches (it costs
+      queries the model's outputs, on the first ``spsa_num_batches`` × (batch size) attacked images (it costs
       2·``spsa_samples``·``spsa_steps`` forward passes per image).
     * ``gradient_solver`` (e.g. ``{method: rk4, step_size: 0.1}``) crafts the white-box attacks with the ODE
       blocks (found through :class:`lightning_pdenets.protocols.ODESolverBlock`) switched to that stand-in
@@ -162,20 +207,32 @@ class AdversarialEvaluation(Callback):
     with a TensorBoard logger a figure of accuracy against ε. With ``every_n_val_epochs`` the same runs on
     validation batches under ``val_adv/``.
 
+    **Processes.** ``num_batches`` and ``spsa_num_batches`` select images by their index in the evaluation set,
+    and PGD's random start is drawn per image from ``seed`` and that index, so one process and N DDP processes
+    attack the same images from the same starts (the index is read from the unshuffled evaluation loader:
+    sequential, or Lightning's and torch's distributed samplers, which deal samples out to the ranks in turn; for
+    another loader, batches are counted per process and seeded ``seed + batch_idx``, with a warning). SPSA's and
+    AutoAttack's random draws are made per attacked batch (seeded from ``seed`` and the batch's first index), so
+    their accuracies can differ slightly between process counts, as can everything of a model whose output for
+    an image depends on the rest of its batch (e.g. an adaptive solver controlling its error over the batch).
+
     Args:
         epsilons: Attack budgets in [0, 1] pixel units; numbers or strings like ``"1/255"``.
         attacks: Subset of ``("fgsm", "pgd", "spsa", "autoattack")``.
         pgd_steps: Iterations of PGD.
         pgd_step_size: PGD step in pixel units; ``None`` uses 2.5·ε / ``pgd_steps`` (Madry et al.).
         pgd_random_init: Start PGD from a uniform random point of the ε-ball.
-        num_batches: Batches attacked per test (or validation) run; ``None`` attacks all of them.
+        num_batches: Attack the first ``num_batches`` × (per-process batch size) images of the test (or
+            validation) set, whatever the number of processes; ``None`` attacks all of them.
         every_n_val_epochs: Also attack during validation every N epochs; ``None`` only at test time.
         mean: Per-channel mean the inputs were standardized with (default: ``trainer.datamodule.mean``,
             else raw [0, 1] inputs).
         std: Per-channel standard deviation, as ``mean``.
-        seed: Seed of PGD's random start and SPSA's samples (the global RNG is left untouched).
+        seed: Seed of PGD's random start (per image), SPSA's samples and AutoAttack's draws (per batch); the global
+            RNG is left untouched.
         log_figure: Add an accuracy-vs-ε figure to TensorBoard.
-        spsa_num_batches: Of the attacked batches, how many (the first ones) SPSA also attacks; ``None``: all.
+        spsa_num_batches: SPSA also attacks the first ``spsa_num_batches`` × (per-process batch size) of the
+            attacked images; ``None``: all.
         spsa_steps: Adam iterations of SPSA.
         spsa_samples: Random directions of SPSA's gradient estimate per iteration.
         spsa_delta: Finite-difference step of SPSA, in pixel units (Uesato et al.: 0.01).
@@ -278,6 +335,7 @@ class AdversarialEvaluation(Callback):
         self._warned_raw_pixels = False
         self._warned_no_ode_blocks = False
         self._warned_masking = False
+        self._warned_order = False
 
     # -- attacks --------------------------------------------------------------------------------
     def build_attack(self, name: str, predict: Callable[[torch.Tensor], torch.Tensor], epsilon: float) -> Any:
@@ -372,14 +430,21 @@ class AdversarialEvaluation(Callback):
         trainer: pl.Trainer | None = None,
         seed: int = 0,
         black_box: bool = True,
+        sample_indices: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Logits on the clean batch, under every attack and in the worst case over the attacks, per ε.
 
         Keys: ``clean``, ``<attack>_eps<ε·255>`` and ``robust_eps<ε·255>`` (:func:`worst_case_logits`), and with
         AutoAttack also ``autoattack-<stage>_eps<ε·255>`` after its gradient-based stages (:meth:`autoattack`).
         ``x`` carries the model's input normalization; the model is restored as described above.
-        ``black_box=False`` skips the black-box attacks.
+        ``black_box=False`` skips the black-box attacks. With ``sample_indices`` (one per image, e.g. its index in
+        the evaluation set) PGD starts each image from a point drawn from ``seed`` and its index only, and SPSA and
+        AutoAttack draw from a seed derived from ``seed`` and the first index; without, every attack draws under
+        ``seed`` for the whole batch.
         """
+        if sample_indices is not None and len(sample_indices) != x.shape[0]:
+            raise ValueError(f"{len(sample_indices)} `sample_indices` for a batch of {x.shape[0]}; give one per image.")
+        batch_seed = seed if sample_indices is None else derive_seed(seed, _BATCH_DRAWS, int(sample_indices[0]))
         stats = normalization_of(trainer, self.mean, self.std)
         if stats is None and not self._warned_raw_pixels:
             self._warned_raw_pixels = True
@@ -403,11 +468,16 @@ class AdversarialEvaluation(Callback):
             labels = y.detach().clone()
 
             def craft(name: str, epsilon: float) -> None:
-                attack = self.build_attack(name, _StopChecked(pixel_model, trainer, name, epsilon, seed), epsilon)
+                checked = _StopChecked(pixel_model, trainer, name, epsilon, batch_seed)
+                attack = self.build_attack(name, checked, epsilon)
                 progress.set_postfix_str(f"{name.upper()} ε={epsilon:.4g}")
                 with torch.random.fork_rng(devices=devices):
-                    torch.manual_seed(seed)
-                    adversarial[name, epsilon] = attack.perturb(pixels, labels).detach()
+                    torch.manual_seed(batch_seed)
+                    if name == "pgd" and self.pgd_random_init and sample_indices is not None:
+                        start = _unit_starts(pixels, seed, sample_indices)
+                        adversarial[name, epsilon] = _pgd_from(attack, pixels, labels, epsilon * start).detach()
+                    else:
+                        adversarial[name, epsilon] = attack.perturb(pixels, labels).detach()
                 progress.update()
 
             with self._gradient_solver(model):
@@ -419,9 +489,9 @@ class AdversarialEvaluation(Callback):
                     craft(name, epsilon)
             for epsilon in self.epsilons if "autoattack" in attacks else ():
                 progress.set_postfix_str(f"AutoAttack ε={epsilon:.4g}")
-                checked = _StopChecked(pixel_model, trainer, "autoattack", epsilon, seed)
+                checked = _StopChecked(pixel_model, trainer, "autoattack", epsilon, batch_seed)
                 with torch.random.fork_rng(devices=devices):
-                    adversarial.update(self.autoattack(model, checked, pixels, labels, epsilon, seed))
+                    adversarial.update(self.autoattack(model, checked, pixels, labels, epsilon, batch_seed))
                 progress.update()
             with torch.no_grad():
                 outputs = {"clean": pixel_model(pixels)}
@@ -434,19 +504,42 @@ class AdversarialEvaluation(Callback):
         return outputs
 
     # -- Lightning hooks ------------------------------------------------------------------------
-    def _update(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        if self.num_batches is not None and batch_idx >= self.num_batches:
-            return
+    def _update(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        batch: Any,
+        batch_idx: int,
+        stage: Literal["test", "validate"],
+        dataloader_idx: int,
+    ) -> None:
         x, y = split_batch(batch, type(self).__name__)
-        black_box = any(a in BLACK_BOX_ATTACKS for a in self.attacks) and (
-            self.spsa_num_batches is None or batch_idx < self.spsa_num_batches
-        )
-        outputs = self.attack_batch(pl_module, x, y, trainer, seed=self.seed + batch_idx, black_box=black_box)
-        for key, logits in outputs.items():
-            self._accumulate(self._metrics, key, logits, y)
-            # every attack (and AutoAttack's stages, "autoattack-<stage>") on the samples SPSA also attacked
-            if black_box and key.split("_")[0].partition("-")[0] in ATTACKS:
-                self._accumulate(self._black_box_batch_metrics, key, logits, y)
+        loader = running_loader(trainer, stage, dataloader_idx)
+        positions = batch_positions(loader, batch_idx, len(y))
+        if positions.indices is None and not self._warned_order:
+            self._warned_order = True
+            rank_zero_warn(unknown_order_message(type(self).__name__, loader, self.num_batches))
+        attacked = positions.among_first(self.num_batches)
+        if any(a in BLACK_BOX_ATTACKS for a in self.attacks):
+            black_box = attacked & positions.among_first(self.spsa_num_batches)
+        else:
+            black_box = torch.zeros_like(attacked)
+        # the images SPSA attacks and the others (a batch may straddle the limit): one attack_batch each
+        for rows, with_black_box in ((black_box, True), (attacked & ~black_box, False)):
+            if not rows.any():
+                continue
+            xs, ys = (x, y) if rows.all() else (x[rows.to(x.device)], y[rows.to(y.device)])
+            if positions.indices is None:
+                outputs = self.attack_batch(pl_module, xs, ys, trainer, self.seed + batch_idx, with_black_box)
+            else:
+                outputs = self.attack_batch(
+                    pl_module, xs, ys, trainer, self.seed, with_black_box, sample_indices=positions.indices[rows]
+                )
+            for key, logits in outputs.items():
+                self._accumulate(self._metrics, key, logits, ys)
+                # every attack (and AutoAttack's stages, "autoattack-<stage>") on the samples SPSA also attacked
+                if with_black_box and key.split("_")[0].partition("-")[0] in ATTACKS:
+                    self._accumulate(self._black_box_batch_metrics, key, logits, ys)
 
     @staticmethod
     def _accumulate(
@@ -490,7 +583,7 @@ class AdversarialEvaluation(Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        self._update(trainer, pl_module, batch, batch_idx)
+        self._update(trainer, pl_module, batch, batch_idx, "test", dataloader_idx)
 
     @override
     def on_validation_batch_end(
@@ -503,7 +596,7 @@ class AdversarialEvaluation(Callback):
         dataloader_idx: int = 0,
     ) -> None:
         if self._val_epoch_selected(trainer):
-            self._update(trainer, pl_module, batch, batch_idx)
+            self._update(trainer, pl_module, batch, batch_idx, "validate", dataloader_idx)
 
     @override
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, cast
@@ -20,6 +21,23 @@ from lightning_pdenets.evaluation import split_batch
 __all__ = ["PredictionWriter"]
 
 
+def _remove_stale_files(folder: Path, filename: str, current: set[str]) -> list[str]:
+    """Remove ``filename.{pt,csv}`` and ``filename_rank<N>.{pt,csv}`` in ``folder`` whose stem is not in ``current``.
+
+    Returns:
+        The names of the removed files, sorted.
+    """
+    pattern = re.compile(rf"{re.escape(filename)}(_rank\d+)?\.(pt|csv)")
+    if not folder.is_dir():
+        return []
+    removed = []
+    for path in sorted(folder.iterdir()):
+        if pattern.fullmatch(path.name) and path.stem not in current and path.is_file():
+            path.unlink(missing_ok=True)
+            removed.append(path.name)
+    return removed
+
+
 class PredictionWriter(BasePredictionWriter):
     """Save the class probabilities returned by ``predict_step`` as ``predictions.pt`` and ``predictions.csv``.
 
@@ -31,7 +49,10 @@ class PredictionWriter(BasePredictionWriter):
     (``(inputs, labels, ...)`` or ``{"inputs": ..., "targets": ...}``), ``labels``; the CSV has one row per
     sample with the same columns
     (``confidence`` is the top probability). Under DDP every process writes its own share, suffixed
-    ``_rank{N}``; ``sample_index`` tells where each row belongs.
+    ``_rank{N}``; ``sample_index`` tells where each row belongs. Files of the same ``filename`` in the folder that
+    this run did not write (the unsharded files of a one-process run, shards of an earlier run with more
+    processes, or of a process that predicted nothing this time) are removed, so that merging every
+    ``filename*.csv`` there never mixes runs; the message that announces the files names them.
 
     Args:
         output_dir: Folder of the files; default: the logger's version folder of the run (the
@@ -62,6 +83,7 @@ class PredictionWriter(BasePredictionWriter):
                 f"PredictionWriter: `output_dir` {str(self.output_dir)!r} is a file, not a folder; name a folder."
             )
         self._parts = {"probabilities": [], "sample_index": [], "labels": [], "dataloader_idx": []}
+        self.written = []
 
     def write_on_batch_end(
         self,
@@ -92,8 +114,41 @@ class PredictionWriter(BasePredictionWriter):
     def on_predict_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # every rank takes rank 0's folder: each rank's logger works out its own next version number
         folder = Path(trainer.strategy.broadcast(str(self._folder(trainer))))
-        if not self._parts.get("probabilities"):
+        sharded = trainer.world_size > 1
+        stem = f"{self.filename}_rank{trainer.global_rank}" if sharded else self.filename
+        count = sum(len(part) for part in self._parts.get("probabilities", []))
+        failure: Exception | None = None
+        if count:
+            try:
+                self.written = self._write(folder, stem)
+            except Exception as error:  # raised after the count exchange, which every rank must join
+                failure = error
+        # one collective on every rank, whether it predicted anything or failed to write: (rows, failed) per rank
+        local = torch.tensor([count, failure is not None], device=trainer.strategy.root_device)
+        shares = trainer.strategy.all_gather(local)
+        shares = shares.reshape(-1, 2).cpu()
+        if failure is not None:
+            raise failure
+        if shares[:, 1].any():
+            failed = shares[:, 1].nonzero().flatten().tolist()
+            raise RuntimeError(
+                f"PredictionWriter: process(es) {failed} could not write their predictions to {folder} (see their "
+                f"error); the files there are incomplete."
+            )
+        if not trainer.is_global_zero:
             return
+        ranks = shares[:, 0].nonzero().flatten().tolist()  # those that wrote files
+        stems = [f"{self.filename}_rank{rank}" if sharded else self.filename for rank in ranks]
+        removed = _remove_stale_files(folder, self.filename, set(stems))
+        if not stems and not removed:
+            return
+        names = ", ".join(f"{name}.csv" for name in stems) or "no file"
+        note = f"; removed {len(removed)} stale file(s) of an earlier run: {', '.join(removed)}" if removed else ""
+        processes = f" from {trainer.world_size} processes" if sharded else ""
+        rank_zero_info(f"Wrote {int(shares[:, 0].sum())} predictions{processes} to {folder}: {names} (and .pt){note}.")
+
+    def _write(self, folder: Path, stem: str) -> list[Path]:
+        """Write this process's predictions as ``stem.pt`` and ``stem.csv`` in ``folder``; the paths written."""
         probabilities = torch.cat(self._parts["probabilities"])
         columns: dict[str, torch.Tensor] = {}
         if len(self._parts["sample_index"]) == len(self._parts["probabilities"]):
@@ -107,7 +162,6 @@ class PredictionWriter(BasePredictionWriter):
         if loader_index.any():  # several predict dataloaders: sample_index restarts in each
             columns = {"dataloader_idx": loader_index, **columns}
         folder.mkdir(parents=True, exist_ok=True)
-        stem = self.filename if trainer.world_size == 1 else f"{self.filename}_rank{trainer.global_rank}"
         tensors_path, table_path = folder / f"{stem}.pt", folder / f"{stem}.csv"
         torch.save({"probabilities": probabilities, **columns}, tensors_path)
         with open(table_path, "w", newline="") as handle:
@@ -115,8 +169,7 @@ class PredictionWriter(BasePredictionWriter):
             writer.writerow(list(columns))
             for row in zip(*(values.tolist() for values in columns.values())):
                 writer.writerow([f"{value:.6g}" if isinstance(value, float) else value for value in row])
-        self.written = [tensors_path, table_path]
-        rank_zero_info(f"Wrote {len(probabilities)} predictions to {table_path} and {tensors_path.name}.")
+        return [tensors_path, table_path]
 
     def _probabilities(self, scores: torch.Tensor) -> torch.Tensor:
         """``scores`` if every row is a probability distribution, else their softmax (logits, log-probabilities)."""

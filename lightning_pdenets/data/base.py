@@ -264,11 +264,11 @@ class ClassificationDataModule(pl.LightningDataModule):
         world_size = self.trainer.world_size if self.trainer is not None else 1
         return check_global_batch_size(self.global_batch_size, world_size) or self.batch_size
 
-    def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader:
+    def _loader(self, dataset: Dataset | None, train: bool, split: str) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}.setup() must run before asking for a dataloader.")
         return make_loader(
-            dataset, self.per_process_batch_size(), train, self.seed, self.num_workers, self._completed_batches
+            dataset, self.per_process_batch_size(), train, self.seed, self.num_workers, self._completed_batches, split
         )
 
     def _completed_batches(self) -> int:
@@ -276,19 +276,19 @@ class ClassificationDataModule(pl.LightningDataModule):
 
     @override
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, train=True)
+        return self._loader(self.train_set, train=True, split="training")
 
     @override
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, train=False)
+        return self._loader(self.val_set, train=False, split="validation")
 
     @override
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, train=False)
+        return self._loader(self.test_set, train=False, split="test")
 
     @override
     def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, train=False)
+        return self._loader(self.test_set, train=False, split="predict")
 
 
 class VisionDataModule(ClassificationDataModule):

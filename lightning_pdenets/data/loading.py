@@ -18,18 +18,44 @@ add a dependency for the ~30 lines below.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sized
 from typing import Any
 
 import torch.distributed as dist
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-__all__ = ["ResumableDataLoader", "ResumableSampler", "check_global_batch_size", "make_loader"]
+from lightning_pdenets.errors import ConfigurationError
+
+__all__ = ["ResumableDataLoader", "ResumableSampler", "check_global_batch_size", "check_split_size", "make_loader"]
+
+
+def _world_size() -> int:
+    """Processes of the initialized process group; 1 without one."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return _world_size() > 1
+
+
+def check_split_size(dataset: Dataset, world_size: int, split: str) -> None:
+    """Refuse a non-empty ``split`` with fewer samples than processes: a process would hold none of it.
+
+    Evaluation hands every process distinct samples (Lightning's ``UnrepeatedDistributedSampler`` asserts each holds
+    one); training would pad every process's share with copies of the same few samples.
+
+    Raises:
+        ConfigurationError: naming the split, its size, the number of processes and the fixes.
+    """
+    if not isinstance(dataset, Sized) or not 0 < len(dataset) < world_size:
+        return
+    size = len(dataset)
+    raise ConfigurationError(
+        f"The {split} split has {size} sample{'s' if size > 1 else ''}, fewer than the {world_size} processes of this "
+        f"run, and under DDP every process needs at least one; give the {split} split at least {world_size} samples "
+        f"or run on at most {size} device{'s' if size > 1 else ''} (`trainer.devices`)."
+    )
 
 
 class ResumableSampler(DistributedSampler):
@@ -97,12 +123,17 @@ def make_loader(
     seed: int,
     num_workers: int = 0,
     completed_batches: Callable[[], int] | None = None,
+    split: str | None = None,
 ) -> DataLoader:
     """Training loader (shuffled, resumable) or evaluation loader (ordered, never duplicating samples).
 
     ``completed_batches`` returns how many batches of the current epoch the trainer has finished
-    (read only when resuming).
+    (read only when resuming). ``split`` names the dataset in errors (default: "training" or "evaluation").
+
+    Raises:
+        ConfigurationError: under DDP, for a non-empty dataset with fewer samples than processes.
     """
+    check_split_size(dataset, _world_size(), split or ("training" if train else "evaluation"))
     common: dict[str, Any] = dict(batch_size=batch_size, num_workers=num_workers, persistent_workers=num_workers > 0)
     if train:
         sampler = ResumableSampler(dataset, shuffle=True, seed=seed)

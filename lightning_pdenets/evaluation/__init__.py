@@ -1,9 +1,9 @@
 """Evaluation toolkit for models and callbacks that run or report on a model outside its training step.
 
-It sits below both: it imports torch, torchmetrics, Lightning (for types only) and the package's low-level
-modules (:mod:`~lightning_pdenets.protocols`, :mod:`~lightning_pdenets.solvers`, :mod:`~lightning_pdenets.errors`,
-:mod:`~lightning_pdenets.interruption`), never a model or a callback. One module per topic; every name is
-re-exported here:
+It sits below both: it imports torch, torchmetrics, Lightning (for types, and one sampler class) and the package's
+low-level modules (:mod:`~lightning_pdenets.protocols`, :mod:`~lightning_pdenets.solvers`,
+:mod:`~lightning_pdenets.errors`, :mod:`~lightning_pdenets.interruption`), never a model or a callback. One module
+per topic; every name is re-exported here:
 
 * **passes** (:mod:`~lightning_pdenets.evaluation.passes`): :func:`evaluation_pass` runs the model in eval mode,
   marked as a callback's own pass (:func:`callback_pass`, never counted as the model's NFE), with autograd off or,
@@ -17,6 +17,10 @@ re-exported here:
 * **pixels** (:mod:`~lightning_pdenets.evaluation.pixels`): :class:`PixelSpace`, :func:`normalization_of` and
   :func:`check_channel_stats` let attacks and perturbations work on [0, 1] pixels whatever normalization the
   inputs carry.
+* **samples** (:mod:`~lightning_pdenets.evaluation.samples`): :func:`batch_positions` places the rows of an
+  evaluation batch in the whole evaluation set (their global index, from the running loader of
+  :func:`running_loader`), so that sample limits and random draws (:func:`derive_seed`) do not depend on the
+  number of processes; it reads Lightning's distributed sampler, the one runtime use of Lightning here.
 * **solver checks** (:mod:`~lightning_pdenets.evaluation.solver_checks`): :func:`require_ode_blocks`,
   :func:`configure_blocks`, :func:`configured_solvers`, :func:`restored_solvers` and :func:`evaluate_batches`
   act on blocks found through :class:`lightning_pdenets.protocols.ODESolverBlock` only; :func:`shrink_grow_keep`
@@ -38,6 +42,13 @@ from lightning_pdenets.evaluation.pixels import (
     check_channel_stats,
     normalization_of,
 )
+from lightning_pdenets.evaluation.samples import (
+    BatchPositions,
+    batch_positions,
+    derive_seed,
+    running_loader,
+    unknown_order_message,
+)
 from lightning_pdenets.evaluation.solver_checks import (
     SOLVER_FAILURES,
     configure_blocks,
@@ -50,15 +61,18 @@ from lightning_pdenets.evaluation.solver_checks import (
 
 __all__ = [
     "SOLVER_FAILURES",
+    "BatchPositions",
     "PixelSpace",
     "accuracy_metrics",
     "add_figure",
     "add_text",
+    "batch_positions",
     "callback_pass",
     "check_channel_stats",
     "compute_on_every_rank",
     "configure_blocks",
     "configured_solvers",
+    "derive_seed",
     "eval_mode",
     "evaluate_batches",
     "evaluation_pass",
@@ -67,6 +81,8 @@ __all__ = [
     "normalization_of",
     "require_ode_blocks",
     "restored_solvers",
+    "running_loader",
     "shrink_grow_keep",
     "split_batch",
+    "unknown_order_message",
 ]
