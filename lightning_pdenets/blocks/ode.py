@@ -405,7 +405,9 @@ def explain_solver_failure(error: Exception, settings: Sequence[Mapping[str, Any
             name its block).
         phase: ``'forward'`` or ``'backward (adjoint)'``.
     """
-    if isinstance(error, SolverFailedError) or not is_solver_failure(error):
+    if isinstance(error, SolverFailedError):  # explained where it was raised; a backward one says so
+        return error if phase == "forward" else SolverFailedError(f"ODE solver failed in the {phase} pass: {error}")
+    if not is_solver_failure(error):
         return error
     if phase == "forward":
         blocks = "; ".join(_settings_text(s) for s in settings) or "no ODE block found"
