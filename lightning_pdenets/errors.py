@@ -32,6 +32,10 @@ class CheckpointNotFoundError(FileNotFoundError):
     """A checkpoint path given by the user names no file, or ``last`` finds none."""
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (a full disk, a file size limit); the previous file of that name is kept."""
+
+
 class UntrustedCheckpointError(RuntimeError):
     """A checkpoint needs unpickling, which can run arbitrary code, and was not trusted explicitly."""
 

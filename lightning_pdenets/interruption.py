@@ -10,9 +10,11 @@ and evaluation batches. Two cases it does not cover:
   bytecodes, so the blocked main thread never sees SIGTERM until the collective times out.
   :class:`StopWatchdog` notices the signal from a thread (through :func:`signal.set_wakeup_fd`, written by the C
   handler even while the main thread blocks), forwards it to the launched worker processes, and, if the
-  process has not ended ``grace_seconds`` later, prints one line and exits with code 143. The files on disk are
-  complete: checkpoints are written to a temporary file and renamed (:mod:`lightning_pdenets.checkpoints`), so
-  the last good checkpoint stays the newest readable one.
+  process makes no progress (no :func:`beat` at a batch's end) for the grace period, prints one line and exits
+  with code 143. The files on disk are complete: checkpoints are written to a temporary file and renamed
+  (:mod:`lightning_pdenets.checkpoints`), so the last good checkpoint stays the newest readable one.
+
+:data:`RUN_RECORD` says, for the message after a stop, which checkpoints this process's fit wrote or resumed from.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 import lightning.pytorch as pl
@@ -35,8 +38,13 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 __all__ = [
     "EXIT_SIGTERM",
     "GRACE_ENVIRONMENT_VARIABLE",
+    "RUN_RECORD",
     "RunInterrupted",
+    "RunRecord",
+    "SigtermBeforeStart",
     "StopWatchdog",
+    "beat",
+    "failed_like_rank_zero",
     "failed_peer",
     "leave_process_group",
     "raise_if_stop_requested",
@@ -57,6 +65,67 @@ class RunInterrupted(SIGTERMException):
     """SIGTERM stopped long work inside a batch or hook; the message says what was interrupted."""
 
 
+class SigtermBeforeStart(SystemExit):
+    """SIGTERM arrived while no trainer stage handled it (setting up, e.g. preparing a dataset): the process ends."""
+
+    def __init__(self) -> None:
+        super().__init__(EXIT_SIGTERM)
+
+
+@dataclass
+class RunRecord:
+    """What this process's fit left on disk to resume from, for the advice printed after a stop.
+
+    :class:`~lightning_pdenets.callbacks.CheckpointOnInterrupt` keeps it (on every rank, no collective).
+
+    Attributes:
+        fit_started: Whether a fit got as far as ``on_fit_start`` (its checkpoint, if any, restored).
+        log_root: The folder in which ``--ckpt_path last`` looks (the logger's ``save_dir``/``name``).
+        resumed_from: The checkpoint the fit resumed from.
+        written: Checkpoints the fit wrote (``ModelCheckpoint`` files, the interrupt checkpoint), oldest first.
+        interrupt_checkpoint: The interrupt checkpoint written when the fit stopped.
+        not_saved_because: Why a stop wrote no interrupt checkpoint although the fit made progress.
+    """
+
+    fit_started: bool = False
+    log_root: str | None = None
+    resumed_from: str | None = None
+    written: list[str] = field(default_factory=list)
+    interrupt_checkpoint: str | None = None
+    not_saved_because: str | None = None
+
+    def reset(self) -> None:
+        """Forget the previous fit (a new one starts in this process)."""
+        self.__init__()  # type: ignore[misc]
+
+    def note_written(self, path: str | os.PathLike[str] | None) -> None:
+        """Record a checkpoint the fit wrote (the newest last)."""
+        if path:
+            path = os.fspath(path)
+            if path in self.written:
+                self.written.remove(path)
+            self.written.append(path)
+
+
+RUN_RECORD = RunRecord()
+"""The record of this process's current (or last) fit."""
+
+
+HEARTBEAT_FACTOR = 3.0
+"""The watchdog waits this many times the longest interval between two beats seen so far (if longer than the grace)."""
+
+_BEATS = {"last": None, "longest": 0.0}
+
+
+def beat() -> None:
+    """Say that this process made progress (a batch ended); the :class:`StopWatchdog` ends only a process without."""
+    now = time.monotonic()
+    last = _BEATS["last"]
+    if last is not None:
+        _BEATS["longest"] = max(float(_BEATS["longest"] or 0.0), now - last)
+    _BEATS["last"] = now
+
+
 def stop_requested(trainer: pl.Trainer | None) -> bool:
     """Whether this process received SIGTERM (Lightning's flag); ``False`` outside a trainer.
 
@@ -70,7 +139,11 @@ def stop_requested(trainer: pl.Trainer | None) -> bool:
 
 
 def raise_if_stop_requested(trainer: pl.Trainer | None, describe: Callable[[], str]) -> None:
-    """Raise :class:`RunInterrupted`, with ``describe()`` as its message, when :func:`stop_requested`."""
+    """Raise :class:`RunInterrupted`, with ``describe()`` as its message, when :func:`stop_requested`.
+
+    Called between units of long work, it also calls :func:`beat`: that work is progress.
+    """
+    beat()
     if stop_requested(trainer):
         raise RunInterrupted(describe())
 
@@ -80,6 +153,15 @@ _FAILED_RANK_KEY = "lightning_pdenets/failed_rank"
 
 _FAILURES = [0]
 """How many failures this process reported to its group's store (see :func:`release_peers_after_local_failure`)."""
+
+_FAILED_LIKE_RANK_ZERO = [False]
+
+
+def failed_like_rank_zero() -> bool:
+    """Whether every DDP rank met this process's last error at one point, rank 0 with the same message: then rank 0
+    alone reports it (:func:`release_peers_after_local_failure`); ``False`` on rank 0 and outside DDP."""
+    return _FAILED_LIKE_RANK_ZERO[0]
+
 
 AGREEMENT_SECONDS = 5.0
 """How long a DDP process that met an error waits for the others to report one too before it leaves alone."""
@@ -110,27 +192,43 @@ def release_peers_after_local_failure(
     this rank records its rank and error class (read by :func:`failed_peer`) and destroys the process group, which
     fails the peers' pending collective at once ("Connection closed by peer"); ``pdenets`` reports that in one
     line naming this rank. This process must enter no collective afterwards.
+
+    When every rank failed at one point, a rank whose error message is rank 0's notes it
+    (:func:`failed_like_rank_zero`), so that the message is printed once; rank 0, which hosts the store, waits until
+    the others have read it. The store is polled with file descriptor 2 silenced: a store whose host just exited
+    makes torch print a C++ stack.
     """
+    _FAILED_LIKE_RANK_ZERO[0] = False
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return False
     world = torch.distributed.get_world_size()
     if world < 2:
         return False
+    rank = torch.distributed.get_rank()
+    message = f"{type(error).__name__}: {error}"
     try:
-        store = torch.distributed.distributed_c10d._get_default_store()
-        _FAILURES[0] += 1  # the n-th failure of every rank meets under one key, also when a group runs several fits
-        key = f"lightning_pdenets/failed_at/{_FAILURES[0]}/{where}"
-        failed = store.add(key, 1)
-        deadline = time.monotonic() + wait_seconds
-        while failed < world and time.monotonic() < deadline:
-            time.sleep(0.05)
-            failed = store.add(key, 0)
-        if failed >= world:
-            return False  # every rank failed here: they still meet in the same collectives
-        record = {"rank": torch.distributed.get_rank(), "error": [kind.__name__ for kind in type(error).__mro__]}
-        store.set(_FAILED_RANK_KEY, json.dumps(record))
+        with _silenced_stderr():
+            store = torch.distributed.distributed_c10d._get_default_store()
+            _FAILURES[0] += 1  # the n-th failure of every rank meets under one key, also when a group runs several fits
+            key = f"lightning_pdenets/failed_at/{_FAILURES[0]}/{where}"
+            store.set(f"{key}/message/{rank}", message)  # before counting: complete once the count is full
+            failed = store.add(key, 1)
+            deadline = time.monotonic() + wait_seconds
+            while failed < world and time.monotonic() < deadline:
+                time.sleep(0.05)
+                failed = store.add(key, 0)
+            if failed >= world:  # every rank failed here: they still meet in the same collectives
+                if rank != 0:
+                    _FAILED_LIKE_RANK_ZERO[0] = store.get(f"{key}/message/0").decode() == message
+                read = store.add(f"{key}/read", 1)
+                while rank == 0 and read < world and time.monotonic() < deadline + wait_seconds:
+                    time.sleep(0.02)  # the store lives in this process: it must outlive the others' reads
+                    read = store.add(f"{key}/read", 0)
+                return False
+            record = {"rank": rank, "error": [kind.__name__ for kind in type(error).__mro__]}
+            store.set(_FAILED_RANK_KEY, json.dumps(record))
     except Exception:  # best effort: the peers then say "another process" without its rank
-        pass
+        _FAILED_LIKE_RANK_ZERO[0] = False
     leave_process_group()
     return True
 
@@ -167,14 +265,20 @@ def _silenced_stderr() -> Iterator[None]:
 
 
 class StopWatchdog:
-    """After SIGTERM, end this process if it has not stopped by itself within ``grace_seconds``.
+    """After SIGTERM, end this process if it makes no progress and does not stop by itself.
 
     Start it once, in the main thread, before the work (``pdenets`` does). It keeps whatever SIGTERM handler is
     installed (Lightning's, which stops the run cleanly between batches): it only watches. On SIGTERM it sends
     SIGTERM on to this process's child processes (the DDP workers Lightning launched, which a ``kill`` of the
-    parent alone would not reach), then waits. A process still alive after the grace period is blocked (in a
-    collective a peer never joined, in a long C call): it prints one line naming the cause and the last good
-    checkpoint's folder, and exits with :data:`EXIT_SIGTERM` without running further Python code.
+    parent alone would not reach), then waits.
+
+    How it decides: the loops :func:`beat` at every batch's end (``SigtermFlagOnly`` does), and so does long work
+    between its units. The process is ended when, since SIGTERM or since the last beat after it, whichever is
+    later, no beat came for ``max(grace_seconds, 3 x the longest interval between two beats seen so far)``. A
+    process that goes on stopping (a validation that ends before the stop, a long training step, the interrupt
+    checkpoint) lives; one blocked (in a collective a peer never joined, in a long C call) prints one line naming
+    the cause and the advice, and exits with :data:`EXIT_SIGTERM` without running further Python code. Before
+    the first beat (setting up) and in a first batch longer than the grace, only the grace applies.
 
     Args:
         grace_seconds: Seconds to wait after SIGTERM (default: ``$PDENETS_STOP_GRACE_SECONDS`` or 20).
@@ -234,21 +338,29 @@ class StopWatchdog:
                 return
             if signal.SIGTERM in received:
                 break
+        received_at = time.monotonic()
         _forward_to_children(signal.SIGTERM)
-        if self._stopped.wait(self.grace_seconds):
-            return  # the work ended by itself within the grace period (its caller handles the exit)
+        while True:
+            limit = max(self.grace_seconds, HEARTBEAT_FACTOR * float(_BEATS["longest"] or 0.0))
+            last = _BEATS["last"]
+            since = received_at if last is None else max(received_at, float(last))
+            remaining = since + limit - time.monotonic()
+            if remaining <= 0:
+                break
+            if self._stopped.wait(remaining):
+                return  # the work ended by itself (its caller handles the exit)
         advice = self.describe()
         sys.stderr.write(
             f"pdenets: rank {os.environ.get('RANK', os.environ.get('LOCAL_RANK', '0'))} did not stop within "
-            f"{self.grace_seconds:g} s of SIGTERM (blocked, e.g. in a collective operation another process never "
-            f"joined); ended with exit code {EXIT_SIGTERM}.{(' ' + advice) if advice else ''}\n"
+            f"{round(limit, 1):g} s of SIGTERM and made no progress (blocked, e.g. in a collective operation another "
+            f"process never joined); ended with exit code {EXIT_SIGTERM}.{(' ' + advice) if advice else ''}\n"
         )
         sys.stderr.flush()
         os._exit(EXIT_SIGTERM)
 
 
 def _exit_on_sigterm(signum: int, frame: object) -> None:
-    raise SystemExit(EXIT_SIGTERM)
+    raise SigtermBeforeStart
 
 
 def _grace_from_environment() -> float:

@@ -18,16 +18,24 @@ release and the upgrade command::
 
 which writes a copy with the hyperparameters in the current layout (weights unchanged; loaded with
 ``weights_only=True`` and written atomically). A checkpoint saved without the CLI does not name its model class;
-``--model lightning_pdenets.models.ODENetModule`` then says which architecture its flat arguments belong to.
+``--model lightning_pdenets.models.ODENetModule`` then says which architecture its flat arguments belong to; a class
+the checkpoint does not fit (its hyperparameters do not build one, or its weights have other names or shapes) is
+refused, naming the classes it fits.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
+import sys
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule
 
 import lightning_pdenets
 import lightning_pdenets.architectures
@@ -47,6 +55,7 @@ __all__ = [
     "VERSION_KEY",
     "LegacyCheckpointError",
     "check_layout",
+    "model_mismatch",
     "upgrade_checkpoint",
     "written_by",
 ]
@@ -202,6 +211,80 @@ def upgrade_checkpoint(checkpoint: dict[str, Any], model: str | None = None) -> 
     return {**checkpoint, "hyper_parameters": hparams, VERSION_KEY: lightning_pdenets.__version__, **provenance}
 
 
+def model_mismatch(checkpoint: dict[str, Any], model: str) -> str | None:
+    """Why ``checkpoint`` (in the current layout) is not a checkpoint of the class ``model``, or ``None``.
+
+    The class is built from the checkpoint's hyperparameters as ``load_from_checkpoint`` would build it, and its
+    weights must have the checkpoint's names and shapes.
+    """
+    cls = import_class(model)
+    if cls is None:
+        return f"{model!r} names no class that imports"
+    hparams = {key: value for key, value in (checkpoint.get("hyper_parameters") or {}).items() if key[:1] != "_"}
+    parameters = inspect.signature(cls).parameters
+    if not any(parameter.kind is inspect.Parameter.VAR_KEYWORD for parameter in parameters.values()):
+        hparams = {key: value for key, value in hparams.items() if key in parameters}  # as Lightning filters them
+    try:
+        # a trial build: it must neither move the global random state nor print the model's own warnings
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            expected = _tensor_shapes(cls(**hparams).state_dict())
+    except Exception as error:  # any failure to build means the hyperparameters are not this class's
+        return f"its hyperparameters do not build a {cls.__name__} ({_first_line(error)})"
+    stored = _tensor_shapes(checkpoint.get("state_dict") or {})
+    missing = sorted(expected.keys() - stored.keys())
+    unexpected = sorted(stored.keys() - expected.keys())
+    reshaped = sorted(key for key in expected.keys() & stored.keys() if expected[key] != stored[key])
+    if not (missing or unexpected or reshaped):
+        return None
+    details = [
+        f"{len(names)} {what} (e.g. {names[0]})"
+        for names, what in ((missing, "weights missing"), (unexpected, "unknown weights"), (reshaped, "of other shape"))
+        if names
+    ]
+    return f"its weights do not fit a {cls.__name__}: {', '.join(details)}"
+
+
+def _tensor_shapes(state_dict: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    # extra states (a solver's adapted settings) are not weights
+    return {key: tuple(value.shape) for key, value in state_dict.items() if torch.is_tensor(value)}
+
+
+def _fitting_models(checkpoint: dict[str, Any]) -> list[str]:
+    """The loaded model classes of this package that ``checkpoint`` fits (see :func:`model_mismatch`).
+
+    Found among the loaded subclasses of ``LightningModule`` (importing the models here would invert the layers);
+    naming one of them as ``--model`` has loaded them all.
+    """
+    found: set[str] = set()
+    pending, seen = list(LightningModule.__subclasses__()), set()
+    while pending:
+        cls = pending.pop()
+        if cls in seen:
+            continue
+        seen.add(cls)
+        pending += cls.__subclasses__()
+        if cls.__module__.startswith(f"{lightning_pdenets.__name__}.") and (
+            getattr(cls, "architecture", None) in ARCHITECTURES
+        ):
+            path = _public_path(cls)
+            if model_mismatch(checkpoint, path) is None:
+                found.add(path)
+    return sorted(found)
+
+
+def _public_path(cls: type) -> str:
+    """``lightning_pdenets.models.RKNetModule`` rather than ``lightning_pdenets.models.odenet.RKNetModule``."""
+    package = cls.__module__.rpartition(".")[0]
+    exported = getattr(sys.modules.get(package), cls.__name__, None) is cls
+    return f"{package if exported else cls.__module__}.{cls.__name__}"
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """``python -m lightning_pdenets.migration OLD.ckpt NEW.ckpt``: write an upgraded copy of a checkpoint."""
     parser = argparse.ArgumentParser(description=main.__doc__)
@@ -215,20 +298,23 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.source.resolve() == args.target.resolve():
         parser.error("target must differ from source: the original is kept unchanged")
+    if args.source.is_dir():
+        parser.error(f"source {str(args.source)!r} is a folder; pass the .ckpt file to upgrade")
     if not args.source.is_file():
         parser.error(f"{args.source} does not exist")
+    if args.target.is_dir():
+        suggestion = args.target / f"{args.source.stem}-v{lightning_pdenets.__version__}.ckpt"
+        parser.error(f"target {str(args.target)!r} is a folder; pass the file to write, e.g. {suggestion}")
     if not args.target.parent.is_dir():
         parser.error(f"the folder of target {str(args.target)!r} does not exist; create it or write elsewhere")
     try:
         checkpoint = load_checkpoint(args.source, how_to_trust="a script of your own (the migration never unpickles)")
     except CorruptCheckpointError as error:
         cause = error.__cause__
-        reason = (
-            f"{type(cause).__name__}: {str(cause).strip().splitlines()[0]}" if cause and str(cause).strip() else error
-        )
+        reason = _first_line(cause) if cause is not None else error
         parser.error(
-            f"{args.source} cannot be read as a checkpoint ({reason}); it was probably truncated by a crash "
-            f"or a full disk. Upgrade an intact copy of it."
+            f"{args.source} cannot be read as a checkpoint ({reason}); it was damaged (truncated by a crash or a full "
+            f"disk, or bytes changed on disk or in a copy). Upgrade an intact copy of it."
         )
     except UntrustedCheckpointError as error:
         parser.error(str(error))
@@ -241,10 +327,24 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"{args.source} is not a Lightning checkpoint (no `state_dict` and hyperparameters); pass the "
             f".ckpt file of a run."
         )
+    recorded = checkpoint["hyper_parameters"].get(CLASS_PATH_KEY) if checkpoint.get("hyper_parameters") else None
+    if args.model and recorded and recorded != args.model and import_class(recorded) is not import_class(args.model):
+        parser.error(
+            f"{args.source} records its model class {recorded}, but --model names {args.model}; drop --model (it "
+            f"is only needed for checkpoints that record no class)."
+        )
     try:
         upgraded = upgrade_checkpoint(checkpoint, args.model)
     except LegacyCheckpointError as error:
         parser.error(str(error))
+    mismatch = model_mismatch(upgraded, args.model) if args.model and not recorded else None
+    if mismatch is not None:
+        fitting = _fitting_models(upgraded)
+        belongs = f"it fits {' or '.join(fitting)}" if fitting else "it fits none of lightning_pdenets.models"
+        parser.error(
+            f"{args.source} is not a checkpoint of --model {args.model}: {mismatch}; {belongs}. Pass the model "
+            f"class of the run that wrote it as --model."
+        )
     save_atomically(upgraded, args.target)
     # the command's one line of output
     print(  # noqa: T201

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 
 from lightning_pdenets._discovery import import_class
-from lightning_pdenets.checkpoints import checkpoint_class_path
+from lightning_pdenets.checkpoints import archive_damage, check_map_location, checkpoint_class_path
 from lightning_pdenets.errors import CheckpointNotFoundError, ConfigurationError, CorruptCheckpointError
 from lightning_pdenets.migration import check_layout
 
@@ -209,6 +209,7 @@ def checkpoint_path(name: str, root: str | Path | None = None) -> Path:
 
     Raises:
         ConfigurationError: for an unknown name.
+        TypeError: for a ``root`` that is not a path.
         CheckpointNotFoundError: when the file is missing and no URL is registered.
         CorruptCheckpointError: when the file's SHA-256 is not the recorded one.
     """
@@ -224,7 +225,8 @@ def load(name: str, map_location: Any = "cpu", root: str | Path | None = None) -
 
     Args:
         name: A pretrained model's name (:func:`list_models`).
-        map_location: Where the weights go, as for :func:`torch.load`.
+        map_location: Where the weights go, as for :func:`torch.load`: ``'cpu'``, ``'cuda'``, ``'cuda:N'``, a
+            ``torch.device``, a dict from saved locations to devices (strings), or a callable.
         root: See :func:`checkpoint_path`.
 
     Returns:
@@ -232,11 +234,23 @@ def load(name: str, map_location: Any = "cpu", root: str | Path | None = None) -
 
     Raises:
         ConfigurationError: for an unknown name.
+        ValueError: for a ``map_location`` that names no device, or one this machine does not have.
+        TypeError: for a ``map_location`` or ``root`` of another type.
         CheckpointNotFoundError: when the file is missing and no URL is registered.
-        CorruptCheckpointError: when the file's SHA-256 is not the recorded one.
+        CorruptCheckpointError: when the file's SHA-256 is not the recorded one, or a record of its zip archive
+            fails its CRC-32 check.
     """
     entry = info(name)
+    check_map_location(map_location)
     path, data = _read_verified(entry, root)
+    damage = archive_damage(io.BytesIO(data))
+    if damage is not None:  # the recorded file itself was damaged before its SHA-256 was taken
+        raise CorruptCheckpointError(
+            f"pretrained model {name!r}: {str(path)!r} has the recorded SHA-256, but {damage}, so the recorded file "
+            f"itself is damaged and its weights cannot be trusted. Nothing of it was loaded. Please report it; "
+            f"meanwhile retrain the model with `pdenets fit --config {entry.config}"
+            f"{''.join(f' {a}' for a in entry.fit_arguments)}` and load that run's checkpoint instead."
+        )
     checkpoint = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     check_layout(checkpoint, path, model=entry.model)
     class_path = checkpoint_class_path(checkpoint) or entry.model
@@ -265,6 +279,12 @@ def sha256_of(data: bytes) -> str:
 
 def _root(root: str | Path | None) -> Path:
     if root is not None:
+        if not isinstance(root, (str, os.PathLike)):
+            raise TypeError(
+                f"root must be a folder path (str or os.PathLike), got {type(root).__name__} {root!r}: pass the "
+                f"folder the manifest's relative paths start from (a clone's root), or leave it None for "
+                f"${ROOT_VARIABLE} or the repository holding this package."
+            )
         return Path(root)
     return Path(os.environ.get(ROOT_VARIABLE) or REPOSITORY_ROOT)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -48,3 +50,15 @@ class TouchWhenStarted(Callback):
             self._touch(trainer, batch_idx)
             if trainer.current_epoch == self.epoch and batch_idx == self.batch:
                 time.sleep(3)  # room for the test's SIGTERM to arrive in this epoch
+
+
+class SigtermOnRank(Callback):
+    """Send SIGTERM to this process on rank ``rank`` alone, as ``batch`` of ``epoch`` starts (a scheduler that
+    signals one process, a ``kill`` of one worker)."""
+
+    def __init__(self, rank: int = 1, epoch: int = 0, batch: int = 2) -> None:
+        self.rank, self.epoch, self.batch = rank, epoch, batch
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
+        if (trainer.global_rank, trainer.current_epoch, batch_idx) == (self.rank, self.epoch, self.batch):
+            os.kill(os.getpid(), signal.SIGTERM)

@@ -91,8 +91,8 @@ def test_watchdog_ends_a_process_that_ignores_sigterm_with_one_line(tmp_path: Pa
     assert 0.9 < time.monotonic() - sent < 10
     assert process.returncode == 143
     assert stderr.strip().splitlines() == [
-        "pdenets: rank 0 did not stop within 1 s of SIGTERM (blocked, e.g. in a collective operation another process "
-        "never joined); ended with exit code 143. Resume with --ckpt_path last."
+        "pdenets: rank 0 did not stop within 1 s of SIGTERM and made no progress (blocked, e.g. in a collective "
+        "operation another process never joined); ended with exit code 143. Resume with --ckpt_path last."
     ]
 
 

@@ -13,8 +13,8 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from typing_extensions import override
 
 from lightning_pdenets.callbacks.sigterm import set_received_sigterm
-from lightning_pdenets.errors import ModelFailure, is_peer_crash
-from lightning_pdenets.interruption import release_peers_after_local_failure
+from lightning_pdenets.errors import CheckpointWriteError, ModelFailure, is_peer_crash
+from lightning_pdenets.interruption import RUN_RECORD, beat, release_peers_after_local_failure
 
 __all__ = ["CheckpointOnInterrupt"]
 
@@ -43,8 +43,17 @@ class CheckpointOnInterrupt(Checkpoint):
     the previous fit call will be used" and, when the checkpoint folder is fixed, silently resumes
     an older run. Resuming stays explicit here.
 
+    Nor after Ctrl-C during a validation inside the fit or the epoch's end (its checkpoint saves): Lightning
+    would resume such a file as if the validation or the epoch's end had completed, and that validation's metrics,
+    its ``ModelCheckpoint`` scoring and the epoch's ``*_epoch`` values would be lost in silence. Ctrl-C asks for an
+    immediate stop, so the callback does not finish that work first (as it does for SIGTERM): it keeps the last
+    checkpoint as the resume point and says in one line that the progress since then is not saved.
+
     If writing the checkpoint fails (a full disk), it warns and lets the exception that stopped the
-    run propagate, instead of hiding it behind the write error.
+    run propagate, instead of hiding it behind the write error; after a failed checkpoint write it does not try.
+
+    It keeps :data:`~lightning_pdenets.interruption.RUN_RECORD` (the checkpoints the fit resumed from and wrote),
+    from which ``pdenets`` says after a stop what there is to resume from.
 
     A resumed run logs what an uninterrupted one would: a SIGTERM that arrives during the validation
     at an epoch's end takes effect once that validation is over (Lightning would stop after the next
@@ -81,6 +90,7 @@ class CheckpointOnInterrupt(Checkpoint):
         self.follow_model_checkpoint = dirpath is None
         self._steps_at_train_start: int | None = None
         self._deferred_sigterm = False
+        self._validated_in_batch = False
         self._saving = False
 
     @property
@@ -89,9 +99,30 @@ class CheckpointOnInterrupt(Checkpoint):
         return os.path.join(self.dirpath, self.filename + self.FILE_EXTENSION)
 
     @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            RUN_RECORD.reset()
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        RUN_RECORD.fit_started = True
+        RUN_RECORD.resumed_from = os.fspath(trainer.ckpt_path) if trainer.ckpt_path else None
+        logger = trainer.logger  # pdenets' `--ckpt_path last` looks in the logger's save_dir/name
+        root = getattr(logger, "root_dir", None) or getattr(logger, "save_dir", None) or trainer.default_root_dir
+        RUN_RECORD.log_root = os.fspath(root)
+
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._steps_at_train_start = trainer.global_step  # after a checkpoint was restored
         self._deferred_sigterm = False
+
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        self._validated_in_batch = False
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._note_model_checkpoints(trainer)
 
     @override
     def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
@@ -104,6 +135,9 @@ class CheckpointOnInterrupt(Checkpoint):
 
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
+            self._validated_in_batch = True
+            self._note_model_checkpoints(trainer)
         if self._deferred_sigterm:
             self._deferred_sigterm = False
             set_received_sigterm(trainer, True)
@@ -111,21 +145,38 @@ class CheckpointOnInterrupt(Checkpoint):
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         steps_at_start, self._steps_at_train_start = self._steps_at_train_start, None
-        if isinstance(exception, ModelFailure) or is_peer_crash(exception):
-            return  # a peer crash: saving needs the collectives that just failed, and the peer's error is the news
+        fitting = trainer.state.fn == TrainerFn.FITTING
+        if fitting:
+            self._note_model_checkpoints(trainer)
+        if isinstance(exception, (ModelFailure, CheckpointWriteError)) or is_peer_crash(exception):
+            # a peer crash: saving needs the collectives that just failed, and the peer's error is the news; after a
+            # failed write (a full disk) another write fails too
+            return
         stopped_by_user = isinstance(exception, (KeyboardInterrupt, SIGTERMException))
         where = f"{trainer.state.fn}/{trainer.state.stage}/{trainer.global_step}"
         if not stopped_by_user and release_peers_after_local_failure(exception, where):
             return  # under DDP an error may be this rank's alone: saving would wait in collectives no peer joins
         if steps_at_start is None or trainer.global_step == steps_at_start:
-            if stopped_by_user:  # after an error (a bad setting, say) the error alone is the news
+            if stopped_by_user and fitting:  # after an error (a bad setting, say) the error alone is the news
                 rank_zero_info(
                     f"CheckpointOnInterrupt: no {self.filename}{self.FILE_EXTENSION} written, the run stopped before "
                     f"its first optimizer step (nothing newer than where it started)."
                 )
             return
+        if isinstance(exception, KeyboardInterrupt) and _in_epoch_end_or_validation(trainer):
+            where_stopped = "a validation" if trainer.validating else "an epoch's end hooks (its checkpoint saves)"
+            RUN_RECORD.not_saved_because = (
+                f"Ctrl-C came during {where_stopped}, which a checkpoint cannot resume exactly (its metrics would be "
+                f"lost), so no {self.filename}{self.FILE_EXTENSION} was written"
+            )
+            rank_zero_info(
+                f"CheckpointOnInterrupt: {RUN_RECORD.not_saved_because}; the progress since the last "
+                f"checkpoint is not saved."
+            )
+            return
         self._follow_model_checkpoint(trainer)
         self._saving = True
+        beat()  # the save is progress too (for the watchdog): it can take a while
         try:
             # A save, not a load (nothing is unpickled): weights_only=False asks for the full checkpoint (optimizers,
             # loops) explicitly, since Lightning warns when it is unset. Every load of it uses weights_only=True.
@@ -134,15 +185,23 @@ class CheckpointOnInterrupt(Checkpoint):
             rank_zero_warn(
                 f"CheckpointOnInterrupt: the run stopped with {type(exception).__name__}: {exception}; writing "
                 f"{self.ckpt_path} failed too ({type(save_error).__name__}: {save_error}), so no interrupt checkpoint "
-                f"was written. `--ckpt_path last` resumes from the last good checkpoint."
+                f"was written."
             )
+        else:
+            RUN_RECORD.interrupt_checkpoint = self.ckpt_path
+            RUN_RECORD.note_written(self.ckpt_path)
         finally:
             self._saving = False
 
     @override
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         if self._saving:
-            _undo_logger_step_on_resume(checkpoint)
+            # stopped right after a validation inside the epoch: Lightning resumes by skipping that validation and
+            # counts the batch's logger step once more
+            after_mid_epoch_validation = (
+                self._validated_in_batch and not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+            )
+            _undo_logger_step_on_resume(checkpoint, after_mid_epoch_validation)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -150,8 +209,17 @@ class CheckpointOnInterrupt(Checkpoint):
         # interrupt checkpoint of this run is stale, and `--ckpt_path last` must not pick it up later.
         if stage == "fit":
             self._steps_at_train_start = None
+            self._note_model_checkpoints(trainer)
             self._follow_model_checkpoint(trainer)
             trainer.strategy.remove_checkpoint(self.ckpt_path)
+
+    def _note_model_checkpoints(self, trainer: pl.Trainer) -> None:
+        """Note the files the ``ModelCheckpoint`` callbacks wrote (on every rank: they keep their paths there)."""
+        for callback in trainer.checkpoint_callbacks:
+            if isinstance(callback, ModelCheckpoint):
+                for path in (callback.best_model_path, callback.last_model_path):
+                    if path and os.path.isfile(path):
+                        RUN_RECORD.note_written(path)
 
     def _follow_model_checkpoint(self, trainer: pl.Trainer) -> None:
         dirpaths = [c.dirpath for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint) and c.dirpath]
@@ -159,14 +227,25 @@ class CheckpointOnInterrupt(Checkpoint):
             self.dirpath = os.fspath(dirpaths[0])
 
 
-def _undo_logger_step_on_resume(checkpoint: dict) -> None:
+def _in_epoch_end_or_validation(trainer: pl.Trainer) -> bool:
+    """Whether a fit is inside a validation (not the sanity check) or its epoch's end hooks (the checkpoint saves)."""
+    if trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking:
+        return False
+    epoch = trainer.fit_loop.epoch_progress.current  # processed counts an epoch whose end hooks have begun
+    return bool(trainer.validating) or getattr(epoch, "processed", 0) > epoch.completed
+
+
+def _undo_logger_step_on_resume(checkpoint: dict, after_mid_epoch_validation: bool = False) -> None:
     """Compensate the logger step Lightning adds when it resumes from inside a training batch.
 
     Resuming, Lightning 2.6 counts one more stepped batch (``_batches_that_stepped``, the logger's
     step) unless the checkpoint was written after a batch's end hooks, assuming a save inside the
     batch that the count has not reached yet. An exception stops the run before the next batch's
     step (in ``on_train_batch_start`` or inside ``training_step``), after the last batch was counted:
-    every later scalar would be logged one step late.
+    every later scalar would be logged one step late. After a batch's end hooks, it counts one more
+    too when the batch ran a validation inside the epoch (it assumes a save during that validation),
+    which ``after_mid_epoch_validation`` says: a stop deferred to that validation's end came after
+    the count.
     """
     epoch_loop = checkpoint.get("loops", {}).get("fit_loop", {})
     progress = epoch_loop.get("epoch_loop.batch_progress", {}).get("total")
@@ -175,5 +254,5 @@ def _undo_logger_step_on_resume(checkpoint: dict) -> None:
         return
     ready, started, processed, completed = (progress[k] for k in ("ready", "started", "processed", "completed"))
     after_batch_end_hooks = ready == started == processed and completed in (processed, processed - 1)
-    if not after_batch_end_hooks:
+    if not after_batch_end_hooks or (after_mid_epoch_validation and completed == processed):
         state["_batches_that_stepped"] -= 1

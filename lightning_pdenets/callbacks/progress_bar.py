@@ -20,8 +20,9 @@ class ResumeAwareProgressBar(TQDMProgressBar):
     Lightning skips the ``on_train_epoch_start`` hooks of the epoch it restarts in, and that hook is where
     ``TQDMProgressBar`` gives the bar its epoch number and total, so a resumed bar read ``Training: 1274/?``
     with neither until the next epoch. This bar does that setup at the first batch after a restart inside an
-    epoch, starting from the batches already trained on, so the rate and ETA count only new batches.
-    Everywhere else it is ``TQDMProgressBar``; ``pdenets`` uses it as the default bar.
+    epoch, starting from the batches already trained on, so the rate and ETA count only new batches; the next
+    epoch's bar starts from zero again. Everywhere else it is ``TQDMProgressBar``; ``pdenets`` uses it as the
+    default bar.
     """
 
     # TQDMProgressBar's own arguments, declared again so that the generated docs page shows the signature
@@ -36,6 +37,12 @@ class ResumeAwareProgressBar(TQDMProgressBar):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
         self._restarted_in_epoch = trainer.fit_loop.restarted_mid_epoch or trainer.fit_loop.restarted_on_epoch_end
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        # tqdm's reset() keeps `initial`: a resumed epoch's would make the next epoch's rate negative
+        self.train_progress_bar.initial = 0
+        super().on_train_epoch_start(trainer, *args)
 
     @override
     def on_train_batch_start(

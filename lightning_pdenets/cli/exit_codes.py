@@ -6,10 +6,14 @@
 
 from __future__ import annotations
 
+import os
+import shlex
 from collections.abc import Sequence
+from pathlib import Path
 
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
+from lightning_pdenets.checkpoints import find_resume_checkpoint
 from lightning_pdenets.errors import (
     CheckpointMismatchError,
     CheckpointNotFoundError,
@@ -18,7 +22,7 @@ from lightning_pdenets.errors import (
     DatasetDownloadError,
     UntrustedCheckpointError,
 )
-from lightning_pdenets.interruption import EXIT_SIGTERM, failed_peer
+from lightning_pdenets.interruption import EXIT_SIGTERM, RUN_RECORD, failed_peer
 from lightning_pdenets.migration import LegacyCheckpointError
 
 EXIT_USAGE = 2
@@ -40,6 +44,7 @@ __all__ = [
     "after_ctrl_c_advice",
     "after_sigterm_advice",
     "peer_failure",
+    "resume_advice",
     "subcommand_of",
 ]
 
@@ -64,12 +69,9 @@ def subcommand_of(args: Sequence[str]) -> str | None:
 
 
 def after_sigterm_advice(subcommand: str | None) -> str:
-    """What to do after SIGTERM stopped ``subcommand``: resume a fit, rerun an evaluation."""
+    """What to do after SIGTERM stopped ``subcommand``: resume a fit from what it wrote, rerun an evaluation."""
     if subcommand == "fit":
-        return (
-            "The last good checkpoint is kept; the fit resumes with the same command and --ckpt_path last "
-            "(on any number of processes)."
-        )
+        return resume_advice(processes=True)
     if subcommand in ("test", "validate", "predict"):
         return (
             f"Nothing of this {subcommand} run was written; run the same command again to {subcommand} from the start."
@@ -79,11 +81,65 @@ def after_sigterm_advice(subcommand: str | None) -> str:
 
 def after_ctrl_c_advice(subcommand: str) -> str:
     """What to do after Ctrl-C stopped ``subcommand``."""
+    return resume_advice() if subcommand == "fit" else f"Run the same command again to {subcommand} from the start."
+
+
+def resume_advice(processes: bool = False) -> str:
+    """How to go on after a fit stopped, from what it left on disk (:data:`~lightning_pdenets.interruption.RUN_RECORD`).
+
+    Names the checkpoint to resume from and ``--ckpt_path last`` when ``last`` finds that very file, its path
+    otherwise; without one, says that nothing was written and to run the command again. ``processes`` adds that
+    the resume may use another number of processes.
+    """
+    record = RUN_RECORD
+    if not record.fit_started:
+        return "Nothing of this fit was written; run the same command again."
+    not_saved = f"{record.not_saved_because}. " if record.not_saved_because else ""
+    point = _resume_point()
+    if point is None:
+        return (
+            f"{not_saved}No checkpoint of this fit was written, so there is nothing to resume: run the same command "
+            f"again without --ckpt_path."
+        )
+    path, found_by_last = point
+    what = "the interrupt checkpoint" if _same_file(path, record.interrupt_checkpoint) else "the last checkpoint"
+    anywhere = " (on any number of processes)" if processes else ""
+    if found_by_last:
+        return (
+            f"{not_saved}The fit resumes with the same command and --ckpt_path last{anywhere}. It finds {what}, "
+            f"{str(path)!r}."
+        )
     return (
-        "The fit resumes with the same command and --ckpt_path last."
-        if subcommand == "fit"
-        else f"Run the same command again to {subcommand} from the start."
+        f"{not_saved}The fit resumes with the same command and --ckpt_path {shlex.quote(str(path))}{anywhere}, "
+        f"{what} (--ckpt_path last would not find it)."
     )
+
+
+def _resume_point() -> tuple[Path, bool] | None:
+    """The checkpoint a stopped fit resumes from, and whether ``--ckpt_path last`` finds that file; ``None``."""
+    record = RUN_RECORD
+    own = [
+        Path(path)
+        for path in (record.interrupt_checkpoint, *reversed(record.written), record.resumed_from)
+        if path and os.path.isfile(path)
+    ]
+    if not own:
+        return None
+    found = find_resume_checkpoint(record.log_root) if record.log_root else None
+    if found is not None and any(_same_file(found, path) for path in own):
+        return found, True
+    if record.interrupt_checkpoint and _same_file(own[0], record.interrupt_checkpoint):
+        return own[0], False
+    return max(own, key=lambda path: path.stat().st_mtime), False
+
+
+def _same_file(path: str | os.PathLike[str] | None, other: str | os.PathLike[str] | None) -> bool:
+    if not path or not other:
+        return False
+    try:
+        return os.path.samefile(path, other)
+    except OSError:
+        return False
 
 
 def peer_failure() -> tuple[int, str]:

@@ -76,9 +76,9 @@ def resolve_ckpt_path(config: Namespace, subcommand: str) -> CheckedCheckpoint:
         # registry): a fresh pdenets process has none, and Lightning would end with a traceback
         raise CheckpointNotFoundError(
             f"--ckpt_path {ckpt_path}: a fresh pdenets run has no {ckpt_path!r} checkpoint (Lightning resolves it "
-            f"inside the process that trained). Pass a checkpoint file, 'last' (this config's newest last.ckpt or "
-            f"interrupted.ckpt) or '{PRETRAINED_PREFIX}NAME'; the best checkpoints of a run are "
-            f"logs/<config>/version_N/checkpoints/epoch=*.ckpt."
+            f"inside the process that trained). Pass a checkpoint file, 'last' (the last.ckpt or interrupted.ckpt of "
+            f"this config with the most training progress) or '{PRETRAINED_PREFIX}NAME'; the best checkpoints of a "
+            f"run are logs/<config>/version_N/checkpoints/epoch=*.ckpt."
         )
     if ckpt_path is None:
         if subcommand in EVALUATION_SUBCOMMANDS:
