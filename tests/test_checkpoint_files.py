@@ -249,3 +249,17 @@ def test_the_cli_refuses_changed_bytes_and_a_folder_in_one_line(
         err = capsys.readouterr().err
         assert stop.value.code == 2 and "Traceback" not in err
         assert problem in err.strip().splitlines()[-1] and err.strip().splitlines()[-1].startswith("error: checkpoint")
+
+
+def test_load_from_checkpoint_checks_file_objects_folders_and_map_location(
+    damaged: tuple[Path, str], tmp_path: Path
+) -> None:
+    flipped, record = damaged
+    with open(flipped, "rb") as file, pytest.raises(CorruptCheckpointError, match=record):
+        RKNetModule.load_from_checkpoint(file)
+    with pytest.raises(CheckpointNotFoundError, match="is a folder, not a checkpoint file"):
+        RKNetModule.load_from_checkpoint(flipped.parent)
+    with pytest.raises(ValueError, match="map_location"):
+        RKNetModule.load_from_checkpoint(flipped.parent / "last.ckpt", map_location="bogus")
+    with open(flipped.parent / "last.ckpt", "rb") as file:
+        assert isinstance(RKNetModule.load_from_checkpoint(file), RKNetModule)  # an intact file object loads

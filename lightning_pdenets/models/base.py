@@ -32,9 +32,10 @@ from lightning_pdenets.architectures.registry import (
     resolve_network_arguments,
 )
 from lightning_pdenets.blocks.ode import explain_solver_failure
-from lightning_pdenets.checkpoints import check_checkpoint, checkpoint_class_path
+from lightning_pdenets.checkpoints import archive_damage, check_checkpoint, check_map_location, checkpoint_class_path
 from lightning_pdenets.errors import (
     CheckpointMismatchError,
+    CorruptCheckpointError,
     ModelFailure,
     NonFiniteLossError,
     PeerFailedError,
@@ -392,6 +393,13 @@ class ClassifierModule(pl.LightningModule):
         short message naming what it is (instead of a ``KeyError`` or ``EOFError``); a checkpoint of an earlier
         release, with the upgrade command.
         """
+        check_map_location(kwargs.get("map_location"))
+        if isinstance(checkpoint_path, (str, os.PathLike)) and os.path.isdir(checkpoint_path):
+            check_checkpoint(os.fspath(checkpoint_path))  # names the folder and the checkpoints inside it
+        if hasattr(checkpoint_path, "read"):  # a file object: the archive's CRCs are all that can be checked first
+            damage = archive_damage(checkpoint_path)
+            if damage is not None:
+                raise CorruptCheckpointError(f"the checkpoint file object is damaged: {damage}; nothing was loaded.")
         if isinstance(checkpoint_path, (str, os.PathLike)) and os.path.isfile(checkpoint_path):
             model = f"{cls.__module__}.{cls.__qualname__}"
             checkpoint = check_checkpoint(os.fspath(checkpoint_path), trusted=kwargs.get("weights_only") is False)
