@@ -16,14 +16,17 @@ optuna-integration 5.0 with Lightning 2.6: the callback imports ``lightning.pyto
 process. It stops a pruned trial by raising ``optuna.TrialPruned`` inside Lightning's ``on_validation_end``, which
 Lightning treats as a crash; the trials therefore run without the CLI's ``CheckpointOnInterrupt`` (a pruned
 trial is not meant to be resumed, and its ``interrupted.ckpt`` would be what ``--ckpt_path last`` picks), and
-each trial logs into a folder of its own, ``<log-dir>/<study>/trial_<number>``, outside ``logs/quickstart``. Under
-DDP the integration needs an RDB storage (``--storage sqlite:///...``) and ``check_pruned()`` after fit (not done
-here).
+each trial logs into a folder of its own, ``<log-dir>/<study folder>/trial_<number>``, outside ``logs/quickstart``.
+A new study takes a study folder no earlier study has, ``<study>``, else ``<study>-2``, ``<study>-3``, ... (an
+in-memory study numbers its trials from 0 on every run); a study continued from ``--storage`` keeps the folder it
+started in, recorded in the study as the user attribute ``log_folder``. Under DDP the integration needs an RDB
+storage (``--storage sqlite:///...``) and ``check_pruned()`` after fit (not done here).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -44,8 +47,9 @@ LR_RANGE = (3e-4, 3e-2)
 """Log-uniform range of the learning rate (the quickstart's 0.003 in the middle)."""
 
 
-def objective(trial: optuna.Trial, config: str, log_dir: str, study_name: str, extra: Sequence[str]) -> float:
-    """Train one trial of ``config`` with the suggested settings; its best validation accuracy."""
+def objective(trial: optuna.Trial, config: str, log_dir: str, study_folder: str, extra: Sequence[str]) -> float:
+    """Train one trial of ``config`` with the suggested settings, logging into
+    ``log_dir/study_folder/trial_<number>``; its best validation accuracy."""
     lr = trial.suggest_float("lr", *LR_RANGE, log=True)
     step_size = trial.suggest_categorical("step_size", STEP_SIZES)
     cli = build_cli(
@@ -55,7 +59,7 @@ def objective(trial: optuna.Trial, config: str, log_dir: str, study_name: str, e
             f"--model.init_args.lr={lr}",
             f"--model.init_args.solver.step_size={step_size}",
             f"--trainer.logger.init_args.save_dir={log_dir}",
-            f"--trainer.logger.init_args.name={study_name}",
+            f"--trainer.logger.init_args.name={study_folder}",
             f"--trainer.logger.init_args.version=trial_{trial.number}",
             "--trainer.enable_progress_bar=false",
             *extra,
@@ -74,6 +78,27 @@ def objective(trial: optuna.Trial, config: str, log_dir: str, study_name: str, e
     return float(best.best_model_score)
 
 
+def study_folder(study: optuna.Study, log_dir: str) -> str:
+    """The folder under ``log_dir`` of ``study``'s trials: the one it recorded, or, for a new study, the first of
+    ``<name>``, ``<name>-2``, ... that does not exist yet (created here, so that two sweeps never share one)."""
+    recorded = study.user_attrs.get("log_folder")
+    if recorded is not None:
+        return str(recorded)
+    if study.trials:  # started by a release of this script that logged into <study> alone
+        folder = study.study_name
+    else:
+        Path(log_dir).mkdir(parents=True, exist_ok=True)
+        for number in itertools.count(1):
+            folder = study.study_name if number == 1 else f"{study.study_name}-{number}"
+            try:
+                (Path(log_dir) / folder).mkdir()
+                break
+            except FileExistsError:
+                continue
+    study.set_user_attr("log_folder", folder)
+    return folder
+
+
 def run_study(
     trials: int,
     config: str = str(REPO / "configs" / "quickstart.yaml"),
@@ -90,7 +115,7 @@ def run_study(
         trials: Number of trials to run.
         config: The ``pdenets`` config each trial trains.
         storage: Optuna storage URL (e.g. ``sqlite:///sweep.db``); None keeps the study in memory.
-        study_name: Name of the study, and of its log folder under ``log_dir``.
+        study_name: Name of the study, and of its log folder under ``log_dir`` (see :func:`study_folder`).
         log_dir: Folder of the trials' logs and checkpoints.
         seed: Seed of the TPE sampler.
         extra: More ``pdenets`` arguments for every trial (e.g. ``--trainer.max_epochs=3``).
@@ -106,7 +131,8 @@ def run_study(
         sampler=optuna.samplers.TPESampler(seed=seed),
         pruner=pruner or optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1),
     )
-    study.optimize(lambda trial: objective(trial, config, log_dir, study_name, extra), n_trials=trials)
+    folder = study_folder(study, log_dir)
+    study.optimize(lambda trial: objective(trial, config, log_dir, folder, extra), n_trials=trials)
     return study
 
 

@@ -155,3 +155,72 @@ def test_a_monitor_no_metric_has_ends_with_a_short_message_after_the_first_valid
         )
     assert last_line.startswith("error: `ModelCheckpoint(monitor='val/accuracy')` could not find the monitored key")
     assert "'val/acc_top1'" in last_line  # Lightning's message lists the keys there are
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--trainer.max_epcohs", "1"],
+            r"error: unrecognized arguments: --trainer\.max_epcohs 1\. Did you mean --trainer\.max_epochs\?$",
+        ),
+        # argparse's prefix matching took it for --trainer.max_epochs in silence
+        (
+            ["--trainer.max_epoch=1"],
+            r"error: unrecognized arguments: --trainer\.max_epoch=1\. Did you mean --trainer\.max_epochs\?$",
+        ),
+        (["--ckpt_pth=x"], r"Did you mean --ckpt_path\?$"),
+        (
+            ["--model.init_args.solver.step_sise=0.1"],
+            r"error: --model: lightning_pdenets\.models\.RKNetModule: unknown `solver` key\(s\) 'step_sise' \(did you "
+            r"mean 'step_size'\?\); valid keys are .*\bmethod, .*\bstep_size, t0, t1\.$",
+        ),
+        # argparse named the option that took the value (--data), not the one typed
+        (
+            ["--data.init_args.seed"],
+            r"error: --data\.init_args\.seed expects a value: `--data\.init_args\.seed VALUE` or "
+            r"`--data\.init_args\.seed=VALUE`\.$",
+        ),
+    ],
+    ids=["misspelled-trainer-option", "abbreviated-option", "misspelled-top-level-option", "typeddict-key", "no-value"],
+)
+def test_a_misspelled_option_or_key_gets_the_closest_valid_one(args: list[str], message: str, capsys) -> None:
+    last_line = error_of([*QUICK, *args], capsys)
+    assert re.search(message, last_line), last_line
+
+
+def test_a_misspelled_optimizer_options_key_of_prnet_gets_the_closest_valid_one(capsys) -> None:
+    config = str(REPO_ROOT / "configs/mnist/prnet.yaml")
+    last_line = error_of(["fit", "--config", config, "--model.init_args.theta.lrr=0.1"], capsys)
+    assert re.search(
+        r"unknown `theta` key\(s\) 'lrr' \(did you mean 'lr'\?\); valid keys are lr, lr_gamma, .*weight_decay\.$",
+        last_line,
+    ), last_line
+
+
+def test_a_misspelled_key_in_a_config_file_gets_the_closest_valid_one(tmp_path, capsys) -> None:
+    (tmp_path / "typo.yaml").write_text("trainer:\n  max_epcohs: 2\n")
+    last_line = error_of([*QUICK, "--config", str(tmp_path / "typo.yaml")], capsys)
+    assert last_line.endswith("does not accept option 'trainer.max_epcohs'. Did you mean trainer.max_epochs?"), (
+        last_line
+    )
+
+
+def test_a_config_before_the_subcommand_is_told_to_go_after_it(capsys) -> None:
+    with pytest.raises(SystemExit) as stop:
+        main(["--config", str(REPO_ROOT / "configs/quickstart.yaml"), "fit"])
+    tip, last_line = capsys.readouterr().err.strip().splitlines()[-2:]
+    assert stop.value.code == 2
+    assert last_line == (
+        "error: the --config given before the subcommand sets 'model.init_args.network.width', which only the "
+        "subcommand takes. Put --config after the subcommand: `pdenets fit --config FILE`."
+    )
+    assert tip == "tip: `pdenets fit --help` lists every option and its default."  # `pdenets --help` lists no option
+
+
+def test_the_tip_without_a_subcommand_names_the_subcommands_help(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["fti"])
+    assert capsys.readouterr().err.startswith(
+        "tip: `pdenets fit --help` (or validate, test, predict) lists every option and its default.\n"
+    )

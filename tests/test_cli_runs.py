@@ -196,3 +196,19 @@ def test_the_advice_after_a_nan_before_any_checkpoint_starts_afresh(tmp_path: Pa
     assert advice, message
     rerun = build_cli(["fit", *diverging_at_once, "--trainer.max_epochs=1", *advice.group(1).split()])
     assert rerun.trainer.global_step == 3
+
+
+def test_a_run_without_a_logger_writes_into_a_version_folder_of_its_config(tmp_path: Path) -> None:
+    # Lightning wrote config.yaml and checkpoints/ into the working directory, and the next run wrote over them
+    args = ["fit", *QUICK, "--trainer.logger=false", "--trainer.max_epochs=1"]
+    build_cli(args)
+    build_cli(args)
+    runs = tmp_path / "logs" / "quickstart"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["logs"]
+    for version in ("version_0", "version_1"):
+        assert (runs / version / "config.yaml").is_file() and (runs / version / "checkpoints" / "last.ckpt").is_file()
+
+    resumed = build_cli([*args[:-1], "--trainer.max_epochs=2", "--ckpt_path=last"])
+    assert resumed.trainer.ckpt_path == str(Path("logs/quickstart/version_1/checkpoints/last.ckpt"))
+    assert torch.load(runs / "version_1" / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 1
+    assert sorted(p.name for p in runs.iterdir()) == ["version_0", "version_1"]  # the resumed run continued its folder

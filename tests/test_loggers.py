@@ -105,3 +105,23 @@ def test_mlflow_logger_records_hyperparameters_metrics_and_the_checkpoint(tmp_pa
     )
     assert Path(resumed.config.fit.ckpt_path).resolve() == local.resolve()
     assert resumed.trainer.current_epoch == 3
+
+
+def test_mlflow_with_a_database_store_is_refused_in_one_line_before_anything_is_created(tmp_path: Path, capsys) -> None:
+    # Lightning's config saving found no log folder: an AssertionError traceback after a FAILED MLflow run was created
+    pytest.importorskip("mlflow")
+    from lightning_pdenets.cli import main
+
+    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    logger = ["--trainer.logger", "lightning.pytorch.loggers.MLFlowLogger", "--trainer.logger.tracking_uri", uri]
+    with pytest.raises(SystemExit) as stop:
+        main(["fit", *TINY, *logger])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (
+        f"error: MLFlowLogger with tracking_uri {uri!r} (--trainer.logger.tracking_uri or $MLFLOW_TRACKING_URI): only "
+        f"MLflow's file store (a file: URI) gives the run a local folder for its config.yaml and checkpoints. Use it: "
+        f"MLFLOW_ALLOW_FILE_STORE=true pdenets ... --trainer.logger.save_dir mlruns (without tracking_uri)."
+    )
+    assert list(tmp_path.iterdir()) == []  # no database, no logs/, no checkpoints

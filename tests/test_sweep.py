@@ -47,7 +47,25 @@ def test_the_sweep_runs_trials_over_lr_and_step_size(sweep, tmp_path: Path, caps
     assert "3 trials: 3 complete, 0 pruned" in capsys.readouterr().out
 
     resumed = sweep.main(["--trials", "1", "--storage", f"sqlite:///{tmp_path / 'sweep.db'}", "--", *TINY])
-    assert len(resumed.trials) == 4  # the stored study continues
+    assert len(resumed.trials) == 4  # the stored study continues, in its folder
+    assert Path(resumed.trials[-1].user_attrs["best_checkpoint"]).parts[:3] == ("sweeps", "quickstart_sweep", "trial_3")
+
+
+def test_each_new_study_logs_into_a_folder_of_its_own(sweep, monkeypatch: pytest.MonkeyPatch, recwarn) -> None:
+    # an in-memory study numbers its trials from 0 on every run: the second run's trial_0 wrote into the first's
+    # folder (interleaved event files, a stale hparams.yaml, best-...-v1.ckpt)
+    monkeypatch.setattr("sys.argv", ["sweep_optuna.py", "--trials", "1", "--", *TINY])
+    first = sweep.main(["--trials", "1", "--", *TINY])
+    second = sweep.main(["--trials", "1", "--", *TINY])
+    paths = [Path(study.trials[0].user_attrs["best_checkpoint"]) for study in (first, second)]
+    assert [path.parts[:3] for path in paths] == [
+        ("sweeps", "quickstart_sweep", "trial_0"),
+        ("sweeps", "quickstart_sweep-2", "trial_0"),
+    ]
+    assert [len(list(path.parent.parent.glob("events.out.tfevents.*"))) for path in paths] == [1, 1]
+    assert not list(Path("sweeps").glob("**/*-v1.ckpt"))
+    # build_cli's arguments are the trial's own, not the script's in sys.argv: Lightning's warning said otherwise
+    assert not [w for w in recwarn if "args parameter" in str(w.message)]
 
 
 def test_the_pruning_callback_stops_a_trial_without_an_interrupt_checkpoint(sweep) -> None:

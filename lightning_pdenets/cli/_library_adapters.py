@@ -4,7 +4,9 @@ Each function below depends on a behaviour that neither library documents. ``tes
 checks every one of them against the installed releases, and its failure message names the function here to
 update; no other module of the CLI reads error text, exception attributes or tracebacks of these libraries.
 
-* :func:`parse_error`: the wording of jsonargparse's error messages (it raises no structured errors).
+* :func:`parse_error`: the wording of jsonargparse's (and argparse's) error messages (they raise no structured
+  errors).
+* :func:`option_names`: the option strings of a parser (argparse keeps them in ``_option_string_actions``).
 * :func:`failing_parser` and :func:`command_name`: the subcommand parser jsonargparse attaches to an error, and
   the `` [options]`` it puts in a subcommand parser's ``prog``.
 * :func:`constructor_error`: how jsonargparse (and LightningCLI's instantiator) wrap the exception that a
@@ -46,6 +48,15 @@ class ArgumentProblem:
         class_path: A class path that names no class (``missing_class``) or whose class lacks an argument.
         unknown_argument: The argument name the class of ``class_path`` does not take, or ``None``.
         missing_class: Whether ``class_path`` names no importable class.
+        typed_argument: The argument of ``class_path`` (typed by a TypedDict, e.g. ``solver``) given
+            ``unexpected_keys``, or ``None``.
+        unexpected_keys: The keys of ``typed_argument`` that its TypedDict does not declare.
+        unrecognized: Options no parser took: ``--trainer.max_epcohs`` on the command line, ``trainer.max_epcohs`` in
+            a config file.
+        before_subcommand: The subcommand before which a config (``pdenets --config FILE fit``) set ``option``.
+        option: The option given before the subcommand, or given without its value (``--data`` for a
+            ``--data.init_args.data_dir`` given last).
+        missing_value: Whether ``option`` was given without the value it takes.
         summary: The whole message on one line without jsonargparse's union-type noise, keys written as ``--key:``,
             the value given appended as ``(got '...')``.
     """
@@ -54,6 +65,12 @@ class ArgumentProblem:
     class_path: str | None = None
     unknown_argument: str | None = None
     missing_class: bool = False
+    typed_argument: str | None = None
+    unexpected_keys: tuple[str, ...] = ()
+    unrecognized: tuple[str, ...] = ()
+    before_subcommand: str | None = None
+    option: str | None = None
+    missing_value: bool = False
     summary: str = ""
 
 
@@ -64,6 +81,7 @@ def parse_error(message: str) -> ArgumentProblem:
     class_problem = re.search(r"Problem with given class_path '([^']+)':\s*\n?\s*(.+)", message)
     if key and class_problem:
         class_path, detail = class_problem.group(1), class_problem.group(2).strip()
+        detail_and_rest = message[class_problem.start(2) :]
         unknown_option = re.match(r"Option '([^']+)' is not accepted", detail) or re.match(
             r"unrecognized arguments: --([A-Za-z_]\w*)", detail
         )  # a nested key under an unknown name
@@ -71,6 +89,24 @@ def parse_error(message: str) -> ArgumentProblem:
             return ArgumentProblem(key, class_path, unknown_argument=unknown_option.group(1))
         if "has no attribute" in detail or "No module named" in detail:
             return ArgumentProblem(key, class_path, missing_class=True)
+        # a TypedDict argument of the class (``solver``) given keys it does not declare
+        typed = re.search(r'Parser key "(\w+)":.*?Unexpected keys: \{([^}]*)\}', detail_and_rest, flags=re.S)
+        if typed:
+            keys = tuple(re.findall(r"'([^']*)'", typed.group(2)))
+            return ArgumentProblem(key, class_path, typed_argument=typed.group(1), unexpected_keys=keys)
+    unrecognized = re.match(r"unrecognized arguments: (.*)", message)  # on the command line, values among them
+    if unrecognized:
+        options = tuple(word.split("=", 1)[0] for word in unrecognized.group(1).split() if word.startswith("--"))
+        return ArgumentProblem(None, unrecognized=options, summary=message.strip())
+    in_config = re.match(r"Subcommand '\w+' does not accept option '([^']+)'", message)  # a config file's key
+    if in_config:
+        return ArgumentProblem(None, unrecognized=(in_config.group(1),), summary=message.strip())
+    before = re.match(r"Option '([^']+)' is not accepted before subcommand '(\w+)'", message)
+    if before:
+        return ArgumentProblem(None, option=before.group(1), before_subcommand=before.group(2), summary=message)
+    no_value = re.match(r"argument (--\S+): expected one argument", message)
+    if no_value:
+        return ArgumentProblem(None, option=no_value.group(1), missing_value=True, summary=message)
     bad_name = re.search(r"Expected a dot import path string: (\S+)", message)
     if key and bad_name:
         return ArgumentProblem(key, bad_name.group(1), missing_class=True)
@@ -80,6 +116,11 @@ def parse_error(message: str) -> ArgumentProblem:
         lines.append(f"(got {given.group(1)!r})")
     summary = re.sub(r'Parser key "([^"]+)":', r"--\1:", " ".join(lines))
     return ArgumentProblem(key, summary=re.sub(r"- Expected a <class '([^']+)'>", r"expected \1", summary))
+
+
+def option_names(parser: Any) -> list[str]:
+    """The long option strings ``parser`` takes (``--trainer.max_epochs``, ``--model``, ...)."""
+    return [name for name in getattr(parser, "_option_string_actions", {}) if name.startswith("--")]
 
 
 def failing_parser(parser: Any, error: BaseException | None) -> Any:

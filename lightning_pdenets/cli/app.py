@@ -30,7 +30,13 @@ from lightning_pdenets.cli._library_adapters import command_name, constructor_er
 from lightning_pdenets.cli.arguments import PDENetsArgumentParser, debugging, short_message, usage_error
 from lightning_pdenets.cli.data_facts import check_linked_values, link_data_to_model
 from lightning_pdenets.cli.exit_codes import EXIT_INTERRUPTED, USER_ERRORS, after_ctrl_c_advice
-from lightning_pdenets.cli.log_folders import DEFAULT_LOG_DIR, NewLogFolders, log_root, name_log_folder
+from lightning_pdenets.cli.log_folders import (
+    DEFAULT_LOG_DIR,
+    NewLogFolders,
+    log_root,
+    name_log_folder,
+    run_folder_without_logger,
+)
 from lightning_pdenets.cli.overrides import GivenSettings
 from lightning_pdenets.cli.resume import CheckedCheckpoint, resolve_ckpt_path
 from lightning_pdenets.errors import CorruptCheckpointError, DivergedError, UntrustedCheckpointError
@@ -189,6 +195,11 @@ class PDENetsCLI(LightningCLI):
         callbacks = without_switched_off_callbacks(trainer_config, callbacks)
         kwargs["callbacks"] = with_progress_bar(trainer_config, callbacks, self._command())
         check_one_state_per_callback(kwargs["callbacks"], self._command())
+        run_folder = run_folder_without_logger(
+            self.config[self.subcommand] if self.subcommand else self.config, self._checked.path
+        )
+        if run_folder is not None:  # not in the config: its saved copy keeps the user's default_root_dir
+            kwargs["default_root_dir"] = str(run_folder)
         # test/validate/predict of `--ckpt_path last` log into the training run's folder: its config.yaml stays fit's
         self.save_config_kwargs["config_filename"] = (
             "config.yaml" if self.subcommand in (None, "fit") else f"config_{self.subcommand}.yaml"
@@ -381,6 +392,8 @@ class CLITrainer(pl.Trainer):
 def build_cli(args: list[str] | None = None, run: bool = True) -> PDENetsCLI:
     """Parse ``args`` (default: ``sys.argv``) and, with ``run=True``, execute the subcommand."""
     warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+    if args is not None:  # the caller's own: Lightning's warning that sys.argv (a script's arguments) holds others
+        warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended")
     return PDENetsCLI(
         pl.LightningModule,
         pl.LightningDataModule,

@@ -3,6 +3,7 @@ resume, and removed again when a bad input stopped the run before it logged anyt
 
 Each config logs into ``logs/<config path under configs/>/version_N`` (``logs/quickstart/version_0``; a config
 outside ``configs/`` adds a hash of its path to its stem); ``--trainer.default_root_dir DIR`` puts it under ``DIR``.
+A run without a logger (``--trainer.logger false``) writes its config and checkpoints into such a folder too.
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ from typing import Any
 
 import yaml
 from jsonargparse import Namespace
+from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
+from lightning_pdenets._discovery import import_class
 from lightning_pdenets.errors import ConfigurationError
 
 DEFAULT_LOG_DIR = "logs"
@@ -66,12 +69,14 @@ def _sets_model(config_file: Path) -> bool:
 
 def name_log_folder(config: Namespace) -> None:
     """Give a TensorBoard/CSV logger left without a ``name`` the experiment's name (see :func:`experiment_name`),
-    and place it under ``--trainer.default_root_dir`` when one is given (instead of ``logs``)."""
+    and place it under ``--trainer.default_root_dir`` when one is given (instead of ``logs``); refuse a logger that
+    gives the run no local folder (:func:`check_local_log_folder`)."""
     trainer = config.get("trainer") or Namespace()
     root = trainer.get("default_root_dir")
     if root is not None:
         check_folder(root, "--trainer.default_root_dir")
     logger = trainer.get("logger")
+    check_local_log_folder(logger[0] if isinstance(logger, list) and logger else logger)
     init_args = logger.get("init_args") if isinstance(logger, Namespace) else None
     if init_args is not None and "name" in init_args and init_args.get("name") is None:
         init_args["name"] = experiment_name(config.get("config") or [])
@@ -79,6 +84,27 @@ def name_log_folder(config: Namespace) -> None:
         if root is not None and str(init_args["save_dir"]) == DEFAULT_LOG_DIR:
             init_args["save_dir"] = str(root)
         check_folder(init_args["save_dir"], "--trainer.logger.init_args.save_dir")
+
+
+def check_local_log_folder(logger: Any) -> None:
+    """Refuse an MLFlowLogger whose tracking URI is a database or a server, before it starts an MLflow run.
+
+    Lightning saves ``config.yaml`` into the first logger's local folder, and MLflow has one for its file store
+    alone (Lightning's config saving ended in an ``AssertionError`` after the run was created); the checkpoints
+    would land outside every folder that ``--ckpt_path last`` searches.
+    """
+    class_path = logger.get("class_path") if isinstance(logger, Namespace) else None
+    cls = import_class(class_path) if isinstance(class_path, str) else None
+    if cls is None or not issubclass(cls, MLFlowLogger):
+        return
+    uri = (logger.get("init_args") or Namespace()).get("tracking_uri")
+    if uri is None or str(uri).startswith("file:"):
+        return
+    raise ConfigurationError(
+        f"MLFlowLogger with tracking_uri {str(uri)!r} (--trainer.logger.tracking_uri or $MLFLOW_TRACKING_URI): only "
+        f"MLflow's file store (a file: URI) gives the run a local folder for its config.yaml and checkpoints. Use it: "
+        f"MLFLOW_ALLOW_FILE_STORE=true pdenets ... --trainer.logger.save_dir mlruns (without tracking_uri)."
+    )
 
 
 def check_folder(path: Any, option: str) -> None:
@@ -120,11 +146,39 @@ def _probe_creation(path: Path, option: str) -> None:
 
 
 def log_root(config: Namespace) -> Path:
-    """The folder a run's ``version_N`` folders go into: the logger's ``save_dir``/``name``."""
+    """The folder a run's ``version_N`` folders go into: the logger's ``save_dir``/``name``; without a logger, the
+    one a TensorBoard logger would have (``logs/<config>``, see :func:`run_folder_without_logger`)."""
     logger = config.get("trainer", {}).get("logger")
+    if logger is False or logger == []:
+        root = config["trainer"].get("default_root_dir") or DEFAULT_LOG_DIR
+        return Path(str(root)) / experiment_name(config.get("config") or [])
     init_args = logger.get("init_args", {}) if hasattr(logger, "get") else {}
     save_dir = init_args.get("save_dir") or config["trainer"].get("default_root_dir") or "."
     return Path(save_dir) / (init_args.get("name") or "")
+
+
+def run_folder_without_logger(config: Namespace, checkpoint: str | None) -> Path | None:
+    """The ``version_N`` folder a run without a logger saves its config and checkpoints in (Lightning would write
+    them into ``default_root_dir`` itself, the working directory, over those of the run before); ``None`` for a
+    run with a logger.
+
+    A run from a checkpoint in a version folder of this config's :func:`log_root` continues that folder, as a
+    TensorBoard run does; any other run takes a new one.
+    """
+    logger = config.get("trainer", {}).get("logger")
+    if logger is not False and logger != []:
+        return None
+    root = log_root(config)
+    resumed = Path(checkpoint).parent.parent if checkpoint is not None else None  # version_N/checkpoints/last.ckpt
+    if resumed is not None and resumed.name.startswith("version_") and resumed.parent.resolve() == root.resolve():
+        folder = resumed
+    else:
+        versions = [
+            int(name[8:]) for name in (os.listdir(root) if root.is_dir() else []) if re.fullmatch(r"version_\d+", name)
+        ]
+        folder = root / f"version_{max(versions, default=-1) + 1}"
+    rank_zero_info(f"No logger: this run's config and checkpoints go into {str(folder)!r}.")
+    return folder
 
 
 def continue_logger_version(config: Namespace, checkpoint: Path) -> None:
