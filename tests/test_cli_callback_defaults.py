@@ -131,7 +131,7 @@ def test_the_no_checkpoint_note_is_kept_for_a_stop_by_the_user(stop, said, monke
     notes: list[str] = []
     monkeypatch.setattr(fault_tolerance, "rank_zero_info", notes.append)
     callback = fault_tolerance.CheckpointOnInterrupt()
-    trainer = SimpleNamespace(global_step=0, state=SimpleNamespace(fn="fit", stage="train"))
+    trainer = SimpleNamespace(global_step=0, state=SimpleNamespace(fn="fit", stage="train"), checkpoint_callbacks=[])
     callback.on_train_start(trainer, None)
     callback.on_exception(trainer, None, stop)
     assert bool(notes) == said and all("no interrupted.ckpt written" in note for note in notes)
