@@ -63,6 +63,21 @@ def test_watchdog_grace_from_the_environment_is_checked(monkeypatch: pytest.Monk
         StopWatchdog()
 
 
+def sigterm_after_ready(script: Path) -> tuple[subprocess.Popen, float]:
+    """Run ``script`` (which prints "ready" when it is set up), send it SIGTERM then; the process and the time sent."""
+    process = subprocess.Popen(
+        [sys.executable, str(script)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+    )
+    assert process.stdout is not None and process.stdout.readline().strip() == "ready"
+    sent = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    return process, sent
+
+
 def test_watchdog_ends_a_process_that_ignores_sigterm_with_one_line(tmp_path: Path) -> None:
     """A handler that only sets a flag, and a main thread that never looks at it: ended after the grace."""
     script = tmp_path / "stuck.py"
@@ -77,16 +92,7 @@ def test_watchdog_ends_a_process_that_ignores_sigterm_with_one_line(tmp_path: Pa
             time.sleep(0.1)
     """)
     )
-    process = subprocess.Popen(
-        [sys.executable, str(script)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
-    )
-    assert process.stdout.readline().strip() == "ready"
-    sent = time.monotonic()
-    process.send_signal(signal.SIGTERM)
+    process, sent = sigterm_after_ready(script)
     _, stderr = process.communicate(timeout=30)
     assert 0.9 < time.monotonic() - sent < 10
     assert process.returncode == 143

@@ -6,8 +6,6 @@ import errno
 import logging
 import os
 import signal
-import subprocess
-import sys
 import textwrap
 import time
 from pathlib import Path
@@ -17,7 +15,6 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lightning_pdenets.callbacks import CheckpointOnInterrupt, ResumeAwareProgressBar
@@ -27,31 +24,8 @@ from lightning_pdenets.cli import entry
 from lightning_pdenets.cli.exit_codes import after_ctrl_c_advice, after_sigterm_advice
 from lightning_pdenets.data import DigitsDataModule
 from lightning_pdenets.models import RKNetModule
-from tests.conftest import REPO_ROOT
-
-
-class ScalarLogger(Logger):
-    """Keeps every scalar as ``{(name, step): value}``; a resumed run writes into the same dict."""
-
-    def __init__(self, scalars: dict[tuple[str, int | None], float]) -> None:
-        super().__init__()
-        self.scalars = scalars
-
-    @property
-    def name(self) -> str:
-        return "scalars"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        for name, value in metrics.items():
-            if not name.startswith("inference/"):  # wall time
-                self.scalars[(name, step)] = float(value)
+from tests.test_interruption import sigterm_after_ready
+from tests.test_resume_matrix import RecordingLogger
 
 
 class Stop(pl.Callback):
@@ -98,7 +72,7 @@ def fit(
         limit_val_batches=2,
         deterministic=True,
         default_root_dir=root,
-        logger=ScalarLogger({} if scalars is None else scalars),
+        logger=RecordingLogger({} if scalars is None else scalars),
         log_every_n_steps=1,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -256,11 +230,7 @@ def test_watchdog_spares_a_process_that_makes_progress_after_sigterm(tmp_path: P
     script.write_text(
         textwrap.dedent("""
         import signal, time
-        from lightning_pdenets.interruption import StopWatchdog
-        try:
-            from lightning_pdenets.interruption import beat
-        except ImportError:   # before the heartbeat existed
-            beat = lambda: None
+        from lightning_pdenets.interruption import StopWatchdog, beat
         signal.signal(signal.SIGTERM, lambda *_: None)   # like Lightning's: marks, does not exit
         watchdog = StopWatchdog(grace_seconds=3.0).start()
         beat()
@@ -272,15 +242,7 @@ def test_watchdog_spares_a_process_that_makes_progress_after_sigterm(tmp_path: P
         print("stopped by itself", flush=True)
     """)
     )
-    process = subprocess.Popen(
-        [sys.executable, str(script)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
-    )
-    assert process.stdout.readline().strip() == "ready"
-    process.send_signal(signal.SIGTERM)
+    process, _ = sigterm_after_ready(script)
     stdout, stderr = process.communicate(timeout=60)
     assert (process.returncode, stdout.strip(), stderr) == (0, "stopped by itself", "")
 
@@ -310,16 +272,7 @@ def test_watchdog_waits_a_few_times_the_longest_interval_between_beats(tmp_path:
             time.sleep(0.1)   # blocked: no beat any more
     """)
     )
-    process = subprocess.Popen(
-        [sys.executable, str(script)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
-    )
-    assert process.stdout.readline().strip() == "ready"
-    sent = time.monotonic()
-    process.send_signal(signal.SIGTERM)
+    process, sent = sigterm_after_ready(script)
     _, stderr = process.communicate(timeout=60)
     assert 2.5 < time.monotonic() - sent < 15
     assert process.returncode == 143 and "did not stop within 3 s of SIGTERM and made no progress" in stderr
