@@ -278,9 +278,9 @@ def test_adjoint_failure_in_backward_stops_cleanly_with_remedies(tmp_path: Path)
             StiffInBackwardOnRank(rank=0, step=2),
         ],
     )
-    # the field overflows (exp(1e4 t)): the native solver names the NaN/Inf at once instead of shrinking the step
-    with pytest.raises(SolverFailedError, match=r"in the backward \(adjoint\) pass: the vector field returned NaN/Inf"):
+    with pytest.raises(SolverFailedError, match=r"in the backward \(adjoint\) pass: ") as failure:
         trainer.fit(model, datamodule=DigitsDataModule(batch_size=16))
+    assert "method='dopri5'" in str(failure.value) and "adjoint_options" in str(failure.value)
     assert trainer.global_step == 2
     assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["global_step"] == 2
     assert not (tmp_path / "ckpt" / "interrupted.ckpt").exists()
